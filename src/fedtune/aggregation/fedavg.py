@@ -1,0 +1,68 @@
+"""FedAvg (McMahan et al. 2017) as a streaming fold.
+
+Updates arrive one at a time and are folded into a single float64 accumulator, so memory stays at one
+model-sized buffer however many clients reply, and the sum does not lose precision with many clients.
+Inputs are never mutated.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass, field
+
+import numpy as np
+import torch
+
+
+@dataclass
+class WeightedMean:
+    """Running weighted sum: ``add(delta, w)`` for each client, then ``result()`` = sum w_k d_k / sum w_k.
+
+    >>> m = WeightedMean(2); m.add(np.array([1, 2], np.float32), 1.0); m.add(np.array([3, 4], np.float32), 3.0)
+    >>> m.result().tolist()
+    [2.5, 3.5]
+    """
+
+    numel: int
+    total_weight: float = 0.0
+    count: int = 0
+    _acc: np.ndarray = field(init=False, repr=False)
+
+    def __post_init__(self) -> None:
+        self._acc = np.zeros(self.numel, dtype=np.float64)
+
+    def add(self, delta: np.ndarray, weight: float) -> None:
+        if delta.shape != (self.numel,):
+            raise ValueError(f"update has shape {delta.shape}, expected ({self.numel},)")
+        if not weight > 0:
+            raise ValueError(f"client weight must be positive, got {weight}")
+        # torch's fused axpy reads the float32 input once and is multi-threaded; from_numpy shares memory
+        # with our accumulator only, never with the caller's array.
+        torch.from_numpy(self._acc).add_(torch.from_numpy(delta), alpha=float(weight))
+        self.total_weight += float(weight)
+        self.count += 1
+
+    def result(self) -> np.ndarray:
+        """The weighted mean as a new float32 vector."""
+        if self.count == 0:
+            raise ValueError("no updates were folded")
+        return (self._acc / self.total_weight).astype(np.float32)
+
+
+def client_weights(num_examples: Sequence[int], *, weighting: str) -> list[float]:
+    """Per-client weights before normalisation: example counts, or 1 each for uniform weighting."""
+    if weighting == "examples":
+        if any(n <= 0 for n in num_examples):
+            raise ValueError("example-weighted averaging needs every client to report at least one example")
+        return [float(n) for n in num_examples]
+    if weighting == "uniform":
+        return [1.0] * len(num_examples)
+    raise ValueError(f"unknown weighting {weighting!r}")
+
+
+def fold_weighted_mean(updates: Iterable[tuple[np.ndarray, float]], numel: int) -> np.ndarray:
+    """sum_k w_k d_k / sum_k w_k over an iterable of (delta, weight), folded one at a time."""
+    mean = WeightedMean(numel)
+    for delta, weight in updates:
+        mean.add(delta, weight)
+    return mean.result()

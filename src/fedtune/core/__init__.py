@@ -1,0 +1,1 @@
+"""Framework-free building blocks: flat parameter buffers, seeded randomness, sampling, server state."""

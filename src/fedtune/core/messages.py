@@ -1,0 +1,65 @@
+"""Transport-neutral messages between the server and clients. Arrays are flat float32."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+
+from fedtune.tasks.base import EvalSums
+
+
+@dataclass(frozen=True)
+class FitInstruction:
+    """What a sampled client is asked to do in one round."""
+
+    client_id: str
+    round: int
+    params: np.ndarray  # the global trainable vector (read-only for the client)
+    spec_digest: str
+    seed: int  # the run's seed; the client derives its own streams from (seed, round, client_id)
+    train: dict[str, Any]  # the client section of the config (ClientConfig fields)
+    extras: dict[str, np.ndarray] = field(default_factory=dict)  # strategy payloads (e.g. control variates)
+    options: dict[str, Any] = field(default_factory=dict)  # strategy scalars (e.g. proximal mu)
+
+
+@dataclass(frozen=True)
+class ClientUpdate:
+    """A client's reply: the change of its trainable vector and how many examples produced it."""
+
+    client_id: str
+    round: int
+    num_examples: int
+    delta: np.ndarray  # local - global, flat float32
+    spec_digest: str
+    metrics: dict[str, float] = field(default_factory=dict)
+    extras: dict[str, np.ndarray] = field(default_factory=dict)
+    bytes_down: int = 0  # bytes the client received for this round (filled by the transport)
+    bytes_up: int = 0  # bytes the client sent
+
+
+@dataclass(frozen=True)
+class EvalInstruction:
+    client_id: str
+    round: int
+    params: np.ndarray
+    spec_digest: str
+    batch_size: int
+    max_examples: int | None
+
+
+@dataclass(frozen=True)
+class ClientEval:
+    client_id: str
+    round: int
+    sums: EvalSums
+
+
+@dataclass(frozen=True)
+class ClientFailure:
+    """A client that did not produce a usable reply, and why (logged, never silent)."""
+
+    client_id: str
+    round: int
+    reason: str

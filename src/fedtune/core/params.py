@@ -1,0 +1,118 @@
+"""Flatten at the boundary: a state dict becomes one float32 vector plus a ParamSpec, and back.
+
+The spec's digest travels with every update, so a key, shape or dtype mismatch between server and
+client is caught once, with an error that says which tensor differs.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from collections.abc import Mapping
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+
+from fedtune.errors import UpdateRejected
+
+
+@dataclass(frozen=True)
+class ParamSpec:
+    """Names, shapes and dtypes of the exchanged tensors, in a fixed order."""
+
+    names: tuple[str, ...]
+    shapes: tuple[tuple[int, ...], ...]
+    dtypes: tuple[str, ...]
+
+    @property
+    def sizes(self) -> tuple[int, ...]:
+        return tuple(int(np.prod(s, dtype=np.int64)) for s in self.shapes)
+
+    @property
+    def numel(self) -> int:
+        return int(sum(self.sizes))
+
+    @property
+    def digest(self) -> str:
+        """A short hash of the spec; equal digests mean the flat layouts agree."""
+        payload = json.dumps([self.names, self.shapes, self.dtypes]).encode()
+        return hashlib.sha256(payload).hexdigest()[:16]
+
+    def offsets(self) -> list[tuple[str, int, int, tuple[int, ...]]]:
+        """(name, start, stop, shape) for each tensor in the flat vector."""
+        out, pos = [], 0
+        for name, shape, size in zip(self.names, self.shapes, self.sizes, strict=True):
+            out.append((name, pos, pos + size, shape))
+            pos += size
+        return out
+
+    def to_json(self) -> dict:
+        return {"names": list(self.names), "shapes": [list(s) for s in self.shapes], "dtypes": list(self.dtypes)}
+
+    @classmethod
+    def from_json(cls, data: Mapping) -> ParamSpec:
+        return cls(
+            names=tuple(data["names"]),
+            shapes=tuple(tuple(int(d) for d in s) for s in data["shapes"]),
+            dtypes=tuple(data["dtypes"]),
+        )
+
+    def describe_mismatch(self, other: ParamSpec) -> str:
+        """A human-readable first difference between two specs."""
+        mine, theirs = (
+            dict(zip(self.names, self.shapes, strict=True)),
+            dict(zip(other.names, other.shapes, strict=True)),
+        )
+        missing = [n for n in self.names if n not in theirs]
+        extra = [n for n in other.names if n not in mine]
+        if missing:
+            return f"missing tensor {missing[0]!r} ({len(missing)} missing)"
+        if extra:
+            return f"unexpected tensor {extra[0]!r} ({len(extra)} unexpected)"
+        for name in self.names:
+            if mine[name] != theirs[name]:
+                return f"tensor {name!r} has shape {list(theirs[name])}, expected {list(mine[name])}"
+        if self.names != other.names:
+            return "tensor order differs"
+        return "dtypes differ"
+
+
+def spec_of(state: Mapping[str, torch.Tensor]) -> ParamSpec:
+    """The spec of a state dict, in its iteration order."""
+    return ParamSpec(
+        names=tuple(state),
+        shapes=tuple(tuple(t.shape) for t in state.values()),
+        dtypes=tuple(str(t.dtype).removeprefix("torch.") for t in state.values()),
+    )
+
+
+def flatten(state: Mapping[str, torch.Tensor]) -> tuple[np.ndarray, ParamSpec]:
+    """One contiguous float32 vector (a new array) and its spec."""
+    spec = spec_of(state)
+    flat = np.empty(spec.numel, dtype=np.float32)
+    for (_, start, stop, _), tensor in zip(spec.offsets(), state.values(), strict=True):
+        flat[start:stop] = tensor.detach().to("cpu", torch.float32).reshape(-1).numpy()
+    return flat, spec
+
+
+def unflatten(flat: np.ndarray, spec: ParamSpec) -> dict[str, torch.Tensor]:
+    """Tensors (float32 copies, shaped per spec) from a flat vector; checks the length first."""
+    check_vector(flat, spec)
+    return {
+        name: torch.from_numpy(np.array(flat[start:stop], dtype=np.float32).reshape(shape))
+        for name, start, stop, shape in spec.offsets()
+    }
+
+
+def check_vector(flat: np.ndarray, spec: ParamSpec, *, who: str = "update") -> None:
+    """Raise UpdateRejected unless ``flat`` is a finite 1-D float32 vector of the spec's length."""
+    if not isinstance(flat, np.ndarray) or flat.ndim != 1:
+        raise UpdateRejected(f"{who} is not a 1-D array")
+    if flat.dtype != np.float32:
+        raise UpdateRejected(f"{who} has dtype {flat.dtype}, expected float32")
+    if flat.size != spec.numel:
+        raise UpdateRejected(f"{who} has {flat.size} values, the model has {spec.numel}")
+    if not np.isfinite(flat).all():
+        bad = int(np.size(flat) - np.count_nonzero(np.isfinite(flat)))
+        raise UpdateRejected(f"{who} contains {bad} NaN or Inf values")

@@ -1,0 +1,2 @@
+"""Data sources, parsers and partitioners. Records are raw (text, labelled text, instructions, arrays);
+a task encodes them into tensors."""

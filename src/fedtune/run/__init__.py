@@ -1,0 +1,1 @@
+"""Run directories: resolved config, metrics, plots, checkpoints, export and generation."""

@@ -1,0 +1,95 @@
+"""What the user sees: a progress bar per round and one table row per round (rich)."""
+
+from __future__ import annotations
+
+from collections.abc import Iterator, Sequence
+
+from rich.console import Console
+from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+from rich.table import Table
+
+from fedtune.core.messages import ClientEval, ClientFailure, ClientUpdate, EvalInstruction, FitInstruction
+from fedtune.transport.base import Transport
+
+
+def _mb(n: float) -> str:
+    return f"{n / 1e6:.2f}"
+
+
+class ProgressTransport:
+    """Wraps any transport and advances a progress bar as replies arrive (composition, not inheritance)."""
+
+    def __init__(self, inner: Transport, console: Console, *, enabled: bool = True) -> None:
+        self.inner = inner
+        self.console = console
+        self.enabled = enabled
+
+    def client_ids(self) -> list[str]:
+        return self.inner.client_ids()
+
+    def _track(self, replies: Iterator, total: int, label: str) -> Iterator:
+        if not self.enabled:
+            yield from replies
+            return
+        columns = (TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn())
+        with Progress(*columns, console=self.console, transient=True) as bar:
+            tid = bar.add_task(label, total=total)
+            for reply in replies:
+                bar.advance(tid)
+                yield reply
+
+    def fit(self, instructions: Sequence[FitInstruction]) -> Iterator[ClientUpdate | ClientFailure]:
+        label = f"round {instructions[0].round} train" if instructions else "train"
+        return self._track(self.inner.fit(instructions), len(instructions), label)
+
+    def evaluate(self, instructions: Sequence[EvalInstruction]) -> Iterator[ClientEval | ClientFailure]:
+        label = f"round {instructions[0].round} eval" if instructions else "eval"
+        return self._track(self.inner.evaluate(instructions), len(instructions), label)
+
+    def close(self) -> None:
+        self.inner.close()
+
+
+ROUND_COLUMNS = ("round", "clients", "train loss", "held-out loss", "quality", "MB down", "MB up", "seconds")
+
+
+class RoundTable:
+    """Prints one row per round as it finishes, and the whole table at the end."""
+
+    def __init__(self, console: Console, *, accuracy: bool, extra_columns: Sequence[str] = ()) -> None:
+        self.console = console
+        self.accuracy = accuracy
+        self.extra = list(extra_columns)
+        self.rows: list[list[str]] = []
+
+    def _fmt(self, value: float | None, spec: str) -> str:
+        return "-" if value is None else format(value, spec)
+
+    def add(self, rec: dict) -> None:
+        quality = rec.get("eval_accuracy") if self.accuracy else rec.get("eval_perplexity")
+        row = [
+            str(rec["round"]),
+            f"{rec.get('clients_ok', 0)}/{rec.get('clients_sampled', 0)}",
+            self._fmt(rec.get("train_loss"), ".4f"),
+            self._fmt(rec.get("eval_loss"), ".4f"),
+            self._fmt(quality, ".4f" if self.accuracy else ".2f"),
+            _mb(rec.get("bytes_down", 0)),
+            _mb(rec.get("bytes_up", 0)),
+            self._fmt(rec.get("seconds"), ".1f"),
+        ] + [self._fmt(rec.get(k), ".3f") for k in self.extra]
+        self.rows.append(row)
+        quality_name = "acc" if self.accuracy else "ppl"
+        parts = [f"{h}={v}" for h, v in zip(self._headers(quality_name), row, strict=True)]
+        self.console.print("  ".join(parts))
+
+    def _headers(self, quality_name: str) -> list[str]:
+        return [c if c != "quality" else quality_name for c in ROUND_COLUMNS] + self.extra
+
+    def render(self) -> Table:
+        quality_name = "accuracy" if self.accuracy else "perplexity"
+        table = Table(title="federated rounds")
+        for header in self._headers(quality_name):
+            table.add_column(header, justify="right")
+        for row in self.rows:
+            table.add_row(*row)
+        return table

@@ -1,0 +1,100 @@
+"""A run directory holds everything about one run, and enough to resume it.
+
+config.yaml               the fully resolved config
+metrics.jsonl             one JSON object per line: kind=round | client | eval_client | failure
+metrics.png               per-round plot, rewritten after every round
+checkpoint.safetensors    the ServerState after the last completed round (atomic)
+summary.json              written when the run finishes
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import math
+import os
+from datetime import datetime
+from pathlib import Path
+from typing import Any
+
+from fedtune.config.load import dump_config, load_config
+from fedtune.config.schema import Config
+from fedtune.errors import CheckpointError
+
+CONFIG = "config.yaml"
+METRICS = "metrics.jsonl"
+CHECKPOINT = "checkpoint.safetensors"
+PLOT = "metrics.png"
+SUMMARY = "summary.json"
+
+
+def config_digest(config: Config) -> str:
+    """Identity of a run's configuration; the round count is left out so a finished run can be extended."""
+    data = config.model_dump(mode="json")
+    data["federation"].pop("rounds", None)
+    data["run"] = {}
+    data["eval"] = {}
+    return hashlib.sha256(json.dumps(data, sort_keys=True).encode()).hexdigest()[:16]
+
+
+def new_run_dir(config: Config) -> Path:
+    stamp = datetime.now().strftime("%Y%m%d-%H%M%S")
+    base = Path(config.run.out_dir) / f"{config.run.name}-{stamp}"
+    path, n = base, 1
+    while path.exists():
+        n += 1
+        path = base.with_name(f"{base.name}-{n}")
+    path.mkdir(parents=True)
+    (path / CONFIG).write_text(dump_config(config))
+    return path
+
+
+def load_run_config(run_dir: Path, overrides: list[str] | None = None) -> Config:
+    if not (Path(run_dir) / CONFIG).is_file():
+        raise CheckpointError(f"{run_dir} is not a fedtune run directory (no {CONFIG})")
+    return load_config(Path(run_dir) / CONFIG, overrides)
+
+
+def _clean(value: Any) -> Any:
+    if isinstance(value, float) and not math.isfinite(value):
+        return None
+    if isinstance(value, dict):
+        return {k: _clean(v) for k, v in value.items()}
+    if isinstance(value, list):
+        return [_clean(v) for v in value]
+    return value
+
+
+class MetricsLog:
+    """Append-only JSONL, flushed per round; ``truncate_after(r)`` drops records of rounds > r on resume."""
+
+    def __init__(self, run_dir: Path) -> None:
+        self.path = Path(run_dir) / METRICS
+
+    def append(self, records: list[dict]) -> None:
+        with open(self.path, "a") as fh:
+            for rec in records:
+                fh.write(json.dumps(_clean(rec)) + "\n")
+            fh.flush()
+            os.fsync(fh.fileno())
+
+    def read(self) -> list[dict]:
+        if not self.path.exists():
+            return []
+        out = []
+        for line in self.path.read_text().splitlines():
+            if line.strip():
+                try:
+                    out.append(json.loads(line))
+                except json.JSONDecodeError:
+                    break  # a torn last line from a crash: everything after it is dropped
+        return out
+
+    def truncate_after(self, round_idx: int) -> None:
+        keep = [r for r in self.read() if r.get("round", 0) <= round_idx]
+        tmp = self.path.with_suffix(".tmp")
+        tmp.write_text("".join(json.dumps(r) + "\n" for r in keep))
+        os.replace(tmp, self.path)
+
+    def rounds(self) -> list[dict]:
+        return [r for r in self.read() if r.get("kind") == "round"]

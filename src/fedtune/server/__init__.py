@@ -1,0 +1,1 @@
+"""The coordinator: strategies (pure state transitions) and the round loop."""

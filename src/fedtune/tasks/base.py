@@ -1,0 +1,72 @@
+"""The Task protocol: the only thing the client trainer and the evaluator know about a model.
+
+An *example* is a dict of 1-D tensors (``input_ids``, ``labels``, ...); ``collate`` stacks examples into a
+batch. ``loss`` returns the mean loss of a batch together with the count it averages over (tokens for a
+language model, examples for a classifier). ``eval_batch`` returns sums, so evaluation over many batches
+and clients is weighted exactly (pooled perplexity is exp of the token-weighted mean loss).
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import Any, Protocol, runtime_checkable
+
+import torch
+
+Example = dict[str, torch.Tensor]
+Batch = dict[str, torch.Tensor]
+
+
+@dataclass(frozen=True)
+class EvalSums:
+    """Additive evaluation statistics: summed loss, counted units, correct predictions."""
+
+    loss_sum: float = 0.0
+    count: int = 0
+    correct: int = 0
+    examples: int = 0
+
+    def __add__(self, other: EvalSums) -> EvalSums:
+        return EvalSums(
+            self.loss_sum + other.loss_sum,
+            self.count + other.count,
+            self.correct + other.correct,
+            self.examples + other.examples,
+        )
+
+    def metrics(self, *, accuracy: bool) -> dict[str, float]:
+        """loss and either accuracy (classifiers) or perplexity (language models)."""
+        if self.count == 0:
+            return {}
+        loss = self.loss_sum / self.count
+        out = {"loss": loss}
+        if accuracy:
+            out["accuracy"] = self.correct / max(self.examples, 1)
+        else:
+            out["perplexity"] = math.exp(min(loss, 50.0))
+        return out
+
+
+@runtime_checkable
+class Task(Protocol):
+    kind: str  # "causal_lm" | "classification" | "module"
+    module: torch.nn.Module  # the whole model; parameters with requires_grad=True are trained and exchanged
+    reports_accuracy: bool  # True: metrics report accuracy; False: perplexity
+
+    def encode(self, records: Sequence[Any], *, train: bool) -> list[Example]:
+        """Records of one client into examples (tokenise, chunk, mask prompts)."""
+        ...
+
+    def collate(self, examples: Sequence[Example]) -> Batch:
+        """Stack examples into one batch (padding where needed)."""
+        ...
+
+    def loss(self, batch: Batch) -> tuple[torch.Tensor, int]:
+        """(mean loss over the batch's counted units, number of counted units). Used for training."""
+        ...
+
+    def eval_batch(self, batch: Batch) -> EvalSums:
+        """Summed loss, counted units and correct predictions of one batch, under no_grad."""
+        ...

@@ -1,0 +1,44 @@
+"""In-process simulation: every simulated client runs on one resident worker, one after another."""
+
+from __future__ import annotations
+
+from collections.abc import Iterator, Sequence
+
+from fedtune.client.worker import ClientWorker
+from fedtune.core.messages import ClientEval, ClientFailure, ClientUpdate, EvalInstruction, FitInstruction
+from fedtune.errors import FedtuneError
+
+
+class InProcessTransport:
+    def __init__(self, worker: ClientWorker) -> None:
+        self.worker = worker
+
+    def client_ids(self) -> list[str]:
+        return list(self.worker.records)
+
+    def fit(self, instructions: Sequence[FitInstruction]) -> Iterator[ClientUpdate | ClientFailure]:
+        for instr in instructions:
+            try:
+                update = self.worker.fit(instr)
+            except (FedtuneError, ValueError) as err:
+                yield ClientFailure(instr.client_id, instr.round, str(err))
+                continue
+            # What would cross a network: the global vector down, the delta up (float32).
+            yield _with_bytes(update, down=instr.params.nbytes, up=update.delta.nbytes)
+
+    def evaluate(self, instructions: Sequence[EvalInstruction]) -> Iterator[ClientEval | ClientFailure]:
+        for instr in instructions:
+            try:
+                yield self.worker.evaluate(instr)
+            except (FedtuneError, ValueError) as err:
+                yield ClientFailure(instr.client_id, instr.round, str(err))
+
+    def close(self) -> None:
+        pass
+
+
+def _with_bytes(update: ClientUpdate, *, down: int, up: int) -> ClientUpdate:
+    from dataclasses import replace
+
+    extras_up = sum(v.nbytes for v in update.extras.values())
+    return replace(update, bytes_down=down, bytes_up=up + extras_up)
