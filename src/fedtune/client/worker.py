@@ -43,12 +43,14 @@ class ClientWorker:
         records: Mapping[str, tuple[Sequence[Any], Sequence[Any]]],
         *,
         hook_factories: Sequence[HookFactory] = (),
+        update_transforms: Sequence[Callable[[ClientUpdate, FitInstruction], ClientUpdate]] = (),
     ) -> None:
         """``records`` maps client id -> (train records, test records)."""
         self.task = task
         self.view = TrainableView(task.module)
         self.records = records
         self.hook_factories = list(hook_factories)
+        self.update_transforms = list(update_transforms)
         self._encoded: dict[tuple[str, bool], list[Example]] = {}
 
     def examples(self, client_id: str, *, train: bool) -> list[Example]:
@@ -88,7 +90,7 @@ class ClientWorker:
             hooks=hooks,
         )
         delta = self.view.read() - instr.params
-        return ClientUpdate(
+        update = ClientUpdate(
             client_id=instr.client_id,
             round=instr.round,
             num_examples=result.num_examples,
@@ -100,6 +102,9 @@ class ClientWorker:
                 "fit_seconds": time.perf_counter() - started,
             },
         )
+        for transform in self.update_transforms:
+            update = transform(update, instr)
+        return update
 
     def evaluate(self, instr: EvalInstruction) -> ClientEval:
         self._check_digest(instr.spec_digest)

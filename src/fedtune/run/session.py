@@ -14,6 +14,7 @@ import numpy as np
 import torch
 from rich.console import Console
 
+from fedtune.client.build import build_client_extensions
 from fedtune.client.worker import ClientWorker
 from fedtune.config.schema import Config
 from fedtune.core.params import ParamSpec
@@ -24,8 +25,9 @@ from fedtune.errors import DataError
 from fedtune.run import rundir
 from fedtune.run.plot import plot_rounds
 from fedtune.run.progress import ProgressTransport, RoundTable
+from fedtune.server.build import build_strategy
 from fedtune.server.loop import RoundReport, eval_clients, evaluate_global, run_rounds
-from fedtune.server.strategy import FedAvg, Strategy
+from fedtune.server.strategy import Strategy
 from fedtune.tasks.base import EvalSums, Task
 from fedtune.tasks.build import build_task
 from fedtune.transport.base import Transport
@@ -54,7 +56,8 @@ def prepare(config: Config, *, console: Console | None = None) -> Prepared:
     num_labels = config.model.num_labels or (len(fed.label_names) or None)
     task = build_task(config.model, num_labels=num_labels, cache_dir=cache_dir, seed=config.seed)
     records = {cid: (split.train, split.test) for cid, split in fed.clients.items()}
-    worker = ClientWorker(task, records)
+    ext = build_client_extensions(config)
+    worker = ClientWorker(task, records, hook_factories=ext.hook_factories, update_transforms=ext.update_transforms)
     # Encode every client once up front: clients whose text is too short for one training example are
     # dropped here, with their ids reported, instead of failing in the middle of a round.
     kept, dropped = {}, []
@@ -77,10 +80,6 @@ def prepare(config: Config, *, console: Console | None = None) -> Prepared:
             + f"; {worker.view.spec.numel:,} trainable parameters exchanged"
         )
     return Prepared(config, task, worker, cache_dir, num_labels, dropped)
-
-
-def build_strategy(config: Config) -> Strategy:
-    return FedAvg(config.server)
 
 
 def _eval_record(round_idx: int, pooled: EvalSums | None, task: Task) -> dict:
