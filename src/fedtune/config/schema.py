@@ -9,16 +9,12 @@ from __future__ import annotations
 
 from typing import Annotated, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, model_validator
+from pydantic import Field, model_validator
 
-PositiveInt = Annotated[int, Field(gt=0)]
-PositiveFloat = Annotated[float, Field(gt=0)]
-
-
-class Section(BaseModel):
-    """Frozen, and unknown keys are errors (a typo must not be silently ignored)."""
-
-    model_config = ConfigDict(extra="forbid", frozen=True)
+from fedtune.config.base import PositiveFloat, PositiveInt, Section
+from fedtune.config.deployment import DeploymentConfig
+from fedtune.config.privacy import PrivacyConfig
+from fedtune.config.simulation import SimulationConfig
 
 
 class LoraConfig(Section):
@@ -161,6 +157,9 @@ class Config(Section):
     server: ServerConfig = Field(default_factory=ServerConfig)
     eval: EvalConfig = Field(default_factory=EvalConfig)
     run: RunConfig = Field(default_factory=RunConfig)
+    privacy: PrivacyConfig = Field(default_factory=PrivacyConfig)
+    simulation: SimulationConfig = Field(default_factory=SimulationConfig)
+    deployment: DeploymentConfig = Field(default_factory=DeploymentConfig)
 
     @model_validator(mode="after")
     def _check(self) -> Config:
