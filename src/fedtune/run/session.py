@@ -21,7 +21,7 @@ from fedtune.core.params import ParamSpec
 from fedtune.core.state import ServerState, load_state, save_state
 from fedtune.data.cache import default_cache_dir
 from fedtune.data.sources import load_federated
-from fedtune.errors import DataError
+from fedtune.errors import CheckpointError, DataError
 from fedtune.run import rundir
 from fedtune.run.plot import plot_rounds
 from fedtune.run.progress import ProgressTransport, RoundTable
@@ -82,15 +82,15 @@ def prepare(config: Config, *, console: Console | None = None) -> Prepared:
     return Prepared(config, task, worker, cache_dir, num_labels, dropped)
 
 
-def _eval_record(round_idx: int, pooled: EvalSums | None, task: Task) -> dict:
+def _eval_record(pooled: EvalSums | None, accuracy: bool) -> dict:
     if pooled is None or pooled.count == 0:
         return {}
-    return {f"eval_{k}": v for k, v in pooled.metrics(accuracy=task.reports_accuracy).items()}
+    return {f"eval_{k}": v for k, v in pooled.metrics(accuracy=accuracy).items()}
 
 
-def round_records(report: RoundReport, task: Task) -> list[dict]:
+def round_records(report: RoundReport, accuracy: bool) -> list[dict]:
     """The metrics.jsonl lines for one round."""
-    acc = task.reports_accuracy
+    acc = accuracy
     summary = {
         "kind": "round",
         "round": report.round,
@@ -102,7 +102,7 @@ def round_records(report: RoundReport, task: Task) -> list[dict]:
         "bytes_up": report.bytes_up,
         "seconds": report.seconds,
         **{f"agg_{k}": v for k, v in report.aggregate.items()},
-        **_eval_record(report.round, report.eval_pooled, task),
+        **_eval_record(report.eval_pooled, accuracy),
     }
     lines = [summary]
     lines += [{"kind": "client", "round": report.round, **c} for c in report.clients]
@@ -117,57 +117,64 @@ def round_records(report: RoundReport, task: Task) -> list[dict]:
 
 
 @dataclass
+@dataclass
 class RunResult:
     run_dir: Path
     state: ServerState
     rounds: list[dict]
     baseline: dict
-    prepared: Prepared
+    prepared: Prepared | None = None  # set by simulate (the in-process worker and task)
 
 
-def _initial_state(prepared: Prepared, strategy: Strategy, run_dir: Path) -> ServerState:
-    init = prepared.worker.current_params()
-    spec: ParamSpec = prepared.worker.view.spec
-    save_state(ServerState(0, init, spec), run_dir / INITIAL, config_digest=rundir.config_digest(prepared.config))
-    state = strategy.init_state(init, spec)
-    if prepared.num_labels is not None:
-        # export and generate rebuild the model from config + checkpoint, so keep the head size here
-        state = state.evolve(extra={**state.extra, "num_labels": prepared.num_labels})
-    return state
-
-
-def simulate(
-    config: Config,
-    *,
-    resume_dir: Path | None = None,
-    console: Console | None = None,
-    show_progress: bool = True,
-    transport: Transport | None = None,
-) -> RunResult:
-    console = console or Console()
-    prepared = prepare(config, console=console)
-    task = prepared.task
-    strategy = build_strategy(config)
+def _open_run(
+    config: Config, strategy: Strategy, init: tuple[np.ndarray, ParamSpec], resume_dir: Path | None, console: Console
+) -> tuple[Path, ServerState, rundir.MetricsLog]:
+    """A fresh run directory with the initial state, or the state of the run being resumed."""
     digest = rundir.config_digest(config)
-    log: rundir.MetricsLog
+    params, spec = init
     if resume_dir is not None:
         run_dir = Path(resume_dir)
         state = load_state(run_dir / rundir.CHECKPOINT, config_digest=digest)
-        if state.spec.digest != prepared.worker.view.spec.digest:
-            raise DataError(f"checkpoint in {run_dir} was made for a different model layout")
+        if state.spec.digest != spec.digest:
+            raise CheckpointError(
+                f"checkpoint in {run_dir} does not match the model: {spec.describe_mismatch(state.spec)}"
+            )
         (run_dir / rundir.CONFIG).write_text(rundir.dump_config(config))
         log = rundir.MetricsLog(run_dir)
         log.truncate_after(state.round)
         console.print(f"resuming {run_dir} after round {state.round}")
-    else:
-        run_dir = rundir.new_run_dir(config)
-        log = rundir.MetricsLog(run_dir)
-        state = _initial_state(prepared, strategy, run_dir)
-        console.print(f"run directory: {run_dir}")
+        return run_dir, state, log
+    run_dir = rundir.new_run_dir(config)
+    save_state(ServerState(0, params, spec), run_dir / INITIAL, config_digest=digest)
+    console.print(f"run directory: {run_dir}")
+    return run_dir, strategy.init_state(params, spec), rundir.MetricsLog(run_dir)
 
-    base = transport or InProcessTransport(prepared.worker)
-    shown = ProgressTransport(base, console, enabled=show_progress)
-    table = RoundTable(console, accuracy=task.reports_accuracy)
+
+def serve(
+    config: Config,
+    transport: Transport,
+    *,
+    init: tuple[np.ndarray, ParamSpec],
+    accuracy: bool,
+    resume_dir: Path | None = None,
+    console: Console | None = None,
+    show_progress: bool = True,
+    extra_state: dict | None = None,
+) -> RunResult:
+    """The coordinator, whatever the transport: open or resume the run, evaluate the baseline, run the
+    rounds, and persist metrics, checkpoint and plot after every round.
+
+    ``init`` is the initial trainable vector and its spec (the server builds the model once to get them);
+    ``accuracy`` says whether evaluation reports accuracy (classifiers) or perplexity.
+    """
+    console = console or Console()
+    strategy = build_strategy(config)
+    digest = rundir.config_digest(config)
+    run_dir, state, log = _open_run(config, strategy, init, resume_dir, console)
+    if extra_state and state.round == 0:
+        state = state.evolve(extra={**state.extra, **extra_state})
+    shown = ProgressTransport(transport, console, enabled=show_progress)
+    table = RoundTable(console, accuracy=accuracy)
     for rec in log.rounds():
         table.add(rec)
 
@@ -182,13 +189,13 @@ def simulate(
             "bytes_down": 0,
             "bytes_up": 0,
             "seconds": time.perf_counter() - started,
-            **_eval_record(0, pooled, task),
+            **_eval_record(pooled, accuracy),
         }
         log.append([rec])
         table.add(rec)
 
     def on_round(new_state: ServerState, report: RoundReport) -> None:
-        records = round_records(report, task)
+        records = round_records(report, accuracy)
         log.append(records)  # metrics first: a crash before the checkpoint replays this round
         save_state(new_state, run_dir / rundir.CHECKPOINT, config_digest=digest)
         for f in report.failures:
@@ -198,12 +205,37 @@ def simulate(
             plot_rounds(log.rounds(), run_dir / rundir.PLOT, title=config.run.name)
 
     state = run_rounds(config, strategy, shown, state, on_round=on_round)
-    base.close()
     rounds = log.rounds()
     baseline = next((r for r in rounds if r["round"] == 0), {})
-    result = RunResult(run_dir=run_dir, state=state, rounds=rounds, baseline=baseline, prepared=prepared)
-    if config.run.plot:
-        plot_rounds(rounds, run_dir / rundir.PLOT, title=config.run.name)
+    return RunResult(run_dir=run_dir, state=state, rounds=rounds, baseline=baseline)
+
+
+def simulate(
+    config: Config,
+    *,
+    resume_dir: Path | None = None,
+    console: Console | None = None,
+    show_progress: bool = True,
+) -> RunResult:
+    """A whole federation in this process: every simulated client shares one resident model."""
+    console = console or Console()
+    prepared = prepare(config, console=console)
+    transport = InProcessTransport(prepared.worker)
+    extra = {"num_labels": prepared.num_labels} if prepared.num_labels is not None else None
+    try:
+        result = serve(
+            config,
+            transport,
+            init=(prepared.worker.current_params(), prepared.worker.view.spec),
+            accuracy=prepared.task.reports_accuracy,
+            resume_dir=resume_dir,
+            console=console,
+            show_progress=show_progress,
+            extra_state=extra,
+        )
+    finally:
+        transport.close()
+    result.prepared = prepared
     return result
 
 
