@@ -115,8 +115,35 @@ def export(
         _fail(err)
 
 
-def main() -> None:  # pragma: no cover - console entry
+from fedtune.deploy.commands import certs_cmd, client_cmd, server_cmd  # noqa: E402 - after the local commands
+
+app.command("server")(server_cmd)
+app.command("client")(client_cmd)
+app.command("certs")(certs_cmd)
+
+
+def _quiet_libraries() -> None:
+    """Keep the terminal for fedtune's own progress: no per-load progress bars or deprecation chatter."""
+    import warnings
+
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    warnings.filterwarnings("ignore", category=FutureWarning)
+    warnings.filterwarnings("ignore", message=".*gradient_checkpointing.*")
+    try:
+        from transformers.utils import logging as hf_logging
+
+        hf_logging.set_verbosity_error()
+        hf_logging.disable_progress_bar()
+    except ImportError:  # pragma: no cover - transformers is a dependency
+        pass
+
+
+@app.callback()
+def _setup() -> None:
+    _quiet_libraries()
+
+
+def main() -> None:  # pragma: no cover - console entry
     app()
 
 

@@ -3,6 +3,9 @@
 Hooks change local training (a proximal term, a gradient correction, per-sample clipping); update
 transforms change the reply after training (clip the whole update, quantise, mask). Both are plain
 callables composed in order, so strategies and privacy mechanisms stack without subclassing the worker.
+
+The strategy hooks (fedtune.client.hooks) are always registered: each one acts only when the server's
+FitInstruction asks for it, so the server's config decides and a client cannot drift out of step.
 """
 
 from __future__ import annotations
@@ -10,9 +13,11 @@ from __future__ import annotations
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
+from fedtune.client import hooks
 from fedtune.client.worker import HookFactory
 from fedtune.config.schema import Config
 from fedtune.core.messages import ClientUpdate, FitInstruction
+from fedtune.privacy.build import client_privacy
 
 UpdateTransform = Callable[[ClientUpdate, FitInstruction], ClientUpdate]
 
@@ -23,5 +28,30 @@ class ClientExtensions:
     update_transforms: list[UpdateTransform] = field(default_factory=list)
 
 
+def strategy_extensions() -> ClientExtensions:
+    """The client halves of FedProx, stragglers, SCAFFOLD and the LoRA modes, in a working order."""
+    stragglers = hooks.Stragglers()
+    residual = hooks.LoraResidual()
+    return ClientExtensions(
+        hook_factories=[
+            residual.hooks,  # base weights first: the model must be the global one before training
+            hooks.lora_rank_mask,
+            hooks.freeze_lora_a,
+            hooks.proximal_term,
+            hooks.scaffold_correction,
+            stragglers.hooks,
+        ],
+        # the straggler's partial delta and step count must be final before SCAFFOLD reads them
+        update_transforms=[stragglers.transform, hooks.scaffold_control_delta],
+    )
+
+
 def build_client_extensions(config: Config) -> ClientExtensions:
-    return ClientExtensions()
+    ext = strategy_extensions()
+    # --- privacy, separately: DP-SGD's hook runs first (later gradient hooks post-process the private
+    # gradient); DP clipping runs last (what leaves the client is what is bounded) ---
+    private_hooks, private_transforms = client_privacy(config)
+    return ClientExtensions(
+        hook_factories=private_hooks + ext.hook_factories,
+        update_transforms=ext.update_transforms + private_transforms,
+    )

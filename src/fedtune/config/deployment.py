@@ -1,9 +1,61 @@
-"""The ``deployment`` section: networked server/client settings (used by ``fedtune server``/``client``)."""
+"""The ``deployment`` section: networked server/client settings (used by ``fedtune server``/``client``).
+
+The simulation ignores this section. Every connection is TLS with client certificates (``fedtune certs``
+makes a first set); a client's identity is the common name (CN) of its certificate.
+"""
 
 from __future__ import annotations
 
-from fedtune.config.base import Section
+from typing import Annotated, Literal
+
+from pydantic import Field, model_validator
+
+from fedtune.config.base import PositiveFloat, PositiveInt, Section
 
 
 class DeploymentConfig(Section):
-    pass
+    address: str = "127.0.0.1"  # interface the server listens on ("0.0.0.0" for every interface)
+    port: Annotated[int, Field(ge=0, le=65535)] = 50051  # TCP port (0: any free port, printed at start)
+    tls_ca: str | None = None  # PEM of the CA that signed the client certificates (required by the server)
+    tls_cert: str | None = None  # the server's certificate (PEM); its SANs must name the address clients dial
+    tls_key: str | None = None  # the server's private key (PEM)
+    revocation_list: str | None = None  # file of revoked clients: one CN or "serial:<hex>" a line; re-read live
+    allowed_clients: list[str] | None = None  # if set, only these certificate CNs may join
+    max_clients: PositiveInt = 256  # most concurrent sessions (the server's thread pool is sized from it)
+    min_clients: PositiveInt = 2  # quorum: a round starts only when at least this many clients are connected
+    quorum_timeout_s: PositiveFloat = 600.0  # give up (exit non-zero) if the quorum is not reached in time
+    round_timeout_s: PositiveFloat = 600.0  # training deadline per round; later replies are dropped
+    eval_timeout_s: PositiveFloat | None = None  # evaluation deadline per round (default: round_timeout_s)
+    heartbeat_s: PositiveFloat = 5.0  # clients send a heartbeat this often
+    missed_heartbeats: PositiveInt = 3  # a client silent for this many intervals is presumed dead
+    poll_s: PositiveFloat = 20.0  # how long a client's long poll for work waits before asking again
+    max_message_mb: PositiveFloat = 4096.0  # largest payload (instruction or update) in MiB, either way
+    chunk_kb: Annotated[int, Field(ge=1, le=16384)] = 1024  # streaming chunk size in KiB (one gRPC message)
+    # update compression on the wire: none (float32), fp16, bf16, int8 (blockwise), topk (error feedback)
+    codec: Literal["none", "fp16", "bf16", "int8", "topk"] = "none"
+    codec_block: Annotated[int, Field(ge=1, le=1 << 20)] = 256  # int8: values per scale
+    topk_fraction: Annotated[float, Field(gt=0, le=1)] = 0.01  # topk: share of entries sent per round
+    shutdown_grace_s: Annotated[float, Field(ge=0)] = 5.0  # after the last round, wait this long for clients to hear
+
+    @model_validator(mode="after")
+    def _check(self) -> DeploymentConfig:
+        tls = [self.tls_ca, self.tls_cert, self.tls_key]
+        if any(tls) and not all(tls):
+            raise ValueError("set all of deployment.tls_ca, deployment.tls_cert and deployment.tls_key, or none")
+        if self.allowed_clients is not None and len(self.allowed_clients) < self.min_clients:
+            raise ValueError(
+                f"deployment.min_clients={self.min_clients} can never be met by "
+                f"{len(self.allowed_clients)} deployment.allowed_clients"
+            )
+        if self.min_clients > self.max_clients:
+            raise ValueError("deployment.min_clients exceeds deployment.max_clients")
+        return self
+
+    @property
+    def dead_after_s(self) -> float:
+        """Seconds of silence after which a client is presumed dead."""
+        return self.heartbeat_s * self.missed_heartbeats
+
+    @property
+    def max_payload_bytes(self) -> int:
+        return int(self.max_message_mb * 2**20)

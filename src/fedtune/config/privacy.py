@@ -1,9 +1,174 @@
-"""The ``privacy`` section: client-level DP, local DP-SGD and secure aggregation (off by default)."""
+"""The ``privacy`` section: client-level DP, local DP-SGD and secure aggregation (all off by default).
+
+Every guarantee these keys buy, and the assumptions it rests on, is spelled out in docs/PRIVACY.md.
+Rules that involve other sections (uniform weighting under DP, no robust aggregator under secure
+aggregation, DP-SGD's batching) live in ``Config._check``.
+"""
 
 from __future__ import annotations
 
-from fedtune.config.base import Section
+from typing import Annotated, Literal
+
+from pydantic import Field, model_validator
+
+from fedtune.config.base import PositiveFloat, PositiveInt, Section
+
+Probability = Annotated[float, Field(gt=0, lt=1)]
+
+
+class AdaptiveClipConfig(Section):
+    """Quantile-based adaptive clipping (Andrew et al. 2021, "Differentially private learning with adaptive
+    clipping"): C <- C * exp(-lr * (noisy fraction of unclipped clients - target_quantile))."""
+
+    target_quantile: Probability = 0.5  # gamma: the share of clients whose update should fit under C
+    lr: PositiveFloat = 0.2  # eta_C of the geometric update
+    # sigma_b: std of the Gaussian noise on the count of unclipped clients; null = expected clients / 20
+    # (the paper's and TFF's default). Must exceed noise_multiplier / 2 (it takes part of the budget).
+    count_noise: PositiveFloat | None = None
+
+
+class DPConfig(Section):
+    """Client-level DP-FedAvg (McMahan et al. 2018): clip each client's whole update, noise the sum."""
+
+    clip: PositiveFloat = 1.0  # C: L2 bound of one client's update (the initial C with adaptive clipping)
+    noise_multiplier: PositiveFloat | None = None  # z: noise std on the sum is z * C (exclusive with target_epsilon)
+    target_epsilon: PositiveFloat | None = None  # choose z so that federation.rounds rounds spend this epsilon
+    delta: Annotated[float, Field(gt=0, lt=1)] = 1e-5  # the delta every reported epsilon is computed at
+    epsilon_budget: PositiveFloat | None = None  # stop cleanly before a round that would exceed this epsilon
+    # poisson: each client joins a round independently with probability q (federation.fraction, or
+    # clients_per_round / population); fixed: exactly clients_per_round clients, accounted as sampling
+    # without replacement (replace-one adjacency, RDP only)
+    sampling: Literal["poisson", "fixed"] = "poisson"
+    accountant: Literal["rdp", "pld"] = "rdp"  # dp-accounting's Renyi-DP or privacy-loss-distribution accountant
+    adaptive: AdaptiveClipConfig | None = None  # null: fixed clipping at ``clip``
+    secure_rng: bool = False  # noise and sampling from a CSPRNG seeded by the OS (production; not reproducible)
+
+    @model_validator(mode="after")
+    def _check(self) -> DPConfig:
+        if (self.noise_multiplier is None) == (self.target_epsilon is None):
+            raise ValueError("set exactly one of privacy.dp.noise_multiplier and privacy.dp.target_epsilon")
+        if self.sampling == "fixed" and self.accountant == "pld":
+            raise ValueError(
+                "privacy.dp.accountant 'pld' cannot account fixed-size sampling (without replacement); "
+                "use accountant 'rdp' or sampling 'poisson'"
+            )
+        if (
+            self.target_epsilon is not None
+            and self.epsilon_budget is not None
+            and self.epsilon_budget < self.target_epsilon
+        ):
+            raise ValueError("privacy.dp.epsilon_budget is smaller than privacy.dp.target_epsilon")
+        if (
+            self.adaptive is not None
+            and self.adaptive.count_noise is not None
+            and self.noise_multiplier is not None
+            and 2 * self.adaptive.count_noise <= self.noise_multiplier
+        ):
+            raise ValueError(
+                "privacy.dp.adaptive.count_noise must exceed noise_multiplier / 2: the count's noise takes "
+                "part of the privacy budget and the update's share would be negative"
+            )
+        return self
+
+
+class DpSgdConfig(Section):
+    """Sample-level DP-SGD on each client's trainable parameters (Abadi et al. 2016), via Opacus."""
+
+    noise_multiplier: PositiveFloat = 1.0  # noise std on each step's clipped gradient sum, in units of max_grad_norm
+    max_grad_norm: PositiveFloat = 1.0  # per-example gradient L2 bound
+    delta: Annotated[float, Field(gt=0, lt=1)] = 1e-5  # the delta each client's epsilon is reported at
+    # with client.full_batch: each step keeps each local example with this probability (Poisson sampling,
+    # amplified accounting); required there and not allowed otherwise (shuffled minibatches are
+    # accounted without amplification)
+    sample_rate: Probability | None = None
+    secure_rng: bool = False  # noise and example sampling from a CSPRNG (production; not reproducible)
+
+
+class SecAggConfig(Section):
+    """Secure aggregation: Bonawitz et al. 2017 with the SecAgg+ neighbour graph of Bell et al. 2020."""
+
+    # t = ceil(threshold * k) of a client's k neighbours must survive to unmask; above 1/2 so that two
+    # disjoint halves can never both reconstruct
+    threshold: Annotated[float, Field(gt=0.5, le=1)] = 2 / 3
+    neighbours: Annotated[int, Field(ge=2)] | None = None  # k of the SecAgg+ graph; null: everyone (SecAgg)
+    # bits of precision per client value; the field modulus is 2^(value_bits + ceil(log2 n)) <= 2^32 so n
+    # clients cannot wrap. null: use the whole 32-bit field (2^32 - 1) // n levels per value
+    value_bits: Annotated[int, Field(ge=2, le=31)] | None = None
+    clip_range: PositiveFloat = 1.0  # without DP: every coordinate is clipped to [-clip_range, clip_range]
+    weight_cap: PositiveInt = 1000  # example weighting: a client's weight is min(n_k, weight_cap) / weight_cap
+    simulate_dropout: Annotated[float, Field(ge=0, lt=1)] = 0.0  # simulation: a client drops at a random stage
+
+
+def _section_switch(value: object) -> object:
+    """``secure_aggregation: true`` means the section with its defaults; false means off."""
+    if value is True:
+        return {}
+    if value is False:
+        return None
+    return value
 
 
 class PrivacyConfig(Section):
-    pass
+    dp: DPConfig | None = None  # client-level DP-FedAvg; null: off
+    dpsgd: DpSgdConfig | None = None  # local sample-level DP-SGD; null: off
+    secure_aggregation: SecAggConfig | None = None  # null/false: off; true: on with defaults
+
+    @model_validator(mode="before")
+    @classmethod
+    def _switches(cls, data: object) -> object:
+        if isinstance(data, dict):
+            return {k: _section_switch(v) if k in ("secure_aggregation", "dpsgd") else v for k, v in data.items()}
+        return data
+
+    @property
+    def enabled(self) -> bool:
+        return self.dp is not None or self.dpsgd is not None or self.secure_aggregation is not None
+
+
+NEEDS_INDIVIDUAL_UPDATES = ("fedex", "svd", "flora")  # LoRA modes that combine clients' factors non-linearly
+
+
+def check_privacy_rules(config: object) -> None:
+    """Cross-section rules of the privacy section, called from ``Config._check`` (errors name the key)."""
+    privacy: PrivacyConfig = config.privacy  # type: ignore[attr-defined]
+    server, client, data, model = config.server, config.client, config.data, config.model  # type: ignore[attr-defined]
+    if privacy.dp is not None and server.weighting != "uniform":
+        raise ValueError(
+            "server.weighting must be 'uniform' under privacy.dp: weighting by example count lets one "
+            "client count for more than the clip norm C and breaks the sensitivity bound"
+        )
+    for key, on in (
+        ("privacy.dp", privacy.dp is not None),
+        ("privacy.secure_aggregation", privacy.secure_aggregation is not None),
+    ):
+        if not on:
+            continue
+        aggregator = getattr(server, "aggregator", "mean")
+        if aggregator != "mean":
+            raise ValueError(
+                f"server.aggregator {aggregator!r} needs individual updates, which {key} does not give the "
+                "server (it sees only a noised or masked sum); use aggregator 'mean'"
+            )
+        if getattr(server, "scaffold", False):
+            raise ValueError(f"server.scaffold needs each client's control variate, which {key} does not reveal")
+        lora_mode = getattr(server, "lora_aggregation", "naive")
+        if lora_mode in NEEDS_INDIVIDUAL_UPDATES:
+            raise ValueError(
+                f"server.lora_aggregation {lora_mode!r} needs individual adapters, incompatible with {key}"
+            )
+    if privacy.dpsgd is not None:
+        if client.full_batch != (privacy.dpsgd.sample_rate is not None):
+            raise ValueError(
+                "privacy.dpsgd.sample_rate is required with client.full_batch (Poisson-sampled steps) and not "
+                "allowed without it (shuffled minibatches are accounted without amplification)"
+            )
+        if model.kind == "causal_lm" and data.source == "instruct":
+            raise ValueError(
+                "privacy.dpsgd with data.source 'instruct' is not supported: prompt tokens are masked out of the "
+                "loss, so the per-example normalisation DP-SGD needs cannot be read from the batch"
+            )
+        if getattr(server, "proximal_mu", 0.0) > 0:
+            raise ValueError(
+                "server.proximal_mu > 0 with privacy.dpsgd: DP-SGD replaces each step's gradient by the private "
+                "one, which would silently drop FedProx's proximal term"
+            )

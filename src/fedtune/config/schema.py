@@ -13,7 +13,7 @@ from pydantic import Field, model_validator
 
 from fedtune.config.base import PositiveFloat, PositiveInt, Section
 from fedtune.config.deployment import DeploymentConfig
-from fedtune.config.privacy import PrivacyConfig
+from fedtune.config.privacy import PrivacyConfig, check_privacy_rules
 from fedtune.config.simulation import SimulationConfig
 
 
@@ -22,6 +22,9 @@ class LoraConfig(Section):
     alpha: PositiveFloat = 16.0  # scaling numerator: the update is (alpha / r) * B @ A
     dropout: Annotated[float, Field(ge=0, lt=1)] = 0.0  # dropout on the adapter input
     target_modules: list[str] = Field(default_factory=lambda: ["q_proj", "v_proj"])  # module name suffixes
+    # adapt only the last N transformer blocks (null: all). Backpropagation then stops below them, which
+    # makes a local step several times cheaper on a CPU at a small cost in quality.
+    top_layers: PositiveInt | None = None
 
 
 class ModelConfig(Section):
@@ -119,16 +122,64 @@ class ClientConfig(Section):
     optimizer: Literal["sgd", "adamw"] = "adamw"  # local optimizer, fresh every round
     weight_decay: Annotated[float, Field(ge=0)] = 0.0
     max_grad_norm: PositiveFloat | None = 1.0  # per-step gradient clipping (not DP)
+    # FedProx system heterogeneity (Li et al. 2020): this share of sampled clients are stragglers that stop
+    # after a seeded random number of steps in [1, local_steps) and still send their partial work
+    straggler_fraction: Annotated[float, Field(ge=0, le=1)] = 0.0
 
     @model_validator(mode="before")
     @classmethod
     def _one_of(cls, data: object) -> object:
         return _default_one_of(data, "local_steps", "local_epochs", 5, "client")
 
+    @model_validator(mode="after")
+    def _check_stragglers(self) -> ClientConfig:
+        # the straggler's step budget is drawn before training, when only local_steps fixes the total
+        if self.straggler_fraction > 0 and self.local_steps is None:
+            raise ValueError("client.straggler_fraction needs client.local_steps (not local_epochs)")
+        return self
+
 
 class ServerConfig(Section):
     lr: PositiveFloat = 1.0  # eta: global = global + eta * sum_k w_k * delta_k
     weighting: Literal["examples", "uniform"] = "examples"  # w_k proportional to example count, or 1/K
+    # FedOpt (Reddi et al. 2021): the optimiser applied to the aggregated change; sgd with lr 1 is FedAvg,
+    # momentum is FedAvgM; its moments live in the server state and survive resume
+    optimizer: Literal["sgd", "momentum", "adagrad", "adam", "yogi"] = "sgd"
+    momentum: Annotated[float, Field(ge=0, lt=1)] = 0.9  # FedAvgM's beta
+    beta1: Annotated[float, Field(ge=0, lt=1)] = 0.9  # adagrad/adam/yogi first-moment decay
+    beta2: Annotated[float, Field(gt=0, lt=1)] = 0.99  # adam/yogi second-moment decay
+    tau: PositiveFloat = 1e-3  # adagrad/adam/yogi adaptivity: step = lr * m / (sqrt(v) + tau)
+    # how the round's client changes are combined: mean (FedAvg) or a rule for untrusted clients
+    aggregator: Literal["mean", "median", "trimmed_mean", "krum", "multi_krum", "norm_bounded_mean"] = "mean"
+    trim_fraction: Annotated[float, Field(ge=0, lt=0.5)] = 0.1  # trimmed_mean: share dropped at each end
+    num_byzantine: Annotated[int, Field(ge=0)] = 0  # krum/multi_krum: attackers tolerated (f; K > 2f + 2)
+    multi_krum_m: PositiveInt | None = None  # multi_krum: updates averaged (default K - f)
+    norm_bound: PositiveFloat | None = None  # norm_bounded_mean: every update is clipped to this L2 norm
+    scaffold: bool = False  # SCAFFOLD (Karimireddy et al. 2020) control variates, kept in the server state
+    proximal_mu: Annotated[float, Field(ge=0)] = 0.0  # FedProx mu: clients add mu/2 ||w - w_global||^2
+    # LoRA factors: naive (average A and B), ffa (A frozen, B averaged: exact), fedex (average + dense
+    # residual), flora (stacking, heterogeneous ranks, merged into a dense residual), svd (exact product
+    # re-projected to rank r, remainder to the residual). See docs/STRATEGIES.md for how a residual is applied.
+    lora_aggregation: Literal["naive", "ffa", "fedex", "flora", "svd"] = "naive"
+    lora_client_ranks: list[PositiveInt] | None = None  # flora: each client's rank drawn from this list (seeded)
+
+    @model_validator(mode="after")
+    def _check(self) -> ServerConfig:
+        if (self.aggregator == "norm_bounded_mean") != (self.norm_bound is not None):
+            raise ValueError("server.norm_bound is required by, and only used with, aggregator norm_bounded_mean")
+        if self.multi_krum_m is not None and self.aggregator != "multi_krum":
+            raise ValueError("server.multi_krum_m only applies to aggregator multi_krum")
+        if self.scaffold and self.aggregator != "mean":
+            raise ValueError("server.scaffold averages control variates and needs aggregator 'mean'")
+        exact = self.lora_aggregation in ("fedex", "flora", "svd")
+        if exact and (self.optimizer != "sgd" or self.lr != 1.0 or self.aggregator != "mean" or self.scaffold):
+            raise ValueError(
+                f"server.lora_aggregation {self.lora_aggregation!r} computes the exact average of the LoRA "
+                "products: it needs optimizer 'sgd', lr 1.0, aggregator 'mean' and no scaffold"
+            )
+        if self.lora_client_ranks is not None and self.lora_aggregation != "flora":
+            raise ValueError("server.lora_client_ranks only applies to lora_aggregation 'flora'")
+        return self
 
 
 class EvalConfig(Section):
@@ -174,4 +225,5 @@ class Config(Section):
             raise ValueError("data.partition.kind 'dirichlet_labels' needs labelled data")
         if self.data.partition.kind == "natural" and self.data.source not in {"shakespeare", "text"}:
             raise ValueError(f"data.source {self.data.source!r} has no natural clients: set data.partition.kind")
+        check_privacy_rules(self)  # DP needs uniform weights; SecAgg/DP need a linear aggregator; DP-SGD batching
         return self

@@ -95,9 +95,10 @@ def _remove_stage_directions(text: str) -> str:
 
 
 def _block_lines(block: str) -> list[str]:
-    """A block's non-empty lines, indentation stripped, without direction fragments left unclosed."""
+    """A block's non-empty lines without direction fragments left unclosed; runs of spaces (indentation,
+    gaps left by removed directions) become one."""
     cleaned = _UNCLOSED_DIRECTION.sub("", _DIRECTION_TAIL.sub("", block))
-    return [line.strip() for line in cleaned.split("\n") if line.strip()]
+    return [" ".join(line.split()) for line in cleaned.split("\n") if line.strip()]
 
 
 def speaker_name(line: str) -> str | None:
@@ -148,8 +149,8 @@ def parse_play(text: str) -> dict[str, list[str]]:
             continue
         name = speaker_name(lines[0])
         inline = _INLINE_SPEECH.match(lines[0])
-        if name is not None and after_heading and len(lines) == 1:
-            name = None  # a one-line block right under a heading is a location ("Westminster Abbey.")
+        if name is not None and after_heading and len(lines) == 1 and name.upper() != name:
+            name = None  # a lone line right under a heading is a location ("Westminster Abbey."), not "CHORUS."
         if name is not None:
             flush()
             speaker, speech = name, lines[1:]

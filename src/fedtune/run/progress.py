@@ -77,10 +77,15 @@ class RoundTable:
             _mb(rec.get("bytes_up", 0)),
             self._fmt(rec.get("seconds"), ".1f"),
         ] + [self._fmt(rec.get(k), ".3f") for k in self.extra]
+        if not self.rows:
+            self.console.print(self._line(self._headers("acc" if self.accuracy else "ppl")), style="bold")
         self.rows.append(row)
-        quality_name = "acc" if self.accuracy else "ppl"
-        parts = [f"{h}={v}" for h, v in zip(self._headers(quality_name), row, strict=True)]
-        self.console.print("  ".join(parts))
+        self.console.print(self._line(row), soft_wrap=True)
+
+    def _line(self, cells: Sequence[str]) -> str:
+        # fixed-width columns so rows printed one at a time still line up as a table
+        widths = [5, 7, 10, 13, 9, 8, 8, 8] + [11] * len(self.extra)
+        return " ".join(c.rjust(w) for c, w in zip(cells, widths, strict=True))
 
     def _headers(self, quality_name: str) -> list[str]:
         return [c if c != "quality" else quality_name for c in ROUND_COLUMNS] + self.extra

@@ -174,7 +174,8 @@ def serve(
     if extra_state and state.round == 0:
         state = state.evolve(extra={**state.extra, **extra_state})
     shown = ProgressTransport(transport, console, enabled=show_progress)
-    table = RoundTable(console, accuracy=accuracy)
+    privacy_columns = ["agg_epsilon"] if config.privacy.dp is not None else []  # DP: epsilon every round
+    table = RoundTable(console, accuracy=accuracy, extra_columns=privacy_columns)
     for rec in log.rounds():
         table.add(rec)
 
@@ -204,10 +205,41 @@ def serve(
         if config.run.plot:
             plot_rounds(log.rounds(), run_dir / rundir.PLOT, title=config.run.name)
 
-    state = run_rounds(config, strategy, shown, state, on_round=on_round)
+    def on_stop(stopped: ServerState, reason: str) -> None:  # e.g. the privacy budget is spent
+        log.append([{"kind": "stop", "round": stopped.round, "reason": reason}])
+        console.print(f"[yellow]stopped after round {stopped.round}: {reason}[/yellow]")
+
+    state = run_rounds(config, strategy, shown, state, on_round=on_round, on_stop=on_stop)
     rounds = log.rounds()
     baseline = next((r for r in rounds if r["round"] == 0), {})
     return RunResult(run_dir=run_dir, state=state, rounds=rounds, baseline=baseline)
+
+
+def worker_from_config(config: Config) -> ClientWorker:
+    """The resident worker ``prepare`` builds; Ray actors and data-parallel ranks each call it once
+    (picklable as ``functools.partial(worker_from_config, config)``)."""
+    return prepare(config).worker
+
+
+def simulation_transport(config: Config, prepared: Prepared) -> Transport:
+    """The transport ``config.simulation`` asks for: this process's worker, or a pool of Ray actors."""
+    import functools
+
+    sim = config.simulation
+    factory = functools.partial(worker_from_config, config)
+    if sim.backend == "ray":
+        from fedtune.client.distributed import distributed_worker
+        from fedtune.transport.ray_backend import RayTransport
+
+        if sim.client_nproc > 1:
+            factory = functools.partial(distributed_worker, factory, sim.client_nproc)
+        return RayTransport(factory, list(prepared.worker.records), sim)
+    if sim.client_nproc > 1:
+        from fedtune.client.distributed import DistributedClientWorker
+
+        ddp = DistributedClientWorker(prepared.worker, factory, sim.client_nproc)
+        return InProcessTransport(ddp)  # type: ignore[arg-type]  # same interface as ClientWorker
+    return InProcessTransport(prepared.worker)
 
 
 def simulate(
@@ -217,10 +249,11 @@ def simulate(
     console: Console | None = None,
     show_progress: bool = True,
 ) -> RunResult:
-    """A whole federation in this process: every simulated client shares one resident model."""
+    """A whole simulated federation: one resident model in this process, or one per Ray actor
+    (``config.simulation``)."""
     console = console or Console()
     prepared = prepare(config, console=console)
-    transport = InProcessTransport(prepared.worker)
+    transport = simulation_transport(config, prepared)
     extra = {"num_labels": prepared.num_labels} if prepared.num_labels is not None else None
     try:
         result = serve(

@@ -1,10 +1,72 @@
-"""Build the server-side strategy from the config (the one place that maps config to strategy objects)."""
+"""Build the server-side strategy from the config (the one place that maps config to strategy objects).
+
+Every strategy is one FedOpt: an aggregator (``server.aggregator``), a server optimiser
+(``server.optimizer``) and plug-ins (FedProx options, SCAFFOLD, a LoRA mode). Rules that span config
+sections and are not yet in ``Config._check`` are checked here and raise ConfigError naming the keys.
+"""
 
 from __future__ import annotations
 
+from typing import Any
+
+from fedtune.aggregation.robust import make_aggregator
+from fedtune.aggregation.server_opt import make_server_optimizer
 from fedtune.config.schema import Config
-from fedtune.server.strategy import FedAvg, Strategy
+from fedtune.errors import ConfigError
+from fedtune.privacy.build import wrap_strategy
+from fedtune.server.strategies import ClientOptions, FedExLora, FedOpt, FfaLora, FLoRA, Plugin, Scaffold, SvdLora
 
 
-def build_strategy(config: Config) -> Strategy:
-    return FedAvg(config.server)
+def check_cross_section(config: Config) -> None:
+    server, client = config.server, config.client
+    if server.scaffold and client.optimizer != "sgd":
+        raise ConfigError("server.scaffold assumes plain local SGD: set client.optimizer to 'sgd'")
+    if server.lora_aggregation != "naive" and config.model.lora is None:
+        raise ConfigError(f"server.lora_aggregation {server.lora_aggregation!r} needs model.lora (LoRA adapters)")
+    if server.lora_client_ranks and config.model.lora and max(server.lora_client_ranks) > config.model.lora.r:
+        raise ConfigError(f"server.lora_client_ranks may not exceed model.lora.r = {config.model.lora.r}")
+
+
+def build_plugins(config: Config, *, num_clients: int | None) -> list[Plugin]:
+    server = config.server
+    plugins: list[Plugin] = []
+    if server.proximal_mu > 0:
+        plugins.append(ClientOptions({"proximal_mu": server.proximal_mu}, name="fedprox"))
+    if server.scaffold:
+        plugins.append(Scaffold(num_clients=num_clients))
+    lora_modes = {
+        "ffa": lambda: FfaLora(),
+        "fedex": lambda: FedExLora(),
+        "svd": lambda: SvdLora(),
+        "flora": lambda: FLoRA(seed=config.seed, client_ranks=tuple(server.lora_client_ranks or ()) or None),
+    }
+    if server.lora_aggregation in lora_modes:
+        plugins.append(lora_modes[server.lora_aggregation]())
+    return plugins
+
+
+def build_strategy(config: Config, *, num_clients: int | None = None) -> Any:
+    """``num_clients``: the population size, when the caller knows it (SCAFFOLD's N)."""
+    check_cross_section(config)
+    server = config.server
+    strategy = FedOpt(
+        aggregator=make_aggregator(
+            server.aggregator,
+            trim_fraction=server.trim_fraction,
+            num_byzantine=server.num_byzantine,
+            num_selected=server.multi_krum_m,
+            norm_bound=server.norm_bound,
+        ),
+        optimizer=make_server_optimizer(
+            server.optimizer,
+            lr=server.lr,
+            momentum=server.momentum,
+            beta1=server.beta1,
+            beta2=server.beta2,
+            tau=server.tau,
+        ),
+        weighting=server.weighting,
+        plugins=build_plugins(config, num_clients=num_clients),
+    )
+    # --- privacy, last: DP-FedAvg and/or secure aggregation wrap the strategy (unchanged when off) ---
+    return wrap_strategy(strategy, config)

@@ -6,6 +6,7 @@ reaches the strategy; a bad reply becomes a logged failure and the round continu
 
 from __future__ import annotations
 
+import logging
 import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
@@ -13,7 +14,7 @@ from dataclasses import dataclass, field
 from fedtune.config.schema import Config
 from fedtune.core.messages import ClientEval, ClientFailure, ClientUpdate, EvalInstruction, FitInstruction
 from fedtune.core.params import check_vector
-from fedtune.core.sampling import sample_clients
+from fedtune.core.sampling import poisson_sample, sample_clients, sampling_rate
 from fedtune.core.state import ServerState
 from fedtune.errors import UpdateRejected
 from fedtune.server.strategy import Strategy
@@ -124,6 +125,33 @@ def evaluate_global(
     return per_client, pooled, failures
 
 
+def sample_round(config: Config, population: list[str], round_idx: int) -> list[str]:
+    """This round's clients: Poisson with rate q under DP's Poisson sampling, else a fixed-size sample."""
+    fed, dp = config.federation, config.privacy.dp
+    secure = dp is not None and dp.secure_rng
+    if dp is not None and dp.sampling == "poisson":
+        rate = sampling_rate(len(population), count=fed.clients_per_round, fraction=fed.fraction)
+        return poisson_sample(population, seed=config.seed, round_idx=round_idx, rate=rate, secure=secure)
+    return sample_clients(
+        population,
+        seed=config.seed,
+        round_idx=round_idx,
+        count=fed.clients_per_round,
+        fraction=fed.fraction,
+        secure=secure,
+    )
+
+
+def begin_round(strategy: Strategy, state: ServerState, population: list[str]) -> ServerState:
+    """A strategy that accounts per round (DP) records the population size before sampling; idempotent."""
+    begin = getattr(strategy, "begin_round", None)
+    return begin(state, population=len(population)) if begin is not None else state
+
+
+def _log_stop(state: ServerState, reason: str) -> None:
+    logging.getLogger("fedtune").warning("stopping after round %d: %s", state.round, reason)
+
+
 def run_round(
     config: Config, strategy: Strategy, transport: Transport, state: ServerState
 ) -> tuple[ServerState, RoundReport]:
@@ -131,13 +159,8 @@ def run_round(
     started = time.perf_counter()
     round_idx = state.round + 1
     population = transport.client_ids()
-    sampled = sample_clients(
-        population,
-        seed=config.seed,
-        round_idx=round_idx,
-        count=config.federation.clients_per_round,
-        fraction=config.federation.fraction,
-    )
+    state = begin_round(strategy, state, population)
+    sampled = sample_round(config, population, round_idx)
     train_cfg = config.client.model_dump()
     instructions = []
     for cid in sampled:
@@ -171,9 +194,23 @@ def run_rounds(
     state: ServerState,
     *,
     on_round: Callable[[ServerState, RoundReport], None] = lambda s, r: None,
+    on_stop: Callable[[ServerState, str], None] | None = None,
 ) -> ServerState:
-    """Run from ``state.round + 1`` to ``config.federation.rounds``; ``on_round`` persists each round."""
+    """Run from ``state.round + 1`` to ``config.federation.rounds``; ``on_round`` persists each round.
+
+    A strategy may stop the run early (``should_stop(state) -> reason``, e.g. an exhausted privacy
+    budget): ``on_stop(state, reason)`` reports it (default: a warning on the ``fedtune`` logger).
+    """
+    on_stop = on_stop or _log_stop
     while state.round < config.federation.rounds:
+        # optional strategy hooks (DP-FedAvg): record the population, then stop cleanly before a round
+        # that would overspend the privacy budget
+        state = begin_round(strategy, state, transport.client_ids())
+        should_stop = getattr(strategy, "should_stop", None)
+        reason = should_stop(state) if should_stop is not None else None
+        if reason is not None:
+            on_stop(state, reason)
+            break
         state, report = run_round(config, strategy, transport, state)
         on_round(state, report)
     return state

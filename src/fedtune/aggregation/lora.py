@@ -1,0 +1,155 @@
+"""LoRA-aware aggregation math over flat float32 vectors (no peft, no torch).
+
+A LoRA module's weight change is s * B @ A with A (r, in) and B (out, r). Averaging A and B separately is
+not averaging the change:
+
+    mean_k(B_k) @ mean_k(A_k)  !=  sum_k p_k B_k A_k        (naive FedAvg of the factors)
+
+The difference is the weighted covariance of the client factors. The functions here compute the exact
+weighted mean of the products and three ways of representing it again as adapters:
+
+* ``stack_adapters`` (FLoRA, Wang et al. 2024): concatenate [A_1; ...; A_K] and [p_1 B_1, ..., p_K B_K];
+  their product is sum_k p_k B_k A_k exactly, whatever each client's rank r_k.
+* ``fedex_residual`` (FedEx-LoRA, Singhal et al. 2024): keep the averaged factors and the dense remainder
+  sum_k p_k B_k A_k - mean(B) @ mean(A), which the model must add to its frozen base weight.
+* ``svd_reproject``: the best rank-r factors of a dense product (Eckart-Young), exact when its rank <= r.
+
+The scaling s = alpha / r is applied by whoever adds a product to a base weight; products here are B @ A.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+import numpy as np
+
+from fedtune.core.params import ParamSpec
+
+A_SUFFIX = ".lora_A.weight"
+B_SUFFIX = ".lora_B.weight"
+
+
+@dataclass(frozen=True)
+class LoraPair:
+    """Where one LoRA module's A (r, in) and B (out, r) sit in the flat vector."""
+
+    module: str  # the adapted layer's name, e.g. "...layers.0.self_attn.q_proj"
+    a: tuple[int, int]  # (start, stop) of A in the flat vector
+    b: tuple[int, int]
+    rank: int
+    in_features: int
+    out_features: int
+
+    def factors(self, flat: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """(B (out, r), A (r, in)) as float64 copies."""
+        b = flat[self.b[0] : self.b[1]].astype(np.float64).reshape(self.out_features, self.rank)
+        a = flat[self.a[0] : self.a[1]].astype(np.float64).reshape(self.rank, self.in_features)
+        return b, a
+
+    def product(self, flat: np.ndarray) -> np.ndarray:
+        """B @ A, (out, in) float64."""
+        b, a = self.factors(flat)
+        return b @ a
+
+    def write(self, flat: np.ndarray, b: np.ndarray, a: np.ndarray) -> np.ndarray:
+        """A copy of ``flat`` with this module's factors replaced."""
+        out = np.array(flat, dtype=np.float32, copy=True)
+        out[self.b[0] : self.b[1]] = np.asarray(b, dtype=np.float32).reshape(-1)
+        out[self.a[0] : self.a[1]] = np.asarray(a, dtype=np.float32).reshape(-1)
+        return out
+
+
+def lora_pairs(spec: ParamSpec) -> list[LoraPair]:
+    """Every (lora_A, lora_B) pair in the spec, in spec order; raises if a factor lacks its partner."""
+    where = {name: (start, stop, shape) for name, start, stop, shape in spec.offsets()}
+    pairs = []
+    for name in spec.names:
+        if not name.endswith(A_SUFFIX):
+            continue
+        module = name.removesuffix(A_SUFFIX)
+        b_name = module + B_SUFFIX
+        if b_name not in where:
+            raise ValueError(f"LoRA factor {name!r} has no matching {b_name!r} in the exchanged parameters")
+        a_start, a_stop, a_shape = where[name]
+        b_start, b_stop, b_shape = where[b_name]
+        if len(a_shape) != 2 or len(b_shape) != 2 or a_shape[0] != b_shape[1]:
+            raise ValueError(f"LoRA module {module!r}: A {list(a_shape)} and B {list(b_shape)} ranks disagree")
+        pairs.append(LoraPair(module, (a_start, a_stop), (b_start, b_stop), a_shape[0], a_shape[1], b_shape[0]))
+    orphans = [n for n in spec.names if n.endswith(B_SUFFIX) and n.removesuffix(B_SUFFIX) + A_SUFFIX not in where]
+    if orphans:
+        raise ValueError(f"LoRA factor {orphans[0]!r} has no matching lora_A in the exchanged parameters")
+    return pairs
+
+
+def lora_a_mask(spec: ParamSpec) -> np.ndarray:
+    """Boolean mask over the flat vector, True on every lora_A entry (what FFA-LoRA freezes)."""
+    mask = np.zeros(spec.numel, dtype=bool)
+    for pair in lora_pairs(spec):
+        mask[pair.a[0] : pair.a[1]] = True
+    return mask
+
+
+def _normalised(weights: Sequence[float]) -> np.ndarray:
+    w = np.asarray(weights, dtype=np.float64)
+    if w.ndim != 1 or not len(w) or (w <= 0).any():
+        raise ValueError("weights must be a non-empty sequence of positive numbers")
+    return w / w.sum()
+
+
+def product_mean(factors: Sequence[tuple[np.ndarray, np.ndarray]], weights: Sequence[float]) -> np.ndarray:
+    """sum_k p_k B_k A_k with p = weights / sum(weights); (out, in) float64. Ranks may differ per client."""
+    p = _normalised(weights)
+    return sum(pk * (b.astype(np.float64) @ a.astype(np.float64)) for pk, (b, a) in zip(p, factors, strict=True))
+
+
+def naive_product(factors: Sequence[tuple[np.ndarray, np.ndarray]], weights: Sequence[float]) -> np.ndarray:
+    """mean(B) @ mean(A): what averaging the factors separately yields (same rank required)."""
+    p = _normalised(weights)
+    b = sum(pk * f[0].astype(np.float64) for pk, f in zip(p, factors, strict=True))
+    a = sum(pk * f[1].astype(np.float64) for pk, f in zip(p, factors, strict=True))
+    return b @ a
+
+
+def stack_adapters(
+    factors: Sequence[tuple[np.ndarray, np.ndarray]], weights: Sequence[float]
+) -> tuple[np.ndarray, np.ndarray]:
+    """FLoRA stacking: (B_s (out, sum r_k), A_s (sum r_k, in)) with B_s @ A_s = sum_k p_k B_k A_k exactly.
+
+    >>> f = [(np.ones((2, 1)), np.ones((1, 3))), (np.ones((2, 2)), np.full((2, 3), 2.0))]
+    >>> b, a = stack_adapters(f, [1, 3]); b.shape, a.shape
+    ((2, 3), (3, 3))
+    >>> bool(np.allclose(b @ a, product_mean(f, [1, 3])))
+    True
+    """
+    p = _normalised(weights)
+    b_stack = np.concatenate([pk * b.astype(np.float64) for pk, (b, _) in zip(p, factors, strict=True)], axis=1)
+    a_stack = np.concatenate([a.astype(np.float64) for _, a in factors], axis=0)
+    return b_stack, a_stack
+
+
+def fedex_residual(factors: Sequence[tuple[np.ndarray, np.ndarray]], weights: Sequence[float]) -> np.ndarray:
+    """FedEx-LoRA's base-weight correction: sum_k p_k B_k A_k - mean(B) @ mean(A), (out, in) float64."""
+    return product_mean(factors, weights) - naive_product(factors, weights)
+
+
+def svd_reproject(product: np.ndarray, rank: int) -> tuple[np.ndarray, np.ndarray, float]:
+    """(B (out, rank), A (rank, in), relative Frobenius error) of the best rank-``rank`` approximation.
+
+    The factors are balanced (B = U sqrt(S), A = sqrt(S) V^T) so neither grows while the other shrinks.
+    """
+    u, s, vt = np.linalg.svd(np.asarray(product, dtype=np.float64), full_matrices=False)
+    k = min(rank, s.size)
+    root = np.sqrt(s[:k])
+    b = np.zeros((product.shape[0], rank))
+    a = np.zeros((rank, product.shape[1]))
+    b[:, :k] = u[:, :k] * root
+    a[:k] = root[:, None] * vt[:k]
+    total = float(np.sqrt((s**2).sum()))
+    error = float(np.sqrt((s[k:] ** 2).sum())) / total if total > 0 else 0.0
+    return b, a, error
+
+
+def truncate_rank(b: np.ndarray, a: np.ndarray, rank: int) -> tuple[np.ndarray, np.ndarray]:
+    """The first ``rank`` components of a client's adapter (heterogeneous-rank clients train only these)."""
+    return b[:, :rank], a[:rank]

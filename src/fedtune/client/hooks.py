@@ -1,0 +1,211 @@
+"""Client-side halves of the strategies: local-training hooks and update transforms.
+
+Every hook here is inert unless the FitInstruction asks for it (an option or an extras array the server's
+plug-in sent), so ``build_client_extensions`` can register all of them and the server decides per round:
+
+    ProximalTerm     FedProx: loss + mu/2 ||w - w_global||^2           option "proximal_mu"
+    ScaffoldControl  SCAFFOLD: grad += c - c_i; reply carries dc_i      extras "scaffold/c", "scaffold/c_i"
+    Stragglers       FedProx stragglers: partial work, still sent       client.straggler_fraction
+    FreezeLoraA      FFA-LoRA: lora_A gets no gradient                  option "lora_freeze_a"
+    LoraRankMask     FLoRA heterogeneous ranks: only r_k components    option "lora_rank"
+    LoraResidual     base weight = W0 + s R for exact LoRA modes        extras "lora/residual/<module>"
+
+Hooks that need per-fit memory (a snapshot, the controls) keep it in the object that built them, keyed by
+(round, client); the matching update transform pops it, so nothing outlives the fit.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field, replace
+
+import numpy as np
+import torch
+
+from fedtune.client.train import LocalHooks
+from fedtune.client.weights import TrainableView
+from fedtune.core.messages import ClientUpdate, FitInstruction
+from fedtune.core.rng import derive_rng
+from fedtune.server.strategies.lora import FREEZE_A_OPTION, RANK_OPTION, RESIDUAL_PREFIX
+from fedtune.server.strategies.scaffold import C_KEY, CI_KEY, DC_KEY
+from fedtune.tasks.base import Task
+
+PROXIMAL_OPTION = "proximal_mu"
+
+
+def _slices(flat: np.ndarray, view: TrainableView) -> list[torch.Tensor]:
+    """Per-parameter float32 tensors (copies) of a flat vector laid out like ``view``."""
+    return [
+        torch.from_numpy(np.array(flat[start:stop], dtype=np.float32)).view(shape)
+        for _, start, stop, shape in view.spec.offsets()
+    ]
+
+
+# --------------------------------------------------------------------------------------------- FedProx
+
+
+def proximal_term(task: Task, instr: FitInstruction, view: TrainableView) -> LocalHooks:
+    """FedProx (Li et al. 2020): add mu/2 ||w - w_t||^2 over the trainable parameters to every step's loss."""
+    mu = float(instr.options.get(PROXIMAL_OPTION, 0.0))
+    if mu <= 0:
+        return LocalHooks()
+    anchors = _slices(instr.params, view)
+
+    def term() -> torch.Tensor:
+        return 0.5 * mu * sum(((p - w0) ** 2).sum() for p, w0 in zip(view.params, anchors, strict=True))
+
+    return LocalHooks(loss_terms=[term])
+
+
+@dataclass
+class Stragglers:
+    """Some clients stop early and send partial work (FedProx's system heterogeneity).
+
+    A client is a straggler with probability ``instr.train["straggler_fraction"]``, drawn from
+    (seed, "straggler", round, client); it stops after a uniform number of steps in [1, local_steps).
+    The trainer has no early exit, so the hook snapshots the parameters when the budget is spent and the
+    transform reports that snapshot: the reply is exactly what stopping there would have sent (the
+    simulation still spends the remaining steps' compute).
+    """
+
+    _snapshots: dict[tuple[int, str], tuple[np.ndarray, int]] = field(default_factory=dict)
+
+    @staticmethod
+    def budget(instr: FitInstruction) -> int | None:
+        fraction = float(instr.train.get("straggler_fraction") or 0.0)
+        steps = instr.train.get("local_steps")
+        if fraction <= 0 or not steps or steps < 2:
+            return None
+        rng = derive_rng(instr.seed, "straggler", instr.round, instr.client_id)
+        if rng.random() >= fraction:
+            return None
+        return int(rng.integers(1, steps))
+
+    def hooks(self, task: Task, instr: FitInstruction, view: TrainableView) -> LocalHooks:
+        budget = self.budget(instr)
+        if budget is None:
+            return LocalHooks()
+        calls = [0]
+
+        def snapshot() -> None:  # runs before step calls[0] + 1: the parameters hold `calls` steps
+            if calls[0] == budget:
+                self._snapshots[(instr.round, instr.client_id)] = (view.read(), budget)
+            calls[0] += 1
+
+        return LocalHooks(grad_hooks=[snapshot])
+
+    def transform(self, update: ClientUpdate, instr: FitInstruction) -> ClientUpdate:
+        taken = self._snapshots.pop((instr.round, instr.client_id), None)
+        if taken is None:
+            return update
+        params, steps = taken
+        return replace(
+            update,
+            delta=params - instr.params,
+            metrics={**update.metrics, "steps": float(steps), "straggler": 1.0},
+        )
+
+
+# --------------------------------------------------------------------------------------------- SCAFFOLD
+
+
+def scaffold_correction(task: Task, instr: FitInstruction, view: TrainableView) -> LocalHooks:
+    """SCAFFOLD (Karimireddy et al. 2020): every local gradient gets c - c_i added."""
+    if C_KEY not in instr.extras:
+        return LocalHooks()
+    correction = _slices(instr.extras[C_KEY].astype(np.float64) - instr.extras[CI_KEY], view)
+
+    def correct() -> None:
+        for p, corr in zip(view.params, correction, strict=True):
+            if p.grad is not None:  # a frozen (grad None) parameter stays frozen
+                p.grad.add_(corr.to(p.grad.dtype))
+
+    return LocalHooks(grad_hooks=[correct])
+
+
+def scaffold_control_delta(update: ClientUpdate, instr: FitInstruction) -> ClientUpdate:
+    """Option II of the paper: dc_i = c_i+ - c_i = -c - delta / (K lr), attached as extras "scaffold/dc"."""
+    if C_KEY not in instr.extras:
+        return update
+    steps = max(1.0, float(update.metrics.get("steps", 1.0)))
+    lr = float(instr.train["lr"])
+    dc = -instr.extras[C_KEY].astype(np.float64) - update.delta.astype(np.float64) / (steps * lr)
+    return replace(update, extras={**update.extras, DC_KEY: dc.astype(np.float32)})
+
+
+# --------------------------------------------------------------------------------------------- LoRA
+
+
+def _lora_params(view: TrainableView, suffix: str) -> list[tuple[str, torch.nn.Parameter]]:
+    return [(n, p) for n, p in zip(view.spec.names, view.params, strict=True) if n.endswith(suffix)]
+
+
+def freeze_lora_a(task: Task, instr: FitInstruction, view: TrainableView) -> LocalHooks:
+    """FFA-LoRA: lora_A receives no gradient, so the optimiser (SGD or AdamW) leaves it exactly as sent."""
+    if not instr.options.get(FREEZE_A_OPTION):
+        return LocalHooks()
+    frozen = [p for _, p in _lora_params(view, ".lora_A.weight")]
+
+    def drop_grads() -> None:
+        for p in frozen:
+            p.grad = None  # optimizers skip parameters without a gradient (no weight decay either)
+
+    return LocalHooks(grad_hooks=[drop_grads])
+
+
+def lora_rank_mask(task: Task, instr: FitInstruction, view: TrainableView) -> LocalHooks:
+    """FLoRA heterogeneous ranks: only the first r_k rows of A / columns of B exist for this client."""
+    rank = instr.options.get(RANK_OPTION)
+    if rank is None:
+        return LocalHooks()
+    a_params = [p for _, p in _lora_params(view, ".lora_A.weight")]  # (r, in)
+    b_params = [p for _, p in _lora_params(view, ".lora_B.weight")]  # (out, r)
+    with torch.no_grad():
+        for p in a_params:
+            p[rank:] = 0.0
+        for p in b_params:
+            p[:, rank:] = 0.0
+
+    def mask_grads() -> None:
+        for p in a_params:
+            if p.grad is not None:
+                p.grad[rank:] = 0.0
+        for p in b_params:
+            if p.grad is not None:
+                p.grad[:, rank:] = 0.0
+
+    return LocalHooks(grad_hooks=[mask_grads])
+
+
+@dataclass
+class LoraResidual:
+    """Writes W0 + s R into each adapted layer's frozen base weight (fedex / svd / flora modes).
+
+    W0 is remembered the first time a layer is seen, so applying a new R replaces the old one instead of
+    accumulating. The layer keeps W0 + s R after the fit: in the simulation the resident model then
+    evaluates with the latest residual it received (docs/STRATEGIES.md explains the one-round lag).
+    """
+
+    _base: dict[tuple[int, str], torch.Tensor] = field(default_factory=dict)
+
+    def hooks(self, task: Task, instr: FitInstruction, view: TrainableView) -> LocalHooks:
+        for key, residual in instr.extras.items():
+            if key.startswith(RESIDUAL_PREFIX):
+                self.apply(task.module, key.removeprefix(RESIDUAL_PREFIX), residual)
+        return LocalHooks()
+
+    def apply(self, model: torch.nn.Module, module_name: str, residual: np.ndarray) -> None:
+        layer = model.get_submodule(module_name)
+        weight = layer.base_layer.weight if hasattr(layer, "base_layer") else layer.weight
+        scaling = layer.scaling
+        if isinstance(scaling, dict):
+            if len(scaling) != 1:
+                raise ValueError(f"{module_name}: exact LoRA aggregation supports one adapter, found {len(scaling)}")
+            scaling = next(iter(scaling.values()))
+        update = torch.from_numpy(np.asarray(residual, dtype=np.float32)) * float(scaling)
+        if getattr(layer, "fan_in_fan_out", False):
+            update = update.T  # GPT-2 style Conv1D stores (in, out)
+        key = (id(model), module_name)
+        with torch.no_grad():
+            if key not in self._base:
+                self._base[key] = weight.detach().clone()
+            weight.copy_(self._base[key] + update.to(weight.dtype))

@@ -1,0 +1,1 @@
+"""Networked deployment: certificates, the ``fedtune server`` / ``fedtune client`` glue and commands."""

@@ -1,0 +1,150 @@
+"""``fedtune client``: read this participant's own data, build the server's model, run the participant loop.
+
+The model configuration comes from the server when the client joins, so both build the same model (the
+spec digest in every task catches a mismatch). The participant's data never leaves this machine:
+
+* ``--data FILE_OR_FOLDER`` is read with the format the config's ``data`` section names: ``text`` (a .txt
+  file or a folder of them, paragraphs split temporally), ``instruct`` (JSON/JSONL), ``classification``
+  (CSV/JSONL with integer class ids); split into train/held-out with the run's seed;
+* ``--data partition:CLIENT_ID`` takes that client's share of the config's data as the simulation would
+  partition it (built-in corpora such as digits or shakespeare; for demos and tests on one machine).
+
+An optional ``--config`` is the participant's own copy of the federation config: the client refuses a
+server whose model, training, privacy or seed settings differ from it, and reads its local data with
+its ``data`` section.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import torch
+import yaml
+from rich.console import Console
+
+from fedtune.client.build import build_client_extensions
+from fedtune.client.worker import ClientWorker
+from fedtune.config.load import parse_config
+from fedtune.config.schema import Config, DataConfig
+from fedtune.core.rng import derive_rng
+from fedtune.data.cache import default_cache_dir
+from fedtune.data.partition import random_split
+from fedtune.data.types import ClientSplit
+from fedtune.errors import DataError
+from fedtune.tasks.build import build_task
+from fedtune.transport.grpc.client import Joined, ParticipantError
+
+PARTITION = "partition:"
+PINNED_SECTIONS = ("seed", "model", "client", "privacy")  # what a participant's --config pins
+
+
+def _split_records(records: list[Any], cfg: DataConfig, seed: int, client_id: str) -> ClientSplit:
+    # the same seeded scope the simulation uses for a pooled source, so a client's split is reproducible
+    return ClientSplit(*random_split(records, cfg.test_fraction, derive_rng(seed, "split", client_id)))
+
+
+def _load_file(cfg: DataConfig, path: Path, seed: int, client_id: str) -> ClientSplit:
+    if cfg.source == "text":
+        from fedtune.data.text import load_text
+
+        fed = load_text(path, cfg.test_fraction)  # one client per file; each split temporally
+        return ClientSplit(
+            [r for s in fed.clients.values() for r in s.train], [r for s in fed.clients.values() for r in s.test]
+        )
+    if cfg.source == "instruct":
+        from fedtune.data.instruct import load_instructions
+
+        return _split_records(load_instructions(path), cfg, seed, client_id)
+    if cfg.source == "classification":
+        from fedtune.data.classify import load_labelled
+
+        records, names = load_labelled(path, cfg.text_field, cfg.label_field)
+        if names != [str(i) for i in range(len(names))]:
+            # each participant would number its own subset of label names differently
+            raise DataError(f"--data {path}: a networked classification run needs integer class ids as labels")
+        return _split_records(records, cfg, seed, client_id)
+    raise DataError(
+        f"data.source {cfg.source!r} is a built-in corpus: give --data {PARTITION}CLIENT_ID to take one client's "
+        "share of it, or use a text, instruct or classification source with your own file"
+    )
+
+
+def load_local_split(cfg: DataConfig, data: str, *, seed: int, client_id: str, cache_dir: Path) -> ClientSplit:
+    """This participant's (train, held-out) records from ``--data``."""
+    if data.startswith(PARTITION):
+        from fedtune.data.sources import load_federated
+
+        shard = data.removeprefix(PARTITION)
+        fed = load_federated(cfg, seed=seed, cache_dir=cache_dir)
+        if shard not in fed.clients:
+            known = list(fed.clients)
+            raise DataError(f"--data {data}: the configured data has no client {shard!r} ({known[0]} .. {known[-1]})")
+        split = fed.clients[shard]
+    else:
+        path = Path(data).expanduser()
+        if not path.exists():
+            raise DataError(f"--data {path} does not exist")
+        split = _load_file(cfg, path, seed, client_id)
+        if cfg.max_examples_per_client is not None:
+            split = ClientSplit(split.train[: cfg.max_examples_per_client], split.test)
+    if not split.train:
+        raise DataError(f"--data {data}: no training records")
+    return split
+
+
+def _flat(data: Any, prefix: str = "") -> dict[str, Any]:
+    if isinstance(data, dict):
+        return {k: v for key, sub in data.items() for k, v in _flat(sub, f"{prefix}{key}.").items()}
+    return {prefix.rstrip("."): data}
+
+
+def check_pinned(local: Config, server: Config) -> None:
+    """Raise unless the server's seed/model/client/privacy settings equal the participant's own."""
+    mine, theirs = local.model_dump(mode="json"), server.model_dump(mode="json")
+    for section in PINNED_SECTIONS:
+        a, b = _flat({section: mine[section]}), _flat({section: theirs[section]})
+        for key in sorted(set(a) | set(b)):
+            if a.get(key) != b.get(key):
+                raise ParticipantError(
+                    f"the server wants {key}={b.get(key)!r} but this participant's --config says {a.get(key)!r}; "
+                    "refusing to train a configuration it did not agree to",
+                    2,
+                )
+
+
+def worker_factory(
+    data: str, *, local_config: Config | None = None, console: Console | None = None
+) -> Callable[[Joined], ClientWorker]:
+    """The function the participant loop calls once, with the server's configuration, to build its worker."""
+    console = console or Console(stderr=True)
+
+    def make(joined: Joined) -> ClientWorker:
+        config = parse_config(yaml.safe_load(joined.config_yaml), source="received from the server")
+        if local_config is not None:
+            check_pinned(local_config, config)
+        data_cfg = local_config.data if local_config is not None else config.data
+        if config.run.threads:
+            torch.set_num_threads(config.run.threads)
+        cache_dir = default_cache_dir(data_cfg.cache_dir)
+        cid = joined.client_id
+        split = load_local_split(data_cfg, data, seed=config.seed, client_id=cid, cache_dir=cache_dir)
+        num_labels = config.model.num_labels or joined.extra.get("num_labels")
+        task = build_task(config.model, num_labels=num_labels, cache_dir=cache_dir, seed=config.seed)
+        ext = build_client_extensions(config)
+        worker = ClientWorker(
+            task, {cid: (split.train, split.test)}, hook_factories=ext.hook_factories,
+            update_transforms=ext.update_transforms,
+        )
+        examples = len(worker.examples(cid, train=True))
+        if examples == 0:
+            raise DataError(f"--data {data}: no training examples after encoding (model.max_length too large?)")
+        console.print(
+            f"local data: {len(split.train)} training / {len(split.test)} held-out records, {examples} training "
+            f"examples; model {config.model.name if config.model.kind != 'module' else config.model.factory} "
+            f"with {worker.view.spec.numel:,} trainable parameters"
+        )
+        return worker
+
+    return make

@@ -1,0 +1,74 @@
+"""``fedtune server``: build the model once for its initial trainable vector, then coordinate over gRPC.
+
+The server holds no data. It builds the model from the config (same seed, so the same initial adapter
+every participant builds) only to learn the initial vector and its spec, then hands a
+GrpcServerTransport to the transport-agnostic coordinator ``fedtune.run.session.serve``, which owns the
+run directory, checkpoints and resume.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+from rich.console import Console
+
+from fedtune.client.weights import TrainableView
+from fedtune.config.load import dump_config
+from fedtune.config.schema import Config
+from fedtune.core.params import ParamSpec
+from fedtune.data.cache import default_cache_dir
+from fedtune.errors import ConfigError, FedtuneError
+from fedtune.run.session import RunResult, serve
+from fedtune.tasks.build import build_task
+from fedtune.transport.grpc.server import GrpcServerTransport, ServerTLS
+
+
+def initial_model(config: Config) -> tuple[np.ndarray, ParamSpec, bool]:
+    """(initial trainable vector, its spec, whether evaluation reports accuracy), without any data."""
+    if config.model.kind == "classification" and config.model.num_labels is None:
+        raise ConfigError(
+            "model.num_labels is required for a networked classification run: the server holds no data "
+            "to count the labels from"
+        )
+    cache_dir = default_cache_dir(config.data.cache_dir)
+    task = build_task(config.model, num_labels=config.model.num_labels, cache_dir=cache_dir, seed=config.seed)
+    view = TrainableView(task.module)
+    return view.read(), view.spec, task.reports_accuracy
+
+
+def run_server(
+    config: Config, *, resume_dir: Path | None = None, console: Console | None = None, show_progress: bool = True
+) -> RunResult:
+    """Listen, wait for the quorum, run the federation, and tell the clients how it ended."""
+    console = console or Console()
+    params, spec, accuracy = initial_model(config)
+    extra = {"num_labels": config.model.num_labels} if config.model.num_labels is not None else {}
+    transport = GrpcServerTransport(
+        config.deployment, tls=ServerTLS.from_config(config.deployment), config_yaml=dump_config(config), extra=extra
+    )
+    port = transport.start()
+    dep = config.deployment
+    console.print(
+        f"listening on {dep.address}:{port} (mutual TLS); {spec.numel:,} trainable parameters; "
+        f"waiting for {dep.min_clients} clients"
+    )
+    try:
+        result = serve(
+            config,
+            transport,
+            init=(params, spec),
+            accuracy=accuracy,
+            resume_dir=resume_dir,
+            console=console,
+            show_progress=show_progress,
+            extra_state=extra or None,
+        )
+    except FedtuneError as err:
+        transport.close(ok=False, reason=f"the server stopped the federation: {err}")
+        raise
+    except BaseException:
+        transport.stop()  # interrupted: clients keep reconnecting, so a restarted server (--resume) finds them
+        raise
+    transport.close(ok=True, reason=f"the federation finished after round {result.state.round}")
+    return result

@@ -1,0 +1,222 @@
+"""DP-FedAvg (McMahan, Ramage, Talwar, Zhang, ICLR 2018) as a wrapper around any linear strategy.
+
+    clients:  d_k <- clip(d_k, C)                                   (fedtune.privacy.client_clip)
+    server:   S   = sum_k d_k            re-clipped here, or summed by SecAgg (the summer)
+              m   = expected clients     q * N (Poisson) or m (fixed size): data-independent
+              d   = (S + N(0, (z_d C)^2 I)) / m
+              x   <- inner strategy's step with d as the round's mean change
+              ledger += one sampled-Gaussian event (q or m/N, z); epsilon logged at the configured delta
+
+Everything that changes lives in ``state.extra["dp"]``: the clip norm (adaptive clipping moves it), the
+noise multiplier (calibrated once from ``target_epsilon``), the population the rate refers to, and the
+accountant's ledger. A checkpoint therefore resumes the privacy accounting exactly.
+
+Fewer replies than sampled (failures, rejections, SecAgg dropouts) keep the guarantee: the noise is
+calibrated to one client's contribution (C), not to the number who replied; the denominator is the
+expected count, fixed before the round; and the round is charged to the ledger as planned. The missing
+clients only make the released mean smaller. ``agg_aggregated`` against ``clients_sampled`` in
+metrics.jsonl, and the loop's failure lines, show every such round.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Iterable
+from typing import Any
+
+import numpy as np
+
+from fedtune.config.privacy import DPConfig
+from fedtune.config.schema import FederationConfig
+from fedtune.core.messages import ClientUpdate
+from fedtune.core.params import ParamSpec
+from fedtune.core.sampling import num_sampled, sampling_rate
+from fedtune.core.state import ServerState
+from fedtune.privacy import accountant, adaptive
+from fedtune.privacy.errors import PrivacyError, SecAggAbort
+from fedtune.privacy.noise import gaussian
+from fedtune.privacy.sums import LinearSum, Summer, SumPlan, plain_sum
+from fedtune.privacy.wrapping import (
+    forward_begin_round,
+    forward_eval_payload,
+    forward_should_stop,
+    inner_step,
+    require_linear,
+    skip_round,
+)
+
+KEY = "dp"  # state.extra[KEY]
+UNCLIPPED = "dp_unclipped"  # the client's adaptive-clipping bit (update.extras), 1 if norm <= C
+
+
+def round_mechanism(dp_state: dict, federation: FederationConfig, sampling: str) -> tuple[dict, float]:
+    """(ledger entry of the next round, expected number of clients), both data-independent."""
+    n, z = int(dp_state["population"]), float(dp_state["z"])
+    if sampling == "poisson":
+        q = sampling_rate(n, count=federation.clients_per_round, fraction=federation.fraction)
+        return accountant.poisson_entry(q, z), q * n
+    m = num_sampled(n, count=federation.clients_per_round, fraction=federation.fraction)
+    return accountant.fixed_entry(n, m, z), float(m)
+
+
+class DPFedAvg:
+    """Wraps a linear strategy; holds configuration only (the round state is in ServerState)."""
+
+    def __init__(
+        self,
+        inner: Any,
+        dp: DPConfig,
+        federation: FederationConfig,
+        *,
+        seed: int,
+        summer: Summer = plain_sum,
+    ) -> None:
+        require_linear(inner, what="privacy.dp (DP-FedAvg)")
+        self.inner, self.dp, self.federation, self.seed, self.summer = inner, dp, federation, seed, summer
+
+    # ----- state -------------------------------------------------------------------------------------------
+
+    def init_state(self, params: np.ndarray, spec: ParamSpec) -> ServerState:
+        state = self.inner.init_state(params, spec)
+        ledger = {"clip": self.dp.clip, "z": self.dp.noise_multiplier, "population": None, "ledger": []}
+        return state.evolve(extra={**state.extra, KEY: ledger})
+
+    def _dp(self, state: ServerState) -> dict:
+        if KEY not in state.extra:
+            raise PrivacyError("the server state has no DP ledger: it was not created by this DP strategy")
+        return state.extra[KEY]
+
+    def _with(self, state: ServerState, dp_state: dict) -> ServerState:
+        return state.evolve(extra={**state.extra, KEY: dp_state})
+
+    def begin_round(self, state: ServerState, *, population: int) -> ServerState:
+        """Record the population the sampling rate refers to; calibrate z from target_epsilon once."""
+        state = forward_begin_round(self.inner, state, population)
+        dp_state = dict(self._dp(state), population=int(population))
+        if dp_state["z"] is None:
+            dp_state["z"] = self._calibrate(int(population))
+        self._noise_split(dp_state)  # fail before the round, not after training, if adaptive cannot work
+        return self._with(state, dp_state)
+
+    def _noise_split(self, dp_state: dict) -> tuple[float, float | None]:
+        """(update noise multiplier z_delta, count noise sigma_b or None without adaptive clipping)."""
+        z = float(dp_state["z"])
+        if self.dp.adaptive is None:
+            return z, None
+        _, expected = round_mechanism(dp_state, self.federation, self.dp.sampling)
+        count_noise = self.dp.adaptive.count_noise or adaptive.default_count_noise(expected)
+        if 2 * count_noise <= z:
+            source = "privacy.dp.adaptive.count_noise" if self.dp.adaptive.count_noise else "the default (expected/20)"
+            raise PrivacyError(
+                f"adaptive clipping: count noise {count_noise:g} from {source} must exceed noise_multiplier / 2 = "
+                f"{z / 2:g} with about {expected:g} clients per round; set privacy.dp.adaptive.count_noise higher"
+            )
+        return adaptive.update_noise_multiplier(z, count_noise), count_noise
+
+    def _calibrate(self, population: int) -> float:
+        fed, rounds = self.federation, self.federation.rounds
+        if self.dp.sampling == "poisson":
+            q = sampling_rate(population, count=fed.clients_per_round, fraction=fed.fraction)
+            kwargs: dict[str, Any] = {"q": q}
+        else:
+            m = num_sampled(population, count=fed.clients_per_round, fraction=fed.fraction)
+            kwargs = {"population": population, "sample_size": m}
+        return accountant.noise_multiplier_for_epsilon(
+            self.dp.target_epsilon,  # type: ignore[arg-type]
+            self.dp.delta,
+            rounds=rounds,
+            accountant=self.dp.accountant,
+            **kwargs,
+        )
+
+    def epsilon(self, state: ServerState) -> float:
+        return accountant.epsilon(self._dp(state)["ledger"], self.dp.delta, accountant=self.dp.accountant)
+
+    def should_stop(self, state: ServerState) -> str | None:
+        """A reason to stop before the next round, if it would take epsilon past the budget."""
+        reason = forward_should_stop(self.inner, state)
+        if reason is not None or self.dp.epsilon_budget is None:
+            return reason
+        dp_state = self._dp(state)
+        if dp_state["population"] is None or dp_state["z"] is None:
+            raise PrivacyError("should_stop called before begin_round recorded the population")
+        entry, _ = round_mechanism(dp_state, self.federation, self.dp.sampling)
+        after = accountant.epsilon(
+            accountant.append(dp_state["ledger"], entry), self.dp.delta, accountant=self.dp.accountant
+        )
+        if after > self.dp.epsilon_budget:
+            spent = self.epsilon(state)
+            return (
+                f"privacy budget: round {state.round + 1} would bring epsilon from {spent:.3f} to {after:.3f} "
+                f"(delta={self.dp.delta:g}), over privacy.dp.epsilon_budget={self.dp.epsilon_budget:g}"
+            )
+        return None
+
+    # ----- a round -----------------------------------------------------------------------------------------
+
+    def fit_payload(self, state: ServerState, client_id: str) -> tuple[dict[str, np.ndarray], dict[str, Any]]:
+        arrays, options = self.inner.fit_payload(state, client_id)
+        clip = float(self._dp(state)["clip"])
+        return arrays, {**options, "dp_clip": clip, "dp_adaptive": self.dp.adaptive is not None}
+
+    def eval_payload(self, state: ServerState) -> dict[str, np.ndarray]:
+        return forward_eval_payload(self.inner, state)
+
+    def aggregate(self, state: ServerState, updates: Iterable[ClientUpdate]) -> tuple[ServerState, dict]:
+        dp_state = self._dp(state)
+        if dp_state["population"] is None or dp_state["z"] is None:
+            raise PrivacyError("DP-FedAvg needs begin_round (the population) before aggregate")
+        round_idx, clip, z = state.round + 1, float(dp_state["clip"]), float(dp_state["z"])
+        entry, expected = round_mechanism(dp_state, self.federation, self.dp.sampling)
+        z_update, count_noise = self._noise_split(dp_state)
+        plan = SumPlan(
+            round=round_idx,
+            numel=state.spec.numel,
+            weighting="uniform",
+            l2_bound=clip,
+            coord_bound=clip,
+            channels=(UNCLIPPED,) if count_noise else (),
+        )
+        # The round is charged whatever happens next: the noise (or an abort) is released either way.
+        ledger = accountant.append(dp_state["ledger"], entry)
+        eps = accountant.epsilon(ledger, self.dp.delta, accountant=self.dp.accountant)
+        metrics: dict[str, Any] = {
+            "epsilon": eps,
+            "dp_delta": self.dp.delta,
+            "dp_noise_multiplier": z,
+            "dp_clip": clip,
+            "dp_noise_std": z_update * clip,
+            "dp_expected_clients": expected,
+        }
+        try:
+            total = self.summer(updates, plan)
+        except SecAggAbort as err:
+            new_dp = {**dp_state, "ledger": ledger}
+            return self._with(skip_round(state), new_dp), {**metrics, "aggregated": 0, "secagg_abort": str(err)}
+        noise = gaussian(
+            plan.numel, z_update * clip, seed=self.seed, scope=("dp-noise", round_idx), secure=self.dp.secure_rng
+        )
+        mean = (total.total + noise) / expected
+        new_state, inner_metrics = inner_step(self.inner, state, mean)
+        new_dp = {**dp_state, "ledger": ledger}
+        if count_noise:
+            new_dp["clip"], adaptive_metrics = self._adapt(total, clip, count_noise, expected, round_idx)
+            metrics.update(adaptive_metrics)
+        metrics.update({k: v for k, v in inner_metrics.items() if k != "aggregated"})
+        metrics.update({"aggregated": total.count, **total.metrics})
+        return self._with(new_state, new_dp), metrics
+
+    def _adapt(
+        self, total: LinearSum, clip: float, count_noise: float, expected: float, round_idx: int
+    ) -> tuple[float, dict]:
+        cfg = self.dp.adaptive
+        assert cfg is not None
+        centred = total.channels[UNCLIPPED] - 0.5 * total.count
+        noise = float(
+            gaussian(1, count_noise, seed=self.seed, scope=("dp-count-noise", round_idx), secure=self.dp.secure_rng)[0]
+        )
+        fraction = adaptive.unclipped_fraction(centred, noise, expected)
+        new_clip = adaptive.next_clip(clip, fraction, target_quantile=cfg.target_quantile, lr=cfg.lr)
+        if not math.isfinite(new_clip) or new_clip <= 0:
+            raise PrivacyError(f"adaptive clipping produced an invalid clip norm {new_clip}")
+        return new_clip, {"dp_unclipped_fraction": fraction, "dp_next_clip": new_clip}

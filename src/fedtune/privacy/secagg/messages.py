@@ -1,0 +1,268 @@
+"""The protocol's messages (semi-honest Bonawitz et al. 2017, Figure 4, with SecAgg+'s neighbour graph)
+and a small binary encoding: little-endian integers, length-prefixed strings and blobs, raw arrays with
+a dtype code. No pickle; decoding checks the magic, the message type, lengths and bounds.
+
+    round 0  AdvertiseKeys   client -> server   c_pk (encryption), s_pk (masking)
+             Roster          server -> clients  public parameters, threshold, everyone's public keys
+    round 1  ShareKeys       client -> server   commitment to b_u, one AEAD ciphertext per neighbour
+             Forwarded       server -> client   the ciphertexts addressed to this client
+    round 2  MaskedInput     client -> server   y_u = x_u + PRG(b_u) + sum_v +-PRG(s_uv)  (mod R)
+             UnmaskRequest   server -> clients  who sent a masked input (U3)
+    round 3  UnmaskShares    client -> server   b-shares of survivors, s-shares of the dropped
+
+The networked deployment carries exactly these bytes (see docs/PRIVACY.md).
+"""
+
+from __future__ import annotations
+
+import struct
+from dataclasses import dataclass, field
+
+import numpy as np
+
+from fedtune.privacy.errors import SecAggAbort
+
+MAGIC = b"FTSA"
+VERSION = 1
+MAX_ITEMS = 1 << 20
+_DTYPES = {1: np.dtype("<u2"), 2: np.dtype("<u4")}
+_CODES = {v: k for k, v in _DTYPES.items()}
+
+
+@dataclass(frozen=True)
+class PublicParams:
+    """Everything every party must agree on before round 0 (sent with the round's invitation)."""
+
+    round: int
+    num_values: int  # d: the update's length
+    weighted: bool  # a weight channel follows the values (example weighting)
+    channels: tuple[str, ...]  # further per-client scalars in [0, 1]
+    bound: float  # values are clipped to [-bound, bound]
+    l2_bound: float  # 0: none; else the quantised values keep L2 norm <= l2_bound (DP)
+    modulus_bits: int
+    levels: int
+    threshold: float  # t = max(2, ceil(threshold * k)) of a client's k neighbours
+    neighbours: int  # 0: complete graph
+    graph_seed: bytes  # public seed of the neighbour permutation
+
+    @property
+    def length(self) -> int:
+        return self.num_values + int(self.weighted) + len(self.channels)
+
+
+@dataclass(frozen=True)
+class AdvertiseKeys:
+    client_id: str
+    c_pk: bytes
+    s_pk: bytes
+
+
+@dataclass(frozen=True)
+class Roster:
+    params: PublicParams
+    keys: dict[str, tuple[bytes, bytes]]  # U1: client id -> (c_pk, s_pk)
+
+
+@dataclass(frozen=True)
+class ShareKeys:
+    client_id: str
+    commitment: bytes  # SHA-256 commitment to the self-mask seed b_u (lets the server detect bad shares)
+    ciphertexts: dict[str, bytes]  # neighbour id -> AEAD(u || v || share of s_u_sk || share of b_u)
+
+
+@dataclass(frozen=True)
+class Forwarded:
+    recipient: str
+    ciphertexts: dict[str, bytes]  # sender id (in U2) -> ciphertext
+
+
+@dataclass(frozen=True)
+class MaskedInput:
+    client_id: str
+    masked: np.ndarray = field(repr=False)  # uint16/uint32, length params.length
+
+
+@dataclass(frozen=True)
+class UnmaskRequest:
+    survivors: tuple[str, ...]  # U3
+
+
+@dataclass(frozen=True)
+class UnmaskShares:
+    client_id: str
+    b_shares: dict[str, bytes]  # survivor u -> share of b_u
+    s_shares: dict[str, bytes]  # dropped u -> share of s_u_sk
+
+
+Message = PublicParams | AdvertiseKeys | Roster | ShareKeys | Forwarded | MaskedInput | UnmaskRequest | UnmaskShares
+_TYPES: dict[type, int] = {
+    AdvertiseKeys: 1,
+    Roster: 2,
+    ShareKeys: 3,
+    Forwarded: 4,
+    MaskedInput: 5,
+    UnmaskRequest: 6,
+    UnmaskShares: 7,
+}
+
+
+class _Writer:
+    def __init__(self) -> None:
+        self.parts: list[bytes] = []
+
+    def u(self, fmt: str, value: int | float) -> None:
+        self.parts.append(struct.pack("<" + fmt, value))
+
+    def blob(self, data: bytes) -> None:
+        self.u("I", len(data))
+        self.parts.append(bytes(data))
+
+    def text(self, value: str) -> None:
+        self.blob(value.encode())
+
+    def blob_map(self, items: dict[str, bytes]) -> None:
+        self.u("I", len(items))
+        for key, value in items.items():
+            self.text(key)
+            self.blob(value)
+
+    def array(self, arr: np.ndarray) -> None:
+        self.u("B", _CODES[arr.dtype])
+        self.u("Q", arr.size)
+        self.parts.append(np.ascontiguousarray(arr).tobytes())
+
+
+class _Reader:
+    def __init__(self, data: bytes) -> None:
+        self.data, self.pos = memoryview(data), 0
+
+    def take(self, n: int) -> bytes:
+        if n < 0 or self.pos + n > len(self.data):
+            raise SecAggAbort("malformed SecAgg message: truncated")
+        out = bytes(self.data[self.pos : self.pos + n])
+        self.pos += n
+        return out
+
+    def u(self, fmt: str) -> int | float:
+        size = struct.calcsize("<" + fmt)
+        return struct.unpack("<" + fmt, self.take(size))[0]
+
+    def count(self) -> int:
+        n = int(self.u("I"))
+        if n > MAX_ITEMS:
+            raise SecAggAbort("malformed SecAgg message: too many items")
+        return n
+
+    def blob(self) -> bytes:
+        return self.take(int(self.u("I")))
+
+    def text(self) -> str:
+        return self.blob().decode()
+
+    def blob_map(self) -> dict[str, bytes]:
+        return {self.text(): self.blob() for _ in range(self.count())}
+
+    def array(self) -> np.ndarray:
+        code, size = int(self.u("B")), int(self.u("Q"))
+        if code not in _DTYPES or size > 1 << 32:
+            raise SecAggAbort("malformed SecAgg message: bad array header")
+        dtype = _DTYPES[code]
+        return np.frombuffer(self.take(size * dtype.itemsize), dtype=dtype).copy()
+
+    def done(self) -> None:
+        if self.pos != len(self.data):
+            raise SecAggAbort("malformed SecAgg message: trailing bytes")
+
+
+def _params(w: _Writer, p: PublicParams) -> None:
+    w.u("Q", p.round)
+    w.u("Q", p.num_values)
+    w.u("B", int(p.weighted))
+    w.u("I", len(p.channels))
+    for name in p.channels:
+        w.text(name)
+    w.u("d", p.bound)
+    w.u("d", p.l2_bound)
+    w.u("B", p.modulus_bits)
+    w.u("Q", p.levels)
+    w.u("d", p.threshold)
+    w.u("I", p.neighbours)
+    w.blob(p.graph_seed)
+
+
+def _read_params(r: _Reader) -> PublicParams:
+    round_, num_values, weighted = int(r.u("Q")), int(r.u("Q")), bool(r.u("B"))
+    channels = tuple(r.text() for _ in range(r.count()))
+    bound, l2_bound, bits, levels = float(r.u("d")), float(r.u("d")), int(r.u("B")), int(r.u("Q"))
+    threshold, neighbours, seed = float(r.u("d")), int(r.u("I")), r.blob()
+    return PublicParams(
+        round_, num_values, weighted, channels, bound, l2_bound, bits, levels, threshold, neighbours, seed
+    )
+
+
+def encode(msg: Message) -> bytes:
+    w = _Writer()
+    w.parts.append(MAGIC)
+    w.u("B", VERSION)
+    w.u("B", _TYPES[type(msg)])
+    if isinstance(msg, AdvertiseKeys):
+        w.text(msg.client_id)
+        w.blob(msg.c_pk)
+        w.blob(msg.s_pk)
+    elif isinstance(msg, Roster):
+        _params(w, msg.params)
+        w.u("I", len(msg.keys))
+        for cid, (c_pk, s_pk) in msg.keys.items():
+            w.text(cid)
+            w.blob(c_pk)
+            w.blob(s_pk)
+    elif isinstance(msg, ShareKeys):
+        w.text(msg.client_id)
+        w.blob(msg.commitment)
+        w.blob_map(msg.ciphertexts)
+    elif isinstance(msg, Forwarded):
+        w.text(msg.recipient)
+        w.blob_map(msg.ciphertexts)
+    elif isinstance(msg, MaskedInput):
+        w.text(msg.client_id)
+        w.array(msg.masked)
+    elif isinstance(msg, UnmaskRequest):
+        w.u("I", len(msg.survivors))
+        for cid in msg.survivors:
+            w.text(cid)
+    elif isinstance(msg, UnmaskShares):
+        w.text(msg.client_id)
+        w.blob_map(msg.b_shares)
+        w.blob_map(msg.s_shares)
+    return b"".join(w.parts)
+
+
+def decode(data: bytes) -> Message:
+    r = _Reader(data)
+    if r.take(4) != MAGIC or r.u("B") != VERSION:
+        raise SecAggAbort("not a fedtune SecAgg message (bad magic or version)")
+    kind = int(r.u("B"))
+    msg: Message
+    if kind == 1:
+        msg = AdvertiseKeys(r.text(), r.blob(), r.blob())
+    elif kind == 2:
+        params = _read_params(r)
+        keys = {}
+        for _ in range(r.count()):
+            cid = r.text()
+            keys[cid] = (r.blob(), r.blob())
+        msg = Roster(params, keys)
+    elif kind == 3:
+        msg = ShareKeys(r.text(), r.blob(), r.blob_map())
+    elif kind == 4:
+        msg = Forwarded(r.text(), r.blob_map())
+    elif kind == 5:
+        msg = MaskedInput(r.text(), r.array())
+    elif kind == 6:
+        msg = UnmaskRequest(tuple(r.text() for _ in range(r.count())))
+    elif kind == 7:
+        msg = UnmaskShares(r.text(), r.blob_map(), r.blob_map())
+    else:
+        raise SecAggAbort(f"unknown SecAgg message type {kind}")
+    r.done()
+    return msg

@@ -1,0 +1,18 @@
+"""Composable server strategies: FedOpt = aggregator + server optimiser + plug-ins (SCAFFOLD, LoRA modes)."""
+
+from fedtune.server.strategies.fedopt import ClientOptions, FedOpt, NoFold, Plugin, PluginFold
+from fedtune.server.strategies.lora import FedExLora, FfaLora, FLoRA, SvdLora
+from fedtune.server.strategies.scaffold import Scaffold
+
+__all__ = [
+    "ClientOptions",
+    "FLoRA",
+    "FedExLora",
+    "FedOpt",
+    "FfaLora",
+    "NoFold",
+    "Plugin",
+    "PluginFold",
+    "Scaffold",
+    "SvdLora",
+]

@@ -1,0 +1,82 @@
+"""``build_task``: a model configuration to a ready Task (model loaded, LoRA applied, in training mode).
+
+Every random initialisation (LoRA's A matrices, a fresh classifier head, a factory module's weights)
+happens under one torch seed derived from the run seed, inside ``fork_rng`` so the caller's global stream
+is untouched: two builds with the same seed are identical, which is what lets server and clients start
+from the same model without shipping it.
+"""
+
+from __future__ import annotations
+
+import importlib
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from fedtune.config.schema import ModelConfig
+from fedtune.core.rng import derive_seed
+from fedtune.errors import ConfigError, ModelError
+from fedtune.models.hub import load_causal_lm, load_sequence_classifier
+from fedtune.models.lora import apply_lora
+from fedtune.tasks.base import Task
+from fedtune.tasks.causal_lm import CausalLMTask
+from fedtune.tasks.classification import ClassificationTask
+from fedtune.tasks.module import ModuleTask
+
+
+def build_task(model_cfg: ModelConfig, *, num_labels: int | None, cache_dir: Path, seed: int) -> Task:
+    """Load and adapt the model ``model_cfg`` describes. ``num_labels`` is used when the config has none."""
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(derive_seed(seed, "model-init"))
+        task = _build(model_cfg, num_labels=num_labels, cache_dir=Path(cache_dir))
+    task.module.train()  # like a fresh nn.Module; from_pretrained hands back eval mode
+    return task
+
+
+def _build(model_cfg: ModelConfig, *, num_labels: int | None, cache_dir: Path) -> Task:
+    if model_cfg.kind == "module":
+        return ModuleTask(build_module(model_cfg.factory or "", dict(model_cfg.factory_kwargs)))
+    if model_cfg.kind == "classification":
+        labels = model_cfg.num_labels or num_labels
+        if labels is None:
+            raise ModelError("a classification model needs model.num_labels (or labelled data to infer it)")
+        model, tokenizer = load_sequence_classifier(model_cfg.name, cache_dir, labels)
+        if model_cfg.lora is not None:
+            model = apply_lora(model, model_cfg.lora, task_type="classification")
+        return ClassificationTask(model, tokenizer, model_cfg.max_length, model_cfg.compute_dtype)
+    model, tokenizer = load_causal_lm(model_cfg.name, cache_dir)
+    if model_cfg.lora is not None:
+        model = apply_lora(model, model_cfg.lora, task_type="causal_lm")
+    return CausalLMTask(model, tokenizer, model_cfg.max_length, model_cfg.compute_dtype)
+
+
+def import_factory(spec: str) -> Callable[..., Any]:
+    """``"package.module:callable"`` to the callable, with errors that say which part failed."""
+    module_name, sep, attr = spec.partition(":")
+    if not sep or not module_name or not attr:
+        raise ConfigError(f"model.factory must look like 'package.module:callable', got {spec!r}")
+    try:
+        module = importlib.import_module(module_name)
+    except ImportError as err:
+        raise ModelError(f"model.factory {spec!r}: cannot import module {module_name!r}: {err}") from err
+    factory = module
+    for part in attr.split("."):
+        factory = getattr(factory, part, None)
+        if factory is None:
+            raise ModelError(f"model.factory {spec!r}: module {module_name!r} has no attribute {attr!r}")
+    if not callable(factory):
+        raise ModelError(f"model.factory {spec!r} is not callable")
+    return factory
+
+
+def build_module(spec: str, kwargs: dict[str, Any]) -> torch.nn.Module:
+    """Call a factory and check it returned an ``nn.Module``."""
+    try:
+        module = import_factory(spec)(**kwargs)
+    except TypeError as err:
+        raise ModelError(f"model.factory {spec!r} rejected model.factory_kwargs {kwargs}: {err}") from err
+    if not isinstance(module, torch.nn.Module):
+        raise ModelError(f"model.factory {spec!r} returned {type(module).__name__}, not a torch.nn.Module")
+    return module

@@ -1,0 +1,73 @@
+"""``ClassificationTask``: an encoder with a sequence-classification head on ``LabelledText`` records."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+
+from fedtune.data.types import LabelledText
+from fedtune.errors import DataError
+from fedtune.tasks.base import Batch, EvalSums, Example
+from fedtune.tasks.module import classification_sums, compute_context, eval_mode
+
+
+class ClassificationTask:
+    kind = "classification"
+    reports_accuracy = True
+
+    def __init__(self, model: torch.nn.Module, tokenizer: Any, max_length: int, compute_dtype: str = "float32") -> None:
+        compute_context(compute_dtype)  # validates the name early
+        self.module = model
+        self.tokenizer = tokenizer
+        self.max_length = max_length
+        self.compute_dtype = compute_dtype
+        self.num_labels = int(model.config.num_labels)
+
+    def encode(self, records: Sequence[LabelledText], *, train: bool) -> list[Example]:
+        for r in records:
+            self._check(r)
+        if not records:
+            return []
+        enc = self.tokenizer(
+            [r.text for r in records], truncation=True, max_length=self.max_length, add_special_tokens=True
+        )
+        return [
+            {
+                "input_ids": torch.tensor(ids, dtype=torch.long),
+                "attention_mask": torch.ones(len(ids), dtype=torch.long),
+                "labels": torch.tensor(r.label, dtype=torch.long),
+            }
+            for ids, r in zip(enc["input_ids"], records, strict=True)
+        ]
+
+    def _check(self, record: Any) -> None:
+        if not isinstance(record, LabelledText):
+            raise DataError(f"a classification task encodes LabelledText records, got {type(record).__name__}")
+        if not 0 <= record.label < self.num_labels:
+            raise DataError(f"label {record.label} is outside the model's {self.num_labels} classes")
+
+    def collate(self, examples: Sequence[Example]) -> Batch:
+        pad_id = self.tokenizer.pad_token_id if self.tokenizer.pad_token_id is not None else 0
+        width = max(len(ex["input_ids"]) for ex in examples)
+        input_ids = torch.full((len(examples), width), pad_id, dtype=torch.long)
+        attention_mask = torch.zeros((len(examples), width), dtype=torch.long)
+        for i, ex in enumerate(examples):
+            input_ids[i, : len(ex["input_ids"])] = ex["input_ids"]
+            attention_mask[i, : len(ex["input_ids"])] = 1
+        labels = torch.stack([ex["labels"] for ex in examples])
+        return {"input_ids": input_ids, "attention_mask": attention_mask, "labels": labels}
+
+    def _logits(self, batch: Batch) -> torch.Tensor:
+        with compute_context(self.compute_dtype):
+            out = self.module(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"])
+        return out.logits.float()
+
+    def loss(self, batch: Batch) -> tuple[torch.Tensor, int]:
+        return F.cross_entropy(self._logits(batch), batch["labels"]), int(batch["labels"].numel())
+
+    def eval_batch(self, batch: Batch) -> EvalSums:
+        with eval_mode(self.module):
+            return classification_sums(self._logits(batch), batch["labels"])

@@ -1,0 +1,101 @@
+"""Who is calling: the CN of the verified TLS client certificate, checked against the allow list and the
+revocation list on every call.
+
+gRPC's TLS layer has already verified the certificate chain against ``deployment.tls_ca`` before any
+handler runs (``require_client_auth``), so a client without a certificate from the federation's CA never
+gets this far. What is left is policy: the CN is the client's identity (a name in a message is never
+trusted), and a revoked CN or serial number is refused even though its certificate is still valid.
+"""
+
+from __future__ import annotations
+
+import os
+import threading
+from collections.abc import Iterable
+from dataclasses import dataclass
+from pathlib import Path
+
+import grpc
+from cryptography import x509
+
+from fedtune.errors import FedtuneError
+
+
+class AuthError(FedtuneError):
+    """A caller that may not take part: no certificate CN, not on the allow list, or revoked."""
+
+    def __init__(self, message: str, code: grpc.StatusCode = grpc.StatusCode.PERMISSION_DENIED) -> None:
+        super().__init__(message)
+        self.code = code
+
+
+def read_revocations(path: Path) -> tuple[frozenset[str], frozenset[int]]:
+    """(revoked CNs, revoked serial numbers) from a revocation list: one CN or ``serial:<hex>`` a line."""
+    names, serials = set(), set()
+    try:
+        lines = Path(path).read_text().splitlines()
+    except OSError as err:
+        raise FedtuneError(f"cannot read revocation list {path}: {err.strerror}") from None
+    for lineno, raw in enumerate(lines, 1):
+        line = raw.split("#", 1)[0].strip()
+        if not line:
+            continue
+        if line.lower().startswith("serial:"):
+            try:
+                serials.add(int(line[7:].strip().replace(":", ""), 16))
+            except ValueError:
+                raise FedtuneError(f"{path}:{lineno}: bad serial {line!r} (expected serial:<hex>)") from None
+        else:
+            names.add(line)
+    return frozenset(names), frozenset(serials)
+
+
+@dataclass
+class _Revoked:
+    mtime: float = -1.0
+    names: frozenset[str] = frozenset()
+    serials: frozenset[int] = frozenset()
+
+
+class Authenticator:
+    """Maps a call's TLS peer to a client id, or raises AuthError saying why not."""
+
+    def __init__(self, *, allowed: Iterable[str] | None, revocation_list: Path | None) -> None:
+        self.allowed = None if allowed is None else frozenset(allowed)
+        self.revocation_list = None if revocation_list is None else Path(revocation_list)
+        self._revoked = _Revoked()
+        self._lock = threading.Lock()
+        if self.revocation_list is not None:
+            self._reload()  # a broken list is an error at start, not at the first call
+
+    def _reload(self) -> _Revoked:
+        """The revocation list, re-read when the file changes (so revoking needs no restart)."""
+        assert self.revocation_list is not None
+        with self._lock:
+            try:
+                mtime = os.stat(self.revocation_list).st_mtime
+            except OSError as err:
+                raise FedtuneError(f"cannot read revocation list {self.revocation_list}: {err.strerror}") from None
+            if mtime != self._revoked.mtime:
+                names, serials = read_revocations(self.revocation_list)
+                self._revoked = _Revoked(mtime, names, serials)
+            return self._revoked
+
+    def identify(self, context: grpc.ServicerContext) -> str:
+        auth = context.auth_context()
+        cns = auth.get("x509_common_name") or []
+        if len(cns) != 1:
+            raise AuthError("no client certificate with a common name (CN)", grpc.StatusCode.UNAUTHENTICATED)
+        cid = cns[0].decode("utf-8", "replace")
+        if self.allowed is not None and cid not in self.allowed:
+            raise AuthError(f"client {cid!r} is not in this federation's deployment.allowed_clients")
+        if self.revocation_list is not None:
+            revoked = self._reload()
+            if cid in revoked.names:
+                raise AuthError(f"the certificate of client {cid!r} has been revoked")
+            if revoked.serials:
+                pem = (auth.get("x509_pem_cert") or [b""])[0]
+                serial = x509.load_pem_x509_certificate(pem).serial_number if pem else None
+                if serial in revoked.serials:
+                    raise AuthError(f"certificate serial {serial:x} of client {cid!r} has been revoked")
+        return cid

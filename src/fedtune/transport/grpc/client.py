@@ -1,0 +1,312 @@
+"""The participant loop: join, heartbeat, long-poll for tasks, run them on a ClientWorker, push results.
+
+The worker holds only this participant's data. Connection trouble (server down or restarting) means
+rejoin with exponential backoff, up to ``reconnect_timeout_s``; being refused (revoked, unknown, wrong
+protocol) is fatal. ``run`` returns the process exit code:
+
+0  the federation finished          1  the server stopped the federation with an error
+2  local configuration or data error  3  cannot connect, or refused by the server
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import logging
+import random
+import threading
+import time
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import grpc
+import numpy as np
+from rich.console import Console
+
+from fedtune.client.worker import ClientWorker
+from fedtune.core.messages import ClientUpdate
+from fedtune.errors import FedtuneError
+from fedtune.transport.codecs import Codec, build_codec
+from fedtune.transport.grpc import protocol, wire
+from fedtune.transport.grpc.proto import fedtune_pb2 as pb
+from fedtune.transport.grpc.proto import fedtune_pb2_grpc as pb_grpc
+
+log = logging.getLogger("fedtune.client")
+
+# Refusals that retrying cannot fix.
+_FATAL = {
+    grpc.StatusCode.PERMISSION_DENIED,
+    grpc.StatusCode.UNAUTHENTICATED,
+    grpc.StatusCode.FAILED_PRECONDITION,
+    grpc.StatusCode.RESOURCE_EXHAUSTED,
+}
+# TLS failures look like "unavailable" to gRPC; these words in the details mean retrying is pointless.
+_TLS_WORDS = ("certificate", "handshake", "ssl", "tls", "alert")
+MAX_MESSAGE = 16 * 2**20 + wire.MAX_SCALARS_JSON + 2**20  # the largest chunk a server may be configured to send
+
+
+class ParticipantError(FedtuneError):
+    """Why the participant stops; ``code`` is its exit status."""
+
+    def __init__(self, message: str, code: int) -> None:
+        super().__init__(message)
+        self.code = code
+
+
+@dataclass(frozen=True)
+class ClientTLS:
+    ca: bytes
+    cert: bytes
+    key: bytes
+    server_name: str | None = None  # override the name checked against the server certificate's SANs
+
+    @classmethod
+    def from_paths(cls, ca: Path, cert: Path, key: Path, server_name: str | None = None) -> ClientTLS:
+        def read(path: Path, what: str) -> bytes:
+            try:
+                return Path(path).expanduser().read_bytes()
+            except OSError as err:
+                raise ParticipantError(f"cannot read the {what} {path}: {err.strerror}", 2) from None
+
+        return cls(read(ca, "CA certificate (--ca)"), read(cert, "certificate (--cert)"), read(key, "key (--key)"),
+                   server_name)
+
+
+@dataclass(frozen=True)
+class Joined:
+    """What the server told this client when it joined."""
+
+    session: str
+    client_id: str
+    config_yaml: str
+    heartbeat_s: float
+    poll_s: float
+    limits: wire.Limits
+    codec: Codec
+    extra: dict
+
+
+@dataclass
+class _Beat:
+    stop: threading.Event = field(default_factory=threading.Event)
+    lost: bool = False
+    fatal: ParticipantError | None = None
+    thread: threading.Thread | None = None
+
+    def end(self) -> None:
+        """Stop the heartbeat thread and wait for it: gRPC aborts the process if a call outlives the channel."""
+        self.stop.set()
+        if self.thread is not None:
+            self.thread.join(timeout=30.0)
+
+
+class Participant:
+    def __init__(
+        self,
+        target: str,
+        tls: ClientTLS,
+        *,
+        make_worker: Callable[[Joined], ClientWorker],
+        reconnect_timeout_s: float = 300.0,
+        console: Console | None = None,
+    ) -> None:
+        self.target, self.tls, self.make_worker = target, tls, make_worker
+        self.reconnect_timeout_s = reconnect_timeout_s
+        self.console = console or Console(stderr=True)
+        self.worker: ClientWorker | None = None
+        self._config_yaml: str | None = None
+        self._residuals: dict[str, np.ndarray] = {}  # top-k error feedback, per client id (kept across rounds)
+        self._jitter = random.Random()  # backoff jitter only: not a reproducibility stream
+        self._max_backoff_s = 10.0  # lowered to the server's heartbeat pace once it is known
+        options = [
+            ("grpc.max_receive_message_length", MAX_MESSAGE),
+            ("grpc.max_send_message_length", MAX_MESSAGE),
+            ("grpc.keepalive_time_ms", 10_000),  # notice a vanished server while waiting on a long poll
+            ("grpc.keepalive_timeout_ms", 10_000),
+            ("grpc.keepalive_permit_without_calls", 1),
+        ]
+        if tls.server_name:
+            options.append(("grpc.ssl_target_name_override", tls.server_name))
+        creds = grpc.ssl_channel_credentials(tls.ca, tls.key, tls.cert)
+        self.channel = grpc.secure_channel(target, creds, options=options)
+        self.stub = pb_grpc.FederationStub(self.channel)
+
+    # ------------------------------------------------------------------------------------ top level
+
+    def run(self) -> int:
+        try:
+            while True:
+                joined = self._join()
+                beat = self._start_heartbeat(joined)
+                try:
+                    self._ensure_worker(joined)
+                    finished = self._serve(joined, beat)
+                except FedtuneError:
+                    self._leave(joined)  # so the server stops sampling us now, not after missed heartbeats
+                    raise
+                finally:
+                    beat.end()
+                if finished is not None:
+                    ok, reason = finished
+                    self.console.print(("[green]" if ok else "[red]") + f"server: {reason}")
+                    return 0 if ok else 1
+        except ParticipantError as err:
+            self.console.print(f"[bold red]error:[/bold red] {err}")
+            return err.code
+        except FedtuneError as err:
+            self.console.print(f"[bold red]error:[/bold red] {err}")
+            return 2
+        finally:
+            self.channel.close()
+
+    def _leave(self, joined: Joined) -> None:
+        with contextlib.suppress(grpc.RpcError):  # best effort: the server also notices missing heartbeats
+            self.stub.Leave(pb.LeaveRequest(session=joined.session), timeout=5)
+
+    def _refused(self, err: grpc.RpcError) -> ParticipantError:
+        return ParticipantError(f"the server at {self.target} refused this client: {err.details()}", 3)
+
+    def _join(self) -> Joined:
+        delay, started, closed = 0.5, time.monotonic(), 0
+        while True:
+            try:
+                reply = self.stub.Join(pb.JoinRequest(protocol=wire.PROTOCOL, software="fedtune"), timeout=15)
+                break
+            except grpc.RpcError as err:
+                details = (err.details() or "").lower()
+                if err.code() in _FATAL:
+                    raise self._refused(err) from None
+                waited = time.monotonic() - started
+                if waited >= self.reconnect_timeout_s or any(w in details for w in _TLS_WORDS):
+                    raise ParticipantError(
+                        f"could not join the server at {self.target} ({waited:.0f}s): {err.details()}. Check the "
+                        "address, that the server runs, that --ca is the federation's CA, and that this client's "
+                        "certificate was issued by it and is not revoked",
+                        3,
+                    ) from None
+                closed = closed + 1 if "socket closed" in details else 0
+                hint = ""
+                if closed >= 3:  # TCP connects but TLS is cut off: what a server does to a certificate it rejects
+                    hint = " (the server closes the connection during the TLS handshake: is this client's " \
+                        "certificate issued by the federation's CA?)"
+                self.console.print(f"server {self.target} unavailable{hint}; retrying in {delay:.1f}s")
+                time.sleep(delay * (0.5 + self._jitter.random()))
+                delay = min(delay * 2, self._max_backoff_s)
+        limits = wire.Limits(reply.max_payload_bytes or 1, reply.chunk_bytes or 1 << 20)
+        codec = build_codec(reply.codec or "none", **json.loads(reply.codec_params_json or "{}"))
+        self.console.print(f"joined {self.target} as [bold]{reply.client_id}[/bold] (codec {codec.name})")
+        # after a server restart, retry about as often as the server expects heartbeats
+        self._max_backoff_s = min(10.0, max(1.0, 2 * (reply.heartbeat_s or 5.0)))
+        return Joined(reply.session, reply.client_id, reply.config_yaml, reply.heartbeat_s or 5.0,
+                      reply.poll_s or 20.0, limits, codec, json.loads(reply.extra_json or "{}"))
+
+    def _ensure_worker(self, joined: Joined) -> None:
+        if self.worker is None:
+            self.worker = self.make_worker(joined)
+            self._config_yaml = joined.config_yaml
+        elif joined.config_yaml != self._config_yaml:
+            raise ParticipantError(
+                "the server's configuration changed since this client built its model; restart the client", 2
+            )
+
+    def _start_heartbeat(self, joined: Joined) -> _Beat:
+        beat = _Beat()
+
+        def loop() -> None:
+            while not beat.stop.wait(joined.heartbeat_s):
+                try:
+                    request = pb.HeartbeatRequest(session=joined.session)
+                    self.stub.Heartbeat(request, timeout=max(2.0, joined.heartbeat_s))
+                except grpc.RpcError as err:
+                    if err.code() in _FATAL:
+                        beat.fatal = self._refused(err)
+                        return
+                    if err.code() == grpc.StatusCode.NOT_FOUND:
+                        beat.lost = True
+                        return
+
+        beat.thread = threading.Thread(target=loop, name="fedtune-heartbeat", daemon=True)
+        beat.thread.start()
+        return beat
+
+    # ------------------------------------------------------------------------------------ session
+
+    def _serve(self, joined: Joined, beat: _Beat) -> tuple[bool, str] | None:
+        """Pull and run tasks until SHUTDOWN ((ok, reason)) or the session is lost (None: rejoin)."""
+        while True:
+            if beat.fatal is not None:
+                raise beat.fatal
+            if beat.lost:
+                return None
+            try:
+                payload = wire.decode(self.stub.Pull(pb.PullRequest(session=joined.session)), joined.limits)
+            except grpc.RpcError as err:
+                if err.code() in _FATAL:
+                    raise self._refused(err) from None
+                self.console.print(f"lost the server ({err.code().name}: {err.details()}); rejoining")
+                return None
+            except wire.WireError as err:
+                raise ParticipantError(f"the server sent a malformed task: {err}", 1) from None
+            kind = payload.header.kind
+            if kind == pb.SHUTDOWN:
+                return bool(payload.scalars.get("ok", True)), str(payload.scalars.get("reason", "finished"))
+            if kind in (pb.FIT, pb.EVALUATE) and not self._run_task(joined, payload):
+                return None
+
+    def _run_task(self, joined: Joined, payload: wire.Payload) -> bool:
+        """Run one task and push its result; False if the connection broke."""
+        assert self.worker is not None
+        h, cid = payload.header, joined.client_id
+        started = time.perf_counter()
+        residual = None
+        try:
+            if h.kind == pb.FIT:
+                update = self.worker.fit(protocol.fit_from_payload(payload, cid))
+                out, residual = protocol.update_payload(
+                    update, task_id=h.task_id, session=joined.session, codec=joined.codec,
+                    residual=self._residuals.get(cid),
+                )
+                what = _describe_fit(update)
+            else:
+                result = self.worker.evaluate(protocol.eval_from_payload(payload, cid))
+                out = protocol.eval_result_payload(result, task_id=h.task_id, session=joined.session)
+                what = f"evaluated {result.sums.examples} examples"
+        except (FedtuneError, ValueError, KeyError, TypeError, RuntimeError) as err:
+            out = protocol.failure_payload(
+                f"{type(err).__name__}: {err}", task_id=h.task_id, round_idx=h.round, session=joined.session
+            )
+            what = f"[red]failed: {err}[/red]"
+        sent = 0
+
+        def counted() -> Iterator[pb.Chunk]:  # streamed lazily: a large update is never copied whole
+            nonlocal sent
+            for chunk in wire.encode(out, chunk_bytes=joined.limits.chunk_bytes):
+                sent += chunk.ByteSize()
+                yield chunk
+
+        try:
+            reply = self.stub.Push(counted())
+        except grpc.RpcError as err:
+            if err.code() in _FATAL:
+                raise self._refused(err) from None
+            self.console.print(f"round {h.round}: could not send the result ({err.code().name}); rejoining")
+            return False
+        seconds = time.perf_counter() - started
+        verdict = "accepted" if reply.accepted else f"[yellow]rejected: {reply.reason}[/yellow]"
+        self.console.print(
+            f"round {h.round} {'train' if h.kind == pb.FIT else 'eval'}: {what}; sent {sent / 1e3:.1f} kB "
+            f"in {seconds:.1f}s; {verdict}"
+        )
+        if reply.accepted and residual is not None:
+            self._residuals[cid] = residual  # only what the server took leaves the error-feedback residual
+        return True
+
+    def close(self) -> None:
+        self.channel.close()
+
+
+def _describe_fit(update: ClientUpdate) -> str:
+    loss = update.metrics.get("train_loss", float("nan"))
+    steps = int(update.metrics.get("steps", 0))
+    return f"{steps} steps on {update.num_examples} examples, loss {loss:.4f}"

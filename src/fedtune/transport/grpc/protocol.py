@@ -1,0 +1,185 @@
+"""fedtune messages <-> wire Payloads, both directions, with the checks a receiver must make.
+
+Tensor names on the wire: ``params`` (the global vector), ``extras/<name>`` (strategy arrays such as
+SCAFFOLD control variates, float32), ``delta/<part>`` (the update as the codec encoded it). Scalars
+(training config, strategy options, metrics, evaluation sums) travel as one JSON object.
+
+The server calls the ``*_from_payload`` functions on what a client sent; every one of them raises
+UpdateRejected (or CodecError) naming what is wrong, so the client can be told why.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from typing import Any
+
+import numpy as np
+
+from fedtune.core.messages import ClientEval, ClientUpdate, EvalInstruction, FitInstruction
+from fedtune.errors import UpdateRejected
+from fedtune.tasks.base import EvalSums
+from fedtune.transport.codecs import Codec, CodecError, decode_update
+from fedtune.transport.grpc.proto import fedtune_pb2 as pb
+from fedtune.transport.grpc.wire import Payload
+
+EXTRAS, DELTA = "extras/", "delta/"
+
+
+def _header(kind: int, *, task_id: str, round_idx: int, spec_digest: str = "", session: str = "") -> pb.Header:
+    return pb.Header(kind=kind, task_id=task_id, round=round_idx, spec_digest=spec_digest, session=session)
+
+
+def _float32_extras(extras: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+    return {EXTRAS + k: np.asarray(v, dtype=np.float32) for k, v in extras.items()}
+
+
+def _take_extras(tensors: dict[str, np.ndarray], who: str) -> dict[str, np.ndarray]:
+    out = {}
+    for name, arr in tensors.items():
+        if not name.startswith(EXTRAS):
+            continue
+        if arr.dtype != np.float32 or not np.isfinite(arr).all():
+            raise UpdateRejected(f"{who}: extra {name!r} must be finite float32, got {arr.dtype}")
+        out[name.removeprefix(EXTRAS)] = arr
+    return out
+
+
+# ------------------------------------------------------------------------------------- server -> client
+
+
+def fit_payload(instr: FitInstruction, task_id: str) -> Payload:
+    header = _header(pb.FIT, task_id=task_id, round_idx=instr.round, spec_digest=instr.spec_digest)
+    scalars = {"seed": instr.seed, "train": instr.train, "options": instr.options}
+    return Payload(header, scalars, {"params": instr.params, **_float32_extras(instr.extras)})
+
+
+def eval_payload(instr: EvalInstruction, task_id: str) -> Payload:
+    header = _header(pb.EVALUATE, task_id=task_id, round_idx=instr.round, spec_digest=instr.spec_digest)
+    scalars = {"batch_size": instr.batch_size, "max_examples": instr.max_examples}
+    return Payload(header, scalars, {"params": instr.params})
+
+
+def _params(payload: Payload) -> np.ndarray:
+    params = payload.tensors.get("params")
+    if params is None or params.dtype != np.float32 or params.ndim != 1:
+        raise UpdateRejected("the server's task carries no 1-D float32 'params' tensor")
+    return params
+
+
+def fit_from_payload(payload: Payload, client_id: str) -> FitInstruction:
+    s, h = payload.scalars, payload.header
+    return FitInstruction(
+        client_id=client_id,
+        round=h.round,
+        params=_params(payload),
+        spec_digest=h.spec_digest,
+        seed=int(s["seed"]),
+        train=dict(s["train"]),
+        extras=_take_extras(payload.tensors, "server task"),
+        options=dict(s.get("options") or {}),
+    )
+
+
+def eval_from_payload(payload: Payload, client_id: str) -> EvalInstruction:
+    s, h = payload.scalars, payload.header
+    max_examples = s.get("max_examples")
+    return EvalInstruction(
+        client_id=client_id,
+        round=h.round,
+        params=_params(payload),
+        spec_digest=h.spec_digest,
+        batch_size=int(s["batch_size"]),
+        max_examples=None if max_examples is None else int(max_examples),
+    )
+
+
+# ------------------------------------------------------------------------------------- client -> server
+
+
+def update_payload(
+    update: ClientUpdate, *, task_id: str, session: str, codec: Codec, residual: np.ndarray | None
+) -> tuple[Payload, np.ndarray | None]:
+    """The wire form of an update, compressed with ``codec``; returns the new error-feedback residual."""
+    encoded, residual = codec.encode(update.delta, residual)
+    header = _header(
+        pb.FIT_RESULT, task_id=task_id, round_idx=update.round, spec_digest=update.spec_digest, session=session
+    )
+    header.codec = encoded.codec
+    header.codec_params_json = json.dumps(encoded.params)
+    scalars = {"num_examples": update.num_examples, "metrics": update.metrics}
+    tensors = {DELTA + k: v for k, v in encoded.arrays.items()} | _float32_extras(update.extras)
+    return Payload(header, scalars, tensors), residual
+
+
+def eval_result_payload(result: ClientEval, *, task_id: str, session: str) -> Payload:
+    s = result.sums
+    scalars = {"loss_sum": s.loss_sum, "count": s.count, "correct": s.correct, "examples": s.examples}
+    return Payload(_header(pb.EVAL_RESULT, task_id=task_id, round_idx=result.round, session=session), scalars)
+
+
+def failure_payload(reason: str, *, task_id: str, round_idx: int, session: str) -> Payload:
+    header = _header(pb.FAILURE, task_id=task_id, round_idx=round_idx, session=session)
+    return Payload(header, {"reason": reason[:2000]})
+
+
+def _int(scalars: dict[str, Any], key: str, who: str) -> int:
+    value = scalars.get(key)
+    if not isinstance(value, int) or isinstance(value, bool):
+        raise UpdateRejected(f"{who}: {key!r} must be an integer, got {value!r}")
+    return value
+
+
+def _metrics(raw: Any, who: str) -> dict[str, float]:
+    if not isinstance(raw, dict) or len(raw) > 256:
+        raise UpdateRejected(f"{who}: metrics must be a JSON object of at most 256 numbers")
+    out = {}
+    for k, v in raw.items():
+        if not isinstance(v, int | float) or isinstance(v, bool):
+            raise UpdateRejected(f"{who}: metric {k!r} is not a number")
+        out[str(k)] = float(v)
+    return out
+
+
+def update_from_payload(payload: Payload, *, client_id: str, numel: int, spec_digest: str) -> ClientUpdate:
+    """Decode and check an update: codec parts, length, finite values, digest, example count."""
+    who, h = f"update from {client_id}", payload.header
+    if h.spec_digest != spec_digest:
+        raise UpdateRejected(f"{who}: spec digest {h.spec_digest!r} does not match the server's {spec_digest}")
+    try:
+        codec_params = json.loads(h.codec_params_json or "{}")
+        parts = {k.removeprefix(DELTA): v for k, v in payload.tensors.items() if k.startswith(DELTA)}
+        if not isinstance(codec_params, dict):
+            raise CodecError("codec_params_json must be a JSON object")
+        delta = decode_update(h.codec or "none", codec_params, parts, numel)
+    except (CodecError, json.JSONDecodeError) as err:
+        raise UpdateRejected(f"{who}: {err}") from None
+    finite = np.isfinite(delta)
+    if not finite.all():
+        raise UpdateRejected(f"{who} contains {int(delta.size - np.count_nonzero(finite))} NaN or Inf values")
+    unknown = [k for k in payload.tensors if not k.startswith((DELTA, EXTRAS))]
+    if unknown:
+        raise UpdateRejected(f"{who}: unexpected tensors {unknown[:3]}")
+    num_examples = _int(payload.scalars, "num_examples", who)
+    if num_examples <= 0:
+        raise UpdateRejected(f"{who}: reports {num_examples} training examples")
+    return ClientUpdate(
+        client_id=client_id,
+        round=h.round,
+        num_examples=num_examples,
+        delta=delta,
+        spec_digest=h.spec_digest,
+        metrics=_metrics(payload.scalars.get("metrics", {}), who),
+        extras=_take_extras(payload.tensors, who),
+    )
+
+
+def eval_from_result(payload: Payload, *, client_id: str) -> ClientEval:
+    who, s = f"evaluation from {client_id}", payload.scalars
+    loss_sum = s.get("loss_sum")
+    if not isinstance(loss_sum, int | float) or isinstance(loss_sum, bool) or not math.isfinite(loss_sum):
+        raise UpdateRejected(f"{who}: loss_sum must be a finite number, got {loss_sum!r}")
+    counts = [_int(s, k, who) for k in ("count", "correct", "examples")]
+    if min(counts) < 0 or counts[1] > counts[2]:
+        raise UpdateRejected(f"{who}: inconsistent counts {counts}")
+    return ClientEval(client_id, payload.header.round, EvalSums(float(loss_sum), *counts))

@@ -1,0 +1,219 @@
+"""GrpcServerTransport: the Transport protocol over gRPC, with clients that connect in.
+
+Clients join (identity = their TLS certificate's CN), send heartbeats, long-poll for tasks and push
+results. ``fit``/``evaluate`` queue one task per instruction and yield replies as they arrive; at the
+round deadline the stragglers are yielded as failures and their late results refused. A client that dies
+(missed heartbeats), restarts (rejoins) or leaves fails its open task at once, so the round goes on.
+
+Every result is checked before it is yielded (wire format, size, task ownership, codec, length, finite
+values, spec digest); a bad one is logged, the client is told why in its PushReply, and the round
+continues with the others. The coordinator's loop re-validates what it receives, independently.
+
+Extension point for secure aggregation (Bonawitz et al. 2017): its extra message rounds (advertise keys,
+share keys, masked input, unmasking) are further task kinds on the same Pull/Push framing (the proto
+reserves kinds 16-31) collected with the same per-round inbox and deadline as ``_collect`` below; a
+SecAgg strategy would drive them through an added transport method. Not implemented.
+"""
+
+from __future__ import annotations
+
+import logging
+import queue
+import time
+from collections.abc import Iterator, Sequence
+from concurrent import futures
+from dataclasses import dataclass
+from pathlib import Path
+
+import grpc
+
+from fedtune.config.deployment import DeploymentConfig
+from fedtune.core.messages import ClientEval, ClientFailure, ClientUpdate, EvalInstruction, FitInstruction
+from fedtune.errors import ConfigError, FedtuneError
+from fedtune.transport.grpc import protocol, wire
+from fedtune.transport.grpc.auth import Authenticator
+from fedtune.transport.grpc.proto import fedtune_pb2 as pb
+from fedtune.transport.grpc.registry import Registry, Task
+from fedtune.transport.grpc.servicer import Servicer, add_servicer
+
+log = logging.getLogger("fedtune.server")
+
+
+class QuorumError(FedtuneError):
+    """Fewer than deployment.min_clients clients connected within deployment.quorum_timeout_s."""
+
+
+@dataclass(frozen=True)
+class ServerTLS:
+    ca: bytes
+    cert: bytes
+    key: bytes
+
+    @classmethod
+    def from_config(cls, dep: DeploymentConfig) -> ServerTLS:
+        if not (dep.tls_ca and dep.tls_cert and dep.tls_key):
+            raise ConfigError(
+                "the server needs deployment.tls_ca, deployment.tls_cert and deployment.tls_key "
+                "(create a first set with `fedtune certs OUT_DIR --clients a,b`)"
+            )
+        return cls(_read(dep.tls_ca, "tls_ca"), _read(dep.tls_cert, "tls_cert"), _read(dep.tls_key, "tls_key"))
+
+
+def _read(path: str, key: str) -> bytes:
+    try:
+        return Path(path).expanduser().read_bytes()
+    except OSError as err:
+        raise ConfigError(f"deployment.{key}: cannot read {path} ({err.strerror})") from None
+
+
+def grpc_options(dep: DeploymentConfig) -> list[tuple[str, int]]:
+    """Channel options both sides share: one message is one chunk plus headroom for the header."""
+    message = dep.chunk_kb * 1024 + wire.MAX_SCALARS_JSON + (1 << 20)
+    return [
+        ("grpc.max_receive_message_length", message),
+        ("grpc.max_send_message_length", message),
+    ]
+
+
+class GrpcServerTransport:
+    """Implements fedtune.transport.base.Transport. ``start()`` before use; ``close()`` tells clients to exit."""
+
+    def __init__(self, dep: DeploymentConfig, *, tls: ServerTLS, config_yaml: str, extra: dict | None = None):
+        self.dep = dep
+        self.limits = wire.Limits(dep.max_payload_bytes, dep.chunk_kb * 1024)
+        self.registry = Registry(dead_after_s=dep.dead_after_s, max_clients=dep.max_clients)
+        auth = Authenticator(
+            allowed=dep.allowed_clients,
+            revocation_list=Path(dep.revocation_list).expanduser() if dep.revocation_list else None,
+        )
+        self.servicer = Servicer(
+            self.registry, auth, self.limits, dep=dep, config_yaml=config_yaml, extra=extra or {}
+        )
+        self.tls = tls
+        self.port: int | None = None
+        self._server: grpc.Server | None = None
+
+    def start(self) -> int:
+        """Listen on deployment.address:port; returns the bound port."""
+        server = grpc.server(
+            futures.ThreadPoolExecutor(max_workers=3 * self.dep.max_clients + 16, thread_name_prefix="fedtune-rpc"),
+            options=[
+                *grpc_options(self.dep),
+                ("grpc.so_reuseport", 0),  # a second server on a busy port must fail, not share it
+                ("grpc.keepalive_permit_without_calls", 1),
+                ("grpc.http2.min_recv_ping_interval_without_data_ms", 5000),
+                ("grpc.http2.max_ping_strikes", 0),
+            ],
+        )
+        add_servicer(server, self.servicer)
+        creds = grpc.ssl_server_credentials(
+            [(self.tls.key, self.tls.cert)], root_certificates=self.tls.ca, require_client_auth=True
+        )
+        address = f"{self.dep.address}:{self.dep.port}"
+        try:
+            port = server.add_secure_port(address, creds)
+        except RuntimeError as err:
+            raise FedtuneError(f"cannot listen on {address}: {err} (port in use?)") from None
+        if not port:
+            raise FedtuneError(f"cannot listen on {address} (port in use, or not an address of this machine?)")
+        server.start()
+        self._server, self.port = server, port
+        log.info("listening on %s:%d (TLS, client certificates required)", self.dep.address, port)
+        return port
+
+    # ------------------------------------------------------------------------------------ Transport
+
+    def client_ids(self) -> list[str]:
+        """The live clients (sorted), after waiting for the quorum of deployment.min_clients."""
+        need, started = self.dep.min_clients, time.monotonic()
+        live = self.registry.live()
+        while len(live) < need:
+            waited = time.monotonic() - started
+            if waited >= self.dep.quorum_timeout_s:
+                raise QuorumError(
+                    f"only {len(live)} of deployment.min_clients={need} clients connected within "
+                    f"deployment.quorum_timeout_s={self.dep.quorum_timeout_s:g}s ({', '.join(live) or 'none'})"
+                )
+            log.info("waiting for clients: %d of %d connected %s", len(live), need, live)
+            live = self.registry.wait_for(need, min(10.0, self.dep.quorum_timeout_s - waited))
+        return self.registry.live()
+
+    def fit(self, instructions: Sequence[FitInstruction]) -> Iterator[ClientUpdate | ClientFailure]:
+        shared = _SharedPrepare()
+        tasks, inbox = [], queue.Queue()
+        for instr in instructions:
+            task_id = Task.new_id()
+            payload = protocol.fit_payload(instr, task_id)
+            prepared = shared.prepare(instr.params, payload)
+            tasks.append(Task(instr.client_id, pb.FIT, instr.round, payload, prepared, inbox, task_id=task_id))
+        return self._collect(tasks, self.dep.round_timeout_s, "training")
+
+    def evaluate(self, instructions: Sequence[EvalInstruction]) -> Iterator[ClientEval | ClientFailure]:
+        shared = _SharedPrepare()
+        tasks, inbox = [], queue.Queue()
+        for instr in instructions:
+            task_id = Task.new_id()
+            payload = protocol.eval_payload(instr, task_id)
+            prepared = shared.prepare(instr.params, payload)
+            tasks.append(Task(instr.client_id, pb.EVALUATE, instr.round, payload, prepared, inbox, task_id=task_id))
+        return self._collect(tasks, self.dep.eval_timeout_s or self.dep.round_timeout_s, "evaluation")
+
+    def _collect(self, tasks: list[Task], timeout: float, what: str) -> Iterator:
+        """Queue the tasks, then yield replies as they arrive until all are in or the deadline passes."""
+        if not tasks:
+            return
+        inbox, open_ = tasks[0].inbox, {t.task_id: t for t in tasks}
+        deadline = time.monotonic() + timeout
+        for task in tasks:
+            self.registry.assign(task)
+        try:
+            while open_:
+                left = deadline - time.monotonic()
+                if left <= 0:
+                    break
+                try:
+                    task_id, reply = inbox.get(timeout=min(left, 0.25))
+                except queue.Empty:
+                    for cid in self.registry.reap():
+                        log.warning("client %s presumed dead (missed heartbeats)", cid)
+                    continue
+                open_.pop(task_id, None)
+                yield reply
+            expired = self.registry.expire(list(open_.values()))
+            while not inbox.empty():  # answered in the instant before the deadline
+                task_id, reply = inbox.get_nowait()
+                open_.pop(task_id, None)
+                yield reply
+            for task in expired:
+                reason = f"straggler: no {what} reply within {timeout:g}s; dropped from round {task.round}"
+                log.warning("client %s: %s", task.client_id, reason)
+                yield ClientFailure(task.client_id, task.round, reason)
+        finally:
+            self.registry.expire(list(open_.values()))  # the caller stopped early: close what is left
+
+    def close(self, *, ok: bool = True, reason: str = "the federation finished") -> None:
+        """Tell every client to exit (with ``reason``), wait up to shutdown_grace_s, stop listening."""
+        if self._server is None:
+            return
+        self.registry.close({"ok": ok, "reason": reason})
+        self.registry.wait_told(self.dep.shutdown_grace_s)
+        self.stop()
+
+    def stop(self) -> None:
+        """Stop listening without telling clients (they keep reconnecting: for a server that will restart)."""
+        if self._server is not None:
+            self._server.stop(grace=1.0).wait(5.0)
+            self._server = None
+
+
+class _SharedPrepare:
+    """Hash and lay out each distinct parameter vector once per round, however many clients receive it."""
+
+    def __init__(self) -> None:
+        self._cache: dict[tuple[int, tuple[str, ...]], wire.Prepared] = {}
+
+    def prepare(self, params: object, payload: wire.Payload) -> wire.Prepared:
+        key = (id(params), tuple(payload.tensors))
+        if key not in self._cache or len(payload.tensors) > 1:  # extras differ per client: no sharing
+            self._cache[key] = wire.prepare(payload.tensors)
+        return self._cache[key]

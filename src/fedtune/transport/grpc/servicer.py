@@ -1,0 +1,217 @@
+"""The gRPC handlers of fedtune.v1.Federation (server side).
+
+Every handler first establishes who is calling from the TLS certificate (Authenticator), then acts on
+the Registry. Push receives *raw bytes* (no generated deserializer), so a garbage byte stream reaches
+our decoder, is rejected with a reason, and the client is told that reason in its PushReply instead of
+an opaque gRPC error.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+from collections.abc import Iterator
+from dataclasses import replace
+from typing import Any
+
+import grpc
+
+from fedtune.config.deployment import DeploymentConfig
+from fedtune.core.messages import ClientFailure
+from fedtune.errors import UpdateRejected
+from fedtune.transport.grpc import protocol, wire
+from fedtune.transport.grpc.auth import Authenticator, AuthError
+from fedtune.transport.grpc.proto import fedtune_pb2 as pb
+from fedtune.transport.grpc.registry import SHUTDOWN, Registry, SessionError, Task
+
+log = logging.getLogger("fedtune.server")
+SERVICE = "fedtune.v1.Federation"
+
+_EXPECTED = {pb.FIT: pb.FIT_RESULT, pb.EVALUATE: pb.EVAL_RESULT}
+
+
+class _Counted:
+    """Iterates raw request messages and counts their bytes (what the client put on the wire)."""
+
+    def __init__(self, raw: Iterator[bytes]) -> None:
+        self.raw, self.nbytes = raw, 0
+
+    def __iter__(self) -> Iterator[bytes]:
+        for message in self.raw:
+            self.nbytes += len(message)
+            yield message
+
+
+class Servicer:
+    def __init__(
+        self,
+        registry: Registry,
+        auth: Authenticator,
+        limits: wire.Limits,
+        *,
+        dep: DeploymentConfig,
+        config_yaml: str,
+        extra: dict[str, Any],
+    ) -> None:
+        self.registry, self.auth, self.limits, self.dep = registry, auth, limits, dep
+        self.config_yaml, self.extra = config_yaml, extra
+
+    def _who(self, context: grpc.ServicerContext) -> str:
+        try:
+            return self.auth.identify(context)
+        except AuthError as err:
+            log.warning("refused %s: %s", context.peer(), err)
+            context.abort(err.code, str(err))
+            raise  # unreachable: abort raises
+
+    def _session(self, cid: str, token: str, context: grpc.ServicerContext):
+        try:
+            return self.registry.touch(cid, token)
+        except SessionError as err:
+            context.abort(grpc.StatusCode.NOT_FOUND, str(err))
+            raise
+
+    # ------------------------------------------------------------------------------------ handlers
+
+    def Join(self, request: pb.JoinRequest, context: grpc.ServicerContext) -> pb.JoinReply:
+        cid = self._who(context)
+        if request.protocol != wire.PROTOCOL:
+            context.abort(
+                grpc.StatusCode.FAILED_PRECONDITION,
+                f"client speaks protocol {request.protocol}, this server speaks {wire.PROTOCOL}: upgrade fedtune",
+            )
+        if self.registry.closed:
+            context.abort(grpc.StatusCode.FAILED_PRECONDITION, "the federation has finished")
+        try:
+            session, rejoined = self.registry.join(cid)
+        except UpdateRejected as err:
+            context.abort(grpc.StatusCode.RESOURCE_EXHAUSTED, str(err))
+            raise
+        log.info("client %s %s from %s", cid, "rejoined" if rejoined else "joined", context.peer())
+        dep = self.dep
+        codec_params = {"int8": {"block": dep.codec_block}, "topk": {"fraction": dep.topk_fraction}}
+        return pb.JoinReply(
+            session=session.token,
+            client_id=cid,
+            config_yaml=self.config_yaml,
+            heartbeat_s=dep.heartbeat_s,
+            poll_s=dep.poll_s,
+            max_payload_bytes=self.limits.max_payload_bytes,
+            chunk_bytes=self.limits.chunk_bytes,
+            codec=dep.codec,
+            codec_params_json=json.dumps(codec_params.get(dep.codec, {})),
+            extra_json=json.dumps(self.extra),
+        )
+
+    def Heartbeat(self, request: pb.HeartbeatRequest, context: grpc.ServicerContext) -> pb.HeartbeatReply:
+        self._session(self._who(context), request.session, context)
+        return pb.HeartbeatReply(ok=True)
+
+    def Leave(self, request: pb.LeaveRequest, context: grpc.ServicerContext) -> pb.LeaveReply:
+        cid = self._who(context)
+        self.registry.leave(cid, request.session)
+        log.info("client %s left", cid)
+        return pb.LeaveReply()
+
+    def Pull(self, request: pb.PullRequest, context: grpc.ServicerContext) -> Iterator[pb.Chunk]:
+        cid = self._who(context)
+        session = self._session(cid, request.session, context)
+        try:
+            item = self.registry.take(session, self.dep.poll_s)
+        except SessionError as err:
+            context.abort(grpc.StatusCode.NOT_FOUND, str(err))
+        if item is None or item is SHUTDOWN:
+            kind = pb.IDLE if item is None else pb.SHUTDOWN
+            scalars = self.registry.shutdown_reason if item is SHUTDOWN else {}
+            yield from wire.encode(wire.Payload(pb.Header(kind=kind), scalars), chunk_bytes=self.limits.chunk_bytes)
+            return
+        yield from self._stream_task(item)
+
+    def _stream_task(self, task: Task) -> Iterator[pb.Chunk]:
+        sent, complete = 0, False
+        try:
+            for chunk in wire.encode(task.payload, chunk_bytes=self.limits.chunk_bytes, prepared=task.prepared):
+                sent += chunk.ByteSize()
+                yield chunk
+            complete = True
+            task.bytes_down = sent
+        finally:
+            if not complete:  # the client went away mid-stream: it will pull the task again
+                self.registry.requeue(task)
+
+    def Push(self, request_iterator: Iterator[bytes], context: grpc.ServicerContext) -> pb.PushReply:
+        cid = self._who(context)
+        counted = _Counted(request_iterator)
+        try:
+            payload = wire.decode(counted, self.limits)
+        except wire.WireError as err:
+            return self._reject(cid, err.header.task_id if err.header is not None else "", str(err))
+        try:
+            task = self.registry.claim(payload.header.task_id, cid)
+        except UpdateRejected as err:
+            return self._reject(cid, "", str(err))
+        try:
+            reply = self._reply(task, payload, cid, counted.nbytes)
+        except UpdateRejected as err:
+            self.registry.finish(task, ClientFailure(cid, task.round, f"rejected: {err}"))
+            return self._reject(cid, "", str(err))
+        if not self.registry.finish(task, reply):
+            return self._reject(cid, "", f"round {task.round}'s deadline passed before the result was checked")
+        if isinstance(reply, ClientFailure):
+            log.warning("client %s could not do its round-%d task: %s", cid, task.round, reply.reason)
+        return pb.PushReply(accepted=True)
+
+    def _reject(self, cid: str, task_id: str, reason: str) -> pb.PushReply:
+        """Log and refuse a result; if it named an open task of the caller, that task fails now."""
+        log.warning("rejected result from client %s: %s", cid, reason)
+        if task_id:
+            try:
+                task = self.registry.claim(task_id, cid)
+            except UpdateRejected:
+                pass  # someone else's task, or closed: nothing to fail
+            else:
+                self.registry.finish(task, ClientFailure(cid, task.round, f"rejected: {reason}"))
+        return pb.PushReply(accepted=False, reason=reason)
+
+    def _reply(self, task: Task, payload: wire.Payload, cid: str, nbytes: int):
+        """The ClientUpdate / ClientEval / ClientFailure a checked result stands for."""
+        h = payload.header
+        if h.round != task.round:
+            raise UpdateRejected(f"result is for round {h.round}, the task was for round {task.round}")
+        if h.kind == pb.FAILURE:
+            reason = str(payload.scalars.get("reason", "no reason given"))[:500]
+            return ClientFailure(cid, task.round, f"client reported: {reason}")
+        if h.kind != _EXPECTED[task.kind]:
+            raise UpdateRejected(f"result kind {pb.Kind.Name(h.kind) if h.kind in pb.Kind.values() else h.kind} "
+                                 f"does not answer a {pb.Kind.Name(task.kind)} task")
+        if task.kind == pb.EVALUATE:
+            return protocol.eval_from_result(payload, client_id=cid)
+        params = task.payload.tensors["params"]
+        update = protocol.update_from_payload(
+            payload, client_id=cid, numel=params.size, spec_digest=task.payload.header.spec_digest
+        )
+        log.info(
+            "round %d client %s: down %.1f kB, up %.1f kB (codec %s)",
+            task.round, cid, task.bytes_down / 1e3, nbytes / 1e3, h.codec or "none",
+        )
+        return replace(update, bytes_down=task.bytes_down, bytes_up=nbytes)
+
+
+def add_servicer(server: grpc.Server, servicer: Servicer) -> None:
+    """Register the handlers; Push takes raw bytes so that our decoder sees (and explains) garbage."""
+    handlers = {
+        "Join": grpc.unary_unary_rpc_method_handler(
+            servicer.Join, pb.JoinRequest.FromString, pb.JoinReply.SerializeToString
+        ),
+        "Heartbeat": grpc.unary_unary_rpc_method_handler(
+            servicer.Heartbeat, pb.HeartbeatRequest.FromString, pb.HeartbeatReply.SerializeToString
+        ),
+        "Leave": grpc.unary_unary_rpc_method_handler(
+            servicer.Leave, pb.LeaveRequest.FromString, pb.LeaveReply.SerializeToString
+        ),
+        "Pull": grpc.unary_stream_rpc_method_handler(
+            servicer.Pull, pb.PullRequest.FromString, pb.Chunk.SerializeToString
+        ),
+        "Push": grpc.stream_unary_rpc_method_handler(servicer.Push, None, pb.PushReply.SerializeToString),
+    }
+    server.add_generic_rpc_handlers((grpc.method_handlers_generic_handler(SERVICE, handlers),))
