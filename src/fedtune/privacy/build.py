@@ -44,3 +44,25 @@ def client_privacy(config: Config) -> tuple[list, list]:
 
         transforms.append(dp_clip_transform)  # last: what leaves the client is what is bounded
     return hook_factories, transforms
+
+
+SIMULATION_TRANSPORTS = ("InProcessTransport", "RayTransport")
+
+
+def check_secagg_transport(config: Config, transport: Any) -> None:
+    """Refuse SecAgg over a transport that would hand the server plaintext updates.
+
+    In the simulation the SecAgg driver runs the protocol between per-client objects in this process.
+    Over the network the four message rounds must be carried by the transport (docs/PRIVACY.md lists
+    them); until they are, running the driver on the server would mean receiving plaintext updates.
+    """
+    if config.privacy.secure_aggregation is None:
+        return
+    if type(transport).__name__ not in SIMULATION_TRANSPORTS:
+        from fedtune.errors import ConfigError
+
+        raise ConfigError(
+            "privacy.secure_aggregation runs only in the simulation for now: over this transport "
+            f"({type(transport).__name__}) the server would receive plaintext updates. The networked "
+            "deployment must carry SecAgg's four message rounds first (docs/PRIVACY.md)"
+        )

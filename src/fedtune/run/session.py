@@ -22,6 +22,7 @@ from fedtune.core.state import ServerState, load_state, save_state
 from fedtune.data.cache import default_cache_dir
 from fedtune.data.sources import load_federated
 from fedtune.errors import CheckpointError, DataError
+from fedtune.privacy.build import check_secagg_transport
 from fedtune.run import rundir
 from fedtune.run.plot import plot_rounds
 from fedtune.run.progress import ProgressTransport, RoundTable
@@ -168,6 +169,7 @@ def serve(
     ``accuracy`` says whether evaluation reports accuracy (classifiers) or perplexity.
     """
     console = console or Console()
+    check_secagg_transport(config, transport)  # privacy: SecAgg's rounds are carried in-process only (for now)
     strategy = build_strategy(config)
     digest = rundir.config_digest(config)
     run_dir, state, log = _open_run(config, strategy, init, resume_dir, console)

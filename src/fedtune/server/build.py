@@ -1,8 +1,9 @@
 """Build the server-side strategy from the config (the one place that maps config to strategy objects).
 
 Every strategy is one FedOpt: an aggregator (``server.aggregator``), a server optimiser
-(``server.optimizer``) and plug-ins (FedProx options, SCAFFOLD, a LoRA mode). Rules that span config
-sections and are not yet in ``Config._check`` are checked here and raise ConfigError naming the keys.
+(``server.optimizer``) and plug-ins (FedProx options, SCAFFOLD, a LoRA mode); the ``privacy`` section then
+wraps it (DP-FedAvg, secure aggregation). Rules that span config sections and are not yet in
+``Config._check`` are checked here and raise ConfigError naming the keys.
 """
 
 from __future__ import annotations
@@ -70,3 +71,4 @@ def build_strategy(config: Config, *, num_clients: int | None = None) -> Any:
     )
     # --- privacy, last: DP-FedAvg and/or secure aggregation wrap the strategy (unchanged when off) ---
     return wrap_strategy(strategy, config)
+

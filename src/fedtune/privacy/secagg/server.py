@@ -111,8 +111,9 @@ class SecAggServer:
             y = msg.masked
             if msg.client_id not in self.commitments or msg.client_id in received:
                 continue
-            if y.shape != (p.length,) or y.dtype.itemsize * 8 < min(p.modulus_bits, 16):
-                continue
+            container = np.dtype("<u2") if p.modulus_bits <= 16 else np.dtype("<u4")
+            if y.shape != (p.length,) or y.dtype != container:
+                continue  # malformed: treated as a dropout
             if p.modulus_bits < 32 and int(y.max(initial=0)) >= 1 << p.modulus_bits:
                 continue
             if self.seen_masked is not None:

@@ -205,6 +205,12 @@ class Registry:
             del self._tasks[task_id]  # the first answer closes it: a second one is a duplicate
             return task
 
+    def only_open_task(self, client_id: str) -> str:
+        """The id of the one delivered, unanswered task of ``client_id`` ("" if none or several)."""
+        with self._cond:
+            ids = [t.task_id for t in self._tasks.values() if t.client_id == client_id and t.session is not None]
+            return ids[0] if len(ids) == 1 else ""
+
     def finish(self, task: Task, reply: Any) -> bool:
         """Hand ``reply`` to the task's round; False if the task had already ended (deadline passed)."""
         with self._cond:

@@ -145,7 +145,11 @@ class Servicer:
         try:
             payload = wire.decode(counted, self.limits)
         except wire.WireError as err:
-            return self._reject(cid, err.header.task_id if err.header is not None else "", str(err))
+            if err.header is not None:
+                return self._reject(cid, err.header.task_id, str(err))
+            # Undecodable from the first byte, so it names no task; a participant works on one task at a
+            # time, so it can only have meant the one it holds: fail that now rather than at the deadline.
+            return self._reject(cid, self.registry.only_open_task(cid), str(err))
         try:
             task = self.registry.claim(payload.header.task_id, cid)
         except UpdateRejected as err:

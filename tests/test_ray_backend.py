@@ -1,0 +1,148 @@
+"""The Ray backend against its oracle, the in-process backend: the same seed gives the same run, bit for bit.
+
+Ray starts once for the module (a local instance with 2 CPUs and no dashboard, under /tmp); start-up and actor
+construction dominate the time, so the checks share as few actor pools as possible.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+import time
+
+import numpy as np
+import pytest
+
+ray = pytest.importorskip("ray")
+
+from fedtune.config.load import parse_config  # noqa: E402
+from fedtune.config.simulation import SimulationConfig  # noqa: E402
+from fedtune.core.messages import ClientFailure, ClientUpdate, EvalInstruction, FitInstruction  # noqa: E402
+from fedtune.run.session import initial_params, prepare, simulate, worker_from_config  # noqa: E402
+from fedtune.transport.inprocess import InProcessTransport  # noqa: E402
+from fedtune.transport.ray_backend import RayTransport, start_ray  # noqa: E402
+
+pytestmark = pytest.mark.timeout(180)
+
+
+def tiny_config(tmp_path, **simulation):
+    return parse_config(
+        {
+            "seed": 3,
+            "model": {
+                "kind": "module",
+                "factory": "fedtune.models.cnn:digits_cnn",
+                "factory_kwargs": {"channels": 4, "hidden": 16},
+                "lora": None,
+            },
+            "data": {"source": "digits", "partition": {"kind": "iid", "num_clients": 8}},
+            "federation": {"rounds": 2, "clients_per_round": 6},
+            "client": {"local_steps": 2, "batch_size": 16, "lr": 0.1, "optimizer": "sgd"},
+            "eval": {"max_clients": 4},
+            # one torch thread everywhere: Ray pins each actor to cpus_per_worker=1 thread, and a reduction
+            # split over 2 threads may round differently in the last bit
+            "run": {"out_dir": str(tmp_path / "runs"), "plot": False, "threads": 1},
+            "simulation": simulation,
+        }
+    )
+
+
+@pytest.fixture(scope="module")
+def ray_session(tmp_path_factory):
+    # the backend's own local start: 2 CPUs, no dashboard, actors' output not echoed, a temp dir under /tmp
+    assert start_ray(SimulationConfig(backend="ray", num_cpus=2, temp_dir="/tmp/fedtune-ray-tests"))
+    yield
+    ray.shutdown()
+
+
+def comparable(rounds: list[dict]) -> list[dict]:
+    """Round records without wall-clock fields."""
+    return [{k: v for k, v in r.items() if "seconds" not in k} for r in rounds]
+
+
+def test_simulate_on_ray_equals_in_process(ray_session, tmp_path) -> None:
+    started = time.perf_counter()
+    local = simulate(tiny_config(tmp_path), show_progress=False)
+    on_ray = simulate(tiny_config(tmp_path, backend="ray", num_workers=2), show_progress=False)
+    assert np.array_equal(on_ray.state.params, local.state.params)
+    assert not np.array_equal(local.state.params, initial_params(local.run_dir)), "the run must train"
+    assert comparable(on_ray.rounds) == comparable(local.rounds)
+    assert [r["clients_ok"] for r in on_ray.rounds[1:]] == [6, 6]
+    assert time.perf_counter() - started < 120
+
+
+@pytest.fixture(scope="module")
+def pool(ray_session, tmp_path_factory):
+    """One actor pool (1 worker, replies as completed) and the prepared in-process oracle."""
+    config = tiny_config(tmp_path_factory.mktemp("pool"), backend="ray", num_workers=1, ordered=False)
+    prepared = prepare(config)
+    transport = RayTransport(
+        functools.partial(worker_from_config, config), list(prepared.worker.records), config.simulation
+    )
+    yield config, prepared, transport
+    transport.close()
+
+
+def fit_instructions(config, prepared, ids, round_idx=1):
+    params = prepared.worker.current_params()
+    return [
+        FitInstruction(
+            cid, round_idx, params, prepared.worker.view.spec.digest, config.seed, config.client.model_dump()
+        )
+        for cid in ids
+    ]
+
+
+@pytest.mark.slow  # a second actor pool costs ~15 s; the default suite keeps only the end-to-end check
+def test_pool_replies_equal_in_process_replies_and_report_failures(pool) -> None:
+    config, prepared, transport = pool
+    ids = transport.client_ids()
+    assert ids == list(prepared.worker.records)
+    instructions = fit_instructions(config, prepared, ids)
+    bad = dataclasses.replace(instructions[0], client_id=ids[1], spec_digest="0" * 16)
+    expected = {u.client_id: u for u in InProcessTransport(prepared.worker).fit(instructions)}
+    replies = list(transport.fit([*instructions, bad]))
+    updates = [r for r in replies if isinstance(r, ClientUpdate)]
+    failures = [r for r in replies if isinstance(r, ClientFailure)]
+    assert sorted(u.client_id for u in updates) == sorted(ids)
+    assert [f.client_id for f in failures] == [ids[1]] and "spec" in failures[0].reason
+    for u in updates:
+        assert np.array_equal(u.delta, expected[u.client_id].delta)
+        assert u.delta.flags.writeable
+        assert (u.bytes_down, u.bytes_up) == (expected[u.client_id].bytes_down, expected[u.client_id].bytes_up)
+        assert u.metrics["train_loss"] == expected[u.client_id].metrics["train_loss"]
+
+
+@pytest.mark.slow
+def test_pool_evaluates_like_in_process(pool) -> None:
+    _, prepared, transport = pool
+    params = prepared.worker.current_params()
+    instructions = [
+        EvalInstruction(cid, 0, params, prepared.worker.view.spec.digest, 16, None) for cid in transport.client_ids()
+    ]
+    expected = [e.sums for e in InProcessTransport(prepared.worker).evaluate(instructions)]
+    got = {e.client_id: e.sums for e in transport.evaluate(instructions)}
+    assert [got[i.client_id] for i in instructions] == expected
+
+
+def test_ray_state_store_round_trip(ray_session) -> None:
+    from fedtune.client.state_store import ClientState, open_state_store
+
+    store = open_state_store("ray:test")
+    store.save("c0", "scaffold", ClientState({"c": np.arange(3, dtype=np.float32)}, {"steps": 2}), round=1)
+    again = open_state_store("ray:test")  # the same name opens the same store (as a worker would)
+    assert again.load("c0", "scaffold", round=1) is None  # nothing saved *before* round 1
+    loaded = again.load("c0", "scaffold", round=2)
+    assert loaded is not None and loaded.meta == {"steps": 2}
+    assert np.array_equal(loaded.arrays["c"], np.arange(3, dtype=np.float32))
+    store.close()
+
+
+@pytest.mark.slow
+def test_ray_actor_with_two_data_parallel_processes_per_client(ray_session, tmp_path) -> None:
+    """simulation.client_nproc on Ray: each actor trains its clients on 2 gloo ranks; same result up to float
+    rounding as one process per client (DDP averages two half-batch gradients instead of one full batch)."""
+    local = simulate(tiny_config(tmp_path), show_progress=False)
+    ddp = simulate(tiny_config(tmp_path, backend="ray", num_workers=1, client_nproc=2), show_progress=False)
+    np.testing.assert_allclose(ddp.state.params, local.state.params, rtol=0, atol=1e-5)
+    assert [r["clients_ok"] for r in ddp.rounds[1:]] == [6, 6]
