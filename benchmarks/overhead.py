@@ -25,7 +25,6 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 import numpy as np  # noqa: E402
 import torch  # noqa: E402
-
 from _common import run_child, write_section  # noqa: E402
 from _workloads import build, client_examples  # noqa: E402
 
@@ -50,7 +49,13 @@ def child_fedtune(workload: str, rounds: int, clients: int, steps: int) -> dict:
                 "model": {"kind": "module", "factory": "torch.nn:Identity", "lora": None},
                 "data": {"source": "digits", "partition": {"kind": "iid", "num_clients": clients}},
                 "federation": {"rounds": rounds, "clients_per_round": clients},
-                "client": {"local_steps": steps, "batch_size": BATCH, "lr": LR, "optimizer": "sgd", "max_grad_norm": None},
+                "client": {
+                    "local_steps": steps,
+                    "batch_size": BATCH,
+                    "lr": LR,
+                    "optimizer": "sgd",
+                    "max_grad_norm": None,
+                },
                 "eval": {"baseline": False, "every": 10_000},
                 "run": {"out_dir": tmp, "name": "bench"},
             }
@@ -129,12 +134,27 @@ def main() -> None:
         order = ["plain", "fedtune"] if rep % 2 == 0 else ["fedtune", "plain"]
         res = {}
         for variant in order:
-            res[variant] = run_child([script, "--child", variant, "--workload", shape[0], "--rounds", shape[1],
-                                      "--clients", shape[2], "--steps", shape[3]])
+            res[variant] = run_child(
+                [
+                    script,
+                    "--child",
+                    variant,
+                    "--workload",
+                    shape[0],
+                    "--rounds",
+                    shape[1],
+                    "--clients",
+                    shape[2],
+                    "--steps",
+                    shape[3],
+                ]
+            )
         ratio = res["fedtune"]["rounds_s"] / res["plain"]["rounds_s"]
         rows.append((res["plain"], res["fedtune"], ratio))
-        print(f"rep {rep}: plain {res['plain']['rounds_s']:.2f}s fedtune {res['fedtune']['rounds_s']:.2f}s "
-              f"ratio {ratio:.3f}  checksums {res['plain']['checksum']:.4f} / {res['fedtune']['checksum']:.4f}")
+        print(
+            f"rep {rep}: plain {res['plain']['rounds_s']:.2f}s fedtune {res['fedtune']['rounds_s']:.2f}s "
+            f"ratio {ratio:.3f}  checksums {res['plain']['checksum']:.4f} / {res['fedtune']['checksum']:.4f}"
+        )
         rel = abs(res["plain"]["checksum"] - res["fedtune"]["checksum"]) / res["plain"]["checksum"]
         if rel > 1e-5:
             raise SystemExit(f"fedtune and the plain loop ended with different models (relative {rel:.2e})")
