@@ -118,7 +118,6 @@ def round_records(report: RoundReport, accuracy: bool) -> list[dict]:
 
 
 @dataclass
-@dataclass
 class RunResult:
     run_dir: Path
     state: ServerState
