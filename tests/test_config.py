@@ -52,9 +52,9 @@ def test_overrides_parse_yaml_values_and_validate(tmp_path: Path) -> None:
     p.write_text("federation:\n  rounds: 2\n")
     cfg = load_config(p, ["federation.rounds=9", "client.lr=0.5", "model.lora.target_modules=[q_proj]"])
     assert cfg.federation.rounds == 9 and cfg.client.lr == 0.5 and cfg.model.lora.target_modules == ["q_proj"]
-    with pytest.raises(ConfigError, match="federation.bogus: unknown key"):
+    with pytest.raises(ConfigError, match=r"federation\.bogus: unknown key"):
         load_config(p, ["federation.bogus=1"])
-    with pytest.raises(ConfigError, match="key.path=value"):
+    with pytest.raises(ConfigError, match=r"key\.path=value"):
         apply_overrides({}, ["noequals"])
 
 

@@ -35,7 +35,11 @@ def write_corpus(root: Path, clients: int = 4, paragraphs: int = 12) -> Path:
 def tiny_config(tmp_path: Path, **over: object) -> dict:
     cfg = {
         "seed": 3,
-        "model": {"name": "tiny-llama", "max_length": 32, "lora": {"r": 4, "alpha": 8, "target_modules": ["q_proj", "v_proj"]}},
+        "model": {
+            "name": "tiny-llama",
+            "max_length": 32,
+            "lora": {"r": 4, "alpha": 8, "target_modules": ["q_proj", "v_proj"]},
+        },
         "data": {"source": "text", "path": str(write_corpus(tmp_path / "corpus"))},
         "federation": {"rounds": 3, "clients_per_round": 2},
         "client": {"local_steps": 4, "batch_size": 4, "lr": 0.05},
@@ -71,12 +75,14 @@ def test_federated_lora_run_lowers_loss_and_writes_run_dir(tmp_path: Path) -> No
 
 @pytest.mark.timeout(180)
 def test_resume_equals_uninterrupted(tmp_path: Path) -> None:
-    full = simulate(parse_config(tiny_config(tmp_path / "a", federation__rounds=4)), console=quiet(), show_progress=False)
+    full = simulate(
+        parse_config(tiny_config(tmp_path / "a", federation__rounds=4)), console=quiet(), show_progress=False
+    )
     # "crash" after round 2: run 2 rounds, leave a torn half-written round 3 in the metrics, then resume
     part_cfg = tiny_config(tmp_path / "b", federation__rounds=2)
     part = simulate(parse_config(part_cfg), console=quiet(), show_progress=False)
     with open(part.run_dir / rundir.METRICS, "a") as fh:
-        fh.write(json.dumps({"kind": "round", "round": 3, "eval_loss": 0.0}) + "\n{\"kind\": \"cli")
+        fh.write(json.dumps({"kind": "round", "round": 3, "eval_loss": 0.0}) + '\n{"kind": "cli')
     resumed_cfg = parse_config(tiny_config(tmp_path / "b", federation__rounds=4))
     resumed = simulate(resumed_cfg, resume_dir=part.run_dir, console=quiet(), show_progress=False)
     np.testing.assert_array_equal(resumed.state.params, full.state.params)
