@@ -169,7 +169,7 @@ def serve(
     """
     console = console or Console()
     check_secagg_transport(config, transport)  # privacy: SecAgg's rounds are carried in-process only (for now)
-    strategy = build_strategy(config)
+    strategy = build_strategy(config, num_clients=len(transport.client_ids()))  # SCAFFOLD needs N
     digest = rundir.config_digest(config)
     run_dir, state, log = _open_run(config, strategy, init, resume_dir, console)
     if extra_state and state.round == 0:

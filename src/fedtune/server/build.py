@@ -71,4 +71,3 @@ def build_strategy(config: Config, *, num_clients: int | None = None) -> Any:
     )
     # --- privacy, last: DP-FedAvg and/or secure aggregation wrap the strategy (unchanged when off) ---
     return wrap_strategy(strategy, config)
-

@@ -89,10 +89,12 @@ class _FfaFold(NoFold):
 class _ResidualMode:
     """Shared by fedex / svd / flora: the dense residual arrays and their payload."""
 
+    name: str
+
     def init_arrays(self, params: np.ndarray, spec: ParamSpec) -> dict[str, np.ndarray]:
         return {
             residual_key(p.module): np.zeros((p.out_features, p.in_features), np.float32)
-            for p in _pairs_or_raise(spec, self.name)  # type: ignore[attr-defined]
+            for p in _pairs_or_raise(spec, self.name)
         }
 
     def eval_payload(self, state: ServerState) -> dict[str, np.ndarray]:

@@ -1,0 +1,218 @@
+"""LoRA-aware aggregation: naive averaging of A and B is not the average of B A; the exact modes are."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from fedtune.aggregation.lora import (
+    lora_a_mask,
+    lora_pairs,
+    naive_product,
+    product_mean,
+    stack_adapters,
+    svd_reproject,
+)
+from fedtune.core.messages import ClientUpdate, FitInstruction
+from fedtune.core.params import ParamSpec
+from fedtune.server.build import build_strategy
+from fedtune.server.loop import run_round
+from fedtune.server.strategies import FedExLora, FedOpt, FfaLora, FLoRA, SvdLora
+from fedtune.server.strategies.lora import residual_key
+from fedtune.transport.inprocess import InProcessTransport
+from test_strategies_support import ArrayTask, TinyLoraNet, classification_records, make_config, make_worker, seeded
+
+R, D_IN, D_OUT = 2, 5, 4
+SPEC = ParamSpec(
+    names=("layer.q_proj.lora_A.weight", "layer.q_proj.lora_B.weight", "head.bias"),
+    shapes=((R, D_IN), (D_OUT, R), (3,)),
+    dtypes=("float32",) * 3,
+)
+
+
+def random_factors(k, ranks, seed=0):
+    rng = np.random.default_rng(seed)
+    return [(rng.normal(size=(D_OUT, r)), rng.normal(size=(r, D_IN))) for r in ranks[:k]]
+
+
+def test_naive_average_of_factors_is_not_the_average_of_products():
+    factors = random_factors(3, [R] * 3)
+    weights = [1.0, 2.0, 5.0]
+    exact = sum(w * b @ a for w, (b, a) in zip(np.array(weights) / 8.0, factors, strict=True))  # numpy oracle
+    np.testing.assert_allclose(product_mean(factors, weights), exact, rtol=1e-12)
+    gap = np.linalg.norm(naive_product(factors, weights) - exact) / np.linalg.norm(exact)
+    assert gap > 0.1  # not a rounding difference: the covariance of the factors
+
+
+@settings(max_examples=40, deadline=None)
+@given(st.lists(st.integers(1, 4), min_size=1, max_size=5), st.integers(0, 10_000))
+def test_flora_stacking_is_exact_for_heterogeneous_ranks(ranks, seed):
+    factors = random_factors(len(ranks), ranks, seed)
+    weights = list(np.random.default_rng(seed).uniform(0.1, 5.0, size=len(ranks)))
+    b_stack, a_stack = stack_adapters(factors, weights)
+    assert a_stack.shape == (sum(ranks), D_IN) and b_stack.shape == (D_OUT, sum(ranks))
+    oracle = sum(w * b @ a for w, (b, a) in zip(np.array(weights) / sum(weights), factors, strict=True))
+    np.testing.assert_allclose(b_stack @ a_stack, oracle, rtol=1e-10, atol=1e-12)
+
+
+def test_svd_reprojection_is_exact_up_to_the_rank_and_optimal_beyond():
+    rng = np.random.default_rng(3)
+    low = rng.normal(size=(D_OUT, 2)) @ rng.normal(size=(2, D_IN))  # rank 2
+    b, a, err = svd_reproject(low, 2)
+    np.testing.assert_allclose(b @ a, low, atol=1e-10)
+    assert err < 1e-12 and b.shape == (D_OUT, 2) and a.shape == (2, D_IN)
+    full = rng.normal(size=(D_OUT, D_IN))
+    b, a, err = svd_reproject(full, 2)
+    s = np.linalg.svd(full, compute_uv=False)  # Eckart-Young: the error is the tail of the spectrum
+    assert err == pytest.approx(np.sqrt((s[2:] ** 2).sum() / (s**2).sum()), rel=1e-9)
+
+
+def test_lora_pairs_find_factors_and_reject_orphans():
+    (pair,) = lora_pairs(SPEC)
+    assert (pair.module, pair.rank, pair.in_features, pair.out_features) == ("layer.q_proj", R, D_IN, D_OUT)
+    assert lora_a_mask(SPEC).sum() == R * D_IN
+    orphan = ParamSpec(names=("x.lora_B.weight",), shapes=((D_OUT, R),), dtypes=("float32",))
+    with pytest.raises(ValueError, match="no matching lora_A"):
+        lora_pairs(orphan)
+
+
+# --------------------------------------------------------------------------------------------- plug-ins
+
+
+def client_updates(global_vec, seed=1, k=3, freeze_a=False):
+    rng = np.random.default_rng(seed)
+    out = []
+    for i in range(k):
+        delta = rng.normal(0, 0.5, size=SPEC.numel).astype(np.float32)
+        if freeze_a:
+            delta[lora_a_mask(SPEC)] = 0.0
+        out.append(ClientUpdate(f"c{i}", 1, 2 + 3 * i, delta, SPEC.digest))
+    return out
+
+
+def effective(state, module="layer.q_proj"):
+    """R + B A of the global model (the residual is zero when the mode keeps none)."""
+    (pair,) = lora_pairs(state.spec)
+    residual = state.arrays.get(residual_key(module), np.zeros((D_OUT, D_IN), np.float32))
+    return residual.astype(np.float64) + pair.product(state.params)
+
+
+def client_product_mean(state, updates, ranks=None):
+    (pair,) = lora_pairs(state.spec)
+    factors = []
+    for i, u in enumerate(updates):
+        b, a = pair.factors(state.params + u.delta)
+        r = ranks[i] if ranks else R
+        factors.append((b[:, :r], a[:r]))
+    return state.arrays.get(residual_key(pair.module), 0) + product_mean(factors, [u.num_examples for u in updates])
+
+
+@pytest.mark.parametrize("plugin", [FedExLora(), SvdLora(), FLoRA(seed=1)], ids=["fedex", "svd", "flora"])
+def test_exact_modes_equal_the_weighted_mean_of_products(plugin):
+    strategy = FedOpt(plugins=[plugin])
+    rng = np.random.default_rng(0)
+    state = strategy.init_state(rng.normal(size=SPEC.numel).astype(np.float32), SPEC)
+    for round_idx in (1, 2):  # the second round starts from a non-zero residual
+        ups = [
+            ClientUpdate(u.client_id, round_idx, u.num_examples, u.delta, u.spec_digest)
+            for u in client_updates(state.params, seed=round_idx)
+        ]
+        target = client_product_mean(state, ups)
+        naive = FedOpt().aggregate(state, ups)[0]
+        before = state.params
+        state, _ = strategy.aggregate(state, ups)
+        np.testing.assert_allclose(effective(state), target, rtol=1e-5, atol=1e-6)
+        assert np.linalg.norm(effective(naive) - target) > 1e-2  # naive FedAvg misses it
+        # non-LoRA parameters are plain FedAvg (np.average oracle)
+        oracle_bias = np.average([u.delta[-3:] for u in ups], axis=0, weights=[u.num_examples for u in ups])
+        np.testing.assert_allclose(state.params[-3:] - before[-3:], oracle_bias, rtol=1e-5, atol=1e-6)
+    assert state.round == 2
+
+
+def test_flora_heterogeneous_ranks_use_each_clients_own_components():
+    plugin = FLoRA(seed=0, client_ranks=(1, 2))
+    ranks = [plugin.client_rank(f"c{i}", R) for i in range(3)]
+    assert set(ranks) == {1, 2}  # the seeded draw gives both ranks here
+    strategy = FedOpt(plugins=[plugin])
+    state = strategy.init_state(np.random.default_rng(0).normal(size=SPEC.numel).astype(np.float32), SPEC)
+    payloads = [strategy.fit_payload(state, f"c{i}")[1] for i in range(3)]
+    assert [p.get("lora_rank", R) for p in payloads] == ranks
+    ups = client_updates(state.params)
+    target = client_product_mean(state, ups, ranks=ranks)
+    new, metrics = strategy.aggregate(state, ups)
+    np.testing.assert_allclose(effective(new), target, rtol=1e-5, atol=1e-6)
+    assert metrics["flora_stacked_rank"] == sum(ranks)
+    (pair,) = lora_pairs(SPEC)
+    assert not pair.factors(new.params)[0].any()  # B re-initialised to zero, A fresh
+
+
+def test_ffa_is_exact_because_a_is_shared():
+    strategy = FedOpt(plugins=[FfaLora()])
+    state = strategy.init_state(np.random.default_rng(0).normal(size=SPEC.numel).astype(np.float32), SPEC)
+    assert strategy.fit_payload(state, "c0")[1] == {"lora_freeze_a": True}
+    ups = client_updates(state.params, freeze_a=True)
+    target = client_product_mean(state, ups)
+    new, metrics = strategy.aggregate(state, ups)
+    np.testing.assert_allclose(effective(new), target, rtol=1e-5, atol=1e-6)
+    assert metrics["ffa_max_a_change"] == 0.0
+    # a client that moved A anyway cannot move the global A
+    bad, _ = strategy.aggregate(state, client_updates(state.params))
+    np.testing.assert_array_equal(bad.params[lora_a_mask(SPEC)], state.params[lora_a_mask(SPEC)])
+
+
+# --------------------------------------------------------------------------------------------- end to end
+
+
+def layer_weights(module):
+    return {
+        name: layer.effective_weight().detach().clone()
+        for name, layer in (("q_proj", module.q_proj), ("v_proj", module.v_proj))
+    }
+
+
+@pytest.mark.parametrize("mode", ["fedex", "svd", "flora", "ffa"])
+def test_one_round_through_the_worker_equals_fedavg_of_effective_weights(mode):
+    """Oracle: run every sampled client alone, read its effective weights W0 + R + s B A, average them."""
+    records = classification_records(4)
+    server = {"lora_aggregation": mode}
+    if mode == "flora":
+        server["lora_client_ranks"] = [1, 2]
+    config = make_config(server=server, federation={"rounds": 2, "clients_per_round": 4}, model={"lora": {"r": 2}})
+    task = ArrayTask(seeded(TinyLoraNet))
+    worker = make_worker(task, records)
+    strategy = build_strategy(config)
+    state = strategy.init_state(worker.current_params(), worker.view.spec)
+    transport = InProcessTransport(worker)
+    for _ in range(2):  # round 2 starts from a non-zero residual (and, for flora, re-initialised adapters)
+        ids = list(records)
+        client_weights, sizes = [], []
+        for cid in ids:  # the oracle: each client's local model, trained alone
+            arrays, options = strategy.fit_payload(state, cid)
+            instr = FitInstruction(
+                cid,
+                state.round + 1,
+                state.params,
+                state.spec.digest,
+                config.seed,
+                config.client.model_dump(),
+                arrays,
+                options,
+            )
+            update = worker.fit(instr)
+            client_weights.append(layer_weights(task.module))
+            sizes.append(update.num_examples)
+        oracle = {
+            k: sum(w[k] * n for w, n in zip(client_weights, sizes, strict=True)) / sum(sizes) for k in client_weights[0]
+        }
+        state, _ = run_round(config, strategy, transport, state)
+        # the global model's effective weights: apply the new residual the way a client would
+        residual_hook = worker.hook_factories[0].__self__
+        for key, value in strategy.eval_payload(state).items():
+            residual_hook.apply(task.module, key.removeprefix("lora/residual/"), value)
+        worker.view.write(state.params)
+        got = layer_weights(task.module)
+        for k in oracle:
+            torch.testing.assert_close(got[k], oracle[k], rtol=1e-5, atol=1e-5)
