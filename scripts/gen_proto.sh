@@ -12,4 +12,8 @@ cd "$root/src"
 for f in fedtune/transport/grpc/proto/fedtune_pb2*.py*; do
   { echo "# ruff: noqa"; cat "$f"; } > "$f.tmp" && mv "$f.tmp" "$f"
 done
+# ... nor to format by hand: make it match the repository's formatter so `ruff format --check` passes.
+if [ -x "$root/.venv/bin/ruff" ]; then
+  "$root/.venv/bin/ruff" format -q fedtune/transport/grpc/proto/
+fi
 echo "generated: $(ls fedtune/transport/grpc/proto/fedtune_pb2*.py* | tr '\n' ' ')"

@@ -46,7 +46,13 @@ def _summary(result) -> None:
         view = result.prepared.worker.view
         for label, params in (("base", initial_params(result.run_dir)), ("federated", result.state.params)):
             view.write(params)
-            text = generate_text(task, cfg.eval.sample_prompt, max_new_tokens=cfg.eval.sample_tokens, seed=cfg.seed)
+            text = generate_text(
+                task,
+                cfg.eval.sample_prompt,
+                max_new_tokens=cfg.eval.sample_tokens,
+                seed=cfg.seed,
+                chat=cfg.data.source == "instruct",  # plain-text fine-tuning: continue the text as is
+            )
             console.print(f"[bold]{label} sample[/bold] {cfg.eval.sample_prompt!r} ->\n{text.strip()}\n")
     console.print(f"run directory: {result.run_dir}  (metrics.jsonl, metrics.png, checkpoint)")
 
@@ -84,16 +90,25 @@ def generate(
     prompt: Annotated[str, typer.Option(help="Text to continue.")],
     max_new_tokens: Annotated[int, typer.Option(help="Tokens to generate.")] = 60,
     seed: Annotated[int, typer.Option(help="Sampling seed.")] = 0,
+    chat: Annotated[
+        bool | None,
+        typer.Option(
+            "--chat/--no-chat", help="Wrap the prompt as a chat turn (default: if the run was instruction-tuned)."
+        ),
+    ] = None,
 ) -> None:
     """Generate text with the federated model of RUN_DIR."""
     from fedtune.run.artifacts import load_trained_task
     from fedtune.run.generate import generate_text
+    from fedtune.run.rundir import load_run_config
 
     try:
         task, _ = load_trained_task(run_dir)
         if task.kind != "causal_lm":
             raise FedtuneError(f"generate needs a causal language model; this run trained a {task.kind}")
-        console.print(generate_text(task, prompt, max_new_tokens=max_new_tokens, seed=seed))
+        if chat is None:
+            chat = load_run_config(run_dir).data.source == "instruct"
+        console.print(generate_text(task, prompt, max_new_tokens=max_new_tokens, seed=seed, chat=chat))
     except FedtuneError as err:
         _fail(err)
 

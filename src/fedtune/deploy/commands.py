@@ -87,8 +87,11 @@ def client_cmd(
         local = load_config(config) if config is not None else None
         tls = ClientTLS.from_paths(ca, cert, key, server_name)
         participant = Participant(
-            server, tls, make_worker=worker_factory(data, local_config=local, console=console),
-            reconnect_timeout_s=reconnect_timeout, console=console,
+            server,
+            tls,
+            make_worker=worker_factory(data, local_config=local, console=console),
+            reconnect_timeout_s=reconnect_timeout,
+            console=console,
         )
     except FedtuneError as err:
         _fail(err, getattr(err, "code", 2))
@@ -117,6 +120,8 @@ def certs_cmd(
         issued = create_pki(out_dir, split(clients), hosts=split(hosts))
     except FedtuneError as err:
         _fail(err)
-    console.print(f"CA {issued.ca}\nserver {issued.server_cert} (SANs 127.0.0.1, localhost{', ' if hosts else ''}"
-                  f"{hosts})\n" + "\n".join(f"client {n}: {c}" for n, (c, _) in issued.clients.items()))
+    console.print(
+        f"CA {issued.ca}\nserver {issued.server_cert} (SANs 127.0.0.1, localhost{', ' if hosts else ''}"
+        f"{hosts})\n" + "\n".join(f"client {n}: {c}" for n, (c, _) in issued.clients.items())
+    )
     console.print(f"revocation list {issued.revocation_list}; keep {out_dir / 'ca.key'} offline")

@@ -134,7 +134,9 @@ def worker_factory(
         task = build_task(config.model, num_labels=num_labels, cache_dir=cache_dir, seed=config.seed)
         ext = build_client_extensions(config)
         worker = ClientWorker(
-            task, {cid: (split.train, split.test)}, hook_factories=ext.hook_factories,
+            task,
+            {cid: (split.train, split.test)},
+            hook_factories=ext.hook_factories,
             update_transforms=ext.update_transforms,
         )
         examples = len(worker.examples(cid, train=True))

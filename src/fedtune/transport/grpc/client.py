@@ -69,8 +69,9 @@ class ClientTLS:
             except OSError as err:
                 raise ParticipantError(f"cannot read the {what} {path}: {err.strerror}", 2) from None
 
-        return cls(read(ca, "CA certificate (--ca)"), read(cert, "certificate (--cert)"), read(key, "key (--key)"),
-                   server_name)
+        return cls(
+            read(ca, "CA certificate (--ca)"), read(cert, "certificate (--cert)"), read(key, "key (--key)"), server_name
+        )
 
 
 @dataclass(frozen=True)
@@ -188,8 +189,10 @@ class Participant:
                 closed = closed + 1 if "socket closed" in details else 0
                 hint = ""
                 if closed >= 3:  # TCP connects but TLS is cut off: what a server does to a certificate it rejects
-                    hint = " (the server closes the connection during the TLS handshake: is this client's " \
+                    hint = (
+                        " (the server closes the connection during the TLS handshake: is this client's "
                         "certificate issued by the federation's CA?)"
+                    )
                 self.console.print(f"server {self.target} unavailable{hint}; retrying in {delay:.1f}s")
                 time.sleep(delay * (0.5 + self._jitter.random()))
                 delay = min(delay * 2, self._max_backoff_s)
@@ -198,8 +201,16 @@ class Participant:
         self.console.print(f"joined {self.target} as [bold]{reply.client_id}[/bold] (codec {codec.name})")
         # after a server restart, retry about as often as the server expects heartbeats
         self._max_backoff_s = min(10.0, max(1.0, 2 * (reply.heartbeat_s or 5.0)))
-        return Joined(reply.session, reply.client_id, reply.config_yaml, reply.heartbeat_s or 5.0,
-                      reply.poll_s or 20.0, limits, codec, json.loads(reply.extra_json or "{}"))
+        return Joined(
+            reply.session,
+            reply.client_id,
+            reply.config_yaml,
+            reply.heartbeat_s or 5.0,
+            reply.poll_s or 20.0,
+            limits,
+            codec,
+            json.loads(reply.extra_json or "{}"),
+        )
 
     def _ensure_worker(self, joined: Joined) -> None:
         if self.worker is None:
@@ -264,7 +275,10 @@ class Participant:
             if h.kind == pb.FIT:
                 update = self.worker.fit(protocol.fit_from_payload(payload, cid))
                 out, residual = protocol.update_payload(
-                    update, task_id=h.task_id, session=joined.session, codec=joined.codec,
+                    update,
+                    task_id=h.task_id,
+                    session=joined.session,
+                    codec=joined.codec,
                     residual=self._residuals.get(cid),
                 )
                 what = _describe_fit(update)

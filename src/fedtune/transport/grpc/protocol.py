@@ -1,7 +1,7 @@
 """fedtune messages <-> wire Payloads, both directions, with the checks a receiver must make.
 
 Tensor names on the wire: ``params`` (the global vector), ``extras/<name>`` (strategy arrays such as
-SCAFFOLD control variates, float32), ``delta/<part>`` (the update as the codec encoded it). Scalars
+SCAFFOLD control variates, in their own dtype), ``delta/<part>`` (the update as the codec encoded it). Scalars
 (training config, strategy options, metrics, evaluation sums) travel as one JSON object.
 
 The server calls the ``*_from_payload`` functions on what a client sent; every one of them raises
@@ -30,17 +30,18 @@ def _header(kind: int, *, task_id: str, round_idx: int, spec_digest: str = "", s
     return pb.Header(kind=kind, task_id=task_id, round=round_idx, spec_digest=spec_digest, session=session)
 
 
-def _float32_extras(extras: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
-    return {EXTRAS + k: np.asarray(v, dtype=np.float32) for k, v in extras.items()}
+def _named_extras(extras: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+    return {EXTRAS + k: np.asarray(v) for k, v in extras.items()}
 
 
 def _take_extras(tensors: dict[str, np.ndarray], who: str) -> dict[str, np.ndarray]:
+    """Strategy arrays, any wire dtype; floating ones must be finite (they reach the aggregate)."""
     out = {}
     for name, arr in tensors.items():
         if not name.startswith(EXTRAS):
             continue
-        if arr.dtype != np.float32 or not np.isfinite(arr).all():
-            raise UpdateRejected(f"{who}: extra {name!r} must be finite float32, got {arr.dtype}")
+        if arr.dtype.kind == "f" and not np.isfinite(arr).all():
+            raise UpdateRejected(f"{who}: extra {name!r} contains NaN or Inf values")
         out[name.removeprefix(EXTRAS)] = arr
     return out
 
@@ -51,7 +52,7 @@ def _take_extras(tensors: dict[str, np.ndarray], who: str) -> dict[str, np.ndarr
 def fit_payload(instr: FitInstruction, task_id: str) -> Payload:
     header = _header(pb.FIT, task_id=task_id, round_idx=instr.round, spec_digest=instr.spec_digest)
     scalars = {"seed": instr.seed, "train": instr.train, "options": instr.options}
-    return Payload(header, scalars, {"params": instr.params, **_float32_extras(instr.extras)})
+    return Payload(header, scalars, {"params": instr.params, **_named_extras(instr.extras)})
 
 
 def eval_payload(instr: EvalInstruction, task_id: str) -> Payload:
@@ -108,7 +109,7 @@ def update_payload(
     header.codec = encoded.codec
     header.codec_params_json = json.dumps(encoded.params)
     scalars = {"num_examples": update.num_examples, "metrics": update.metrics}
-    tensors = {DELTA + k: v for k, v in encoded.arrays.items()} | _float32_extras(update.extras)
+    tensors = {DELTA + k: v for k, v in encoded.arrays.items()} | _named_extras(update.extras)
     return Payload(header, scalars, tensors), residual
 
 

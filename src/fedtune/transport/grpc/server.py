@@ -86,9 +86,7 @@ class GrpcServerTransport:
             allowed=dep.allowed_clients,
             revocation_list=Path(dep.revocation_list).expanduser() if dep.revocation_list else None,
         )
-        self.servicer = Servicer(
-            self.registry, auth, self.limits, dep=dep, config_yaml=config_yaml, extra=extra or {}
-        )
+        self.servicer = Servicer(self.registry, auth, self.limits, dep=dep, config_yaml=config_yaml, extra=extra or {})
         self.tls = tls
         self.port: int | None = None
         self._server: grpc.Server | None = None

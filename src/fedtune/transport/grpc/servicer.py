@@ -186,8 +186,10 @@ class Servicer:
             reason = str(payload.scalars.get("reason", "no reason given"))[:500]
             return ClientFailure(cid, task.round, f"client reported: {reason}")
         if h.kind != _EXPECTED[task.kind]:
-            raise UpdateRejected(f"result kind {pb.Kind.Name(h.kind) if h.kind in pb.Kind.values() else h.kind} "
-                                 f"does not answer a {pb.Kind.Name(task.kind)} task")
+            raise UpdateRejected(
+                f"result kind {pb.Kind.Name(h.kind) if h.kind in pb.Kind.values() else h.kind} "
+                f"does not answer a {pb.Kind.Name(task.kind)} task"
+            )
         if task.kind == pb.EVALUATE:
             return protocol.eval_from_result(payload, client_id=cid)
         params = task.payload.tensors["params"]
@@ -196,7 +198,11 @@ class Servicer:
         )
         log.info(
             "round %d client %s: down %.1f kB, up %.1f kB (codec %s)",
-            task.round, cid, task.bytes_down / 1e3, nbytes / 1e3, h.codec or "none",
+            task.round,
+            cid,
+            task.bytes_down / 1e3,
+            nbytes / 1e3,
+            h.codec or "none",
         )
         return replace(update, bytes_down=task.bytes_down, bytes_up=nbytes)
 

@@ -37,6 +37,7 @@ _DTYPES: dict[int, np.dtype] = {
     pb.INT32: np.dtype("<i4"),
     pb.INT64: np.dtype("<i8"),
     pb.UINT32: np.dtype("<u4"),
+    pb.FLOAT64: np.dtype("<f8"),
 }
 _TAGS: dict[str, int] = {dt.str.lstrip("<>|="): tag for tag, dt in _DTYPES.items()}
 
@@ -112,13 +113,20 @@ def prepare(tensors: Mapping[str, np.ndarray]) -> Prepared:
     return Prepared(tuple(metas), tuple(views), total, digest.hexdigest())
 
 
+def _json_scalar(value: Any) -> Any:
+    """NumPy scalars (a strategy's np.float32 option, say) as plain numbers; anything else is an error."""
+    if isinstance(value, np.generic):
+        return value.item()
+    raise WireError(f"scalar of type {type(value).__name__} cannot travel as JSON: {value!r}")
+
+
 def encode(payload: Payload, *, chunk_bytes: int, prepared: Prepared | None = None) -> Iterator[pb.Chunk]:
     """The header chunk then data chunks of at most ``chunk_bytes`` (lazily: nothing is copied up front)."""
     prep = prepared if prepared is not None else prepare(payload.tensors)
     header = pb.Header()
     header.CopyFrom(payload.header)
     header.protocol = PROTOCOL
-    header.scalars_json = json.dumps(payload.scalars, allow_nan=True)
+    header.scalars_json = json.dumps(payload.scalars, allow_nan=True, default=_json_scalar)
     del header.tensors[:]
     header.tensors.extend(prep.metas)
     header.payload_bytes = prep.nbytes

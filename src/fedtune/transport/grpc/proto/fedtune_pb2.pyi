@@ -30,6 +30,8 @@ class DType(int, metaclass=_enum_type_wrapper.EnumTypeWrapper):
     INT32: _ClassVar[DType]
     INT64: _ClassVar[DType]
     UINT32: _ClassVar[DType]
+    FLOAT64: _ClassVar[DType]
+
 KIND_UNSPECIFIED: Kind
 IDLE: Kind
 SHUTDOWN: Kind
@@ -47,6 +49,7 @@ UINT8: DType
 INT32: DType
 INT64: DType
 UINT32: DType
+FLOAT64: DType
 
 class JoinRequest(_message.Message):
     __slots__ = ("protocol", "software")
@@ -57,7 +60,18 @@ class JoinRequest(_message.Message):
     def __init__(self, protocol: _Optional[int] = ..., software: _Optional[str] = ...) -> None: ...
 
 class JoinReply(_message.Message):
-    __slots__ = ("session", "client_id", "config_yaml", "heartbeat_s", "poll_s", "max_payload_bytes", "chunk_bytes", "codec", "codec_params_json", "extra_json")
+    __slots__ = (
+        "session",
+        "client_id",
+        "config_yaml",
+        "heartbeat_s",
+        "poll_s",
+        "max_payload_bytes",
+        "chunk_bytes",
+        "codec",
+        "codec_params_json",
+        "extra_json",
+    )
     SESSION_FIELD_NUMBER: _ClassVar[int]
     CLIENT_ID_FIELD_NUMBER: _ClassVar[int]
     CONFIG_YAML_FIELD_NUMBER: _ClassVar[int]
@@ -78,7 +92,19 @@ class JoinReply(_message.Message):
     codec: str
     codec_params_json: str
     extra_json: str
-    def __init__(self, session: _Optional[str] = ..., client_id: _Optional[str] = ..., config_yaml: _Optional[str] = ..., heartbeat_s: _Optional[float] = ..., poll_s: _Optional[float] = ..., max_payload_bytes: _Optional[int] = ..., chunk_bytes: _Optional[int] = ..., codec: _Optional[str] = ..., codec_params_json: _Optional[str] = ..., extra_json: _Optional[str] = ...) -> None: ...
+    def __init__(
+        self,
+        session: _Optional[str] = ...,
+        client_id: _Optional[str] = ...,
+        config_yaml: _Optional[str] = ...,
+        heartbeat_s: _Optional[float] = ...,
+        poll_s: _Optional[float] = ...,
+        max_payload_bytes: _Optional[int] = ...,
+        chunk_bytes: _Optional[int] = ...,
+        codec: _Optional[str] = ...,
+        codec_params_json: _Optional[str] = ...,
+        extra_json: _Optional[str] = ...,
+    ) -> None: ...
 
 class HeartbeatRequest(_message.Message):
     __slots__ = ("session",)
@@ -116,10 +142,28 @@ class TensorMeta(_message.Message):
     name: str
     dtype: DType
     shape: _containers.RepeatedScalarFieldContainer[int]
-    def __init__(self, name: _Optional[str] = ..., dtype: _Optional[_Union[DType, str]] = ..., shape: _Optional[_Iterable[int]] = ...) -> None: ...
+    def __init__(
+        self,
+        name: _Optional[str] = ...,
+        dtype: _Optional[_Union[DType, str]] = ...,
+        shape: _Optional[_Iterable[int]] = ...,
+    ) -> None: ...
 
 class Header(_message.Message):
-    __slots__ = ("protocol", "kind", "session", "task_id", "round", "spec_digest", "scalars_json", "tensors", "payload_bytes", "payload_sha256", "codec", "codec_params_json")
+    __slots__ = (
+        "protocol",
+        "kind",
+        "session",
+        "task_id",
+        "round",
+        "spec_digest",
+        "scalars_json",
+        "tensors",
+        "payload_bytes",
+        "payload_sha256",
+        "codec",
+        "codec_params_json",
+    )
     PROTOCOL_FIELD_NUMBER: _ClassVar[int]
     KIND_FIELD_NUMBER: _ClassVar[int]
     SESSION_FIELD_NUMBER: _ClassVar[int]
@@ -144,7 +188,21 @@ class Header(_message.Message):
     payload_sha256: str
     codec: str
     codec_params_json: str
-    def __init__(self, protocol: _Optional[int] = ..., kind: _Optional[_Union[Kind, str]] = ..., session: _Optional[str] = ..., task_id: _Optional[str] = ..., round: _Optional[int] = ..., spec_digest: _Optional[str] = ..., scalars_json: _Optional[str] = ..., tensors: _Optional[_Iterable[_Union[TensorMeta, _Mapping]]] = ..., payload_bytes: _Optional[int] = ..., payload_sha256: _Optional[str] = ..., codec: _Optional[str] = ..., codec_params_json: _Optional[str] = ...) -> None: ...
+    def __init__(
+        self,
+        protocol: _Optional[int] = ...,
+        kind: _Optional[_Union[Kind, str]] = ...,
+        session: _Optional[str] = ...,
+        task_id: _Optional[str] = ...,
+        round: _Optional[int] = ...,
+        spec_digest: _Optional[str] = ...,
+        scalars_json: _Optional[str] = ...,
+        tensors: _Optional[_Iterable[_Union[TensorMeta, _Mapping]]] = ...,
+        payload_bytes: _Optional[int] = ...,
+        payload_sha256: _Optional[str] = ...,
+        codec: _Optional[str] = ...,
+        codec_params_json: _Optional[str] = ...,
+    ) -> None: ...
 
 class Chunk(_message.Message):
     __slots__ = ("header", "data")

@@ -1,0 +1,160 @@
+"""Shared helpers for the gRPC tests: a throwaway PKI, free ports, a hand-driven raw client, processes."""
+
+from __future__ import annotations
+
+import os
+import signal
+import socket
+import subprocess
+import sys
+import threading
+import time
+from collections.abc import Callable, Iterable
+from pathlib import Path
+
+import grpc
+
+from fedtune.deploy.certs import create_pki
+from fedtune.transport.grpc import wire
+from fedtune.transport.grpc.client import MAX_MESSAGE
+from fedtune.transport.grpc.proto import fedtune_pb2 as pb
+from fedtune.transport.grpc.proto import fedtune_pb2_grpc as pb_grpc
+
+CLIENTS = [f"client_{i:03d}" for i in range(8)]
+REPO = Path(__file__).resolve().parents[1]
+
+
+def make_pki(root: Path) -> Path:
+    """CA + server + CLIENTS + 'revoked' (listed in revoked.txt); an 'intruder' signed by another CA."""
+    create_pki(root / "pki", [*CLIENTS, "revoked"])
+    (root / "pki" / "revoked.txt").write_text("# test list\nrevoked\n")
+    create_pki(root / "other", ["intruder"])  # a different CA: the server must not accept it
+    return root / "pki"
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def wait_until(predicate: Callable[[], object], timeout: float, what: str) -> object:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        value = predicate()
+        if value:
+            return value
+        time.sleep(0.1)
+    raise AssertionError(f"timed out after {timeout}s waiting for {what}")
+
+
+class RawClient:
+    """Speaks the protocol by hand, so a test can send exactly the bytes it wants."""
+
+    def __init__(self, port: int, pki: Path, name: str, *, ca: Path | None = None) -> None:
+        folder = pki if (pki / "clients" / f"{name}.pem").exists() else pki.parent / "other"
+        creds = grpc.ssl_channel_credentials(
+            (ca or pki / "ca.pem").read_bytes(),
+            (folder / "clients" / f"{name}.key").read_bytes(),
+            (folder / "clients" / f"{name}.pem").read_bytes(),
+        )
+        options = [("grpc.max_receive_message_length", MAX_MESSAGE), ("grpc.max_send_message_length", MAX_MESSAGE)]
+        self.channel = grpc.secure_channel(f"127.0.0.1:{port}", creds, options=options)
+        self.stub = pb_grpc.FederationStub(self.channel)
+        self.raw_push = self.channel.stream_unary("/fedtune.v1.Federation/Push", None, pb.PushReply.FromString)
+        self.session = ""
+        self.joined: pb.JoinReply | None = None
+        self.limits = wire.Limits(1 << 34, 1 << 20)
+
+    def join(self, *, wait: bool = False) -> pb.JoinReply:
+        """Join; ``wait`` keeps trying (up to 120s) until the server listens."""
+        request = pb.JoinRequest(protocol=wire.PROTOCOL)
+        self.joined = self.stub.Join(request, timeout=120 if wait else 10, wait_for_ready=wait)
+        self.session = self.joined.session
+        return self.joined
+
+    def heartbeat(self) -> None:
+        self.stub.Heartbeat(pb.HeartbeatRequest(session=self.session), timeout=5)
+
+    def pull(self) -> wire.Payload:
+        return wire.decode(self.stub.Pull(pb.PullRequest(session=self.session), timeout=30), self.limits)
+
+    def pull_task(self, timeout: float = 10.0) -> wire.Payload:
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            payload = self.pull()
+            if payload.header.kind in (pb.FIT, pb.EVALUATE):
+                return payload
+        raise AssertionError("no task arrived")
+
+    def push(self, payload: wire.Payload, chunk_bytes: int = 1 << 20) -> pb.PushReply:
+        return self.stub.Push(wire.encode(payload, chunk_bytes=chunk_bytes), timeout=60)
+
+    def push_raw(self, messages: Iterable[bytes]) -> pb.PushReply:
+        return self.raw_push(iter(messages), timeout=30)
+
+    def close(self) -> None:
+        self.channel.close()
+
+
+class Heartbeats:
+    """Keep a RawClient alive from a thread (as the real client does while it trains)."""
+
+    def __init__(self, client: RawClient, every: float) -> None:
+        self.stop = threading.Event()
+        self.thread = threading.Thread(target=self._run, args=(client, every), daemon=True)
+        self.thread.start()
+
+    def _run(self, client: RawClient, every: float) -> None:
+        while not self.stop.wait(every):
+            try:
+                client.heartbeat()
+            except grpc.RpcError:
+                return
+
+    def end(self) -> None:
+        self.stop.set()
+        self.thread.join(10)
+
+
+class Procs:
+    """Start ``python -m fedtune.cli ...`` (or a helper script) processes; kill whatever is left at the end."""
+
+    def __init__(self, workdir: Path) -> None:
+        self.workdir = workdir
+        self.procs: dict[str, subprocess.Popen] = {}
+        self.env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1", "COLUMNS": "200"}
+
+    def start(self, name: str, args: list[str]) -> subprocess.Popen:
+        with open(self.workdir / f"{name}.log", "ab") as log:  # append: a restarted process keeps its history
+            proc = subprocess.Popen(
+                [sys.executable, *args], cwd=self.workdir, stdout=log, stderr=subprocess.STDOUT, env=self.env
+            )
+        self.procs[name] = proc
+        return proc
+
+    def cli(self, name: str, *args: str) -> subprocess.Popen:
+        return self.start(name, ["-m", "fedtune.cli", *args])
+
+    def log(self, name: str) -> str:
+        path = self.workdir / f"{name}.log"
+        return path.read_text(errors="replace") if path.exists() else ""
+
+    def wait(self, name: str, timeout: float) -> int:
+        try:
+            return self.procs[name].wait(timeout)
+        except subprocess.TimeoutExpired:
+            raise AssertionError(f"{name} did not exit within {timeout}s; log:\n{self.log(name)[-3000:]}") from None
+
+    def kill(self, name: str) -> None:
+        proc = self.procs[name]
+        if proc.poll() is None:
+            proc.send_signal(signal.SIGKILL)
+            proc.wait(10)
+
+    def kill_all(self) -> None:
+        for name in list(self.procs):
+            self.kill(name)
+
+    def logs(self) -> str:
+        return "\n".join(f"===== {n}\n{self.log(n)[-4000:]}" for n in self.procs)
