@@ -117,6 +117,7 @@ def main() -> None:
     tp = throughput(args.k, args.reps)
     mem = [run_child([str(Path(__file__).resolve()), "--memory-child", str(k)]) for k in (10, 100)]
     growth = [m["peak_rss_mb"] - m["before_round_mb"] for m in mem]
+    buffers = [g / (N * 4 / 2**20) for g in growth]
     mem_rows = "\n".join(
         f"| {m['k']} | {m['before_round_mb']:.0f} | {m['peak_rss_mb']:.0f} | {m['round_s']:.1f} |" for m in mem
     )
@@ -138,9 +139,9 @@ produced only when the loop asks for it:
 | --- | --- | --- | --- |
 {mem_rows}
 
-Growth of the round's peak over its starting RSS: {growth[0]:.0f} MB with 10 clients, {growth[1]:.0f} MB with 100
-(flat: the server holds the global vector, one accumulator, the new global vector and the update in flight,
-whatever the number of clients).
+Growth of the round's peak over its starting RSS: {growth[0]:.0f} MB with 10 clients, {growth[1]:.0f} MB with 100,
+i.e. {buffers[0]:.1f} and {buffers[1]:.1f} model-sized buffers (the global vector, the accumulator, the update in
+flight, and the server optimiser's temporaries), the same whatever the number of clients.
 """
     print(body)
     if not args.no_write:

@@ -29,11 +29,13 @@ SUMMARY = "summary.json"
 
 
 def config_digest(config: Config) -> str:
-    """Identity of a run's configuration; the round count is left out so a finished run can be extended."""
+    """Identity of what a run computes. Left out: the round count (a finished run can be extended), and
+    settings that change where or how it runs but not its results (outputs, evaluation, the simulation
+    backend, which matches in-process exactly, and the deployment's addresses and credentials)."""
     data = config.model_dump(mode="json")
     data["federation"].pop("rounds", None)
-    data["run"] = {}
-    data["eval"] = {}
+    for section in ("run", "eval", "simulation", "deployment"):
+        data[section] = {}
     return hashlib.sha256(json.dumps(data, sort_keys=True).encode()).hexdigest()[:16]
 
 

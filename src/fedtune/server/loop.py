@@ -7,6 +7,7 @@ reaches the strategy; a bad reply becomes a logged failure and the round continu
 from __future__ import annotations
 
 import logging
+import math
 import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
@@ -43,11 +44,12 @@ class RoundReport:
 
     @property
     def train_loss(self) -> float | None:
-        """Example-weighted mean of the clients' local training losses."""
-        total = sum(c["num_examples"] for c in self.clients)
+        """Example-weighted mean of the clients' local training losses (clients that reported one)."""
+        reported = [c for c in self.clients if math.isfinite(c.get("train_loss", math.nan))]
+        total = sum(c["num_examples"] for c in reported)
         if not total:
             return None
-        return sum(c["train_loss"] * c["num_examples"] for c in self.clients) / total
+        return sum(c["train_loss"] * c["num_examples"] for c in reported) / total
 
 
 def validate_update(update: ClientUpdate, state: ServerState, expected: set[str], seen: set[str]) -> None:
