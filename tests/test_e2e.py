@@ -64,7 +64,7 @@ def test_federated_lora_run_lowers_loss_and_writes_run_dir(tmp_path: Path) -> No
     assert rounds[-1]["eval_loss"] < rounds[0]["eval_loss"] - 0.05
     assert rounds[-1]["eval_perplexity"] == pytest.approx(np.exp(rounds[-1]["eval_loss"]), rel=1e-6)
     run_dir = result.run_dir
-    for name in (rundir.CONFIG, rundir.METRICS, rundir.CHECKPOINT, rundir.PLOT):
+    for name in (rundir.CONFIG, rundir.METRICS, rundir.CHECKPOINT, rundir.PLOT, rundir.SUMMARY):
         assert (run_dir / name).is_file(), name
     lines = [json.loads(x) for x in (run_dir / rundir.METRICS).read_text().splitlines()]
     clients = [x for x in lines if x["kind"] == "client"]

@@ -2,7 +2,7 @@
 
 config.yaml               the fully resolved config
 metrics.jsonl             one JSON object per line: kind=round | client | eval_client | failure
-metrics.png               per-round plot, rewritten after every round
+metrics.png               per-round plot (redrawn at most every 30 s, and at the end)
 checkpoint.safetensors    the ServerState after the last completed round (atomic)
 summary.json              written when the run finishes
 """

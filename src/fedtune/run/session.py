@@ -6,6 +6,7 @@ most the round in flight, and ``simulate(..., resume_dir=...)`` continues with i
 
 from __future__ import annotations
 
+import json
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -35,6 +36,7 @@ from fedtune.transport.base import Transport
 from fedtune.transport.inprocess import InProcessTransport
 
 INITIAL = "initial.safetensors"
+PLOT_EVERY_S = 30.0  # metrics.png is redrawn at most this often while a run is going
 
 
 @dataclass
@@ -196,6 +198,14 @@ def serve(
         log.append([rec])
         table.add(rec)
 
+    last_plot = [time.monotonic()]
+
+    def replot(*, force: bool) -> None:
+        # Drawing the figure costs ~0.3 s: redraw at most every PLOT_EVERY_S seconds, and always at the end.
+        if config.run.plot and (force or time.monotonic() - last_plot[0] >= PLOT_EVERY_S):
+            plot_rounds(log.rounds(), run_dir / rundir.PLOT, title=config.run.name)
+            last_plot[0] = time.monotonic()
+
     def on_round(new_state: ServerState, report: RoundReport) -> None:
         records = round_records(report, accuracy)
         log.append(records)  # metrics first: a crash before the checkpoint replays this round
@@ -203,16 +213,19 @@ def serve(
         for f in report.failures:
             console.print(f"[yellow]round {f.round}: client {f.client_id} failed: {f.reason}[/yellow]")
         table.add(records[0])
-        if config.run.plot:
-            plot_rounds(log.rounds(), run_dir / rundir.PLOT, title=config.run.name)
+        replot(force=new_state.round >= config.federation.rounds)
 
     def on_stop(stopped: ServerState, reason: str) -> None:  # e.g. the privacy budget is spent
         log.append([{"kind": "stop", "round": stopped.round, "reason": reason}])
         console.print(f"[yellow]stopped after round {stopped.round}: {reason}[/yellow]")
 
     state = run_rounds(config, strategy, shown, state, on_round=on_round, on_stop=on_stop)
+    replot(force=True)
     rounds = log.rounds()
     baseline = next((r for r in rounds if r["round"] == 0), {})
+    final = next((r for r in reversed(rounds) if r["round"] > 0), {})
+    summary = {"rounds_completed": state.round, "baseline": baseline, "final": final, "spec_digest": state.spec.digest}
+    (run_dir / rundir.SUMMARY).write_text(json.dumps(summary, indent=1))
     return RunResult(run_dir=run_dir, state=state, rounds=rounds, baseline=baseline)
 
 
