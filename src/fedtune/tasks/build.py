@@ -18,7 +18,7 @@ import torch
 from fedtune.config.schema import ModelConfig
 from fedtune.core.rng import derive_seed
 from fedtune.errors import ConfigError, ModelError
-from fedtune.models.hub import load_causal_lm, load_sequence_classifier
+from fedtune.models.hub import load_causal_lm, load_sequence_classifier, resolve_model
 from fedtune.models.lora import apply_lora
 from fedtune.tasks.base import Task
 from fedtune.tasks.causal_lm import CausalLMTask
@@ -28,6 +28,10 @@ from fedtune.tasks.module import ModuleTask
 
 def build_task(model_cfg: ModelConfig, *, num_labels: int | None, cache_dir: Path, seed: int) -> Task:
     """Load and adapt the model ``model_cfg`` describes. ``num_labels`` is used when the config has none."""
+    if model_cfg.kind != "module":
+        # Convert or build a cached model folder first, outside the seeded block: a first (cold-cache) run
+        # must draw the same classifier head and LoRA init as every later one.
+        resolve_model(model_cfg.name, Path(cache_dir))
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(derive_seed(seed, "model-init"))
         task = _build(model_cfg, num_labels=num_labels, cache_dir=Path(cache_dir))
