@@ -72,7 +72,9 @@ def client_cmd(
         str | None, typer.Option(help="Name to check in the server certificate, if not the HOST dialled.")
     ] = None,
     reconnect_timeout: Annotated[float, typer.Option(help="Give up after this many seconds without a server.")] = 300.0,
-    nproc: Annotated[int, typer.Option(help="Ignored: a participant runs one worker process.")] = 1,
+    nproc: Annotated[
+        int, typer.Option(min=1, help="Train data-parallel on N local processes (DDP, gloo on CPU); rank 0 talks.")
+    ] = 1,
     verbose: Annotated[bool, typer.Option(help="Log connection events.")] = False,
 ) -> None:
     """Join a federation as a participant that trains on its local data only."""
@@ -81,15 +83,13 @@ def client_cmd(
     from fedtune.transport.grpc.client import ClientTLS, Participant
 
     _logging(verbose)
-    if nproc != 1:
-        console.print(f"note: --nproc {nproc} is ignored; a participant runs one worker process")
     try:
         local = load_config(config) if config is not None else None
         tls = ClientTLS.from_paths(ca, cert, key, server_name)
         participant = Participant(
             server,
             tls,
-            make_worker=worker_factory(data, local_config=local, console=console),
+            make_worker=worker_factory(data, local_config=local, console=console, nproc=nproc),
             reconnect_timeout_s=reconnect_timeout,
             console=console,
         )

@@ -16,6 +16,7 @@ its ``data`` section.
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -114,39 +115,60 @@ def check_pinned(local: Config, server: Config) -> None:
                 )
 
 
+def build_participant_worker(
+    config_yaml: str, local_yaml: str | None, data: str, client_id: str, num_labels: int | None
+) -> ClientWorker:
+    """This participant's worker from the server's config (YAML) and its own data; every data-parallel rank
+    calls it too (it takes only picklable strings), so all ranks build the same model and shard."""
+    config = parse_config(yaml.safe_load(config_yaml), source="received from the server")
+    local_config = parse_config(yaml.safe_load(local_yaml), source="--config") if local_yaml else None
+    if local_config is not None:
+        check_pinned(local_config, config)
+    data_cfg = local_config.data if local_config is not None else config.data
+    if config.run.threads:
+        torch.set_num_threads(config.run.threads)
+    cache_dir = default_cache_dir(data_cfg.cache_dir)
+    split = load_local_split(data_cfg, data, seed=config.seed, client_id=client_id, cache_dir=cache_dir)
+    task = build_task(
+        config.model, num_labels=config.model.num_labels or num_labels, cache_dir=cache_dir, seed=config.seed
+    )
+    ext = build_client_extensions(config)
+    worker = ClientWorker(
+        task,
+        {client_id: (split.train, split.test)},
+        hook_factories=ext.hook_factories,
+        update_transforms=ext.update_transforms,
+    )
+    if not worker.examples(client_id, train=True):
+        raise DataError(f"--data {data}: no training examples after encoding (model.max_length too large?)")
+    return worker
+
+
 def worker_factory(
-    data: str, *, local_config: Config | None = None, console: Console | None = None
+    data: str, *, local_config: Config | None = None, console: Console | None = None, nproc: int = 1
 ) -> Callable[[Joined], ClientWorker]:
-    """The function the participant loop calls once, with the server's configuration, to build its worker."""
+    """The function the participant loop calls once, with the server's configuration, to build its worker.
+
+    ``nproc > 1``: local training runs data-parallel on that many processes (DistributedDataParallel, gloo on
+    CPU); this process is rank 0 and the only one that talks to the server."""
     console = console or Console(stderr=True)
+    local_yaml = yaml.safe_dump(local_config.model_dump(mode="json")) if local_config is not None else None
 
     def make(joined: Joined) -> ClientWorker:
-        config = parse_config(yaml.safe_load(joined.config_yaml), source="received from the server")
-        if local_config is not None:
-            check_pinned(local_config, config)
-        data_cfg = local_config.data if local_config is not None else config.data
-        if config.run.threads:
-            torch.set_num_threads(config.run.threads)
-        cache_dir = default_cache_dir(data_cfg.cache_dir)
         cid = joined.client_id
-        split = load_local_split(data_cfg, data, seed=config.seed, client_id=cid, cache_dir=cache_dir)
-        num_labels = config.model.num_labels or joined.extra.get("num_labels")
-        task = build_task(config.model, num_labels=num_labels, cache_dir=cache_dir, seed=config.seed)
-        ext = build_client_extensions(config)
-        worker = ClientWorker(
-            task,
-            {cid: (split.train, split.test)},
-            hook_factories=ext.hook_factories,
-            update_transforms=ext.update_transforms,
-        )
-        examples = len(worker.examples(cid, train=True))
-        if examples == 0:
-            raise DataError(f"--data {data}: no training examples after encoding (model.max_length too large?)")
+        args = (joined.config_yaml, local_yaml, data, cid, joined.extra.get("num_labels"))
+        worker = build_participant_worker(*args)
+        split_train, split_test = worker.records[cid]
         console.print(
-            f"local data: {len(split.train)} training / {len(split.test)} held-out records, {examples} training "
-            f"examples; model {config.model.name if config.model.kind != 'module' else config.model.factory} "
-            f"with {worker.view.spec.numel:,} trainable parameters"
+            f"local data: {len(split_train)} training / {len(split_test)} held-out records, "
+            f"{len(worker.examples(cid, train=True))} training examples; "
+            f"{worker.view.spec.numel:,} trainable parameters"
         )
+        if nproc > 1:
+            from fedtune.client.distributed import DistributedClientWorker
+
+            console.print(f"local training runs data-parallel on {nproc} processes")
+            return DistributedClientWorker(worker, functools.partial(build_participant_worker, *args), nproc)  # type: ignore[return-value]
         return worker
 
     return make
