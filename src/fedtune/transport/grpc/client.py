@@ -42,7 +42,11 @@ _FATAL = {
     grpc.StatusCode.RESOURCE_EXHAUSTED,
 }
 # TLS failures look like "unavailable" to gRPC; these words in the details mean retrying is pointless.
-_TLS_WORDS = ("certificate", "handshake", "ssl", "tls", "alert")
+# Words of a TLS failure that retrying cannot fix (a server certificate this client does not trust). A bare
+# "Handshake read failed (... Connection reset by peer)" is not one of them: it is what a client sees while
+# the server restarts after a crash, and it must retry.
+_TLS_WORDS = ("certificate", "ssl", "tls", "alert")
+_TRANSIENT_WORDS = ("reset by peer", "connection refused", "socket closed")
 MAX_MESSAGE = 16 * 2**20 + wire.MAX_SCALARS_JSON + 2**20  # the largest chunk a server may be configured to send
 
 
@@ -179,7 +183,8 @@ class Participant:
                 if err.code() in _FATAL:
                     raise self._refused(err) from None
                 waited = time.monotonic() - started
-                if waited >= self.reconnect_timeout_s or any(w in details for w in _TLS_WORDS):
+                tls_fatal = any(w in details for w in _TLS_WORDS) and not any(w in details for w in _TRANSIENT_WORDS)
+                if waited >= self.reconnect_timeout_s or tls_fatal:
                     raise ParticipantError(
                         f"could not join the server at {self.target} ({waited:.0f}s): {err.details()}. Check the "
                         "address, that the server runs, that --ca is the federation's CA, and that this client's "
