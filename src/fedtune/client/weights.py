@@ -1,8 +1,8 @@
 """A zero-copy view of a module's trainable parameters as one flat float32 vector.
 
 The resident model is reused for every simulated client: ``write`` copies the global vector into the
-parameters in place, ``read`` gathers them back. Names drop peft's adapter label (``.default``) so the
-spec does not depend on what the adapter was called.
+parameters in place, ``read`` gathers them back. Names drop peft's adapter label (``.default``, see
+``fedtune.models.lora.stable_name``) so the spec does not depend on what the adapter was called.
 """
 
 from __future__ import annotations
@@ -11,15 +11,12 @@ import numpy as np
 import torch
 
 from fedtune.core.params import ParamSpec, check_vector
-
-
-def stable_name(name: str) -> str:
-    return name.replace(".default.", ".").removesuffix(".default")
+from fedtune.models.lora import trainable_parameters
 
 
 class TrainableView:
     def __init__(self, module: torch.nn.Module) -> None:
-        named = [(stable_name(n), p) for n, p in module.named_parameters() if p.requires_grad]
+        named = list(trainable_parameters(module).items())
         if not named:
             raise ValueError("the model has no trainable parameters")
         self.params = [p for _, p in named]

@@ -33,10 +33,11 @@ from opacus.grad_sample import GradSampleHooks
 from opacus.optimizers import DPOptimizer
 
 from fedtune.client.train import LocalHooks
-from fedtune.client.weights import TrainableView, stable_name
+from fedtune.client.weights import TrainableView
 from fedtune.config.privacy import DpSgdConfig
 from fedtune.config.schema import ClientConfig
 from fedtune.core.messages import ClientUpdate, FitInstruction
+from fedtune.models.lora import trainable_parameters
 from fedtune.privacy import accountant
 from fedtune.privacy.errors import PrivacyError
 from fedtune.privacy.noise import gaussian, noise_generator
@@ -111,7 +112,7 @@ class DpSgd:
     def _attach(self, task: Task) -> _Attachment:
         module = task.module
         if module not in self._attached:
-            named = [(stable_name(n), p) for n, p in module.named_parameters() if p.requires_grad]
+            named = list(trainable_parameters(module).items())
             batch = _Batch()
             module.register_forward_pre_hook(_capture(batch), with_kwargs=True)
             # strict=False: base models carry buffers (rotary tables); a parameter Opacus cannot handle is
