@@ -46,7 +46,7 @@ from fedtune.client.worker import ClientWorker
 from fedtune.config.schema import ClientConfig
 from fedtune.core.messages import ClientEval, ClientUpdate, EvalInstruction, FitInstruction
 from fedtune.core.rng import derive_seed, derive_torch_generator
-from fedtune.errors import FedtuneError, UpdateRejected
+from fedtune.errors import FedtuneError
 from fedtune.tasks.base import Example, Task
 
 WorkerFactory = Callable[[], ClientWorker]  # picklable: every rank calls it in its own process
@@ -138,16 +138,8 @@ def _read_params(worker: ClientWorker) -> np.ndarray:
 
 def ddp_fit(worker: ClientWorker, ddp: torch.nn.Module, instr: FitInstruction, device: torch.device) -> ClientUpdate:
     """``ClientWorker.fit`` with the data-parallel loop; the update is meaningful on every rank, sent by rank 0."""
-    if instr.spec_digest != worker.view.spec.digest:
-        raise UpdateRejected(f"the server's model spec {instr.spec_digest} differs from {worker.view.spec.digest}")
     started = time.perf_counter()
-    worker.view.write(instr.params)
-    cfg = ClientConfig.model_validate(instr.train)
-    hooks = LocalHooks()
-    for factory in worker.hook_factories:
-        extra = factory(worker.task, instr, worker.view)
-        hooks.loss_terms += extra.loss_terms
-        hooks.grad_hooks += extra.grad_hooks
+    cfg, hooks = worker.begin_fit(instr)
     result = ddp_local_train(
         worker.task,
         ddp,
@@ -159,19 +151,8 @@ def ddp_fit(worker: ClientWorker, ddp: torch.nn.Module, instr: FitInstruction, d
         hooks=hooks,
         device=device,
     )
-    return ClientUpdate(
-        client_id=instr.client_id,
-        round=instr.round,
-        num_examples=result.num_examples,
-        delta=_read_params(worker) - instr.params,
-        spec_digest=worker.view.spec.digest,
-        metrics={
-            "train_loss": result.train_loss,
-            "steps": float(result.steps),
-            "fit_seconds": time.perf_counter() - started,
-            "nproc": float(dist.get_world_size()),
-        },
-    )
+    metrics = {"fit_seconds": time.perf_counter() - started, "nproc": float(dist.get_world_size())}
+    return worker.reply(instr, result, _read_params(worker), metrics)
 
 
 def _next_instruction(inbox: Any) -> FitInstruction | None:

@@ -14,7 +14,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from fedtune.client.train import LocalHooks, local_train
+from fedtune.client.train import LocalHooks, LocalResult, local_train
 from fedtune.client.weights import TrainableView
 from fedtune.config.schema import ClientConfig
 from fedtune.core.messages import ClientEval, ClientUpdate, EvalInstruction, FitInstruction
@@ -70,16 +70,31 @@ class ClientWorker:
                 "server and client must use the same model and adapter configuration"
             )
 
-    def fit(self, instr: FitInstruction) -> ClientUpdate:
+    def begin_fit(self, instr: FitInstruction) -> tuple[ClientConfig, LocalHooks]:
+        """Check the spec, load the global vector, and build this fit's config and hooks."""
         self._check_digest(instr.spec_digest)
-        started = time.perf_counter()
         self.view.write(instr.params)
-        cfg = ClientConfig.model_validate(instr.train)
         hooks = LocalHooks()
         for factory in self.hook_factories:
             extra = factory(self.task, instr, self.view)
             hooks.loss_terms += extra.loss_terms
             hooks.grad_hooks += extra.grad_hooks
+        return ClientConfig.model_validate(instr.train), hooks
+
+    def reply(self, instr: FitInstruction, result: LocalResult, params: np.ndarray, metrics: dict) -> ClientUpdate:
+        """The update before transforms: ``params`` are the trained values, ``metrics`` extra figures."""
+        return ClientUpdate(
+            client_id=instr.client_id,
+            round=instr.round,
+            num_examples=result.num_examples,
+            delta=params - instr.params,
+            spec_digest=self.view.spec.digest,
+            metrics={"train_loss": result.train_loss, "steps": float(result.steps), **metrics},
+        )
+
+    def fit(self, instr: FitInstruction) -> ClientUpdate:
+        started = time.perf_counter()
+        cfg, hooks = self.begin_fit(instr)
         result = local_train(
             self.task,
             self.examples(instr.client_id, train=True),
@@ -89,19 +104,7 @@ class ClientWorker:
             client_id=instr.client_id,
             hooks=hooks,
         )
-        delta = self.view.read() - instr.params
-        update = ClientUpdate(
-            client_id=instr.client_id,
-            round=instr.round,
-            num_examples=result.num_examples,
-            delta=delta,
-            spec_digest=self.view.spec.digest,
-            metrics={
-                "train_loss": result.train_loss,
-                "steps": float(result.steps),
-                "fit_seconds": time.perf_counter() - started,
-            },
-        )
+        update = self.reply(instr, result, self.view.read(), {"fit_seconds": time.perf_counter() - started})
         for transform in self.update_transforms:
             update = transform(update, instr)
         return update
