@@ -1,35 +1,69 @@
-"""The in-process SecAgg driver, and the Summer that plugs it into DP-FedAvg and SecureAggregation.
+"""The SecAgg driver: the four message rounds between a SecAggServer and the clients, over any carrier.
 
-Transport.fit is one request and one reply per client; SecAgg needs four message rounds. In simulation
-this driver carries them: every message is encoded to bytes, optionally intercepted (tests tamper here),
-and decoded by its receiver, so byte counts are real and the server object only ever holds what a real
-server would. A client may drop before any stage (``drop_before``); the protocol copes while enough
-neighbours remain and aborts cleanly otherwise. The networked deployment must carry the same seven
-messages (docs/PRIVACY.md lists them).
+``run_rounds`` is the server's side of one round, written once: it encodes each stage's messages,
+hands them to a ``SecAggNetwork`` (the transport seam), decodes whoever answered before the stage
+ended, and treats everyone else as dropped. Two carriers implement the seam:
+
+* ``LocalPeers`` (simulation): per-client ``SecAggPeer`` objects in this process. Every message is
+  encoded to bytes, optionally intercepted (tests tamper here), and decoded by its receiver; a client may
+  drop before any stage (``drop_before``).
+* the gRPC server transport (deployment, ``GrpcServerTransport.secagg_exchange``): each message is a task
+  for a remote participant, whose ``SecAggPeer`` holds its own update; a stage ends at its deadline.
+
+``SecureSummer`` plugs either into DP-FedAvg and SecureAggregation.
 """
 
 from __future__ import annotations
 
 import hashlib
+import logging
 import time
 from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass, field
+from typing import Protocol
 
 import numpy as np
 
 from fedtune.config.privacy import SecAggConfig
 from fedtune.core.messages import ClientUpdate
 from fedtune.core.rng import derive_rng, derive_seed
-from fedtune.privacy.errors import SecAggAbort, TamperingDetected
+from fedtune.privacy.errors import PrivacyError, SecAggAbort, TamperingDetected
 from fedtune.privacy.secagg.client import SecAggClient
-from fedtune.privacy.secagg.messages import Message, PublicParams, decode, encode
+from fedtune.privacy.secagg.messages import (
+    HELD,
+    AdvertiseKeys,
+    MaskedInput,
+    Message,
+    PublicParams,
+    ShareKeys,
+    UnmaskShares,
+    decode,
+    encode,
+)
+from fedtune.privacy.secagg.peer import SecAggPeer
 from fedtune.privacy.secagg.quantize import dequantize_sum, field_for
 from fedtune.privacy.secagg.server import SecAggResult, SecAggServer
 from fedtune.privacy.sums import LinearSum, SumPlan, channel_value
 
-STAGES = ("advertise", "share", "masked", "unmask")
+log = logging.getLogger("fedtune.secagg")
+
+STAGES = ("advertise", "share", "masked", "unmask")  # named by what the clients send in each
 SERVER = "server"
+# the name a downlink message was known by before it opened a stage: the roster ends "advertise", ...
+_SENT_AFTER = {"advertise": "params", "share": "advertise", "masked": "share", "unmask": "masked"}
+_REPLY = {"advertise": AdvertiseKeys, "share": ShareKeys, "masked": MaskedInput, "unmask": UnmaskShares}
 Intercept = Callable[[str, str, str, bytes], bytes]  # (stage, sender, recipient, data) -> data
+
+
+class SecAggNetwork(Protocol):
+    """The transport seam: carry one stage of one SecAgg round.
+
+    ``messages`` maps each recipient to the encoded message that opens ``stage`` for it; the result maps
+    each client that answered, before the stage ended, to its encoded reply. A client that failed,
+    timed out or is gone is simply absent (it dropped). The carrier must authenticate who answered.
+    """
+
+    def secagg_exchange(self, round_idx: int, stage: str, messages: Mapping[str, bytes]) -> dict[str, bytes]: ...
 
 
 @dataclass
@@ -46,11 +80,86 @@ class Traffic:
         self.client_seconds[cid] = self.client_seconds.get(cid, 0.0) + seconds
 
 
-def _send(msg: Message, stage: str, sender: str, recipient: str, intercept: Intercept | None) -> tuple[Message, int]:
-    data = encode(msg)
-    if intercept is not None:
-        data = intercept(stage, sender, recipient, data)
-    return decode(data), len(data)
+def run_rounds(server: SecAggServer, network: SecAggNetwork, *, traffic: Traffic | None = None) -> SecAggResult:
+    """All four rounds between ``server`` and the clients it invited; raises SecAggAbort when the round
+    cannot finish. A reply that is missing, undecodable, of the wrong type or in another client's name
+    is a dropout at that stage."""
+    traffic = traffic if traffic is not None else Traffic()
+    p, dropped = server.params, {}
+
+    def stage(name: str, messages: Mapping[str, Message]) -> list:
+        encoded: dict[int, bytes] = {}  # a broadcast is encoded once
+        out = {cid: encoded.setdefault(id(msg), encode(msg)) for cid, msg in messages.items()}
+        for cid, data in out.items():
+            traffic.add(cid, down=len(data))
+        replies = network.secagg_exchange(p.round, name, out)
+        received = []
+        for cid in sorted(out):
+            data = replies.get(cid)
+            msg = _decoded(data) if data is not None else None
+            if not isinstance(msg, _REPLY[name]) or msg.client_id != cid:
+                dropped.setdefault(cid, name)
+                continue
+            traffic.add(cid, up=len(data))
+            received.append(msg)
+        return received
+
+    adverts = stage("advertise", dict.fromkeys(sorted(server.invited), p))
+    roster = server.roster(adverts)
+    forwarded = server.forward(stage("share", dict.fromkeys(roster.keys, roster)))
+    request = server.collect(stage("masked", forwarded))
+    result = server.finish(stage("unmask", dict.fromkeys(server.u3, request)))
+    result.dropped = dropped
+    return result
+
+
+def _decoded(data: bytes) -> Message | None:
+    try:
+        return decode(data)
+    except (SecAggAbort, UnicodeDecodeError):
+        return None  # malformed: the sender is treated as dropped
+
+
+class LocalPeers:
+    """The in-process carrier (simulation): each client's SecAggPeer lives in this process.
+
+    ``drop_before[c] = stage``: client c goes silent from that stage on (it never sends that stage's
+    message or any later one). A client whose own checks fail drops the same way; a client that detects
+    tampering aborts the round (Bonawitz et al.: honest clients abort on a bad ciphertext).
+    """
+
+    def __init__(
+        self,
+        peers: Mapping[str, SecAggPeer],
+        *,
+        drop_before: Mapping[str, str] | None = None,
+        intercept: Intercept | None = None,
+        traffic: Traffic | None = None,
+    ) -> None:
+        self.peers, self.drops = dict(peers), dict(drop_before or {})
+        self.intercept, self.traffic = intercept, traffic if traffic is not None else Traffic()
+        self.silent: set[str] = set()
+
+    def secagg_exchange(self, round_idx: int, stage: str, messages: Mapping[str, bytes]) -> dict[str, bytes]:
+        replies = {}
+        for cid, data in sorted(messages.items()):
+            if cid in self.silent or self.drops.get(cid) == stage:
+                self.silent.add(cid)
+                continue
+            if self.intercept is not None:
+                data = self.intercept(_SENT_AFTER[stage], SERVER, cid, data)
+            started = time.perf_counter()
+            try:
+                reply = self.peers[cid].respond(data)
+            except TamperingDetected:
+                raise
+            except SecAggAbort:  # the client's own check refused: it drops out here
+                self.silent.add(cid)
+                continue
+            finally:
+                self.traffic.add(cid, seconds=time.perf_counter() - started)
+            replies[cid] = reply if self.intercept is None else self.intercept(stage, cid, SERVER, reply)
+        return replies
 
 
 def run_protocol(
@@ -61,69 +170,11 @@ def run_protocol(
     intercept: Intercept | None = None,
     traffic: Traffic | None = None,
 ) -> SecAggResult:
-    """All four rounds between ``clients`` and ``server``; raises SecAggAbort when the round cannot finish.
-
-    ``drop_before[c] = stage``: client c goes silent from that stage on (it never sends that stage's
-    message or any later one). A client whose own checks fail drops the same way; a client that detects
-    tampering aborts the round (Bonawitz et al.: honest clients abort on a bad ciphertext).
-    """
-    drops = dict(drop_before or {})
+    """All four rounds between in-process ``clients`` and ``server`` (see LocalPeers for the options)."""
     traffic = traffic if traffic is not None else Traffic()
-    alive = {cid for cid in clients if drops.get(cid) != "advertise"}
-    dropped = {cid: "advertise" for cid in clients if cid not in alive}
-
-    def step(stage: str, cid: str, call: Callable[[], Message]) -> Message | None:
-        if drops.get(cid) == stage:
-            alive.discard(cid)
-            dropped[cid] = stage
-            return None
-        started = time.perf_counter()
-        try:
-            msg = call()
-        except TamperingDetected:
-            raise
-        except SecAggAbort:  # the client's own check refused: it drops out here
-            alive.discard(cid)
-            dropped[cid] = stage
-            return None
-        finally:
-            traffic.add(cid, seconds=time.perf_counter() - started)
-        decoded, size = _send(msg, stage, cid, SERVER, intercept)
-        traffic.add(cid, up=size)
-        return decoded
-
-    def broadcast(msg: Message, stage: str, recipients: Iterable[str]) -> dict[str, Message]:
-        out = {}
-        for cid in recipients:
-            out[cid], size = _send(msg, stage, SERVER, cid, intercept)
-            traffic.add(cid, down=size)
-        return out
-
-    adverts = [m for cid in sorted(alive) if (m := step("advertise", cid, clients[cid].advertise))]
-    rosters = broadcast(server.roster(adverts), "advertise", sorted(alive & server.keys.keys()))
-    shares = [
-        m
-        for cid in sorted(rosters)
-        if cid in alive and (m := step("share", cid, lambda c=cid: clients[c].share_keys(rosters[c])))
-    ]
-    forwarded = server.forward(shares)
-    inputs = []
-    for cid in sorted(forwarded):
-        if cid not in alive:
-            continue
-        fwd, size = _send(forwarded[cid], "share", SERVER, cid, intercept)
-        traffic.add(cid, down=size)
-        if (m := step("masked", cid, lambda c=cid, f=fwd: clients[c].masked_input(f))) is not None:
-            inputs.append(m)
-    requests = broadcast(server.collect(inputs), "masked", [c for c in server.u3 if c in alive])
-    replies = [
-        m
-        for cid in sorted(requests)
-        if cid in alive and (m := step("unmask", cid, lambda c=cid: clients[c].unmask(requests[c])))
-    ]
-    result = server.finish(replies)
-    result.dropped = dropped
-    return result
+    peers = {cid: SecAggPeer.of(client) for cid, client in clients.items()}
+    local = LocalPeers(peers, drop_before=drop_before, intercept=intercept, traffic=traffic)
+    return run_rounds(server, local, traffic=traffic)
 
 
 def random_dropouts(ids: Iterable[str], rate: float, rng: np.random.Generator) -> dict[str, str]:
@@ -136,10 +187,19 @@ def random_dropouts(ids: Iterable[str], rate: float, rng: np.random.Generator) -
 
 
 class SecureSummer:
-    """A Summer (see fedtune.privacy.sums) that forms the round's sum with SecAgg."""
+    """A Summer (see fedtune.privacy.sums) that forms the round's sum with SecAgg.
 
-    def __init__(self, cfg: SecAggConfig, *, seed: int) -> None:
-        self.cfg, self.seed = cfg, seed
+    Without a ``network`` the clients' protocol objects run here, on the updates the (simulation)
+    transport handed over. With one (``over(network)``), the updates are placeholders marked ``HELD``:
+    each client keeps its own update and answers the protocol's messages over the network.
+    """
+
+    def __init__(self, cfg: SecAggConfig, *, seed: int, network: SecAggNetwork | None = None) -> None:
+        self.cfg, self.seed, self.network = cfg, seed, network
+
+    def over(self, network: SecAggNetwork) -> SecureSummer:
+        """The same summer, with the protocol's messages carried by ``network``."""
+        return SecureSummer(self.cfg, seed=self.seed, network=network)
 
     def params(self, plan: SumPlan, num_clients: int) -> PublicParams:
         spec = field_for(num_clients, value_bits=self.cfg.value_bits)
@@ -156,34 +216,65 @@ class SecureSummer:
             threshold=self.cfg.threshold,
             neighbours=self.cfg.neighbours or 0,
             graph_seed=graph_seed.digest(),
+            weight_cap=plan.weight_cap,
         )
 
     def __call__(self, updates: Iterable[ClientUpdate], plan: SumPlan) -> LinearSum:
         updates = list(updates)  # the protocol's rounds need every participant before round 0
+        if self.network is not None:
+            return self._remote(updates, plan, self.network)
         inputs, rejected = {}, 0
         for u in updates:
             try:
-                inputs[u.client_id] = (u, [channel_value(u, c) for c in plan.channels])
+                for name in plan.channels:
+                    channel_value(u, name)  # a summand without its channel (e.g. DP's clip bit) is left out
             except ValueError:
                 rejected += 1
+                continue
+            inputs[u.client_id] = u
         if not inputs:
-            return LinearSum(np.zeros(plan.numel), 0.0, 0, dict.fromkeys(plan.channels, 0.0), {"secagg_clients": 0})
+            return _empty(plan)
         params = self.params(plan, len(inputs))
-        clients = {
-            cid: SecAggClient(
-                cid,
-                u.delta,
-                params,
-                weight=min(u.num_examples, plan.weight_cap) / plan.weight_cap,
-                channels=chans,
-                rng=derive_rng(self.seed, "secagg-quantise", plan.round, cid),
-            )
-            for cid, (u, chans) in inputs.items()
-        }
+        peers = {cid: SecAggPeer.holding(u, seed=self.seed) for cid, u in inputs.items()}
         drops = random_dropouts(inputs, self.cfg.simulate_dropout, derive_rng(self.seed, "secagg-dropout", plan.round))
         traffic = Traffic()
-        result = run_protocol(clients, SecAggServer(params, list(inputs)), drop_before=drops, traffic=traffic)
+        local = LocalPeers(peers, drop_before=drops, traffic=traffic)
+        result = _run(SecAggServer(params, list(inputs)), local, traffic)
         return decode_sum(result, params, traffic=traffic, invited=len(inputs), rejected=rejected)
+
+    def _remote(self, updates: list[ClientUpdate], plan: SumPlan, network: SecAggNetwork) -> LinearSum:
+        plain = [u.client_id for u in updates if not u.metrics.get(HELD)]
+        if plain:  # a transport bug, not a client's: a networked SecAgg round must never see a plaintext update
+            raise PrivacyError(f"secure aggregation over the network received plaintext updates from {plain}")
+        if not updates:
+            return _empty(plan)
+        ids = [u.client_id for u in updates]
+        params = self.params(plan, len(ids))
+        traffic = Traffic()
+        result = _run(SecAggServer(params, ids), network, traffic)
+        return decode_sum(result, params, traffic=traffic, invited=len(ids))
+
+
+def _run(server: SecAggServer, network: SecAggNetwork, traffic: Traffic) -> SecAggResult:
+    try:
+        result = run_rounds(server, network, traffic=traffic)
+    except SecAggAbort as err:
+        log.warning("%s", err)  # the strategy keeps the model and records the reason
+        raise
+    if result.dropped:
+        log.warning(
+            "secure aggregation round %d: %d of %d clients dropped out (%s); %d inputs summed",
+            server.params.round,
+            len(result.dropped),
+            len(server.invited),
+            ", ".join(f"{c} at {s}" for c, s in sorted(result.dropped.items())),
+            len(result.survivors),
+        )
+    return result
+
+
+def _empty(plan: SumPlan) -> LinearSum:
+    return LinearSum(np.zeros(plan.numel), 0.0, 0, dict.fromkeys(plan.channels, 0.0), {"secagg_clients": 0})
 
 
 def decode_sum(
@@ -206,6 +297,8 @@ def decode_sum(
         "secagg_client_seconds": sum(traffic.client_seconds.values()) / n,
         "secagg_server_seconds": result.server_seconds,
     }
+    if result.dropped:
+        metrics["secagg_dropouts"] = ",".join(f"{c}@{s}" for c, s in sorted(result.dropped.items()))
     if result.suspects:
         metrics["secagg_tampered_shares_from"] = ",".join(sorted(set(result.suspects)))
     if rejected:

@@ -2,7 +2,8 @@
 and a small binary encoding: little-endian integers, length-prefixed strings and blobs, raw arrays with
 a dtype code. No pickle; decoding checks the magic, the message type, lengths and bounds.
 
-    round 0  AdvertiseKeys   client -> server   c_pk (encryption), s_pk (masking)
+    round 0  PublicParams    server -> clients  the invitation: field, bounds, threshold, graph seed
+             AdvertiseKeys   client -> server   c_pk (encryption), s_pk (masking)
              Roster          server -> clients  public parameters, threshold, everyone's public keys
     round 1  ShareKeys       client -> server   commitment to b_u, one AEAD ciphertext per neighbour
              Forwarded       server -> client   the ciphertexts addressed to this client
@@ -10,7 +11,7 @@ a dtype code. No pickle; decoding checks the magic, the message type, lengths an
              UnmaskRequest   server -> clients  who sent a masked input (U3)
     round 3  UnmaskShares    client -> server   b-shares of survivors, s-shares of the dropped
 
-The networked deployment carries exactly these bytes (see docs/PRIVACY.md).
+The in-process driver and the gRPC transport carry exactly these bytes (see docs/PRIVACY.md).
 """
 
 from __future__ import annotations
@@ -22,6 +23,9 @@ import numpy as np
 
 from fedtune.privacy.errors import SecAggAbort
 
+# A transport whose clients keep their own updates (the gRPC deployment) hands the strategy placeholder
+# updates with this metric set to 1: there is nothing to sum in them, the clients answer the protocol.
+HELD = "secagg_held"
 MAGIC = b"FTSA"
 VERSION = 1
 MAX_ITEMS = 1 << 20
@@ -44,6 +48,7 @@ class PublicParams:
     threshold: float  # t = max(2, ceil(threshold * k)) of a client's k neighbours
     neighbours: int  # 0: complete graph
     graph_seed: bytes  # public seed of the neighbour permutation
+    weight_cap: int = 1000  # example weighting: a client's weight is min(n_k, weight_cap) / weight_cap
 
     @property
     def length(self) -> int:
@@ -103,6 +108,7 @@ _TYPES: dict[type, int] = {
     MaskedInput: 5,
     UnmaskRequest: 6,
     UnmaskShares: 7,
+    PublicParams: 8,
 }
 
 
@@ -188,15 +194,16 @@ def _params(w: _Writer, p: PublicParams) -> None:
     w.u("d", p.threshold)
     w.u("I", p.neighbours)
     w.blob(p.graph_seed)
+    w.u("I", p.weight_cap)
 
 
 def _read_params(r: _Reader) -> PublicParams:
     round_, num_values, weighted = int(r.u("Q")), int(r.u("Q")), bool(r.u("B"))
     channels = tuple(r.text() for _ in range(r.count()))
     bound, l2_bound, bits, levels = float(r.u("d")), float(r.u("d")), int(r.u("B")), int(r.u("Q"))
-    threshold, neighbours, seed = float(r.u("d")), int(r.u("I")), r.blob()
+    threshold, neighbours, seed, weight_cap = float(r.u("d")), int(r.u("I")), r.blob(), int(r.u("I"))
     return PublicParams(
-        round_, num_values, weighted, channels, bound, l2_bound, bits, levels, threshold, neighbours, seed
+        round_, num_values, weighted, channels, bound, l2_bound, bits, levels, threshold, neighbours, seed, weight_cap
     )
 
 
@@ -205,7 +212,9 @@ def encode(msg: Message) -> bytes:
     w.parts.append(MAGIC)
     w.u("B", VERSION)
     w.u("B", _TYPES[type(msg)])
-    if isinstance(msg, AdvertiseKeys):
+    if isinstance(msg, PublicParams):
+        _params(w, msg)
+    elif isinstance(msg, AdvertiseKeys):
         w.text(msg.client_id)
         w.blob(msg.c_pk)
         w.blob(msg.s_pk)
@@ -262,6 +271,8 @@ def decode(data: bytes) -> Message:
         msg = UnmaskRequest(tuple(r.text() for _ in range(r.count())))
     elif kind == 7:
         msg = UnmaskShares(r.text(), r.blob_map(), r.blob_map())
+    elif kind == 8:
+        msg = _read_params(r)
     else:
         raise SecAggAbort(f"unknown SecAgg message type {kind}")
     r.done()
