@@ -13,10 +13,11 @@ import numpy as np
 import pytest
 import torch
 
-from fedtune.client.distributed import DDPFitter, run_ddp_fit, shard_bounds
+from fedtune.client.distributed import DDPFitter, ProcessGroup, process_group, run_ddp_fit, shard_bounds
 from fedtune.client.worker import ClientWorker
 from fedtune.core.messages import FitInstruction
 from fedtune.data.types import ArrayExample
+from fedtune.errors import FedtuneError
 from fedtune.tasks.module import ModuleTask
 
 pytestmark = pytest.mark.timeout(120)
@@ -61,9 +62,37 @@ def test_shard_bounds_cover_the_batch_contiguously() -> None:
             assert max(sizes) - min(sizes) <= 1
 
 
+@pytest.mark.parametrize(
+    "device, nproc, gpus, backend, rank_devices",
+    [
+        ("auto", 2, 0, "gloo", ["cpu", "cpu"]),  # no CUDA: gloo on CPU
+        ("auto", 2, 1, "gloo", ["cpu", "cpu"]),  # fewer GPUs than ranks: NCCL cannot put two ranks on one GPU
+        ("auto", 2, 2, "nccl", ["cuda:0", "cuda:1"]),  # one GPU per rank, indexed by local rank
+        ("auto", 3, 8, "nccl", ["cuda:0", "cuda:1", "cuda:2"]),
+        ("cpu", 2, 8, "gloo", ["cpu", "cpu"]),  # asked for CPU: GPUs are not used
+        ("cuda", 1, 1, "nccl", ["cuda:0"]),
+    ],
+)
+def test_process_group_backend_and_rank_devices(device, nproc, gpus, backend, rank_devices) -> None:
+    group = process_group(device, nproc, cuda_devices=gpus)
+    assert group.backend == backend
+    assert [str(group.rank_device(r)) for r in range(nproc)] == rank_devices
+    assert [group.device_ids(r) for r in range(nproc)] == (
+        [[r] for r in range(nproc)] if backend == "nccl" else [None] * nproc
+    )
+
+
+def test_process_group_refuses_missing_gpus_and_unknown_devices() -> None:
+    with pytest.raises(FedtuneError, match="needs 2 GPUs, found 1"):
+        process_group("cuda", 2, cuda_devices=1)
+    with pytest.raises(ValueError, match="'tpu'"):
+        process_group("tpu", 2, cuda_devices=0)
+
+
 @pytest.fixture(scope="module")
 def fitter():
     with DDPFitter(make_worker, nproc=2) as f:
+        assert f.group == ProcessGroup("gloo", "cpu") or torch.cuda.device_count() >= 2
         yield f
 
 

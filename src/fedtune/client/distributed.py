@@ -1,21 +1,26 @@
 """Data-parallel local training inside one participant: torch DistributedDataParallel over N processes.
 
 A participant (a deployed client, ``fedtune client --nproc N``, or one simulated client with
-``simulation.client_nproc: N``) trains on N local processes: gloo on CPU, NCCL with one GPU per rank. The
-process that talks to the server starts the ranks once (``DDPFitter``) and relays each fit instruction to all
-of them; only rank 0 replies, and only its update goes to the server.
+``simulation.client_nproc: N``) trains on N local processes: gloo on CPU, NCCL with one GPU per rank
+(``process_group``: NCCL when CUDA shows N devices, else gloo). The process that talks to the server starts
+the ranks once (``DDPFitter``) and relays each fit instruction to all of them; only rank 0 replies, and only
+its update goes to the server.
 
 Every rank builds the same worker (same model from the same seed, same data), draws the same minibatches as
 ``local_train`` (the same shuffle stream of (seed, round, client)) and trains on its contiguous shard of each
-global batch. DDP averages gradients over ranks, and each rank's loss is scaled by ``n_rank * N / n_global``
-(counted units: examples, or tokens for a language model), so the averaged gradient is exactly the gradient
-of the global batch's mean loss, which is what one process computes on the whole batch, also for an uneven
-last batch. A rank whose shard is empty (a batch smaller than N) runs one example with weight 0 so it still
-joins the gradient all-reduce. Up to float rounding, the result equals a single-process run.
+global batch: the loop is ``local_train``'s, with ``RankShard`` as its batch loss. DDP averages gradients
+over ranks, and each rank's loss is scaled by ``n_rank * N / n_global`` (counted units: examples, or tokens
+for a language model), so the averaged gradient is exactly the gradient of the global batch's mean loss,
+which is what one process computes on the whole batch, also for an uneven last batch. A rank whose shard is
+empty (a batch smaller than N) runs one example with weight 0 so it still joins the gradient all-reduce. Up
+to float rounding, the result equals a single-process run.
 
 Limits: dropout masks differ from a single process (each rank draws its own); per-example hooks such as
-DP-SGD's per-sample clipping see one rank's shard, so do not combine them with ``nproc > 1``; ranks run on
-this machine only (several machines per participant need torchrun, not this launcher).
+DP-SGD's per-sample clipping would see one rank's shard, so DP-SGD with ``nproc > 1`` is refused
+(``fedtune.config.privacy.check_dpsgd_data_parallel``); ranks run on this machine only (several machines per
+participant need torchrun, not this launcher). On GPU ranks only the model and batches live on the rank's
+device: the NCCL path is not exercised by the tests (they run on CPU), and strategy hooks that build CPU
+tensors (FedProx anchors, SCAFFOLD's correction, straggler snapshots, LoRA residuals) are not device-aware.
 
 >>> # fitter = DDPFitter(functools.partial(worker_from_config, config), nproc=2)
 >>> # update = fitter.fit(instruction); fitter.close()      # or: run_ddp_fit(factory, instruction, 2)
@@ -24,14 +29,14 @@ this machine only (several machines per participant need torchrun, not this laun
 from __future__ import annotations
 
 import contextlib
-import math
 import os
 import queue
 import shutil
 import tempfile
 import time
 import weakref
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
 from datetime import timedelta
 from typing import Any
 
@@ -41,11 +46,9 @@ import torch.distributed as dist
 import torch.multiprocessing as mp
 from torch.nn.parallel import DistributedDataParallel
 
-from fedtune.client.train import LocalHooks, LocalResult, _batches, make_optimizer
+from fedtune.client.train import local_train
 from fedtune.client.worker import ClientWorker
-from fedtune.config.schema import ClientConfig
 from fedtune.core.messages import ClientEval, ClientUpdate, EvalInstruction, FitInstruction
-from fedtune.core.rng import derive_seed, derive_torch_generator
 from fedtune.errors import FedtuneError
 from fedtune.tasks.base import Example, Task
 
@@ -75,60 +78,32 @@ def _wrapped(task: Task, ddp: torch.nn.Module) -> Iterator[None]:
         task.module = module
 
 
-def ddp_local_train(
-    task: Task,
-    ddp: torch.nn.Module,
-    examples: Sequence[Example],
-    cfg: ClientConfig,
-    *,
-    seed: int,
-    round_idx: int,
-    client_id: str,
-    hooks: LocalHooks,
-    device: torch.device,
-) -> LocalResult:
-    """``local_train`` on this rank's shard of each global batch; every rank must call it together."""
-    if not examples:
-        raise ValueError(f"client {client_id} has no training examples")
-    rank, world = dist.get_rank(), dist.get_world_size()
-    params = [p for p in task.module.parameters() if p.requires_grad]
-    optimizer = make_optimizer(params, cfg)
-    batch_size = len(examples) if cfg.full_batch else cfg.batch_size
-    shuffle = derive_torch_generator(seed, "shuffle", round_idx, client_id)  # the same stream as local_train
-    torch.manual_seed(derive_seed(seed, "dropout", round_idx, client_id, "rank", rank))
-    if cfg.local_steps is not None:
-        total_steps = cfg.local_steps
-    else:
-        total_steps = cfg.local_epochs * math.ceil(len(examples) / batch_size)  # type: ignore[operator]
+@dataclass(frozen=True)
+class RankShard:
+    """``local_train``'s batch loss on this rank's contiguous shard of each global batch.
 
-    task.module.train()
-    losses: list[float] = []
-    with _wrapped(task, ddp):
-        while len(losses) < total_steps:
-            for batch_examples in _batches(examples, batch_size, shuffle):
-                start, stop = shard_bounds(len(batch_examples), rank, world)
-                shard = batch_examples[start:stop] or batch_examples[:1]  # empty shard: weight 0 below
-                batch = {k: v.to(device) for k, v in task.collate(shard).items()}
-                loss, count = task.loss(batch)
-                count = count if stop > start else 0
-                # (units on this rank, their summed loss) -> global units N and the global mean loss
-                sums = torch.tensor([float(count), float(loss.detach()) * count], dtype=torch.float64, device=device)
-                dist.all_reduce(sums)
-                total = loss * (count * world / float(sums[0]))
-                for term in hooks.loss_terms:
-                    total = total + term()
-                optimizer.zero_grad(set_to_none=True)
-                total.backward()  # DDP averages the gradients over ranks here
-                for hook in hooks.grad_hooks:
-                    hook()
-                if cfg.max_grad_norm is not None:
-                    torch.nn.utils.clip_grad_norm_(params, cfg.max_grad_norm)
-                optimizer.step()
-                losses.append(float(sums[1] / sums[0]))
-                if len(losses) >= total_steps:
-                    break
-    task.module.eval()
-    return LocalResult(num_examples=len(examples), steps=len(losses), train_loss=sum(losses) / len(losses))
+    Each rank's loss is weighted by ``n_rank * N / n_global`` (counted units), so DDP's average over ranks is
+    the gradient of the global batch's mean loss; an empty shard runs one example with weight 0 so the rank
+    still joins the gradient all-reduce. The reported loss is the global batch's mean task loss."""
+
+    rank: int
+    world: int
+    device: torch.device
+
+    @property
+    def rng_scope(self) -> tuple[object, ...]:
+        return ("rank", self.rank)  # each rank draws its own dropout masks
+
+    def __call__(self, task: Task, examples: list[Example]) -> tuple[torch.Tensor, float]:
+        start, stop = shard_bounds(len(examples), self.rank, self.world)
+        shard = examples[start:stop] or examples[:1]  # empty shard: weight 0 below
+        batch = {k: v.to(self.device) for k, v in task.collate(shard).items()}
+        loss, count = task.loss(batch)
+        count = count if stop > start else 0
+        # (units on this rank, their summed loss) -> global units N and the global mean loss
+        sums = torch.tensor([float(count), float(loss.detach()) * count], dtype=torch.float64, device=self.device)
+        dist.all_reduce(sums)
+        return loss * (count * self.world / float(sums[0])), float(sums[1] / sums[0])
 
 
 def _read_params(worker: ClientWorker) -> np.ndarray:
@@ -140,17 +115,17 @@ def ddp_fit(worker: ClientWorker, ddp: torch.nn.Module, instr: FitInstruction, d
     """``ClientWorker.fit`` with the data-parallel loop; the update is meaningful on every rank, sent by rank 0."""
     started = time.perf_counter()
     cfg, hooks = worker.begin_fit(instr)
-    result = ddp_local_train(
-        worker.task,
-        ddp,
-        worker.examples(instr.client_id, train=True),
-        cfg,
-        seed=instr.seed,
-        round_idx=instr.round,
-        client_id=instr.client_id,
-        hooks=hooks,
-        device=device,
-    )
+    with _wrapped(worker.task, ddp):  # every rank calls this together: the loss all-reduces per step
+        result = local_train(
+            worker.task,
+            worker.examples(instr.client_id, train=True),
+            cfg,
+            seed=instr.seed,
+            round_idx=instr.round,
+            client_id=instr.client_id,
+            hooks=hooks,
+            batch_loss=RankShard(dist.get_rank(), dist.get_world_size(), device),
+        )
     metrics = {"fit_seconds": time.perf_counter() - started, "nproc": float(dist.get_world_size())}
     return worker.reply(instr, result, _read_params(worker), metrics)
 
@@ -167,21 +142,57 @@ def _next_instruction(inbox: Any) -> FitInstruction | None:
                 return None
 
 
-def _rank_main(rank: int, world: int, store: str, factory: WorkerFactory, device: str, inbox: Any, outbox: Any) -> None:
+@dataclass(frozen=True)
+class ProcessGroup:
+    backend: str  # "gloo" | "nccl"
+    device: str  # "cpu" | "cuda"
+
+    def rank_device(self, local_rank: int) -> torch.device:
+        return torch.device("cuda", local_rank) if self.device == "cuda" else torch.device("cpu")
+
+    def device_ids(self, local_rank: int) -> list[int] | None:
+        """DistributedDataParallel's ``device_ids``: the rank's GPU, or None on CPU."""
+        return [local_rank] if self.device == "cuda" else None
+
+
+def process_group(device: str, nproc: int, *, cuda_devices: int) -> ProcessGroup:
+    """The collective backend and each rank's device for ``nproc`` ranks on this machine.
+
+    ``device``: ``"cpu"`` (gloo), ``"cuda"`` (NCCL, one GPU per rank: the GPU index is the local rank, since
+    NCCL refuses two ranks on one device), or ``"auto"``: NCCL when CUDA shows at least ``nproc`` devices,
+    else gloo on CPU.
+
+    >>> process_group("auto", 2, cuda_devices=0)
+    ProcessGroup(backend='gloo', device='cpu')
+    >>> process_group("auto", 2, cuda_devices=4).rank_device(1)
+    device(type='cuda', index=1)
+    """
+    if device not in ("auto", "cpu", "cuda"):
+        raise ValueError(f"data-parallel device must be 'auto', 'cpu' or 'cuda', got {device!r}")
+    if device == "cuda" and cuda_devices < nproc:
+        raise FedtuneError(f"nproc={nproc} on GPU needs {nproc} GPUs, found {cuda_devices}")
+    if device == "cuda" or (device == "auto" and cuda_devices >= nproc):
+        return ProcessGroup("nccl", "cuda")
+    return ProcessGroup("gloo", "cpu")
+
+
+def _rank_main(
+    rank: int, world: int, store: str, factory: WorkerFactory, group: ProcessGroup, inbox: Any, outbox: Any
+) -> None:
     """One rank: build the worker once, then serve fit instructions until told to stop (None)."""
     os.environ.setdefault("GLOO_SOCKET_IFNAME", "lo")  # ranks share this machine: stay on loopback
-    dev = torch.device(f"cuda:{rank}") if device == "cuda" else torch.device("cpu")
+    dev = group.rank_device(rank)  # one machine: the local rank is the global rank
     try:
         worker = factory()
         worker.task.module.to(dev)
         dist.init_process_group(
-            "nccl" if device == "cuda" else "gloo",
+            group.backend,
             init_method=f"file://{store}",
             rank=rank,
             world_size=world,
             timeout=timedelta(seconds=COLLECTIVE_TIMEOUT_S),
         )
-        ddp = DistributedDataParallel(worker.task.module, device_ids=[rank] if device == "cuda" else None)
+        ddp = DistributedDataParallel(worker.task.module, device_ids=group.device_ids(rank))
         outbox.put(("ready", rank, worker.view.spec.digest))
     except Exception as err:
         outbox.put(("error", rank, f"rank {rank} failed to start: {type(err).__name__}: {err}"))
@@ -207,11 +218,10 @@ def _rank_main(rank: int, world: int, store: str, factory: WorkerFactory, device
 class DDPFitter:
     """``nproc`` resident ranks training one participant data-parallel; ``fit`` returns rank 0's update."""
 
-    def __init__(self, factory: WorkerFactory, nproc: int, *, device: str = "cpu", start_timeout_s: float = 300):
+    def __init__(self, factory: WorkerFactory, nproc: int, *, device: str = "auto", start_timeout_s: float = 300):
         if nproc < 1:
             raise ValueError(f"nproc must be >= 1, got {nproc}")
-        if device == "cuda" and torch.cuda.device_count() < nproc:
-            raise FedtuneError(f"nproc={nproc} on GPU needs {nproc} GPUs, found {torch.cuda.device_count()}")
+        self.group = process_group(device, nproc, cuda_devices=torch.cuda.device_count())
         ctx = mp.get_context("spawn")  # fork would copy the parent's threads and any CUDA state
         self._dir = tempfile.mkdtemp(prefix="fedtune-ddp-")  # the rendezvous file: no TCP port to collide on
         self._inboxes = [ctx.Queue() for _ in range(nproc)]
@@ -219,7 +229,7 @@ class DDPFitter:
         self._procs = [
             ctx.Process(
                 target=_rank_main,
-                args=(r, nproc, os.path.join(self._dir, "store"), factory, device, self._inboxes[r], self._outbox),
+                args=(r, nproc, os.path.join(self._dir, "store"), factory, self.group, self._inboxes[r], self._outbox),
                 daemon=True,
             )
             for r in range(nproc)
@@ -285,7 +295,7 @@ class DDPFitter:
         self.close()
 
 
-def run_ddp_fit(factory: WorkerFactory, instr: FitInstruction, nproc: int, *, device: str = "cpu") -> ClientUpdate:
+def run_ddp_fit(factory: WorkerFactory, instr: FitInstruction, nproc: int, *, device: str = "auto") -> ClientUpdate:
     """One fit on ``nproc`` fresh ranks (start-up included): for one-off use; keep a DDPFitter across rounds."""
     with DDPFitter(factory, nproc, device=device) as fitter:
         return fitter.fit(instr)
@@ -297,7 +307,7 @@ class DistributedClientWorker:
     Drop-in for the transports (``records``, ``view``, ``fit``, ``evaluate``, ``current_params``).
     """
 
-    def __init__(self, local: ClientWorker, factory: WorkerFactory, nproc: int, *, device: str = "cpu") -> None:
+    def __init__(self, local: ClientWorker, factory: WorkerFactory, nproc: int, *, device: str = "auto") -> None:
         self.local = local
         self.fitter = DDPFitter(factory, nproc, device=device)
         if self.fitter.spec_digest != local.view.spec.digest:

@@ -1,7 +1,10 @@
 """Local training: E epochs or S steps of minibatch SGD/AdamW on one client's examples.
 
 Reads top to bottom like nanoGPT's loop. Strategy-specific local behaviour (FedProx's proximal term,
-SCAFFOLD's gradient correction, DP-SGD) plugs in through ``LocalHooks`` rather than subclasses.
+SCAFFOLD's gradient correction, DP-SGD) plugs in through ``LocalHooks`` rather than subclasses. How each
+global batch becomes the loss to differentiate is the one other seam (``BatchLoss``): the whole batch in
+this process (``WholeBatch``), or this rank's shard of it under data parallelism
+(``fedtune.client.distributed.RankShard``); the loop itself exists once.
 """
 
 from __future__ import annotations
@@ -9,6 +12,7 @@ from __future__ import annotations
 import math
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
+from typing import Protocol
 
 import torch
 
@@ -24,6 +28,29 @@ GradHook = Callable[[], None]  # runs after backward, before the optimizer step 
 class LocalHooks:
     loss_terms: list[LossTerm] = field(default_factory=list)
     grad_hooks: list[GradHook] = field(default_factory=list)
+
+
+class BatchLoss(Protocol):
+    """How one step turns a global batch into (the loss to differentiate, the batch's mean task loss)."""
+
+    # appended to the dropout stream's scope: data-parallel ranks each draw their own dropout masks
+    rng_scope: tuple[object, ...]
+
+    def __call__(self, task: Task, examples: list[Example]) -> tuple[torch.Tensor, float]: ...
+
+
+@dataclass(frozen=True)
+class WholeBatch:
+    """One process computes the step on the whole batch."""
+
+    rng_scope: tuple[object, ...] = ()
+
+    def __call__(self, task: Task, examples: list[Example]) -> tuple[torch.Tensor, float]:
+        loss, _ = task.loss(task.collate(examples))
+        return loss, float(loss.detach())
+
+
+WHOLE_BATCH = WholeBatch()
 
 
 @dataclass(frozen=True)
@@ -55,8 +82,12 @@ def local_train(
     round_idx: int,
     client_id: str,
     hooks: LocalHooks | None = None,
+    batch_loss: BatchLoss = WHOLE_BATCH,
 ) -> LocalResult:
-    """Train ``task.module``'s trainable parameters in place on ``examples``."""
+    """Train ``task.module``'s trainable parameters in place on ``examples``.
+
+    ``task.module`` may be a wrapper while this runs (DDP): the parameters are read from it, and its
+    forward is what ``task.loss`` calls."""
     if not examples:
         raise ValueError(f"client {client_id} has no training examples")
     hooks = hooks or LocalHooks()
@@ -66,7 +97,7 @@ def local_train(
     # Shuffling and dropout both draw from streams derived from (seed, round, client): a resumed run
     # replays exactly the same minibatches.
     shuffle = derive_torch_generator(seed, "shuffle", round_idx, client_id)
-    torch.manual_seed(derive_seed(seed, "dropout", round_idx, client_id))
+    torch.manual_seed(derive_seed(seed, "dropout", round_idx, client_id, *batch_loss.rng_scope))
     if cfg.local_steps is not None:
         total_steps = cfg.local_steps
     else:
@@ -76,9 +107,7 @@ def local_train(
     losses: list[float] = []
     while len(losses) < total_steps:
         for batch_examples in _batches(examples, batch_size, shuffle):
-            batch = task.collate(batch_examples)
-            loss, _ = task.loss(batch)
-            total = loss
+            total, reported = batch_loss(task, batch_examples)
             for term in hooks.loss_terms:
                 total = total + term()
             optimizer.zero_grad(set_to_none=True)
@@ -88,7 +117,7 @@ def local_train(
             if cfg.max_grad_norm is not None:
                 torch.nn.utils.clip_grad_norm_(params, cfg.max_grad_norm)
             optimizer.step()
-            losses.append(float(loss.detach()))
+            losses.append(reported)
             if len(losses) >= total_steps:
                 break
     task.module.eval()
