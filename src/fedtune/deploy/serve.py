@@ -45,7 +45,11 @@ def run_server(
     params, spec, accuracy = initial_model(config)
     extra = {"num_labels": config.model.num_labels} if config.model.num_labels is not None else {}
     transport = GrpcServerTransport(
-        config.deployment, tls=ServerTLS.from_config(config.deployment), config_yaml=dump_config(config), extra=extra
+        config.deployment,
+        tls=ServerTLS.from_config(config.deployment),
+        config_yaml=dump_config(config),
+        extra=extra,
+        secure_aggregation=config.privacy.secure_aggregation is not None,  # updates stay on the clients
     )
     port = transport.start()
     dep = config.deployment

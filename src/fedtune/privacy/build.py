@@ -50,19 +50,44 @@ SIMULATION_TRANSPORTS = ("InProcessTransport", "RayTransport")
 
 
 def check_secagg_transport(config: Config, transport: Any) -> None:
-    """Refuse SecAgg over a transport that would hand the server plaintext updates.
+    """Refuse SecAgg where it cannot keep its promise, with a ConfigError naming the problem.
 
-    In the simulation the SecAgg driver runs the protocol between per-client objects in this process.
-    Over the network the four message rounds must be carried by the transport (docs/PRIVACY.md lists
-    them); until they are, running the driver on the server would mean receiving plaintext updates.
+    In the simulation the clients' protocol objects run in this process (the in-process driver). A
+    networked transport must carry the four message rounds itself (``secagg_exchange``, the
+    SecAggNetwork seam) and have been started for it, so that updates stay on the clients; otherwise the
+    server would receive plaintext updates. Over the network, update compression is refused: the client
+    sends only its masked vector (uniform in Z_R, incompressible), so a codec would silently not apply;
+    and simulated dropouts are refused: dropouts there are real.
     """
-    if config.privacy.secure_aggregation is None:
+    secagg = config.privacy.secure_aggregation
+    if secagg is None or type(transport).__name__ in SIMULATION_TRANSPORTS:
         return
-    if type(transport).__name__ not in SIMULATION_TRANSPORTS:
-        from fedtune.errors import ConfigError
+    from fedtune.errors import ConfigError
 
+    if not callable(getattr(transport, "secagg_exchange", None)) or not getattr(transport, "secure_aggregation", False):
         raise ConfigError(
-            "privacy.secure_aggregation runs only in the simulation for now: over this transport "
-            f"({type(transport).__name__}) the server would receive plaintext updates. The networked "
-            "deployment must carry SecAgg's four message rounds first (docs/PRIVACY.md)"
+            f"privacy.secure_aggregation cannot run over this transport ({type(transport).__name__}): it does not "
+            "carry SecAgg's message rounds, so the server would receive plaintext updates (docs/PRIVACY.md)"
         )
+    if config.deployment.codec != "none":
+        raise ConfigError(
+            f"deployment.codec={config.deployment.codec!r} with privacy.secure_aggregation: under SecAgg a client "
+            "sends only its masked vector, which cannot be compressed (set deployment.codec: none; "
+            "privacy.secure_aggregation.value_bits shrinks the upload instead)"
+        )
+    if secagg.simulate_dropout > 0:
+        raise ConfigError(
+            "privacy.secure_aggregation.simulate_dropout is for the simulation; over the network dropouts are "
+            "real (set it to 0)"
+        )
+
+
+def carry_secagg(strategy: Any, transport: Any) -> Any:
+    """``strategy`` with its SecAgg summer's messages carried by ``transport`` when that is a networked
+    transport started for SecAgg (then the updates stay on the clients); unchanged otherwise."""
+    from fedtune.privacy.secagg.driver import SecureSummer
+
+    summer = getattr(strategy, "summer", None)
+    if isinstance(summer, SecureSummer) and getattr(transport, "secure_aggregation", False):
+        strategy.summer = summer.over(transport)  # set once, before the first round
+    return strategy

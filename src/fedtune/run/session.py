@@ -23,7 +23,7 @@ from fedtune.core.state import ServerState, load_state, save_state
 from fedtune.data.cache import default_cache_dir
 from fedtune.data.sources import load_federated
 from fedtune.errors import CheckpointError, DataError
-from fedtune.privacy.build import check_secagg_transport
+from fedtune.privacy.build import carry_secagg, check_secagg_transport
 from fedtune.run import rundir
 from fedtune.run.plot import plot_rounds
 from fedtune.run.progress import ProgressTransport, RoundTable
@@ -170,8 +170,9 @@ def serve(
     ``accuracy`` says whether evaluation reports accuracy (classifiers) or perplexity.
     """
     console = console or Console()
-    check_secagg_transport(config, transport)  # privacy: SecAgg's rounds are carried in-process only (for now)
+    check_secagg_transport(config, transport)  # privacy: refuse SecAgg where the server would see plaintext
     strategy = build_strategy(config, num_clients=len(transport.client_ids()))  # SCAFFOLD needs N
+    strategy = carry_secagg(strategy, transport)  # privacy: SecAgg's message rounds over a networked transport
     digest = rundir.config_digest(config)
     run_dir, state, log = _open_run(config, strategy, init, resume_dir, console)
     if extra_state and state.round == 0:

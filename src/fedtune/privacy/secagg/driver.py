@@ -223,6 +223,8 @@ class SecureSummer:
         updates = list(updates)  # the protocol's rounds need every participant before round 0
         if self.network is not None:
             return self._remote(updates, plan, self.network)
+        if any(u.metrics.get(HELD) for u in updates):  # placeholders: summing them would sum zeros
+            raise PrivacyError("the clients keep their updates, but no SecAgg network carries the protocol")
         inputs, rejected = {}, 0
         for u in updates:
             try:

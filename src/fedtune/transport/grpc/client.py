@@ -1,5 +1,10 @@
 """The participant loop: join, heartbeat, long-poll for tasks, run them on a ClientWorker, push results.
 
+Under secure aggregation (the fit task says so, and the client refuses to send its update in the clear
+when its configuration has ``privacy.secure_aggregation``) the update never leaves this process: the fit
+result carries only the example count and metrics, and the update is kept in a SecAggPeer that answers
+the round's four SecAgg tasks (its quantised, masked vector and the protocol's shares), then discarded.
+
 The worker holds only this participant's data. Connection trouble (server down or restarting) means
 rejoin with exponential backoff, up to ``reconnect_timeout_s``; being refused (revoked, unknown, wrong
 protocol) is fatal. ``run`` returns the process exit code:
@@ -22,11 +27,14 @@ from pathlib import Path
 
 import grpc
 import numpy as np
+import yaml
 from rich.console import Console
 
 from fedtune.client.worker import ClientWorker
 from fedtune.core.messages import ClientUpdate
-from fedtune.errors import FedtuneError
+from fedtune.errors import FedtuneError, UpdateRejected
+from fedtune.privacy.errors import SecAggAbort
+from fedtune.privacy.secagg.peer import SecAggPeer
 from fedtune.transport.codecs import Codec, build_codec
 from fedtune.transport.grpc import protocol, wire
 from fedtune.transport.grpc.proto import fedtune_pb2 as pb
@@ -48,6 +56,7 @@ _FATAL = {
 _TLS_WORDS = ("certificate", "ssl", "tls", "alert")
 _TRANSIENT_WORDS = ("reset by peer", "connection refused", "socket closed")
 MAX_MESSAGE = 16 * 2**20 + wire.MAX_SCALARS_JSON + 2**20  # the largest chunk a server may be configured to send
+_SECAGG_STAGES = {kind: stage for stage, kind in protocol.SECAGG_KINDS.items()}
 
 
 class ParticipantError(FedtuneError):
@@ -90,6 +99,7 @@ class Joined:
     limits: wire.Limits
     codec: Codec
     extra: dict
+    secure_aggregation: bool = False  # the server's configuration has privacy.secure_aggregation
 
 
 @dataclass
@@ -122,6 +132,7 @@ class Participant:
         self.worker: ClientWorker | None = None
         self._config_yaml: str | None = None
         self._residuals: dict[str, np.ndarray] = {}  # top-k error feedback, per client id (kept across rounds)
+        self._secagg: tuple[int, SecAggPeer] | None = None  # (round, the peer holding this round's update)
         self._jitter = random.Random()  # backoff jitter only: not a reproducibility stream
         self._max_backoff_s = 10.0  # lowered to the server's heartbeat pace once it is known
         options = [
@@ -215,6 +226,7 @@ class Participant:
             limits,
             codec,
             json.loads(reply.extra_json or "{}"),
+            _secagg_configured(reply.config_yaml),
         )
 
     def _ensure_worker(self, joined: Joined) -> None:
@@ -269,6 +281,8 @@ class Participant:
                 return bool(payload.scalars.get("ok", True)), str(payload.scalars.get("reason", "finished"))
             if kind in (pb.FIT, pb.EVALUATE) and not self._run_task(joined, payload):
                 return None
+            if kind in _SECAGG_STAGES and not self._run_secagg(joined, payload):
+                return None
 
     def _run_task(self, joined: Joined, payload: wire.Payload) -> bool:
         """Run one task and push its result; False if the connection broke."""
@@ -278,15 +292,28 @@ class Participant:
         residual = None
         try:
             if h.kind == pb.FIT:
-                update = self.worker.fit(protocol.fit_from_payload(payload, cid))
-                out, residual = protocol.update_payload(
-                    update,
-                    task_id=h.task_id,
-                    session=joined.session,
-                    codec=joined.codec,
-                    residual=self._residuals.get(cid),
-                )
-                what = _describe_fit(update)
+                self._secagg = None  # a new round: whatever an earlier round held is gone
+                instr = protocol.fit_from_payload(payload, cid)
+                held = bool(payload.scalars.get("secure_aggregation"))
+                if joined.secure_aggregation and not held:
+                    raise UpdateRejected(
+                        "the configuration has privacy.secure_aggregation but the task asks for the update in "
+                        "the clear; refusing to send it"
+                    )
+                update = self.worker.fit(instr)
+                if held:
+                    self._secagg = (instr.round, SecAggPeer.holding(update, seed=instr.seed))
+                    out = protocol.held_update_payload(update, task_id=h.task_id, session=joined.session)
+                    what = _describe_fit(update) + "; update kept for secure aggregation"
+                else:
+                    out, residual = protocol.update_payload(
+                        update,
+                        task_id=h.task_id,
+                        session=joined.session,
+                        codec=joined.codec,
+                        residual=self._residuals.get(cid),
+                    )
+                    what = _describe_fit(update)
             else:
                 result = self.worker.evaluate(protocol.eval_from_payload(payload, cid))
                 out = protocol.eval_result_payload(result, task_id=h.task_id, session=joined.session)
@@ -296,6 +323,43 @@ class Participant:
                 f"{type(err).__name__}: {err}", task_id=h.task_id, round_idx=h.round, session=joined.session
             )
             what = f"[red]failed: {err}[/red]"
+        reply = self._push(joined, out, f"round {h.round} {'train' if h.kind == pb.FIT else 'eval'}", what, started)
+        if reply is None:
+            return False
+        if reply.accepted and residual is not None:
+            self._residuals[cid] = residual  # only what the server took leaves the error-feedback residual
+        return True
+
+    def _run_secagg(self, joined: Joined, payload: wire.Payload) -> bool:
+        """Answer one SecAgg task with the peer holding this round's update; False if the connection broke.
+        A refusal (the protocol's own checks, tampering, no update held) is sent as a failure: this client
+        drops out of the round, which the protocol survives while enough others remain."""
+        h, stage, started = payload.header, _SECAGG_STAGES[payload.header.kind], time.perf_counter()
+        held = self._secagg
+        try:
+            if held is None or held[0] != h.round:
+                raise SecAggAbort(f"no update is held for round {h.round} (did this client restart?)")
+            message = self.respond_secagg(held[1], stage, protocol.secagg_message(payload, "the server's task"))
+            out = protocol.secagg_payload(
+                pb.SECAGG_RESULT, message, task_id=h.task_id, round_idx=h.round, session=joined.session
+            )
+            what = f"answered {stage}"
+            if held[1].finished:
+                self._secagg = None  # the round's secrets are no longer needed
+        except (SecAggAbort, UpdateRejected) as err:
+            self._secagg = None
+            out = protocol.failure_payload(
+                f"{type(err).__name__}: {err}", task_id=h.task_id, round_idx=h.round, session=joined.session
+            )
+            what = f"[red]dropped out: {err}[/red]"
+        return self._push(joined, out, f"round {h.round} secure aggregation", what, started) is not None
+
+    def respond_secagg(self, peer: SecAggPeer, stage: str, message: bytes) -> bytes:
+        """The peer's answer to one stage's message (a subclass may intercept it, e.g. to inject faults)."""
+        return peer.respond(message)
+
+    def _push(self, joined: Joined, out: wire.Payload, label: str, what: str, started: float) -> pb.PushReply | None:
+        """Stream ``out`` to the server and print one line; None if the connection broke."""
         sent = 0
 
         def counted() -> Iterator[pb.Chunk]:  # streamed lazily: a large update is never copied whole
@@ -309,20 +373,24 @@ class Participant:
         except grpc.RpcError as err:
             if err.code() in _FATAL:
                 raise self._refused(err) from None
-            self.console.print(f"round {h.round}: could not send the result ({err.code().name}); rejoining")
-            return False
+            self.console.print(f"{label}: could not send the result ({err.code().name}); rejoining")
+            return None
         seconds = time.perf_counter() - started
         verdict = "accepted" if reply.accepted else f"[yellow]rejected: {reply.reason}[/yellow]"
-        self.console.print(
-            f"round {h.round} {'train' if h.kind == pb.FIT else 'eval'}: {what}; sent {sent / 1e3:.1f} kB "
-            f"in {seconds:.1f}s; {verdict}"
-        )
-        if reply.accepted and residual is not None:
-            self._residuals[cid] = residual  # only what the server took leaves the error-feedback residual
-        return True
+        self.console.print(f"{label}: {what}; sent {sent / 1e3:.1f} kB in {seconds:.1f}s; {verdict}")
+        return reply
 
     def close(self) -> None:
         self.channel.close()
+
+
+def _secagg_configured(config_yaml: str) -> bool:
+    try:
+        config = yaml.safe_load(config_yaml) or {}
+    except yaml.YAMLError:
+        return False  # building the worker reports the bad configuration
+    privacy = config.get("privacy") if isinstance(config, dict) else None
+    return isinstance(privacy, dict) and bool(privacy.get("secure_aggregation"))
 
 
 def _describe_fit(update: ClientUpdate) -> str:

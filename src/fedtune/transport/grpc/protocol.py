@@ -1,8 +1,12 @@
 """fedtune messages <-> wire Payloads, both directions, with the checks a receiver must make.
 
 Tensor names on the wire: ``params`` (the global vector), ``extras/<name>`` (strategy arrays such as
-SCAFFOLD control variates, in their own dtype), ``delta/<part>`` (the update as the codec encoded it). Scalars
-(training config, strategy options, metrics, evaluation sums) travel as one JSON object.
+SCAFFOLD control variates, in their own dtype), ``delta/<part>`` (the update as the codec encoded it),
+``secagg/message`` (one encoded secure-aggregation message, uint8). Scalars (training config, strategy
+options, metrics, evaluation sums) travel as one JSON object.
+
+Under secure aggregation a fit result carries no tensors at all (``held_update_payload``): the client
+keeps its update and answers the SecAgg tasks; the server gets a placeholder (``held_update_from_payload``).
 
 The server calls the ``*_from_payload`` functions on what a client sent; every one of them raises
 UpdateRejected (or CodecError) naming what is wrong, so the client can be told why.
@@ -18,12 +22,21 @@ import numpy as np
 
 from fedtune.core.messages import ClientEval, ClientUpdate, EvalInstruction, FitInstruction
 from fedtune.errors import UpdateRejected
+from fedtune.privacy.secagg.messages import HELD
 from fedtune.tasks.base import EvalSums
 from fedtune.transport.codecs import Codec, CodecError, decode_update
 from fedtune.transport.grpc.proto import fedtune_pb2 as pb
 from fedtune.transport.grpc.wire import Payload
 
 EXTRAS, DELTA = "extras/", "delta/"
+SECAGG = "secagg/message"
+# SecAgg task kind per stage (stages are named by what the client sends back: see privacy.secagg.driver)
+SECAGG_KINDS = {
+    "advertise": pb.SECAGG_ADVERTISE,
+    "share": pb.SECAGG_SHARE,
+    "masked": pb.SECAGG_MASKED,
+    "unmask": pb.SECAGG_UNMASK,
+}
 
 
 def _header(kind: int, *, task_id: str, round_idx: int, spec_digest: str = "", session: str = "") -> pb.Header:
@@ -58,7 +71,8 @@ def fit_payload(instr: FitInstruction, task_id: str) -> Payload:
 def eval_payload(instr: EvalInstruction, task_id: str) -> Payload:
     header = _header(pb.EVALUATE, task_id=task_id, round_idx=instr.round, spec_digest=instr.spec_digest)
     scalars = {"batch_size": instr.batch_size, "max_examples": instr.max_examples}
-    return Payload(header, scalars, {"params": instr.params})
+    # extras: the rest of the global model (LoRA residuals), named like the fit extras
+    return Payload(header, scalars, {"params": instr.params, **_named_extras(instr.extras)})
 
 
 def _params(payload: Payload) -> np.ndarray:
@@ -92,6 +106,7 @@ def eval_from_payload(payload: Payload, client_id: str) -> EvalInstruction:
         spec_digest=h.spec_digest,
         batch_size=int(s["batch_size"]),
         max_examples=None if max_examples is None else int(max_examples),
+        extras=_take_extras(payload.tensors, "server task"),
     )
 
 
@@ -184,3 +199,54 @@ def eval_from_result(payload: Payload, *, client_id: str) -> ClientEval:
     if min(counts) < 0 or counts[1] > counts[2]:
         raise UpdateRejected(f"{who}: inconsistent counts {counts}")
     return ClientEval(client_id, payload.header.round, EvalSums(float(loss_sum), *counts))
+
+
+# ------------------------------------------------------------------------------------- secure aggregation
+
+
+def secagg_payload(kind: int, message: bytes, *, task_id: str, round_idx: int, session: str = "") -> Payload:
+    """A SecAgg task (server -> client) or its SECAGG_RESULT (client -> server): one encoded message."""
+    header = _header(kind, task_id=task_id, round_idx=round_idx, session=session)
+    return Payload(header, {}, {SECAGG: np.frombuffer(message, dtype=np.uint8)})
+
+
+def secagg_message(payload: Payload, who: str) -> bytes:
+    """The encoded SecAgg message a payload carries (its content is checked by the protocol's decoder)."""
+    arr = payload.tensors.get(SECAGG)
+    if arr is None or arr.dtype != np.uint8 or arr.ndim != 1 or len(payload.tensors) != 1:
+        raise UpdateRejected(f"{who}: a secure-aggregation message is exactly one 1-D uint8 {SECAGG!r} tensor")
+    return arr.tobytes()
+
+
+def held_update_payload(update: ClientUpdate, *, task_id: str, session: str) -> Payload:
+    """A fit result under secure aggregation: example count and metrics only; the update stays here."""
+    header = _header(
+        pb.FIT_RESULT, task_id=task_id, round_idx=update.round, spec_digest=update.spec_digest, session=session
+    )
+    return Payload(header, {"num_examples": update.num_examples, "metrics": update.metrics, HELD: True})
+
+
+def held_update_from_payload(payload: Payload, *, client_id: str, numel: int, spec_digest: str) -> ClientUpdate:
+    """The server's placeholder for an update its client keeps: a read-only zero view (no memory) marked
+    ``HELD`` in its metrics, for the round loop's bookkeeping; SecAgg sums the real ones without seeing them.
+    A result that carries any tensor is refused: under SecAgg no update may reach the server in the clear."""
+    who, h = f"update from {client_id}", payload.header
+    if h.spec_digest != spec_digest:
+        raise UpdateRejected(f"{who}: spec digest {h.spec_digest!r} does not match the server's {spec_digest}")
+    if payload.tensors or payload.scalars.get(HELD) is not True:
+        raise UpdateRejected(
+            f"{who}: privacy.secure_aggregation is on, so the update must stay on the client (this result carries "
+            f"tensors {sorted(payload.tensors)[:3]}); upgrade the client or check its configuration"
+        )
+    num_examples = _int(payload.scalars, "num_examples", who)
+    if num_examples <= 0:
+        raise UpdateRejected(f"{who}: reports {num_examples} training examples")
+    metrics = _metrics(payload.scalars.get("metrics", {}), who)
+    return ClientUpdate(
+        client_id=client_id,
+        round=h.round,
+        num_examples=num_examples,
+        delta=np.broadcast_to(np.zeros(1, np.float32), (numel,)),
+        spec_digest=h.spec_digest,
+        metrics={**metrics, HELD: 1.0},
+    )

@@ -34,7 +34,7 @@ class SessionError(Exception):
 @dataclass(eq=False)
 class Task:
     client_id: str
-    kind: int  # pb.FIT or pb.EVALUATE
+    kind: int  # pb.FIT, pb.EVALUATE or one of pb.SECAGG_*
     round: int
     payload: Payload
     prepared: Prepared
@@ -48,6 +48,15 @@ class Task:
     def new_id() -> str:
         """A 128-bit random nonce: unguessable, so a result cannot name a task it was not given."""
         return secrets.token_hex(16)
+
+
+@dataclass(frozen=True)
+class SecAggReply:
+    """A client's answer to one SecAgg task: its encoded protocol message (the protocol decodes it)."""
+
+    client_id: str
+    round: int
+    message: bytes = field(repr=False)
 
 
 @dataclass(eq=False)

@@ -9,10 +9,11 @@ Every result is checked before it is yielded (wire format, size, task ownership,
 values, spec digest); a bad one is logged, the client is told why in its PushReply, and the round
 continues with the others. The coordinator's loop re-validates what it receives, independently.
 
-Extension point for secure aggregation (Bonawitz et al. 2017): its extra message rounds (advertise keys,
-share keys, masked input, unmasking) are further task kinds on the same Pull/Push framing (the proto
-reserves kinds 16-31) collected with the same per-round inbox and deadline as ``_collect`` below; a
-SecAgg strategy would drive them through an added transport method. Not implemented.
+Secure aggregation (Bonawitz et al. 2017; ``secure_aggregation=True``): fit tasks tell the client to keep
+its update, and its result is a placeholder with no tensors. The SecAgg summer then drives the
+protocol's four message rounds through ``secagg_exchange`` (the SecAggNetwork seam of
+fedtune.privacy.secagg.driver): one task per client and stage (kinds SECAGG_*), collected with the same
+inbox and deadline machinery as training; whoever has not answered at the stage's deadline has dropped.
 """
 
 from __future__ import annotations
@@ -20,7 +21,7 @@ from __future__ import annotations
 import logging
 import queue
 import time
-from collections.abc import Iterator, Sequence
+from collections.abc import Iterator, Mapping, Sequence
 from concurrent import futures
 from dataclasses import dataclass
 from pathlib import Path
@@ -78,15 +79,31 @@ def grpc_options(dep: DeploymentConfig) -> list[tuple[str, int]]:
 class GrpcServerTransport:
     """Implements fedtune.transport.base.Transport. ``start()`` before use; ``close()`` tells clients to exit."""
 
-    def __init__(self, dep: DeploymentConfig, *, tls: ServerTLS, config_yaml: str, extra: dict | None = None):
-        self.dep = dep
+    def __init__(
+        self,
+        dep: DeploymentConfig,
+        *,
+        tls: ServerTLS,
+        config_yaml: str,
+        extra: dict | None = None,
+        secure_aggregation: bool = False,
+    ):
+        self.dep, self.secure_aggregation = dep, secure_aggregation
         self.limits = wire.Limits(dep.max_payload_bytes, dep.chunk_kb * 1024)
         self.registry = Registry(dead_after_s=dep.dead_after_s, max_clients=dep.max_clients)
         auth = Authenticator(
             allowed=dep.allowed_clients,
             revocation_list=Path(dep.revocation_list).expanduser() if dep.revocation_list else None,
         )
-        self.servicer = Servicer(self.registry, auth, self.limits, dep=dep, config_yaml=config_yaml, extra=extra or {})
+        self.servicer = Servicer(
+            self.registry,
+            auth,
+            self.limits,
+            dep=dep,
+            config_yaml=config_yaml,
+            extra=extra or {},
+            secure_aggregation=secure_aggregation,
+        )
         self.tls = tls
         self.port: int | None = None
         self._server: grpc.Server | None = None
@@ -142,9 +159,36 @@ class GrpcServerTransport:
         for instr in instructions:
             task_id = Task.new_id()
             payload = protocol.fit_payload(instr, task_id)
+            if self.secure_aggregation:
+                payload.scalars["secure_aggregation"] = True  # keep the update: SecAgg's tasks follow
             prepared = shared.prepare(instr.params, payload)
             tasks.append(Task(instr.client_id, pb.FIT, instr.round, payload, prepared, inbox, task_id=task_id))
         return self._collect(tasks, self.dep.round_timeout_s, "training")
+
+    def secagg_exchange(self, round_idx: int, stage: str, messages: Mapping[str, bytes]) -> dict[str, bytes]:
+        """One stage of a SecAgg round: send each client its message, return the replies that arrive
+        before the stage's deadline (``round_timeout_s``). A client that fails, dies (missed heartbeats)
+        or is late has dropped; who answered is the CN of the certificate that pushed the reply."""
+        if not self.secure_aggregation:
+            raise FedtuneError("secagg_exchange on a transport started without secure_aggregation")
+        kind, inbox, tasks = protocol.SECAGG_KINDS[stage], queue.Queue(), []
+        for cid, message in messages.items():
+            task_id = Task.new_id()
+            payload = protocol.secagg_payload(kind, message, task_id=task_id, round_idx=round_idx)
+            tasks.append(Task(cid, kind, round_idx, payload, wire.prepare(payload.tensors), inbox, task_id=task_id))
+        replies = {}
+        for reply in self._collect(tasks, self.dep.round_timeout_s, f"secure aggregation ({stage})"):
+            if isinstance(reply, ClientFailure):
+                log.warning(
+                    "client %s dropped out of secure aggregation round %d at %s: %s",
+                    reply.client_id,
+                    round_idx,
+                    stage,
+                    reply.reason,
+                )
+            else:
+                replies[reply.client_id] = reply.message
+        return replies
 
     def evaluate(self, instructions: Sequence[EvalInstruction]) -> Iterator[ClientEval | ClientFailure]:
         shared = _SharedPrepare()

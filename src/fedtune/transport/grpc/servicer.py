@@ -22,12 +22,14 @@ from fedtune.errors import UpdateRejected
 from fedtune.transport.grpc import protocol, wire
 from fedtune.transport.grpc.auth import Authenticator, AuthError
 from fedtune.transport.grpc.proto import fedtune_pb2 as pb
-from fedtune.transport.grpc.registry import SHUTDOWN, Registry, SessionError, Task
+from fedtune.transport.grpc.registry import SHUTDOWN, Registry, SecAggReply, SessionError, Task
 
 log = logging.getLogger("fedtune.server")
 SERVICE = "fedtune.v1.Federation"
 
-_EXPECTED = {pb.FIT: pb.FIT_RESULT, pb.EVALUATE: pb.EVAL_RESULT}
+_EXPECTED = {pb.FIT: pb.FIT_RESULT, pb.EVALUATE: pb.EVAL_RESULT} | dict.fromkeys(
+    protocol.SECAGG_KINDS.values(), pb.SECAGG_RESULT
+)
 
 
 class _Counted:
@@ -52,9 +54,11 @@ class Servicer:
         dep: DeploymentConfig,
         config_yaml: str,
         extra: dict[str, Any],
+        secure_aggregation: bool = False,
     ) -> None:
         self.registry, self.auth, self.limits, self.dep = registry, auth, limits, dep
         self.config_yaml, self.extra = config_yaml, extra
+        self.secure_aggregation = secure_aggregation  # fit results must then carry no update
 
     def _who(self, context: grpc.ServicerContext) -> str:
         try:
@@ -192,10 +196,13 @@ class Servicer:
             )
         if task.kind == pb.EVALUATE:
             return protocol.eval_from_result(payload, client_id=cid)
+        if task.kind != pb.FIT:
+            message = protocol.secagg_message(payload, f"secure aggregation reply from {cid}")
+            return SecAggReply(cid, task.round, message)
         params = task.payload.tensors["params"]
-        update = protocol.update_from_payload(
-            payload, client_id=cid, numel=params.size, spec_digest=task.payload.header.spec_digest
-        )
+        # under SecAgg the update stays on the client: nothing here ever decodes a "delta/..." tensor
+        decode = protocol.held_update_from_payload if self.secure_aggregation else protocol.update_from_payload
+        update = decode(payload, client_id=cid, numel=params.size, spec_digest=task.payload.header.spec_digest)
         log.info(
             "round %d client %s: down %.1f kB, up %.1f kB (codec %s)",
             task.round,

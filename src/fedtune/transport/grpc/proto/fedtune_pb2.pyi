@@ -18,6 +18,11 @@ class Kind(int, metaclass=_enum_type_wrapper.EnumTypeWrapper):
     FIT_RESULT: _ClassVar[Kind]
     EVAL_RESULT: _ClassVar[Kind]
     FAILURE: _ClassVar[Kind]
+    SECAGG_ADVERTISE: _ClassVar[Kind]
+    SECAGG_SHARE: _ClassVar[Kind]
+    SECAGG_MASKED: _ClassVar[Kind]
+    SECAGG_UNMASK: _ClassVar[Kind]
+    SECAGG_RESULT: _ClassVar[Kind]
 
 class DType(int, metaclass=_enum_type_wrapper.EnumTypeWrapper):
     __slots__ = ()
@@ -40,6 +45,11 @@ EVALUATE: Kind
 FIT_RESULT: Kind
 EVAL_RESULT: Kind
 FAILURE: Kind
+SECAGG_ADVERTISE: Kind
+SECAGG_SHARE: Kind
+SECAGG_MASKED: Kind
+SECAGG_UNMASK: Kind
+SECAGG_RESULT: Kind
 DTYPE_UNSPECIFIED: DType
 FLOAT32: DType
 FLOAT16: DType

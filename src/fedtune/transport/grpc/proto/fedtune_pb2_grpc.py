@@ -93,7 +93,9 @@ class FederationServicer:
         raise NotImplementedError("Method not implemented!")
 
     def Push(self, request_iterator, context):
-        """The result of one task: a Header (kind FIT_RESULT, EVAL_RESULT or FAILURE) and its data chunks."""
+        """The result of one task: a Header (kind FIT_RESULT, EVAL_RESULT, SECAGG_RESULT or FAILURE) and its
+        data chunks.
+        """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details("Method not implemented!")
         raise NotImplementedError("Method not implemented!")
