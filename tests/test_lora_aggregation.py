@@ -9,7 +9,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from fedtune.aggregation.lora import (
-    lora_a_mask,
+    lora_b_only,
     lora_pairs,
     naive_product,
     product_mean,
@@ -18,6 +18,7 @@ from fedtune.aggregation.lora import (
 )
 from fedtune.core.messages import ClientUpdate, FitInstruction
 from fedtune.core.params import ParamSpec
+from fedtune.models.lora import freeze_lora_a
 from fedtune.server.build import build_strategy
 from fedtune.server.loop import run_round
 from fedtune.server.strategies import FedExLora, FedOpt, FfaLora, FLoRA, SvdLora
@@ -73,7 +74,6 @@ def test_svd_reprojection_is_exact_up_to_the_rank_and_optimal_beyond():
 def test_lora_pairs_find_factors_and_reject_orphans():
     (pair,) = lora_pairs(SPEC)
     assert (pair.module, pair.rank, pair.in_features, pair.out_features) == ("layer.q_proj", R, D_IN, D_OUT)
-    assert lora_a_mask(SPEC).sum() == R * D_IN
     orphan = ParamSpec(names=("x.lora_B.weight",), shapes=((D_OUT, R),), dtypes=("float32",))
     with pytest.raises(ValueError, match="no matching lora_A"):
         lora_pairs(orphan)
@@ -82,14 +82,12 @@ def test_lora_pairs_find_factors_and_reject_orphans():
 # --------------------------------------------------------------------------------------------- plug-ins
 
 
-def client_updates(global_vec, seed=1, k=3, freeze_a=False):
+def client_updates(global_vec, seed=1, k=3, spec=SPEC):
     rng = np.random.default_rng(seed)
     out = []
     for i in range(k):
-        delta = rng.normal(0, 0.5, size=SPEC.numel).astype(np.float32)
-        if freeze_a:
-            delta[lora_a_mask(SPEC)] = 0.0
-        out.append(ClientUpdate(f"c{i}", 1, 2 + 3 * i, delta, SPEC.digest))
+        delta = rng.normal(0, 0.5, size=spec.numel).astype(np.float32)
+        out.append(ClientUpdate(f"c{i}", 1, 2 + 3 * i, delta, spec.digest))
     return out
 
 
@@ -149,18 +147,35 @@ def test_flora_heterogeneous_ranks_use_each_clients_own_components():
     assert not pair.factors(new.params)[0].any()  # B re-initialised to zero, A fresh
 
 
+# FFA-LoRA: A is frozen at build time, so the exchanged vector holds B (and the head) only
+SPEC_B = ParamSpec(
+    names=("layer.q_proj.lora_B.weight", "head.bias"), shapes=((D_OUT, R), (3,)), dtypes=("float32",) * 2
+)
+
+
 def test_ffa_is_exact_because_a_is_shared():
+    shared_a = np.random.default_rng(7).normal(size=(R, D_IN))  # every client's (seeded, frozen) A
     strategy = FedOpt(plugins=[FfaLora()])
-    state = strategy.init_state(np.random.default_rng(0).normal(size=SPEC.numel).astype(np.float32), SPEC)
-    assert strategy.fit_payload(state, "c0")[1] == {"lora_freeze_a": True}
-    ups = client_updates(state.params, freeze_a=True)
-    target = client_product_mean(state, ups)
-    new, metrics = strategy.aggregate(state, ups)
-    np.testing.assert_allclose(effective(new), target, rtol=1e-5, atol=1e-6)
-    assert metrics["ffa_max_a_change"] == 0.0
-    # a client that moved A anyway cannot move the global A
-    bad, _ = strategy.aggregate(state, client_updates(state.params))
-    np.testing.assert_array_equal(bad.params[lora_a_mask(SPEC)], state.params[lora_a_mask(SPEC)])
+    state = strategy.init_state(np.random.default_rng(0).normal(size=SPEC_B.numel).astype(np.float32), SPEC_B)
+    assert strategy.fit_payload(state, "c0") == ({}, {})  # nothing to tell clients: A is not trainable
+    ups = client_updates(state.params, spec=SPEC_B)
+    weights = np.array([u.num_examples for u in ups], dtype=np.float64)
+    b_of = lambda vec: vec[: D_OUT * R].astype(np.float64).reshape(D_OUT, R)  # noqa: E731
+    # the oracle: the example-weighted mean of the clients' products B_k A
+    target = sum(w * b_of(state.params + u.delta) @ shared_a for w, u in zip(weights / weights.sum(), ups, strict=True))
+    new, _ = strategy.aggregate(state, ups)
+    np.testing.assert_allclose(b_of(new.params) @ shared_a, target, rtol=1e-5, atol=1e-6)
+    oracle_head = np.average([u.delta[-3:] for u in ups], axis=0, weights=weights)
+    np.testing.assert_allclose(new.params[-3:] - state.params[-3:], oracle_head, rtol=1e-5, atol=1e-6)
+
+
+def test_ffa_refuses_a_spec_that_exchanges_a():
+    assert lora_b_only(SPEC_B) == ["layer.q_proj.lora_B.weight"]
+    with pytest.raises(ValueError, match=r"lora_A\.weight' is trainable"):
+        FedOpt(plugins=[FfaLora()]).init_state(np.zeros(SPEC.numel, np.float32), SPEC)
+    head_only = ParamSpec(names=("head.bias",), shapes=((3,),), dtypes=("float32",))
+    with pytest.raises(ValueError, match="no lora_B"):
+        lora_b_only(head_only)
 
 
 # --------------------------------------------------------------------------------------------- end to end
@@ -182,6 +197,8 @@ def test_one_round_through_the_worker_equals_fedavg_of_effective_weights(mode):
         server["lora_client_ranks"] = [1, 2]
     config = make_config(server=server, federation={"rounds": 2, "clients_per_round": 4}, model={"lora": {"r": 2}})
     task = ArrayTask(seeded(TinyLoraNet))
+    if mode == "ffa":  # what build_run_task does for a peft model
+        assert freeze_lora_a(task.module) == ["q_proj.lora_A.weight", "v_proj.lora_A.weight"]
     worker = make_worker(task, records)
     strategy = build_strategy(config)
     state = strategy.init_state(worker.current_params(), worker.view.spec)
@@ -208,11 +225,9 @@ def test_one_round_through_the_worker_equals_fedavg_of_effective_weights(mode):
             k: sum(w[k] * n for w, n in zip(client_weights, sizes, strict=True)) / sum(sizes) for k in client_weights[0]
         }
         state, _ = run_round(config, strategy, transport, state)
-        # the global model's effective weights: apply the new residual the way a client would
-        residual_hook = worker.hook_factories[0].__self__
-        for key, value in strategy.eval_payload(state).items():
-            residual_hook.apply(task.module, key.removeprefix("lora/residual/"), value)
+        # the global model's effective weights: load the new residual the way a client does
         worker.view.write(state.params)
+        worker.residual.load(task.module, strategy.eval_payload(state))
         got = layer_weights(task.module)
         for k in oracle:
             torch.testing.assert_close(got[k], oracle[k], rtol=1e-5, atol=1e-5)

@@ -119,12 +119,10 @@ def export(
     out_dir: Annotated[Path, typer.Argument(help="Where to write model/ and adapter/.")],
 ) -> None:
     """Export the federated model: a merged folder plain transformers loads, and the peft adapter."""
-    from fedtune.run.artifacts import load_trained_task
-    from fedtune.run.export import export_model
+    from fedtune.run.export import export_run
 
     try:
-        task, _ = load_trained_task(run_dir)
-        export_model(task, out_dir)
+        export_run(run_dir, out_dir)
         console.print(f"exported to {out_dir}")
     except FedtuneError as err:
         _fail(err)

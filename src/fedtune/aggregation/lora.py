@@ -82,12 +82,21 @@ def lora_pairs(spec: ParamSpec) -> list[LoraPair]:
     return pairs
 
 
-def lora_a_mask(spec: ParamSpec) -> np.ndarray:
-    """Boolean mask over the flat vector, True on every lora_A entry (what FFA-LoRA freezes)."""
-    mask = np.zeros(spec.numel, dtype=bool)
-    for pair in lora_pairs(spec):
-        mask[pair.a[0] : pair.a[1]] = True
-    return mask
+def lora_b_only(spec: ParamSpec) -> list[str]:
+    """The lora_B names of a spec that exchanges B alone (FFA-LoRA: A frozen at build time).
+
+    Raises ValueError naming the problem when the spec holds a lora_A (A was not frozen) or no lora_B.
+    """
+    a_names = [n for n in spec.names if n.endswith(A_SUFFIX)]
+    if a_names:
+        raise ValueError(
+            f"FFA-LoRA exchanges only lora_B, but {a_names[0]!r} is trainable: build the model with its "
+            "lora_A frozen (fedtune.models.lora.freeze_lora_a)"
+        )
+    b_names = [n for n in spec.names if n.endswith(B_SUFFIX)]
+    if not b_names:
+        raise ValueError("FFA-LoRA needs LoRA adapters, but the model exchanges no lora_B")
+    return b_names
 
 
 def _normalised(weights: Sequence[float]) -> np.ndarray:

@@ -29,14 +29,12 @@ class ClientExtensions:
 
 
 def strategy_extensions() -> ClientExtensions:
-    """The client halves of FedProx, stragglers, SCAFFOLD and the LoRA modes, in a working order."""
+    """The client halves of FedProx, stragglers, SCAFFOLD and FLoRA's ranks, in a working order."""
     stragglers = hooks.Stragglers()
-    residual = hooks.LoraResidual()
+    # (the LoRA residual is part of the global model: ClientWorker loads it before any hook runs)
     return ClientExtensions(
         hook_factories=[
-            residual.hooks,  # base weights first: the model must be the global one before training
             hooks.lora_rank_mask,
-            hooks.freeze_lora_a,
             hooks.proximal_term,
             hooks.scaffold_correction,
             stragglers.hooks,

@@ -6,9 +6,12 @@ plug-in sent), so ``build_client_extensions`` can register all of them and the s
     ProximalTerm     FedProx: loss + mu/2 ||w - w_global||^2           option "proximal_mu"
     ScaffoldControl  SCAFFOLD: grad += c - c_i; reply carries dc_i      extras "scaffold/c", "scaffold/c_i"
     Stragglers       FedProx stragglers: partial work, still sent       client.straggler_fraction
-    FreezeLoraA      FFA-LoRA: lora_A gets no gradient                  option "lora_freeze_a"
     LoraRankMask     FLoRA heterogeneous ranks: only r_k components    option "lora_rank"
     LoraResidual     base weight = W0 + s R for exact LoRA modes        extras "lora/residual/<module>"
+
+LoraResidual is not a training hook: the residual is part of the global model, so ClientWorker loads it
+with the trainable vector for every fit and evaluation. FFA-LoRA needs no client hook either: its A
+matrices are frozen when the model is built (``fedtune.models.lora.freeze_lora_a``).
 
 Hooks that need per-fit memory (a snapshot, the controls) keep it in the object that built them, keyed by
 (round, client); the matching update transform pops it, so nothing outlives the fit.
@@ -16,6 +19,8 @@ Hooks that need per-fit memory (a snapshot, the controls) keep it in the object 
 
 from __future__ import annotations
 
+from collections.abc import Iterator, Mapping
+from contextlib import contextmanager
 from dataclasses import dataclass, field, replace
 
 import numpy as np
@@ -25,7 +30,7 @@ from fedtune.client.train import LocalHooks
 from fedtune.client.weights import TrainableView
 from fedtune.core.messages import ClientUpdate, FitInstruction
 from fedtune.core.rng import derive_rng
-from fedtune.server.strategies.lora import FREEZE_A_OPTION, RANK_OPTION, RESIDUAL_PREFIX
+from fedtune.server.strategies.lora import RANK_OPTION, RESIDUAL_PREFIX
 from fedtune.server.strategies.scaffold import C_KEY, CI_KEY, DC_KEY
 from fedtune.tasks.base import Task
 
@@ -139,19 +144,6 @@ def _lora_params(view: TrainableView, suffix: str) -> list[tuple[str, torch.nn.P
     return [(n, p) for n, p in zip(view.spec.names, view.params, strict=True) if n.endswith(suffix)]
 
 
-def freeze_lora_a(task: Task, instr: FitInstruction, view: TrainableView) -> LocalHooks:
-    """FFA-LoRA: lora_A receives no gradient, so the optimiser (SGD or AdamW) leaves it exactly as sent."""
-    if not instr.options.get(FREEZE_A_OPTION):
-        return LocalHooks()
-    frozen = [p for _, p in _lora_params(view, ".lora_A.weight")]
-
-    def drop_grads() -> None:
-        for p in frozen:
-            p.grad = None  # optimizers skip parameters without a gradient (no weight decay either)
-
-    return LocalHooks(grad_hooks=[drop_grads])
-
-
 def lora_rank_mask(task: Task, instr: FitInstruction, view: TrainableView) -> LocalHooks:
     """FLoRA heterogeneous ranks: only the first r_k rows of A / columns of B exist for this client."""
     rank = instr.options.get(RANK_OPTION)
@@ -178,34 +170,66 @@ def lora_rank_mask(task: Task, instr: FitInstruction, view: TrainableView) -> Lo
 
 @dataclass
 class LoraResidual:
-    """Writes W0 + s R into each adapted layer's frozen base weight (fedex / svd / flora modes).
+    """The base-weight half of the global model in the exact LoRA modes (fedex / svd / flora).
 
-    W0 is remembered the first time a layer is seen, so applying a new R replaces the old one instead of
-    accumulating. The layer keeps W0 + s R after the fit: in the simulation the resident model then
-    evaluates with the latest residual it received (docs/STRATEGIES.md explains the one-round lag).
+    ``load(model, extras)`` makes every adapted layer's frozen base weight what ``extras`` says: W0 + s R
+    for each ``lora/residual/<module>`` array, and W0 again for a layer it changed before that has no
+    residual now. W0 is remembered the first time a layer is changed, so a new R replaces the old one
+    instead of accumulating. ClientWorker calls it for every fit (the layer keeps W0 + s R afterwards;
+    the next request loads its own) and around every evaluation (``applied``: W0 is restored after).
     """
 
     _base: dict[tuple[int, str], torch.Tensor] = field(default_factory=dict)
 
-    def hooks(self, task: Task, instr: FitInstruction, view: TrainableView) -> LocalHooks:
-        for key, residual in instr.extras.items():
-            if key.startswith(RESIDUAL_PREFIX):
-                self.apply(task.module, key.removeprefix(RESIDUAL_PREFIX), residual)
-        return LocalHooks()
+    def load(self, model: torch.nn.Module, extras: Mapping[str, np.ndarray]) -> None:
+        residuals = {k.removeprefix(RESIDUAL_PREFIX): v for k, v in extras.items() if k.startswith(RESIDUAL_PREFIX)}
+        for module_name in residuals:
+            self._remember(model, module_name)
+        for (model_id, module_name), base in self._base.items():
+            if model_id != id(model):
+                continue
+            weight = _base_weight(model.get_submodule(module_name))
+            with torch.no_grad():
+                if module_name in residuals:
+                    update = scaled_residual(model, module_name, residuals[module_name])
+                    weight.copy_(base + update.to(device=weight.device, dtype=weight.dtype))
+                else:
+                    weight.copy_(base)
 
-    def apply(self, model: torch.nn.Module, module_name: str, residual: np.ndarray) -> None:
-        layer = model.get_submodule(module_name)
-        weight = layer.base_layer.weight if hasattr(layer, "base_layer") else layer.weight
-        scaling = layer.scaling
-        if isinstance(scaling, dict):
-            if len(scaling) != 1:
-                raise ValueError(f"{module_name}: exact LoRA aggregation supports one adapter, found {len(scaling)}")
-            scaling = next(iter(scaling.values()))
-        update = torch.from_numpy(np.asarray(residual, dtype=np.float32)) * float(scaling)
-        if getattr(layer, "fan_in_fan_out", False):
-            update = update.T  # GPT-2 style Conv1D stores (in, out)
+    def reset(self, model: torch.nn.Module) -> None:
+        """Every layer of ``model`` this object changed gets W0 back."""
+        self.load(model, {})
+
+    @contextmanager
+    def applied(self, model: torch.nn.Module, extras: Mapping[str, np.ndarray]) -> Iterator[None]:
+        self.load(model, extras)
+        try:
+            yield
+        finally:
+            self.reset(model)
+
+    def _remember(self, model: torch.nn.Module, module_name: str) -> None:
         key = (id(model), module_name)
-        with torch.no_grad():
-            if key not in self._base:
-                self._base[key] = weight.detach().clone()
-            weight.copy_(self._base[key] + update.to(weight.dtype))
+        if key not in self._base:
+            self._base[key] = _base_weight(model.get_submodule(module_name)).detach().clone()
+
+
+def _base_weight(layer: torch.nn.Module) -> torch.Tensor:
+    return layer.base_layer.weight if hasattr(layer, "base_layer") else layer.weight
+
+
+def scaled_residual(model: torch.nn.Module, module_name: str, residual: np.ndarray) -> torch.Tensor:
+    """s R laid out like the layer's base weight (float32): what is added to W0."""
+    layer = model.get_submodule(module_name)
+    scaling = layer.scaling
+    if isinstance(scaling, dict):
+        if len(scaling) != 1:
+            raise ValueError(f"{module_name}: exact LoRA aggregation supports one adapter, found {len(scaling)}")
+        scaling = next(iter(scaling.values()))
+    update = torch.from_numpy(np.array(residual, dtype=np.float32)) * float(scaling)  # a copy: may be read-only
+    if getattr(layer, "fan_in_fan_out", False):
+        update = update.T  # GPT-2 style Conv1D stores (in, out)
+    weight = _base_weight(layer)
+    if tuple(update.shape) != tuple(weight.shape):
+        raise ValueError(f"{module_name}: residual of shape {tuple(update.shape)} for a weight {tuple(weight.shape)}")
+    return update

@@ -3,6 +3,10 @@
 In the simulation one worker holds every simulated client's data and swaps the trainable vector per
 request, so memory does not grow with the number of clients. A deployed participant is the same worker
 holding only its own data.
+
+The global model a request describes is its trainable vector plus, in the exact LoRA modes (fedex, svd,
+flora), a residual per adapted layer in ``extras``. Fit and evaluation load both the same way
+(``LoraResidual.load``), so evaluation sees exactly the model the server aggregated.
 """
 
 from __future__ import annotations
@@ -14,6 +18,7 @@ from typing import Any
 import numpy as np
 import torch
 
+from fedtune.client.hooks import LoraResidual
 from fedtune.client.train import LocalHooks, LocalResult, local_train
 from fedtune.client.weights import TrainableView
 from fedtune.config.schema import ClientConfig
@@ -52,6 +57,7 @@ class ClientWorker:
         self.hook_factories = list(hook_factories)
         self.update_transforms = list(update_transforms)
         self._encoded: dict[tuple[str, bool], list[Example]] = {}
+        self.residual = LoraResidual()  # inert unless a request carries "lora/residual/<module>" arrays
 
     def examples(self, client_id: str, *, train: bool) -> list[Example]:
         """Encoded examples of one client, tokenised once and cached."""
@@ -71,9 +77,10 @@ class ClientWorker:
             )
 
     def begin_fit(self, instr: FitInstruction) -> tuple[ClientConfig, LocalHooks]:
-        """Check the spec, load the global vector, and build this fit's config and hooks."""
+        """Check the spec, load the global model, and build this fit's config and hooks."""
         self._check_digest(instr.spec_digest)
         self.view.write(instr.params)
+        self.residual.load(self.task.module, instr.extras)  # base weights before any hook looks at the model
         hooks = LocalHooks()
         for factory in self.hook_factories:
             extra = factory(self.task, instr, self.view)
@@ -119,7 +126,9 @@ class ClientWorker:
                 len(examples), instr.max_examples, replace=False
             )
             examples = [examples[i] for i in sorted(keep.tolist())]
-        return ClientEval(instr.client_id, instr.round, evaluate_examples(self.task, examples, instr.batch_size))
+        with self.residual.applied(self.task.module, instr.extras):  # W0 restored afterwards
+            sums = evaluate_examples(self.task, examples, instr.batch_size)
+        return ClientEval(instr.client_id, instr.round, sums)
 
     def current_params(self) -> np.ndarray:
         return self.view.read()

@@ -41,12 +41,16 @@ class ClientUpdate:
 
 @dataclass(frozen=True)
 class EvalInstruction:
+    """Evaluate the global model (``params`` plus ``extras``) on one client's test data."""
+
     client_id: str
     round: int
     params: np.ndarray
     spec_digest: str
     batch_size: int
     max_examples: int | None
+    # the rest of the global model, from strategy.eval_payload (e.g. LoRA residuals "lora/residual/<module>")
+    extras: dict[str, np.ndarray] = field(default_factory=dict)
 
 
 @dataclass(frozen=True)

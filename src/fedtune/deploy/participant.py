@@ -34,7 +34,7 @@ from fedtune.data.cache import default_cache_dir
 from fedtune.data.partition import random_split
 from fedtune.data.types import ClientSplit
 from fedtune.errors import DataError
-from fedtune.tasks.build import build_task
+from fedtune.tasks.build import build_run_task
 from fedtune.transport.grpc.client import Joined, ParticipantError
 
 PARTITION = "partition:"
@@ -129,9 +129,7 @@ def build_participant_worker(
         torch.set_num_threads(config.run.threads)
     cache_dir = default_cache_dir(data_cfg.cache_dir)
     split = load_local_split(data_cfg, data, seed=config.seed, client_id=client_id, cache_dir=cache_dir)
-    task = build_task(
-        config.model, num_labels=config.model.num_labels or num_labels, cache_dir=cache_dir, seed=config.seed
-    )
+    task = build_run_task(config, num_labels=config.model.num_labels or num_labels, cache_dir=cache_dir)
     ext = build_client_extensions(config)
     worker = ClientWorker(
         task,

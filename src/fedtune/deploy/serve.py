@@ -20,7 +20,7 @@ from fedtune.core.params import ParamSpec
 from fedtune.data.cache import default_cache_dir
 from fedtune.errors import ConfigError, FedtuneError
 from fedtune.run.session import RunResult, serve
-from fedtune.tasks.build import build_task
+from fedtune.tasks.build import build_run_task
 from fedtune.transport.grpc.server import GrpcServerTransport, ServerTLS
 
 
@@ -32,7 +32,7 @@ def initial_model(config: Config) -> tuple[np.ndarray, ParamSpec, bool]:
             "to count the labels from"
         )
     cache_dir = default_cache_dir(config.data.cache_dir)
-    task = build_task(config.model, num_labels=config.model.num_labels, cache_dir=cache_dir, seed=config.seed)
+    task = build_run_task(config, num_labels=config.model.num_labels, cache_dir=cache_dir)
     view = TrainableView(task.module)
     return view.read(), view.spec, task.reports_accuracy
 

@@ -62,10 +62,13 @@ def classifier_head(model: torch.nn.Module) -> str | None:
     return next((name for name in HEAD_NAMES if name in children), None)
 
 
-def apply_lora(model: torch.nn.Module, lora_cfg: LoraConfig, *, task_type: str) -> torch.nn.Module:
+def apply_lora(
+    model: torch.nn.Module, lora_cfg: LoraConfig, *, task_type: str, freeze_a: bool = False
+) -> torch.nn.Module:
     """Wrap ``model`` in a peft LoRA model; only adapters (and a classifier head) stay trainable.
 
-    LoRA's A matrices draw from torch's global RNG: seed it first for a reproducible init.
+    LoRA's A matrices draw from torch's global RNG: seed it first for a reproducible init. ``freeze_a``
+    (FFA-LoRA) leaves them at that init and out of the trainable set, so only B (and a head) is exchanged.
     """
     from peft import LoraConfig as PeftLoraConfig
     from peft import get_peft_model
@@ -98,7 +101,29 @@ def apply_lora(model: torch.nn.Module, lora_cfg: LoraConfig, *, task_type: str) 
         modules_to_save=modules_to_save,
         task_type=TASK_TYPES[task_type],
     )
-    return get_peft_model(model, peft_cfg)
+    peft_model = get_peft_model(model, peft_cfg)
+    if freeze_a:
+        freeze_lora_a(peft_model)
+    return peft_model
+
+
+def freeze_lora_a(module: torch.nn.Module) -> list[str]:
+    """FFA-LoRA (Sun et al. 2024): make every LoRA A matrix non-trainable; returns their stable names.
+
+    The values stay what the (seeded) initialisation drew, so every client that builds the model from the
+    same seed holds the same A; that is what makes averaging B alone exact. A frozen parameter is outside
+    ``trainable_parameters``, so it leaves the exchanged vector (and the spec digest) and the optimiser.
+    """
+    adapters = _adapter_names(module)
+    frozen = []
+    for name, param in module.named_parameters():
+        parts = name.split(".")
+        if "lora_A" in parts or "lora_embedding_A" in parts:
+            param.requires_grad_(False)
+            frozen.append(stable_name(name, adapters))
+    if not frozen:
+        raise ModelError(f"{type(module).__name__} has no LoRA A matrices to freeze (FFA-LoRA needs LoRA adapters)")
+    return frozen
 
 
 def _adapter_names(module: torch.nn.Module) -> set[str]:

@@ -1,9 +1,14 @@
 """Export a trained task for use outside fedtune.
 
-* ``out_dir/adapter/``: the peft adapter (``adapter_config.json`` + ``adapter_model.safetensors``), which
-  ``PeftModel.from_pretrained(base, out_dir / "adapter")`` puts back on the base model;
-* ``out_dir/model/``: the adapter merged into a copy of the base weights, saved with its tokenizer, so
-  plain ``AutoModelFor*.from_pretrained(out_dir / "model")`` loads it without peft;
+* ``out_dir/model/``: the global model with the adapter merged into a copy of its base weights, saved with
+  its tokenizer, so plain ``AutoModelFor*.from_pretrained(out_dir / "model")`` loads it without peft. In the
+  exact LoRA modes (fedex, svd, flora) the base weights already hold W0 + s R (``load_trained_task`` puts
+  the residual there), so this folder is exactly the model the server's evaluation saw.
+* ``out_dir/adapter/``: the peft adapter (``adapter_config.json`` + ``adapter_model.safetensors``). A peft
+  adapter cannot carry a dense residual, so when the run has one the adapted layers' base weights
+  W0 + s R are written next to it (``base_weights.safetensors``, keyed by the plain base model's parameter
+  names). ``load_adapter_export(base, out_dir / "adapter")`` replaces those weights and puts the adapter
+  on; ``PeftModel.from_pretrained`` alone would give W0 + s B A, which is not the federated model.
 * for ``model.kind: module``: ``out_dir/model/model.safetensors`` holding the module's state dict.
 
 Each folder is written next to its destination and renamed into place, so a failed export never leaves
@@ -14,21 +19,40 @@ from __future__ import annotations
 
 import copy
 import shutil
-from collections.abc import Callable
+from collections.abc import Callable, Collection
 from pathlib import Path
 
 import torch
 
 from fedtune.errors import ModelError
 from fedtune.models.gguf_cache import write_folder_atomically
+from fedtune.server.strategies.lora import RESIDUAL_PREFIX
 from fedtune.tasks.base import Task
 
 ADAPTER_DIR = "adapter"
 MODEL_DIR = "model"
+BASE_WEIGHTS = "base_weights.safetensors"  # adapted layers' W0 + s R, next to the adapter (residual modes)
 
 
-def export_model(task: Task, out_dir: Path, *, merged: bool = True) -> dict[str, Path]:
-    """Write the adapter and (``merged``) the merged model under ``out_dir``; returns what was written."""
+def export_run(run_dir: Path, out_dir: Path, *, merged: bool = True) -> dict[str, Path]:
+    """``fedtune export``: the global model of a run directory's last checkpoint, residual included."""
+    from fedtune.run.artifacts import global_extras, load_trained_task
+    from fedtune.run.rundir import load_run_config
+
+    task, state = load_trained_task(run_dir)
+    extras = global_extras(load_run_config(run_dir), state)
+    changed = [k.removeprefix(RESIDUAL_PREFIX) for k in extras if k.startswith(RESIDUAL_PREFIX)]
+    return export_model(task, out_dir, merged=merged, changed_base=changed)
+
+
+def export_model(
+    task: Task, out_dir: Path, *, merged: bool = True, changed_base: Collection[str] = ()
+) -> dict[str, Path]:
+    """Write the adapter and (``merged``) the merged model under ``out_dir``; returns what was written.
+
+    ``changed_base``: the LoRA layers (names as in ``lora/residual/<module>``) whose base weights in ``task``
+    hold a federated residual; their base weights are written next to the adapter.
+    """
     out_dir = Path(out_dir)
     module = task.module
     if task.kind == "module":
@@ -38,16 +62,52 @@ def export_model(task: Task, out_dir: Path, *, merged: bool = True) -> dict[str,
     tokenizer = getattr(task, "tokenizer", None)
     written: dict[str, Path] = {}
     if _is_peft(module):
-        written[ADAPTER_DIR] = _replace(out_dir / ADAPTER_DIR, lambda tmp: _save_adapter(module, tmp))
+        base_weights = _base_weights(module, changed_base)
+        written[ADAPTER_DIR] = _replace(out_dir / ADAPTER_DIR, lambda tmp: _save_adapter(module, base_weights, tmp))
         if merged:
             written[MODEL_DIR] = _replace(out_dir / MODEL_DIR, lambda tmp: _save_merged(module, tokenizer, tmp))
+    elif changed_base:
+        raise ModelError("a model without LoRA adapters cannot hold a LoRA residual")
     else:  # full-parameter training: the model itself is the export
         written[MODEL_DIR] = _replace(out_dir / MODEL_DIR, lambda tmp: _save_hf(module, tokenizer, tmp))
     return written
 
 
+def load_adapter_export(base: torch.nn.Module, adapter_dir: Path) -> torch.nn.Module:
+    """The exported adapter on ``base`` (a fresh base model, modified in place), residual included."""
+    from peft import PeftModel
+    from safetensors.torch import load_file
+
+    adapter_dir = Path(adapter_dir)
+    if (adapter_dir / BASE_WEIGHTS).is_file():
+        weights = load_file(str(adapter_dir / BASE_WEIGHTS))
+        with torch.no_grad():
+            for name, value in weights.items():
+                param = base.get_parameter(name)
+                if tuple(param.shape) != tuple(value.shape):
+                    raise ModelError(
+                        f"{BASE_WEIGHTS}: {name} is {tuple(value.shape)}, the base model's is {tuple(param.shape)}"
+                    )
+                param.copy_(value.to(param.dtype))
+    return PeftModel.from_pretrained(base, adapter_dir)
+
+
 def _is_peft(module: torch.nn.Module) -> bool:
     return hasattr(module, "peft_config") and hasattr(module, "merge_and_unload")
+
+
+def _base_weights(module: torch.nn.Module, layers: Collection[str]) -> dict[str, torch.Tensor]:
+    """Each named LoRA layer's base weight, keyed by its name in the plain base model (peft's wrapper
+    prefixes and ``base_layer`` dropped), so ``base.get_parameter(name)`` finds it."""
+    base = module.get_base_model()
+    names = {id(p): n for n, p in base.named_parameters()}
+    out = {}
+    for layer_name in layers:
+        layer = module.get_submodule(layer_name)
+        weight = layer.base_layer.weight if hasattr(layer, "base_layer") else layer.weight
+        plain = names[id(weight)].replace(".base_layer.", ".")  # the name the unwrapped model uses
+        out[plain] = weight.detach().to("cpu", copy=True).contiguous()
+    return out
 
 
 def _replace(target: Path, write: Callable[[Path], None]) -> Path:
@@ -57,8 +117,12 @@ def _replace(target: Path, write: Callable[[Path], None]) -> Path:
     return write_folder_atomically(target, write)
 
 
-def _save_adapter(module: torch.nn.Module, out: Path) -> None:
+def _save_adapter(module: torch.nn.Module, base_weights: dict[str, torch.Tensor], out: Path) -> None:
+    from safetensors.torch import save_file
+
     module.save_pretrained(out, safe_serialization=True)
+    if base_weights:
+        save_file(base_weights, str(out / BASE_WEIGHTS), metadata={"format": "pt"})
 
 
 def _save_merged(module: torch.nn.Module, tokenizer: object, out: Path) -> None:

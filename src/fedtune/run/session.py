@@ -18,6 +18,7 @@ from rich.console import Console
 from fedtune.client.build import build_client_extensions
 from fedtune.client.worker import ClientWorker
 from fedtune.config.schema import Config
+from fedtune.config.simulation import with_client_state
 from fedtune.core.params import ParamSpec
 from fedtune.core.state import ServerState, load_state, save_state
 from fedtune.data.cache import default_cache_dir
@@ -31,7 +32,7 @@ from fedtune.server.build import build_strategy
 from fedtune.server.loop import RoundReport, eval_clients, evaluate_global, run_rounds
 from fedtune.server.strategy import Strategy
 from fedtune.tasks.base import EvalSums, Task
-from fedtune.tasks.build import build_task
+from fedtune.tasks.build import build_run_task
 from fedtune.transport.base import Transport
 from fedtune.transport.inprocess import InProcessTransport
 
@@ -57,7 +58,7 @@ def prepare(config: Config, *, console: Console | None = None) -> Prepared:
     cache_dir = default_cache_dir(config.data.cache_dir)
     fed = load_federated(config.data, seed=config.seed, cache_dir=cache_dir)
     num_labels = config.model.num_labels or (len(fed.label_names) or None)
-    task = build_task(config.model, num_labels=num_labels, cache_dir=cache_dir, seed=config.seed)
+    task = build_run_task(config, num_labels=num_labels, cache_dir=cache_dir)
     records = {cid: (split.train, split.test) for cid, split in fed.clients.items()}
     ext = build_client_extensions(config)
     worker = ClientWorker(task, records, hook_factories=ext.hook_factories, update_transforms=ext.update_transforms)
@@ -129,9 +130,15 @@ class RunResult:
 
 
 def _open_run(
-    config: Config, strategy: Strategy, init: tuple[np.ndarray, ParamSpec], resume_dir: Path | None, console: Console
+    config: Config,
+    strategy: Strategy,
+    init: tuple[np.ndarray, ParamSpec],
+    resume_dir: Path | None,
+    console: Console,
+    fresh_dir: Path | None = None,
 ) -> tuple[Path, ServerState, rundir.MetricsLog]:
-    """A fresh run directory with the initial state, or the state of the run being resumed."""
+    """A fresh run directory (``fresh_dir`` if the caller made it) with the initial state, or the state of the
+    run being resumed."""
     digest = rundir.config_digest(config)
     params, spec = init
     if resume_dir is not None:
@@ -146,7 +153,7 @@ def _open_run(
         log.truncate_after(state.round)
         console.print(f"resuming {run_dir} after round {state.round}")
         return run_dir, state, log
-    run_dir = rundir.new_run_dir(config)
+    run_dir = fresh_dir or rundir.new_run_dir(config)
     save_state(ServerState(0, params, spec), run_dir / INITIAL, config_digest=digest)
     console.print(f"run directory: {run_dir}")
     return run_dir, strategy.init_state(params, spec), rundir.MetricsLog(run_dir)
@@ -162,19 +169,21 @@ def serve(
     console: Console | None = None,
     show_progress: bool = True,
     extra_state: dict | None = None,
+    fresh_dir: Path | None = None,
 ) -> RunResult:
     """The coordinator, whatever the transport: open or resume the run, evaluate the baseline, run the
     rounds, and persist metrics, checkpoint and plot after every round.
 
     ``init`` is the initial trainable vector and its spec (the server builds the model once to get them);
-    ``accuracy`` says whether evaluation reports accuracy (classifiers) or perplexity.
+    ``accuracy`` says whether evaluation reports accuracy (classifiers) or perplexity; ``fresh_dir`` is a new
+    run directory the caller already made (``rundir.new_run_dir``), for a run that is not resumed.
     """
     console = console or Console()
     check_secagg_transport(config, transport)  # privacy: refuse SecAgg where the server would see plaintext
     strategy = build_strategy(config, num_clients=len(transport.client_ids()))  # SCAFFOLD needs N
     strategy = carry_secagg(strategy, transport)  # privacy: SecAgg's message rounds over a networked transport
     digest = rundir.config_digest(config)
-    run_dir, state, log = _open_run(config, strategy, init, resume_dir, console)
+    run_dir, state, log = _open_run(config, strategy, init, resume_dir, console, fresh_dir)
     if extra_state and state.round == 0:
         state = state.evolve(extra={**state.extra, **extra_state})
     shown = ProgressTransport(transport, console, enabled=show_progress)
@@ -185,7 +194,7 @@ def serve(
 
     if state.round == 0 and config.eval.baseline and not log.rounds():
         started = time.perf_counter()
-        _, pooled, _ = evaluate_global(config, shown, state, eval_clients(config, shown.client_ids()))
+        _, pooled, _ = evaluate_global(config, strategy, shown, state, eval_clients(config, shown.client_ids()))
         rec = {
             "kind": "round",
             "round": 0,
@@ -267,8 +276,12 @@ def simulate(
     """A whole simulated federation: one resident model in this process, or one per Ray actor
     (``config.simulation``)."""
     console = console or Console()
-    prepared = prepare(config, console=console)
-    transport = simulation_transport(config, prepared)
+    # the run directory first: the simulated clients keep their state between rounds in it (or in the store
+    # simulation.client_state names), and every worker is built knowing where
+    fresh_dir = rundir.new_run_dir(config) if resume_dir is None else None
+    workers = with_client_state(config, config.simulation.client_state_address(fresh_dir or Path(resume_dir)))
+    prepared = prepare(workers, console=console)
+    transport = simulation_transport(workers, prepared)
     extra = {"num_labels": prepared.num_labels} if prepared.num_labels is not None else None
     try:
         result = serve(
@@ -280,6 +293,7 @@ def simulate(
             console=console,
             show_progress=show_progress,
             extra_state=extra,
+            fresh_dir=fresh_dir,
         )
     finally:
         transport.close()

@@ -103,8 +103,10 @@ def eval_clients(config: Config, population: list[str]) -> list[str]:
 
 
 def evaluate_global(
-    config: Config, transport: Transport, state: ServerState, clients: list[str]
+    config: Config, strategy: Strategy, transport: Transport, state: ServerState, clients: list[str]
 ) -> tuple[dict[str, EvalSums], EvalSums, list[ClientFailure]]:
+    """Evaluate the global model of ``state``: its vector and what the strategy adds (LoRA residuals)."""
+    extras = strategy.eval_payload(state)  # one dict shared by every instruction (transports send it once)
     instructions = [
         EvalInstruction(
             client_id=cid,
@@ -113,6 +115,7 @@ def evaluate_global(
             spec_digest=state.spec.digest,
             batch_size=config.eval.batch_size,
             max_examples=config.eval.max_examples_per_client,
+            extras=extras,
         )
         for cid in clients
     ]
@@ -182,7 +185,9 @@ def run_round(
     report = RoundReport(round=round_idx, sampled=sampled)
     new_state, report.aggregate = strategy.aggregate(state, _accepted(transport.fit(instructions), state, report))
     if round_idx % config.eval.every == 0 or round_idx == config.federation.rounds:
-        per_client, pooled, failures = evaluate_global(config, transport, new_state, eval_clients(config, population))
+        per_client, pooled, failures = evaluate_global(
+            config, strategy, transport, new_state, eval_clients(config, population)
+        )
         report.eval_clients, report.eval_pooled = per_client, pooled
         report.failures += failures
     report.seconds = time.perf_counter() - started

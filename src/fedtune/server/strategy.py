@@ -25,6 +25,10 @@ class Strategy(Protocol):
         """(arrays, scalar options) sent to one sampled client alongside the global vector."""
         ...
 
+    def eval_payload(self, state: ServerState) -> dict[str, np.ndarray]:
+        """Arrays that, with ``state.params``, make up the global model (EvalInstruction.extras); often none."""
+        ...
+
     def aggregate(self, state: ServerState, updates: Iterable[ClientUpdate]) -> tuple[ServerState, dict]: ...
 
 
@@ -39,6 +43,9 @@ class FedAvg:
 
     def fit_payload(self, state: ServerState, client_id: str) -> tuple[dict[str, np.ndarray], dict[str, Any]]:
         return {}, {}
+
+    def eval_payload(self, state: ServerState) -> dict[str, np.ndarray]:
+        return {}
 
     def aggregate(self, state: ServerState, updates: Iterable[ClientUpdate]) -> tuple[ServerState, dict]:
         mean = WeightedMean(state.spec.numel)

@@ -15,7 +15,7 @@ from typing import Any
 
 import torch
 
-from fedtune.config.schema import ModelConfig
+from fedtune.config.schema import Config, ModelConfig
 from fedtune.core.rng import derive_seed
 from fedtune.errors import ConfigError, ModelError
 from fedtune.models.hub import load_causal_lm, load_sequence_classifier, resolve_model
@@ -26,20 +26,38 @@ from fedtune.tasks.classification import ClassificationTask
 from fedtune.tasks.module import ModuleTask
 
 
-def build_task(model_cfg: ModelConfig, *, num_labels: int | None, cache_dir: Path, seed: int) -> Task:
-    """Load and adapt the model ``model_cfg`` describes. ``num_labels`` is used when the config has none."""
+def build_run_task(config: Config, *, num_labels: int | None, cache_dir: Path) -> Task:
+    """The task a run's config describes: ``build_task`` of its model section, seeded with the run seed,
+    with LoRA's A frozen under FFA-LoRA (``server.lora_aggregation: ffa``). Server, clients, Ray actors and
+    export all build through here, so they agree on the exchanged parameters."""
+    return build_task(
+        config.model,
+        num_labels=num_labels,
+        cache_dir=cache_dir,
+        seed=config.seed,
+        freeze_lora_a=config.server.lora_aggregation == "ffa",
+    )
+
+
+def build_task(
+    model_cfg: ModelConfig, *, num_labels: int | None, cache_dir: Path, seed: int, freeze_lora_a: bool = False
+) -> Task:
+    """Load and adapt the model ``model_cfg`` describes. ``num_labels`` is used when the config has none;
+    ``freeze_lora_a`` keeps LoRA's A matrices at their seeded init and out of the trainable set (FFA-LoRA)."""
+    if freeze_lora_a and model_cfg.lora is None:
+        raise ModelError("freezing LoRA's A matrices (FFA-LoRA) needs model.lora")
     if model_cfg.kind != "module":
         # Convert or build a cached model folder first, outside the seeded block: a first (cold-cache) run
         # must draw the same classifier head and LoRA init as every later one.
         resolve_model(model_cfg.name, Path(cache_dir))
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(derive_seed(seed, "model-init"))
-        task = _build(model_cfg, num_labels=num_labels, cache_dir=Path(cache_dir))
+        task = _build(model_cfg, num_labels=num_labels, cache_dir=Path(cache_dir), freeze_a=freeze_lora_a)
     task.module.train()  # like a fresh nn.Module; from_pretrained hands back eval mode
     return task
 
 
-def _build(model_cfg: ModelConfig, *, num_labels: int | None, cache_dir: Path) -> Task:
+def _build(model_cfg: ModelConfig, *, num_labels: int | None, cache_dir: Path, freeze_a: bool) -> Task:
     if model_cfg.kind == "module":
         return ModuleTask(build_module(model_cfg.factory or "", dict(model_cfg.factory_kwargs)))
     if model_cfg.kind == "classification":
@@ -48,11 +66,11 @@ def _build(model_cfg: ModelConfig, *, num_labels: int | None, cache_dir: Path) -
             raise ModelError("a classification model needs model.num_labels (or labelled data to infer it)")
         model, tokenizer = load_sequence_classifier(model_cfg.name, cache_dir, labels)
         if model_cfg.lora is not None:
-            model = apply_lora(model, model_cfg.lora, task_type="classification")
+            model = apply_lora(model, model_cfg.lora, task_type="classification", freeze_a=freeze_a)
         return ClassificationTask(model, tokenizer, model_cfg.max_length, model_cfg.compute_dtype)
     model, tokenizer = load_causal_lm(model_cfg.name, cache_dir)
     if model_cfg.lora is not None:
-        model = apply_lora(model, model_cfg.lora, task_type="causal_lm")
+        model = apply_lora(model, model_cfg.lora, task_type="causal_lm", freeze_a=freeze_a)
     return CausalLMTask(model, tokenizer, model_cfg.max_length, model_cfg.compute_dtype)
 
 

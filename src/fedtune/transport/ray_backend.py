@@ -17,7 +17,9 @@ Results equal the in-process backend's bit for bit, because
   ``run.threads`` (applied by ``prepare`` in every process) to compare runs exactly.
 
 The global vector is put in Ray's object store once per round and shared by every request (zero-copy reads
-in the actors), so sending it to 1,000 clients costs one copy, not 1,000.
+in the actors), so sending it to 1,000 clients costs one copy, not 1,000. Strategy arrays (``extras``) are
+shared the same way whenever requests carry the same arrays (the LoRA residuals sent with every fit and
+evaluation); per-client arrays such as SCAFFOLD's c_i get one object each.
 """
 
 from __future__ import annotations
@@ -59,15 +61,15 @@ class _Worker:
         if close is not None:
             close()
 
-    def fit(self, instr: FitInstruction, params: np.ndarray) -> ClientUpdate | ClientFailure:
+    def fit(self, instr: FitInstruction, params: np.ndarray, extras: dict) -> ClientUpdate | ClientFailure:
         try:
-            return self.worker.fit(replace(instr, params=params))
+            return self.worker.fit(replace(instr, params=params, extras=dict(extras)))
         except (FedtuneError, ValueError) as err:  # the same failures the in-process transport reports
             return ClientFailure(instr.client_id, instr.round, str(err))
 
-    def evaluate(self, instr: EvalInstruction, params: np.ndarray) -> ClientEval | ClientFailure:
+    def evaluate(self, instr: EvalInstruction, params: np.ndarray, extras: dict) -> ClientEval | ClientFailure:
         try:
-            return self.worker.evaluate(replace(instr, params=params))
+            return self.worker.evaluate(replace(instr, params=params, extras=dict(extras)))
         except (FedtuneError, ValueError) as err:
             return ClientFailure(instr.client_id, instr.round, str(err))
 
@@ -172,6 +174,7 @@ class RayTransport:
         """
         ray = _ray()
         shared: dict[int, Any] = {}  # id(params) -> object ref: one copy of the global vector per round
+        shared_extras: dict[tuple, Any] = {}  # the identities of an extras dict's arrays -> one object ref
         load = dict.fromkeys(range(len(self._actors)), 0)
         window = len(self._actors) * self.cfg.max_in_flight
         pending: dict[Any, tuple[int, int]] = {}  # ref -> (instruction index, actor index)
@@ -185,8 +188,14 @@ class RayTransport:
                 instr = instructions[next_in]
                 if id(instr.params) not in shared:
                     shared[id(instr.params)] = ray.put(instr.params)
+                # the instructions (and so their arrays) live until the loop ends: ids are not reused meanwhile
+                key = tuple(sorted((k, id(v)) for k, v in instr.extras.items()))
+                if key not in shared_extras:
+                    shared_extras[key] = ray.put(instr.extras) if instr.extras else {}
                 call = getattr(self._actors[actor], method)
-                pending[call.remote(replace(instr, params=_NO_PARAMS), shared[id(instr.params)])] = (next_in, actor)
+                bare = replace(instr, params=_NO_PARAMS, extras={})
+                ref = call.remote(bare, shared[id(instr.params)], shared_extras[key])
+                pending[ref] = (next_in, actor)
                 load[actor] += 1
                 next_in += 1
             ready, _ = ray.wait(list(pending), num_returns=1)

@@ -1,7 +1,7 @@
 """FedOpt: one strategy, composed of an aggregator, a server optimiser and plug-ins.
 
     round t:  delta  = aggregator(client deltas, weights)          mean / median / trimmed mean / krum / ...
-              delta' = plug-ins rewrite it (FFA zeroes A, ...)       and update their own state arrays
+              delta' = plug-ins rewrite it (FedEx, SVD, FLoRA, ...)   and update their own state arrays
               x      = server_optimizer.step(x, delta', moments)     sgd / momentum / adagrad / adam / yogi
               x      = plug-ins may overwrite parts of x exactly     (LoRA re-projection)
 

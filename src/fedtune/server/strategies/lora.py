@@ -1,7 +1,8 @@
 """LoRA aggregation modes as FedOpt plug-ins (the math is in fedtune.aggregation.lora).
 
-    ffa    FFA-LoRA (Sun et al. 2024): clients freeze every lora_A (option "lora_freeze_a"), so all clients
-           share A and mean(B) @ A = sum_k p_k B_k A exactly. The server zeroes any A change it receives.
+    ffa    FFA-LoRA (Sun et al. 2024): every lora_A is frozen when the model is built (seeded, so all clients
+           hold the same A) and only B is exchanged; mean(B) @ A = sum_k p_k B_k A exactly, so plain FedOpt
+           over B is the exact average. The plug-in only checks that the spec holds no lora_A.
     fedex  FedEx-LoRA (Singhal et al. 2024): adapters are averaged; the remainder
            sum_k p_k B_k A_k - mean(B) @ mean(A) is added to a dense per-module residual R.
     svd    the exact mean product re-projected to the adapter rank by truncated SVD; whatever does not fit
@@ -12,9 +13,8 @@
 
 For fedex, svd and flora the global model is W0 + s (R + B @ A) per LoRA module. R (``lora/residual/<module>``,
 (out, in) float32, in B @ A units) lives in the server state and reaches clients in FitInstruction.extras;
-the client hook ``LoraResidual`` writes W0 + s R into the frozen base weight before local training.
-Evaluation instructions carry no extras yet, so evaluation sees the residual of the latest fit (one round
-behind); docs/STRATEGIES.md says what the round loop needs to close that gap.
+``eval_payload`` sends the same arrays with every EvalInstruction, and ClientWorker writes W0 + s R into the
+frozen base weights (``LoraResidual``) for fits and evaluations alike; ``fedtune export`` merges s R too.
 """
 
 from __future__ import annotations
@@ -23,7 +23,7 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
-from fedtune.aggregation.lora import LoraPair, lora_a_mask, lora_pairs, stack_adapters, svd_reproject, truncate_rank
+from fedtune.aggregation.lora import LoraPair, lora_b_only, lora_pairs, stack_adapters, svd_reproject, truncate_rank
 from fedtune.core.messages import ClientUpdate
 from fedtune.core.params import ParamSpec
 from fedtune.core.rng import derive_rng
@@ -31,7 +31,6 @@ from fedtune.core.state import ServerState
 from fedtune.server.strategies.fedopt import NoFold, Payload, PluginFold
 
 RESIDUAL_PREFIX = "lora/residual/"
-FREEZE_A_OPTION = "lora_freeze_a"
 RANK_OPTION = "lora_rank"
 
 
@@ -51,35 +50,23 @@ def _pairs_or_raise(spec: ParamSpec, mode: str) -> list[LoraPair]:
 
 @dataclass(frozen=True)
 class FfaLora:
+    """FFA-LoRA needs nothing from the server but a spec without lora_A (A is frozen at build time)."""
+
     name: str = "ffa"
 
     def init_arrays(self, params: np.ndarray, spec: ParamSpec) -> dict[str, np.ndarray]:
-        _pairs_or_raise(spec, self.name)
+        lora_b_only(spec)  # raises when A is exchanged: the model was built without freezing it
         return {}
 
     def payload(self, state: ServerState, client_id: str) -> Payload:
-        return {}, {FREEZE_A_OPTION: True}
+        return {}, {}
 
     def eval_payload(self, state: ServerState) -> dict[str, np.ndarray]:
         return {}
 
     def begin(self, state: ServerState) -> PluginFold:
-        return _FfaFold(lora_a_mask(state.spec))
-
-
-@dataclass
-class _FfaFold(NoFold):
-    mask: np.ndarray
-    max_a_change: float = 0.0
-
-    def add(self, update: ClientUpdate, weight: float) -> None:
-        if self.mask.any():
-            self.max_a_change = max(self.max_a_change, float(np.abs(update.delta[self.mask]).max()))
-
-    def finish(self, delta: np.ndarray) -> tuple[np.ndarray, dict[str, np.ndarray], dict]:
-        out = np.array(delta, dtype=np.float32, copy=True)
-        out[self.mask] = 0.0  # A never moves, whatever a client (or a robust rule) sent
-        return out, {}, {"ffa_max_a_change": self.max_a_change}
+        lora_b_only(state.spec)  # also on resume, where init_arrays does not run
+        return NoFold()
 
 
 # --------------------------------------------------------------------------------------------- residual modes
