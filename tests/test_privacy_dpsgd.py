@@ -4,6 +4,7 @@ a CNN and on a LoRA causal LM; a parameter without a per-sample gradient is refu
 from __future__ import annotations
 
 import os
+import uuid
 from pathlib import Path
 
 import numpy as np
@@ -34,7 +35,7 @@ def instruction(view: TrainableView, **train) -> FitInstruction:
 
 def private_grads(task, batch, cfg: DpSgdConfig, **train) -> tuple[list[torch.Tensor], DpSgd, FitInstruction]:
     view = TrainableView(task.module)
-    dpsgd = DpSgd(cfg)
+    dpsgd = DpSgd(cfg, state=f"memory:{uuid.uuid4().hex}")
     instr = instruction(view, **train)
     hooks = dpsgd.hooks(task, instr, view)
     task.module.train()
@@ -126,7 +127,7 @@ def test_epsilon_is_reported_per_client_and_composes_over_rounds() -> None:
     one = accountant.epsilon([accountant.gaussian_replace_entry(1.3, 1)], cfg.delta)
     assert out.metrics["dpsgd_epsilon_round"] == pytest.approx(one)
     assert out.metrics["dpsgd_epsilon"] == pytest.approx(one) and out.metrics["train_loss"] == 1.0
-    assert dpsgd.ledgers["c1"] == [accountant.gaussian_replace_entry(1.3, 1)]
+    assert dpsgd.ledger("c1", round=3) == [accountant.gaussian_replace_entry(1.3, 1)]
 
 
 @pytest.fixture(scope="module")

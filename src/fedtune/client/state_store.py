@@ -14,7 +14,7 @@ never overwrite each other)::
     store.save(client_id, "scaffold", ClientState({"c": new_c_i}, {"steps": 12}), round=instr.round)
 
 * ``ClientState.arrays`` holds NumPy arrays (any dtype/shape; saved as safetensors, never pickled);
-  ``ClientState.meta`` holds JSON-able scalars (accountant steps, noise multiplier, ...).
+  ``ClientState.meta`` holds JSON-able values (accountant steps, a DP-SGD ledger's entries, ...).
 * ``load(..., round=r)`` returns the newest state saved in a round *before* r, so a round that crashes and is
   replayed after a resume reads exactly what it read the first time, even if it had already saved: results
   after resume stay identical. ``save(..., round=r)`` records the state produced in round r; older versions
@@ -29,6 +29,10 @@ Backends:
 * ``ray:<name>``: values in Ray's object store, owned by a named detached actor, so they survive a worker's
   death; for clusters without a shared filesystem; ``close()`` it at the end of the run;
 * ``memory:<name>``: this process only (tests, the in-process simulation).
+
+Who chooses the address: the simulation takes ``simulation.client_state`` (default ``disk:<run dir>/client_state``,
+see ``fedtune.config.simulation``); a deployed participant keeps its own state on its own disk
+(``participant_address``), whatever the server's configuration says.
 """
 
 from __future__ import annotations
@@ -53,7 +57,7 @@ from fedtune.errors import CheckpointError, ConfigError
 @dataclass(frozen=True)
 class ClientState:
     arrays: dict[str, np.ndarray] = field(default_factory=dict)  # e.g. {"c": control variate}, flat or shaped
-    meta: dict[str, Any] = field(default_factory=dict)  # JSON-able scalars, e.g. {"steps": 12}
+    meta: dict[str, Any] = field(default_factory=dict)  # JSON-able values, e.g. {"steps": 12}
 
 
 class ClientStateStore(Protocol):
@@ -222,7 +226,8 @@ def open_state_store(address: str) -> ClientStateStore:
     kind, sep, where = address.partition(":")
     if not sep or not where:
         raise ConfigError(
-            f"client state address must look like 'disk:<dir>', 'ray:<name>' or 'memory:<name>': {address!r}"
+            f"client state address must look like 'disk:<dir>', 'ray:<name>' or 'memory:<name>': {address!r} "
+            "('disk' or 'ray' alone is resolved against the run directory when a simulation starts)"
         )
     if kind == "disk":
         return DiskStateStore(where)
@@ -231,3 +236,18 @@ def open_state_store(address: str) -> ClientStateStore:
     if kind == "memory":
         return _MEMORY.setdefault(where, MemoryStateStore())
     raise ConfigError(f"unknown client state backend {kind!r} in {address!r} (disk, ray or memory)")
+
+
+def participant_address(cache_dir: str | Path, federation: str) -> str:
+    """A deployed participant's own store, on its own disk: ``disk:<cache_dir>/client_state/<federation>``.
+
+    The participant's state (its DP-SGD privacy ledger) belongs to the participant, so the address never comes
+    from the server. ``federation`` names what the server runs (its config digest): a resumed or extended
+    federation continues the participant's ledgers, a different one starts its own.
+
+    >>> participant_address("/home/me/.cache/fedtune", "3f2a")
+    'disk:/home/me/.cache/fedtune/client_state/3f2a'
+    """
+    if not re.fullmatch(r"[A-Za-z0-9_.-]+", federation):
+        raise ValueError(f"federation id must be letters, digits, '_', '.', '-': got {federation!r}")
+    return f"disk:{Path(cache_dir).expanduser().resolve() / 'client_state' / federation}"

@@ -12,6 +12,7 @@ from typing import Annotated, Literal
 from pydantic import Field, model_validator
 
 from fedtune.config.base import PositiveFloat, PositiveInt, Section
+from fedtune.errors import ConfigError
 
 Probability = Annotated[float, Field(gt=0, lt=1)]
 
@@ -125,6 +126,23 @@ class PrivacyConfig(Section):
         return self.dp is not None or self.dpsgd is not None or self.secure_aggregation is not None
 
 
+def check_dpsgd_data_parallel(privacy: PrivacyConfig, nproc: int, *, nproc_key: str) -> None:
+    """Refuse local DP-SGD on ``nproc > 1`` data-parallel ranks (``nproc_key`` names where nproc was set).
+
+    Each rank would clip and noise its own shard of the batch and DDP would then average the ranks: the noise
+    would be 1/sqrt(nproc) of what the accountant assumes and no rank's step would be the DP-SGD step the
+    ledger records. Correct DP-SGD needs the per-example clipped sum over all ranks before one noise draw.
+
+    >>> check_dpsgd_data_parallel(PrivacyConfig(dpsgd=DpSgdConfig()), 1, nproc_key="--nproc")  # fine
+    """
+    if privacy.dpsgd is not None and nproc > 1:
+        raise ConfigError(
+            f"privacy.dpsgd cannot run with {nproc_key} {nproc} (> 1): per-example clipping would see only one "
+            "rank's shard of each batch and the noise and privacy accounting would be wrong; "
+            f"set {nproc_key} 1 or turn privacy.dpsgd off"
+        )
+
+
 NEEDS_INDIVIDUAL_UPDATES = ("fedex", "svd", "flora")  # LoRA modes that combine clients' factors non-linearly
 
 
@@ -132,6 +150,10 @@ def check_privacy_rules(config: object) -> None:
     """Cross-section rules of the privacy section, called from ``Config._check`` (errors name the key)."""
     privacy: PrivacyConfig = config.privacy  # type: ignore[attr-defined]
     server, client, data, model = config.server, config.client, config.data, config.model  # type: ignore[attr-defined]
+    try:
+        check_dpsgd_data_parallel(privacy, config.simulation.client_nproc, nproc_key="simulation.client_nproc")  # type: ignore[attr-defined]
+    except ConfigError as err:
+        raise ValueError(str(err)) from None  # inside a pydantic validator: reported by key like the others
     if privacy.dp is not None and server.weighting != "uniform":
         raise ValueError(
             "server.weighting must be 'uniform' under privacy.dp: weighting by example count lets one "

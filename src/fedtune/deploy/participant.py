@@ -26,14 +26,18 @@ import yaml
 from rich.console import Console
 
 from fedtune.client.build import build_client_extensions
+from fedtune.client.state_store import participant_address
 from fedtune.client.worker import ClientWorker
 from fedtune.config.load import parse_config
+from fedtune.config.privacy import check_dpsgd_data_parallel
 from fedtune.config.schema import Config, DataConfig
+from fedtune.config.simulation import with_client_state
 from fedtune.core.rng import derive_rng
 from fedtune.data.cache import default_cache_dir
 from fedtune.data.partition import random_split
 from fedtune.data.types import ClientSplit
 from fedtune.errors import DataError
+from fedtune.run.rundir import config_digest
 from fedtune.tasks.build import build_run_task
 from fedtune.transport.grpc.client import Joined, ParticipantError
 
@@ -128,6 +132,8 @@ def build_participant_worker(
     if config.run.threads:
         torch.set_num_threads(config.run.threads)
     cache_dir = default_cache_dir(data_cfg.cache_dir)
+    # this participant's own state (its DP-SGD ledger) stays on its own disk, whatever the server configured
+    config = with_client_state(config, participant_address(cache_dir, config_digest(config)))
     split = load_local_split(data_cfg, data, seed=config.seed, client_id=client_id, cache_dir=cache_dir)
     task = build_run_task(config, num_labels=config.model.num_labels or num_labels, cache_dir=cache_dir)
     ext = build_client_extensions(config)
@@ -154,6 +160,7 @@ def worker_factory(
 
     def make(joined: Joined) -> ClientWorker:
         cid = joined.client_id
+        check_dpsgd_data_parallel(parse_config(yaml.safe_load(joined.config_yaml)).privacy, nproc, nproc_key="--nproc")
         args = (joined.config_yaml, local_yaml, data, cid, joined.extra.get("num_labels"))
         worker = build_participant_worker(*args)
         split_train, split_test = worker.records[cid]

@@ -36,7 +36,7 @@ def client_privacy(config: Config) -> tuple[list, list]:
     if p.dpsgd is not None:
         from fedtune.privacy.dpsgd import DpSgd
 
-        dpsgd = DpSgd(p.dpsgd)
+        dpsgd = DpSgd(p.dpsgd, state=config.simulation.client_state)  # the client ledgers: off-worker
         hook_factories.append(dpsgd.hooks)
         transforms.append(dpsgd.transform)
     if p.dp is not None:

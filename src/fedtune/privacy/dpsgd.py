@@ -17,11 +17,16 @@ post-process the private gradient. Accounting (fedtune.privacy.accountant):
   provably, so each touched epoch is one Gaussian mechanism with sensitivity 2C (replace-one adjacency).
 
 The per-client epsilon is reported in the update's metrics: ``dpsgd_epsilon_round`` (this round's local
-training) and ``dpsgd_epsilon`` (all of this client's rounds served by this worker process).
+training) and ``dpsgd_epsilon`` (all of this client's rounds so far). The ledger behind the latter is the
+client's, not the worker's: it is loaded from the client state store (``fedtune.client.state_store``,
+namespace "dpsgd") when the client's fit starts and saved with this round's entries when it ends, so it is
+the same whichever worker, Ray actor or resumed process serves the client; a round replayed after a crash
+reads the ledger it read the first time (the store is versioned by round).
 """
 
 from __future__ import annotations
 
+import functools
 import math
 import warnings
 import weakref
@@ -32,6 +37,7 @@ import torch
 from opacus.grad_sample import GradSampleHooks
 from opacus.optimizers import DPOptimizer
 
+from fedtune.client.state_store import ClientState, ClientStateStore, open_state_store
 from fedtune.client.train import LocalHooks
 from fedtune.client.weights import TrainableView
 from fedtune.config.privacy import DpSgdConfig
@@ -48,6 +54,8 @@ from fedtune.tasks.base import Task
 warnings.filterwarnings(
     "ignore", message="Full backward hook is firing when gradients are computed with respect to module outputs"
 )
+
+STATE_NAMESPACE = "dpsgd"  # the ledger's key in the client state store, beside other mechanisms' state
 
 
 @dataclass
@@ -68,6 +76,7 @@ class _Attachment:
 
 @dataclass
 class _Fit:
+    ledger: list[dict]  # the client's ledger before this round, as loaded from the store
     steps: int = 0
     full_batch: bool = False
     batch_size: int = 0
@@ -99,15 +108,25 @@ def example_scale(task: Task, batch: _Batch) -> torch.Tensor:
 
 
 class DpSgd:
-    """Hook factory and update transform for local DP-SGD. Holds only per-fit bookkeeping and per-client
-    ledgers, keyed by client id."""
+    """Hook factory and update transform for local DP-SGD. Holds only per-fit bookkeeping; each client's
+    ledger lives in the client state store at ``state`` (an address, opened on first use in whichever
+    process this object was built: a Ray actor, a data-parallel rank)."""
 
-    def __init__(self, cfg: DpSgdConfig, *, seed_scope: str = "dpsgd") -> None:
+    def __init__(self, cfg: DpSgdConfig, *, state: str, seed_scope: str = "dpsgd") -> None:
         self.cfg = cfg
+        self.state = state
         self.scope = seed_scope
         self._attached: weakref.WeakKeyDictionary[torch.nn.Module, _Attachment] = weakref.WeakKeyDictionary()
         self._fits: dict[tuple[str, int], _Fit] = {}
-        self.ledgers: dict[str, list[dict]] = {}
+
+    @functools.cached_property
+    def store(self) -> ClientStateStore:
+        return open_state_store(self.state)
+
+    def ledger(self, client_id: str, *, round: int) -> list[dict]:
+        """The client's ledger as a fit of ``round`` starts: every entry saved in earlier rounds."""
+        saved = self.store.load(client_id, STATE_NAMESPACE, round=round)
+        return list(saved.meta["ledger"]) if saved is not None else []
 
     def _attach(self, task: Task) -> _Attachment:
         module = task.module
@@ -126,7 +145,8 @@ class DpSgd:
         train = ClientConfig.model_validate(instr.train)
         if train.full_batch != (self.cfg.sample_rate is not None):
             raise PrivacyError("privacy.dpsgd.sample_rate is required with, and only with, client.full_batch")
-        fit = self._fits[(instr.client_id, instr.round)] = _Fit(full_batch=train.full_batch)
+        ledger = self.ledger(instr.client_id, round=instr.round)
+        fit = self._fits[(instr.client_id, instr.round)] = _Fit(ledger, full_batch=train.full_batch)
         clipper = DPOptimizer(
             torch.optim.SGD(att.params, lr=0.0),
             noise_multiplier=0.0,  # the noise is ours (seeded or secure); Opacus clips
@@ -197,10 +217,11 @@ class DpSgd:
         if fit is None:
             raise PrivacyError(f"DP-SGD: no record of client {instr.client_id}'s local training this round")
         entries = self.round_entries(fit, update.num_examples)
-        ledger = self.ledgers.get(instr.client_id, [])
+        ledger = fit.ledger
         for entry in entries:
             ledger = accountant.append(ledger, entry)
-        self.ledgers[instr.client_id] = ledger
+        # saved before the update leaves: an update sent is a release, and its cost must be on record
+        self.store.save(instr.client_id, STATE_NAMESPACE, ClientState(meta={"ledger": ledger}), round=instr.round)
         delta = self.cfg.delta
         metrics = {
             **update.metrics,
