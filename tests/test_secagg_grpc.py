@@ -1,0 +1,289 @@
+"""Secure aggregation over the gRPC deployment: real ``fedtune client`` processes on 127.0.0.1, each
+keeping its own update and answering the SecAgg tasks; the server only ever sees masked vectors.
+
+The model is the small digits CNN (as in test_grpc_e2e.py), each client takes its own partition of the
+digits, so the networked run can be compared with the in-process simulation of the same configuration.
+"""
+
+from __future__ import annotations
+
+import glob
+import json
+import threading
+from pathlib import Path
+
+import numpy as np
+import pytest
+import yaml
+from rich.console import Console
+
+from _grpc_support import CLIENTS, REPO, Procs, free_port, make_pki, wait_until
+from fedtune.config import parse_config
+from fedtune.core.messages import ClientUpdate
+from fedtune.core.state import load_state
+from fedtune.errors import ConfigError, UpdateRejected
+from fedtune.privacy.build import check_secagg_transport
+from fedtune.run.session import initial_params, simulate
+from fedtune.transport.codecs import build_codec
+from fedtune.transport.grpc import protocol, wire
+from fedtune.transport.grpc.proto import fedtune_pb2 as pb
+
+pytestmark = pytest.mark.timeout(300)
+FAULT_CLIENT = str(REPO / "tests" / "secagg_fault_client.py")
+
+
+def _config(tmp: Path, pki: Path, port: int, *, num_clients: int, rounds: int, **privacy) -> dict:
+    return {
+        "seed": 5,
+        "model": {
+            "kind": "module",
+            "factory": "fedtune.models.cnn:digits_cnn",
+            "factory_kwargs": {"channels": 4, "hidden": 16},
+            "lora": None,
+        },
+        # unequal shares: example weighting (w = min(n, cap) / cap inside SecAgg) must match the simulation
+        "data": {
+            "source": "digits",
+            "partition": {"kind": "dirichlet_sizes", "num_clients": num_clients, "alpha": 2.0},
+        },
+        "federation": {"rounds": rounds, "clients_per_round": num_clients},
+        "client": {"local_steps": 8, "batch_size": 16, "lr": 0.01},
+        "eval": {"every": 1, "max_examples_per_client": 30},
+        # threshold 0.6: with 4 clients each has 3 neighbours and t = 2, so one may drop before unmasking
+        "privacy": {"secure_aggregation": {"threshold": 0.6, **privacy}},
+        "run": {"out_dir": str(tmp / "runs"), "plot": False, "threads": 1},
+        "deployment": {
+            "port": port,
+            "tls_ca": str(pki / "ca.pem"),
+            "tls_cert": str(pki / "server.pem"),
+            "tls_key": str(pki / "server.key"),
+            "revocation_list": str(pki / "revoked.txt"),
+            "min_clients": num_clients,
+            "heartbeat_s": 1.0,
+            "missed_heartbeats": 5,
+            "poll_s": 2,
+            "round_timeout_s": 60,
+            "quorum_timeout_s": 60,
+            "shutdown_grace_s": 3,
+        },
+    }
+
+
+def _client_args(port: int, pki: Path, name: str) -> list[str]:
+    return [
+        "--server", f"127.0.0.1:{port}", "--data", f"partition:{name}", "--ca", str(pki / "ca.pem"),
+        "--cert", str(pki / "clients" / f"{name}.pem"), "--key", str(pki / "clients" / f"{name}.key"),
+    ]  # fmt: skip
+
+
+def _simulated(cfg: dict, tmp: Path) -> np.ndarray:
+    sim = parse_config({**cfg, "run": {**cfg["run"], "out_dir": str(tmp / "sim")}})
+    return simulate(sim, show_progress=False).state.params
+
+
+def _run_dir(tmp: Path) -> Path:
+    found = wait_until(lambda: glob.glob(str(tmp / "runs" / "run-*")), 60, "the run directory")
+    return Path(sorted(found)[0])
+
+
+def _rounds(run_dir: Path) -> list[dict]:
+    lines = (run_dir / "metrics.jsonl").read_text().splitlines()
+    return [r for r in map(json.loads, filter(str.strip, lines)) if r["kind"] == "round"]
+
+
+def _assert_same_model(actual: np.ndarray, expected: np.ndarray) -> None:
+    # The SecAgg sum is exact in the field and both sides quantise with the same seeded streams, so the
+    # only differences are float64 dequantisation and float32 rounding of the same numbers.
+    np.testing.assert_allclose(actual, expected, rtol=0, atol=1e-6)
+
+
+@pytest.fixture(scope="module")
+def pki(tmp_path_factory):
+    return make_pki(tmp_path_factory.mktemp("pki"))
+
+
+@pytest.fixture
+def procs(tmp_path):
+    p = Procs(tmp_path)
+    yield p
+    p.kill_all()
+
+
+class _WireSpy:
+    """Records the tensors of every payload this (the server's) process decodes."""
+
+    def __init__(self, monkeypatch) -> None:
+        self.seen: list[tuple[int, dict[str, tuple[str, tuple]]]] = []
+        decode = wire.decode
+
+        def spying(messages, limits):
+            payload = decode(messages, limits)
+            tensors = {k: (v.dtype.str, v.shape) for k, v in payload.tensors.items()}
+            self.seen.append((payload.header.kind, tensors))
+            return payload
+
+        monkeypatch.setattr(wire, "decode", spying)
+
+        def never(*args, **kwargs):
+            raise AssertionError("the server decoded a plaintext update under secure aggregation")
+
+        monkeypatch.setattr(protocol, "update_from_payload", never)
+
+
+def test_secagg_over_grpc_matches_the_simulation_and_the_server_sees_no_plaintext(tmp_path, pki, procs, monkeypatch):
+    """(1) 4 client processes, 2 rounds: the same global model as the in-process SecAgg simulation;
+    (4) the server process (this one) never decodes an update tensor: fit results carry none, and every
+    SecAgg message it receives is an opaque uint8 blob whose content only the protocol decodes."""
+    from fedtune.deploy.serve import run_server
+
+    port = free_port()
+    cfg = _config(tmp_path, pki, port, num_clients=4, rounds=2)
+    expected = _simulated(cfg, tmp_path)
+    spy = _WireSpy(monkeypatch)
+    outcome: dict = {}
+
+    def serve() -> None:
+        try:
+            outcome["result"] = run_server(parse_config(cfg), console=Console(quiet=True), show_progress=False)
+        except BaseException as err:  # reported by the test below
+            outcome["error"] = err
+
+    server = threading.Thread(target=serve, daemon=True)
+    server.start()
+    for name in CLIENTS[:4]:
+        procs.cli(name, "client", *_client_args(port, pki, name))
+    server.join(240)
+    try:
+        assert not server.is_alive(), "the server did not finish"
+        assert "error" not in outcome, outcome.get("error")
+        for name in CLIENTS[:4]:
+            assert procs.wait(name, 30) == 0
+            assert "update kept for secure aggregation" in procs.log(name)
+    except AssertionError:
+        print(procs.logs())
+        raise
+    result = outcome["result"]
+    assert result.state.round == 2
+    _assert_same_model(result.state.params, expected)
+    rounds = [r for r in result.rounds if r["round"] > 0]
+    assert [r["agg_secagg_survivors"] for r in rounds] == [4, 4]
+    assert all(r["agg_aggregated"] == 4 for r in rounds)
+
+    kinds = [kind for kind, _ in spy.seen]
+    assert kinds.count(pb.FIT_RESULT) == 8
+    assert kinds.count(pb.SECAGG_RESULT) == 2 * 4 * 4  # rounds x clients x stages
+    for kind, tensors in spy.seen:
+        assert not any(name.startswith("delta/") for name in tensors)
+        if kind == pb.FIT_RESULT:
+            assert tensors == {}
+        if kind == pb.SECAGG_RESULT:
+            assert list(tensors) == ["secagg/message"] and tensors["secagg/message"][0] == "|u1"
+
+
+def test_a_client_killed_before_unmasking_still_counts(tmp_path, pki, procs):
+    """client_003 sends its masked input, then dies before sending any unmasking share: its input is in
+    the sum (its self-mask is rebuilt from the others' shares), so the model equals the simulation's."""
+    port = free_port()
+    cfg = _config(tmp_path, pki, port, num_clients=4, rounds=1)
+    expected = _simulated(cfg, tmp_path)
+    (tmp_path / "config.yaml").write_text(yaml.safe_dump(cfg))
+    procs.cli("server", "server", str(tmp_path / "config.yaml"))
+    for name in CLIENTS[:3]:
+        procs.cli(name, "client", *_client_args(port, pki, name))
+    procs.start("client_003", [FAULT_CLIENT, "die", "--stage", "unmask", *_client_args(port, pki, "client_003")])
+    try:
+        assert procs.wait("server", 200) == 0
+        assert procs.wait("client_003", 10) == 17
+        assert "FAULT: die at unmask of round 1" in procs.log("client_003")
+    except AssertionError:
+        print(procs.logs())
+        raise
+    run_dir = _run_dir(tmp_path)
+    (record,) = [r for r in _rounds(run_dir) if r["round"] == 1]
+    assert record["agg_secagg_survivors"] == 4 and record["agg_aggregated"] == 4
+    assert record["agg_secagg_dropouts"] == "client_003@unmask"
+    _assert_same_model(load_state(run_dir / "checkpoint.safetensors").params, expected)
+    assert "client_003 dropped out of secure aggregation round 1 at unmask" in procs.log("server")
+
+
+def test_too_many_dropouts_abort_the_round_cleanly_and_the_next_round_runs(tmp_path, pki, procs):
+    """3 clients; in round 1 client_002 refuses to send its masked input: 2 inputs cannot be summed
+    securely, so round 1 aborts (the model is kept, the reason is logged); round 2 aggregates all 3."""
+    port = free_port()
+    cfg = _config(tmp_path, pki, port, num_clients=3, rounds=2)
+    (tmp_path / "config.yaml").write_text(yaml.safe_dump(cfg))
+    procs.cli("server", "server", str(tmp_path / "config.yaml"))
+    for name in CLIENTS[:2]:
+        procs.cli(name, "client", *_client_args(port, pki, name))
+    procs.start("client_002", [FAULT_CLIENT, "refuse", "--stage", "masked", *_client_args(port, pki, "client_002")])
+    try:
+        assert procs.wait("server", 200) == 0
+        for name in CLIENTS[:3]:
+            assert procs.wait(name, 30) == 0
+    except AssertionError:
+        print(procs.logs())
+        raise
+    run_dir = _run_dir(tmp_path)
+    records = {r["round"]: r for r in _rounds(run_dir)}
+    assert records[1]["agg_aggregated"] == 0
+    assert "2 masked inputs arrived, at least 3 are needed" in records[1]["agg_secagg_abort"]
+    assert records[1]["eval_loss"] == records[0]["eval_loss"]  # the same model, evaluated on the same data
+    assert records[2]["agg_aggregated"] == 3 and records[2]["agg_secagg_survivors"] == 3
+    final = load_state(run_dir / "checkpoint.safetensors")
+    assert final.round == 2 and not np.array_equal(final.params, initial_params(run_dir))
+    log = procs.log("server")
+    assert "secure aggregation round 1 aborted" in log and "injected refusal at masked" in log
+
+
+# ----- the parts, without processes ------------------------------------------------------------------------
+
+
+def _update(n: int = 6) -> ClientUpdate:
+    return ClientUpdate("c", 1, 5, np.linspace(-1, 1, n, dtype=np.float32), "digest", {"train_loss": 0.5})
+
+
+def test_a_plaintext_update_is_refused_under_secagg_and_a_held_one_becomes_a_placeholder() -> None:
+    plain, _ = protocol.update_payload(_update(), task_id="t", session="s", codec=build_codec("none"), residual=None)
+    with pytest.raises(UpdateRejected, match="must stay on the client"):
+        protocol.held_update_from_payload(plain, client_id="c", numel=6, spec_digest="digest")
+    held = protocol.held_update_payload(_update(), task_id="t", session="s")
+    assert held.tensors == {}
+    update = protocol.held_update_from_payload(held, client_id="c", numel=6, spec_digest="digest")
+    assert update.metrics == {"train_loss": 0.5, "secagg_held": 1.0} and update.num_examples == 5
+    assert update.delta.shape == (6,) and not update.delta.any() and update.delta.strides == (0,)
+
+
+def test_secagg_message_payload_round_trips_and_rejects_other_tensors() -> None:
+    blob = bytes(range(200))
+    payload = protocol.secagg_payload(pb.SECAGG_RESULT, blob, task_id="t", round_idx=3)
+    decoded = wire.decode(wire.encode(payload, chunk_bytes=64), wire.Limits(1 << 20, 64))
+    assert protocol.secagg_message(decoded, "c") == blob and decoded.header.round == 3
+    decoded.tensors["delta/values"] = np.zeros(3, np.float32)
+    with pytest.raises(UpdateRejected, match="exactly one"):
+        protocol.secagg_message(decoded, "c")
+
+
+@pytest.mark.parametrize(
+    ("overrides", "message"),
+    [
+        ({"deployment": {"codec": "int8"}}, "deployment.codec='int8'"),
+        ({"privacy": {"secure_aggregation": {"simulate_dropout": 0.1}}}, "simulate_dropout"),
+    ],
+)
+def test_secagg_over_grpc_refuses_what_cannot_work(overrides, message, tmp_path) -> None:
+    cfg = _config(tmp_path, tmp_path, 1, num_clients=3, rounds=1)
+    for section, values in overrides.items():
+        cfg[section] = {**cfg[section], **values}
+
+    class GrpcServerTransport:  # what check_secagg_transport looks at
+        secure_aggregation = True
+
+        def secagg_exchange(self, round_idx, stage, messages):
+            return {}
+
+    with pytest.raises(ConfigError, match=message):
+        check_secagg_transport(parse_config(cfg), GrpcServerTransport())
+    GrpcServerTransport.secure_aggregation = False  # not started for SecAgg: would see plaintext
+    with pytest.raises(ConfigError, match="plaintext"):
+        plain = _config(tmp_path, tmp_path, 1, num_clients=3, rounds=1)
+        check_secagg_transport(parse_config(plain), GrpcServerTransport())
