@@ -12,7 +12,14 @@ import torch
 
 from fedtune.config.schema import LoraConfig, ModelConfig
 from fedtune.errors import ModelError
-from fedtune.models.lora import apply_lora, count_parameters, load_trainable, stable_name, trainable_state
+from fedtune.models.lora import (
+    apply_lora,
+    count_parameters,
+    freeze_lora_a,
+    load_trainable,
+    stable_name,
+    trainable_state,
+)
 from fedtune.tasks.build import build_task
 
 
@@ -128,3 +135,38 @@ def test_stable_name_strips_only_adapter_labels() -> None:
     assert stable_name("m.q_proj.lora_A.default.weight", adapters) == "m.q_proj.lora_A.weight"
     assert stable_name("m.classifier.modules_to_save.default.bias", adapters) == "m.classifier.modules_to_save.bias"
     assert stable_name("m.default.weight", adapters) == "m.default.weight"
+
+
+def _lora_a(module: torch.nn.Module) -> dict[str, torch.Tensor]:
+    return {n: p.detach().clone() for n, p in module.named_parameters() if ".lora_A." in n}
+
+
+@pytest.mark.parametrize("kind", ["causal_lm", "classification"])
+def test_ffa_freezes_a_at_build_and_exchanges_only_b_and_the_head(model_cache: Path, kind: str) -> None:
+    """FFA-LoRA: the exchanged vector is B (and a classifier head) only; A keeps its seeded init."""
+    if kind == "causal_lm":
+        cfg = tiny_cfg()
+    else:
+        cfg = ModelConfig(kind="classification", name="all-minilm-l6-v2", lora=LoraConfig(r=4), max_length=32)
+    plain = build_task(cfg, num_labels=3, cache_dir=model_cache, seed=5)
+    ffa = build_task(cfg, num_labels=3, cache_dir=model_cache, seed=5, freeze_lora_a=True)
+    everything, exchanged = trainable_state(plain.module), trainable_state(ffa.module)
+    b_and_head = {n: t for n, t in everything.items() if ".lora_A." not in n}
+    assert list(exchanged) == list(b_and_head) and any(".lora_B." in n for n in exchanged)
+    assert (kind == "classification") == any("classifier" in n for n in exchanged)
+    numel = sum(t.numel() for t in exchanged.values())
+    assert numel == sum(t.numel() for t in b_and_head.values()) == count_parameters(ffa.module)[0]
+    # A is still there, frozen, and drawn from the same seeded stream: identical on every client
+    twin = build_task(cfg, num_labels=3, cache_dir=model_cache, seed=5, freeze_lora_a=True)
+    frozen, reference = _lora_a(ffa.module), _lora_a(plain.module)
+    assert all(torch.equal(frozen[n], t) for n, t in _lora_a(twin.module).items())
+    assert frozen and all(not p.requires_grad for n, p in ffa.module.named_parameters() if ".lora_A." in n)
+    assert list(frozen) == list(reference) and all(torch.equal(frozen[n], reference[n]) for n in frozen)
+    assert any(frozen[n].abs().max() > 0 for n in frozen)  # a real (non-zero) init, not a placeholder
+
+
+def test_freezing_a_needs_lora(model_cache: Path) -> None:
+    with pytest.raises(ModelError, match=r"needs model\.lora"):
+        build_task(tiny_cfg(lora=None), num_labels=None, cache_dir=model_cache, seed=0, freeze_lora_a=True)
+    with pytest.raises(ModelError, match="no LoRA A"):
+        freeze_lora_a(torch.nn.Linear(3, 3))
