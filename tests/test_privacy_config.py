@@ -115,3 +115,10 @@ def test_secagg_is_refused_over_a_transport_that_would_see_plaintext() -> None:
     with pytest.raises(ConfigError, match="plaintext"):
         check_secagg_transport(cfg({"secure_aggregation": True}), GrpcServerTransport())
     check_secagg_transport(cfg({}), GrpcServerTransport())  # nothing to refuse without SecAgg
+
+
+def test_dpsgd_with_data_parallel_clients_is_refused_naming_both_keys() -> None:
+    with pytest.raises(ConfigError, match=r"privacy\.dpsgd cannot run with simulation\.client_nproc 2"):
+        cfg({"dpsgd": True}, simulation={"client_nproc": 2})
+    assert cfg({"dpsgd": True}, simulation={"client_nproc": 1}).privacy.dpsgd is not None
+    assert cfg({}, simulation={"client_nproc": 2}).simulation.client_nproc == 2  # data parallel alone is fine

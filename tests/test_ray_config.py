@@ -33,8 +33,24 @@ def test_ray_settings_load() -> None:
         ({"backend": "dask"}, "simulation.backend"),
         ({"client_nproc": 0}, "simulation.client_nproc"),
         ({"num_worker": 2}, "simulation.num_worker: unknown key"),
+        ({"client_state": "s3://bucket"}, "simulation.client_state must be"),
+        ({"client_state": "disk:"}, "simulation.client_state must be"),
+        ({"client_state": "memory"}, "simulation.client_state must be"),
+        ({"client_state": "ray"}, "simulation.client_state 'ray' .* needs simulation.backend 'ray'"),
+        ({"client_state": "ray:run-1"}, "needs simulation.backend 'ray'"),
+        ({"backend": "ray", "client_state": "memory:x"}, "'memory:...' lives in one process"),
+        ({"client_nproc": 2, "client_state": "memory:x"}, "'memory:...' lives in one process"),
     ],
 )
 def test_contradictions_are_errors_that_name_the_key(section: dict, message: str) -> None:
     with pytest.raises(ConfigError, match=message.replace("(", r"\(").replace(")", r"\)")):
         parse_config({"simulation": section})
+
+
+def test_client_state_addresses_resolve_against_the_run_directory(tmp_path) -> None:
+    run_dir = tmp_path / "runs" / "demo-20250101-000000"
+    assert SimulationConfig().client_state_address(run_dir) == f"disk:{run_dir.resolve()}/client_state"
+    on_ray = SimulationConfig(backend="ray", client_state="ray")
+    assert on_ray.client_state_address(run_dir) == "ray:demo-20250101-000000"
+    for explicit in ("disk:/shared/state", "memory:t"):
+        assert SimulationConfig(client_state=explicit).client_state_address(run_dir) == explicit
