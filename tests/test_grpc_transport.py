@@ -269,9 +269,15 @@ def test_int8_update_and_evaluation_over_the_wire(start, pki):
     upd = rnd.result()["client_000"]
     np.testing.assert_allclose(upd.delta, delta, atol=1 / 127)
     assert upd.bytes_up < 2000  # ~1 byte a value instead of 4
-    ev = Round(transport.evaluate, [EvalInstruction("client_000", 1, np.zeros(N, np.float32), DIGEST, 8, None)])
+    residual = {"lora/residual/layer.q_proj": np.arange(12, dtype=np.float32).reshape(3, 4)}  # the rest of the model
+    ev = Round(
+        transport.evaluate, [EvalInstruction("client_000", 1, np.zeros(N, np.float32), DIGEST, 8, None, residual)]
+    )
     task = client.pull_task()
     assert task.header.kind == pb.EVALUATE
+    received = protocol.eval_from_payload(task, "client_000")
+    assert list(received.extras) == list(residual)
+    np.testing.assert_array_equal(received.extras["lora/residual/layer.q_proj"], residual["lora/residual/layer.q_proj"])
     from fedtune.core.messages import ClientEval
     from fedtune.tasks.base import EvalSums
 

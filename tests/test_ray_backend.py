@@ -125,6 +125,32 @@ def test_pool_evaluates_like_in_process(pool) -> None:
     assert [got[i.client_id] for i in instructions] == expected
 
 
+def test_lora_residual_run_on_ray_equals_in_process(ray_session, tmp_path) -> None:
+    """FedEx-LoRA on tiny-llama: the residual travels with fits and evaluations through the actors, so the
+    Ray run's evaluation equals the in-process one (itself tested against the oracle in test_strategies_e2e)."""
+    corpus = tmp_path / "corpus"
+    corpus.mkdir()
+    for c in range(3):
+        (corpus / f"speaker_{c}.txt").write_text(
+            "\n\n".join(f"Line {i} of speaker {c}, to be or not." * 3 for i in range(8))
+        )
+    raw = {
+        "seed": 2,
+        "model": {"name": "tiny-llama", "max_length": 32, "lora": {"r": 4, "alpha": 8}},
+        "data": {"source": "text", "path": str(corpus)},
+        "federation": {"rounds": 2, "clients_per_round": 3},
+        "client": {"local_steps": 2, "batch_size": 4, "lr": 0.3},
+        "server": {"lora_aggregation": "fedex"},
+        "eval": {"batch_size": 8},
+        "run": {"out_dir": str(tmp_path / "runs"), "plot": False, "threads": 1},
+    }
+    local = simulate(parse_config(raw), show_progress=False)
+    on_ray = simulate(parse_config({**raw, "simulation": {"backend": "ray", "num_workers": 2}}), show_progress=False)
+    assert any(np.abs(v).max() > 0 for k, v in local.state.arrays.items() if k.startswith("lora/residual/"))
+    assert np.array_equal(on_ray.state.params, local.state.params)
+    assert comparable(on_ray.rounds) == comparable(local.rounds)
+
+
 def test_ray_state_store_round_trip(ray_session) -> None:
     from fedtune.client.state_store import ClientState, open_state_store
 
