@@ -32,6 +32,21 @@ pytestmark = pytest.mark.timeout(300)
 FAULT_CLIENT = str(REPO / "tests" / "secagg_fault_client.py")
 
 
+# DP-FedAvg over SecAgg, with adaptive clipping: each client's clipping bit is summed securely too
+DP = {
+    "server": {"weighting": "uniform"},
+    "privacy": {
+        "dp": {
+            "clip": 0.5,
+            "noise_multiplier": 0.1,
+            "sampling": "fixed",
+            "adaptive": {"target_quantile": 0.5, "lr": 0.2, "count_noise": 1.0},
+        },
+        "secure_aggregation": {"threshold": 0.6},
+    },
+}
+
+
 def _config(tmp: Path, pki: Path, port: int, *, num_clients: int, rounds: int, **privacy) -> dict:
     return {
         "seed": 5,
@@ -130,14 +145,20 @@ class _WireSpy:
         monkeypatch.setattr(protocol, "update_from_payload", never)
 
 
-def test_secagg_over_grpc_matches_the_simulation_and_the_server_sees_no_plaintext(tmp_path, pki, procs, monkeypatch):
-    """(1) 4 client processes, 2 rounds: the same global model as the in-process SecAgg simulation;
+@pytest.mark.parametrize("dp", [False, pytest.param(True, marks=pytest.mark.slow)], ids=["secagg", "dp+secagg"])
+def test_secagg_over_grpc_matches_the_simulation_and_the_server_sees_no_plaintext(
+    dp, tmp_path, pki, procs, monkeypatch
+):
+    """(1) 4 client processes, 2 rounds: the same global model as the in-process SecAgg simulation
+    (also under DP-FedAvg with adaptive clipping, whose clipping bits are summed securely);
     (4) the server process (this one) never decodes an update tensor: fit results carry none, and every
     SecAgg message it receives is an opaque uint8 blob whose content only the protocol decodes."""
     from fedtune.deploy.serve import run_server
 
     port = free_port()
     cfg = _config(tmp_path, pki, port, num_clients=4, rounds=2)
+    if dp:
+        cfg.update(DP)
     expected = _simulated(cfg, tmp_path)
     spy = _WireSpy(monkeypatch)
     outcome: dict = {}
@@ -180,6 +201,7 @@ def test_secagg_over_grpc_matches_the_simulation_and_the_server_sees_no_plaintex
             assert list(tensors) == ["secagg/message"] and tensors["secagg/message"][0] == "|u1"
 
 
+@pytest.mark.slow  # ~70-100 s on a loaded 2-core machine; the default suite runs the first test
 def test_a_client_killed_before_unmasking_still_counts(tmp_path, pki, procs):
     """client_003 sends its masked input, then dies before sending any unmasking share: its input is in
     the sum (its self-mask is rebuilt from the others' shares), so the model equals the simulation's."""
@@ -206,6 +228,7 @@ def test_a_client_killed_before_unmasking_still_counts(tmp_path, pki, procs):
     assert "client_003 dropped out of secure aggregation round 1 at unmask" in procs.log("server")
 
 
+@pytest.mark.slow  # ~70-100 s on a loaded 2-core machine; the default suite runs the first test
 def test_too_many_dropouts_abort_the_round_cleanly_and_the_next_round_runs(tmp_path, pki, procs):
     """3 clients; in round 1 client_002 refuses to send its masked input: 2 inputs cannot be summed
     securely, so round 1 aborts (the model is kept, the reason is logged); round 2 aggregates all 3."""

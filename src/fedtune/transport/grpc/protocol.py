@@ -234,9 +234,10 @@ def held_update_from_payload(payload: Payload, *, client_id: str, numel: int, sp
     if h.spec_digest != spec_digest:
         raise UpdateRejected(f"{who}: spec digest {h.spec_digest!r} does not match the server's {spec_digest}")
     if payload.tensors or payload.scalars.get(HELD) is not True:
+        carried = f"tensors {sorted(payload.tensors)[:3]}" if payload.tensors else f"no {HELD!r} flag"
         raise UpdateRejected(
-            f"{who}: privacy.secure_aggregation is on, so the update must stay on the client (this result carries "
-            f"tensors {sorted(payload.tensors)[:3]}); upgrade the client or check its configuration"
+            f"{who}: privacy.secure_aggregation is on, so the update must stay on the client (this result has "
+            f"{carried}); upgrade the client or check its configuration"
         )
     num_examples = _int(payload.scalars, "num_examples", who)
     if num_examples <= 0:
