@@ -4,45 +4,18 @@ epsilon still equals the in-process run's (the ledger lives in the client state 
 from __future__ import annotations
 
 import io
-import json
 
 import pytest
 from rich.console import Console
 
 ray = pytest.importorskip("ray")
 
-from fedtune.config.load import parse_config  # noqa: E402
 from fedtune.config.simulation import SimulationConfig  # noqa: E402
 from fedtune.run.session import simulate  # noqa: E402
 from fedtune.transport.ray_backend import start_ray  # noqa: E402
+from test_privacy_dpsgd_ledger import client_records, config  # noqa: E402  # digits CNN, 6 clients, DP-SGD
 
 pytestmark = [pytest.mark.timeout(240), pytest.mark.filterwarnings("ignore:Full backward hook is firing")]
-
-
-def config(tmp_path, **simulation):
-    return parse_config(
-        {
-            "seed": 1,
-            "model": {
-                "kind": "module",
-                "factory": "fedtune.models.cnn:digits_cnn",
-                "lora": None,
-                "factory_kwargs": {"channels": 4, "hidden": 16},
-            },
-            "data": {"source": "digits", "partition": {"kind": "iid", "num_clients": 6}},
-            "federation": {"rounds": 3, "clients_per_round": 3},
-            "client": {"local_steps": 2, "batch_size": 8, "optimizer": "sgd", "lr": 0.05},
-            "eval": {"baseline": False, "max_clients": 1, "max_examples_per_client": 4},
-            "run": {"out_dir": str(tmp_path / "runs"), "plot": False, "threads": 1},
-            "privacy": {"dpsgd": {"noise_multiplier": 1.1, "max_grad_norm": 1.0}},
-            "simulation": simulation,
-        }
-    )
-
-
-def client_records(result) -> list[dict]:
-    lines = [json.loads(line) for line in (result.run_dir / "metrics.jsonl").read_text().splitlines()]
-    return [r for r in lines if r["kind"] == "client"]
 
 
 @pytest.fixture(scope="module")
@@ -54,10 +27,9 @@ def ray_session():
 
 def test_two_ray_workers_report_the_in_process_epsilons(ray_session, tmp_path) -> None:
     quiet = {"show_progress": False, "console": Console(file=io.StringIO())}
-    local = client_records(simulate(config(tmp_path), **quiet))
-    on_ray = client_records(
-        simulate(config(tmp_path, backend="ray", num_workers=2, client_state="ray"), **quiet)  # Ray's object store
-    )
+    local = client_records(simulate(config(tmp_path, rounds=3), **quiet).run_dir)
+    ray_sim = {"backend": "ray", "num_workers": 2, "client_state": "ray"}  # the ledgers in Ray's object store
+    on_ray = client_records(simulate(config(tmp_path, rounds=3, **ray_sim), **quiet).run_dir)
     key = ("round", "client_id", "dpsgd_epsilon", "dpsgd_epsilon_round")
     assert [tuple(r[k] for k in key) for r in on_ray] == [tuple(r[k] for k in key) for r in local]
     # Not vacuous: with 2 actors and all 3 requests of a round in flight, the i-th request of a round goes to

@@ -46,7 +46,6 @@ import torch.distributed as dist
 import torch.multiprocessing as mp
 from torch.nn.parallel import DistributedDataParallel
 
-from fedtune.client.train import local_train
 from fedtune.client.worker import ClientWorker
 from fedtune.core.messages import ClientEval, ClientUpdate, EvalInstruction, FitInstruction
 from fedtune.errors import FedtuneError
@@ -116,16 +115,7 @@ def ddp_fit(worker: ClientWorker, ddp: torch.nn.Module, instr: FitInstruction, d
     started = time.perf_counter()
     cfg, hooks = worker.begin_fit(instr)
     with _wrapped(worker.task, ddp):  # every rank calls this together: the loss all-reduces per step
-        result = local_train(
-            worker.task,
-            worker.examples(instr.client_id, train=True),
-            cfg,
-            seed=instr.seed,
-            round_idx=instr.round,
-            client_id=instr.client_id,
-            hooks=hooks,
-            batch_loss=RankShard(dist.get_rank(), dist.get_world_size(), device),
-        )
+        result = worker.train(instr, cfg, hooks, batch_loss=RankShard(dist.get_rank(), dist.get_world_size(), device))
     metrics = {"fit_seconds": time.perf_counter() - started, "nproc": float(dist.get_world_size())}
     return worker.reply(instr, result, _read_params(worker), metrics)
 

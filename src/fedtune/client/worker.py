@@ -19,7 +19,7 @@ import numpy as np
 import torch
 
 from fedtune.client.hooks import LoraResidual
-from fedtune.client.train import LocalHooks, LocalResult, local_train
+from fedtune.client.train import WHOLE_BATCH, BatchLoss, LocalHooks, LocalResult, local_train
 from fedtune.client.weights import TrainableView
 from fedtune.config.schema import ClientConfig
 from fedtune.core.messages import ClientEval, ClientUpdate, EvalInstruction, FitInstruction
@@ -99,10 +99,11 @@ class ClientWorker:
             metrics={"train_loss": result.train_loss, "steps": float(result.steps), **metrics},
         )
 
-    def fit(self, instr: FitInstruction) -> ClientUpdate:
-        started = time.perf_counter()
-        cfg, hooks = self.begin_fit(instr)
-        result = local_train(
+    def train(
+        self, instr: FitInstruction, cfg: ClientConfig, hooks: LocalHooks, *, batch_loss: BatchLoss = WHOLE_BATCH
+    ) -> LocalResult:
+        """The local training of ``instr``'s client on its examples (data-parallel ranks pass their batch loss)."""
+        return local_train(
             self.task,
             self.examples(instr.client_id, train=True),
             cfg,
@@ -110,7 +111,13 @@ class ClientWorker:
             round_idx=instr.round,
             client_id=instr.client_id,
             hooks=hooks,
+            batch_loss=batch_loss,
         )
+
+    def fit(self, instr: FitInstruction) -> ClientUpdate:
+        started = time.perf_counter()
+        cfg, hooks = self.begin_fit(instr)
+        result = self.train(instr, cfg, hooks)
         update = self.reply(instr, result, self.view.read(), {"fit_seconds": time.perf_counter() - started})
         for transform in self.update_transforms:
             update = transform(update, instr)
