@@ -85,13 +85,16 @@ def run_rounds(server: SecAggServer, network: SecAggNetwork, *, traffic: Traffic
     cannot finish. A reply that is missing, undecodable, of the wrong type or in another client's name
     is a dropout at that stage."""
     traffic = traffic if traffic is not None else Traffic()
-    p, dropped = server.params, {}
+    p, dropped = server.params, {}  # dropped: client -> the stage it did not answer
 
     def stage(name: str, messages: Mapping[str, Message]) -> list:
         encoded: dict[int, bytes] = {}  # a broadcast is encoded once
-        out = {cid: encoded.setdefault(id(msg), encode(msg)) for cid, msg in messages.items()}
-        for cid, data in out.items():
-            traffic.add(cid, down=len(data))
+        out = {}
+        for cid, msg in messages.items():
+            if id(msg) not in encoded:
+                encoded[id(msg)] = encode(msg)
+            out[cid] = encoded[id(msg)]
+            traffic.add(cid, down=len(out[cid]))
         replies = network.secagg_exchange(p.round, name, out)
         received = []
         for cid in sorted(out):
