@@ -274,3 +274,21 @@ def test_evaluation_and_export_see_the_residual(mode, tmp_path):
     assert (written["adapter"] / "base_weights.safetensors").is_file()
     restored = load_adapter_export(load_causal_lm("tiny-llama", cache)[0], written["adapter"]).eval()
     torch.testing.assert_close(restored(input_ids=ids).logits.detach(), oracle_logits, rtol=1e-4, atol=1e-4)
+
+
+def test_bytes_down_count_the_residual(tmp_path):
+    """FedEx-LoRA sends a dense residual with every fit: the reported download includes it (params plus one
+    out x in float32 matrix per adapted layer), not just the adapter vector."""
+    from fedtune.server.strategies.lora import RESIDUAL_PREFIX
+
+    raw = llama_config(tmp_path, lora_aggregation="fedex")
+    raw["federation"]["rounds"] = 2
+    result = run(raw)
+    spec = result.state.spec
+    residual = sum(v.nbytes for k, v in result.state.arrays.items() if k.startswith(RESIDUAL_PREFIX))
+    assert residual > 4 * spec.numel  # dense out x in per layer, against rank-r adapters
+    trained = [row for row in result.rounds if row["round"] > 0]  # round 0 is the baseline evaluation
+    assert len(trained) == 2
+    for row in trained:
+        assert row["clients_ok"] > 0
+        assert row["bytes_down"] == row["clients_ok"] * (4 * spec.numel + residual)

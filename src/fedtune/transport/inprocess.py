@@ -23,8 +23,8 @@ class InProcessTransport:
             except (FedtuneError, ValueError) as err:
                 yield ClientFailure(instr.client_id, instr.round, str(err))
                 continue
-            # What would cross a network: the global vector down, the delta up (float32).
-            yield _with_bytes(update, down=instr.params.nbytes, up=update.delta.nbytes)
+            # What would cross a network: the global vector and the strategy's payloads down, the delta up.
+            yield with_bytes(update, instr)
 
     def evaluate(self, instructions: Sequence[EvalInstruction]) -> Iterator[ClientEval | ClientFailure]:
         for instr in instructions:
@@ -37,8 +37,10 @@ class InProcessTransport:
         pass
 
 
-def _with_bytes(update: ClientUpdate, *, down: int, up: int) -> ClientUpdate:
+def with_bytes(update: ClientUpdate, instr: FitInstruction) -> ClientUpdate:
+    """``update`` with the bytes a network would carry: params and extras down, delta and extras up."""
     from dataclasses import replace
 
-    extras_up = sum(v.nbytes for v in update.extras.values())
-    return replace(update, bytes_down=down, bytes_up=up + extras_up)
+    down = instr.params.nbytes + sum(v.nbytes for v in instr.extras.values())
+    up = update.delta.nbytes + sum(v.nbytes for v in update.extras.values())
+    return replace(update, bytes_down=down, bytes_up=up)

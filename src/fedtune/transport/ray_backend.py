@@ -36,7 +36,7 @@ import numpy as np
 from fedtune.config.simulation import SimulationConfig
 from fedtune.core.messages import ClientEval, ClientFailure, ClientUpdate, EvalInstruction, FitInstruction
 from fedtune.errors import ConfigError, FedtuneError
-from fedtune.transport.inprocess import _with_bytes
+from fedtune.transport.inprocess import with_bytes
 
 # () -> an object with ``fit(FitInstruction) -> ClientUpdate``, ``evaluate(EvalInstruction) -> ClientEval``
 # and ``records`` (client id -> data); a ClientWorker. Must be picklable: it is shipped to every actor.
@@ -146,7 +146,7 @@ class RayTransport:
     def fit(self, instructions: Sequence[FitInstruction]) -> Iterator[ClientUpdate | ClientFailure]:
         for instr, reply in self._dispatch("fit", instructions):
             if isinstance(reply, ClientUpdate):
-                reply = _with_bytes(_writable(reply), down=instr.params.nbytes, up=reply.delta.nbytes)
+                reply = with_bytes(_writable(reply), instr)
             yield reply
 
     def evaluate(self, instructions: Sequence[EvalInstruction]) -> Iterator[ClientEval | ClientFailure]:
