@@ -26,7 +26,7 @@ from fedtune.privacy.secagg.messages import (
     UnmaskRequest,
     UnmaskShares,
 )
-from fedtune.privacy.secagg.quantize import quantize, shrink_for_rounding, step
+from fedtune.privacy.secagg.quantize import container, quantize, shrink_for_rounding, step
 
 
 def share_threshold(params: PublicParams, degree: int) -> int:
@@ -150,8 +150,7 @@ class SecAggClient:
                 y -= m
         if p.modulus_bits < 32:
             y &= np.uint32((1 << p.modulus_bits) - 1)
-        dtype = np.dtype("<u2") if p.modulus_bits <= 16 else np.dtype("<u4")
-        return MaskedInput(self.id, y.astype(dtype))
+        return MaskedInput(self.id, y.astype(container(p.modulus_bits)), p.modulus_bits)
 
     def _open_share(self, sender: str, blob: bytes) -> tuple[int, int]:
         key = crypto.agree(self._c_key, self._roster[sender][0], info=_info("enc", self.params.round, sender, self.id))

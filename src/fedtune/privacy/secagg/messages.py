@@ -11,7 +11,9 @@ a dtype code. No pickle; decoding checks the magic, the message type, lengths an
              UnmaskRequest   server -> clients  who sent a masked input (U3)
     round 3  UnmaskShares    client -> server   b-shares of survivors, s-shares of the dropped
 
-The in-process driver and the gRPC transport carry exactly these bytes (see docs/PRIVACY.md).
+The masked vector travels bit-packed to the field's width b = log2(R) (26 bits a value for 2^10 clients
+with 16-bit inputs, not a 32-bit word): ``pack_bits`` / ``unpack_bits``. The in-process driver and the
+gRPC transport carry exactly these bytes (see docs/PRIVACY.md).
 """
 
 from __future__ import annotations
@@ -22,15 +24,15 @@ from dataclasses import dataclass, field
 import numpy as np
 
 from fedtune.privacy.errors import SecAggAbort
+from fedtune.privacy.secagg.quantize import MAX_FIELD_BITS, container
 
 # A transport whose clients keep their own updates (the gRPC deployment) hands the strategy placeholder
 # updates with this metric set to 1: there is nothing to sum in them, the clients answer the protocol.
 HELD = "secagg_held"
 MAGIC = b"FTSA"
-VERSION = 1
+VERSION = 2  # 2: MaskedInput bit-packed to the field width (1 sent uint16/uint32 words)
 MAX_ITEMS = 1 << 20
-_DTYPES = {1: np.dtype("<u2"), 2: np.dtype("<u4")}
-_CODES = {v: k for k, v in _DTYPES.items()}
+MAX_VALUES = 1 << 32
 
 
 @dataclass(frozen=True)
@@ -84,7 +86,8 @@ class Forwarded:
 @dataclass(frozen=True)
 class MaskedInput:
     client_id: str
-    masked: np.ndarray = field(repr=False)  # uint16/uint32, length params.length
+    masked: np.ndarray = field(repr=False)  # uint16/uint32 (container(bits)), length params.length
+    bits: int  # the field width params.modulus_bits: each value is < 2^bits and travels in exactly bits bits
 
 
 @dataclass(frozen=True)
@@ -132,10 +135,10 @@ class _Writer:
             self.text(key)
             self.blob(value)
 
-    def array(self, arr: np.ndarray) -> None:
-        self.u("B", _CODES[arr.dtype])
-        self.u("Q", arr.size)
-        self.parts.append(np.ascontiguousarray(arr).tobytes())
+    def packed(self, values: np.ndarray, bits: int) -> None:
+        self.u("B", bits)
+        self.u("Q", values.size)
+        self.parts.append(pack_bits(values, bits))
 
 
 class _Reader:
@@ -168,12 +171,20 @@ class _Reader:
     def blob_map(self) -> dict[str, bytes]:
         return {self.text(): self.blob() for _ in range(self.count())}
 
-    def array(self) -> np.ndarray:
-        code, size = int(self.u("B")), int(self.u("Q"))
-        if code not in _DTYPES or size > 1 << 32:
-            raise SecAggAbort("malformed SecAgg message: bad array header")
-        dtype = _DTYPES[code]
-        return np.frombuffer(self.take(size * dtype.itemsize), dtype=dtype).copy()
+    def packed(self) -> tuple[np.ndarray, int]:
+        """A bit-packed vector, the message's last field: width, count, then exactly ceil(count * width / 8)
+        bytes."""
+        bits, count = int(self.u("B")), int(self.u("Q"))
+        if not 1 <= bits <= MAX_FIELD_BITS:
+            raise SecAggAbort(f"malformed SecAgg masked input: width {bits} bits is outside 1..{MAX_FIELD_BITS}")
+        if count > MAX_VALUES:
+            raise SecAggAbort(f"malformed SecAgg masked input: {count} values exceed the limit {MAX_VALUES}")
+        expected, left = packed_size(count, bits), len(self.data) - self.pos
+        if left != expected:
+            raise SecAggAbort(
+                f"malformed SecAgg masked input: {left} bytes for {count} values of {bits} bits, expected {expected}"
+            )
+        return unpack_bits(self.take(expected), bits, count), bits
 
     def done(self) -> None:
         if self.pos != len(self.data):
@@ -234,7 +245,7 @@ def encode(msg: Message) -> bytes:
         w.blob_map(msg.ciphertexts)
     elif isinstance(msg, MaskedInput):
         w.text(msg.client_id)
-        w.array(msg.masked)
+        w.packed(msg.masked, msg.bits)
     elif isinstance(msg, UnmaskRequest):
         w.u("I", len(msg.survivors))
         for cid in msg.survivors:
@@ -266,7 +277,9 @@ def decode(data: bytes) -> Message:
     elif kind == 4:
         msg = Forwarded(r.text(), r.blob_map())
     elif kind == 5:
-        msg = MaskedInput(r.text(), r.array())
+        client_id = r.text()
+        masked, bits = r.packed()
+        msg = MaskedInput(client_id, masked, bits)
     elif kind == 6:
         msg = UnmaskRequest(tuple(r.text() for _ in range(r.count())))
     elif kind == 7:
@@ -277,3 +290,71 @@ def decode(data: bytes) -> Message:
         raise SecAggAbort(f"unknown SecAgg message type {kind}")
     r.done()
     return msg
+
+
+# ----- bit packing ----------------------------------------------------------------------------------------
+# Value i occupies bits [i b, (i + 1) b) of a little-endian bit stream (least significant bit first), so
+# 8 values fill exactly b bytes. Both directions work on groups of 8 values, one column at a time: for
+# value j of a group, at bit offset j b = 8 q + s, its b bits shifted left by s span at most 5 bytes
+# (s + b <= 39) starting at byte q of the group's b. Vectorised over the groups: 8 x 5 NumPy operations
+# on d / 8 elements, whatever d is.
+
+
+def packed_size(count: int, bits: int) -> int:
+    """Bytes of ``count`` values packed to ``bits`` bits each: ceil(count * bits / 8)."""
+    return (count * bits + 7) // 8
+
+
+def pack_bits(values: np.ndarray, bits: int) -> bytes:
+    """Unsigned integers, each < 2^bits, packed to exactly ``bits`` bits each.
+
+    >>> pack_bits(np.array([1, 2, 3], np.uint32), 2).hex()  # 01 | 10 << 2 | 11 << 4
+    '39'
+    """
+    if not 1 <= bits <= MAX_FIELD_BITS:
+        raise SecAggAbort(f"cannot pack SecAgg values to {bits} bits: the width must be in 1..{MAX_FIELD_BITS}")
+    if values.ndim != 1 or values.dtype.kind != "u" or values.dtype.itemsize > 4:
+        raise SecAggAbort(f"cannot pack SecAgg values of dtype {values.dtype} and shape {values.shape}")
+    top = int(values.max(initial=0))
+    if top >> bits:
+        raise SecAggAbort(f"cannot pack SecAgg values to {bits} bits: {top} is not below the modulus 2^{bits}")
+    groups = -(-values.size // 8)
+    padded = np.zeros(groups * 8, np.uint32)
+    padded[: values.size] = values
+    grid = padded.reshape(groups, 8)  # (G, 8) values
+    out = np.zeros((groups, bits), np.uint8)  # (G, b) bytes
+    for j in range(8):
+        q, s = divmod(j * bits, 8)
+        shifted = grid[:, j].astype(np.uint64) << np.uint64(s)
+        for m in range(min(5, bits - q)):
+            out[:, q + m] |= (shifted >> np.uint64(8 * m)).astype(np.uint8)  # astype keeps the low byte
+    return out.reshape(-1)[: packed_size(values.size, bits)].tobytes()
+
+
+def unpack_bits(data: bytes, bits: int, count: int) -> np.ndarray:
+    """The inverse of ``pack_bits``: ``count`` values in ``container(bits)``. The padding bits of the last
+    byte must be zero, so every vector has exactly one encoding."""
+    if not 1 <= bits <= MAX_FIELD_BITS:
+        raise SecAggAbort(f"malformed SecAgg masked input: width {bits} bits is outside 1..{MAX_FIELD_BITS}")
+    if len(data) != packed_size(count, bits):
+        raise SecAggAbort(
+            f"malformed SecAgg masked input: {len(data)} bytes for {count} values of {bits} bits, "
+            f"expected {packed_size(count, bits)}"
+        )
+    used = count * bits % 8
+    if used and data[-1] >> used:
+        raise SecAggAbort("malformed SecAgg masked input: nonzero padding bits after the last value")
+    groups = -(-count // 8)
+    raw = np.zeros(groups * bits, np.uint8)
+    raw[: len(data)] = np.frombuffer(data, np.uint8)
+    raw = raw.reshape(groups, bits)  # (G, b) bytes
+    out = np.empty((groups, 8), container(bits))  # (G, 8) values
+    low = np.uint64((1 << bits) - 1)
+    for j in range(8):
+        q, s = divmod(j * bits, 8)
+        acc = np.zeros(groups, np.uint64)
+        for m in range(min(5, bits - q)):
+            acc |= raw[:, q + m].astype(np.uint64) << np.uint64(8 * m)
+        out[:, j] = (acc >> np.uint64(s)) & low
+    flat = out.reshape(-1)
+    return flat if flat.size == count else flat[:count].copy()

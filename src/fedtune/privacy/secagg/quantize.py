@@ -11,7 +11,8 @@ Two ways to pick the field:
 * ``value_bits=v``: L = 2^v - 1 and R = 2^(v + ceil(log2 n)), which must fit in 32 bits (Bonawitz et al.'s
   setting: 16-bit values, 2^10 clients -> a 26-bit field).
 
-Uploads use the smallest container that holds R: uint16 for R <= 2^16, uint32 otherwise (never int64).
+In memory a field vector uses the smallest container that holds R: uint16 for R <= 2^16, uint32
+otherwise (never int64). On the wire it is bit-packed to exactly b bits a value (messages.py).
 """
 
 from __future__ import annotations
@@ -37,10 +38,15 @@ class FieldSpec:
 
     @property
     def dtype(self) -> np.dtype:
-        return np.dtype("<u2") if self.modulus_bits <= 16 else np.dtype("<u4")
+        return container(self.modulus_bits)
 
     def max_clients(self) -> int:
         return (self.modulus - 1) // self.levels
+
+
+def container(bits: int) -> np.dtype:
+    """The in-memory dtype of a vector of ``bits``-bit field elements (bits <= 32)."""
+    return np.dtype("<u2") if bits <= 16 else np.dtype("<u4")
 
 
 def field_for(num_clients: int, *, value_bits: int | None) -> FieldSpec:

@@ -31,6 +31,7 @@ from fedtune.privacy.secagg.messages import (
     UnmaskRequest,
     UnmaskShares,
 )
+from fedtune.privacy.secagg.quantize import container
 
 MIN_CLIENTS = 3  # a sum over fewer would be (nearly) an individual update
 
@@ -111,9 +112,8 @@ class SecAggServer:
             y = msg.masked
             if msg.client_id not in self.commitments or msg.client_id in received:
                 continue
-            container = np.dtype("<u2") if p.modulus_bits <= 16 else np.dtype("<u4")
-            if y.shape != (p.length,) or y.dtype != container:
-                continue  # malformed: treated as a dropout
+            if msg.bits != p.modulus_bits or y.shape != (p.length,) or y.dtype != container(p.modulus_bits):
+                continue  # malformed (another field width or length): treated as a dropout
             if p.modulus_bits < 32 and int(y.max(initial=0)) >= 1 << p.modulus_bits:
                 continue
             if self.seen_masked is not None:
