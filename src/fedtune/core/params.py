@@ -113,6 +113,21 @@ def check_vector(flat: np.ndarray, spec: ParamSpec, *, who: str = "update") -> N
         raise UpdateRejected(f"{who} has dtype {flat.dtype}, expected float32")
     if flat.size != spec.numel:
         raise UpdateRejected(f"{who} has {flat.size} values, the model has {spec.numel}")
-    if not np.isfinite(flat).all():
+    if not all_finite(flat):
         bad = int(np.size(flat) - np.count_nonzero(np.isfinite(flat)))
         raise UpdateRejected(f"{who} contains {bad} NaN or Inf values")
+
+
+_FINITE_BLOCK = 1 << 16  # values per block: a 64 KiB boolean mask, whatever the model size
+
+
+def all_finite(flat: np.ndarray) -> bool:
+    """``np.isfinite(flat).all()`` for a 1-D array, without its model-sized boolean mask (validating an
+    update must not cost a quarter of another buffer); stops at the first bad block."""
+    mask = np.empty(min(flat.size, _FINITE_BLOCK), dtype=bool)
+    for start in range(0, flat.size, _FINITE_BLOCK):
+        block = flat[start : start + _FINITE_BLOCK]
+        out = mask[: block.size]
+        if not np.isfinite(block, out=out).all():
+            return False
+    return True

@@ -93,6 +93,9 @@ def _accepted(
             }
         )
         yield reply
+        # Drop our reference before asking the transport for the next reply: otherwise two model-sized
+        # updates are alive while it produces one.
+        del reply
 
 
 def eval_clients(config: Config, population: list[str]) -> list[str]:

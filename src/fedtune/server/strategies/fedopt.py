@@ -139,6 +139,7 @@ class FedOpt:
             fold.add(update.delta, weight)
             for plugin_fold in plugin_folds:
                 plugin_fold.add(update, weight)
+            del update  # not alive while the next one is produced, nor during the step
         if fold.count == 0:
             # No usable reply: keep the model and every array, still advance the round so sampling moves on.
             return state.evolve(round=state.round + 1), {"aggregated": 0}
