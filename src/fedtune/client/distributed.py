@@ -19,8 +19,9 @@ Limits: dropout masks differ from a single process (each rank draws its own); pe
 DP-SGD's per-sample clipping would see one rank's shard, so DP-SGD with ``nproc > 1`` is refused
 (``fedtune.config.privacy.check_dpsgd_data_parallel``); ranks run on this machine only (several machines per
 participant need torchrun, not this launcher). On GPU ranks only the model and batches live on the rank's
-device: the NCCL path is not exercised by the tests (they run on CPU), and strategy hooks that build CPU
-tensors (FedProx anchors, SCAFFOLD's correction, straggler snapshots, LoRA residuals) are not device-aware.
+device, and the strategy hooks put their tensors on each parameter's device (FedProx anchors, SCAFFOLD's
+correction, LoRA residuals; straggler snapshots are read back to the CPU). The NCCL path is not exercised by
+the tests: they run on CPU, and no GPU machine was available to this project's sessions.
 
 >>> # fitter = DDPFitter(functools.partial(worker_from_config, config), nproc=2)
 >>> # update = fitter.fit(instruction); fitter.close()      # or: run_ddp_fit(factory, instruction, 2)

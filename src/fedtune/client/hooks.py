@@ -38,10 +38,11 @@ PROXIMAL_OPTION = "proximal_mu"
 
 
 def _slices(flat: np.ndarray, view: TrainableView) -> list[torch.Tensor]:
-    """Per-parameter float32 tensors (copies) of a flat vector laid out like ``view``."""
+    """Per-parameter float32 tensors (copies) of a flat vector laid out like ``view``, each on the device of
+    the parameter it shadows (a data-parallel rank's GPU, or the CPU)."""
     return [
-        torch.from_numpy(np.array(flat[start:stop], dtype=np.float32)).view(shape)
-        for _, start, stop, shape in view.spec.offsets()
+        torch.from_numpy(np.array(flat[start:stop], dtype=np.float32)).view(shape).to(param.device)
+        for (_, start, stop, shape), param in zip(view.spec.offsets(), view.params, strict=True)
     ]
 
 

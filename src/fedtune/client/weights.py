@@ -32,7 +32,7 @@ class TrainableView:
         out = np.empty(self.spec.numel, dtype=np.float32)
         with torch.no_grad():
             for p, (start, stop) in zip(self.params, self._offsets, strict=True):
-                out[start:stop] = p.detach().reshape(-1).to(torch.float32).numpy()
+                out[start:stop] = p.detach().reshape(-1).to(torch.float32).cpu().numpy()
         return out
 
     def write(self, flat: np.ndarray) -> None:

@@ -24,7 +24,9 @@ class InProcessTransport:
                 yield ClientFailure(instr.client_id, instr.round, str(err))
                 continue
             # What would cross a network: the global vector and the strategy's payloads down, the delta up.
-            yield with_bytes(update, instr)
+            update = with_bytes(update, instr)
+            yield update
+            del update  # the server folds and drops it: hold no update while the next client trains
 
     def evaluate(self, instructions: Sequence[EvalInstruction]) -> Iterator[ClientEval | ClientFailure]:
         for instr in instructions:
