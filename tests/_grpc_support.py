@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import glob
 import os
 import signal
 import socket
@@ -46,6 +47,57 @@ def wait_until(predicate: Callable[[], object], timeout: float, what: str) -> ob
             return value
         time.sleep(0.1)
     raise AssertionError(f"timed out after {timeout}s waiting for {what}")
+
+
+# The deployment tests' model: the small digits CNN, each client on its own (unequal) partition of the
+# digits, exactly the shard the simulation gives it, so a networked run can be compared with a simulation.
+DIGITS_CNN = {
+    "kind": "module",
+    "factory": "fedtune.models.cnn:digits_cnn",
+    "factory_kwargs": {"channels": 4, "hidden": 16},
+    "lora": None,
+}
+
+
+def digits_data(num_clients: int) -> dict:
+    """Unequal shares, so that example weighting matters: a misweighted fold fails a comparison."""
+    return {"source": "digits", "partition": {"kind": "dirichlet_sizes", "num_clients": num_clients, "alpha": 2.0}}
+
+
+def deployment_section(pki: Path, port: int, *, min_clients: int, **overrides: object) -> dict:
+    """TLS from ``pki`` and timeouts lenient enough for a loaded 2-core machine."""
+    return {
+        "port": port,
+        "tls_ca": str(pki / "ca.pem"),
+        "tls_cert": str(pki / "server.pem"),
+        "tls_key": str(pki / "server.key"),
+        "revocation_list": str(pki / "revoked.txt"),
+        "min_clients": min_clients,
+        # lenient: a first training step imports torch._dynamo holding the GIL, which can starve the
+        # heartbeat thread for seconds on a loaded machine
+        "heartbeat_s": 1.0,
+        "missed_heartbeats": 5,
+        "poll_s": 2,
+        "round_timeout_s": 60,
+        "quorum_timeout_s": 60,
+        "shutdown_grace_s": 3,
+        **overrides,
+    }
+
+
+def client_args(port: int, pki: Path, name: str, data: str | None = None) -> list[str]:
+    """``fedtune client`` arguments for ``name`` (a CLIENTS name, or 'intruder' from the other CA)."""
+    folder = pki if (pki / "clients" / f"{name}.pem").exists() else pki.parent / "other"
+    return [
+        "--server", f"127.0.0.1:{port}", "--data", data or f"partition:{name}", "--ca", str(pki / "ca.pem"),
+        "--cert", str(folder / "clients" / f"{name}.pem"), "--key", str(folder / "clients" / f"{name}.key"),
+    ]  # fmt: skip
+
+
+def find_run_dir(tmp: Path) -> Path:
+    """The run directory a server started with out_dir ``tmp/runs`` creates."""
+    found = wait_until(lambda: glob.glob(str(tmp / "runs" / "run-*")), 60, "the run directory")
+    return Path(sorted(found)[0])
 
 
 class RawClient:

@@ -7,7 +7,6 @@ so the networked run can be compared with the in-process simulation of the same 
 
 from __future__ import annotations
 
-import glob
 import json
 from pathlib import Path
 
@@ -15,7 +14,18 @@ import numpy as np
 import pytest
 import yaml
 
-from _grpc_support import REPO, Procs, free_port, make_pki, wait_until
+from _grpc_support import (
+    DIGITS_CNN,
+    REPO,
+    Procs,
+    client_args,
+    deployment_section,
+    digits_data,
+    find_run_dir,
+    free_port,
+    make_pki,
+    wait_until,
+)
 from fedtune.config import parse_config
 from fedtune.core.state import load_state
 from fedtune.run.session import simulate
@@ -27,38 +37,13 @@ FAULT_CLIENT = str(REPO / "tests" / "grpc_fault_client.py")
 def _config(tmp: Path, pki: Path, port: int, *, num_clients: int, rounds: int, **deployment) -> dict:
     return {
         "seed": 3,
-        "model": {
-            "kind": "module",
-            "factory": "fedtune.models.cnn:digits_cnn",
-            "factory_kwargs": {"channels": 4, "hidden": 16},
-            "lora": None,
-        },
-        # unequal shares, so that example weighting matters: a misweighted fold fails the comparison
-        "data": {
-            "source": "digits",
-            "partition": {"kind": "dirichlet_sizes", "num_clients": num_clients, "alpha": 2.0},
-        },
+        "model": DIGITS_CNN,
+        "data": digits_data(num_clients),
         "federation": {"rounds": rounds, "clients_per_round": 2},
         "client": {"local_steps": 40, "batch_size": 16, "lr": 0.01},
         "eval": {"every": 2, "max_examples_per_client": 40},
         "run": {"out_dir": str(tmp / "runs"), "plot": False, "threads": 1},
-        "deployment": {
-            "port": port,
-            "tls_ca": str(pki / "ca.pem"),
-            "tls_cert": str(pki / "server.pem"),
-            "tls_key": str(pki / "server.key"),
-            "revocation_list": str(pki / "revoked.txt"),
-            "min_clients": num_clients,
-            # lenient: a first training step imports torch._dynamo holding the GIL, which can starve the
-            # heartbeat thread for seconds on a loaded machine
-            "heartbeat_s": 1.0,
-            "missed_heartbeats": 5,
-            "poll_s": 2,
-            "round_timeout_s": 60,
-            "quorum_timeout_s": 60,
-            "shutdown_grace_s": 3,
-            **deployment,
-        },
+        "deployment": deployment_section(pki, port, min_clients=num_clients, **deployment),
     }
 
 
@@ -66,14 +51,6 @@ def _write(tmp: Path, cfg: dict) -> Path:
     path = tmp / "config.yaml"
     path.write_text(yaml.safe_dump(cfg))
     return path
-
-
-def _client_args(port: int, pki: Path, name: str, data: str | None = None) -> list[str]:
-    folder = pki if (pki / "clients" / f"{name}.pem").exists() else pki.parent / "other"
-    return [
-        "--server", f"127.0.0.1:{port}", "--data", data or f"partition:{name}", "--ca", str(pki / "ca.pem"),
-        "--cert", str(folder / "clients" / f"{name}.pem"), "--key", str(folder / "clients" / f"{name}.key"),
-    ]  # fmt: skip
 
 
 def _records(run_dir: Path) -> list[dict]:
@@ -85,11 +62,6 @@ def _assert_same_model(actual: np.ndarray, expected: np.ndarray) -> None:
     # the summation order moves the last bits (observed: a few 1e-6). Uniform instead of example weights
     # moves this model by 0.2, one client per round instead of two by 0.5.
     np.testing.assert_allclose(actual, expected, rtol=1e-4, atol=2e-5)
-
-
-def _run_dir(tmp: Path) -> Path:
-    found = wait_until(lambda: glob.glob(str(tmp / "runs" / "run-*")), 60, "the run directory")
-    return Path(sorted(found)[0])
 
 
 @pytest.fixture(scope="module")
@@ -127,7 +99,7 @@ def test_grpc_and_inprocess_give_the_same_global_model(tmp_path, pki, procs, sha
     port = free_port()
     procs.cli("server", "server", str(_write(tmp_path, _with(cfg, tmp_path, port))))
     for name in ("client_000", "client_001", "client_002"):
-        procs.cli(name, "client", *_client_args(port, pki, name))
+        procs.cli(name, "client", *client_args(port, pki, name))
     try:
         assert procs.wait("server", 150) == 0
         for name in ("client_000", "client_001", "client_002"):
@@ -136,7 +108,7 @@ def test_grpc_and_inprocess_give_the_same_global_model(tmp_path, pki, procs, sha
     except AssertionError:
         print(procs.logs())
         raise
-    run_dir = _run_dir(tmp_path)
+    run_dir = find_run_dir(tmp_path)
     state = load_state(run_dir / "checkpoint.safetensors")
     assert state.round == ROUNDS
     _assert_same_model(state.params, expected)
@@ -157,8 +129,8 @@ def test_server_killed_with_sigkill_resumes_and_loses_nothing(tmp_path, pki, pro
     port = free_port()
     procs.cli("server", "server", str(_write(tmp_path, _with(cfg, tmp_path, port))))
     for name in ("client_000", "client_001", "client_002"):
-        procs.cli(name, "client", *_client_args(port, pki, name))
-    run_dir = _run_dir(tmp_path)
+        procs.cli(name, "client", *client_args(port, pki, name))
+    run_dir = find_run_dir(tmp_path)
 
     def checkpoint_round() -> int:
         try:
@@ -201,8 +173,8 @@ def test_cli_client_refused_exits_3_with_a_clear_message(tmp_path, pki, procs):
     transport = GrpcServerTransport(dep, tls=ServerTLS.from_config(dep), config_yaml="seed: 0\n")
     port = transport.start()
     try:
-        procs.cli("revoked", "client", *_client_args(port, pki, "revoked"))
-        procs.cli("intruder", "client", *_client_args(port, pki, "intruder"), "--reconnect-timeout", "4")
+        procs.cli("revoked", "client", *client_args(port, pki, "revoked"))
+        procs.cli("intruder", "client", *client_args(port, pki, "intruder"), "--reconnect-timeout", "4")
         assert procs.wait("revoked", 60) == 3 and "has been revoked" in procs.log("revoked")
         assert procs.wait("intruder", 60) == 3 and "issued by the federation's CA" in procs.log("intruder")
     finally:
@@ -217,22 +189,22 @@ def test_killed_client_garbage_client_and_restarted_client(tmp_path, pki, procs)
     cfg["eval"] = {"every": 100, "baseline": False, "max_examples_per_client": 20}
     config = _write(tmp_path, cfg)
     procs.cli("server", "server", str(config))
-    procs.cli("client_000", "client", *_client_args(port, pki, "client_000"))
-    victim = [FAULT_CLIENT, "slow", "--slow-round", "1", *_client_args(port, pki, "client_001")]
+    procs.cli("client_000", "client", *client_args(port, pki, "client_000"))
+    victim = [FAULT_CLIENT, "slow", "--slow-round", "1", *client_args(port, pki, "client_001")]
     procs.start("victim", victim)
-    procs.start("evil", [FAULT_CLIENT, "evil", *_client_args(port, pki, "client_002")])
+    procs.start("evil", [FAULT_CLIENT, "evil", *client_args(port, pki, "client_002")])
     try:
         wait_until(lambda: "FAULT: training round 1" in procs.log("victim"), 90, "the victim to start round 1")
         procs.kill("victim")  # SIGKILL mid-round: only missed heartbeats tell the server
         wait_until(lambda: "client client_001 presumed dead" in procs.log("server"), 60, "heartbeat detection")
-        procs.cli("victim", "client", *_client_args(port, pki, "client_001"))  # it comes back
+        procs.cli("victim", "client", *client_args(port, pki, "client_001"))  # it comes back
         assert procs.wait("server", 120) == 0
         for name in ("client_000", "victim", "evil"):
             assert procs.wait(name, 30) == 0, name
     except AssertionError:
         print(procs.logs())
         raise
-    records = _records(_run_dir(tmp_path))
+    records = _records(find_run_dir(tmp_path))
     failures: dict[tuple[int, str], str] = {}  # (round, client) -> every reason, training and evaluation
     for r in records:
         if r["kind"] == "failure":

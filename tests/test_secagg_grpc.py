@@ -7,7 +7,6 @@ digits, so the networked run can be compared with the in-process simulation of t
 
 from __future__ import annotations
 
-import glob
 import json
 import threading
 from pathlib import Path
@@ -17,7 +16,18 @@ import pytest
 import yaml
 from rich.console import Console
 
-from _grpc_support import CLIENTS, REPO, Procs, free_port, make_pki, wait_until
+from _grpc_support import (
+    CLIENTS,
+    DIGITS_CNN,
+    REPO,
+    Procs,
+    client_args,
+    deployment_section,
+    digits_data,
+    find_run_dir,
+    free_port,
+    make_pki,
+)
 from fedtune.config import parse_config
 from fedtune.core.messages import ClientUpdate
 from fedtune.core.state import load_state
@@ -50,55 +60,22 @@ DP = {
 def _config(tmp: Path, pki: Path, port: int, *, num_clients: int, rounds: int, **privacy) -> dict:
     return {
         "seed": 5,
-        "model": {
-            "kind": "module",
-            "factory": "fedtune.models.cnn:digits_cnn",
-            "factory_kwargs": {"channels": 4, "hidden": 16},
-            "lora": None,
-        },
+        "model": DIGITS_CNN,
         # unequal shares: example weighting (w = min(n, cap) / cap inside SecAgg) must match the simulation
-        "data": {
-            "source": "digits",
-            "partition": {"kind": "dirichlet_sizes", "num_clients": num_clients, "alpha": 2.0},
-        },
+        "data": digits_data(num_clients),
         "federation": {"rounds": rounds, "clients_per_round": num_clients},
         "client": {"local_steps": 8, "batch_size": 16, "lr": 0.01},
         "eval": {"every": 1, "max_examples_per_client": 30},
         # threshold 0.6: with 4 clients each has 3 neighbours and t = 2, so one may drop before unmasking
         "privacy": {"secure_aggregation": {"threshold": 0.6, **privacy}},
         "run": {"out_dir": str(tmp / "runs"), "plot": False, "threads": 1},
-        "deployment": {
-            "port": port,
-            "tls_ca": str(pki / "ca.pem"),
-            "tls_cert": str(pki / "server.pem"),
-            "tls_key": str(pki / "server.key"),
-            "revocation_list": str(pki / "revoked.txt"),
-            "min_clients": num_clients,
-            "heartbeat_s": 1.0,
-            "missed_heartbeats": 5,
-            "poll_s": 2,
-            "round_timeout_s": 60,
-            "quorum_timeout_s": 60,
-            "shutdown_grace_s": 3,
-        },
+        "deployment": deployment_section(pki, port, min_clients=num_clients),
     }
-
-
-def _client_args(port: int, pki: Path, name: str) -> list[str]:
-    return [
-        "--server", f"127.0.0.1:{port}", "--data", f"partition:{name}", "--ca", str(pki / "ca.pem"),
-        "--cert", str(pki / "clients" / f"{name}.pem"), "--key", str(pki / "clients" / f"{name}.key"),
-    ]  # fmt: skip
 
 
 def _simulated(cfg: dict, tmp: Path) -> np.ndarray:
     sim = parse_config({**cfg, "run": {**cfg["run"], "out_dir": str(tmp / "sim")}})
     return simulate(sim, show_progress=False).state.params
-
-
-def _run_dir(tmp: Path) -> Path:
-    found = wait_until(lambda: glob.glob(str(tmp / "runs" / "run-*")), 60, "the run directory")
-    return Path(sorted(found)[0])
 
 
 def _rounds(run_dir: Path) -> list[dict]:
@@ -172,7 +149,7 @@ def test_secagg_over_grpc_matches_the_simulation_and_the_server_sees_no_plaintex
     server = threading.Thread(target=serve, daemon=True)
     server.start()
     for name in CLIENTS[:4]:
-        procs.cli(name, "client", *_client_args(port, pki, name))
+        procs.cli(name, "client", *client_args(port, pki, name))
     server.join(240)
     try:
         assert not server.is_alive(), "the server did not finish"
@@ -211,8 +188,8 @@ def test_a_client_killed_before_unmasking_still_counts(tmp_path, pki, procs):
     (tmp_path / "config.yaml").write_text(yaml.safe_dump(cfg))
     procs.cli("server", "server", str(tmp_path / "config.yaml"))
     for name in CLIENTS[:3]:
-        procs.cli(name, "client", *_client_args(port, pki, name))
-    procs.start("client_003", [FAULT_CLIENT, "die", "--stage", "unmask", *_client_args(port, pki, "client_003")])
+        procs.cli(name, "client", *client_args(port, pki, name))
+    procs.start("client_003", [FAULT_CLIENT, "die", "--stage", "unmask", *client_args(port, pki, "client_003")])
     try:
         assert procs.wait("server", 200) == 0
         assert procs.wait("client_003", 10) == 17
@@ -220,7 +197,7 @@ def test_a_client_killed_before_unmasking_still_counts(tmp_path, pki, procs):
     except AssertionError:
         print(procs.logs())
         raise
-    run_dir = _run_dir(tmp_path)
+    run_dir = find_run_dir(tmp_path)
     (record,) = [r for r in _rounds(run_dir) if r["round"] == 1]
     assert record["agg_secagg_survivors"] == 4 and record["agg_aggregated"] == 4
     assert record["agg_secagg_dropouts"] == "client_003@unmask"
@@ -237,8 +214,8 @@ def test_too_many_dropouts_abort_the_round_cleanly_and_the_next_round_runs(tmp_p
     (tmp_path / "config.yaml").write_text(yaml.safe_dump(cfg))
     procs.cli("server", "server", str(tmp_path / "config.yaml"))
     for name in CLIENTS[:2]:
-        procs.cli(name, "client", *_client_args(port, pki, name))
-    procs.start("client_002", [FAULT_CLIENT, "refuse", "--stage", "masked", *_client_args(port, pki, "client_002")])
+        procs.cli(name, "client", *client_args(port, pki, name))
+    procs.start("client_002", [FAULT_CLIENT, "refuse", "--stage", "masked", *client_args(port, pki, "client_002")])
     try:
         assert procs.wait("server", 200) == 0
         for name in CLIENTS[:3]:
@@ -246,7 +223,7 @@ def test_too_many_dropouts_abort_the_round_cleanly_and_the_next_round_runs(tmp_p
     except AssertionError:
         print(procs.logs())
         raise
-    run_dir = _run_dir(tmp_path)
+    run_dir = find_run_dir(tmp_path)
     records = {r["round"]: r for r in _rounds(run_dir)}
     assert records[1]["agg_aggregated"] == 0
     assert "2 masked inputs arrived, at least 3 are needed" in records[1]["agg_secagg_abort"]
