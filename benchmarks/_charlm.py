@@ -6,7 +6,8 @@ implements ``fedtune.tasks.base.Task`` so the benchmark runs through the product
 
 Data: one client per (play, role) from ``fedtune.data.shakespeare.load_shakespeare``. A client's speeches are
 joined with newlines and cut into non-overlapping 81-character segments (80 inputs, 80 targets). The IID
-variant shuffles the same training segments over the same clients, keeping every client's count.
+variant shuffles the same training segments and deals them evenly over the same clients (the paper's
+balanced IID control).
 """
 
 from __future__ import annotations
@@ -105,12 +106,19 @@ def select_clients(
     return {eligible[i][0]: (eligible[i][1], eligible[i][2]) for i in keep}
 
 
-def iid_shuffle(records: dict[str, tuple[list[str], list[str]]], seed: int) -> dict[str, tuple[list[str], list[str]]]:
-    """The same training segments dealt at random to the same clients (each keeps its count and test set)."""
+def iid_balanced(records: dict[str, tuple[list[str], list[str]]], seed: int) -> dict[str, tuple[list[str], list[str]]]:
+    """The paper's IID control: the same training segments shuffled and dealt evenly to the same clients.
+
+    McMahan et al. 2017 compare the role split with "a balanced and IID dataset": every client gets the
+    same number of segments (up to one), drawn uniformly from the pool. Each client keeps its own held-out
+    segments (accuracy is measured on the pooled held-out set, identical for both partitions).
+    """
     pool = [s for train, _ in records.values() for s in train]
     order = derive_rng(seed, "bench-iid").permutation(len(pool))
+    share, extra = divmod(len(pool), len(records))
     out, pos = {}, 0
-    for cid, (train, test) in records.items():
-        out[cid] = ([pool[i] for i in order[pos : pos + len(train)]], test)
-        pos += len(train)
+    for i, (cid, (_, test)) in enumerate(records.items()):
+        take = share + (1 if i < extra else 0)
+        out[cid] = ([pool[j] for j in order[pos : pos + take]], test)
+        pos += take
     return out
