@@ -178,6 +178,17 @@ def test_secagg_over_grpc_matches_the_simulation_and_the_server_sees_no_plaintex
             assert list(tensors) == ["secagg/message"] and tensors["secagg/message"][0] == "|u1"
 
 
+def _start_with_a_faulty_client(tmp: Path, pki: Path, procs: Procs, cfg: dict, mode: str, stage: str) -> None:
+    """The server, healthy clients, and the last of ``min_clients`` as a secagg_fault_client (MODE at STAGE)."""
+    port, n = cfg["deployment"]["port"], cfg["deployment"]["min_clients"]
+    (tmp / "config.yaml").write_text(yaml.safe_dump(cfg))
+    procs.cli("server", "server", str(tmp / "config.yaml"))
+    for name in CLIENTS[: n - 1]:
+        procs.cli(name, "client", *client_args(port, pki, name))
+    faulty = CLIENTS[n - 1]
+    procs.start(faulty, [FAULT_CLIENT, mode, "--stage", stage, *client_args(port, pki, faulty)])
+
+
 @pytest.mark.slow  # ~70-100 s on a loaded 2-core machine; the default suite runs the first test
 def test_a_client_killed_before_unmasking_still_counts(tmp_path, pki, procs):
     """client_003 sends its masked input, then dies before sending any unmasking share: its input is in
@@ -185,11 +196,7 @@ def test_a_client_killed_before_unmasking_still_counts(tmp_path, pki, procs):
     port = free_port()
     cfg = _config(tmp_path, pki, port, num_clients=4, rounds=1)
     expected = _simulated(cfg, tmp_path)
-    (tmp_path / "config.yaml").write_text(yaml.safe_dump(cfg))
-    procs.cli("server", "server", str(tmp_path / "config.yaml"))
-    for name in CLIENTS[:3]:
-        procs.cli(name, "client", *client_args(port, pki, name))
-    procs.start("client_003", [FAULT_CLIENT, "die", "--stage", "unmask", *client_args(port, pki, "client_003")])
+    _start_with_a_faulty_client(tmp_path, pki, procs, cfg, "die", "unmask")
     try:
         assert procs.wait("server", 200) == 0
         assert procs.wait("client_003", 10) == 17
@@ -211,11 +218,7 @@ def test_too_many_dropouts_abort_the_round_cleanly_and_the_next_round_runs(tmp_p
     securely, so round 1 aborts (the model is kept, the reason is logged); round 2 aggregates all 3."""
     port = free_port()
     cfg = _config(tmp_path, pki, port, num_clients=3, rounds=2)
-    (tmp_path / "config.yaml").write_text(yaml.safe_dump(cfg))
-    procs.cli("server", "server", str(tmp_path / "config.yaml"))
-    for name in CLIENTS[:2]:
-        procs.cli(name, "client", *client_args(port, pki, name))
-    procs.start("client_002", [FAULT_CLIENT, "refuse", "--stage", "masked", *client_args(port, pki, "client_002")])
+    _start_with_a_faulty_client(tmp_path, pki, procs, cfg, "refuse", "masked")
     try:
         assert procs.wait("server", 200) == 0
         for name in CLIENTS[:3]:
