@@ -49,14 +49,9 @@ def wait_until(predicate: Callable[[], object], timeout: float, what: str) -> ob
     raise AssertionError(f"timed out after {timeout}s waiting for {what}")
 
 
-# The deployment tests' model: the small digits CNN, each client on its own (unequal) partition of the
-# digits, exactly the shard the simulation gives it, so a networked run can be compared with a simulation.
-DIGITS_CNN = {
-    "kind": "module",
-    "factory": "fedtune.models.cnn:digits_cnn",
-    "factory_kwargs": {"channels": 4, "hidden": 16},
-    "lora": None,
-}
+# The deployment tests' model is the small digits CNN (_models.DIGITS_CNN), each client on its own
+# (unequal) partition of the digits, exactly the shard the simulation gives it, so a networked run can be
+# compared with a simulation.
 
 
 def digits_data(num_clients: int) -> dict:

@@ -5,6 +5,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
+from _models import DIGITS_CNN
 from fedtune.config.load import parse_config
 from fedtune.run.rundir import MetricsLog
 from fedtune.run.session import initial_params, simulate
@@ -16,12 +17,7 @@ def config(tmp_path, nproc: int):
     return parse_config(
         {
             "seed": 5,
-            "model": {
-                "kind": "module",
-                "factory": "fedtune.models.cnn:digits_cnn",
-                "factory_kwargs": {"channels": 4, "hidden": 16},
-                "lora": None,
-            },
+            "model": DIGITS_CNN,
             "data": {"source": "digits", "partition": {"kind": "iid", "num_clients": 6}},
             "federation": {"rounds": 2, "clients_per_round": 3},
             "client": {"local_steps": 3, "batch_size": 15, "lr": 0.1, "optimizer": "sgd"},  # 15 = 8 + 7 per rank

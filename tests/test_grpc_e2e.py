@@ -15,7 +15,6 @@ import pytest
 import yaml
 
 from _grpc_support import (
-    DIGITS_CNN,
     REPO,
     Procs,
     client_args,
@@ -26,6 +25,7 @@ from _grpc_support import (
     make_pki,
     wait_until,
 )
+from _models import DIGITS_CNN
 from fedtune.config import parse_config
 from fedtune.core.state import load_state
 from fedtune.run.session import simulate

@@ -15,6 +15,7 @@ import dp_accounting
 import pytest
 from rich.console import Console
 
+from _models import DIGITS_CNN
 from fedtune.config import parse_config
 from fedtune.privacy.accountant import RDP_ORDERS
 from fedtune.run.session import simulate
@@ -29,12 +30,7 @@ def config(tmp_path: Path, *, rounds: int, **simulation):
     return parse_config(
         {
             "seed": 1,  # client_003 is sampled in rounds 1 and 3, not 2
-            "model": {
-                "kind": "module",
-                "factory": "fedtune.models.cnn:digits_cnn",
-                "lora": None,
-                "factory_kwargs": {"channels": 4, "hidden": 16},
-            },
+            "model": DIGITS_CNN,
             "data": {"source": "digits", "partition": {"kind": "iid", "num_clients": 6}},
             "federation": {"rounds": rounds, "clients_per_round": 3},
             # 20 steps of 8 over ~240 examples: each round touches one epoch, one Gaussian mechanism

@@ -9,6 +9,7 @@ import json
 import pytest
 from rich.console import Console
 
+from _models import DIGITS_CNN
 from fedtune.config import parse_config
 from fedtune.privacy import accountant
 from fedtune.run.session import simulate
@@ -20,12 +21,7 @@ def config(tmp_path, privacy: dict, *, rounds: int):
     return parse_config(
         {
             "seed": 2,
-            "model": {
-                "kind": "module",
-                "factory": "fedtune.models.cnn:digits_cnn",
-                "lora": None,
-                "factory_kwargs": {"channels": 4, "hidden": 16},
-            },
+            "model": DIGITS_CNN,
             "data": {"source": "digits", "partition": {"kind": "iid", "num_clients": 10}},
             "federation": {"rounds": rounds, "fraction": 0.4},
             "client": {"local_steps": 1, "batch_size": 8, "optimizer": "sgd", "lr": 0.1},

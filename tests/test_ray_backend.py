@@ -15,6 +15,7 @@ import pytest
 
 ray = pytest.importorskip("ray")
 
+from _models import DIGITS_CNN  # noqa: E402
 from fedtune.config.load import parse_config  # noqa: E402
 from fedtune.config.simulation import SimulationConfig  # noqa: E402
 from fedtune.core.messages import ClientFailure, ClientUpdate, EvalInstruction, FitInstruction  # noqa: E402
@@ -29,12 +30,7 @@ def tiny_config(tmp_path, **simulation):
     return parse_config(
         {
             "seed": 3,
-            "model": {
-                "kind": "module",
-                "factory": "fedtune.models.cnn:digits_cnn",
-                "factory_kwargs": {"channels": 4, "hidden": 16},
-                "lora": None,
-            },
+            "model": DIGITS_CNN,
             "data": {"source": "digits", "partition": {"kind": "iid", "num_clients": 8}},
             "federation": {"rounds": 2, "clients_per_round": 6},
             "client": {"local_steps": 2, "batch_size": 16, "lr": 0.1, "optimizer": "sgd"},

@@ -18,7 +18,6 @@ from rich.console import Console
 
 from _grpc_support import (
     CLIENTS,
-    DIGITS_CNN,
     REPO,
     Procs,
     client_args,
@@ -28,6 +27,7 @@ from _grpc_support import (
     free_port,
     make_pki,
 )
+from _models import DIGITS_CNN
 from fedtune.config import parse_config
 from fedtune.core.messages import ClientUpdate
 from fedtune.core.state import load_state

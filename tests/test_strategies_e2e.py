@@ -13,6 +13,7 @@ import pytest
 import torch
 from rich.console import Console
 
+from _models import DIGITS_CNN
 from fedtune.aggregation.lora import lora_b_only, lora_pairs
 from fedtune.config import parse_config
 from fedtune.run.session import simulate
@@ -21,12 +22,7 @@ from fedtune.run.session import simulate
 def digits_config(tmp_path: Path, **sections: dict) -> dict:
     cfg: dict = {
         "seed": 1,
-        "model": {
-            "kind": "module",
-            "factory": "fedtune.models.cnn:digits_cnn",
-            "factory_kwargs": {"channels": 4, "hidden": 16},
-            "lora": None,
-        },
+        "model": DIGITS_CNN,
         "data": {"source": "digits", "partition": {"kind": "iid", "num_clients": 8}},
         "federation": {"rounds": 3, "clients_per_round": 4},
         "client": {"local_steps": 8, "batch_size": 16, "lr": 0.5, "optimizer": "sgd", "max_grad_norm": None},
