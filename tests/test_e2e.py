@@ -101,3 +101,15 @@ def test_weighting_changes_the_result(tmp_path: Path) -> None:
     base["run"]["out_dir"] = str(tmp_path / "runs2")
     b = simulate(parse_config(base), console=quiet(), show_progress=False)
     assert np.abs(a.state.params - b.state.params).max() > 1e-5
+
+
+def test_a_run_that_fails_to_start_leaves_no_run_directory(tmp_path: Path) -> None:
+    """Data that cannot be loaded is a clear error naming the path, and no half-made run directory remains."""
+    from fedtune.errors import FedtuneError
+
+    missing = tmp_path / "no-such-corpus"
+    config = parse_config(tiny_config(tmp_path, data__path=str(missing)))
+    with pytest.raises(FedtuneError, match="no-such-corpus"):
+        simulate(config, console=quiet(), show_progress=False)
+    runs = tmp_path / "runs"
+    assert not runs.exists() or not any(runs.iterdir())

@@ -189,7 +189,7 @@ class LoraResidual:
         for (model_id, module_name), base in self._base.items():
             if model_id != id(model):
                 continue
-            weight = _base_weight(model.get_submodule(module_name))
+            weight = base_weight(model.get_submodule(module_name))
             with torch.no_grad():
                 if module_name in residuals:
                     update = scaled_residual(model, module_name, residuals[module_name])
@@ -212,10 +212,11 @@ class LoraResidual:
     def _remember(self, model: torch.nn.Module, module_name: str) -> None:
         key = (id(model), module_name)
         if key not in self._base:
-            self._base[key] = _base_weight(model.get_submodule(module_name)).detach().clone()
+            self._base[key] = base_weight(model.get_submodule(module_name)).detach().clone()
 
 
-def _base_weight(layer: torch.nn.Module) -> torch.Tensor:
+def base_weight(layer: torch.nn.Module) -> torch.Tensor:
+    """The frozen base weight of a LoRA layer (peft's ``base_layer``), or the layer's own weight."""
     return layer.base_layer.weight if hasattr(layer, "base_layer") else layer.weight
 
 
@@ -230,7 +231,7 @@ def scaled_residual(model: torch.nn.Module, module_name: str, residual: np.ndarr
     update = torch.from_numpy(np.array(residual, dtype=np.float32)) * float(scaling)  # a copy: may be read-only
     if getattr(layer, "fan_in_fan_out", False):
         update = update.T  # GPT-2 style Conv1D stores (in, out)
-    weight = _base_weight(layer)
+    weight = base_weight(layer)
     if tuple(update.shape) != tuple(weight.shape):
         raise ValueError(f"{module_name}: residual of shape {tuple(update.shape)} for a weight {tuple(weight.shape)}")
     return update

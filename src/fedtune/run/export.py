@@ -24,6 +24,7 @@ from pathlib import Path
 
 import torch
 
+from fedtune.client.hooks import base_weight
 from fedtune.errors import ModelError
 from fedtune.models.gguf_cache import write_folder_atomically
 from fedtune.server.strategies.lora import RESIDUAL_PREFIX
@@ -103,8 +104,7 @@ def _base_weights(module: torch.nn.Module, layers: Collection[str]) -> dict[str,
     names = {id(p): n for n, p in base.named_parameters()}
     out = {}
     for layer_name in layers:
-        layer = module.get_submodule(layer_name)
-        weight = layer.base_layer.weight if hasattr(layer, "base_layer") else layer.weight
+        weight = base_weight(module.get_submodule(layer_name))
         plain = names[id(weight)].replace(".base_layer.", ".")  # the name the unwrapped model uses
         out[plain] = weight.detach().to("cpu", copy=True).contiguous()
     return out

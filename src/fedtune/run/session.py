@@ -7,6 +7,7 @@ most the round in flight, and ``simulate(..., resume_dir=...)`` continues with i
 from __future__ import annotations
 
 import json
+import shutil
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -279,9 +280,14 @@ def simulate(
     # the run directory first: the simulated clients keep their state between rounds in it (or in the store
     # simulation.client_state names), and every worker is built knowing where
     fresh_dir = rundir.new_run_dir(config) if resume_dir is None else None
-    workers = with_client_state(config, config.simulation.client_state_address(fresh_dir or Path(resume_dir)))
-    prepared = prepare(workers, console=console)
-    transport = simulation_transport(workers, prepared)
+    try:
+        workers = with_client_state(config, config.simulation.client_state_address(fresh_dir or Path(resume_dir)))
+        prepared = prepare(workers, console=console)
+        transport = simulation_transport(workers, prepared)
+    except BaseException:
+        if fresh_dir is not None:  # nothing ran yet: leave no empty run directory behind a failed start
+            shutil.rmtree(fresh_dir, ignore_errors=True)
+        raise
     extra = {"num_labels": prepared.num_labels} if prepared.num_labels is not None else None
     try:
         result = serve(
