@@ -263,7 +263,8 @@ class Config(Section):
             classification_sources | {"digits"}
         ):
             raise ValueError("data.partition.kind 'dirichlet_labels' needs labelled data")
-        if self.data.partition.kind == "natural" and self.data.source not in {"shakespeare", "text"}:
+        # your files (text, instruct, classification) have natural clients when data.path is a folder
+        if self.data.partition.kind == "natural" and self.data.source in {"bbc_news", "digits"}:
             raise ValueError(f"data.source {self.data.source!r} has no natural clients: set data.partition.kind")
         check_privacy_rules(self)  # DP needs uniform weights; SecAgg/DP need a linear aggregator; DP-SGD batching
         return self
