@@ -228,8 +228,7 @@ def test_encoding_option(tmp_path: Path) -> None:
         (
             lambda d: (
                 (d / "mix").mkdir()
-                or (write_rows(ALPACA, d / "mix" / "a.json")
-                and write_rows(ALPACA, d / "mix" / "b.csv"))
+                or (write_rows(ALPACA, d / "mix" / "a.json") and write_rows(ALPACA, d / "mix" / "b.csv"))
             ),
             {"path": "mix"},
             "mixed formats",
@@ -237,8 +236,10 @@ def test_encoding_option(tmp_path: Path) -> None:
         (
             lambda d: (
                 (d / "mf").mkdir()
-                or (write_rows(ALPACA, d / "mf" / "a.jsonl")
-                and write_rows([{"prompt": "p", "completion": "c"}] * 3, d / "mf" / "b.jsonl"))
+                or (
+                    write_rows(ALPACA, d / "mf" / "a.jsonl")
+                    and write_rows([{"prompt": "p", "completion": "c"}] * 3, d / "mf" / "b.jsonl")
+                )
             ),
             {"path": "mf"},
             "mixed instruction formats",

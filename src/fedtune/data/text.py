@@ -34,12 +34,15 @@ def read_text_file(path: Path, encoding: str = "utf-8") -> str:
         raise DataError(f"{path}: cannot read ({err.strerror})") from None
 
 
-def load_text(path: str | Path, test_fraction: float) -> FederatedData[str]:
+def load_text(path: str | Path, test_fraction: float, cfg: DataConfig | None = None) -> FederatedData[str]:
     """One client per file of a folder (id = file stem, sorted), or one client for a single file; each
-    client's paragraphs split temporally. Files without any paragraph are skipped with a DataWarning; a
-    DataError is raised when nothing is left."""
+    client's records split temporally (``cfg``: how to read the files, e.g. data.columns, data.encoding).
+    Files without any record are skipped with a DataWarning; a DataError is raised when nothing is left."""
     from fedtune.data.cache import default_cache_dir
     from fedtune.data.sources import load_federated
 
-    cfg = DataConfig(source="text", path=str(path), test_fraction=test_fraction)
-    return load_federated(cfg, seed=0, cache_dir=default_cache_dir(None))
+    base = cfg or DataConfig(source="text", path=str(path))
+    # natural: the file (or each file of a folder) is one client; columns and encoding come from cfg
+    cfg = base.model_copy(update={"path": str(path), "test_path": None, "test_fraction": test_fraction})
+    cfg = cfg.model_copy(update={"partition": cfg.partition.model_copy(update={"kind": "natural"})})
+    return load_federated(cfg, seed=0, cache_dir=default_cache_dir(cfg.cache_dir))

@@ -54,7 +54,7 @@ def _load_file(cfg: DataConfig, path: Path, seed: int, client_id: str) -> Client
     if cfg.source == "text":
         from fedtune.data.text import load_text
 
-        fed = load_text(path, cfg.test_fraction)  # one client per file; each split temporally
+        fed = load_text(path, cfg.test_fraction, cfg)  # one client per file; each split temporally
         return ClientSplit(
             [r for s in fed.clients.values() for r in s.train], [r for s in fed.clients.values() for r in s.test]
         )
