@@ -285,3 +285,13 @@ def test_labelled_text_records_keep_file_order(tmp_path: Path) -> None:
     assert list(data.clients) == ["d"]
     assert [*data.clients["d"].train, *data.clients["d"].test] != [] and path.exists()
     assert sorted(records(data), key=lambda r: r.text) == [LabelledText(f"doc {i}", i) for i in range(3)]
+
+
+def test_a_participant_maps_string_labels_through_label_names(tmp_path: Path) -> None:
+    from fedtune.deploy.participant import load_local_split
+
+    path = tmp_path / "named.csv"
+    path.write_text("text,label\n" + "".join(f"t{i},{['spam', 'ham'][i % 2]}\n" for i in range(6)))
+    cfg = DataConfig(source="classification", path="x", label_names=["ham", "spam"])
+    split = load_local_split(cfg, str(path), seed=0, client_id="a", cache_dir=tmp_path)
+    assert {(r.text, r.label) for r in (*split.train, *split.test)} == {(f"t{i}", 1 - i % 2) for i in range(6)}
