@@ -295,3 +295,21 @@ def test_a_participant_maps_string_labels_through_label_names(tmp_path: Path) ->
     cfg = DataConfig(source="classification", path="x", label_names=["ham", "spam"])
     split = load_local_split(cfg, str(path), seed=0, client_id="a", cache_dir=tmp_path)
     assert {(r.text, r.label) for r in (*split.train, *split.test)} == {(f"t{i}", 1 - i % 2) for i in range(6)}
+
+
+def test_a_folder_can_be_pooled_and_repartitioned_with_its_test_files(tmp_path: Path) -> None:
+    sites, held = tmp_path / "sites", tmp_path / "held"
+    sites.mkdir()
+    held.mkdir()
+    for name, rows in (("a", ALPACA[:4]), ("b", ALPACA[4:])):
+        write_rows(rows, sites / f"{name}.jsonl")
+        write_rows([{"instruction": f"t{name}{i}", "output": "o"} for i in range(3)], held / f"{name}.jsonl")
+    cfg = {"source": "instruct", "path": str(sites), "test_path": str(held)}
+    data = load(tmp_path, partition={"kind": "dirichlet_sizes", "num_clients": 3, "alpha": 1.0}, **cfg)
+    assert list(data.clients) == ["client_000", "client_001", "client_002"]
+    assert sorted(r.instruction for s in data.clients.values() for r in s.train) == sorted(
+        r["instruction"] for r in ALPACA
+    )
+    assert sorted(r.instruction for s in data.clients.values() for r in s.test) == sorted(
+        f"t{n}{i}" for n in "ab" for i in range(3)
+    )

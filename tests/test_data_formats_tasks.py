@@ -134,3 +134,20 @@ def test_label_names_reach_the_exported_id2label(tmp_path: Path) -> None:
     config = json.loads((tmp_path / "export" / "model" / "config.json").read_text())
     assert config["id2label"] == {"0": "cold", "1": "covid", "2": "flu"}
     assert config["label2id"] == {"cold": 0, "covid": 1, "flu": 2}
+
+
+def test_without_a_chat_template_turns_get_role_headers(task: CausalLMTask) -> None:
+    import copy
+
+    tokenizer = copy.deepcopy(task.tokenizer)
+    tokenizer.chat_template = None
+    plain = CausalLMTask(task.module, tokenizer, 256)
+    turns = (("user", "Question here"), ("assistant", "Answer here"))
+    (example,) = plain.encode([Conversation(turns)], train=True)
+    text = tokenizer.decode(example["input_ids"])
+    assert "### User:\nQuestion here" in text and "### Assistant:\nAnswer here" in text
+    learnt = learnt_text(plain, example)
+    assert "Answer here" in learnt and "Question" not in learnt and "###" not in learnt
+    assert learnt.endswith(tokenizer.eos_token)
+    (alpaca,) = plain.encode([Instruction("Do it", "", "Done")], train=True)
+    assert "### Instruction:\nDo it" in tokenizer.decode(alpaca["input_ids"])

@@ -35,20 +35,27 @@ def load_local(cfg: DataConfig, cache_dir: Path | None = None) -> LocalData:
         raise DataError(f"data.path is required for data.source {cfg.source!r}")
     files, folder = data_files(cfg.path)
     test_files = _test_files(cfg, files, folder)
-    tables = {cid: _read(path, cfg, cache_dir) for cid, path in files.items()}
-    test_tables = {cid: _read(path, cfg, cache_dir) for cid, path in (test_files or {}).items()}
+    train = {cid: (path, _read(path, cfg, cache_dir)) for cid, path in files.items()}
+    test = {cid: (path, _read(path, cfg, cache_dir)) for cid, path in test_files.items()} if test_files else None
+    return tables_to_records(train, test, cfg, folder=folder)
+
+
+def tables_to_records(
+    train: dict[str, tuple[Path, Any]], test: dict[str, tuple[Path, Any]] | None, cfg: DataConfig, *, folder: bool
+) -> LocalData:
+    """Records of ``datasets.Dataset`` tables (or ``.txt`` paths, for text) per client, as ``cfg`` says
+    (columns, format, label names); each table comes with the name its errors give (its file)."""
     if cfg.source == "classification":
-        train, test, names = _labelled(
-            {cid: (files[cid], t) for cid, t in tables.items()},
-            {cid: (test_files[cid], t) for cid, t in test_tables.items()} if test_files else {},
-            cfg,
-        )
-        return LocalData(train, test if test_files else None, folder, names)
+        train_records, test_records, names = _labelled(train, test or {}, cfg)
+        return LocalData(train_records, test_records if test is not None else None, folder, names)
     convert = _instructions if cfg.source == "instruct" else _texts
     formats: dict[str, str] = {}
-    train = {cid: convert(t, files[cid], cfg, formats) for cid, t in tables.items()}
-    test = {cid: convert(t, test_files[cid], cfg, formats) for cid, t in test_tables.items()} if test_files else None
-    return LocalData(train, test, folder, [])
+    return LocalData(
+        {cid: convert(t, path, cfg, formats) for cid, (path, t) in train.items()},
+        {cid: convert(t, path, cfg, formats) for cid, (path, t) in test.items()} if test is not None else None,
+        folder,
+        [],
+    )
 
 
 def _test_files(cfg: DataConfig, files: dict[str, Path], folder: bool) -> dict[str, Path] | None:
