@@ -151,3 +151,20 @@ def test_without_a_chat_template_turns_get_role_headers(task: CausalLMTask) -> N
     assert learnt.endswith(tokenizer.eos_token)
     (alpaca,) = plain.encode([Instruction("Do it", "", "Done")], train=True)
     assert "### Instruction:\nDo it" in tokenizer.decode(alpaca["input_ids"])
+
+
+def test_name_labels_checks_the_count(model_cache: Path) -> None:
+    from fedtune.data.screen import name_labels
+    from fedtune.tasks.classification import ClassificationTask
+
+    cfg = ModelConfig(kind="classification", name="all-minilm-l6-v2", max_length=8)
+    clf = build_task(cfg, num_labels=3, cache_dir=model_cache, seed=0)
+    assert isinstance(clf, ClassificationTask)
+    assert name_labels(clf, ["0", "1"]) == [] and clf.label_names == ["LABEL_0", "LABEL_1", "LABEL_2"]
+    with pytest.raises(DataError, match=r"2 classes \['a', 'b'\] but model.num_labels is 3"):
+        name_labels(clf, ["a", "b"])
+    assert name_labels(clf, ["a", "b", "c"]) == ["a", "b", "c"] and clf.module.config.label2id == {
+        "a": 0,
+        "b": 1,
+        "c": 2,
+    }

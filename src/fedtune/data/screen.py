@@ -65,6 +65,8 @@ def name_labels(task: Task, names: Sequence[str]) -> list[str]:
     """Put the data's class names on a classifier (its export's ``id2label``); the names it now holds."""
     if not isinstance(task, ClassificationTask) or not names:
         return []
+    if len(names) != task.num_labels and list(names) == [str(i) for i in range(len(names))]:
+        return []  # integer labels below a larger model.num_labels: nothing to name, keep the model's defaults
     if len(names) != task.num_labels:
         raise DataError(
             f"the data has {len(names)} classes {list(names)[:10]} but model.num_labels is {task.num_labels}"
