@@ -100,8 +100,7 @@ def _load_files(cfg: DataConfig, seed: int, cache_dir: Path) -> FederatedData:
         if local.test is not None:
             clients[cid] = ClientSplit(list(records), list(local.test[cid]))
         else:
-            pool = _Pool([], None, [], temporal)
-            clients[cid] = _split(pool, list(records), cid, cfg.test_fraction, seed)
+            clients[cid] = _split(temporal, list(records), cid, cfg.test_fraction, seed)
     return FederatedData(clients=clients, label_names=local.label_names)
 
 
@@ -147,8 +146,8 @@ def client_ids(num_clients: int) -> list[str]:
     return [f"client_{i:0{width}d}" for i in range(num_clients)]
 
 
-def _split(pool: _Pool, records: list[Any], cid: str, test_fraction: float, seed: int) -> ClientSplit:
-    if pool.temporal:
+def _split(temporal: bool, records: list[Any], cid: str, test_fraction: float, seed: int) -> ClientSplit:
+    if temporal:
         return ClientSplit(*part.temporal_split(records, test_fraction))
     return ClientSplit(*part.random_split(records, test_fraction, derive_rng(seed, "split", cid)))
 
@@ -161,7 +160,7 @@ def partition_pool(pool: _Pool, cfg: DataConfig, seed: int, test_pool: list[Any]
     ids = client_ids(len(parts))
     if test_pool is None:
         clients = {
-            cid: _split(pool, [pool.records[i] for i in idx], cid, cfg.test_fraction, seed)
+            cid: _split(pool.temporal, [pool.records[i] for i in idx], cid, cfg.test_fraction, seed)
             for cid, idx in zip(ids, parts, strict=True)
         }
     else:
