@@ -12,6 +12,7 @@ from pathlib import Path
 from typing import Any
 
 from fedtune.config.schema import DataConfig
+from fedtune.data.cache import default_cache_dir
 from fedtune.data.local import label_ids, load_local
 from fedtune.data.types import LabelledText
 from fedtune.errors import DataError
@@ -31,7 +32,7 @@ def load_labelled(
     ``datasets`` as ``cfg`` says (columns, encoding, label names)."""
     if cfg is None:
         cfg = DataConfig(source="classification", path=str(path), text_field=text_field, label_field=label_field)
-    data = load_local(cfg.model_copy(update={"path": str(path), "test_path": None}))
+    data = load_local(cfg.model_copy(update={"path": str(path), "test_path": None}), default_cache_dir(cfg.cache_dir))
     return [r for records in data.train.values() for r in records], data.label_names
 
 
