@@ -168,3 +168,33 @@ def test_name_labels_checks_the_count(model_cache: Path) -> None:
         "b": 1,
         "c": 2,
     }
+
+
+@pytest.mark.timeout(300)
+def test_sites_of_chats_with_held_out_files_run_and_warn_about_truncation(tmp_path: Path) -> None:
+    sites, held = tmp_path / "sites", tmp_path / "held"
+    sites.mkdir()
+    held.mkdir()
+
+    def chat(question: str, answer: str) -> dict:
+        return {"messages": [{"role": "user", "content": question}, {"role": "assistant", "content": answer}]}
+
+    for site in ("north", "south"):
+        rows = [chat(f"{site} question {i}?", f"answer {i}") for i in range(6)]
+        rows.append(chat("long " * 80, "lost"))  # its prompt fills max_length: dropped, with a warning
+        (sites / f"{site}.jsonl").write_text("\n".join(json.dumps(r) for r in rows))
+        (held / f"{site}.jsonl").write_text(json.dumps(chat(f"{site} held out?", "yes")))
+    cfg = {
+        "model": {"name": "tiny-llama", "max_length": 48, "lora": {"r": 2}},
+        "data": {"source": "instruct", "path": str(sites), "test_path": str(held)},
+        "federation": {"rounds": 1, "clients_per_round": 2},
+        "client": {"local_steps": 1, "batch_size": 4},
+        "eval": {"baseline": False},
+        "run": {"out_dir": str(tmp_path / "runs"), "plot": False},
+    }
+    with pytest.warns(DataWarning, match=r"1 of 7 training instruction examples dropped"):
+        result = simulate(parse_config(cfg), console=Console(quiet=True), show_progress=False)
+    assert sorted(result.prepared.worker.records) == ["north", "south"]
+    assert len(result.prepared.worker.examples("north", train=True)) == 6
+    evaluated = [json.loads(line) for line in (result.run_dir / "metrics.jsonl").read_text().splitlines()]
+    assert {r["client_id"] for r in evaluated if r["kind"] == "eval_client"} == {"north", "south"}
