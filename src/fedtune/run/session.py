@@ -28,6 +28,7 @@ from fedtune.errors import CheckpointError, DataError
 from fedtune.privacy.build import carry_secagg, check_secagg_transport
 from fedtune.run import rundir
 from fedtune.run.plot import plot_rounds
+from fedtune.run.predict import write_label_names
 from fedtune.run.progress import ProgressTransport, RoundTable
 from fedtune.server.build import build_strategy
 from fedtune.server.loop import RoundReport, eval_clients, evaluate_global, run_rounds
@@ -51,6 +52,7 @@ class Prepared:
     cache_dir: Path
     num_labels: int | None = None
     dropped_clients: list[str] = field(default_factory=list)
+    label_names: list[str] = field(default_factory=list)  # classification: the data's class names
 
 
 def prepare(config: Config, *, console: Console | None = None) -> Prepared:
@@ -84,7 +86,7 @@ def prepare(config: Config, *, console: Console | None = None) -> Prepared:
             + (f" ({len(dropped)} clients without enough data dropped)" if dropped else "")
             + f"; {worker.view.spec.numel:,} trainable parameters exchanged"
         )
-    return Prepared(config, task, worker, cache_dir, num_labels, dropped)
+    return Prepared(config, task, worker, cache_dir, num_labels, dropped, list(fed.label_names))
 
 
 def _eval_record(pooled: EvalSums | None, accuracy: bool) -> dict:
@@ -289,6 +291,8 @@ def simulate(
             shutil.rmtree(fresh_dir, ignore_errors=True)
         raise
     extra = {"num_labels": prepared.num_labels} if prepared.num_labels is not None else None
+    if fresh_dir is not None:
+        write_label_names(fresh_dir, prepared.label_names)  # for `fedtune predict`
     try:
         result = serve(
             config,
