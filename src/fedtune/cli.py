@@ -20,7 +20,7 @@ SetOpt = Annotated[list[str] | None, typer.Option("--set", help="Override a conf
 
 
 def _fail(err: Exception) -> None:
-    console.print(f"[bold red]error:[/bold red] {err}")
+    console.print(f"[bold red]error:[/bold red] {err}", soft_wrap=True)
     raise typer.Exit(code=2)
 
 

@@ -1,4 +1,4 @@
-""""Did you mean" for a mistyped config key: the valid keys at the key's place in the schema, by similarity."""
+""" "Did you mean" for a mistyped config key: the valid keys at the key's place in the schema, by similarity."""
 
 from __future__ import annotations
 

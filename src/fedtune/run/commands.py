@@ -21,7 +21,7 @@ SetOpt = Annotated[list[str] | None, typer.Option("--set", help="Override a conf
 
 
 def _fail(err: Exception) -> None:
-    console.print(f"[bold red]error:[/bold red] {err}")
+    console.print(f"[bold red]error:[/bold red] {err}", soft_wrap=True)
     raise typer.Exit(code=2)
 
 
@@ -31,7 +31,7 @@ def check_config(config: Path, overrides: list[str], out: Console) -> None:
     from fedtune.run.validate import show, validate
 
     cfg = load_config(config, overrides)
-    out.print(f"config {config}: valid")
+    out.print(f"config {config}: valid", soft_wrap=True)
     show(cfg, validate(cfg), out)
 
 
@@ -62,8 +62,8 @@ def init_cmd(
         write_config(starting_config(guess, model=model), guess, out)
     except FedtuneError as err:
         _fail(err)
-    console.print(f"wrote {out}: {guess.source} data ({guess.why})")
-    console.print(f"next: fedtune validate {out}   then   fedtune run {out}")
+    console.print(f"wrote {out}: {guess.source} data ({guess.why})", soft_wrap=True)
+    console.print(f"next: fedtune validate {out}   then   fedtune run {out}", soft_wrap=True)
 
 
 def predict_cmd(

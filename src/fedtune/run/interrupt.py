@@ -28,8 +28,7 @@ class RunInterrupted(KeyboardInterrupt):
     def hint(self) -> str:
         if self.run_dir is not None and self.completed_round > 0:
             return (
-                f"interrupted after round {self.completed_round}; "
-                f"continue with `fedtune run --resume {self.run_dir}`"
+                f"interrupted after round {self.completed_round}; continue with `fedtune run --resume {self.run_dir}`"
             )
         where = f" ({self.run_dir} holds no checkpoint)" if self.run_dir is not None else ""
         return f"interrupted before the first round finished{where}; start again with `fedtune run CONFIG`"

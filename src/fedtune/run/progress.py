@@ -98,7 +98,7 @@ class ProgressTransport:
     def client_ids(self) -> list[str]:
         return self.inner.client_ids()
 
-    def _eta_text(self, done: int, total: int) -> str:
+    def _eta_text(self, done: float, total: int) -> str:
         eta = self.clock.eta(done / total if total else 0.0)
         return f"ETA {_duration(eta)}" if eta is not None else "ETA ..."
 
@@ -115,23 +115,26 @@ class ProgressTransport:
         )
         with Progress(*columns, console=self.console, transient=True) as bar:
             tid = bar.add_task(label, total=total, info=self._eta_text(0, total))
-            step_tid: list[TaskID] = []
+            done = [0]
+            step_row: dict[str, TaskID] = {}  # one row, reset for each client
 
             def on_step(report: StepProgress) -> None:
-                rate = report.examples / report.seconds if report.seconds > 0 else 0.0
                 text = f"  client {report.client_id}"
-                if not step_tid:
-                    step_tid.append(bar.add_task(text, total=report.total_steps, info=""))
-                bar.update(
-                    step_tid[0], description=text, completed=report.step, total=report.total_steps,
-                    info=f"{rate:.1f} examples/s",
-                )
+                if report.client_id not in step_row:
+                    for old in step_row.values():
+                        bar.remove_task(old)
+                    step_row.clear()
+                    step_row[report.client_id] = bar.add_task(text, total=report.total_steps, info="")
+                rate = report.examples / report.seconds if report.seconds > 0 else 0.0
+                bar.update(step_row[report.client_id], completed=report.step, info=f"{rate:.1f} examples/s")
+                bar.update(tid, info=self._eta_text(done[0] + report.step / report.total_steps, total))
 
             if self.steps is not None:
                 self.steps.listener = on_step
             try:
-                for done, reply in enumerate(replies, start=1):
-                    bar.update(tid, advance=1, info=self._eta_text(done, total))
+                for reply in replies:
+                    done[0] += 1
+                    bar.update(tid, advance=1, info=self._eta_text(done[0], total))
                     yield reply
             finally:
                 if self.steps is not None:

@@ -34,6 +34,7 @@ class Guess:
     path: Path
     why: str  # shown to the user: what the guess rests on
     data: dict[str, Any] = field(default_factory=dict)  # extra data.* keys (columns, partition)
+    num_clients: int = 4
 
 
 def _columns_and_rows(path: Path) -> tuple[list[str], list[dict[str, Any]]]:
@@ -93,8 +94,13 @@ def _guess_table(path: Path) -> Guess:
         "label_field": label_col,
         "partition": {"kind": "dirichlet_labels", "num_clients": 4, "alpha": 1.0},
     }
-    return Guess("classification", path, f"text column {text_col!r}, label column {label_col!r} "
-                 f"({len(labels)} distinct labels in the first {len(rows)} rows)", data)
+    return Guess(
+        "classification",
+        path,
+        f"text column {text_col!r}, label column {label_col!r} "
+        f"({len(labels)} distinct labels in the first {len(rows)} rows)",
+        data,
+    )
 
 
 def guess_data(path: Path) -> Guess:
@@ -102,8 +108,8 @@ def guess_data(path: Path) -> Guess:
     if path.is_dir():
         texts = sorted(path.glob("*.txt"))
         if texts:
-            return Guess("text", path, f"a folder of {len(texts)} .txt files: one client per file",
-                         {"partition": {"kind": "natural"}})
+            why = f"a folder of {len(texts)} .txt files: one client per file"
+            return Guess("text", path, why, {"partition": {"kind": "natural"}}, num_clients=len(texts))
         files = sorted(p for p in path.iterdir() if p.suffix.lower() in TABLE_SUFFIXES | JSON_SUFFIXES)
         if len(files) != 1:
             raise DataError(
@@ -115,8 +121,12 @@ def guess_data(path: Path) -> Guess:
         raise DataError(f"{path} does not exist")
     suffix = path.suffix.lower()
     if suffix == ".txt":
-        return Guess("text", path, "one .txt file: paragraphs pooled and split into 4 IID clients",
-                     {"partition": {"kind": "iid", "num_clients": 4}})
+        return Guess(
+            "text",
+            path,
+            "one .txt file: paragraphs pooled and split into 4 IID clients",
+            {"partition": {"kind": "iid", "num_clients": 4}},
+        )
     if suffix in TABLE_SUFFIXES | JSON_SUFFIXES:
         return _guess_table(path)
     raise DataError(f"{path}: unknown data file type {suffix!r} (expected .txt, .csv, .tsv, .json or .jsonl)")
@@ -136,7 +146,7 @@ def starting_config(guess: Guess, *, model: str | None = None, name: str | None 
             "lora": {"r": 8, "alpha": 16, "target_modules": targets},
         },
         "data": {"source": guess.source, "path": str(guess.path), **guess.data},
-        "federation": {"rounds": 5, "clients_per_round": 4},
+        "federation": {"rounds": 5, "clients_per_round": min(4, guess.num_clients)},
         "client": {"local_steps": 10, "batch_size": 8, "lr": 0.001},
         "eval": {"max_examples_per_client": 32},
         "run": {"name": name or guess.path.stem or "run"},

@@ -66,14 +66,13 @@ def show(config: Config, result: Validation, console: Console, *, max_rows: int 
         table.add_row(f"... {len(result.clients) - max_rows} more", "", "", "", "")
     console.print(table)
     if result.dropped:
-        console.print(f"dropped (fewer than data.min_train_examples examples): {', '.join(result.dropped)}")
+        console.print(f"dropped (fewer than data.min_train_examples examples): {', '.join(result.dropped)}", soft_wrap=True)
     fed = config.federation
     per_round = fed.clients_per_round if fed.clients_per_round is not None else f"fraction {fed.fraction}"
     share = result.trainable_params / max(result.total_params, 1)
     console.print(
         f"model {config.model.name if config.model.kind != 'module' else config.model.factory} "
         f"({config.model.kind}): {result.trainable_params:,} trainable parameters exchanged "
-        f"of {result.total_params:,} ({share:.2%})"
-        + (f"; {result.num_labels} labels" if result.num_labels else "")
+        f"of {result.total_params:,} ({share:.2%})" + (f"; {result.num_labels} labels" if result.num_labels else "")
     )
-    console.print(f"{fed.rounds} rounds, {per_round} clients per round; nothing was trained")
+    console.print(f"{fed.rounds} rounds, {per_round} clients per round; nothing was trained", soft_wrap=True)
