@@ -124,6 +124,12 @@ def test_validate_names_a_mistyped_model(tmp_path: Path) -> None:
 
 
 def test_init_guesses_instruct_and_classification(tmp_path: Path) -> None:
+    one = tmp_path / "book.txt"
+    one.write_text("A paragraph.\n\nAnother one.")
+    guess = guess_data(one)
+    assert guess.source == "text" and guess.data["partition"] == {"kind": "iid", "num_clients": 4}
+    parse_config(starting_config(guess))
+
     alpaca = tmp_path / "alpaca.jsonl"
     alpaca.write_text("\n".join(json.dumps({"instruction": f"Say {i}", "output": str(i)}) for i in range(8)))
     guess = guess_data(alpaca)
