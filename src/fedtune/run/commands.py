@@ -76,8 +76,10 @@ def predict_cmd(
     """Classify text with the federated classifier of RUN_DIR: the label and every class's probability."""
     from fedtune.run.predict import predict
 
-    texts = list(text or []) or [line.rstrip("\n") for line in sys.stdin if line.strip()]
     try:
+        if not text and sys.stdin.isatty():  # do not sit waiting for typed input the user did not mean to give
+            raise FedtuneError("give --text TEXT (repeatable) or pipe lines on stdin")
+        texts = list(text or []) or [line.rstrip("\n") for line in sys.stdin if line.strip()]
         if not texts:
             raise FedtuneError("no text to classify: give --text TEXT or lines on stdin")
         predictions = predict(run_dir, texts)

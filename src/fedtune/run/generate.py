@@ -44,6 +44,8 @@ def model_generation_defaults(folder: Path | str) -> dict[str, Any]:
     """The sampling fields a model folder's ``generation_config.json`` sets, or {} (no file, a Hub id, or a
     file transformers derived from the model config, which holds no generation choices)."""
     path = Path(folder) / GENERATION_CONFIG
+    if isinstance(folder, str) and not Path(folder).is_dir():
+        return _hub_generation_defaults(folder)
     if not path.is_file():
         return {}
     try:
@@ -52,6 +54,17 @@ def model_generation_defaults(folder: Path | str) -> dict[str, Any]:
         return {}
     chosen = {k: data[k] for k in SAMPLING_KEYS if data.get(k) is not None}
     return chosen
+
+
+def _hub_generation_defaults(hub_id: str) -> dict[str, Any]:
+    """A Hub model's generation_config.json (from the local Hugging Face cache when offline), or {}."""
+    try:
+        from transformers import GenerationConfig
+
+        diff = GenerationConfig.from_pretrained(hub_id).to_diff_dict()  # only what the file sets
+    except (OSError, ValueError):
+        return {}
+    return {k: diff[k] for k in SAMPLING_KEYS if diff.get(k) is not None}
 
 
 def sampling_settings(

@@ -66,7 +66,9 @@ def show(config: Config, result: Validation, console: Console, *, max_rows: int 
         table.add_row(f"... {len(result.clients) - max_rows} more", "", "", "", "")
     console.print(table)
     if result.dropped:
-        console.print(f"dropped (fewer than data.min_train_examples examples): {', '.join(result.dropped)}", soft_wrap=True)
+        console.print(
+            f"dropped (fewer than data.min_train_examples examples): {', '.join(result.dropped)}", soft_wrap=True
+        )
     fed = config.federation
     per_round = fed.clients_per_round if fed.clients_per_round is not None else f"fraction {fed.fraction}"
     share = result.trainable_params / max(result.total_params, 1)

@@ -107,7 +107,8 @@ def _import_user_module(spec: str, module_name: str) -> Any:
         return importlib.import_module(module_name)
     except ModuleNotFoundError as err:
         top = module_name.split(".")[0]
-        if err.name is not None and err.name != top and not module_name.startswith(err.name + "."):
+        missing_itself = err.name is None or module_name == err.name or module_name.startswith(err.name + ".")
+        if not missing_itself:
             # the user's module was found, but something it imports is missing
             raise ModelError(f"model.factory {spec!r}: importing {module_name!r} failed: {err}") from err
         raise ModelError(
