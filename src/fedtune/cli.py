@@ -73,6 +73,7 @@ def run(
     from fedtune.run.rundir import load_run_config
     from fedtune.run.session import simulate
 
+    result = None
     try:
         if resume is not None:
             if config is not None:
@@ -91,7 +92,12 @@ def run(
     except FedtuneError as err:
         _fail(err)
     except KeyboardInterrupt as stop:  # Ctrl-C: say how to continue, exit like an interrupted shell command
-        hint = stop.hint() if isinstance(stop, RunInterrupted) else "interrupted before the first round started"
+        if isinstance(stop, RunInterrupted):
+            hint = stop.hint()
+        elif result is not None:  # during the summary: the run itself is complete
+            hint = f"interrupted after the run finished; everything is in {result.run_dir}"
+        else:
+            hint = "interrupted before the first round started"
         console.print(f"[yellow]{hint}[/yellow]", soft_wrap=True)
         raise typer.Exit(code=130) from None
 
