@@ -196,3 +196,11 @@ def test_predict_prints_label_names_and_probabilities(classifier_run: Path) -> N
     (classifier_run / "labels.json").unlink()  # without names: class ids
     ids = runner.invoke(app, ["predict", str(classifier_run), "--json", "--text", texts[0]])
     assert list(json.loads(ids.stdout)["probabilities"]) == ["0", "1"]
+
+
+def test_dry_run_of_a_resume_checks_the_run_config(lm_run: Path) -> None:
+    metrics = (lm_run / "metrics.jsonl").read_text()
+    result = runner.invoke(app, ["run", "--resume", str(lm_run), "--dry-run", "--set", "federation.rounds=2"])
+    assert result.exit_code == 0, result.output
+    assert "2 rounds" in result.output and "nothing was trained" in result.output
+    assert (lm_run / "metrics.jsonl").read_text() == metrics  # the run is untouched

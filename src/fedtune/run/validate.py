@@ -75,6 +75,7 @@ def show(config: Config, result: Validation, console: Console, *, max_rows: int 
     console.print(
         f"model {config.model.name if config.model.kind != 'module' else config.model.factory} "
         f"({config.model.kind}): {result.trainable_params:,} trainable parameters exchanged "
-        f"of {result.total_params:,} ({share:.2%})" + (f"; {result.num_labels} labels" if result.num_labels else "")
+        f"of {result.total_params:,} ({share:.2%})" + (f"; {result.num_labels} labels" if result.num_labels else ""),
+        soft_wrap=True,
     )
     console.print(f"{fed.rounds} rounds, {per_round} clients per round; nothing was trained", soft_wrap=True)
