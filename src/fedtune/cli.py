@@ -53,7 +53,8 @@ def _summary(result) -> None:
                 seed=cfg.seed,
                 chat=cfg.data.source == "instruct",  # plain-text fine-tuning: continue the text as is
             )
-            console.print(f"[bold]{label} sample[/bold] {cfg.eval.sample_prompt!r} ->\n{text.strip()}\n")
+            console.print(f"[bold]{label} sample[/bold] {cfg.eval.sample_prompt!r} ->", markup=True, soft_wrap=True)
+            console.print(text.strip() + "\n", markup=False, highlight=False, soft_wrap=True)  # model text as is
     console.print(f"run directory: {result.run_dir}  (metrics.jsonl, metrics.png, checkpoint)")
 
 
