@@ -9,6 +9,7 @@ from typing import Annotated
 
 import typer
 from rich.console import Console
+from rich.markup import escape
 from rich.table import Table
 
 from fedtune.errors import FedtuneError
@@ -53,7 +54,8 @@ def _summary(result) -> None:
                 seed=cfg.seed,
                 chat=cfg.data.source == "instruct",  # plain-text fine-tuning: continue the text as is
             )
-            console.print(f"[bold]{label} sample[/bold] {cfg.eval.sample_prompt!r} ->", markup=True, soft_wrap=True)
+            prompt = escape(repr(cfg.eval.sample_prompt))
+            console.print(f"[bold]{label} sample[/bold] {prompt} ->", soft_wrap=True)
             console.print(text.strip() + "\n", markup=False, highlight=False, soft_wrap=True)  # model text as is
     console.print(f"run directory: {result.run_dir}  (metrics.jsonl, metrics.png, checkpoint)")
 
