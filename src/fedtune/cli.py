@@ -57,7 +57,7 @@ def _summary(result) -> None:
             prompt = escape(repr(cfg.eval.sample_prompt))
             console.print(f"[bold]{label} sample[/bold] {prompt} ->", soft_wrap=True)
             console.print(text.strip() + "\n", markup=False, highlight=False, soft_wrap=True)  # model text as is
-    console.print(f"run directory: {result.run_dir}  (metrics.jsonl, metrics.png, checkpoint)")
+    console.print(f"run directory: {result.run_dir}  (metrics.jsonl, metrics.png, checkpoint)", soft_wrap=True)
 
 
 @app.command()
