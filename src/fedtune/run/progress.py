@@ -147,7 +147,12 @@ class ProgressTransport:
         return self._track(self.inner.fit(instructions), len(instructions), label)
 
     def evaluate(self, instructions: Sequence[EvalInstruction]) -> Iterator[ClientEval | ClientFailure]:
-        label = f"{self.clock.label(instructions[0].round)} eval" if instructions else "eval"
+        if not instructions:
+            label = "eval"
+        elif instructions[0].round == 0:
+            label = "baseline eval"  # the initial model, before round 1
+        else:
+            label = f"{self.clock.label(instructions[0].round)} eval"
         return self._track(self.inner.evaluate(instructions), len(instructions), label)
 
     def close(self) -> None:
