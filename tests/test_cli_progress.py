@@ -162,7 +162,7 @@ def _poll(predicate, deadline_s: float, proc: subprocess.Popen) -> None:
         time.sleep(0.2)
 
 
-@pytest.mark.timeout(300)
+@pytest.mark.timeout(600)
 def test_ctrl_c_says_how_to_resume_and_exits_130(tmp_path: Path) -> None:
     config = tmp_path / "run.yaml"
     config.write_text(yaml.safe_dump(_tiny_text_config(tmp_path, rounds=1000)))
@@ -185,7 +185,7 @@ def test_ctrl_c_says_how_to_resume_and_exits_130(tmp_path: Path) -> None:
                 return any(r.get("kind") == "round" and r.get("round", 0) >= 1 for r in lines)
         return False
 
-    _poll(first_round_done, 240, proc)
+    _poll(first_round_done, 420, proc)  # generous: the machine may be loaded
     proc.send_signal(signal.SIGINT)
     out, _ = proc.communicate(timeout=120)
     assert proc.returncode == 130, out
