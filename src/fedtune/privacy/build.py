@@ -21,7 +21,11 @@ def wrap_strategy(strategy: Any, config: Config) -> Any:
     from fedtune.privacy.secagg.strategy import SecureAggregation
     from fedtune.privacy.sums import plain_sum
 
-    summer = SecureSummer(p.secure_aggregation, seed=config.seed) if p.secure_aggregation else plain_sum
+    summer = (
+        SecureSummer(p.secure_aggregation, seed=config.seed, ca_path=config.deployment.tls_ca)
+        if p.secure_aggregation
+        else plain_sum
+    )
     if p.dp is not None:
         return DPFedAvg(strategy, p.dp, config.federation, seed=config.seed, summer=summer)
     assert p.secure_aggregation is not None

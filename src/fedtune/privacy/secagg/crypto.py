@@ -43,6 +43,22 @@ def public_of(raw_private: bytes) -> bytes:
     return public_bytes(private_from_bytes(raw_private))
 
 
+def valid_public(raw: bytes) -> bool:
+    """Whether ``raw`` is a usable X25519 public key: 32 bytes and not of small order.
+
+    X25519 private scalars are multiples of 8, so a point of order dividing 8 (the all-zero key among
+    them) gives the all-zero shared secret with every key; ``cryptography`` refuses that exchange with a
+    ValueError. One exchange with a throwaway key therefore tells such a key from a good one.
+    """
+    if len(raw) != KEY_BYTES:
+        return False
+    try:
+        X25519PrivateKey.generate().exchange(X25519PublicKey.from_public_bytes(raw))
+    except ValueError:
+        return False
+    return True
+
+
 def agree(key: X25519PrivateKey, peer_public: bytes, *, info: bytes) -> bytes:
     """A 32-byte key both parties derive: HKDF-SHA256 of the X25519 shared secret, bound to ``info``."""
     shared = key.exchange(X25519PublicKey.from_public_bytes(peer_public))  # raises on low-order points
