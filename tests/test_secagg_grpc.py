@@ -170,6 +170,7 @@ def test_secagg_over_grpc_matches_the_simulation_and_the_server_sees_no_plaintex
     _assert_same_model(result.state.params, expected, initial)
     rounds = [r for r in result.rounds if r["round"] > 0]
     assert [r["agg_secagg_survivors"] for r in rounds] == [4, 4]
+    assert all(r["agg_secagg_clipped_values"] >= 0 for r in rounds)  # reported per round (exact: test_secagg_malicious)
     assert all(r["agg_aggregated"] == 4 for r in rounds)
 
     kinds = [kind for kind, _ in spy.seen]

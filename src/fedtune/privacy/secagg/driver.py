@@ -1,4 +1,4 @@
-"""The SecAgg driver: the four message rounds between a SecAggServer and the clients, over any carrier.
+"""The SecAgg driver: the five message rounds between a SecAggServer and the clients, over any carrier.
 
 ``run_rounds`` is the server's side of one round (five message exchanges: advertise, share, masked,
 consistency, unmask), written once: it encodes each stage's messages,
@@ -91,7 +91,7 @@ class Traffic:
 
 
 def run_rounds(server: SecAggServer, network: SecAggNetwork, *, traffic: Traffic | None = None) -> SecAggResult:
-    """All four rounds between ``server`` and the clients it invited; raises SecAggAbort when the round
+    """All five rounds between ``server`` and the clients it invited; raises SecAggAbort when the round
     cannot finish. A reply that is missing, undecodable, of the wrong type or in another client's name
     is a dropout at that stage."""
     traffic = traffic if traffic is not None else Traffic()
