@@ -101,7 +101,7 @@ class SecAggConfig(Section):
     # A client's own floors under what the server proposes (malicious-server model, docs/PRIVACY.md): it
     # refuses a round whose threshold, neighbour count or roster size is below them.
     min_threshold: Annotated[float, Field(gt=0.5, le=1)] | None = None  # null: this section's threshold
-    min_neighbours: Annotated[int, Field(ge=2)] | None = None  # null: this section's neighbours (null: complete)
+    min_neighbours: Annotated[int, Field(ge=2)] | None = None  # null: this section's neighbours (null: 2)
     min_clients: Annotated[int, Field(ge=3)] = 3  # fewer clients in the roster: the client refuses
 
 

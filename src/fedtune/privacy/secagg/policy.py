@@ -6,7 +6,7 @@ masks. Each client therefore checks every public parameter against its own minim
 anything, and refuses (SecAggAbort, with the reason) when one falls short:
 
 * threshold: at least ``min_threshold`` and above 1/2 (two disjoint halves can never both reconstruct);
-* neighbours: a graph of at least ``min_neighbours`` (or the complete graph when the client asks for it);
+* neighbours: a graph of at least ``min_neighbours`` (0, the complete graph, always passes);
 * number of clients: at least ``min_clients`` in the roster, and no more than the field can sum unwrapped;
 * field: at most 32 bits, levels that fit; bounds finite and positive (the clip range the client expects);
 * graph seed: the one derived from the run's seed and the round (the server cannot pick the graph).
@@ -34,7 +34,7 @@ def graph_seed(seed: int, round_idx: int) -> bytes:
 @dataclass(frozen=True)
 class ClientPolicy:
     min_threshold: float = 0.5  # the threshold must be at least this, and strictly above 1/2
-    min_neighbours: int | None = None  # None: the complete graph is required; else k >= this (or complete)
+    min_neighbours: int = 2  # k >= this, or the complete graph (neighbours 0)
     min_clients: int = ABSOLUTE_MIN_CLIENTS
     clip_range: float | None = None  # without DP: the coordinate bound the client expects (None: any)
     seed: int | None = None  # the run's seed: the graph seed must be graph_seed(seed, round) (None: any)
@@ -43,14 +43,16 @@ class ClientPolicy:
     @classmethod
     def permissive(cls) -> ClientPolicy:
         """Only the absolute floors (tests and benchmarks that build PublicParams by hand)."""
-        return cls(min_neighbours=2)
+        return cls()
 
     @classmethod
     def from_config(cls, cfg, *, seed: int, round_idx: int | None = None) -> ClientPolicy:
-        """The floors a client's own ``privacy.secure_aggregation`` section sets (see config/privacy.py)."""
+        """The floors a client's own ``privacy.secure_aggregation`` section sets (see config/privacy.py):
+        ``min_threshold`` / ``min_neighbours``, else the section's own ``threshold`` / ``neighbours`` when
+        they are given, else the absolute floors (threshold above 1/2, 2 neighbours)."""
         return cls(
-            min_threshold=cfg.min_threshold if cfg.min_threshold is not None else cfg.threshold,
-            min_neighbours=cfg.min_neighbours if cfg.min_neighbours is not None else cfg.neighbours,
+            min_threshold=_first(cfg.min_threshold, cfg.threshold, 0.5),
+            min_neighbours=_first(cfg.min_neighbours, cfg.neighbours, 2),
             min_clients=cfg.min_clients,
             clip_range=cfg.clip_range,
             seed=seed,
@@ -67,9 +69,7 @@ class ClientPolicy:
             raise refuse(f"threshold {p.threshold:g} is below this client's minimum {max(self.min_threshold, 0.5):g}")
         if p.threshold > 1:
             raise refuse(f"threshold {p.threshold:g} is above 1")
-        if self.min_neighbours is None and p.neighbours != 0:
-            raise refuse(f"a graph of {p.neighbours} neighbours; this client requires the complete graph")
-        if p.neighbours != 0 and p.neighbours < max(2, self.min_neighbours or 2):
+        if p.neighbours != 0 and p.neighbours < max(2, self.min_neighbours):
             raise refuse(f"{p.neighbours} neighbours is below this client's minimum {self.min_neighbours}")
         if not 1 <= p.modulus_bits <= MAX_FIELD_BITS or not 1 <= p.levels < (1 << p.modulus_bits):
             raise refuse(f"a {p.modulus_bits}-bit field with {p.levels} levels is not a valid field")
@@ -99,3 +99,7 @@ class ClientPolicy:
                 f"client {who} refuses the secure aggregation round: {n} clients at {p.levels} levels would wrap "
                 f"the {p.modulus_bits}-bit field"
             )
+
+
+def _first(*values):
+    return next(v for v in values if v is not None)
