@@ -77,11 +77,14 @@ def honest_clients(p: PublicParams, ids=IDS) -> tuple[dict[str, SecAggClient], R
     return clients, registry
 
 
-def split_view_attack(clients: dict[str, SecAggClient], server: SecAggServer, victim: str = "a") -> np.ndarray | None:
+def split_view_attack(
+    clients: dict[str, SecAggClient], server: SecAggServer, victim: str = "a", revealed: list | None = None
+) -> np.ndarray | None:
     """The malicious server of issue 14: it runs rounds 0-2 honestly, then tells half of the victim's
     neighbours that the victim dropped (to get shares of s_victim) and the other half that it survived
     (to get shares of b_victim). Returns the victim's unmasked field vector, or None when the clients
-    refused to hand over enough shares. Every client's refusal is a SecAggAbort (never another error)."""
+    refused to hand over enough shares; ``revealed`` collects who answered an unmasking request. Every
+    client's refusal is a SecAggAbort (never another error)."""
     peers = {cid: SecAggPeer.of(c) for cid, c in clients.items()}
     try:
         adverts = [decode(peers[cid].respond(encode(server.params))) for cid in IDS]
@@ -108,6 +111,8 @@ def split_view_attack(clients: dict[str, SecAggClient], server: SecAggServer, vi
             reply = decode(peers[cid].respond(encode(UnmaskRequest(view, signatures.get(view, {})))))
         except SecAggAbort:
             continue
+        if revealed is not None:
+            revealed.append(cid)
         if victim in reply.s_shares:
             s_shares[index[cid]] = shamir.decode_share(reply.s_shares[victim])
         if victim in reply.b_shares:
@@ -140,7 +145,9 @@ def test_a_split_view_at_a_legal_threshold_fails_the_consistency_round() -> None
     set it was shown: no client reveals a share, so nothing is recovered. The honest run completes."""
     p = params()
     clients, registry = honest_clients(p)
-    assert split_view_attack(clients, SecAggServer(p, IDS, trust=registry)) is None
+    revealed: list[str] = []
+    assert split_view_attack(clients, SecAggServer(p, IDS, trust=registry), revealed=revealed) is None
+    assert revealed == []  # not one share was revealed (without the consistency round all four answered)
     for cid in IDS[1:]:
         assert clients[cid]._held and clients[cid]._signed is not None  # they got that far, then refused
     clients, registry = honest_clients(p)
