@@ -265,6 +265,29 @@ def test_no_message_a_server_can_send_crashes_an_honest_client(data) -> None:
         peer.respond(bytes(raw))
 
 
+def test_a_server_holding_the_ca_key_learns_an_input_through_t_sybils() -> None:
+    """The trust model's limit (docs/PRIVACY.md): identities the simulation (the CA) trusts but the server
+    controls. With t = 3 of client a's 4 neighbours being Sybils, their shares alone rebuild both of a's
+    secrets, and a's input falls out of its masked vector: signatures cannot help against fake identities."""
+    p = params()
+    clients, registry = honest_clients(p)
+    server = SecAggServer(p, IDS, trust=registry)
+    roster = server.roster([c.advertise() for c in clients.values()])
+    forwarded = server.forward([c.share_keys(roster) for c in clients.values()])
+    masked = {cid: c.masked_input(forwarded[cid]) for cid, c in clients.items()}
+    sybils, index = ["c", "d", "e"], roster_index(IDS)
+    assert len(sybils) == server.t["a"]
+    s_a = shamir.reconstruct({index[v]: clients[v]._held["a"][0] for v in sybils})
+    b_a = shamir.reconstruct({index[v]: clients[v]._held["a"][1] for v in sybils})
+    y = masked["a"].masked.astype(np.uint32) - crypto.mask(b_a, p.length, p.modulus_bits)
+    for v in IDS[1:]:
+        m = crypto.mask(
+            pair_mask_seed(crypto.private_from_bytes(s_a), roster.keys[v][1], p.round, "a", v), p.length, p.modulus_bits
+        )
+        y = y - m if v > "a" else y + m
+    assert np.array_equal(y, clients["a"].plain)
+
+
 # ----- the client's floors ----------------------------------------------------------------------------------
 
 POLICY = ClientPolicy(min_threshold=0.6, min_neighbours=4, min_clients=4, clip_range=1.0, seed=3, round=1)
