@@ -22,7 +22,7 @@ from fedtune.privacy.errors import SecAggAbort
 from fedtune.privacy.secagg import crypto, shamir
 from fedtune.privacy.secagg.client import SecAggClient, pair_mask_seed, roster_index
 from fedtune.privacy.secagg.driver import SecureSummer, run_protocol
-from fedtune.privacy.secagg.identity import Ed25519Signer, Registry
+from fedtune.privacy.secagg.identity import Ed25519Signer, Registry, advert_data
 from fedtune.privacy.secagg.messages import (
     AdvertiseKeys,
     ConsistencyCheck,
@@ -31,6 +31,7 @@ from fedtune.privacy.secagg.messages import (
     UnmaskRequest,
     decode,
     encode,
+    params_digest,
 )
 from fedtune.privacy.secagg.peer import SecAggPeer
 from fedtune.privacy.secagg.policy import ClientPolicy, graph_seed
@@ -240,8 +241,11 @@ def test_a_small_order_key_is_refused_by_the_server_and_dropped_by_clients(bad: 
 
     clients, registry = honest_clients(p)
 
-    def poison(roster: Roster) -> Roster:
-        return Roster(roster.params, {**roster.keys, "e": (bad, roster.keys["e"][1])}, roster.signed)
+    def poison(roster: Roster) -> Roster:  # e (in league with the server) signs the bad key: only the key is bad
+        s_pk = roster.keys["e"][1]
+        signature = clients["e"].identity.sign(advert_data(p.round, "e", bad, s_pk, params_digest(p)))
+        signed = {**roster.signed, "e": (clients["e"].identity.credential, signature)}
+        return Roster(roster.params, {**roster.keys, "e": (bad, s_pk)}, signed)
 
     result = run_protocol(clients, SecAggServer(p, IDS, trust=registry), intercept=_rewrite_roster(poison))
     assert result.survivors == ("a", "b", "c", "d")

@@ -126,6 +126,8 @@ class SecAggClient:
         self._b = os.urandom(crypto.KEY_BYTES)  # self-mask seed: hides y_u even if s_u is reconstructed
         self._roster: dict[str, tuple[bytes, bytes]] = {}
         self._credentials: dict[str, bytes] = {}  # accepted neighbour -> its credential
+        self._enc_keys: dict[str, bytes] = {}  # accepted neighbour -> the AEAD key of the pair
+        self._mask_seeds: dict[str, bytes] = {}  # accepted neighbour -> the pairwise mask seed
         self._neighbours: frozenset[str] = frozenset()
         self._sent_to: frozenset[str] = frozenset()  # neighbours whose advertisements were valid
         self._partners: frozenset[str] = frozenset()  # neighbours it masks with (shares went both ways)
@@ -141,15 +143,19 @@ class SecAggClient:
         return AdvertiseKeys(self.id, c_pk, s_pk, self.identity.credential, signature)
 
     def _advert_problem(self, v: str, roster: Roster) -> str | None:
-        """Why neighbour v's advertisement is refused, or None when it is good."""
+        """Why neighbour v's advertisement is refused, or None when it is good (then its encryption key and
+        pairwise mask seed are derived here, once: the exchanges double as the small-order key check)."""
         c_pk, s_pk = roster.keys[v]
-        if not (crypto.valid_public(c_pk) and crypto.valid_public(s_pk)):
-            return "an invalid or small-order X25519 key"
         credential, signature = roster.signed.get(v, (b"", b""))
         assert self.trust is not None
         if not self.trust.verify(v, credential, advert_data(self.params.round, v, c_pk, s_pk, self._digest), signature):
             return "a key advertisement whose signature does not verify"
-        self._credentials[v] = credential
+        try:  # a small-order key gives the all-zero secret, which cryptography refuses with ValueError
+            enc = crypto.agree(self._c_key, c_pk, info=_info("enc", self.params.round, self.id, v))
+            seed = pair_mask_seed(self._s_key, s_pk, self.params.round, self.id, v)
+        except ValueError:
+            return "an invalid or small-order X25519 key"
+        self._credentials[v], self._enc_keys[v], self._mask_seeds[v] = credential, enc, seed
         return None
 
     # round 1 ---------------------------------------------------------------------------------------------
@@ -184,7 +190,7 @@ class SecAggClient:
         b_shares = shamir.split(self._b, threshold=self._t, xs=xs)
         round_idx, ciphertexts = self.params.round, {}
         for v in sorted(self._sent_to):
-            key = crypto.agree(self._c_key, roster.keys[v][0], info=_info("enc", round_idx, self.id, v))
+            key = self._enc_keys[v]
             plaintext = (
                 _ids(self.id, v) + shamir.encode_share(s_shares[index[v]]) + shamir.encode_share(b_shares[index[v]])
             )
@@ -209,9 +215,7 @@ class SecAggClient:
         y = self.plain.astype(np.uint32)  # uint32 arithmetic wraps mod 2^32, and R divides 2^32
         y += crypto.mask(self._b, p.length, p.modulus_bits)
         for v in sorted(senders):
-            m = crypto.mask(
-                pair_mask_seed(self._s_key, self._roster[v][1], p.round, self.id, v), p.length, p.modulus_bits
-            )
+            m = crypto.mask(self._mask_seeds[v], p.length, p.modulus_bits)
             if self.id < v:
                 y += m
             else:
@@ -221,7 +225,7 @@ class SecAggClient:
         return MaskedInput(self.id, y.astype(container(p.modulus_bits)), p.modulus_bits)
 
     def _open_share(self, sender: str, blob: bytes) -> tuple[int, int]:
-        key = crypto.agree(self._c_key, self._roster[sender][0], info=_info("enc", self.params.round, sender, self.id))
+        key = self._enc_keys[sender]  # the info is the sorted pair: the same key both ways
         plaintext = crypto.unseal(key, blob, share_aad(self.params.round, sender, self.id))
         if plaintext is None:
             raise TamperingDetected(
@@ -259,18 +263,16 @@ class SecAggClient:
             raise SecAggAbort(f"client {self.id}: asked to unmask for a survivor set it did not sign; refusing")
         data = survivors_data(self.params.round, self._signed, self._digest)
         assert self.trust is not None
+        if not request.signatures.keys() <= survivors:
+            raise SecAggAbort(f"client {self.id}: consistency signatures from clients that are not survivors")
         signers = set()
-        for v, signature in sorted(request.signatures.items()):
-            if v == self.id:
-                continue
-            if v not in survivors:
-                raise SecAggAbort(f"client {self.id}: a consistency signature from {v}, who is not a survivor")
-            if v not in self._credentials:
-                continue  # not a neighbour whose advertisement this client checked: it does not count
-            if not self.trust.verify(v, self._credentials[v], data, signature):
+        for v in sorted(request.signatures.keys() & self._partners):  # neighbours it exchanged shares with
+            if len(signers) >= self._t:
+                break  # t agreeing neighbours are all the guarantee needs
+            if not self.trust.verify(v, self._credentials[v], data, request.signatures[v]):
                 raise SecAggAbort(f"client {self.id}: {v}'s signature over the survivor set does not verify")
             signers.add(v)
-        agreeing = len(signers & self._partners)
+        agreeing = len(signers)
         if agreeing < self._t:
             raise SecAggAbort(
                 f"client {self.id}: only {agreeing} neighbours signed the same survivor set (threshold {self._t}); "

@@ -19,6 +19,7 @@ from fedtune.privacy.noise import chacha_bytes
 
 KEY_BYTES = 32  # X25519 keys, AEAD keys, mask seeds: 256 bits
 NONCE_BYTES = 12
+_PROBE = X25519PrivateKey.generate()  # valid_public's throwaway key
 _RAW = {"encoding": serialization.Encoding.Raw, "format": serialization.PublicFormat.Raw}
 
 
@@ -48,12 +49,13 @@ def valid_public(raw: bytes) -> bool:
 
     X25519 private scalars are multiples of 8, so a point of order dividing 8 (the all-zero key among
     them) gives the all-zero shared secret with every key; ``cryptography`` refuses that exchange with a
-    ValueError. One exchange with a throwaway key therefore tells such a key from a good one.
+    ValueError. One exchange with a throwaway key therefore tells such a key from a good one (the probe
+    key is used for nothing else and its outputs are discarded).
     """
     if len(raw) != KEY_BYTES:
         return False
     try:
-        X25519PrivateKey.generate().exchange(X25519PublicKey.from_public_bytes(raw))
+        _PROBE.exchange(X25519PublicKey.from_public_bytes(raw))
     except ValueError:
         return False
     return True
