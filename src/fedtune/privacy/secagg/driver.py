@@ -122,7 +122,7 @@ def run_rounds(server: SecAggServer, network: SecAggNetwork, *, traffic: Traffic
     forwarded = server.forward(stage("share", dict.fromkeys(roster.keys, roster)))
     check = server.collect(stage("masked", forwarded))
     request = server.consistency(stage("consistency", dict.fromkeys(server.u3, check)))
-    result = server.finish(stage("unmask", dict.fromkeys(request.signatures, request)))
+    result = server.finish(stage("unmask", {cid: server.request_for(cid, request) for cid in request.signatures}))
     result.dropped = dropped
     return result
 

@@ -182,6 +182,11 @@ class SecAggServer:
         self.seconds += time.perf_counter() - started
         return UnmaskRequest(self.u3, dict(sorted(self.signatures.items())))
 
+    def request_for(self, cid: str, request: UnmaskRequest) -> UnmaskRequest:
+        """``request`` as client ``cid`` needs it: only its neighbours' signatures count for it (SecAgg+:
+        k of them, not n)."""
+        return UnmaskRequest(request.survivors, {v: s for v, s in request.signatures.items() if v in self.pairs[cid]})
+
     # round 4 -> the sum ----------------------------------------------------------------------------------
     def finish(self, messages: Iterable[UnmaskShares]) -> SecAggResult:
         started = time.perf_counter()
