@@ -3,7 +3,7 @@
 Under secure aggregation (the fit task says so, and the client refuses to send its update in the clear
 when its configuration has ``privacy.secure_aggregation``) the update never leaves this process: the fit
 result carries only the example count and metrics, and the update is kept in a SecAggPeer that answers
-the round's four SecAgg tasks (its quantised, masked vector and the protocol's shares), then discarded.
+the round's five SecAgg tasks (its quantised, masked vector and the protocol's shares), then discarded.
 
 The worker holds only this participant's data. Connection trouble (server down or restarting) means
 rejoin with exponential backoff, up to ``reconnect_timeout_s``; being refused (revoked, unknown, wrong
@@ -34,6 +34,7 @@ from fedtune.client.worker import ClientWorker
 from fedtune.core.messages import ClientUpdate
 from fedtune.errors import FedtuneError, UpdateRejected
 from fedtune.privacy.errors import SecAggAbort
+from fedtune.privacy.secagg.deploy import participant_peer
 from fedtune.privacy.secagg.peer import SecAggPeer
 from fedtune.transport.codecs import Codec, build_codec
 from fedtune.transport.grpc import protocol, wire
@@ -302,7 +303,16 @@ class Participant:
                     )
                 update = self.worker.fit(instr)
                 if held:
-                    self._secagg = (instr.round, SecAggPeer.holding(update, seed=instr.seed))
+                    peer = participant_peer(
+                        update,
+                        ca=self.tls.ca,
+                        cert=self.tls.cert,
+                        key=self.tls.key,
+                        config_yaml=joined.config_yaml,
+                        seed=instr.seed,
+                        round_idx=instr.round,
+                    )
+                    self._secagg = (instr.round, peer)
                     out = protocol.held_update_payload(update, task_id=h.task_id, session=joined.session)
                     what = _describe_fit(update) + "; update kept for secure aggregation"
                 else:

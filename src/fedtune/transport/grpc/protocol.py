@@ -35,6 +35,7 @@ SECAGG_KINDS = {
     "advertise": pb.SECAGG_ADVERTISE,
     "share": pb.SECAGG_SHARE,
     "masked": pb.SECAGG_MASKED,
+    "consistency": pb.SECAGG_CONSISTENCY,
     "unmask": pb.SECAGG_UNMASK,
 }
 

@@ -11,7 +11,7 @@ continues with the others. The coordinator's loop re-validates what it receives,
 
 Secure aggregation (Bonawitz et al. 2017; ``secure_aggregation=True``): fit tasks tell the client to keep
 its update, and its result is a placeholder with no tensors. The SecAgg summer then drives the
-protocol's four message rounds through ``secagg_exchange`` (the SecAggNetwork seam of
+protocol's five message rounds through ``secagg_exchange`` (the SecAggNetwork seam of
 fedtune.privacy.secagg.driver): one task per client and stage (kinds SECAGG_*), collected with the same
 inbox and deadline machinery as training; whoever has not answered at the stage's deadline has dropped.
 """
