@@ -19,6 +19,7 @@ import logging
 import math
 import os
 import re
+import secrets
 import time
 from collections.abc import Sequence
 from pathlib import Path
@@ -191,7 +192,7 @@ class WandbSink(BaseSink):
         import wandb
 
         ids = _ids(run.run_dir)
-        run_id = ids.get("wandb") or wandb.util.generate_id()
+        run_id = ids.get("wandb") or secrets.token_hex(4)  # W&B ids are short lowercase alphanumerics
         if "wandb" not in ids:
             _save_id(run.run_dir, "wandb", run_id)
         self.run = wandb.init(
