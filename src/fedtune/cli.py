@@ -17,6 +17,19 @@ app = typer.Typer(add_completion=False, no_args_is_help=True, help="Federated fi
 console = Console()
 
 SetOpt = Annotated[list[str] | None, typer.Option("--set", help="Override a config key: a.b.c=value.")]
+DEFAULT_DASHBOARD_PORT = 8765
+DashboardOpt = Annotated[bool, typer.Option(help="Serve a live dashboard of the run (URL printed at start).")]
+DashboardPortOpt = Annotated[int, typer.Option(help="The dashboard's port (0: any free port).")]
+DashboardHostOpt = Annotated[str, typer.Option(help="The dashboard's address (default: this machine only).")]
+
+
+def dashboard_sinks(console: Console, enabled: bool, port: int, host: str = "127.0.0.1") -> list:
+    """The round sinks ``--dashboard`` adds (none without it)."""
+    if not enabled:
+        return []
+    from fedtune.dashboard.server import DashboardSink
+
+    return [DashboardSink(console, host=host, port=port)]
 
 
 def _fail(err: Exception) -> None:
@@ -63,6 +76,8 @@ def run(
     set_: SetOpt = None,
     resume: Annotated[Path | None, typer.Option(help="Continue this run directory.")] = None,
     quiet: Annotated[bool, typer.Option(help="No progress bars.")] = False,
+    dashboard: DashboardOpt = False,
+    dashboard_port: DashboardPortOpt = DEFAULT_DASHBOARD_PORT,
 ) -> None:
     """Run a simulated federation from CONFIG (or continue one with --resume RUN_DIR)."""
     from fedtune.config import load_config
@@ -78,7 +93,13 @@ def run(
             raise FedtuneError("missing CONFIG (or --resume RUN_DIR)")
         else:
             cfg = load_config(config, set_ or [])
-        result = simulate(cfg, resume_dir=resume, console=console, show_progress=not quiet and sys.stderr.isatty())
+        result = simulate(
+            cfg,
+            resume_dir=resume,
+            console=console,
+            show_progress=not quiet and sys.stderr.isatty(),
+            sinks=dashboard_sinks(console, dashboard, dashboard_port),
+        )
         _summary(result)
     except FedtuneError as err:
         _fail(err)
@@ -124,6 +145,21 @@ def export(
     try:
         export_run(run_dir, out_dir)
         console.print(f"exported to {out_dir}")
+    except FedtuneError as err:
+        _fail(err)
+
+
+@app.command()
+def dashboard(
+    run_dir: Annotated[Path, typer.Argument(help="A run directory, finished or running.")],
+    port: DashboardPortOpt = DEFAULT_DASHBOARD_PORT,
+    host: DashboardHostOpt = "127.0.0.1",
+) -> None:
+    """Serve the live dashboard of RUN_DIR (read-only; the URL carries its access token) until Ctrl-C."""
+    from fedtune.dashboard.server import serve_run_dir
+
+    try:
+        serve_run_dir(run_dir, console, host=host, port=port)
     except FedtuneError as err:
         _fail(err)
 

@@ -23,6 +23,7 @@ from typing import Protocol
 
 from fedtune.core.messages import ClientEval, ClientFailure, ClientUpdate, EvalInstruction, FitInstruction
 from fedtune.core.state import ServerState
+from fedtune.run.rundir import clean_json
 from fedtune.run.sinks import BaseSink, RunEnd, RunInfo
 from fedtune.transport.base import Transport
 
@@ -135,7 +136,7 @@ class ActivityTransport:
 
 def write_json_atomic(path: Path, data: dict) -> None:
     tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    tmp.write_text(json.dumps(data, indent=1, default=str))
+    tmp.write_text(json.dumps(clean_json(data), indent=1, default=str))
     os.replace(tmp, path)
 
 

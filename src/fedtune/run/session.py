@@ -321,10 +321,12 @@ def simulate(
     resume_dir: Path | None = None,
     console: Console | None = None,
     show_progress: bool = True,
+    sinks: Sequence[RoundSink] = (),
 ) -> RunResult:
     """A whole simulated federation: one resident model in this process, or one per Ray actor
-    (``config.simulation``)."""
+    (``config.simulation``); ``sinks`` get every round after the default ones (e.g. the dashboard)."""
     console = console or Console()
+    require_trackers(config.run.trackers)  # before anything is made
     # the run directory first: the simulated clients keep their state between rounds in it (or in the store
     # simulation.client_state names), and every worker is built knowing where
     fresh_dir = rundir.new_run_dir(config) if resume_dir is None else None
@@ -348,6 +350,7 @@ def simulate(
             show_progress=show_progress,
             extra_state=extra,
             fresh_dir=fresh_dir,
+            sinks=sinks,
         )
     finally:
         transport.close()
