@@ -55,10 +55,12 @@ function lineChart(svg, series, opts) {
   if (y1 === y0) { const d = Math.abs(y0) * 0.1 || 1; y0 -= d; y1 += d; }
   const sx = (x) => L + ((x - x0) / (x1 - x0)) * (R - L);
   const sy = (y) => B - ((y - y0) / (y1 - y0)) * (B - T);
+  // tick labels with as many decimals as the step between them needs (no two alike)
+  const decimals = Math.min(8, Math.max(0, 1 - Math.floor(Math.log10((y1 - y0) / 4))));
   for (let i = 0; i <= 4; i++) {
     const y = y0 + ((y1 - y0) * i) / 4;
     svg.appendChild(svgEl("line", { x1: L, x2: R, y1: sy(y), y2: sy(y), class: "grid" }));
-    svg.appendChild(svgEl("text", { x: L - 4, y: sy(y) + 3, "text-anchor": "end" }, fmt(y, 3)));
+    svg.appendChild(svgEl("text", { x: L - 4, y: sy(y) + 3, "text-anchor": "end" }, y.toFixed(decimals)));
   }
   const ticks = Math.min(8, x1 - x0);
   for (let i = 0; i <= ticks; i++) {
