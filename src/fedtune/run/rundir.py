@@ -5,6 +5,10 @@ metrics.jsonl             one JSON object per line: kind=round | client | eval_c
 metrics.png               per-round plot (redrawn at most every 30 s, and at the end)
 checkpoint.safetensors    the ServerState after the last completed round (atomic)
 summary.json              written when the run finishes
+status.json               what the coordinator and each client are doing now (read by the dashboard)
+report.html               a self-contained report, written when the run ends (however it ends)
+trackers.json             the MLflow and W&B run ids (a resumed run continues them)
+tensorboard/ mlruns/ wandb/   what run.trackers asked for
 """
 
 from __future__ import annotations
