@@ -147,3 +147,56 @@ def test_a_run_writes_status_json_and_a_self_contained_report(tmp_path) -> None:
 
 def json_lines(run_dir: Path) -> list[dict]:
     return [json.loads(line) for line in (run_dir / METRICS).read_text().splitlines()]
+
+
+def test_a_deployment_status_shows_connected_enrolled_and_refused_clients(tmp_path) -> None:
+    """The gRPC server's registry feeds status.json: who joined, who is enrolled, who was refused and why."""
+    import grpc
+
+    from _grpc_support import RawClient, make_pki
+    from fedtune.config.deployment import DeploymentConfig
+    from fedtune.deploy.serve import GrpcDirectory
+    from fedtune.run.board import StatusSink
+    from fedtune.run.sinks import RunEnd, RunInfo
+    from fedtune.transport.grpc.server import GrpcServerTransport, ServerTLS
+
+    pki = make_pki(tmp_path)
+    allowed = ["client_000", "client_001", "revoked"]
+    dep = DeploymentConfig(
+        port=0,
+        tls_ca=str(pki / "ca.pem"),
+        tls_cert=str(pki / "server.pem"),
+        tls_key=str(pki / "server.key"),
+        revocation_list=str(pki / "revoked.txt"),
+        allowed_clients=allowed,
+        min_clients=1,
+    )
+    transport = GrpcServerTransport(dep, tls=ServerTLS.from_config(dep), config_yaml="seed: 0\n")
+    port = transport.start()
+    clients = []
+    try:
+        good = RawClient(port, pki, "client_000")
+        clients.append(good)
+        good.join()
+        for name in ("revoked", "client_002"):
+            bad = RawClient(port, pki, name)
+            clients.append(bad)
+            with pytest.raises(grpc.RpcError):
+                bad.join()
+        sink = StatusSink(ClientBoard(), GrpcDirectory(transport, allowed))
+        run_dir = tmp_path / "run"
+        run_dir.mkdir()
+        sink.on_start(RunInfo(run_dir, parse_config({}), True, 0))
+        sink.close(RunEnd("interrupted", None, "test"))
+        rows = {c["client_id"]: c for c in RunView(run_dir).snapshot()["clients"]}
+    finally:
+        for client in clients:
+            client.close()
+        transport.stop()
+    assert sorted(rows) == allowed  # the enrolled clients (client_002 is not enrolled: only in the refusals)
+    assert rows["client_000"]["state"] == "idle" and rows["client_000"]["connected"] is True
+    assert rows["client_001"]["state"] == "offline" and rows["client_001"]["connected"] is False
+    assert rows["revoked"]["state"] == "refused" and "has been revoked" in rows["revoked"]["reason"]
+    status = json.loads((run_dir / STATUS).read_text())
+    refused = {r["who"]: r["reason"] for r in status["refused"]}
+    assert "not in this federation" in refused["client_002"]
