@@ -200,3 +200,62 @@ def test_a_deployment_status_shows_connected_enrolled_and_refused_clients(tmp_pa
     status = json.loads((run_dir / STATUS).read_text())
     refused = {r["who"]: r["reason"] for r in status["refused"]}
     assert "not in this federation" in refused["client_002"]
+
+
+def test_a_dp_run_stopped_by_its_budget_reports_epsilon_spent(tmp_path) -> None:
+    """status.json, the run view and report.html carry the privacy figures and the budget stop."""
+    from fedtune.privacy import accountant
+
+    two = accountant.epsilon([accountant.poisson_entry(0.4, 1.0, 2)], 1e-5)
+    three = accountant.epsilon([accountant.poisson_entry(0.4, 1.0, 3)], 1e-5)
+    budget = (two + three) / 2  # two rounds fit, a third would overspend
+    cfg = {
+        "seed": 2,
+        "model": DIGITS_CNN,
+        "data": {"source": "digits", "partition": {"kind": "iid", "num_clients": 10}},
+        "federation": {"rounds": 6, "fraction": 0.4},
+        "client": {"local_steps": 1, "batch_size": 8, "optimizer": "sgd", "lr": 0.1},
+        "server": {"weighting": "uniform"},
+        "eval": {"baseline": False, "max_clients": 2, "max_examples_per_client": 8},
+        "run": {"out_dir": str(tmp_path), "plot": False},
+        "privacy": {"dp": {"clip": 0.5, "noise_multiplier": 1.0, "epsilon_budget": budget}},
+    }
+    result = simulate(parse_config(cfg), console=Console(file=io.StringIO()), show_progress=False)
+    assert result.state.round == 2  # the budget stopped it
+    last_eps = result.rounds[-1]["agg_epsilon"]
+    snap = RunView(result.run_dir).snapshot()
+    assert snap["privacy"] == {
+        "dp": True,
+        "epsilon": last_eps,
+        "delta": 1e-5,
+        "epsilon_budget": budget,
+        "client_epsilon_max": None,
+    }
+    assert snap["status"]["state"] == "stopped" and "budget" in snap["status"]["reason"]
+    html = (result.run_dir / REPORT).read_text()
+    assert f"<td>{last_eps:.4g}</td>" in html and "stopped:" in html
+
+
+def test_an_interrupted_run_still_leaves_its_status_and_report(tmp_path) -> None:
+    from fedtune.run.sinks import BaseSink
+
+    class CtrlC(BaseSink):
+        def on_round(self, state, records) -> None:
+            if state.round == 1:
+                raise KeyboardInterrupt
+
+    cfg = {
+        "seed": 5,
+        "model": DIGITS_CNN,
+        "data": {"source": "digits", "partition": {"kind": "iid", "num_clients": 3}},
+        "federation": {"rounds": 3, "clients_per_round": 2},
+        "client": {"local_steps": 1, "batch_size": 16},
+        "run": {"out_dir": str(tmp_path / "runs"), "plot": False},
+    }
+    with pytest.raises(KeyboardInterrupt):
+        simulate(parse_config(cfg), console=Console(file=io.StringIO()), show_progress=False, sinks=[CtrlC()])
+    (run_dir,) = (tmp_path / "runs").iterdir()
+    status = json.loads((run_dir / STATUS).read_text())
+    assert status["state"] == "interrupted" and status["round"] == 1
+    assert "interrupted" in (run_dir / REPORT).read_text()
+    assert (run_dir / "checkpoint.safetensors").is_file() and not (run_dir / "summary.json").exists()

@@ -81,9 +81,9 @@ class Sinks:
             sink.on_start(run)
 
     def on_round(self, state: ServerState, records: list[dict]) -> None:
+        self.last_state = state
         for sink in self.sinks:
             sink.on_round(state, records)
-        self.last_state = state
 
     def on_stop(self, state: ServerState, reason: str) -> None:
         for sink in self.sinks:
