@@ -6,8 +6,8 @@ the reason) when its reply or failure arrives. A ``ClientDirectory`` says who is
 refused: everyone, always, in a simulation; the gRPC server's registry in a deployment.
 
 ``StatusSink`` writes ``status.json`` atomically: on every round event, and from a small background thread
-every ``every_s`` seconds while anything changed (clients connecting, replies arriving), so a dashboard in
-another process (``fedtune dashboard RUN_DIR``) sees a running federation live.
+every ``every_s`` seconds (clients connect, train and reply between rounds), so a dashboard in another
+process (``fedtune dashboard RUN_DIR``) sees a running federation live.
 """
 
 from __future__ import annotations
@@ -53,13 +53,13 @@ class StaticDirectory:
     """A simulation: every client is enrolled and connected, and nobody is refused."""
 
     def __init__(self, transport: Transport) -> None:
-        self.transport = transport
+        self.ids = list(transport.client_ids())  # a simulated population is fixed (read once, not from threads)
 
     def enrolled(self) -> list[str] | None:
-        return self.transport.client_ids()
+        return self.ids
 
     def connected(self) -> list[str]:
-        return self.transport.client_ids()
+        return self.ids
 
     def refused(self) -> list[Refusal]:
         return []
@@ -91,12 +91,10 @@ class ClientBoard:
     def __init__(self) -> None:
         self._lock = threading.Lock()
         self._clients: dict[str, Activity] = {}
-        self.version = 0  # bumped on every change (the status writer skips unchanged snapshots)
 
     def mark(self, client_id: str, state: str, round_idx: int, reason: str = "") -> None:
         with self._lock:
             self._clients[client_id] = Activity(state, round_idx, time.time(), reason)
-            self.version += 1
 
     def snapshot(self) -> dict[str, dict]:
         with self._lock:
@@ -112,7 +110,7 @@ class ActivityTransport:
     def client_ids(self) -> list[str]:
         return self.inner.client_ids()
 
-    def _watch(self, replies: Iterator, busy: str) -> Iterator:
+    def _watch(self, replies: Iterator) -> Iterator:
         for reply in replies:
             if isinstance(reply, ClientFailure):
                 self.board.mark(reply.client_id, failure_state(reply.reason), reply.round, reply.reason)
@@ -123,12 +121,12 @@ class ActivityTransport:
     def fit(self, instructions: Sequence[FitInstruction]) -> Iterator[ClientUpdate | ClientFailure]:
         for instr in instructions:
             self.board.mark(instr.client_id, "training", instr.round)
-        return self._watch(self.inner.fit(instructions), "training")
+        return self._watch(self.inner.fit(instructions))
 
     def evaluate(self, instructions: Sequence[EvalInstruction]) -> Iterator[ClientEval | ClientFailure]:
         for instr in instructions:
             self.board.mark(instr.client_id, "evaluating", instr.round)
-        return self._watch(self.inner.evaluate(instructions), "evaluating")
+        return self._watch(self.inner.evaluate(instructions))
 
     def close(self) -> None:
         self.inner.close()
@@ -177,11 +175,8 @@ class StatusSink(BaseSink):
         self._thread.start()
 
     def _loop(self) -> None:
-        seen = -1
-        while not self._stop.wait(self.every_s):
-            if self.directory is not None or self.board.version != seen:  # connections change unseen
-                seen = self.board.version
-                self.write()
+        while not self._stop.wait(self.every_s):  # also when nothing changed here: clients (dis)connect unseen
+            self.write()
 
     def eta_s(self) -> float | None:
         """Mean of this process's last rounds times the rounds left, less the current round's time so far."""
@@ -204,21 +199,24 @@ class StatusSink(BaseSink):
 
     def on_round(self, state: ServerState, records: list[dict]) -> None:
         now = time.time()
-        if state.round > self._doc["round"]:
-            self._round_seconds.append(now - self._round_started)
-        self._round_started = now
-        self._doc["round"] = state.round
+        with self._lock:  # the writer thread copies _doc under the same lock
+            if state.round > self._doc["round"]:
+                self._round_seconds.append(now - self._round_started)
+            self._round_started = now
+            self._doc["round"] = state.round
         self.write()
 
     def on_stop(self, state: ServerState, reason: str) -> None:
-        self._doc.update(state="stopped", reason=reason)
+        with self._lock:
+            self._doc.update(state="stopped", reason=reason)
         self.write()
 
     def close(self, end: RunEnd) -> None:
         self._stop.set()
         if self._thread is not None:
             self._thread.join(timeout=10)
-        self._doc.update(state=end.outcome, reason=end.reason or self._doc.get("reason", ""), ended_at=time.time())
+        reason = end.reason or self._doc.get("reason", "")
+        self._doc.update(state=end.outcome, reason=reason, ended_at=time.time())
         if end.state is not None:
             self._doc["round"] = end.state.round
         self.write()
