@@ -151,3 +151,31 @@ def test_unknown_or_repeated_trackers_are_config_errors(tmp_path) -> None:
         parse_config(config(tmp_path, ["comet"]))
     with pytest.raises(ConfigError, match="twice"):
         parse_config(config(tmp_path, ["mlflow", "mlflow"]))
+
+
+@pytest.mark.slow  # two more runs with all three trackers
+def test_a_resumed_run_continues_the_same_tracker_runs(tmp_path, monkeypatch) -> None:
+    from mlflow.tracking import MlflowClient
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
+    first = run(config(tmp_path, ["tensorboard", "mlflow", "wandb"], rounds=1))
+    ids = json.loads((first.run_dir / "trackers.json").read_text())
+    resumed = simulate(
+        parse_config(config(tmp_path, ["tensorboard", "mlflow", "wandb"], rounds=2)),
+        resume_dir=first.run_dir,
+        console=Console(file=io.StringIO()),
+        show_progress=False,
+    )
+    assert resumed.state.round == 2 and json.loads((first.run_dir / "trackers.json").read_text()) == ids
+    records = MetricsLog(first.run_dir).read()
+    client = MlflowClient(tracking_uri=(first.run_dir / "mlruns").resolve().as_uri())
+    assert len(client.search_runs([client.get_experiment_by_name("tracked").experiment_id])) == 1
+    history = {m.step: m.value for m in client.get_metric_history(ids["mlflow"], "round/eval_loss")}
+    assert history == pytest.approx(expected(records, "round", "eval_loss"), rel=1e-6)
+    assert client.get_run(ids["mlflow"]).info.status == "FINISHED"
+    acc = EventAccumulator(str(first.run_dir / "tensorboard"), size_guidance={"scalars": 0})
+    acc.Reload()
+    assert [e.step for e in acc.Scalars("round/eval_loss")] == [0, 1, 2]
+    offline = sorted((first.run_dir / "wandb").glob("offline-run-*"))
+    assert len(offline) == 2 and all(p.name.endswith(ids["wandb"]) for p in offline)  # one W&B run, two sessions
