@@ -13,6 +13,7 @@ process (``fedtune dashboard RUN_DIR``) sees a running federation live.
 from __future__ import annotations
 
 import json
+import logging
 import os
 import threading
 import time
@@ -176,7 +177,10 @@ class StatusSink(BaseSink):
 
     def _loop(self) -> None:
         while not self._stop.wait(self.every_s):  # also when nothing changed here: clients (dis)connect unseen
-            self.write()
+            try:
+                self.write()
+            except OSError as err:  # a full disk must not kill the writer; the round sinks will say so
+                logging.getLogger("fedtune").debug("status.json not written: %s", err)
 
     def eta_s(self) -> float | None:
         """Mean of this process's last rounds times the rounds left, less the current round's time so far."""
