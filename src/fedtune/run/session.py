@@ -28,7 +28,9 @@ from fedtune.errors import CheckpointError, DataError
 from fedtune.privacy.build import carry_secagg, check_secagg_transport
 from fedtune.run import rundir
 from fedtune.run.board import ActivityTransport, ClientBoard, ClientDirectory, StaticDirectory, StatusSink
-from fedtune.run.progress import ProgressTransport
+from fedtune.run.interrupt import RunInterrupted
+from fedtune.run.predict import write_label_names
+from fedtune.run.progress import ProgressTransport, StepRelay
 from fedtune.run.report import ReportSink
 from fedtune.run.sinks import (
     CheckpointSink,
@@ -63,6 +65,7 @@ class Prepared:
     cache_dir: Path
     num_labels: int | None = None
     dropped_clients: list[str] = field(default_factory=list)
+    label_names: list[str] = field(default_factory=list)  # classification: the data's class names
 
 
 def prepare(config: Config, *, console: Console | None = None) -> Prepared:
@@ -96,7 +99,7 @@ def prepare(config: Config, *, console: Console | None = None) -> Prepared:
             + (f" ({len(dropped)} clients without enough data dropped)" if dropped else "")
             + f"; {worker.view.spec.numel:,} trainable parameters exchanged"
         )
-    return Prepared(config, task, worker, cache_dir, num_labels, dropped)
+    return Prepared(config, task, worker, cache_dir, num_labels, dropped, list(fed.label_names))
 
 
 def _eval_record(pooled: EvalSums | None, accuracy: bool) -> dict:
@@ -247,6 +250,7 @@ def serve(
     fresh_dir: Path | None = None,
     sinks: Sequence[RoundSink] = (),
     directory: ClientDirectory | None = None,
+    steps: StepRelay | None = None,
 ) -> RunResult:
     """The coordinator, whatever the transport: open or resume the run, evaluate the baseline, run the
     rounds; the default sinks persist metrics, checkpoint, plot, status, trackers and report, then ``sinks``.
@@ -254,7 +258,8 @@ def serve(
     ``init`` is the initial trainable vector and its spec (the server builds the model once to get them);
     ``accuracy`` says whether evaluation reports accuracy (classifiers) or perplexity; ``fresh_dir`` is a new
     run directory the caller already made (``rundir.new_run_dir``), for a run that is not resumed;
-    ``directory`` says who is enrolled, connected and refused (default: every client of the transport).
+    ``directory`` says who is enrolled, connected and refused (default: every client of the transport);
+    ``steps`` relays local-step progress from an in-process worker to the progress bars.
     """
     console = console or Console()
     require_trackers(config.run.trackers)  # a tracker that is not installed fails before anything starts
@@ -265,7 +270,10 @@ def serve(
     if extra_state and state.round == 0:
         state = state.evolve(extra={**state.extra, **extra_state})
     board = ClientBoard()
-    shown = ActivityTransport(ProgressTransport(transport, console, enabled=show_progress), board)
+    progress = ProgressTransport(
+        transport, console, enabled=show_progress, total_rounds=config.federation.rounds, steps=steps
+    )
+    shown = ActivityTransport(progress, board)
     directory = directory or StaticDirectory(transport)
     fanout = Sinks([*default_sinks(config, run_dir, log, console, board, directory), *sinks])
     history = log.read()
@@ -339,6 +347,10 @@ def simulate(
             shutil.rmtree(fresh_dir, ignore_errors=True)
         raise
     extra = {"num_labels": prepared.num_labels} if prepared.num_labels is not None else None
+    if fresh_dir is not None:
+        write_label_names(fresh_dir, prepared.label_names)  # for `fedtune predict`
+    steps = StepRelay()
+    prepared.worker.on_step = steps  # in-process clients report every local step (Ray actors: per client)
     try:
         result = serve(
             config,
@@ -351,7 +363,10 @@ def simulate(
             extra_state=extra,
             fresh_dir=fresh_dir,
             sinks=sinks,
+            steps=steps,
         )
+    except KeyboardInterrupt:  # Ctrl-C: every finished round is on disk; say where (the CLI prints the hint)
+        raise RunInterrupted.of(fresh_dir or resume_dir) from None
     finally:
         transport.close()
     result.prepared = prepared
