@@ -52,16 +52,21 @@ def test_dashboard_command_serves_a_run_dir_until_interrupted(tmp_path) -> None:
         text=True,
         env={**env, "COLUMNS": "300"},
     )
+    seen, match = [], None
     try:
-        line = proc.stdout.readline()  # blocks until the URL is printed (or the process dies)
-        match = re.search(r"(http://127\.0\.0\.1:\d+/)\?token=([\w-]+)", line)
-        assert match, line + proc.stdout.read()
+        for line in proc.stdout:  # blocks until the URL is printed (warnings may come first), or the process ends
+            seen.append(line)
+            match = re.search(r"(http://127\.0\.0\.1:\d+/)\?token=([\w-]+)", line)
+            if match:
+                break
+        assert match, "".join(seen)
         req = urllib.request.Request(match[1] + "api/run", headers={"Authorization": f"Bearer {match[2]}"})
         with urllib.request.urlopen(req, timeout=30) as reply:
             assert json.loads(reply.read())["rounds"][0]["round"] == 1
     finally:
         proc.send_signal(signal.SIGINT)
-        assert proc.wait(timeout=60) == 0
+        code = proc.wait(timeout=60)
+    assert code == 0, "".join(seen) + proc.stdout.read()
 
 
 def test_dashboard_command_refuses_a_folder_that_is_not_a_run(tmp_path) -> None:

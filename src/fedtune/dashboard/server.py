@@ -177,8 +177,9 @@ def serve_run_dir(run_dir: Path, console: Console, *, host: str = "127.0.0.1", p
     if not (run_dir / "config.yaml").is_file() and not (run_dir / "metrics.jsonl").is_file():
         raise FedtuneError(f"{run_dir} is not a fedtune run directory (no config.yaml or metrics.jsonl)")
     dashboard = Dashboard(run_dir, host=host, port=port)
-    console.print(f"dashboard of {run_dir}: {dashboard.start()}  (Ctrl-C to stop)", soft_wrap=True)
-    try:
+    try:  # Ctrl-C at any moment after the start, even right after the URL is printed, stops it cleanly
+        url = dashboard.start()
+        console.print(f"dashboard of {run_dir}: {url}  (Ctrl-C to stop)", soft_wrap=True)
         threading.Event().wait()
     except KeyboardInterrupt:
         pass
