@@ -259,3 +259,28 @@ def test_an_interrupted_run_still_leaves_its_status_and_report(tmp_path) -> None
     assert status["state"] == "interrupted" and status["round"] == 1
     assert "interrupted" in (run_dir / REPORT).read_text()
     assert (run_dir / "checkpoint.safetensors").is_file() and not (run_dir / "summary.json").exists()
+
+
+def test_a_busy_dashboard_port_is_a_clear_error_before_round_one(tmp_path) -> None:
+    import socket
+
+    from fedtune.dashboard.server import DashboardSink
+    from fedtune.errors import FedtuneError
+
+    cfg = {
+        "seed": 5,
+        "model": DIGITS_CNN,
+        "data": {"source": "digits", "partition": {"kind": "iid", "num_clients": 3}},
+        "federation": {"rounds": 1, "clients_per_round": 2},
+        "eval": {"baseline": False},
+        "run": {"out_dir": str(tmp_path / "runs"), "plot": False},
+    }
+    with socket.socket() as busy:
+        busy.bind(("127.0.0.1", 0))
+        busy.listen()
+        sink = DashboardSink(Console(file=io.StringIO()), port=busy.getsockname()[1])
+        with pytest.raises(FedtuneError, match=r"the dashboard cannot listen on 127\.0\.0\.1"):
+            simulate(parse_config(cfg), console=Console(file=io.StringIO()), show_progress=False, sinks=[sink])
+    (run_dir,) = (tmp_path / "runs").iterdir()
+    assert json.loads((run_dir / STATUS).read_text())["state"] == "failed"
+    assert not (run_dir / "checkpoint.safetensors").exists()  # no round ran

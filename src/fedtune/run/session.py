@@ -272,9 +272,9 @@ def serve(
     history = log.read()
     # a resumed run that crashed after its baseline does not evaluate it again
     baseline = state.round == 0 and config.eval.baseline and not any(r.get("kind") == "round" for r in history)
-    fanout.on_start(RunInfo(run_dir, config, accuracy, state.round, history, init[1].numel))
     end = RunEnd("failed", state)
-    try:
+    try:  # every sink is closed however the run ends, even if one fails to start (sinks close unstarted)
+        fanout.on_start(RunInfo(run_dir, config, accuracy, state.round, history, init[1].numel))
         state, end = coordinate(config, strategy, shown, state, fanout, accuracy=accuracy, baseline=baseline)
     except KeyboardInterrupt:
         end = RunEnd("interrupted", fanout.last_state or state, "interrupted (Ctrl-C)")
