@@ -39,6 +39,8 @@ def run(cfg: dict):
 
 @pytest.fixture(scope="module")
 def tracked(tmp_path_factory, monkeypatch_module):
+    for module in ("tensorboard", "mlflow", "wandb"):  # the optional extra 'fedtune[track]'
+        pytest.importorskip(module, reason=f"run.trackers needs {module} (pip install 'fedtune[track]')")
     monkeypatch_module.delenv("MLFLOW_TRACKING_URI", raising=False)
     monkeypatch_module.setenv("WANDB_MODE", "offline")
     tmp = tmp_path_factory.mktemp("trackers")
