@@ -143,7 +143,7 @@ def test_server_killed_with_sigkill_resumes_and_loses_nothing(tmp_path, pki, pro
         procs.kill("server")  # SIGKILL: no cleanup, in the middle of round 2 (or its evaluation)
         killed_at = checkpoint_round()
         assert killed_at < ROUNDS, "the run finished before the kill"
-        procs.cli("server", "server", "--resume", str(run_dir))
+        procs.cli("server", "server", "--resume", str(run_dir), "--dashboard", "--dashboard-port", "0")
         assert procs.wait("server", 120) == 0
         for name in ("client_000", "client_001", "client_002"):
             assert procs.wait(name, 30) == 0
@@ -159,6 +159,10 @@ def test_server_killed_with_sigkill_resumes_and_loses_nothing(tmp_path, pki, pro
     clients = [r for r in _records(run_dir) if r["kind"] == "client"]
     assert clients and all(r["bytes_up"] > 10_000 and r["bytes_down"] > 10_000 for r in clients)
     assert "2/2" in procs.log("server")  # the progress table, as in the simulation
+    assert "dashboard: http://127.0.0.1:" in procs.log("server") and "?token=" in procs.log("server")
+    status = json.loads((run_dir / "status.json").read_text())  # what the dashboard shows: the deployment's view
+    assert status["state"] == "finished" and status["round"] == ROUNDS and status["enrolled"] is None
+    assert status["clients"] and set(status["clients"]) <= {"client_000", "client_001", "client_002"}
 
 
 def test_cli_client_refused_exits_3_with_a_clear_message(tmp_path, pki, procs):

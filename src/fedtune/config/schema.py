@@ -237,6 +237,15 @@ class RunConfig(Section):
     out_dir: str = "runs"  # parent folder of run directories
     plot: bool = True  # write metrics.png after every round
     threads: PositiveInt | None = None  # torch intra-op threads (default: torch's choice)
+    # experiment trackers, any of tensorboard, mlflow, wandb (pip install 'fedtune[track]'): per-round and
+    # per-client metrics and the resolved config, written into the run directory (W&B offline)
+    trackers: list[Literal["tensorboard", "mlflow", "wandb"]] = Field(default_factory=list)
+
+    @model_validator(mode="after")
+    def _check(self) -> RunConfig:
+        if len(set(self.trackers)) != len(self.trackers):
+            raise ValueError(f"run.trackers lists a tracker twice: {self.trackers}")
+        return self
 
 
 class Config(Section):

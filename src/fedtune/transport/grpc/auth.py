@@ -24,9 +24,12 @@ from fedtune.errors import FedtuneError
 class AuthError(FedtuneError):
     """A caller that may not take part: no certificate CN, not on the allow list, or revoked."""
 
-    def __init__(self, message: str, code: grpc.StatusCode = grpc.StatusCode.PERMISSION_DENIED) -> None:
+    def __init__(
+        self, message: str, code: grpc.StatusCode = grpc.StatusCode.PERMISSION_DENIED, client_id: str = ""
+    ) -> None:
         super().__init__(message)
         self.code = code
+        self.client_id = client_id  # the certificate's CN, when there is one (for the dashboard's refusals)
 
 
 def read_revocations(path: Path) -> tuple[frozenset[str], frozenset[int]]:
@@ -88,14 +91,14 @@ class Authenticator:
             raise AuthError("no client certificate with a common name (CN)", grpc.StatusCode.UNAUTHENTICATED)
         cid = cns[0].decode("utf-8", "replace")
         if self.allowed is not None and cid not in self.allowed:
-            raise AuthError(f"client {cid!r} is not in this federation's deployment.allowed_clients")
+            raise AuthError(f"client {cid!r} is not in this federation's deployment.allowed_clients", client_id=cid)
         if self.revocation_list is not None:
             revoked = self._reload()
             if cid in revoked.names:
-                raise AuthError(f"the certificate of client {cid!r} has been revoked")
+                raise AuthError(f"the certificate of client {cid!r} has been revoked", client_id=cid)
             if revoked.serials:
                 pem = (auth.get("x509_pem_cert") or [b""])[0]
                 serial = x509.load_pem_x509_certificate(pem).serial_number if pem else None
                 if serial in revoked.serials:
-                    raise AuthError(f"certificate serial {serial:x} of client {cid!r} has been revoked")
+                    raise AuthError(f"certificate serial {serial:x} of client {cid!r} has been revoked", client_id=cid)
         return cid

@@ -81,6 +81,7 @@ class Registry:
         self._tasks: dict[str, Task] = {}  # open tasks by id
         self.closed = False
         self.shutdown_reason: dict[str, Any] = {}
+        self._refused: collections.deque[tuple[str, str, float]] = collections.deque(maxlen=100)
 
     # ------------------------------------------------------------------------------------ sessions
 
@@ -136,6 +137,15 @@ class Registry:
                     dead.append(session.client_id)
                     self._end(session, f"no heartbeat for {silent:.1f}s (presumed dead)")
             return dead
+
+    def refuse(self, who: str, reason: str) -> None:
+        """Remember a caller turned away (the last 100), for the dashboard: who, why, when (unix time)."""
+        with self._cond:
+            self._refused.append((who, reason, time.time()))
+
+    def refusals(self) -> list[tuple[str, str, float]]:
+        with self._cond:
+            return list(self._refused)
 
     def live(self) -> list[str]:
         with self._cond:

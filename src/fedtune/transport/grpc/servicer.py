@@ -65,6 +65,7 @@ class Servicer:
             return self.auth.identify(context)
         except AuthError as err:
             log.warning("refused %s: %s", context.peer(), err)
+            self.registry.refuse(err.client_id or context.peer(), str(err))
             context.abort(err.code, str(err))
             raise  # unreachable: abort raises
 
@@ -80,15 +81,15 @@ class Servicer:
     def Join(self, request: pb.JoinRequest, context: grpc.ServicerContext) -> pb.JoinReply:
         cid = self._who(context)
         if request.protocol != wire.PROTOCOL:
-            context.abort(
-                grpc.StatusCode.FAILED_PRECONDITION,
-                f"client speaks protocol {request.protocol}, this server speaks {wire.PROTOCOL}: upgrade fedtune",
-            )
+            reason = f"client speaks protocol {request.protocol}, this server speaks {wire.PROTOCOL}: upgrade fedtune"
+            self.registry.refuse(cid, reason)
+            context.abort(grpc.StatusCode.FAILED_PRECONDITION, reason)
         if self.registry.closed:
             context.abort(grpc.StatusCode.FAILED_PRECONDITION, "the federation has finished")
         try:
             session, rejoined = self.registry.join(cid)
         except UpdateRejected as err:
+            self.registry.refuse(cid, str(err))
             context.abort(grpc.StatusCode.RESOURCE_EXHAUSTED, str(err))
             raise
         log.info("client %s %s from %s", cid, "rejoined" if rejoined else "joined", context.peer())
