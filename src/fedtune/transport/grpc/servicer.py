@@ -170,22 +170,23 @@ class Servicer:
         if not self.slots.take(cid):
             return self._reject(cid, "", self._busy(cid))
         # the server's own deadline: a stalled upload frees its thread and slot whatever the client asked for
-        timer = threading.Timer(self.dep.upload_timeout_s, self._cancel_upload, (cid, context))
+        expired = threading.Event()
+        timer = threading.Timer(self.dep.upload_timeout_s, self._cancel_upload, (cid, context, expired))
         timer.daemon = True
         timer.start()
         try:
-            return self._push(cid, request_iterator)
+            return self._push(cid, request_iterator, expired)
         finally:
             timer.cancel()
             self.slots.give(cid)
 
-    def _cancel_upload(self, cid: str, context: grpc.ServicerContext) -> None:
-        log.warning(
-            "client %s: upload not complete within deployment.upload_timeout_s=%gs; cancelled",
-            cid,
-            self.dep.upload_timeout_s,
-        )
+    def _cancel_upload(self, cid: str, context: grpc.ServicerContext, expired: threading.Event) -> None:
+        log.warning("client %s: %s", cid, self._expired_reason())
+        expired.set()
         context.cancel()
+
+    def _expired_reason(self) -> str:
+        return f"upload not complete within deployment.upload_timeout_s={self.dep.upload_timeout_s:g}s; cancelled"
 
     def _admit(self, cid: str, admitted: list[Task]) -> wire.Admit:
         """The decoder's header check: the open task the header names, and the bytes its result may carry."""
@@ -210,18 +211,19 @@ class Servicer:
 
         return admit
 
-    def _push(self, cid: str, request_iterator: Iterator[bytes]) -> pb.PushReply:
+    def _push(self, cid: str, request_iterator: Iterator[bytes], expired: threading.Event) -> pb.PushReply:
         counted, admitted = _Counted(request_iterator), []
         try:
             payload = wire.decode(counted, self.limits, self._admit(cid, admitted))
         except wire.WireError as err:
+            reason = self._expired_reason() if expired.is_set() else str(err)
             if err.header is not None:
-                return self._reject(cid, err.header.task_id, str(err))
+                return self._reject(cid, err.header.task_id, reason)
             # Undecodable from the first byte, so it names no task; a participant works on one task at a
             # time, so it can only have meant the one it holds: fail that now rather than at the deadline.
-            return self._reject(cid, self.registry.only_open_task(cid), str(err))
+            return self._reject(cid, self.registry.only_open_task(cid), reason)
         except grpc.RpcError:  # cancelled: the client went away, or deployment.upload_timeout_s passed
-            reason = "upload cancelled before it was complete (connection lost or deployment.upload_timeout_s)"
+            reason = self._expired_reason() if expired.is_set() else "upload cancelled: the connection was lost"
             return self._reject(cid, admitted[0].task_id if admitted else "", reason)
         try:
             task = self.registry.claim(payload.header.task_id, cid)

@@ -152,6 +152,10 @@ def _parse_chunk(raw: bytes | pb.Chunk, index: int) -> pb.Chunk:
         raise WireError(f"message {index} is not a fedtune.v1.Chunk: {err or 'undecodable bytes'}") from None
 
 
+def _size(nbytes: int) -> str:
+    return f"{nbytes / 2**20:.1f} MiB" if nbytes >= 2**20 else f"{nbytes} bytes"
+
+
 def _check_metas(header: pb.Header, limit: int) -> list[tuple[str, np.dtype, tuple[int, ...], int]]:
     """(name, dtype, shape, nbytes) per tensor, after checking every field and the declared total against
     ``limit`` bytes. Each dimension is bounded on its own, so the exact product stays small: a leading zero
@@ -179,7 +183,7 @@ def _check_metas(header: pb.Header, limit: int) -> list[tuple[str, np.dtype, tup
         total += nbytes
         if total > limit:
             raise WireError(
-                f"payload of at least {total / 2**20:.1f} MiB exceeds the limit of {limit / 2**20:.1f} MiB "
+                f"payload of at least {_size(total)} exceeds the limit of {_size(limit)} "
                 "(deployment.max_message_mb, or the size of the task it answers)"
             )
         out.append((name, dtype, shape, nbytes))
