@@ -11,7 +11,7 @@ import grpc
 import numpy as np
 import pytest
 
-from _grpc_support import Heartbeats, RawClient, make_pki, wait_until
+from _grpc_support import Heartbeats, RawClient, make_pki
 from fedtune.config.deployment import DeploymentConfig
 from fedtune.core.messages import ClientFailure, ClientUpdate, FitInstruction
 from fedtune.transport.codecs import build_codec
@@ -181,7 +181,8 @@ def test_stalled_uploads_of_one_client_do_not_stop_the_honest_ones(start, pki, c
         replies = rnd.result()
         assert all(isinstance(replies[n], ClientUpdate) for n in honest)
         # the flooder's task failed when the server cancelled its first stalled upload at the deadline
-        assert isinstance(replies["client_007"], ClientFailure) and "upload_timeout_s=8s" in replies["client_007"].reason
+        flooded = replies["client_007"]
+        assert isinstance(flooded, ClientFailure) and "upload_timeout_s=8s" in flooded.reason
         # every stalled upload ends without the flooder's help: refused at once, or cancelled by the server
         for t in threads:
             t.join(240)
