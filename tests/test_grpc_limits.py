@@ -5,6 +5,11 @@ at deployment.upload_timeout_s) do not stop honest clients from completing a rou
 
 from __future__ import annotations
 
+import contextlib
+import os
+import resource
+import subprocess
+import sys
 import threading
 
 import grpc
@@ -207,3 +212,64 @@ def test_stalled_uploads_of_one_client_do_not_stop_the_honest_ones(start, pki, c
     )
     assert "upload_timeout_s=8s; cancelled" in caplog.text
     assert transport.servicer.slots.held("client_007") == 0
+
+
+_FLOODER = """
+import resource, socket, sys
+n, port = int(sys.argv[1]), int(sys.argv[2])
+hard = resource.getrlimit(resource.RLIMIT_NOFILE)[1]
+resource.setrlimit(resource.RLIMIT_NOFILE, (min(hard, n + 256), hard))
+held, failed = [], 0
+for _ in range(n):
+    try:
+        held.append(socket.create_connection(("127.0.0.1", port), timeout=10))  # TCP only: no TLS, no certificate
+    except OSError:
+        failed += 1
+print(f"OPEN {len(held)} FAILED {failed}", flush=True)
+sys.stdin.read()  # hold every socket until the test is done
+"""
+
+
+@contextlib.contextmanager
+def _fd_limit(headroom: int):
+    """This process's soft descriptor limit lowered to what it uses now plus ``headroom`` (restored after), so
+    that a flood larger than ``headroom`` would exhaust the server's descriptors if nothing shed it."""
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    in_use = len(os.listdir("/proc/self/fd"))
+    resource.setrlimit(resource.RLIMIT_NOFILE, (in_use + headroom, hard))
+    try:
+        yield
+    finally:
+        resource.setrlimit(resource.RLIMIT_NOFILE, (soft, hard))
+
+
+def test_a_flood_of_idle_connections_does_not_keep_honest_clients_out(start, pki):
+    """1,500 TCP connections that never start TLS, against a server with 400 spare descriptors: the server
+    caps connections (deployment.max_connections) and closes those that do not finish the handshake within
+    deployment.handshake_timeout_s, so honest clients join and complete a round while the flood is held."""
+    with _fd_limit(400):
+        transport = start(max_connections=100, handshake_timeout_s=2)
+        # certificates read now: under the flood, a descriptor for a file would be as scarce as for a socket
+        honest = {n: RawClient(transport.port, pki, n) for n in ("client_000", "client_001")}
+        flood = subprocess.Popen(
+            [sys.executable, "-c", _FLOODER, "1500", str(transport.port)],
+            stdin=subprocess.PIPE,
+            stdout=subprocess.PIPE,
+            text=True,
+        )
+        try:
+            opened = flood.stdout.readline()
+            assert opened.startswith("OPEN "), opened
+            for client in honest.values():
+                client.join(wait=True)  # retried by gRPC until the server has shed the flood
+            rnd = Round(transport.fit, [_fit(n) for n in honest])
+            for name, client in honest.items():
+                assert client.push(_update(client.pull_task(), name)).accepted
+            replies = rnd.result()
+            assert all(isinstance(replies[n], ClientUpdate) for n in honest)
+            assert flood.poll() is None  # the flood was held open the whole time
+            for client in honest.values():
+                client.close()
+        finally:
+            flood.kill()
+            flood.wait(10)
