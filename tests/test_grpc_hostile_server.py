@@ -9,6 +9,7 @@ import logging
 import os
 import time
 
+import numpy as np
 import pytest
 import yaml
 from rich.console import Console
@@ -16,9 +17,11 @@ from rich.console import Console
 from _grpc_support import make_pki
 from fedtune.config import parse_config
 from fedtune.config.deployment import DeploymentConfig
+from fedtune.core.messages import FitInstruction
 from fedtune.deploy.participant import trusted_config, worker_factory
 from fedtune.transport.grpc.auth import Authenticator, AuthError, RevocationListError
-from fedtune.transport.grpc.client import ClientTLS, Participant, ParticipantError
+from fedtune.errors import UpdateRejected
+from fedtune.transport.grpc.client import ClientTLS, Joined, Participant, ParticipantError
 from fedtune.transport.grpc.server import GrpcServerTransport, ServerTLS
 
 pytestmark = pytest.mark.timeout(120)
@@ -149,3 +152,16 @@ def test_on_reload_a_malformed_list_keeps_the_last_good_one(tmp_path, caplog):
     with pytest.raises(AuthError, match="revoked"):
         auth.identify(_Ctx("alice"))  # a fixed file is read again
     assert auth.identify(_Ctx("mallory")) == "mallory"
+
+
+def test_parameters_for_another_model_layout_are_refused_by_the_participant():
+    """What the server sends is checked against the model built here: the spec digest, then the length."""
+    config = parse_config({"model": CNN, "data": DATA, "client": {"local_steps": 1}, "run": {"threads": 1}})
+    joined = Joined("s", "alice", yaml.safe_dump(config.model_dump(mode="json")), 5.0, 0.5, None, None, {})  # type: ignore[arg-type]
+    worker = worker_factory("partition:client_000", console=Console(quiet=True))(joined)
+    params, digest = worker.current_params(), worker.view.spec.digest
+    train = config.client.model_dump()
+    with pytest.raises(UpdateRejected, match="differs from this client's"):
+        worker.fit(FitInstruction("alice", 1, params, "f" * 16, 0, train))
+    with pytest.raises((UpdateRejected, ValueError)):
+        worker.fit(FitInstruction("alice", 1, np.zeros(params.size + 1, np.float32), digest, 0, train))
