@@ -19,8 +19,8 @@ from fedtune.config import parse_config
 from fedtune.config.deployment import DeploymentConfig
 from fedtune.core.messages import FitInstruction
 from fedtune.deploy.participant import trusted_config, worker_factory
-from fedtune.transport.grpc.auth import Authenticator, AuthError, RevocationListError
 from fedtune.errors import UpdateRejected
+from fedtune.transport.grpc.auth import Authenticator, AuthError, RevocationListError
 from fedtune.transport.grpc.client import ClientTLS, Joined, Participant, ParticipantError
 from fedtune.transport.grpc.server import GrpcServerTransport, ServerTLS
 
