@@ -176,6 +176,9 @@ class Servicer:
         timer.start()
         try:
             return self._push(cid, request_iterator, expired)
+        except Exception as err:  # a defect of ours: logged in full here, the client gets a reason, not a traceback
+            log.exception("internal error handling a result from client %s", cid)
+            return self._reject(cid, "", f"internal error on the server ({type(err).__name__}); see its log")
         finally:
             timer.cancel()
             self.slots.give(cid)
