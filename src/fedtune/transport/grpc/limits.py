@@ -33,7 +33,10 @@ def server_options(dep: DeploymentConfig) -> list[tuple[str, int]]:
         ("grpc.keepalive_permit_without_calls", 1),  # clients ping while they train, between calls
         ("grpc.http2.max_pings_without_data", 0),  # our keepalive pings go on while a connection is quiet
         ("grpc.http2.min_recv_ping_interval_without_data_ms", 5000),  # clients ping every 10s
-        ("grpc.http2.max_ping_strikes", 2),  # a client pinging faster than that is disconnected
+        # unlimited strikes, as before: gRPC's own flow-control (BDP) pings could count as strikes and get an
+        # honest client's connection closed mid-round (ENHANCE_YOUR_CALM "too_many_pings"); a ping flood from
+        # an enrolled client costs CPU only (docs/THREATS.md, "What is not defended")
+        ("grpc.http2.max_ping_strikes", 0),
         # streams per connection: an honest client has a poll or an upload, a heartbeat and maybe a stale poll
         ("grpc.max_concurrent_streams", dep.max_streams_per_client + 4),
     ]
