@@ -16,7 +16,7 @@ import grpc
 import numpy as np
 import pytest
 
-from _grpc_support import Heartbeats, RawClient, make_pki
+from _grpc_support import Heartbeats, RawClient, make_pki, wait_until
 from fedtune.config.deployment import DeploymentConfig
 from fedtune.core.messages import ClientFailure, ClientUpdate, FitInstruction
 from fedtune.transport.codecs import build_codec
@@ -276,3 +276,56 @@ def test_a_flood_of_idle_connections_does_not_keep_honest_clients_out(start, pki
         finally:
             flood.kill()
             flood.wait(10)
+
+
+def test_a_participant_waits_out_a_server_at_its_call_limit(start, pki):
+    """Calls beyond deployment.max_concurrent_rpcs are refused by gRPC (RESOURCE_EXHAUSTED): a participant
+    retries them instead of giving up, and joins once the calls holding the server end."""
+    import io
+
+    from rich.console import Console
+
+    from fedtune.transport.grpc.client import ClientTLS, Participant
+
+    transport = start(max_concurrent_rpcs=2, max_streams_per_client=3)
+    flooder = RawClient(transport.port, pki, "client_007")
+    release, outcomes = threading.Event(), []
+
+    def nothing():  # a request stream that sends no message until released
+        release.wait(300)
+        yield from ()
+
+    def stall_without_sending():
+        push = flooder.channel.stream_unary("/fedtune.v1.Federation/Push", None, pb.PushReply.FromString)
+        try:
+            push(nothing(), timeout=300)
+        except grpc.RpcError as err:
+            outcomes.append(err.code().name)
+
+    stalls = [threading.Thread(target=stall_without_sending, daemon=True) for _ in range(2)]
+    for t in stalls:
+        t.start()
+    wait_until(lambda: transport.servicer.slots.held("client_007") == 2, 60, "both stalls to hold the server")
+
+    out = io.StringIO()
+    console = Console(file=out, width=200)
+    tls = ClientTLS.from_paths(pki / "ca.pem", pki / "clients/client_000.pem", pki / "clients/client_000.key")
+    participant = Participant(
+        f"127.0.0.1:{transport.port}",
+        tls,
+        make_worker=lambda joined: object(),
+        reconnect_timeout_s=120,
+        console=console,
+    )
+    codes = []
+    runner = threading.Thread(target=lambda: codes.append(participant.run()), daemon=True)
+    runner.start()
+    wait_until(lambda: "retrying" in out.getvalue(), 60, "the participant to be refused and retry")
+    assert runner.is_alive() and transport.registry.live() == []
+    flooder.close()  # the stalled calls end: the server has room again
+    wait_until(lambda: transport.registry.live() == ["client_000"], 60, "the participant to join")
+    transport.close(reason="done")
+    runner.join(60)
+    release.set()
+    assert codes == [0], out.getvalue()
+    assert "retrying" in out.getvalue() and "refused" not in out.getvalue()

@@ -195,7 +195,8 @@ class Participant:
                 break
             except grpc.RpcError as err:
                 details = (err.details() or "").lower()
-                if err.code() in _FATAL:
+                shedding = "concurrent rpc limit" in details  # the server is busy (max_concurrent_rpcs), not full
+                if err.code() in _FATAL and not shedding:
                     raise self._refused(err) from None
                 waited = time.monotonic() - started
                 tls_fatal = any(w in details for w in _TLS_WORDS) and not any(w in details for w in _TRANSIENT_WORDS)
