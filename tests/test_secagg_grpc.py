@@ -113,8 +113,8 @@ class _WireSpy:
         self.seen: list[tuple[int, dict[str, tuple[str, tuple]]]] = []
         decode = wire.decode
 
-        def spying(messages, limits):
-            payload = decode(messages, limits)
+        def spying(messages, limits, admit=None):
+            payload = decode(messages, limits, admit)
             tensors = {k: (v.dtype.str, v.shape) for k, v in payload.tensors.items()}
             self.seen.append((payload.header.kind, tensors))
             return payload

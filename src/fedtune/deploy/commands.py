@@ -76,7 +76,11 @@ def client_cmd(
     cert: Annotated[Path, typer.Option(help="This client's certificate (PEM); its CN is the client id.")],
     key: Annotated[Path, typer.Option(help="This client's private key (PEM).")],
     config: Annotated[
-        Path | None, typer.Option(help="Your copy of the federation config: refuse a server that differs.")
+        Path | None,
+        typer.Option(
+            help="Your copy of the federation config: refuse a server that differs; needed for any model that is "
+            "not built in (the participant never runs code the server names)."
+        ),
     ] = None,
     server_name: Annotated[
         str | None, typer.Option(help="Name to check in the server certificate, if not the HOST dialled.")

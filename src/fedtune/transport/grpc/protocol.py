@@ -140,6 +140,22 @@ def failure_payload(reason: str, *, task_id: str, round_idx: int, session: str) 
     return Payload(header, {"reason": reason[:2000]})
 
 
+RESULT_SLACK = 64 * 1024  # small extras (DP's clipping bit), int8 scales, codec headroom
+
+
+def result_budget(task_kind: int, numel: int, limit: int) -> int:
+    """The most tensor bytes a result to a task of ``task_kind`` (over ``numel`` parameters) can need, known
+    before its body is read: the server allocates no more. A fit result is the update in its largest
+    encoding (topk at fraction 1: a uint32 index and a float32 value per entry) plus one float32 per
+    parameter of strategy extras (SCAFFOLD's dc); an evaluation result is scalars only; a SecAgg message's
+    size depends on the cohort, so it is bounded by ``limit`` (deployment.max_message_mb) alone."""
+    if task_kind == pb.FIT:
+        return min(limit, 12 * numel + RESULT_SLACK)
+    if task_kind == pb.EVALUATE:
+        return 0
+    return limit
+
+
 def _int(scalars: dict[str, Any], key: str, who: str) -> int:
     value = scalars.get(key)
     if not isinstance(value, int) or isinstance(value, bool):
