@@ -122,7 +122,6 @@ def test_grpc_and_inprocess_give_the_same_global_model(tmp_path, pki, procs, sha
 
 
 @pytest.mark.slow  # arrival-order dependent until the order-fixed fold (branch h13agg, issue #13 item 7) lands
-
 def test_server_killed_with_sigkill_resumes_and_loses_nothing(tmp_path, pki, procs, shared):
     """The same configuration over gRPC, with the server SIGKILLed mid-run and resumed, ends with the
     global model of the uninterrupted in-process simulation: the transport changes nothing, and nothing
