@@ -18,11 +18,12 @@ import torch
 from rich.console import Console
 
 from fedtune.client.hooks import LoraResidual
+from fedtune.config.load import parse_config
 from fedtune.config.schema import Config
 from fedtune.core.state import ServerState
 from fedtune.run import rundir
 from fedtune.run.artifacts import global_extras
-from fedtune.run.objects import Objects, as_config, check_objects, object_config, prepare_objects
+from fedtune.run.objects import Objects, check_objects, object_config, prepare_objects, raw_config
 from fedtune.run.session import RunResult
 from fedtune.run.session import simulate as run_simulation
 from fedtune.tasks.python import EvalFn, LossFn
@@ -67,10 +68,10 @@ def simulate(
     """
     if config is None and resume is None:
         raise TypeError("simulate() needs a config (a path, a dict or a Config), or resume=RUN_DIR")
-    base = as_config(config if config is not None else Path(resume) / rundir.CONFIG)  # type: ignore[operator]
+    raw = raw_config(config if config is not None else Path(resume) / rundir.CONFIG)  # type: ignore[operator]
     objects = Objects(model=model, datasets=datasets, tokenizer=tokenizer, loss=loss, evaluate=evaluate)
     uses_objects = model is not None or datasets is not None
-    cfg = object_config(base, objects) if uses_objects else base
+    cfg = object_config(raw, objects) if uses_objects else parse_config(raw, source="the config")
     console = Console(quiet=True) if quiet else Console()
     if uses_objects:
         check_objects(cfg, objects)

@@ -21,7 +21,7 @@ from typing import Any
 import torch
 from rich.console import Console
 
-from fedtune.config.load import load_config, parse_config
+from fedtune.config.load import parse_config, read_yaml
 from fedtune.config.schema import PYTHON_MODEL_PREFIX, Config
 from fedtune.core.rng import derive_rng, derive_seed
 from fedtune.data import partition as part
@@ -52,13 +52,14 @@ class Objects:
 # --------------------------------------------------------------------------------------------- config
 
 
-def as_config(config: str | Path | Mapping | Config | None) -> Config:
-    """A config file path, a nested dict, or a Config; None is every default."""
+def raw_config(config: str | Path | Mapping | Config | None) -> dict:
+    """A config file path, a nested dict, or a Config, as a nested dict (validated once the objects are in:
+    a config without a data section must not fail for the default data source it would otherwise get)."""
     if isinstance(config, Config):
-        return config
+        return config.model_dump(mode="json")
     if config is None or isinstance(config, Mapping):
-        return parse_config(dict(config or {}), source="<dict>")
-    return load_config(config)
+        return copy.deepcopy(dict(config or {}))
+    return read_yaml(config)
 
 
 def model_kind(model: torch.nn.Module) -> str:
@@ -75,23 +76,22 @@ def model_kind(model: torch.nn.Module) -> str:
     raise ModelError(f"a Hugging Face {name} is neither a causal LM nor a sequence classifier; wrap it in an nn.Module")
 
 
-def object_config(config: Config, objects: Objects) -> Config:
-    """``config`` with what the objects replace: the model section names the model object's class, the data
-    section says the data came from Python."""
-    data = config.model_dump(mode="json")
+def object_config(data: dict, objects: Objects) -> Config:
+    """The config ``data`` describes, with what the objects replace: the model section names the model
+    object's class, the data section says the data came from Python."""
+    data = copy.deepcopy(data)
     if objects.model is not None:
         kind = model_kind(objects.model)
-        model = {**data["model"], "kind": kind, "name": f"{PYTHON_MODEL_PREFIX}{type(objects.model).__name__}"}
+        model = {**data.get("model", {}), "kind": kind, "name": f"{PYTHON_MODEL_PREFIX}{type(objects.model).__name__}"}
         if kind == "module":
             model.update(factory=None, factory_kwargs={}, lora=None)  # full-parameter exchange
         data["model"] = model
     if objects.datasets is not None:
-        if data["data"].get("path"):
-            raise ConfigError(
-                f"data.path {data['data']['path']!r} and datasets= both name the data: give only one of them"
-            )
-        data["data"] = {**data["data"], "source": "python"}
-    return parse_config(data, source="the config with the Python objects")
+        section = data.get("data") or {}
+        if section.get("path"):
+            raise ConfigError(f"data.path {section['path']!r} and datasets= both name the data: give only one")
+        data["data"] = {**section, "source": "python"}
+    return parse_config(data, source="the config given to fedtune.simulate")
 
 
 # --------------------------------------------------------------------------------------------- data

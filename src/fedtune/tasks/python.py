@@ -43,8 +43,14 @@ def as_record(item: Any) -> Any:
 
 
 def _tensor_or_value(value: Any) -> Any:
+    # floats become float32 (what a module's parameters are; default_collate would make Python floats float64)
+    if isinstance(value, float):
+        return torch.tensor(value, dtype=torch.float32)
     if isinstance(value, np.ndarray) or (isinstance(value, list) and value and isinstance(value[0], int | float)):
-        return torch.as_tensor(np.asarray(value))
+        array = np.asarray(value)
+        return torch.as_tensor(array.astype(np.float32) if array.dtype == np.float64 else array)
+    if isinstance(value, torch.Tensor) and value.dtype == torch.float64:
+        return value.float()
     return value
 
 
