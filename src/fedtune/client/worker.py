@@ -19,6 +19,7 @@ import numpy as np
 import torch
 
 from fedtune.client.hooks import LoraResidual
+from fedtune.client.schedule import ROUNDS_OPTION
 from fedtune.client.train import WHOLE_BATCH, BatchLoss, LocalHooks, LocalResult, local_train
 from fedtune.client.weights import TrainableView
 from fedtune.config.schema import ClientConfig
@@ -112,6 +113,7 @@ class ClientWorker:
             client_id=instr.client_id,
             hooks=hooks,
             batch_loss=batch_loss,
+            rounds=instr.options.get(ROUNDS_OPTION),
         )
 
     def fit(self, instr: FitInstruction) -> ClientUpdate:

@@ -129,6 +129,13 @@ class ClientConfig(Section):
     # FedProx system heterogeneity (Li et al. 2020): this share of sampled clients are stragglers that stop
     # after a seeded random number of steps in [1, local_steps) and still send their partial work
     straggler_fraction: Annotated[float, Field(ge=0, le=1)] = 0.0
+    # transformers.TrainingArguments' names. The schedule spans the client's local steps over the whole
+    # federation (federation.rounds x steps per round), so its position carries across rounds.
+    lr_scheduler_type: Literal["constant", "constant_with_warmup", "linear", "cosine"] = "constant"
+    warmup_steps: Annotated[int, Field(ge=0)] = 0  # linear warmup over this many of those steps
+    warmup_ratio: Annotated[float, Field(ge=0, lt=1)] = 0.0  # or over this share of them (not both)
+    gradient_accumulation_steps: PositiveInt = 1  # micro-batches of batch_size per optimizer step
+    gradient_checkpointing: bool = False  # recompute activations in backward (Hugging Face models only)
 
     @model_validator(mode="before")
     @classmethod
@@ -140,6 +147,10 @@ class ClientConfig(Section):
         # the straggler's step budget is drawn before training, when only local_steps fixes the total
         if self.straggler_fraction > 0 and self.local_steps is None:
             raise ValueError("client.straggler_fraction needs client.local_steps (not local_epochs)")
+        if self.warmup_steps and self.warmup_ratio:
+            raise ValueError("set only one of client.warmup_steps and client.warmup_ratio")
+        if (self.warmup_steps or self.warmup_ratio) and self.lr_scheduler_type == "constant":
+            raise ValueError("client.lr_scheduler_type 'constant' has no warmup: use 'constant_with_warmup'")
         return self
 
 
@@ -230,5 +241,14 @@ class Config(Section):
         # (python: a dict of datasets is one client per entry; one dataset to partition is refused at build)
         if self.data.partition.kind == "natural" and self.data.source not in {"shakespeare", "text", "python"}:
             raise ValueError(f"data.source {self.data.source!r} has no natural clients: set data.partition.kind")
+        if self.client.gradient_checkpointing and self.model.kind == "module":
+            raise ValueError(
+                "client.gradient_checkpointing needs a Hugging Face model (model.kind causal_lm or classification)"
+            )
+        if self.privacy.dpsgd is not None and self.client.gradient_accumulation_steps > 1:
+            raise ValueError(
+                "privacy.dpsgd clips and noises each step's per-example gradients of one batch: "
+                "use a larger client.batch_size instead of client.gradient_accumulation_steps"
+            )
         check_privacy_rules(self)  # DP needs uniform weights; SecAgg/DP need a linear aggregator; DP-SGD batching
         return self

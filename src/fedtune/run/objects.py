@@ -32,7 +32,7 @@ from fedtune.errors import ConfigError, DataError, ModelError
 from fedtune.models.lora import apply_lora
 from fedtune.run.session import Prepared, prepare_worker
 from fedtune.tasks.base import Task
-from fedtune.tasks.build import build_run_task
+from fedtune.tasks.build import build_run_task, enable_gradient_checkpointing
 from fedtune.tasks.python import EvalFn, LossFn, PythonTask
 
 HELD_OUT_KEYS = frozenset({"train", "test"})
@@ -228,6 +228,8 @@ def object_task(config: Config, objects: Objects, num_labels: int | None, cache_
                 task_type=kind,
                 freeze_a=config.server.lora_aggregation == "ffa",
             )
+    if config.client.gradient_checkpointing:
+        enable_gradient_checkpointing(model)
     model.train()
     task_cls = CausalLMTask if kind == "causal_lm" else ClassificationTask
     return task_cls(model, objects.tokenizer, config.model.max_length, config.model.compute_dtype)
