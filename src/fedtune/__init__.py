@@ -1,7 +1,8 @@
 """fedtune: federated fine-tuning of language models with LoRA adapters.
 
 The Python API (docs/PYTHON_API.md): ``fedtune.simulate`` runs a simulated federation from a config and,
-optionally, your own model, datasets, loss and evaluation.
+optionally, your own model, datasets, loss and evaluation; ``fedtune.participate`` federates your own
+training loop (in simulation, or against ``fedtune server`` over gRPC).
 """
 
 from __future__ import annotations
@@ -9,19 +10,24 @@ from __future__ import annotations
 from typing import TYPE_CHECKING, Any
 
 __version__ = "0.1.0"
-__all__ = ["Config", "SimulationResult", "simulate"]
+__all__ = ["Config", "Job", "SimulationResult", "participate", "simulate"]
 
 if TYPE_CHECKING:
-    from fedtune.api import SimulationResult, simulate
+    from fedtune.api import SimulationResult, participate, simulate
+    from fedtune.client.external import Job
     from fedtune.config.schema import Config
 
 
 def __getattr__(name: str) -> Any:
     # imported on first use: `import fedtune` (and every CLI start) stays free of torch and transformers
-    if name in ("simulate", "SimulationResult"):
+    if name in ("simulate", "participate", "SimulationResult"):
         from fedtune import api
 
         return getattr(api, name)
+    if name == "Job":
+        from fedtune.client.external import Job
+
+        return Job
     if name == "Config":
         from fedtune.config.schema import Config
 

@@ -76,9 +76,10 @@ def model_kind(model: torch.nn.Module) -> str:
     raise ModelError(f"a Hugging Face {name} is neither a causal LM nor a sequence classifier; wrap it in an nn.Module")
 
 
-def object_config(data: dict, objects: Objects) -> Config:
+def object_config(data: dict, objects: Objects, *, python_data: bool = False) -> Config:
     """The config ``data`` describes, with what the objects replace: the model section names the model
-    object's class, the data section says the data came from Python."""
+    object's class, the data section says the data came from Python (``python_data``: they stay in the
+    user's own training loop)."""
     data = copy.deepcopy(data)
     if objects.model is not None:
         kind = model_kind(objects.model)
@@ -86,7 +87,7 @@ def object_config(data: dict, objects: Objects) -> Config:
         if kind == "module":
             model.update(factory=None, factory_kwargs={}, lora=None)  # full-parameter exchange
         data["model"] = model
-    if objects.datasets is not None:
+    if objects.datasets is not None or python_data:
         section = data.get("data") or {}
         if section.get("path"):
             raise ConfigError(f"data.path {section['path']!r} and datasets= both name the data: give only one")
@@ -205,16 +206,19 @@ def _as_text_records(fed: FederatedData, kind: str) -> FederatedData:
 # --------------------------------------------------------------------------------------------- model
 
 
-def object_task(config: Config, objects: Objects, num_labels: int | None, cache_dir: Path) -> Task:
-    """The task over a copy of the user's model (their object is never changed), or the config's model."""
+def object_task(
+    config: Config, objects: Objects, num_labels: int | None, cache_dir: Path, *, in_place: bool = False
+) -> Task:
+    """The task over a copy of the user's model (their object is never changed), or the config's model.
+    ``in_place``: train the user's object itself (their own loop holds it and its optimizer), no tokenizer."""
     if objects.model is None:
         return build_run_task(config, num_labels=num_labels, cache_dir=cache_dir)
-    model = copy.deepcopy(objects.model)
+    model = objects.model if in_place else copy.deepcopy(objects.model)
     kind = config.model.kind
     if kind == "module":
         model.train()
         return PythonTask(model, loss=objects.loss, evaluate=objects.evaluate)
-    if objects.tokenizer is None:
+    if objects.tokenizer is None and not in_place:
         raise ModelError(f"a Hugging Face {type(model).__name__} needs its tokenizer: pass tokenizer=")
     from fedtune.tasks.causal_lm import CausalLMTask
     from fedtune.tasks.classification import ClassificationTask
