@@ -104,6 +104,19 @@ class ClientWorker:
         self, instr: FitInstruction, cfg: ClientConfig, hooks: LocalHooks, *, batch_loss: BatchLoss = WHOLE_BATCH
     ) -> LocalResult:
         """The local training of ``instr``'s client on its examples (data-parallel ranks pass their batch loss)."""
+        if cfg.trainer == "hf":
+            from fedtune.client.hf_trainer import hf_local_train
+
+            return hf_local_train(
+                self.task,
+                self.examples(instr.client_id, train=True),
+                cfg,
+                seed=instr.seed,
+                round_idx=instr.round,
+                client_id=instr.client_id,
+                hooks=hooks,
+                rounds=instr.options.get(ROUNDS_OPTION),
+            )
         return local_train(
             self.task,
             self.examples(instr.client_id, train=True),

@@ -136,6 +136,8 @@ class ClientConfig(Section):
     warmup_ratio: Annotated[float, Field(ge=0, lt=1)] = 0.0  # or over this share of them (not both)
     gradient_accumulation_steps: PositiveInt = 1  # micro-batches of batch_size per optimizer step
     gradient_checkpointing: bool = False  # recompute activations in backward (Hugging Face models only)
+    # builtin: fedtune's local loop; hf: transformers.Trainer from TrainingArguments built from this section
+    trainer: Literal["builtin", "hf"] = "builtin"
 
     @model_validator(mode="before")
     @classmethod
@@ -244,6 +246,19 @@ class Config(Section):
         if self.client.gradient_checkpointing and self.model.kind == "module":
             raise ValueError(
                 "client.gradient_checkpointing needs a Hugging Face model (model.kind causal_lm or classification)"
+            )
+        in_loop = {
+            "server.proximal_mu (FedProx)": self.server.proximal_mu > 0,
+            "server.scaffold": self.server.scaffold,
+            "privacy.dpsgd": self.privacy.dpsgd is not None,
+            "client.straggler_fraction": self.client.straggler_fraction > 0,
+            "server.lora_aggregation 'flora'": self.server.lora_aggregation == "flora",
+        }
+        needs_loop = [key for key, on in in_loop.items() if on]
+        if self.client.trainer == "hf" and needs_loop:
+            raise ValueError(
+                f"client.trainer 'hf' runs transformers.Trainer's own loop, but {', '.join(needs_loop)} acts inside "
+                "fedtune's built-in loop: use client.trainer 'builtin'"
             )
         if self.privacy.dpsgd is not None and self.client.gradient_accumulation_steps > 1:
             raise ValueError(

@@ -1,0 +1,87 @@
+"""client.trainer: hf (transformers.Trainer runs the local round) and fedtune.federate(trainer)."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import pytest
+import torch
+
+from fedtune.client.hf_trainer import hf_local_train
+from fedtune.client.train import LocalHooks, local_train
+from fedtune.config import parse_config
+from fedtune.config.schema import ClientConfig
+from fedtune.errors import ConfigError
+from fedtune.tasks.python import PythonTask
+
+CACHE = Path(os.environ.get("FEDTUNE_TEST_MODEL_CACHE", Path.home() / ".cache" / "fedtune"))
+
+
+def _trained(train, **client: object) -> tuple[torch.Tensor, object]:
+    g = torch.Generator().manual_seed(0)
+    x, y = torch.randn(24, 3, generator=g), torch.randint(0, 3, (24,), generator=g)
+    torch.manual_seed(1)
+    task = PythonTask(torch.nn.Linear(3, 3))
+    cfg = ClientConfig(**{"local_steps": 5, "lr": 0.2, "lr_scheduler_type": "cosine", "warmup_steps": 3, **client})
+    examples = task.encode(list(zip(x, y, strict=True)), train=True)
+    result = train(task, examples, cfg, seed=0, round_idx=2, client_id="a", hooks=LocalHooks(), rounds=3)
+    return torch.cat([p.detach().flatten() for p in task.module.parameters()]), result
+
+
+@pytest.mark.parametrize("optimizer", ["sgd", "adamw"])
+def test_trainer_round_equals_the_builtin_loop_on_full_batches(optimizer: str) -> None:
+    # full batches make the data order irrelevant: what is left is the optimizer, schedule position and clipping
+    ours, a = _trained(local_train, full_batch=True, optimizer=optimizer, max_grad_norm=0.5)
+    hf, b = _trained(hf_local_train, full_batch=True, optimizer=optimizer, max_grad_norm=0.5)
+    assert torch.allclose(ours, hf, atol=1e-5) and a.steps == b.steps == 5
+    assert b.train_loss == pytest.approx(a.train_loss, rel=1e-4)
+    other, _ = _trained(
+        hf_local_train, full_batch=True, optimizer=optimizer, max_grad_norm=0.5, lr_scheduler_type="linear"
+    )
+    assert not torch.allclose(other, hf, atol=1e-4)  # the schedule is applied
+
+
+def test_trainer_accumulates_like_the_builtin_loop() -> None:
+    _, result = _trained(hf_local_train, batch_size=4, gradient_accumulation_steps=3)
+    assert result.steps == 5
+
+
+def test_what_needs_the_builtin_loop_is_refused() -> None:
+    with pytest.raises(ConfigError, match="FedProx"):
+        parse_config({"client": {"trainer": "hf"}, "server": {"proximal_mu": 0.1}})
+    with pytest.raises(ConfigError, match=r"server\.scaffold"):
+        parse_config({"client": {"trainer": "hf"}, "server": {"scaffold": True}})
+
+
+@pytest.mark.slow  # a Trainer per client per round on a tiny Llama: tens of seconds on a loaded CPU
+@pytest.mark.timeout(300)
+def test_config_driven_run_with_the_hf_trainer(tmp_path: Path) -> None:
+    from rich.console import Console
+
+    from fedtune.run.session import simulate
+
+    corpus = tmp_path / "corpus"
+    corpus.mkdir()
+    for c in range(3):
+        (corpus / f"s{c}.txt").write_text("\n\n".join(["the cat sat on the mat and looked at the dog"] * 12))
+    config = parse_config(
+        {
+            "model": {"name": "tiny-llama", "max_length": 16, "lora": {"r": 2, "alpha": 4}},
+            "data": {"source": "text", "path": str(corpus)},
+            "federation": {"rounds": 2, "clients_per_round": 2},
+            "client": {
+                "trainer": "hf",
+                "local_steps": 4,
+                "batch_size": 4,
+                "lr": 0.05,
+                "lr_scheduler_type": "linear",
+                "warmup_ratio": 0.25,
+                "gradient_accumulation_steps": 2,
+            },
+            "run": {"out_dir": str(tmp_path / "runs"), "plot": False},
+        }
+    )
+    result = simulate(config, console=Console(quiet=True), show_progress=False)
+    final = result.rounds[-1]
+    assert final["clients_ok"] == 2 and final["eval_perplexity"] < result.baseline["eval_perplexity"]
