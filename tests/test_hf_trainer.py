@@ -85,3 +85,57 @@ def test_config_driven_run_with_the_hf_trainer(tmp_path: Path) -> None:
     result = simulate(config, console=Console(quiet=True), show_progress=False)
     final = result.rounds[-1]
     assert final["clients_ok"] == 2 and final["eval_perplexity"] < result.baseline["eval_perplexity"]
+
+
+def _peft_tiny_llama() -> tuple[torch.nn.Module, object]:
+    from peft import LoraConfig, get_peft_model
+
+    from fedtune.models.hub import load_causal_lm
+
+    model, tokenizer = load_causal_lm("tiny-llama", CACHE)
+    return get_peft_model(model, LoraConfig(r=2, lora_alpha=4, target_modules=["q_proj", "v_proj"])), tokenizer
+
+
+@pytest.mark.timeout(300)
+def test_federate_a_trainer_exchanges_its_adapter_and_learns(tmp_path: Path) -> None:
+    import datasets
+    from transformers import Trainer, TrainingArguments, default_data_collator
+
+    import fedtune
+
+    model, tokenizer = _peft_tiny_llama()
+
+    def site(text: str, n: int) -> datasets.Dataset:
+        ids = tokenizer(text)["input_ids"][:12]
+        ids = ids + [tokenizer.eos_token_id] * (12 - len(ids))
+        return datasets.Dataset.from_dict(
+            {"input_ids": [ids] * n, "attention_mask": [[1] * 12] * n, "labels": [ids] * n}
+        )
+
+    args = TrainingArguments(
+        output_dir=str(tmp_path / "trainer"),
+        max_steps=3,
+        per_device_train_batch_size=2,
+        learning_rate=0.05,
+        use_cpu=True,
+        report_to=[],
+        save_strategy="no",
+        disable_tqdm=True,
+    )
+    trainer = Trainer(model=model, args=args, data_collator=default_data_collator)
+    frozen = {n: p.detach().clone() for n, p in model.named_parameters() if not p.requires_grad}
+    sites = {
+        "a": {"train": site("the cat sat on the mat", 8), "test": site("the cat sat on the mat", 4)},
+        "b": {"train": site("a dog ran in the park", 6), "test": site("a dog ran in the park", 4)},
+    }
+    config = {"federation": {"rounds": 2, "clients_per_round": 2}, "run": {"out_dir": str(tmp_path), "plot": False}}
+    result = fedtune.federate(trainer, config, datasets=sites, quiet=True)
+    adapter = sum(p.numel() for n, p in model.named_parameters() if p.requires_grad)
+    assert result.state.spec.numel == adapter and all("lora_" in n for n in result.state.spec.names)
+    assert all(torch.equal(frozen[n], p) for n, p in model.named_parameters() if not p.requires_grad)
+    assert [r["clients_ok"] for r in result.metrics[1:]] == [2, 2]
+    assert result.final["eval_loss"] < result.metrics[0]["eval_loss"]  # the trainers' own evaluation, pooled
+    with pytest.raises(ConfigError, match="naive"):
+        fedtune.federate(trainer, {**config, "server": {"lora_aggregation": "fedex"}}, datasets=sites, quiet=True)
+    with pytest.raises(ConfigError, match="FedProx"):
+        fedtune.federate(trainer, {**config, "server": {"proximal_mu": 0.1}}, datasets=sites, quiet=True)

@@ -10,17 +10,17 @@ from __future__ import annotations
 from typing import TYPE_CHECKING, Any
 
 __version__ = "0.1.0"
-__all__ = ["Config", "Job", "SimulationResult", "participate", "simulate"]
+__all__ = ["Config", "Job", "SimulationResult", "federate", "participate", "simulate"]
 
 if TYPE_CHECKING:
-    from fedtune.api import SimulationResult, participate, simulate
+    from fedtune.api import SimulationResult, federate, participate, simulate
     from fedtune.client.external import Job
     from fedtune.config.schema import Config
 
 
 def __getattr__(name: str) -> Any:
     # imported on first use: `import fedtune` (and every CLI start) stays free of torch and transformers
-    if name in ("simulate", "participate", "SimulationResult"):
+    if name in ("simulate", "participate", "federate", "SimulationResult"):
         from fedtune import api
 
         return getattr(api, name)

@@ -125,6 +125,7 @@ def participate(
     server_name: str | None = None,
     reconnect_timeout_s: float = 300.0,
     quiet: bool = False,
+    _as_is: bool = False,
 ) -> Participation:
     """Federate your own training loop: ``for job in fedtune.participate(...): train(job.model);
     job.send(num_examples)``. Each job holds the global model of its round (``job.model``, trained in place).
@@ -141,13 +142,15 @@ def participate(
     figures when the server asks (none are reported without it).
     """
     if server is None:
-        return _simulated(config, model, clients, evaluate, resume, quiet)
+        return _simulated(config, model, clients, evaluate, resume, quiet, _as_is)
     if clients is not None or resume is not None:
         raise TypeError("clients= and resume= are for simulation; over gRPC the server decides both")
-    return _networked(server, config, model, evaluate, ca, cert, key, server_name, reconnect_timeout_s, quiet)
+    return _networked(server, config, model, evaluate, ca, cert, key, server_name, reconnect_timeout_s, quiet, _as_is)
 
 
-def _simulated(config: Any, model: Any, clients: Any, evaluate: Any, resume: Any, quiet: bool) -> Participation:
+def _simulated(
+    config: Any, model: Any, clients: Any, evaluate: Any, resume: Any, quiet: bool, as_is: bool
+) -> Participation:
     if config is None and resume is None:
         raise TypeError("participate() in simulation needs a config (a path, a dict or a Config), or resume=RUN_DIR")
     if clients is None:
@@ -155,14 +158,14 @@ def _simulated(config: Any, model: Any, clients: Any, evaluate: Any, resume: Any
     ids = client_ids(clients) if isinstance(clients, int) else [str(c) for c in clients]
     raw = raw_config(config if config is not None else Path(resume) / rundir.CONFIG)
     objects = Objects(model=model)
-    cfg = object_config(raw, objects, python_data=True)
+    cfg = object_config(raw, objects, python_data=True, as_is=as_is)
     check_external(cfg)
     check_objects(cfg, Objects(model=model, datasets=ids))  # in-process only; the model matches a resumed run
     console = Console(quiet=True) if quiet else Console()
 
     def prepare_fn(workers: Config, shown: Console) -> Prepared:
         cache_dir = default_cache_dir(workers.data.cache_dir)
-        task = object_task(workers, objects, workers.model.num_labels, cache_dir, in_place=True)
+        task = object_task(workers, objects, workers.model.num_labels, cache_dir, in_place=True, as_is=as_is)
         worker = ExternalWorker(
             task,
             ids,
@@ -197,6 +200,7 @@ def _networked(
     server_name: str | None,
     reconnect_timeout_s: float,
     quiet: bool,
+    as_is: bool,
 ) -> Participation:
     import yaml
 
@@ -217,7 +221,7 @@ def _networked(
             check_external(cfg)
             cache_dir = default_cache_dir(cfg.data.cache_dir)
             num_labels = cfg.model.num_labels or joined.extra.get("num_labels")
-            task = object_task(cfg, Objects(model=model), num_labels, cache_dir, in_place=True)
+            task = object_task(cfg, Objects(model=model), num_labels, cache_dir, in_place=True, as_is=as_is)
             return ExternalWorker(
                 task,
                 [joined.client_id],
@@ -248,3 +252,10 @@ def _networked(
 
     participation: Participation = Participation(target, stop=participant.channel.close)
     return participation
+
+
+def federate(trainer: Any, config: str | Path | Mapping | Config | None = None, **kwargs: Any) -> Any:
+    """Federate a ``transformers.Trainer`` / TRL ``SFTTrainer`` (see ``fedtune.run.federate_hf.federate``)."""
+    from fedtune.run.federate_hf import federate as federate_trainer
+
+    return federate_trainer(trainer, config, **kwargs)

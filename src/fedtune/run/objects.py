@@ -76,13 +76,13 @@ def model_kind(model: torch.nn.Module) -> str:
     raise ModelError(f"a Hugging Face {name} is neither a causal LM nor a sequence classifier; wrap it in an nn.Module")
 
 
-def object_config(data: dict, objects: Objects, *, python_data: bool = False) -> Config:
+def object_config(data: dict, objects: Objects, *, python_data: bool = False, as_is: bool = False) -> Config:
     """The config ``data`` describes, with what the objects replace: the model section names the model
     object's class, the data section says the data came from Python (``python_data``: they stay in the
     user's own training loop)."""
     data = copy.deepcopy(data)
     if objects.model is not None:
-        kind = model_kind(objects.model)
+        kind = "module" if as_is else model_kind(objects.model)  # as_is: its trainable parameters, no LoRA added
         model = {**data.get("model", {}), "kind": kind, "name": f"{PYTHON_MODEL_PREFIX}{type(objects.model).__name__}"}
         if kind == "module":
             model.update(factory=None, factory_kwargs={}, lora=None)  # full-parameter exchange
@@ -207,15 +207,22 @@ def _as_text_records(fed: FederatedData, kind: str) -> FederatedData:
 
 
 def object_task(
-    config: Config, objects: Objects, num_labels: int | None, cache_dir: Path, *, in_place: bool = False
+    config: Config,
+    objects: Objects,
+    num_labels: int | None,
+    cache_dir: Path,
+    *,
+    in_place: bool = False,
+    as_is: bool = False,
 ) -> Task:
     """The task over a copy of the user's model (their object is never changed), or the config's model.
-    ``in_place``: train the user's object itself (their own loop holds it and its optimizer), no tokenizer."""
+    ``in_place``: train the user's object itself (their own loop holds it and its optimizer), no tokenizer;
+    ``as_is``: exchange its trainable parameters as they are (e.g. a Trainer's peft model), adding no LoRA."""
     if objects.model is None:
         return build_run_task(config, num_labels=num_labels, cache_dir=cache_dir)
     model = objects.model if in_place else copy.deepcopy(objects.model)
     kind = config.model.kind
-    if kind == "module":
+    if kind == "module" or as_is:
         model.train()
         return PythonTask(model, loss=objects.loss, evaluate=objects.evaluate)
     if objects.tokenizer is None and not in_place:
