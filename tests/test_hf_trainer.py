@@ -139,3 +139,42 @@ def test_federate_a_trainer_exchanges_its_adapter_and_learns(tmp_path: Path) -> 
         fedtune.federate(trainer, {**config, "server": {"lora_aggregation": "fedex"}}, datasets=sites, quiet=True)
     with pytest.raises(ConfigError, match="FedProx"):
         fedtune.federate(trainer, {**config, "server": {"proximal_mu": 0.1}}, datasets=sites, quiet=True)
+
+
+@pytest.mark.slow  # TRL's trainer setup takes seconds per round on a CPU
+@pytest.mark.timeout(600)
+def test_federate_one_trl_sft_trainer_per_client(tmp_path: Path) -> None:
+    import datasets
+    from trl import SFTConfig, SFTTrainer
+
+    import fedtune
+
+    model, tokenizer = _peft_tiny_llama()
+
+    def trainer(rows: list[tuple[str, str]]) -> SFTTrainer:
+        chats = [[{"role": "user", "content": q}, {"role": "assistant", "content": a}] for q, a in rows]
+        args = SFTConfig(
+            output_dir=str(tmp_path / "sft"),
+            max_steps=2,
+            per_device_train_batch_size=2,
+            learning_rate=0.05,
+            use_cpu=True,
+            report_to=[],
+            save_strategy="no",
+            max_length=32,
+        )
+        ds = datasets.Dataset.from_dict({"messages": chats})
+        return SFTTrainer(model=model, args=args, train_dataset=ds, processing_class=tokenizer)
+
+    trainers = {"a": trainer([("hi", "hello there")] * 6), "b": trainer([("2+2?", "four")] * 4)}
+    config = {"federation": {"rounds": 2, "clients_per_round": 2}, "run": {"out_dir": str(tmp_path), "plot": False}}
+    result = fedtune.federate(trainers, config, quiet=True)
+    assert [r["clients_ok"] for r in result.metrics[1:]] == [2, 2]
+    clients = [r for r in rundir_records(result.run_dir) if r["kind"] == "client"]
+    assert {c["client_id"] for c in clients} == {"a", "b"} and all(c["num_examples"] in (6, 4) for c in clients)
+
+
+def rundir_records(run_dir: Path) -> list[dict]:
+    from fedtune.run import rundir
+
+    return rundir.MetricsLog(run_dir).read()
