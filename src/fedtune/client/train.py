@@ -10,6 +10,7 @@ this process (``WholeBatch``), or this rank's shard of it under data parallelism
 from __future__ import annotations
 
 import math
+import time
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 from typing import Protocol
@@ -21,6 +22,20 @@ from fedtune.config.schema import ClientConfig
 from fedtune.core.rng import derive_seed, derive_torch_generator
 from fedtune.tasks.base import Example, Task
 
+
+@dataclass(frozen=True)
+class StepProgress:
+    """Where one client's local training is, reported after every optimizer step (for progress displays)."""
+
+    client_id: str
+    round: int
+    step: int  # steps done
+    total_steps: int
+    examples: int  # training examples processed so far this round
+    seconds: float  # since local training started
+
+
+StepCallback = Callable[[StepProgress], None]
 LossTerm = Callable[[], torch.Tensor]  # extra differentiable loss added to each step's loss
 GradHook = Callable[[], None]  # runs after backward, before the optimizer step (may edit .grad)
 
@@ -94,13 +109,15 @@ def local_train(
     hooks: LocalHooks | None = None,
     batch_loss: BatchLoss = WHOLE_BATCH,
     rounds: int | None = None,
+    on_step: StepCallback | None = None,
 ) -> LocalResult:
     """Train ``task.module``'s trainable parameters in place on ``examples``.
 
     An optimizer step accumulates ``cfg.gradient_accumulation_steps`` minibatches (each one's loss divided
     by their count, as transformers.Trainer does); the learning rate follows ``cfg.lr_scheduler_type`` over
     the federation's ``rounds`` (see fedtune.client.schedule). ``task.module`` may be a wrapper while this
-    runs (DDP): the parameters are read from it, and its forward is what ``task.loss`` calls."""
+    runs (DDP): the parameters are read from it, and its forward is what ``task.loss`` calls. ``on_step``
+    hears about every finished step (a progress bar)."""
     if not examples:
         raise ValueError(f"client {client_id} has no training examples")
     hooks = hooks or LocalHooks()
@@ -119,6 +136,7 @@ def local_train(
     task.module.train()
     batches = _batches(examples, batch_size, shuffle)
     losses: list[float] = []
+    started, seen = time.perf_counter(), 0
     for step in range(total_steps):
         for group in optimizer.param_groups:
             group["lr"] = cfg.lr * schedule.factor(step)
@@ -126,16 +144,21 @@ def local_train(
         micro = min(accumulate, micro_total - step * accumulate)  # the last step of an epoch run may be short
         step_loss = 0.0
         for _ in range(micro):
-            total, reported = batch_loss(task, next(batches))
+            batch_examples = next(batches)
+            total, reported = batch_loss(task, batch_examples)
             for term in hooks.loss_terms:
                 total = total + term()
             (total / micro if micro > 1 else total).backward()
             step_loss += reported / micro
+            seen += len(batch_examples)
         for hook in hooks.grad_hooks:
             hook()
         if cfg.max_grad_norm is not None:
             torch.nn.utils.clip_grad_norm_(params, cfg.max_grad_norm)
         optimizer.step()
         losses.append(step_loss)
+        if on_step is not None:
+            elapsed = time.perf_counter() - started
+            on_step(StepProgress(client_id, round_idx, len(losses), total_steps, seen, elapsed))
     task.module.eval()
     return LocalResult(num_examples=len(examples), steps=len(losses), train_loss=sum(losses) / len(losses))

@@ -29,8 +29,10 @@ from fedtune.data.types import FederatedData
 from fedtune.errors import CheckpointError, ConfigError, DataError
 from fedtune.privacy.build import carry_secagg, check_secagg_transport
 from fedtune.run import rundir
+from fedtune.run.interrupt import RunInterrupted
 from fedtune.run.plot import plot_rounds
-from fedtune.run.progress import ProgressTransport, RoundTable
+from fedtune.run.predict import write_label_names
+from fedtune.run.progress import ProgressTransport, RoundTable, StepRelay
 from fedtune.server.build import build_strategy
 from fedtune.server.loop import RoundReport, eval_clients, evaluate_global, run_rounds
 from fedtune.server.strategy import Strategy
@@ -53,6 +55,7 @@ class Prepared:
     cache_dir: Path
     num_labels: int | None = None
     dropped_clients: list[str] = field(default_factory=list)
+    label_names: list[str] = field(default_factory=list)  # classification: the data's class names
 
 
 def prepare(config: Config, *, console: Console | None = None) -> Prepared:
@@ -113,7 +116,7 @@ def prepare_worker(
             + (f" ({len(dropped)} clients without enough data dropped)" if dropped else "")
             + f"; {worker.view.spec.numel:,} trainable parameters exchanged"
         )
-    return Prepared(config, task, worker, cache_dir, num_labels, dropped)
+    return Prepared(config, task, worker, cache_dir, num_labels, dropped, list(fed.label_names))
 
 
 def _eval_record(pooled: EvalSums | None, accuracy: bool) -> dict:
@@ -200,13 +203,15 @@ def serve(
     show_progress: bool = True,
     extra_state: dict | None = None,
     fresh_dir: Path | None = None,
+    steps: StepRelay | None = None,
 ) -> RunResult:
     """The coordinator, whatever the transport: open or resume the run, evaluate the baseline, run the
     rounds, and persist metrics, checkpoint and plot after every round.
 
     ``init`` is the initial trainable vector and its spec (the server builds the model once to get them);
     ``accuracy`` says whether evaluation reports accuracy (classifiers) or perplexity; ``fresh_dir`` is a new
-    run directory the caller already made (``rundir.new_run_dir``), for a run that is not resumed.
+    run directory the caller already made (``rundir.new_run_dir``), for a run that is not resumed; ``steps``
+    relays local-step progress from an in-process worker to the progress bars.
     """
     console = console or Console()
     check_secagg_transport(config, transport)  # privacy: refuse SecAgg where the server would see plaintext
@@ -216,7 +221,9 @@ def serve(
     run_dir, state, log = _open_run(config, strategy, init, resume_dir, console, fresh_dir)
     if extra_state and state.round == 0:
         state = state.evolve(extra={**state.extra, **extra_state})
-    shown = ProgressTransport(transport, console, enabled=show_progress)
+    shown = ProgressTransport(
+        transport, console, enabled=show_progress, total_rounds=config.federation.rounds, steps=steps
+    )
     privacy_columns = ["agg_epsilon"] if config.privacy.dp is not None else []  # DP: epsilon every round
     table = RoundTable(console, accuracy=accuracy, extra_columns=privacy_columns)
     for rec in log.rounds():
@@ -326,6 +333,10 @@ def simulate(
             shutil.rmtree(fresh_dir, ignore_errors=True)
         raise
     extra = {"num_labels": prepared.num_labels} if prepared.num_labels is not None else None
+    if fresh_dir is not None:
+        write_label_names(fresh_dir, prepared.label_names)  # for `fedtune predict`
+    steps = StepRelay()
+    prepared.worker.on_step = steps  # in-process clients report every local step (Ray actors: per client)
     try:
         result = serve(
             config,
@@ -337,7 +348,10 @@ def simulate(
             show_progress=show_progress,
             extra_state=extra,
             fresh_dir=fresh_dir,
+            steps=steps,
         )
+    except KeyboardInterrupt:  # Ctrl-C: every finished round is on disk; say where (the CLI prints the hint)
+        raise RunInterrupted.of(fresh_dir or resume_dir) from None
     finally:
         transport.close()
     result.prepared = prepared

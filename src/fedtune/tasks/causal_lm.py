@@ -8,7 +8,7 @@ is learnt. Loss and evaluation are token-weighted: perplexity pools exactly over
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from typing import Any
 
 import torch
@@ -128,11 +128,19 @@ class CausalLMTask:
     # ----- generation ------------------------------------------------------------------------------------
 
     def generate(
-        self, prompt: str, max_new_tokens: int = 40, seed: int | None = None, *, chat: bool | None = None
+        self,
+        prompt: str,
+        max_new_tokens: int = 40,
+        seed: int | None = None,
+        *,
+        chat: bool | None = None,
+        sampling: Mapping[str, Any] | None = None,
     ) -> str:
         """Continue ``prompt``: greedy when ``seed`` is None, else seeded sampling (same seed, same text).
 
         ``chat`` (default: whether the tokenizer has a chat template) wraps the prompt as a user turn.
+        ``sampling``: ``GenerationConfig`` fields (do_sample, temperature, top_p, ...) that replace the
+        defaults above (``fedtune.run.generate.sampling_settings`` builds them).
         """
         from transformers import GenerationConfig
 
@@ -144,12 +152,13 @@ class CausalLMTask:
         else:
             text = prompt
         enc = self.tokenizer(text, return_tensors="pt", add_special_tokens=not chat)
+        if sampling is None:
+            sampling = {"do_sample": True, **SAMPLING} if seed is not None else {"do_sample": False}
         gen_cfg = GenerationConfig(
             max_new_tokens=max_new_tokens,
-            do_sample=seed is not None,
             pad_token_id=self.tokenizer.pad_token_id,
             eos_token_id=self.tokenizer.eos_token_id,
-            **(SAMPLING if seed is not None else {}),
+            **sampling,
         )
         with torch.random.fork_rng(devices=[]), eval_mode(self.module), compute_context(self.compute_dtype):
             if seed is not None:

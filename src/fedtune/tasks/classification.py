@@ -68,6 +68,14 @@ class ClassificationTask:
     def loss(self, batch: Batch) -> tuple[torch.Tensor, int]:
         return F.cross_entropy(self._logits(batch), batch["labels"]), int(batch["labels"].numel())
 
+    def predict_proba(self, texts: Sequence[str]) -> torch.Tensor:
+        """Class probabilities, one row per text (``fedtune predict``)."""
+        enc = self.tokenizer(
+            list(texts), truncation=True, max_length=self.max_length, padding=True, return_tensors="pt"
+        )
+        with torch.no_grad(), eval_mode(self.module):
+            return torch.softmax(self._logits(enc), dim=-1)
+
     def eval_batch(self, batch: Batch) -> EvalSums:
         with eval_mode(self.module):
             return classification_sums(self._logits(batch), batch["labels"])
