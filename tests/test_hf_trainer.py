@@ -52,6 +52,8 @@ def test_what_needs_the_builtin_loop_is_refused() -> None:
         parse_config({"client": {"trainer": "hf"}, "server": {"proximal_mu": 0.1}})
     with pytest.raises(ConfigError, match=r"server\.scaffold"):
         parse_config({"client": {"trainer": "hf"}, "server": {"scaffold": True}})
+    with pytest.raises(ConfigError, match="one process"):
+        parse_config({"client": {"trainer": "hf"}, "simulation": {"client_nproc": 2}})
 
 
 @pytest.mark.slow  # a Trainer per client per round on a tiny Llama: tens of seconds on a loaded CPU

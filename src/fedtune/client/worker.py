@@ -25,7 +25,7 @@ from fedtune.client.weights import TrainableView
 from fedtune.config.schema import ClientConfig
 from fedtune.core.messages import ClientEval, ClientUpdate, EvalInstruction, FitInstruction
 from fedtune.core.rng import derive_rng
-from fedtune.errors import UpdateRejected
+from fedtune.errors import ConfigError, UpdateRejected
 from fedtune.tasks.base import EvalSums, Example, Task
 
 # (task, instruction, view) -> hooks for this fit; lets strategies add local terms without subclassing
@@ -107,6 +107,12 @@ class ClientWorker:
         """The local training of ``instr``'s client on its examples (data-parallel ranks pass their batch loss)."""
         if cfg.trainer == "hf":
             from fedtune.client.hf_trainer import hf_local_train
+
+            if batch_loss is not WHOLE_BATCH:
+                raise ConfigError(
+                    "client.trainer 'hf' trains in one process: data-parallel local training (client_nproc / "
+                    "--nproc > 1) needs client.trainer 'builtin'"
+                )
 
             return hf_local_train(
                 self.task,

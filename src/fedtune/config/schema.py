@@ -254,6 +254,8 @@ class Config(Section):
             "client.straggler_fraction": self.client.straggler_fraction > 0,
             "server.lora_aggregation 'flora'": self.server.lora_aggregation == "flora",
         }
+        if self.client.trainer == "hf" and self.simulation.client_nproc > 1:
+            raise ValueError("client.trainer 'hf' trains in one process: simulation.client_nproc must be 1")
         needs_loop = [key for key, on in in_loop.items() if on]
         if self.client.trainer == "hf" and needs_loop:
             raise ValueError(
