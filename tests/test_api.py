@@ -87,6 +87,8 @@ def test_cli_resume_of_a_python_run_says_how_to_resume(tmp_path: Path) -> None:
     text = " ".join(out.output.split())
     assert "built in Python" in text and "fedtune.simulate(" in text and "resume=RUN_DIR" in text
     assert load_state(result.run_dir / rundir.CHECKPOINT).round == 1  # nothing lost
+    out = CliRunner().invoke(app, ["export", str(result.run_dir), str(tmp_path / "export")], env={"COLUMNS": "200"})
+    assert out.exit_code != 0 and "result.model" in " ".join(out.output.split())
 
 
 def test_one_dataset_per_client_with_own_loss_and_evaluation(tmp_path: Path) -> None:
