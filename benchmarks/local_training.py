@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import resource
 import statistics
 import sys
 import time
@@ -92,11 +93,14 @@ def child(path: str, steps: int, batch: int, length: int) -> dict:
             optimizer.step()
 
     run = bare_round if path == "bare" else fedtune_round
+    task.module.train()
     run(1)  # warmup: first-step imports and allocator growth
     started = time.perf_counter()
     run(steps)
     seconds = time.perf_counter() - started
-    return {"path": path, "seconds": seconds, "tokens_per_s": steps * batch * length / seconds}
+    # this process's own peak (run_child's fallback, RUSAGE_CHILDREN, is the maximum over every child so far)
+    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+    return {"path": path, "seconds": seconds, "tokens_per_s": steps * batch * length / seconds, "peak_rss_mb": peak}
 
 
 def main() -> None:

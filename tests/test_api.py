@@ -118,6 +118,8 @@ def test_one_dataset_per_client_with_own_loss_and_evaluation(tmp_path: Path) -> 
 def test_bad_objects_are_named(tmp_path: Path) -> None:
     with pytest.raises(DataError, match="no natural clients"):
         fedtune.simulate(config(tmp_path, data={}), model=net(), datasets=blobs(), quiet=True)
+    with pytest.raises(DataError, match="one dataset per client"):
+        fedtune.simulate(config(tmp_path), model=net(), datasets={"train": blobs(), "test": blobs()}, quiet=True)
     with pytest.raises(ConfigError, match="in this process"):
         fedtune.simulate(config(tmp_path, simulation={"backend": "ray"}), model=net(), datasets=blobs(), quiet=True)
     done = fedtune.simulate(config(tmp_path, rounds=1), model=net(), datasets=blobs(), quiet=True)

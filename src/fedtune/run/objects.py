@@ -135,7 +135,12 @@ def label_names(dataset: Any) -> list[str]:
 def federated_objects(datasets: Any, config: Config) -> FederatedData:
     """The clients the datasets argument describes, split and capped as ``config.data`` says."""
     cfg, seed = config.data, config.seed
-    if isinstance(datasets, Mapping) and set(datasets) != HELD_OUT_KEYS:
+    if isinstance(datasets, Mapping) and set(datasets) == HELD_OUT_KEYS:
+        raise DataError(
+            "datasets= is one {'train', 'test'} split: pass a dict of one dataset per client (each may be such a "
+            "split), or one dataset for data.partition to divide among clients"
+        )
+    if isinstance(datasets, Mapping):
         if not datasets:
             raise DataError("datasets= is an empty mapping: give one dataset per client")
         names = next((label_names(d) for d in datasets.values() if label_names(d)), [])
