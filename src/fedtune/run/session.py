@@ -24,9 +24,10 @@ from fedtune.config.simulation import with_client_state
 from fedtune.core.params import ParamSpec
 from fedtune.core.state import ServerState, load_state, save_state
 from fedtune.data.cache import default_cache_dir
+from fedtune.data.screen import name_labels, screen_clients
 from fedtune.data.sources import load_federated
 from fedtune.data.types import FederatedData
-from fedtune.errors import CheckpointError, ConfigError, DataError
+from fedtune.errors import CheckpointError, ConfigError
 from fedtune.privacy.build import carry_secagg, check_secagg_transport
 from fedtune.run import rundir
 from fedtune.run.interrupt import RunInterrupted
@@ -92,22 +93,14 @@ def prepare_worker(
     console: Console | None = None,
 ) -> Prepared:
     """The resident worker over ``fed``'s clients, with clients too small to train dropped (and reported)."""
+    name_labels(task, fed.label_names)  # the classifier's config carries them: the export's id2label
     records = {cid: (split.train, split.test) for cid, split in fed.clients.items()}
     ext = build_client_extensions(config)
     worker = ClientWorker(task, records, hook_factories=ext.hook_factories, update_transforms=ext.update_transforms)
     # Encode every client once up front: clients whose text is too short for one training example are
-    # dropped here, with their ids reported, instead of failing in the middle of a round.
-    kept, dropped = {}, []
-    for cid in records:
-        if len(worker.examples(cid, train=True)) >= config.data.min_train_examples:
-            kept[cid] = records[cid]
-        else:
-            dropped.append(cid)
-    if not kept:
-        raise DataError(
-            f"no client has at least {config.data.min_train_examples} training examples after encoding "
-            f"(max_length={config.model.max_length}); lower data.min_train_examples or model.max_length"
-        )
+    # dropped here (a DataWarning with their ids), instead of failing in the middle of a round.
+    kept = screen_clients(worker, config.data.min_train_examples, config.model.max_length)
+    dropped = [cid for cid in records if cid not in kept]
     worker.records = kept
     if console is not None:
         n_train = sum(len(worker.examples(c, train=True)) for c in kept)
@@ -332,7 +325,9 @@ def simulate(
         if fresh_dir is not None:  # nothing ran yet: leave no empty run directory behind a failed start
             shutil.rmtree(fresh_dir, ignore_errors=True)
         raise
-    extra = {"num_labels": prepared.num_labels} if prepared.num_labels is not None else None
+    extra = {"num_labels": prepared.num_labels} if prepared.num_labels is not None else {}
+    if prepared.label_names and prepared.task.kind == "classification":
+        extra["label_names"] = prepared.label_names  # for the export's id2label
     if fresh_dir is not None:
         write_label_names(fresh_dir, prepared.label_names)  # for `fedtune predict`
     steps = StepRelay()

@@ -26,6 +26,19 @@ class ClassificationTask:
         self.compute_dtype = compute_dtype
         self.num_labels = int(model.config.num_labels)
 
+    @property
+    def label_names(self) -> list[str]:
+        """The class names in id order, as the model's config holds them (its ``id2label``)."""
+        id2label = self.module.config.id2label or {}
+        return [str(id2label.get(i, f"LABEL_{i}")) for i in range(self.num_labels)]
+
+    def set_label_names(self, names: Sequence[str]) -> None:
+        """Name the classes in the model's config (``id2label``/``label2id``), which an export writes out."""
+        if len(names) != self.num_labels:
+            raise DataError(f"{len(names)} label names {list(names)} for a model with {self.num_labels} classes")
+        self.module.config.id2label = {i: str(n) for i, n in enumerate(names)}
+        self.module.config.label2id = {str(n): i for i, n in enumerate(names)}
+
     def encode(self, records: Sequence[LabelledText], *, train: bool) -> list[Example]:
         for r in records:
             self._check(r)
