@@ -19,12 +19,13 @@ import numpy as np
 import torch
 
 from fedtune.client.hooks import LoraResidual
+from fedtune.client.schedule import ROUNDS_OPTION
 from fedtune.client.train import WHOLE_BATCH, BatchLoss, LocalHooks, LocalResult, StepCallback, local_train
 from fedtune.client.weights import TrainableView
 from fedtune.config.schema import ClientConfig
 from fedtune.core.messages import ClientEval, ClientUpdate, EvalInstruction, FitInstruction
 from fedtune.core.rng import derive_rng
-from fedtune.errors import UpdateRejected
+from fedtune.errors import ConfigError, UpdateRejected
 from fedtune.tasks.base import EvalSums, Example, Task
 
 # (task, instruction, view) -> hooks for this fit; lets strategies add local terms without subclassing
@@ -104,6 +105,25 @@ class ClientWorker:
         self, instr: FitInstruction, cfg: ClientConfig, hooks: LocalHooks, *, batch_loss: BatchLoss = WHOLE_BATCH
     ) -> LocalResult:
         """The local training of ``instr``'s client on its examples (data-parallel ranks pass their batch loss)."""
+        if cfg.trainer == "hf":
+            from fedtune.client.hf_trainer import hf_local_train
+
+            if batch_loss is not WHOLE_BATCH:
+                raise ConfigError(
+                    "client.trainer 'hf' trains in one process: data-parallel local training (client_nproc / "
+                    "--nproc > 1) needs client.trainer 'builtin'"
+                )
+
+            return hf_local_train(
+                self.task,
+                self.examples(instr.client_id, train=True),
+                cfg,
+                seed=instr.seed,
+                round_idx=instr.round,
+                client_id=instr.client_id,
+                hooks=hooks,
+                rounds=instr.options.get(ROUNDS_OPTION),
+            )
         return local_train(
             self.task,
             self.examples(instr.client_id, train=True),
@@ -113,6 +133,7 @@ class ClientWorker:
             client_id=instr.client_id,
             hooks=hooks,
             batch_loss=batch_loss,
+            rounds=instr.options.get(ROUNDS_OPTION),
             on_step=self.on_step,
         )
 

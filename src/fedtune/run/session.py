@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import shutil
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -18,14 +18,15 @@ from rich.console import Console
 
 from fedtune.client.build import build_client_extensions
 from fedtune.client.worker import ClientWorker
-from fedtune.config.schema import Config
+from fedtune.config.schema import PYTHON_MODEL_PREFIX, Config
 from fedtune.config.simulation import with_client_state
 from fedtune.core.params import ParamSpec
 from fedtune.core.state import ServerState, load_state, save_state
 from fedtune.data.cache import default_cache_dir
 from fedtune.data.screen import name_labels, screen_clients
 from fedtune.data.sources import load_federated
-from fedtune.errors import CheckpointError
+from fedtune.data.types import FederatedData
+from fedtune.errors import CheckpointError, ConfigError
 from fedtune.privacy.build import carry_secagg, check_secagg_transport
 from fedtune.run import rundir
 from fedtune.run.board import ActivityTransport, ClientBoard, ClientDirectory, StaticDirectory, StatusSink
@@ -70,12 +71,39 @@ class Prepared:
 
 
 def prepare(config: Config, *, console: Console | None = None) -> Prepared:
+    refuse_python_run(config)
     if config.run.threads:
         torch.set_num_threads(config.run.threads)
     cache_dir = default_cache_dir(config.data.cache_dir)
     fed = load_federated(config.data, seed=config.seed, cache_dir=cache_dir)
     num_labels = config.model.num_labels or (len(fed.label_names) or None)
     task = build_run_task(config, num_labels=num_labels, cache_dir=cache_dir)
+    return prepare_worker(config, task, fed, cache_dir=cache_dir, num_labels=num_labels, console=console)
+
+
+def refuse_python_run(config: Config) -> None:
+    """A run whose model or data were Python objects cannot be rebuilt from its config file alone."""
+    objects = [f"data.source: {config.data.source}"] if config.data.source == "python" else []
+    if config.model.name.startswith(PYTHON_MODEL_PREFIX):
+        objects.append(f"model.name: {config.model.name}")
+    if objects:
+        raise ConfigError(
+            f"this run was built in Python ({', '.join(objects)}): its model and data are Python objects that a "
+            "config file cannot rebuild. Resume it from Python with the same objects: "
+            "fedtune.simulate(config, model=..., datasets=..., resume=RUN_DIR) (see docs/PYTHON_API.md)"
+        )
+
+
+def prepare_worker(
+    config: Config,
+    task: Task,
+    fed: FederatedData,
+    *,
+    cache_dir: Path,
+    num_labels: int | None,
+    console: Console | None = None,
+) -> Prepared:
+    """The resident worker over ``fed``'s clients, with clients too small to train dropped (and reported)."""
     name_labels(task, fed.label_names)  # the classifier's config carries them: the export's id2label
     records = {cid: (split.train, split.test) for cid, split in fed.clients.items()}
     ext = build_client_extensions(config)
@@ -323,18 +351,27 @@ def simulate(
     console: Console | None = None,
     show_progress: bool = True,
     sinks: Sequence[RoundSink] = (),
+    prepare_fn: Callable[[Config, Console], Prepared] | None = None,
 ) -> RunResult:
     """A whole simulated federation: one resident model in this process, or one per Ray actor
-    (``config.simulation``); ``sinks`` get every round after the default ones (e.g. the dashboard)."""
+    (``config.simulation``); ``sinks`` get every round after the default ones (e.g. the dashboard).
+    ``prepare_fn`` builds the worker from objects instead of from the config (the Python API: ``fedtune.api``);
+    such a run is in-process only."""
     console = console or Console()
     require_trackers(config.run.trackers)  # before anything is made
+    if prepare_fn is None:
+        refuse_python_run(config)  # before a run directory is made
     # the run directory first: the simulated clients keep their state between rounds in it (or in the store
     # simulation.client_state names), and every worker is built knowing where
     fresh_dir = rundir.new_run_dir(config) if resume_dir is None else None
     try:
         workers = with_client_state(config, config.simulation.client_state_address(fresh_dir or Path(resume_dir)))
-        prepared = prepare(workers, console=console)
-        transport = simulation_transport(workers, prepared)
+        if prepare_fn is not None:
+            prepared = prepare_fn(workers, console)
+            transport: Transport = InProcessTransport(prepared.worker)
+        else:
+            prepared = prepare(workers, console=console)
+            transport = simulation_transport(workers, prepared)
     except BaseException:
         if fresh_dir is not None:  # nothing ran yet: leave no empty run directory behind a failed start
             shutil.rmtree(fresh_dir, ignore_errors=True)

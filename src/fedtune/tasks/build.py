@@ -38,7 +38,7 @@ def build_run_task(config: Config, *, num_labels: int | None, cache_dir: Path, b
     with LoRA's A frozen under FFA-LoRA (``server.lora_aggregation: ffa``). Server, clients, Ray actors and
     export all build through here, so they agree on the exchanged parameters. ``builtin_only``: the model
     section came from someone else (a server), so only built-in model names and factories are accepted."""
-    return build_task(
+    task = build_task(
         config.model,
         num_labels=num_labels,
         cache_dir=cache_dir,
@@ -46,6 +46,21 @@ def build_run_task(config: Config, *, num_labels: int | None, cache_dir: Path, b
         freeze_lora_a=config.server.lora_aggregation == "ffa",
         builtin_only=builtin_only,
     )
+    if config.client.gradient_checkpointing:
+        enable_gradient_checkpointing(task.module)
+    return task
+
+
+def enable_gradient_checkpointing(model: torch.nn.Module) -> None:
+    """transformers' activation checkpointing (client.gradient_checkpointing): activations are recomputed in
+    backward instead of kept. Non-reentrant, so it works with frozen embeddings under LoRA."""
+    from peft import PeftModel
+    from transformers import PreTrainedModel
+
+    base = model.get_base_model() if isinstance(model, PeftModel) else model
+    if not isinstance(base, PreTrainedModel):
+        raise ModelError(f"client.gradient_checkpointing needs a Hugging Face model, not a {type(base).__name__}")
+    base.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
 
 
 def check_builtin_model(model_cfg: ModelConfig) -> None:
