@@ -105,6 +105,14 @@ class ClientWorker:
         self, instr: FitInstruction, cfg: ClientConfig, hooks: LocalHooks, *, batch_loss: BatchLoss = WHOLE_BATCH
     ) -> LocalResult:
         """The local training of ``instr``'s client on its examples (data-parallel ranks pass their batch loss)."""
+        common = dict(  # what both trainers take: the client's examples, its round and its random stream
+            seed=instr.seed,
+            round_idx=instr.round,
+            client_id=instr.client_id,
+            hooks=hooks,
+            rounds=instr.options.get(ROUNDS_OPTION),
+        )
+        examples = self.examples(instr.client_id, train=True)
         if cfg.trainer == "hf":
             from fedtune.client.hf_trainer import hf_local_train
 
@@ -113,29 +121,8 @@ class ClientWorker:
                     "client.trainer 'hf' trains in one process: data-parallel local training (client_nproc / "
                     "--nproc > 1) needs client.trainer 'builtin'"
                 )
-
-            return hf_local_train(
-                self.task,
-                self.examples(instr.client_id, train=True),
-                cfg,
-                seed=instr.seed,
-                round_idx=instr.round,
-                client_id=instr.client_id,
-                hooks=hooks,
-                rounds=instr.options.get(ROUNDS_OPTION),
-            )
-        return local_train(
-            self.task,
-            self.examples(instr.client_id, train=True),
-            cfg,
-            seed=instr.seed,
-            round_idx=instr.round,
-            client_id=instr.client_id,
-            hooks=hooks,
-            batch_loss=batch_loss,
-            rounds=instr.options.get(ROUNDS_OPTION),
-            on_step=self.on_step,
-        )
+            return hf_local_train(self.task, examples, cfg, **common)
+        return local_train(self.task, examples, cfg, batch_loss=batch_loss, on_step=self.on_step, **common)
 
     def fit(self, instr: FitInstruction) -> ClientUpdate:
         started = time.perf_counter()
