@@ -61,15 +61,24 @@ class WeightedMean:
             raise ValueError("the fold is finished: result() has handed its accumulator over")
 
 
-def client_weights(num_examples: Sequence[int], *, weighting: str) -> list[float]:
-    """Per-client weights before normalisation: example counts, or 1 each for uniform weighting."""
+def client_weight(num_examples: int, weighting: str) -> float:
+    """The example-weighting rule, written once: w_k = n_k ("examples") or 1 ("uniform").
+
+    >>> client_weight(7, "examples"), client_weight(7, "uniform")
+    (7.0, 1.0)
+    """
     if weighting == "examples":
-        if any(n <= 0 for n in num_examples):
+        if num_examples <= 0:
             raise ValueError("example-weighted averaging needs every client to report at least one example")
-        return [float(n) for n in num_examples]
+        return float(num_examples)
     if weighting == "uniform":
-        return [1.0] * len(num_examples)
+        return 1.0
     raise ValueError(f"unknown weighting {weighting!r}")
+
+
+def client_weights(num_examples: Sequence[int], *, weighting: str) -> list[float]:
+    """Per-client weights before normalisation (``client_weight`` of each)."""
+    return [client_weight(n, weighting) for n in num_examples]
 
 
 def fold_weighted_mean(updates: Iterable[tuple[np.ndarray, float]], numel: int) -> np.ndarray:

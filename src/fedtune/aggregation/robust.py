@@ -118,6 +118,7 @@ class Fold(Protocol):
 class Aggregator(Protocol):
     name: str
     streaming: bool  # False: keeps every update of the round in memory
+    linear: bool  # True: the result depends on the updates only through their weighted sum
 
     def fold(self, numel: int) -> Fold: ...
 
@@ -176,6 +177,7 @@ class Mean:
 
     name: str = "mean"
     streaming: bool = True
+    linear: bool = True
 
     def fold(self, numel: int) -> Fold:
         return _MeanFold(numel)
@@ -188,6 +190,7 @@ class NormBoundedMean:
     bound: float
     name: str = "norm_bounded_mean"
     streaming: bool = True
+    linear: bool = False  # each update is clipped by its own norm
 
     def fold(self, numel: int) -> Fold:
         return _MeanFold(numel, bound=self.bound)
@@ -202,6 +205,7 @@ class RobustRule:
     num_byzantine: int = 0  # f, the number of attackers Krum must tolerate
     num_selected: int | None = None  # multi_krum's m (default K - f)
     streaming: bool = False
+    linear: bool = False
 
     def fold(self, numel: int) -> Fold:
         return _StackFold(numel, self)

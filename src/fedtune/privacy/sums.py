@@ -8,40 +8,18 @@ summer in ``fedtune.privacy.secagg.driver`` runs the SecAgg protocol and sees on
 from __future__ import annotations
 
 from collections.abc import Callable, Iterable
-from dataclasses import dataclass, field
-from typing import Any
 
 import numpy as np
 import torch
 
+from fedtune.aggregation.fedavg import client_weight
 from fedtune.core.messages import ClientUpdate
+from fedtune.core.sums import LinearSum, SumPlan
 from fedtune.privacy.clipping import clip_l2
 
 # an update may come back a rounding error above C after a float32 round trip; beyond this it was not
 # clipped by the client and the server clips it (and counts it)
 RECLIP_TOLERANCE = 1e-5
-
-
-@dataclass(frozen=True)
-class SumPlan:
-    """What to sum in one round, and under which bounds."""
-
-    round: int
-    numel: int
-    weighting: str = "uniform"  # "uniform": w_k = 1; "examples": w_k from the client's example count
-    l2_bound: float | None = None  # DP's C: every summand has L2 norm <= C (enforced)
-    coord_bound: float = 1.0  # SecAgg quantisation range [-b, b] per coordinate (C under DP)
-    channels: tuple[str, ...] = ()  # per-client scalars in [0, 1], read from update.extras, summed too
-    weight_cap: int = 1000  # SecAgg example weighting: w_k = min(n_k, cap) / cap
-
-
-@dataclass(frozen=True)
-class LinearSum:
-    total: np.ndarray  # float64, sum_k w_k x_k
-    weight: float  # sum_k w_k
-    count: int  # clients in the sum
-    channels: dict[str, float] = field(default_factory=dict)  # sum_k of each channel
-    metrics: dict[str, Any] = field(default_factory=dict)  # how the sum was formed (re-clips, SecAgg stats)
 
 
 Summer = Callable[[Iterable[ClientUpdate], SumPlan], LinearSum]
@@ -72,7 +50,7 @@ def plain_sum(updates: Iterable[ClientUpdate], plan: SumPlan) -> LinearSum:
         if plan.l2_bound is not None:
             delta, norm = clip_l2(delta, plan.l2_bound)
             reclipped += int(norm > plan.l2_bound * (1 + RECLIP_TOLERANCE))
-        w = float(update.num_examples) if plan.weighting == "examples" else 1.0
+        w = client_weight(update.num_examples, plan.weighting)
         torch.from_numpy(acc).add_(torch.from_numpy(delta), alpha=w)
         weight += w
         count += 1

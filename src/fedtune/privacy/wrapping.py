@@ -17,30 +17,18 @@ import numpy as np
 
 from fedtune.core.messages import ClientUpdate
 from fedtune.core.state import ServerState
+from fedtune.core.strategy import Strategy
 from fedtune.errors import ConfigError
 
-# FedOpt plug-ins whose per-round fold reads nothing client-specific (only options, or a fixed mask)
-LINEAR_PLUGINS = frozenset({"fedprox", "options", "ffa"})
 AGGREGATE_ID = "aggregate"  # client id of the synthetic mean update
 
 
-def nonlinear_parts(strategy: Any) -> list[str]:
-    """What in ``strategy`` needs individual client updates (empty when its aggregation is linear)."""
-    declared = getattr(strategy, "linear_aggregation", None)
-    if declared is not None:
-        return [] if declared else [type(strategy).__name__]
-    parts = []
-    aggregator = getattr(strategy, "aggregator", None)
-    name = getattr(aggregator, "name", "mean") if aggregator is not None else "mean"
-    if name != "mean":
-        parts.append(f"server.aggregator {name!r}")
-    for plugin in getattr(strategy, "plugins", ()):
-        if getattr(plugin, "name", "?") not in LINEAR_PLUGINS:
-            parts.append(f"the {getattr(plugin, 'name', type(plugin).__name__)!r} plug-in")
-    return parts
+def nonlinear_parts(strategy: Strategy) -> list[str]:
+    """What in ``strategy`` needs individual client updates, as its parts declare (empty: it is linear)."""
+    return list(strategy.needs.individual)
 
 
-def require_linear(strategy: Any, *, what: str) -> None:
+def require_linear(strategy: Strategy, *, what: str) -> None:
     parts = nonlinear_parts(strategy)
     if parts:
         raise ConfigError(

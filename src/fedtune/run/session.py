@@ -22,6 +22,7 @@ from fedtune.config.schema import PYTHON_MODEL_PREFIX, Config
 from fedtune.config.simulation import with_client_state
 from fedtune.core.params import ParamSpec
 from fedtune.core.state import ServerState, load_state, save_state
+from fedtune.core.strategy import Strategy
 from fedtune.data.cache import default_cache_dir
 from fedtune.data.screen import name_labels, screen_clients
 from fedtune.data.sources import load_federated
@@ -48,7 +49,6 @@ from fedtune.run.sinks import (
 from fedtune.run.trackers import build_trackers, require_trackers
 from fedtune.server.build import build_strategy
 from fedtune.server.loop import RoundReport, eval_clients, evaluate_global, run_rounds
-from fedtune.server.strategy import Strategy
 from fedtune.tasks.base import EvalSums, Task
 from fedtune.tasks.build import build_run_task
 from fedtune.transport.base import Transport

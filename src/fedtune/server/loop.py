@@ -18,8 +18,8 @@ from fedtune.core.messages import ClientEval, ClientFailure, ClientUpdate, EvalI
 from fedtune.core.params import check_vector
 from fedtune.core.sampling import poisson_sample, sample_clients, sampling_rate
 from fedtune.core.state import ServerState
+from fedtune.core.strategy import Strategy
 from fedtune.errors import UpdateRejected
-from fedtune.server.strategy import Strategy
 from fedtune.tasks.base import EvalSums
 from fedtune.transport.base import Transport
 
