@@ -32,8 +32,9 @@ from fedtune.config import parse_config
 from fedtune.core.messages import ClientUpdate
 from fedtune.core.state import load_state
 from fedtune.errors import ConfigError, UpdateRejected
-from fedtune.privacy.build import check_secagg_transport
 from fedtune.run.session import initial_params, simulate
+from fedtune.server.summing import check_secagg_transport
+from fedtune.transport.base import Capabilities
 from fedtune.transport.codecs import build_codec
 from fedtune.transport.grpc import protocol, wire
 from fedtune.transport.grpc.proto import fedtune_pb2 as pb
@@ -284,15 +285,15 @@ def test_secagg_over_grpc_refuses_what_cannot_work(overrides, message, tmp_path)
     for section, values in overrides.items():
         cfg[section] = {**cfg[section], **values}
 
-    class GrpcServerTransport:  # what check_secagg_transport looks at
-        secure_aggregation = True
+    class GrpcServerTransport:  # what check_secagg_transport looks at: the declared capabilities
+        capabilities = Capabilities(secure_sum=True)
 
         def secagg_exchange(self, round_idx, stage, messages):
             return {}
 
     with pytest.raises(ConfigError, match=message):
         check_secagg_transport(parse_config(cfg), GrpcServerTransport())
-    GrpcServerTransport.secure_aggregation = False  # not started for SecAgg: would see plaintext
+    GrpcServerTransport.capabilities = Capabilities()  # not started for SecAgg: would see plaintext
     with pytest.raises(ConfigError, match="plaintext"):
         plain = _config(tmp_path, tmp_path, 1, num_clients=3, rounds=1)
         check_secagg_transport(parse_config(plain), GrpcServerTransport())

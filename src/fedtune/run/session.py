@@ -28,7 +28,7 @@ from fedtune.data.screen import name_labels, screen_clients
 from fedtune.data.sources import load_federated
 from fedtune.data.types import FederatedData
 from fedtune.errors import CheckpointError, ConfigError
-from fedtune.privacy.build import carry_secagg, check_secagg_transport
+from fedtune.privacy.sums import Summer, plain_sum
 from fedtune.run import rundir
 from fedtune.run.board import ActivityTransport, ClientBoard, ClientDirectory, StaticDirectory, StatusSink
 from fedtune.run.interrupt import RunInterrupted
@@ -49,6 +49,7 @@ from fedtune.run.sinks import (
 from fedtune.run.trackers import build_trackers, require_trackers
 from fedtune.server.build import build_strategy
 from fedtune.server.loop import RoundReport, eval_clients, evaluate_global, run_rounds
+from fedtune.server.summing import summer_for
 from fedtune.tasks.base import EvalSums, Task
 from fedtune.tasks.build import build_run_task
 from fedtune.transport.base import Transport
@@ -224,8 +225,10 @@ def coordinate(
     *,
     accuracy: bool,
     baseline: bool,
+    summer: Summer = plain_sum,
 ) -> tuple[ServerState, RunEnd]:
-    """The baseline evaluation (if ``baseline``) and the rounds, every event handed to ``sinks``."""
+    """The baseline evaluation (if ``baseline``) and the rounds, every event handed to ``sinks``; ``summer``
+    forms a sum strategy's sum (``summer_for``)."""
     if baseline:
         started = time.perf_counter()
         _, pooled, _ = evaluate_global(config, strategy, transport, state, eval_clients(config, transport.client_ids()))
@@ -254,6 +257,7 @@ def coordinate(
         state,
         on_round=lambda new, report: sinks.on_round(new, round_records(report, accuracy)),
         on_stop=on_stop,
+        summer=summer,
     )
     return state, RunEnd("stopped", state, stopped[0]) if stopped else RunEnd("finished", state)
 
@@ -284,9 +288,8 @@ def serve(
     """
     console = console or Console()
     require_trackers(config.run.trackers)  # a tracker that is not installed fails before anything starts
-    check_secagg_transport(config, transport)  # privacy: refuse SecAgg where the server would see plaintext
+    summer = summer_for(config, transport)  # SecAgg over what the transport can carry; refused where it cannot
     strategy = build_strategy(config, num_clients=len(transport.client_ids()))  # SCAFFOLD needs N
-    strategy = carry_secagg(strategy, transport)  # privacy: SecAgg's message rounds over a networked transport
     run_dir, state, log = _open_run(config, strategy, init, resume_dir, console, fresh_dir)
     if extra_state and state.round == 0:
         state = state.evolve(extra={**state.extra, **extra_state})
@@ -303,7 +306,9 @@ def serve(
     end = RunEnd("failed", state)
     try:  # every sink is closed however the run ends, even if one fails to start (sinks close unstarted)
         fanout.on_start(RunInfo(run_dir, config, accuracy, state.round, history, init[1].numel))
-        state, end = coordinate(config, strategy, shown, state, fanout, accuracy=accuracy, baseline=baseline)
+        state, end = coordinate(
+            config, strategy, shown, state, fanout, accuracy=accuracy, baseline=baseline, summer=summer
+        )
     except KeyboardInterrupt:
         end = RunEnd("interrupted", fanout.last_state or state, "interrupted (Ctrl-C)")
         raise

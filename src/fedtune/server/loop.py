@@ -19,7 +19,10 @@ from fedtune.core.params import check_vector
 from fedtune.core.sampling import poisson_sample, sample_clients, sampling_rate
 from fedtune.core.state import ServerState
 from fedtune.core.strategy import Strategy
+from fedtune.core.sums import LinearSum
 from fedtune.errors import UpdateRejected
+from fedtune.privacy.errors import SecAggAbort
+from fedtune.privacy.sums import Summer, plain_sum
 from fedtune.tasks.base import EvalSums
 from fedtune.transport.base import Transport
 
@@ -151,10 +154,20 @@ def sample_round(config: Config, population: list[str], round_idx: int) -> list[
     )
 
 
-def begin_round(strategy: Strategy, state: ServerState, population: list[str]) -> ServerState:
-    """A strategy that accounts per round (DP) records the population size before sampling; idempotent."""
-    begin = getattr(strategy, "begin_round", None)
-    return begin(state, population=len(population)) if begin is not None else state
+def aggregate_round(
+    strategy: Strategy, state: ServerState, updates: Iterator[ClientUpdate], summer: Summer
+) -> tuple[ServerState, dict]:
+    """The round's aggregation step, owned by the loop: a strategy without a sum plan folds the updates
+    itself; for one with a plan the loop forms that sum (``summer``: in the clear or by SecAgg) and hands the
+    strategy the result, or the reason it could not be formed."""
+    plan = strategy.sum_plan(state)
+    if plan is None:
+        return strategy.aggregate(state, updates)
+    try:
+        total = summer(updates, plan)
+    except SecAggAbort as err:
+        total = LinearSum.abort(plan, str(err))
+    return strategy.apply_sum(state, total)
 
 
 def _log_stop(state: ServerState, reason: str) -> None:
@@ -162,13 +175,21 @@ def _log_stop(state: ServerState, reason: str) -> None:
 
 
 def run_round(
-    config: Config, strategy: Strategy, transport: Transport, state: ServerState
+    config: Config,
+    strategy: Strategy,
+    transport: Transport,
+    state: ServerState,
+    *,
+    summer: Summer = plain_sum,
+    begun: bool = False,
 ) -> tuple[ServerState, RoundReport]:
-    """One communication round; returns the new state and what happened."""
+    """One communication round; returns the new state and what happened. ``begun``: the caller has already
+    called ``strategy.begin_round`` for it (``run_rounds`` does, to ask ``should_stop`` first)."""
     started = time.perf_counter()
     round_idx = state.round + 1
     population = transport.client_ids()
-    state = begin_round(strategy, state, population)
+    if not begun:
+        state = strategy.begin_round(state, population=len(population))
     sampled = sample_round(config, population, round_idx)
     train_cfg = config.client.model_dump()
     instructions = []
@@ -187,7 +208,8 @@ def run_round(
             )
         )
     report = RoundReport(round=round_idx, sampled=sampled)
-    new_state, report.aggregate = strategy.aggregate(state, _accepted(transport.fit(instructions), state, report))
+    replies = _accepted(transport.fit(instructions), state, report)
+    new_state, report.aggregate = aggregate_round(strategy, state, replies, summer)
     if round_idx % config.eval.every == 0 or round_idx == config.federation.rounds:
         per_client, pooled, failures = evaluate_global(
             config, strategy, transport, new_state, eval_clients(config, population)
@@ -206,22 +228,23 @@ def run_rounds(
     *,
     on_round: Callable[[ServerState, RoundReport], None] = lambda s, r: None,
     on_stop: Callable[[ServerState, str], None] | None = None,
+    summer: Summer = plain_sum,
 ) -> ServerState:
     """Run from ``state.round + 1`` to ``config.federation.rounds``; ``on_round`` persists each round.
 
     A strategy may stop the run early (``should_stop(state) -> reason``, e.g. an exhausted privacy
     budget): ``on_stop(state, reason)`` reports it (default: a warning on the ``fedtune`` logger).
+    ``summer`` forms a sum strategy's sum (``fedtune.server.summing.summer_for``: SecAgg when configured).
     """
     on_stop = on_stop or _log_stop
     while state.round < config.federation.rounds:
-        # optional strategy hooks (DP-FedAvg): record the population, then stop cleanly before a round
-        # that would overspend the privacy budget
-        state = begin_round(strategy, state, transport.client_ids())
-        should_stop = getattr(strategy, "should_stop", None)
-        reason = should_stop(state) if should_stop is not None else None
+        # once a round: the strategy records the population (DP-FedAvg), then may stop cleanly before a
+        # round that would overspend the privacy budget
+        state = strategy.begin_round(state, population=len(transport.client_ids()))
+        reason = strategy.should_stop(state)
         if reason is not None:
             on_stop(state, reason)
             break
-        state, report = run_round(config, strategy, transport, state)
+        state, report = run_round(config, strategy, transport, state, summer=summer, begun=True)
         on_round(state, report)
     return state

@@ -36,6 +36,7 @@ import numpy as np
 from fedtune.config.simulation import SimulationConfig
 from fedtune.core.messages import ClientEval, ClientFailure, ClientUpdate, EvalInstruction, FitInstruction
 from fedtune.errors import ConfigError, FedtuneError
+from fedtune.transport.base import SIMULATED
 from fedtune.transport.inprocess import with_bytes
 
 # () -> an object with ``fit(FitInstruction) -> ClientUpdate``, ``evaluate(EvalInstruction) -> ClientEval``
@@ -110,6 +111,8 @@ def start_ray(cfg: SimulationConfig) -> bool:
 
 class RayTransport:
     """The Transport protocol over a pool of Ray actors (see the module docstring)."""
+
+    capabilities = SIMULATED
 
     def __init__(self, factory: WorkerFactory, client_ids: Sequence[str], cfg: SimulationConfig) -> None:
         """``client_ids`` is the driver's population; every actor must build the same one."""
