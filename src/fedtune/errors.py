@@ -23,3 +23,8 @@ class UpdateRejected(FedtuneError):
 
 class CheckpointError(FedtuneError):
     """A checkpoint or run directory is missing, corrupt, or from an incompatible run."""
+
+
+class NoRoundCompleted(FedtuneError):
+    """A run ran rounds and none of them changed the model (every client failed, or every aggregate was
+    rejected): the command exits non-zero."""

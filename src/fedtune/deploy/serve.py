@@ -8,6 +8,7 @@ run directory, checkpoints and resume.
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
 import numpy as np
@@ -19,9 +20,12 @@ from fedtune.config.schema import Config
 from fedtune.core.params import ParamSpec
 from fedtune.data.cache import default_cache_dir
 from fedtune.errors import ConfigError, FedtuneError
+from fedtune.run import rundir
 from fedtune.run.session import RunResult, serve
 from fedtune.tasks.build import build_run_task
 from fedtune.transport.grpc.server import GrpcServerTransport, ServerTLS
+
+SERVER_RECORD = "server.json"  # in the run directory: the port this run's server bound
 
 
 def initial_model(config: Config) -> tuple[np.ndarray, ParamSpec, bool]:
@@ -37,11 +41,34 @@ def initial_model(config: Config) -> tuple[np.ndarray, ParamSpec, bool]:
     return view.read(), view.spec, task.reports_accuracy
 
 
+def deployment_defaults(config: Config) -> Config:
+    """The config a deployment runs: ``server.update_norm_bound: auto`` becomes ``adaptive`` (a deployment
+    bounds every client's update by default; a simulation, whose clients are ours, does not)."""
+    if config.server.update_norm_bound != "auto":
+        return config
+    return config.model_copy(update={"server": config.server.model_copy(update={"update_norm_bound": "adaptive"})})
+
+
+def _port(config: Config, resume_dir: Path | None) -> Config:
+    """With ``deployment.port: 0`` a resumed server listens where the run's first server did (server.json),
+    so the clients that keep reconnecting find it."""
+    dep = config.deployment
+    record = Path(resume_dir) / SERVER_RECORD if resume_dir is not None else None
+    if dep.port != 0 or record is None or not record.is_file():
+        return config
+    try:
+        port = int(json.loads(record.read_text())["port"])
+    except (ValueError, KeyError, TypeError) as err:
+        raise FedtuneError(f"{record} is unreadable ({err}); set deployment.port to the port clients dial") from None
+    return config.model_copy(update={"deployment": dep.model_copy(update={"port": port})})
+
+
 def run_server(
     config: Config, *, resume_dir: Path | None = None, console: Console | None = None, show_progress: bool = True
 ) -> RunResult:
     """Listen, wait for the quorum, run the federation, and tell the clients how it ended."""
     console = console or Console()
+    config = _port(deployment_defaults(config), resume_dir)
     params, spec, accuracy = initial_model(config)
     extra = {"num_labels": config.model.num_labels} if config.model.num_labels is not None else {}
     transport = GrpcServerTransport(
@@ -53,6 +80,8 @@ def run_server(
     )
     port = transport.start()
     dep = config.deployment
+    fresh_dir = rundir.new_run_dir(config) if resume_dir is None else None
+    (Path(resume_dir or fresh_dir) / SERVER_RECORD).write_text(json.dumps({"port": port, "address": dep.address}))
     console.print(
         f"listening on {dep.address}:{port} (mutual TLS); {spec.numel:,} trainable parameters; "
         f"waiting for {dep.min_clients} clients"
@@ -67,6 +96,9 @@ def run_server(
             console=console,
             show_progress=show_progress,
             extra_state=extra or None,
+            fresh_dir=fresh_dir,
+            # SCAFFOLD's N: the clients allowed to enrol, when listed; else the clients that have taken part
+            num_clients=len(dep.allowed_clients) if dep.allowed_clients else None,
         )
     except FedtuneError as err:
         transport.close(ok=False, reason=f"the server stopped the federation: {err}")

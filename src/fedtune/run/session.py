@@ -11,6 +11,7 @@ import shutil
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Literal
 
 import numpy as np
 import torch
@@ -21,10 +22,10 @@ from fedtune.client.worker import ClientWorker
 from fedtune.config.schema import Config
 from fedtune.config.simulation import with_client_state
 from fedtune.core.params import ParamSpec
-from fedtune.core.state import ServerState, load_state, save_state
+from fedtune.core.state import ServerState, load_latest, load_state, save_state
 from fedtune.data.cache import default_cache_dir
 from fedtune.data.sources import load_federated
-from fedtune.errors import CheckpointError, DataError
+from fedtune.errors import CheckpointError, DataError, NoRoundCompleted
 from fedtune.privacy.build import carry_secagg, check_secagg_transport
 from fedtune.run import rundir
 from fedtune.run.plot import plot_rounds
@@ -109,6 +110,8 @@ def round_records(report: RoundReport, accuracy: bool) -> list[dict]:
         **{f"agg_{k}": v for k, v in report.aggregate.items()},
         **_eval_record(report.eval_pooled, accuracy),
     }
+    if report.rejected is not None:  # the model did not change: a failed round, not a completed one
+        summary.update(status="failed", reason=report.rejected)
     lines = [summary]
     lines += [{"kind": "client", "round": report.round, **c} for c in report.clients]
     lines += [
@@ -144,7 +147,9 @@ def _open_run(
     params, spec = init
     if resume_dir is not None:
         run_dir = Path(resume_dir)
-        state = load_state(run_dir / rundir.CHECKPOINT, config_digest=digest)
+        state, warning = load_latest(run_dir / rundir.CHECKPOINT, config_digest=digest)
+        if warning:
+            console.print(f"[yellow]warning: {warning}[/yellow]")
         if state.spec.digest != spec.digest:
             raise CheckpointError(
                 f"checkpoint in {run_dir} does not match the model: {spec.describe_mismatch(state.spec)}"
@@ -171,17 +176,22 @@ def serve(
     show_progress: bool = True,
     extra_state: dict | None = None,
     fresh_dir: Path | None = None,
+    num_clients: int | Literal["transport"] | None = "transport",
 ) -> RunResult:
     """The coordinator, whatever the transport: open or resume the run, evaluate the baseline, run the
     rounds, and persist metrics, checkpoint and plot after every round.
 
     ``init`` is the initial trainable vector and its spec (the server builds the model once to get them);
     ``accuracy`` says whether evaluation reports accuracy (classifiers) or perplexity; ``fresh_dir`` is a new
-    run directory the caller already made (``rundir.new_run_dir``), for a run that is not resumed.
+    run directory the caller already made (``rundir.new_run_dir``), for a run that is not resumed;
+    ``num_clients`` is the population size SCAFFOLD divides by (None: the clients that have taken part).
+    Raises NoRoundCompleted when rounds were run and none of them changed the model.
     """
     console = console or Console()
     check_secagg_transport(config, transport)  # privacy: refuse SecAgg where the server would see plaintext
-    strategy = build_strategy(config, num_clients=len(transport.client_ids()))  # SCAFFOLD needs N
+    if num_clients == "transport":  # a simulation's population is fixed; a deployment's caller says (or None)
+        num_clients = len(transport.client_ids())
+    strategy = build_strategy(config, num_clients=num_clients)  # SCAFFOLD needs N
     strategy = carry_secagg(strategy, transport)  # privacy: SecAgg's message rounds over a networked transport
     digest = rundir.config_digest(config)
     run_dir, state, log = _open_run(config, strategy, init, resume_dir, console, fresh_dir)
@@ -230,13 +240,27 @@ def serve(
         log.append([{"kind": "stop", "round": stopped.round, "reason": reason}])
         console.print(f"[yellow]stopped after round {stopped.round}: {reason}[/yellow]")
 
+    first = state.round
     state = run_rounds(config, strategy, shown, state, on_round=on_round, on_stop=on_stop)
     replot(force=True)
     rounds = log.rounds()
     baseline = next((r for r in rounds if r["round"] == 0), {})
     final = next((r for r in reversed(rounds) if r["round"] > 0), {})
-    summary = {"rounds_completed": state.round, "baseline": baseline, "final": final, "spec_digest": state.spec.digest}
+    failed = [r["round"] for r in rounds if r.get("status") == "failed"]
+    summary = {
+        "rounds_completed": sum(1 for r in rounds if r["round"] > 0) - len(failed),
+        "rounds_failed": failed,
+        "baseline": baseline,
+        "final": final,
+        "spec_digest": state.spec.digest,
+    }
     (run_dir / rundir.SUMMARY).write_text(json.dumps(summary, indent=1))
+    ran = [r for r in rounds if first < r["round"] <= state.round]
+    if ran and all(r.get("status") == "failed" for r in ran):
+        raise NoRoundCompleted(
+            f"none of rounds {first + 1}-{state.round} could be completed (last reason: {ran[-1].get('reason')}); "
+            f"the global model is unchanged; see {run_dir / rundir.METRICS}"
+        )
     return RunResult(run_dir=run_dir, state=state, rounds=rounds, baseline=baseline)
 
 
