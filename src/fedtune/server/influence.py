@@ -23,22 +23,10 @@ import numpy as np
 
 from fedtune.config.schema import Config
 from fedtune.core.messages import ClientUpdate
-from fedtune.core.params import all_finite
+from fedtune.core.params import all_finite, l2_norm
 from fedtune.core.state import ServerState
 
-_BLOCK = 1 << 16
 MEDIAN_KEY = "update_norm_median"  # ServerState.extra: the previous round's median update norm (adaptive)
-
-
-def l2_norm(flat: np.ndarray, minus: np.ndarray | None = None) -> float:
-    """The L2 norm of a 1-D float32 array (of ``flat - minus``), accumulated in float64 one block at a time."""
-    total = 0.0
-    for start in range(0, flat.size, _BLOCK):
-        block = flat[start : start + _BLOCK].astype(np.float64)
-        if minus is not None:
-            block -= minus[start : start + _BLOCK]
-        total += float(np.dot(block, block))
-    return math.sqrt(total)
 
 
 @dataclass(frozen=True)
