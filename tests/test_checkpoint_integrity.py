@@ -108,7 +108,8 @@ def test_the_folder_is_fsynced_after_the_rename(tmp_path: Path, monkeypatch) -> 
 
 
 def test_serve_resumes_from_the_previous_checkpoint_when_the_latest_is_corrupt(tmp_path: Path) -> None:
-    from test_influence import NUMEL, SPEC as SMALL, Network
+    from test_influence import NUMEL, Network
+    from test_influence import SPEC as SMALL
 
     config = parse_config(
         {
