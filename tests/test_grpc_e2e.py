@@ -30,7 +30,7 @@ from fedtune.config import parse_config
 from fedtune.core.state import load_state
 from fedtune.run.session import simulate
 
-pytestmark = pytest.mark.timeout(300)
+pytestmark = pytest.mark.timeout(900)  # an upper bound for a loaded machine, not a speed test
 FAULT_CLIENT = str(REPO / "tests" / "grpc_fault_client.py")
 
 
@@ -104,7 +104,7 @@ def test_grpc_and_inprocess_give_the_same_global_model(tmp_path, pki, procs, sha
     try:
         assert procs.wait("server", 150) == 0
         for name in ("client_000", "client_001", "client_002"):
-            assert procs.wait(name, 30) == 0
+            assert procs.wait(name, 120) == 0
             assert f"federation finished after round {ROUNDS}" in procs.log(name)
     except AssertionError:
         print(procs.logs())
@@ -140,14 +140,14 @@ def test_server_killed_with_sigkill_resumes_and_loses_nothing(tmp_path, pki, pro
             return 0
 
     try:
-        wait_until(lambda: checkpoint_round() >= 1, 120, "round 1's checkpoint")
+        wait_until(lambda: checkpoint_round() >= 1, 300, "round 1's checkpoint")
         procs.kill("server")  # SIGKILL: no cleanup, in the middle of round 2 (or its evaluation)
         killed_at = checkpoint_round()
         assert killed_at < ROUNDS, "the run finished before the kill"
         procs.cli("server", "server", "--resume", str(run_dir))
-        assert procs.wait("server", 120) == 0
+        assert procs.wait("server", 300) == 0
         for name in ("client_000", "client_001", "client_002"):
-            assert procs.wait(name, 30) == 0
+            assert procs.wait(name, 120) == 0
     except AssertionError:
         print(procs.logs())
         raise
@@ -201,7 +201,7 @@ def test_killed_client_garbage_client_and_restarted_client(tmp_path, pki, procs)
         procs.cli("victim", "client", *client_args(port, pki, "client_001"))  # it comes back
         assert procs.wait("server", 120) == 0
         for name in ("client_000", "victim", "evil"):
-            assert procs.wait(name, 30) == 0, name
+            assert procs.wait(name, 120) == 0, name
     except AssertionError:
         print(procs.logs())
         raise
