@@ -162,6 +162,32 @@ def test_server_killed_with_sigkill_resumes_and_loses_nothing(tmp_path, pki, pro
     assert "2/2" in procs.log("server")  # the progress table, as in the simulation
 
 
+@pytest.mark.slow  # the same crash-and-resume path as above; this one checks the port a port-0 server reuses
+def test_a_server_on_port_0_resumes_on_the_port_it_bound(tmp_path, pki, procs, shared):
+    cfg, expected = shared
+    procs.cli("server", "server", str(_write(tmp_path, _with(cfg, tmp_path, 0))))
+    run_dir = find_run_dir(tmp_path)
+    record = run_dir / "server.json"
+    wait_until(record.is_file, 300, "server.json")
+    port = json.loads(record.read_text())["port"]
+    assert port > 0
+    for name in ("client_000", "client_001", "client_002"):
+        procs.cli(name, "client", *client_args(port, pki, name))
+    try:
+        wait_until(lambda: (run_dir / "checkpoint.safetensors").is_file(), 300, "round 1's checkpoint")
+        procs.kill("server")
+        procs.cli("server", "server", "--resume", str(run_dir))
+        assert procs.wait("server", 300) == 0
+        for name in ("client_000", "client_001", "client_002"):
+            assert procs.wait(name, 120) == 0
+    except AssertionError:
+        print(procs.logs())
+        raise
+    assert json.loads(record.read_text())["port"] == port
+    assert procs.log("server").count(f"listening on 127.0.0.1:{port}") == 2  # first start and --resume
+    _assert_same_model(load_state(run_dir / "checkpoint.safetensors").params, expected)
+
+
 def test_cli_client_refused_exits_3_with_a_clear_message(tmp_path, pki, procs):
     """A revoked client and one whose certificate comes from another CA: `fedtune client` exits 3."""
     from fedtune.config.deployment import DeploymentConfig

@@ -49,18 +49,18 @@ def deployment_defaults(config: Config) -> Config:
     return config.model_copy(update={"server": config.server.model_copy(update={"update_norm_bound": "adaptive"})})
 
 
-def _port(config: Config, resume_dir: Path | None) -> Config:
-    """With ``deployment.port: 0`` a resumed server listens where the run's first server did (server.json),
-    so the clients that keep reconnecting find it."""
+def listen_port(config: Config, resume_dir: Path | None) -> int:
+    """The port to listen on. With ``deployment.port: 0`` a resumed server listens where the run's first server
+    did (server.json), so the clients that keep reconnecting find it. Only the listener changes: the config the
+    clients were sent (and compare on rejoining) stays as it was."""
     dep = config.deployment
     record = Path(resume_dir) / SERVER_RECORD if resume_dir is not None else None
     if dep.port != 0 or record is None or not record.is_file():
-        return config
+        return dep.port
     try:
-        port = int(json.loads(record.read_text())["port"])
+        return int(json.loads(record.read_text())["port"])
     except (ValueError, KeyError, TypeError) as err:
         raise FedtuneError(f"{record} is unreadable ({err}); set deployment.port to the port clients dial") from None
-    return config.model_copy(update={"deployment": dep.model_copy(update={"port": port})})
 
 
 def run_server(
@@ -68,11 +68,11 @@ def run_server(
 ) -> RunResult:
     """Listen, wait for the quorum, run the federation, and tell the clients how it ended."""
     console = console or Console()
-    config = _port(deployment_defaults(config), resume_dir)
+    config = deployment_defaults(config)
     params, spec, accuracy = initial_model(config)
     extra = {"num_labels": config.model.num_labels} if config.model.num_labels is not None else {}
     transport = GrpcServerTransport(
-        config.deployment,
+        config.deployment.model_copy(update={"port": listen_port(config, resume_dir)}),
         tls=ServerTLS.from_config(config.deployment),
         config_yaml=dump_config(config),
         extra=extra,
