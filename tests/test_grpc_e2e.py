@@ -184,7 +184,7 @@ def test_a_server_on_port_0_resumes_on_the_port_it_bound(tmp_path, pki, procs, s
         print(procs.logs())
         raise
     assert json.loads(record.read_text())["port"] == port
-    assert procs.log("server").count(f"listening on 127.0.0.1:{port}") == 2  # first start and --resume
+    assert procs.log("server").count(f"listening on 127.0.0.1:{port} (mutual TLS)") == 2  # first start, --resume
     _assert_same_model(load_state(run_dir / "checkpoint.safetensors").params, expected)
 
 
