@@ -239,6 +239,9 @@ def _checked(config: Config, old: ServerState, new: ServerState, report: RoundRe
     (sampling moves on) and ``new``'s extras (a privacy ledger keeps what the round spent)."""
     if not report.clients:
         report.rejected = f"no client update was accepted ({len(report.failures)} of {len(report.sampled)} failed)"
+    elif report.aggregate.get("aggregated") == 0:  # e.g. secure aggregation aborted: too few masked inputs
+        why = report.aggregate.get("secagg_abort")
+        report.rejected = "no update could be aggregated" + (f": {why}" if why else "")
     else:
         report.rejected = rejection(config, old, new)
     if report.rejected is not None:
