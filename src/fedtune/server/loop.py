@@ -2,6 +2,10 @@
 
 Each reply is validated (round, sampled, not a duplicate, spec digest, length, finite values) before it
 reaches the strategy; a bad reply becomes a logged failure and the round continues with the others.
+Accepted updates reach the strategy in sampled order, whatever order they arrived in (so the float32 fold
+is bit-identical across transports), with their influence bounded (server/influence.py). A round whose
+aggregate is not finite or explodes, or in which no update was aggregated, is rejected: the model stays as
+it was and ``RoundReport.rejected`` says why.
 """
 
 from __future__ import annotations
