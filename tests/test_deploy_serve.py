@@ -14,7 +14,9 @@ from fedtune.errors import FedtuneError
 
 def test_a_deployment_bounds_updates_unless_told_otherwise() -> None:
     assert parse_config({}).server.update_norm_bound == "auto"  # a simulation: off (bit-identical to before)
-    assert deployment_defaults(parse_config({})).server.update_norm_bound == "adaptive"
+    deployed = deployment_defaults(parse_config({})).server
+    assert deployed.update_norm_bound == deployed.max_examples_per_client == "adaptive"
+    assert parse_config({}).server.max_examples_per_client == "auto"
     for explicit in ("off", 2.5, "adaptive"):
         cfg = parse_config({"server": {"update_norm_bound": explicit}})
         assert deployment_defaults(cfg).server.update_norm_bound == explicit

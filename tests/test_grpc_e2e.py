@@ -83,8 +83,8 @@ def shared(tmp_path_factory, pki):
     """One configuration for the equality and the resume tests, and its in-process simulation (the oracle)."""
     tmp = tmp_path_factory.mktemp("shared")
     cfg = _config(tmp, pki, 0, num_clients=3, rounds=ROUNDS)
-    # `fedtune server` turns server.update_norm_bound "auto" into "adaptive"; the simulation says so itself
-    server = {"update_norm_bound": "adaptive"}
+    # `fedtune server` turns the influence bounds' "auto" into "adaptive"; the simulation says so itself
+    server = {"update_norm_bound": "adaptive", "max_examples_per_client": "adaptive"}
     sim = parse_config({**cfg, "server": server, "run": {**cfg["run"], "out_dir": str(tmp / "sim")}})
     return cfg, simulate(sim, show_progress=False).state.params
 

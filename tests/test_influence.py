@@ -160,6 +160,27 @@ def test_the_adaptive_bound_learns_from_the_round_before() -> None:
     assert np.isfinite(state2.params).all()
 
 
+def test_deployment_defaults_bound_the_overflow_attack_from_round_2() -> None:
+    """`fedtune server`'s defaults (adaptive norm bound and example cap) against the attack of issue #13."""
+    from fedtune.deploy.serve import deployment_defaults
+
+    config = deployment_defaults(_config())
+    strategy, state = build_strategy(config), _state(config)
+    attack = {"c3": (np.full(NUMEL, 1e30, np.float32), 10**12)}
+    state1, report1 = run_round(config, strategy, Network(5, attack=attack), state)
+    assert report1.rejected is not None and state1.params.tobytes() == state.params.tobytes()
+    assert state1.extra["num_examples_median"] == 12  # declared counts 10, 11, 12, 10^12, 14
+    state2, report2 = run_round(config, strategy, Network(5, attack=attack), state1)
+    assert report2.rejected is None
+    attacker = next(c for c in report2.clients if c["client_id"] == "c3")
+    assert attacker["num_examples"] == 36 and attacker["update_clipped"] == 1  # 3 x the medians
+    honest = sorted(l2_norm(_delta(i + 20)) for i in (0, 1, 2, 4))
+    bound = 3.0 * state1.extra["update_norm_median"]
+    total = 10 + 11 + 12 + 36 + 14
+    # the attacker's pull on the mean is at most its capped share of the weight times the norm bound
+    assert l2_norm(state2.params, state1.params) <= 0.7 * (36 / total * bound + max(honest)) * 1.0001
+
+
 def test_a_failed_client_is_not_sent_evaluation() -> None:
     config = _config()
     network = Network(5, attack={"c1": ("fail",)})

@@ -162,8 +162,11 @@ class ServerConfig(Section):
     # re-projected to rank r, remainder to the residual). See docs/STRATEGIES.md for how a residual is applied.
     lora_aggregation: Literal["naive", "ffa", "fedex", "flora", "svd"] = "naive"
     lora_client_ranks: list[PositiveInt] | None = None  # flora: each client's rank drawn from this list (seeded)
-    # bounded influence of one client (docs/THREATS.md): the example count an update is weighted by is capped
-    max_examples_per_client: PositiveInt | None = None
+    # bounded influence of one client (docs/THREATS.md): the example count an update is weighted by is capped:
+    # a number; "adaptive" (adaptive_examples_multiple x the median count of the previous round; round 1
+    # uncapped); "off"; or "auto" (off in a simulation, adaptive in a deployment)
+    max_examples_per_client: PositiveInt | Literal["auto", "off", "adaptive"] = "auto"
+    adaptive_examples_multiple: PositiveFloat = 3.0
     # every update is scaled down to this L2 norm before aggregation: a number; "adaptive" (adaptive_norm_multiple
     # x the median update norm of the previous round; round 1 unclipped); "off"; or "auto" (off in a simulation,
     # adaptive in a deployment: `fedtune server` resolves it)

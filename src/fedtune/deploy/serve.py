@@ -42,11 +42,14 @@ def initial_model(config: Config) -> tuple[np.ndarray, ParamSpec, bool]:
 
 
 def deployment_defaults(config: Config) -> Config:
-    """The config a deployment runs: ``server.update_norm_bound: auto`` becomes ``adaptive`` (a deployment
-    bounds every client's update by default; a simulation, whose clients are ours, does not)."""
-    if config.server.update_norm_bound != "auto":
+    """The config a deployment runs: ``auto`` in ``server.update_norm_bound`` and ``server.max_examples_per_client``
+    becomes ``adaptive`` (a deployment bounds every client's influence by default; a simulation, whose clients
+    are ours, does not)."""
+    keys = ("update_norm_bound", "max_examples_per_client")
+    resolved = {k: "adaptive" for k in keys if getattr(config.server, k) == "auto"}
+    if not resolved:
         return config
-    return config.model_copy(update={"server": config.server.model_copy(update={"update_norm_bound": "adaptive"})})
+    return config.model_copy(update={"server": config.server.model_copy(update=resolved)})
 
 
 def listen_port(config: Config, resume_dir: Path | None) -> int:

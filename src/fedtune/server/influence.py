@@ -1,8 +1,9 @@
 """Bounded influence of one client, and the check that keeps a bad aggregate out of the global model.
 
-Before an update reaches the strategy's fold, its example count is capped (``server.max_examples_per_client``)
-and its L2 norm is bounded (``server.update_norm_bound``: a fixed number, or ``adaptive_norm_multiple`` times
-the median update norm of the previous round). A client can then move the weighted mean by at most
+Before an update reaches the strategy's fold, its example count is capped (``server.max_examples_per_client``:
+a fixed number, or ``adaptive_examples_multiple`` times the median count of the previous round) and its L2
+norm is bounded (``server.update_norm_bound``: a fixed number, or ``adaptive_norm_multiple`` times the median
+update norm of the previous round). A client can then move the weighted mean by at most
 (its capped weight / the total) x the bound, however large the numbers it sends.
 
 After aggregation, ``rejection`` says why the new state must not become the global model: a value that is
@@ -27,6 +28,7 @@ from fedtune.core.params import all_finite, l2_norm
 from fedtune.core.state import ServerState
 
 MEDIAN_KEY = "update_norm_median"  # ServerState.extra: the previous round's median update norm (adaptive)
+EXAMPLES_KEY = "num_examples_median"  # ServerState.extra: the previous round's median example count (adaptive)
 
 
 @dataclass(frozen=True)
@@ -46,7 +48,12 @@ class Bounds:
             bound = float(mode)
         elif mode == "adaptive" and state.extra.get(MEDIAN_KEY):
             bound = srv.adaptive_norm_multiple * float(state.extra[MEDIAN_KEY])
-        return cls(srv.max_examples_per_client, bound, measure=mode not in ("off", "auto"))
+        cap_mode, cap = srv.max_examples_per_client, None
+        if isinstance(cap_mode, int):
+            cap = cap_mode
+        elif cap_mode == "adaptive" and state.extra.get(EXAMPLES_KEY):
+            cap = max(1, math.floor(srv.adaptive_examples_multiple * float(state.extra[EXAMPLES_KEY])))
+        return cls(cap, bound, measure=mode not in ("off", "auto"))
 
     def apply(self, update: ClientUpdate) -> tuple[ClientUpdate, dict]:
         """(the update as it is folded, what was changed: for the client's metrics line). Never mutates."""
@@ -68,12 +75,15 @@ class Bounds:
         return replace(update, num_examples=n, delta=delta), info
 
 
-def with_round_median(config: Config, state: ServerState, norms: list[float]) -> ServerState:
-    """The adaptive bound's memory: this round's median update norm, kept in the state (so resume is exact).
-    A round without updates keeps the previous median."""
-    if config.server.update_norm_bound != "adaptive" or not norms:
-        return state
-    return state.evolve(extra={**state.extra, MEDIAN_KEY: float(statistics.median(norms))})
+def with_round_median(config: Config, state: ServerState, norms: list[float], counts: list[int]) -> ServerState:
+    """The adaptive bounds' memory: this round's median update norm and declared example count, kept in the
+    state (so resume is exact). A round without updates keeps the previous medians."""
+    extra = dict(state.extra)
+    if config.server.update_norm_bound == "adaptive" and norms:
+        extra[MEDIAN_KEY] = float(statistics.median(norms))
+    if config.server.max_examples_per_client == "adaptive" and counts:
+        extra[EXAMPLES_KEY] = float(statistics.median(counts))
+    return state if extra == state.extra else state.evolve(extra=extra)
 
 
 def rejection(config: Config, old: ServerState, new: ServerState) -> str | None:

@@ -40,6 +40,7 @@ class RoundReport:
     seconds: float = 0.0
     rejected: str | None = None  # why the round did not change the model (it does not count as completed)
     norms: list[float] = field(default_factory=list)  # accepted updates' L2 norms, when bounds measure them
+    counts: list[int] = field(default_factory=list)  # accepted updates' declared example counts
 
     @property
     def bytes_down(self) -> int:
@@ -115,6 +116,7 @@ def _accepted(
 
 def _bounded(update: ClientUpdate, report: RoundReport, bounds: Bounds) -> ClientUpdate:
     """The update with its influence bounded (server/influence.py), recorded in the report."""
+    report.counts.append(update.num_examples)  # as declared: the adaptive cap's median
     update, info = bounds.apply(update)
     if "update_norm" in info:
         report.norms.append(info["update_norm"])
@@ -251,7 +253,7 @@ def _checked(config: Config, old: ServerState, new: ServerState, report: RoundRe
     if report.rejected is not None:
         logging.getLogger("fedtune").warning("round %d rejected: %s", report.round, report.rejected)
         new = new.evolve(params=old.params, arrays=old.arrays)
-    return with_round_median(config, new, report.norms)
+    return with_round_median(config, new, report.norms, report.counts)
 
 
 def run_rounds(
