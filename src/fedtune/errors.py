@@ -28,3 +28,8 @@ class CheckpointError(FedtuneError):
 class NoRoundCompleted(FedtuneError):
     """A run ran rounds and none of them changed the model (every client failed, or every aggregate was
     rejected): the command exits non-zero."""
+
+
+class DataWarning(UserWarning):
+    """Data was left out (a client without held-out data, examples truncated away, clients dropped); the
+    message gives the counts. Run with ``-W error::fedtune.errors.DataWarning`` to make it fatal."""
