@@ -202,8 +202,9 @@ def test_a_run_in_which_every_client_fails_exits_with_an_error(tmp_path) -> None
     with pytest.raises(NoRoundCompleted, match="none of rounds 1-2"):
         _serve(tmp_path, network, _config())
     run_dir = next(tmp_path.iterdir())
-    summary = json.loads((run_dir / "summary.json").read_text())
-    assert summary["rounds_completed"] == 0 and summary["rounds_failed"] == [1, 2]
+    status = json.loads((run_dir / "status.json").read_text())  # what the dashboard and report.html show
+    assert status["state"] == "failed" and "none of rounds 1-2" in status["reason"]
+    assert status["rounds_failed"] == [1, 2] and not (run_dir / "summary.json").exists()  # summary: finished runs
     rounds = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
     assert [r.get("status") for r in rounds if r["kind"] == "round" and r["round"] > 0] == ["failed", "failed"]
     assert "no client update was accepted (5 of 5 failed)" in summary_reason(rounds)

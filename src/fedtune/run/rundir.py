@@ -7,6 +7,10 @@ checkpoint.safetensors    the ServerState after the last round (atomic, SHA-256 
 checkpoint.prev.safetensors  the one before it, resumed (with a warning) when the latest is corrupt
 server.json               `fedtune server`: the port it bound (reused by --resume when deployment.port is 0)
 summary.json              written when the run finishes
+status.json               what the coordinator and each client are doing now (read by the dashboard)
+report.html               a self-contained report, written when the run ends (however it ends)
+trackers.json             the MLflow and W&B run ids (a resumed run continues them)
+tensorboard/ mlruns/ wandb/   what run.trackers asked for
 """
 
 from __future__ import annotations
@@ -64,13 +68,14 @@ def load_run_config(run_dir: Path, overrides: list[str] | None = None) -> Config
     return load_config(Path(run_dir) / CONFIG, overrides)
 
 
-def _clean(value: Any) -> Any:
+def clean_json(value: Any) -> Any:
+    """``value`` with NaN and infinities as None (strict JSON, which browsers and other tools parse)."""
     if isinstance(value, float) and not math.isfinite(value):
         return None
     if isinstance(value, dict):
-        return {k: _clean(v) for k, v in value.items()}
+        return {k: clean_json(v) for k, v in value.items()}
     if isinstance(value, list):
-        return [_clean(v) for v in value]
+        return [clean_json(v) for v in value]
     return value
 
 
@@ -83,7 +88,7 @@ class MetricsLog:
     def append(self, records: list[dict]) -> None:
         with open(self.path, "a") as fh:
             for rec in records:
-                fh.write(json.dumps(_clean(rec)) + "\n")
+                fh.write(json.dumps(clean_json(rec)) + "\n")
             fh.flush()
             os.fsync(fh.fileno())
 
