@@ -234,7 +234,7 @@ def test_too_many_dropouts_abort_the_round_cleanly_and_the_next_round_runs(tmp_p
         raise
     run_dir = find_run_dir(tmp_path)
     records = {r["round"]: r for r in _rounds(run_dir)}
-    assert records[1]["agg_aggregated"] == 0
+    assert records[1]["agg_aggregated"] == 0 and records[1]["status"] == "failed"  # not a completed round
     assert "2 masked inputs arrived, at least 3 are needed" in records[1]["agg_secagg_abort"]
     assert records[1]["eval_loss"] == records[0]["eval_loss"]  # the same model, evaluated on the same data
     assert records[2]["agg_aggregated"] == 3 and records[2]["agg_secagg_survivors"] == 3
