@@ -14,7 +14,8 @@ accountant's ledger. A checkpoint therefore resumes the privacy accounting exact
 Fewer replies than sampled (failures, rejections, SecAgg dropouts) keep the guarantee: the noise is
 calibrated to one client's contribution (C), not to the number who replied; the denominator is the
 expected count, fixed before the round; and the round is charged to the ledger as planned. The missing
-clients only make the released mean smaller. ``agg_aggregated`` against ``clients_sampled`` in
+clients only make the released mean smaller. A SecAgg round that aborts releases nothing (no sum is ever
+unmasked) and is not charged. ``agg_aggregated`` against ``clients_sampled`` in
 metrics.jsonl, and the loop's failure lines, show every such round.
 """
 
@@ -177,11 +178,7 @@ class DPFedAvg:
             coord_bound=clip,
             channels=(UNCLIPPED,) if count_noise else (),
         )
-        # The round is charged whatever happens next: the noise (or an abort) is released either way.
-        ledger = accountant.append(dp_state["ledger"], entry)
-        eps = accountant.epsilon(ledger, self.dp.delta, accountant=self.dp.accountant)
         metrics: dict[str, Any] = {
-            "epsilon": eps,
             "dp_delta": self.dp.delta,
             "dp_noise_multiplier": z,
             "dp_clip": clip,
@@ -191,8 +188,15 @@ class DPFedAvg:
         try:
             total = self.summer(updates, plan)
         except SecAggAbort as err:
-            new_dp = {**dp_state, "ledger": ledger}
-            return self._with(skip_round(state), new_dp), {**metrics, "aggregated": 0, "secagg_abort": str(err)}
+            # An aborted SecAgg round releases nothing: the server never unmasks a sum (every abort comes
+            # before the last mask is removed, server.py), adds no noise and keeps the model. Whether it
+            # aborts depends on dropouts only (assumption 6 of docs/PRIVACY.md), so it is not charged.
+            eps = accountant.epsilon(dp_state["ledger"], self.dp.delta, accountant=self.dp.accountant)
+            abort = {"epsilon": eps, "dp_charged": 0, "aggregated": 0, "secagg_abort": str(err)}
+            return self._with(skip_round(state), dp_state), {**metrics, **abort}
+        # From here the round releases a noised sum whatever else happens: it is charged.
+        ledger = accountant.append(dp_state["ledger"], entry)
+        metrics.update(epsilon=accountant.epsilon(ledger, self.dp.delta, accountant=self.dp.accountant), dp_charged=1)
         noise = gaussian(
             plan.numel, z_update * clip, seed=self.seed, scope=("dp-noise", round_idx), secure=self.dp.secure_rng
         )

@@ -28,6 +28,7 @@ from fedtune.config.privacy import SecAggConfig
 from fedtune.core.messages import ClientUpdate
 from fedtune.core.rng import derive_rng, derive_seed
 from fedtune.privacy.errors import PrivacyError, SecAggAbort, TamperingDetected
+from fedtune.privacy.secagg.availability import secagg_plan
 from fedtune.privacy.secagg.client import SecAggClient
 from fedtune.privacy.secagg.messages import (
     HELD,
@@ -206,6 +207,7 @@ class SecureSummer:
 
     def params(self, plan: SumPlan, num_clients: int) -> PublicParams:
         spec = field_for(num_clients, value_bits=self.cfg.value_bits)
+        graph = secagg_plan(self.cfg, num_clients)  # h14dp: k and t chosen for availability
         graph_seed = hashlib.sha256(f"secagg-graph/{derive_seed(self.seed, 'secagg-graph', plan.round)}".encode())
         return PublicParams(
             round=plan.round,
@@ -216,8 +218,8 @@ class SecureSummer:
             l2_bound=plan.l2_bound or 0.0,
             modulus_bits=spec.modulus_bits,
             levels=spec.levels,
-            threshold=self.cfg.threshold,
-            neighbours=self.cfg.neighbours or 0,
+            threshold=graph.threshold,
+            neighbours=graph.neighbours,
             graph_seed=graph_seed.digest(),
             weight_cap=plan.weight_cap,
         )
@@ -297,6 +299,8 @@ def decode_sum(
         "secagg_survivors": count,
         "secagg_dropped": len(result.dropped),
         "secagg_field_bits": params.modulus_bits,
+        "secagg_neighbours": params.neighbours,  # 0: the complete graph
+        "secagg_threshold": params.threshold,
         "secagg_bytes_up_per_client": sum(traffic.up.values()) / n,
         "secagg_bytes_down_per_client": sum(traffic.down.values()) / n,
         "secagg_client_seconds": sum(traffic.client_seconds.values()) / n,
