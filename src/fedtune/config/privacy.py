@@ -43,11 +43,21 @@ class DPConfig(Section):
     accountant: Literal["rdp", "pld"] = "rdp"  # dp-accounting's Renyi-DP or privacy-loss-distribution accountant
     adaptive: AdaptiveClipConfig | None = None  # null: fixed clipping at ``clip``
     secure_rng: bool = False  # noise and sampling from a CSPRNG seeded by the OS (production; not reproducible)
+    # distributed DP: each client adds Skellam noise to its update inside secure aggregation (Agarwal et al.
+    # 2021), so not even the server sees an un-noised sum; needs secure_aggregation and clients_per_round
+    distributed: bool = False
 
     @model_validator(mode="after")
     def _check(self) -> DPConfig:
         if (self.noise_multiplier is None) == (self.target_epsilon is None):
             raise ValueError("set exactly one of privacy.dp.noise_multiplier and privacy.dp.target_epsilon")
+        if self.distributed and self.adaptive is not None:
+            raise ValueError(
+                "privacy.dp.distributed cannot be accounted with privacy.dp.adaptive: the clipping bits would need "
+                "their own distributed noise; use a fixed clip"
+            )
+        if self.distributed and self.accountant != "rdp":
+            raise ValueError("privacy.dp.distributed is accounted by the Skellam RDP bound: set accountant 'rdp'")
         if self.sampling == "fixed" and self.accountant == "pld":
             raise ValueError(
                 "privacy.dp.accountant 'pld' cannot account fixed-size sampling (without replacement); "
@@ -183,6 +193,8 @@ def check_privacy_rules(config: object) -> None:
             raise ValueError(
                 f"server.lora_aggregation {lora_mode!r} needs individual adapters, incompatible with {key}"
             )
+    if privacy.dp is not None and privacy.dp.distributed:
+        check_distributed_dp(privacy, config.federation.clients_per_round)  # type: ignore[attr-defined]
     if privacy.secure_aggregation is not None:
         check_secagg_availability(privacy.secure_aggregation, config.federation.clients_per_round)  # type: ignore[attr-defined]
     if privacy.dpsgd is not None:
@@ -227,4 +239,23 @@ def check_secagg_availability(secagg: SecAggConfig, clients: int | None) -> None
             f"to {given.abort_bound:.3g} of rounds of {clients} clients at expected_dropout="
             f"{secagg.expected_dropout:g}, above failure_probability={secagg.failure_probability:g}; leave both "
             f"null to choose them (here neighbours {k}, threshold just above 1/2), or declare the dropout you expect"
+        )
+
+
+def check_distributed_dp(privacy: PrivacyConfig, clients_per_round: int | None) -> None:
+    """Distributed DP's cross-section rules: what its accounting and its noise split rest on."""
+    if privacy.secure_aggregation is None:
+        raise ValueError(
+            "privacy.dp.distributed needs privacy.secure_aggregation: the clients' noise shares are each too small "
+            "to protect an update the server could see on its own"
+        )
+    if privacy.secure_aggregation.value_bits is not None:
+        raise ValueError(
+            "privacy.dp.distributed carries noised integers in the 32-bit field: set "
+            "privacy.secure_aggregation.value_bits to null"
+        )
+    if clients_per_round is None:
+        raise ValueError(
+            "privacy.dp.distributed needs federation.clients_per_round (not fraction): each client splits the noise "
+            "by the number of clients it expects, computed from its own config"
         )

@@ -13,6 +13,8 @@ Sampling and adjacency:
   z / 2: ``SampledWithoutReplacementDpEvent(n, m, GaussianDpEvent(z / 2))`` (RDP only).
 * ``gaussian_replace``: a Gaussian mechanism without amplification under replace-one adjacency (local
   DP-SGD over shuffled minibatches), again with multiplier z / 2.
+* ``skellam``: distributed DP's Skellam mechanism (``{"l2", "l1", "mu"}``: sensitivities and noise variance
+  in integer units), replace-one, no amplification; its RDP is fedtune.privacy.distributed.skellam_rdp.
 """
 
 from __future__ import annotations
@@ -103,6 +105,14 @@ def epsilon(ledger: Sequence[Entry], delta: float, *, accountant: str = "rdp") -
     """
     if not ledger:
         return 0.0
+    kinds = {e["sampling"] for e in ledger}
+    if "skellam" in kinds:  # distributed DP: Skellam RDP (fedtune.privacy.distributed), not a dp-accounting event
+        if kinds != {"skellam"} or accountant != "rdp":
+            raise ValueError("a ledger of Skellam (distributed DP) rounds is accounted alone, by RDP")
+        from fedtune.privacy.distributed import epsilon as skellam_epsilon
+
+        eps = skellam_epsilon(ledger, delta)
+        return eps if math.isfinite(eps) else math.inf
     acc = make_accountant(accountant, _relation(ledger))
     with _quiet_absl():
         acc.compose(dp_accounting.ComposedDpEvent([_event(e) for e in ledger]))

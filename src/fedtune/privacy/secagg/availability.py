@@ -37,6 +37,7 @@ from fedtune.config.privacy import SecAggConfig
 from fedtune.privacy.secagg.graph import neighbour_graph
 
 log = logging.getLogger("fedtune.secagg")
+_WARNED: set[tuple[int, SecAggConfig]] = set()
 
 
 def shares_needed(threshold: float, degree: int) -> int:
@@ -173,7 +174,8 @@ def secagg_plan(cfg: SecAggConfig, num_clients: int) -> SecAggPlan:
         threshold=cfg.threshold,
         neighbours=cfg.neighbours,
     )
-    if chosen.abort_bound > cfg.failure_probability:
+    if chosen.abort_bound > cfg.failure_probability and (num_clients, cfg) not in _WARNED:
+        _WARNED.add((num_clients, cfg))  # once per round size, not every round
         log.warning(
             "secure aggregation with %d clients: rounds may abort with probability up to %.3g at expected_dropout "
             "%g (target failure_probability %g); sample more clients per round or lower the threshold",

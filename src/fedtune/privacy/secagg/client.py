@@ -53,11 +53,19 @@ def share_aad(round_idx: int, sender: str, recipient: str) -> bytes:
 
 
 def encode_input(
-    values: np.ndarray, params: PublicParams, *, weight: float, channels: Sequence[float], rng: np.random.Generator
+    values: np.ndarray,
+    params: PublicParams,
+    *,
+    weight: float,
+    channels: Sequence[float],
+    rng: np.random.Generator,
+    integers: np.ndarray | None = None,
 ) -> np.ndarray:
     """The client's plaintext field vector: quantised values, then its weight, then its channels."""
     if values.shape != (params.num_values,):
         raise SecAggAbort(f"update has {values.shape} values, the round expects {params.num_values}")
+    if integers is not None:  # h14dp: distributed DP, the client's noised integers replace its quantised values
+        return _integer_input(integers, params, channels)
     b, levels = params.bound, params.levels
     if params.weighted:  # example weighting: the client sends w_k x_k and w_k, the server divides the sums
         if not 0.0 < weight <= 1.0:
@@ -74,6 +82,15 @@ def encode_input(
     return np.concatenate(parts)
 
 
+def _integer_input(integers: np.ndarray, params: PublicParams, channels: Sequence[float]) -> np.ndarray:
+    """Distributed DP (fedtune.privacy.distributed): int64 values taken mod 2^32, unweighted, no channels."""
+    if integers.shape != (params.num_values,) or integers.dtype != np.int64:
+        raise SecAggAbort(f"distributed DP input has {integers.shape} {integers.dtype}, expected int64 values")
+    if params.modulus_bits != 32 or params.weighted or params.channels or channels:
+        raise SecAggAbort("distributed DP needs the 32-bit field, no weighting and no channels")
+    return (integers & np.int64(0xFFFFFFFF)).astype(np.uint32)
+
+
 class SecAggClient:
     def __init__(
         self,
@@ -84,9 +101,10 @@ class SecAggClient:
         weight: float = 1.0,
         channels: Sequence[float] = (),
         rng: np.random.Generator,
+        integers: np.ndarray | None = None,  # distributed DP's noised integers (h14dp)
     ) -> None:
         self.id, self.params = client_id, params
-        self.plain = encode_input(values, params, weight=weight, channels=channels, rng=rng)
+        self.plain = encode_input(values, params, weight=weight, channels=channels, rng=rng, integers=integers)
         self._c_key, self._s_key = crypto.new_private_key(), crypto.new_private_key()
         self._b = os.urandom(crypto.KEY_BYTES)  # self-mask seed: hides y_u even if s_u is reconstructed
         self._roster: dict[str, tuple[bytes, bytes]] = {}

@@ -27,6 +27,7 @@ import numpy as np
 from fedtune.config.privacy import SecAggConfig
 from fedtune.core.messages import ClientUpdate
 from fedtune.core.rng import derive_rng, derive_seed
+from fedtune.privacy.distributed import SkellamPlan, lift
 from fedtune.privacy.errors import PrivacyError, SecAggAbort, TamperingDetected
 from fedtune.privacy.secagg.availability import secagg_plan
 from fedtune.privacy.secagg.client import SecAggClient
@@ -247,7 +248,9 @@ class SecureSummer:
         traffic = Traffic()
         local = LocalPeers(peers, drop_before=drops, traffic=traffic)
         result = _run(SecAggServer(params, list(inputs)), local, traffic)
-        return decode_sum(result, params, traffic=traffic, invited=len(inputs), rejected=rejected)
+        return decode_sum(
+            result, params, traffic=traffic, invited=len(inputs), rejected=rejected, integers=plan.integers
+        )
 
     def _remote(self, updates: list[ClientUpdate], plan: SumPlan, network: SecAggNetwork) -> LinearSum:
         plain = [u.client_id for u in updates if not u.metrics.get(HELD)]
@@ -259,7 +262,7 @@ class SecureSummer:
         params = self.params(plan, len(ids))
         traffic = Traffic()
         result = _run(SecAggServer(params, ids), network, traffic)
-        return decode_sum(result, params, traffic=traffic, invited=len(ids))
+        return decode_sum(result, params, traffic=traffic, invited=len(ids), integers=plan.integers)
 
 
 def _run(server: SecAggServer, network: SecAggNetwork, traffic: Traffic) -> SecAggResult:
@@ -285,11 +288,20 @@ def _empty(plan: SumPlan) -> LinearSum:
 
 
 def decode_sum(
-    result: SecAggResult, params: PublicParams, *, traffic: Traffic, invited: int, rejected: int = 0
+    result: SecAggResult,
+    params: PublicParams,
+    *,
+    traffic: Traffic,
+    invited: int,
+    rejected: int = 0,
+    integers: SkellamPlan | None = None,
 ) -> LinearSum:
     """Dequantise the integer sum into (sum of values, sum of weights, channel sums)."""
     count, d, b = len(result.survivors), params.num_values, params.bound
-    total = dequantize_sum(result.total[:d], lo=-b, hi=b, levels=params.levels, count=count)
+    if integers is not None:  # h14dp: distributed DP, a noised integer sum (fedtune.privacy.distributed)
+        total = lift(result.total[:d], integers)
+    else:
+        total = dequantize_sum(result.total[:d], lo=-b, hi=b, levels=params.levels, count=count)
     scalars = dequantize_sum(result.total[d:], lo=0.0, hi=1.0, levels=params.levels, count=count)
     weight = float(scalars[0]) if params.weighted else float(count)
     channels = dict(zip(params.channels, scalars[int(params.weighted) :].tolist(), strict=True))

@@ -16,6 +16,7 @@ from collections.abc import Callable
 
 from fedtune.core.messages import ClientUpdate
 from fedtune.core.rng import derive_rng
+from fedtune.privacy.ddp_client import DDP_KEY
 from fedtune.privacy.errors import SecAggAbort
 from fedtune.privacy.secagg.client import SecAggClient
 from fedtune.privacy.secagg.messages import Forwarded, Message, PublicParams, Roster, UnmaskRequest, decode, encode
@@ -42,6 +43,7 @@ def client_for(update: ClientUpdate, params: PublicParams, *, seed: int) -> SecA
         weight=min(update.num_examples, params.weight_cap) / params.weight_cap,
         channels=channels,
         rng=derive_rng(seed, "secagg-quantise", params.round, update.client_id),
+        integers=update.extras.get(DDP_KEY),  # distributed DP: already noised on the client (h14dp)
     )
 
 
