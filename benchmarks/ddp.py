@@ -118,6 +118,28 @@ def render(rows: list[dict], args: argparse.Namespace, command: str) -> str:
             f"| {names[r['kind']]} | {eps} | {z} | {std} | {r['perplexity']:.2f} | {r['field_bits']} | "
             f"{r['bits_up_per_value']:.2f} | {r['seconds']:.0f} |"
         )
+    by = {r["kind"]: r for r in rows}
+    if "central" in by and "distributed" in by:
+        c, d = by["central"], by["distributed"]
+        lines += [
+            "",
+            f"At the same target epsilon distributed DP needs {d['noise_std'] / c['noise_std']:.2f}x the noise "
+            "on the sum: it claims no amplification by sampling (central DP's sampled-without-replacement "
+            "accounting does), and its clients split the noise among the survivors they plan for "
+            "(clients_per_round x (1 - expected_dropout), rounded down), so a round where all survive adds "
+            "more than planned and spends less (final epsilon "
+            f"{d['epsilon']:.2f} against the target {args.epsilon:g}). The upload is the same for both: the "
+            "32-bit SecAgg field carries the quantised (central) or noised integer (distributed) values; the "
+            "bits above 32 are SecAgg's keys and shares, which shrink relative to the vector as it grows.",
+        ]
+    if args.model == "tiny-llama":
+        lines += [
+            "",
+            "These figures use `tiny-llama` (random weights: perplexities near its vocabulary size, so the "
+            "columns compare noise levels, not model quality): the SmolLM2-135M demo did not finish one "
+            "variant within 10 minutes on the shared 2-core machine (load average 15-20). "
+            "`--model smollm2-135m-instruct` (the default) runs the same comparison on the demo's model.",
+        ]
     return "\n".join(lines)
 
 
