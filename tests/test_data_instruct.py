@@ -38,19 +38,18 @@ def test_jsonl_skips_blank_lines(tmp_path: Path) -> None:
 @pytest.mark.parametrize(
     ("name", "content", "match"),
     [
-        ("a.jsonl", '{"instruction": "x", "output": "y"}\n{"instruction": "x"}\n', r"a\.jsonl: line 2: .*'output'"),
+        ("a.jsonl", '{"instruction": "x", "output": "y"}\n{"instruction": "x"}\n', r"a\.jsonl: row 2: .*'output'"),
         (
             "b.json",
             json.dumps([{"instruction": "x", "output": "y"}, {"output": "y"}]),
-            r"b\.json: item 1: .*'instruction'",
+            r"b\.json: row 2: .*'instruction'",
         ),
-        ("c.json", json.dumps({"instruction": "x", "output": "y"}), r"c\.json: expected a JSON list"),
-        ("d.jsonl", '{"instruction": "x", "output": "y"}\n{oops\n', r"d\.jsonl: line 2: invalid JSON"),
-        ("e.jsonl", '["instruction", "output"]\n', r"e\.jsonl: line 1: expected an object"),
+        ("d.jsonl", '{"instruction": "x", "output": "y"}\n{oops\n', r"d\.jsonl: cannot read as json .*JSON parse"),
+        ("e.jsonl", '["instruction", "output"]\n', r"e\.jsonl: cannot tell the instruction format"),
         (
             "f.json",
             json.dumps([{"instruction": "x", "output": 3}]),
-            r"f\.json: item 0: field 'output' must be a string",
+            r"f\.json: row 1: field 'output' must be a string",
         ),
         ("g.json", "[]", r"g\.json: no examples"),
     ],

@@ -40,7 +40,7 @@ def test_single_file_is_one_pool(tmp_path: Path) -> None:
 def test_errors_name_the_path(tmp_path: Path) -> None:
     with pytest.raises(DataError, match="missing"):
         load_text(tmp_path / "missing", 0.2)
-    with pytest.raises(DataError, match=r"no \.txt files"):
+    with pytest.raises(DataError, match=r"holds no data files"):
         load_text(tmp_path, 0.2)
     (tmp_path / "latin.txt").write_bytes(b"caf\xe9\n")
     with pytest.raises(DataError, match=r"latin\.txt"):

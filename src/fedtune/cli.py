@@ -1,4 +1,4 @@
-"""The ``fedtune`` command line: run, generate, export."""
+"""The ``fedtune`` command line: run, validate, init, generate, predict, export (and the networked commands)."""
 
 from __future__ import annotations
 
@@ -9,6 +9,7 @@ from typing import Annotated
 
 import typer
 from rich.console import Console
+from rich.markup import escape
 from rich.table import Table
 
 from fedtune.errors import FedtuneError
@@ -20,7 +21,7 @@ SetOpt = Annotated[list[str] | None, typer.Option("--set", help="Override a conf
 
 
 def _fail(err: Exception) -> None:
-    console.print(f"[bold red]error:[/bold red] {err}")
+    console.print(f"[bold red]error:[/bold red] {err}", soft_wrap=True)
     raise typer.Exit(code=2)
 
 
@@ -53,8 +54,10 @@ def _summary(result) -> None:
                 seed=cfg.seed,
                 chat=cfg.data.source == "instruct",  # plain-text fine-tuning: continue the text as is
             )
-            console.print(f"[bold]{label} sample[/bold] {cfg.eval.sample_prompt!r} ->\n{text.strip()}\n")
-    console.print(f"run directory: {result.run_dir}  (metrics.jsonl, metrics.png, checkpoint)")
+            prompt = escape(repr(cfg.eval.sample_prompt))
+            console.print(f"[bold]{label} sample[/bold] {prompt} ->", soft_wrap=True)
+            console.print(text.strip() + "\n", markup=False, highlight=False, soft_wrap=True)  # model text as is
+    console.print(f"run directory: {result.run_dir}  (metrics.jsonl, metrics.png, checkpoint)", soft_wrap=True)
 
 
 @app.command()
@@ -63,12 +66,17 @@ def run(
     set_: SetOpt = None,
     resume: Annotated[Path | None, typer.Option(help="Continue this run directory.")] = None,
     quiet: Annotated[bool, typer.Option(help="No progress bars.")] = False,
+    dry_run: Annotated[
+        bool, typer.Option("--dry-run", help="Load the config, data and model and stop (as `fedtune validate`).")
+    ] = False,
 ) -> None:
     """Run a simulated federation from CONFIG (or continue one with --resume RUN_DIR)."""
     from fedtune.config import load_config
+    from fedtune.run.interrupt import RunInterrupted
     from fedtune.run.rundir import load_run_config
     from fedtune.run.session import simulate
 
+    result = None
     try:
         if resume is not None:
             if config is not None:
@@ -78,18 +86,36 @@ def run(
             raise FedtuneError("missing CONFIG (or --resume RUN_DIR)")
         else:
             cfg = load_config(config, set_ or [])
+        if dry_run:
+            from fedtune.run.commands import check_config
+
+            return check_config(resume / "config.yaml" if resume else config, set_ or [], console)
         result = simulate(cfg, resume_dir=resume, console=console, show_progress=not quiet and sys.stderr.isatty())
         _summary(result)
     except FedtuneError as err:
         _fail(err)
+    except KeyboardInterrupt as stop:  # Ctrl-C: say how to continue, exit like an interrupted shell command
+        if isinstance(stop, RunInterrupted):
+            hint = stop.hint()
+        elif result is not None:  # during the summary: the run itself is complete
+            hint = f"interrupted after the run finished; everything is in {result.run_dir}"
+        else:
+            hint = "interrupted before the first round started"
+        console.print(f"[yellow]{hint}[/yellow]", soft_wrap=True)
+        raise typer.Exit(code=130) from None
 
 
 @app.command()
 def generate(
     run_dir: Annotated[Path, typer.Argument(help="A run directory.")],
     prompt: Annotated[str, typer.Option(help="Text to continue.")],
-    max_new_tokens: Annotated[int, typer.Option(help="Tokens to generate.")] = 60,
-    seed: Annotated[int, typer.Option(help="Sampling seed.")] = 0,
+    max_new_tokens: Annotated[
+        int | None, typer.Option(help="Tokens to generate (default: the model's generation_config.json, else 60).")
+    ] = None,
+    greedy: Annotated[bool, typer.Option("--greedy", help="Always pick the most likely token.")] = False,
+    temperature: Annotated[float | None, typer.Option(help="Sampling temperature (turns sampling on).")] = None,
+    top_p: Annotated[float | None, typer.Option("--top-p", help="Nucleus sampling mass (turns sampling on).")] = None,
+    seed: Annotated[int, typer.Option(help="Sampling seed (same seed, same text).")] = 0,
     chat: Annotated[
         bool | None,
         typer.Option(
@@ -97,32 +123,45 @@ def generate(
         ),
     ] = None,
 ) -> None:
-    """Generate text with the federated model of RUN_DIR."""
+    """Generate text with the federated model of RUN_DIR.
+
+    Sampling settings: the flags, else the model's generation_config.json, else temperature 0.8, top_p 0.95."""
+    from fedtune.data.cache import default_cache_dir
+    from fedtune.models.hub import resolve_model
     from fedtune.run.artifacts import load_trained_task
-    from fedtune.run.generate import generate_text
+    from fedtune.run.generate import generate_text, model_generation_defaults, sampling_settings
     from fedtune.run.rundir import load_run_config
 
     try:
+        cfg = load_run_config(run_dir)
+        if cfg.model.kind != "causal_lm":
+            raise FedtuneError(f"generate needs a causal language model; this run trained a {cfg.model.kind}")
+        defaults = model_generation_defaults(resolve_model(cfg.model.name, default_cache_dir(cfg.data.cache_dir)))
+        sampling, tokens = sampling_settings(
+            defaults, greedy=greedy, temperature=temperature, top_p=top_p, max_new_tokens=max_new_tokens
+        )
         task, _ = load_trained_task(run_dir)
-        if task.kind != "causal_lm":
-            raise FedtuneError(f"generate needs a causal language model; this run trained a {task.kind}")
         if chat is None:
-            chat = load_run_config(run_dir).data.source == "instruct"
-        console.print(generate_text(task, prompt, max_new_tokens=max_new_tokens, seed=seed, chat=chat))
+            chat = cfg.data.source == "instruct"
+        text = generate_text(task, prompt, max_new_tokens=tokens, seed=seed, chat=chat, sampling=sampling)
     except FedtuneError as err:
         _fail(err)
+    print(text)  # plain: no wrapping or markup when piped
 
 
 @app.command()
 def export(
     run_dir: Annotated[Path, typer.Argument(help="A run directory.")],
     out_dir: Annotated[Path, typer.Argument(help="Where to write model/ and adapter/.")],
+    dtype: Annotated[
+        str | None, typer.Option(help="Cast the written weights: float32, bfloat16 or float16 (default: as trained).")
+    ] = None,
 ) -> None:
     """Export the federated model: a merged folder plain transformers loads, and the peft adapter."""
     from fedtune.run.export import export_run
 
     try:
-        export_run(run_dir, out_dir)
+        export_run(run_dir, out_dir, dtype=dtype)
         console.print(f"exported to {out_dir}")
     except FedtuneError as err:
         _fail(err)
@@ -133,6 +172,12 @@ from fedtune.deploy.commands import certs_cmd, client_cmd, server_cmd  # noqa: E
 app.command("server")(server_cmd)
 app.command("client")(client_cmd)
 app.command("certs")(certs_cmd)
+
+from fedtune.run.commands import init_cmd, predict_cmd, validate_cmd  # noqa: E402
+
+app.command("validate")(validate_cmd)
+app.command("init")(init_cmd)
+app.command("predict")(predict_cmd)
 
 
 def _quiet_libraries() -> None:
@@ -151,8 +196,20 @@ def _quiet_libraries() -> None:
         pass
 
 
+def _version(value: bool) -> None:
+    if value:
+        from fedtune import __version__
+
+        print(f"fedtune {__version__}")
+        raise typer.Exit()
+
+
 @app.callback()
-def _setup() -> None:
+def _setup(
+    version: Annotated[
+        bool, typer.Option("--version", callback=_version, is_eager=True, help="Print the version and exit.")
+    ] = False,
+) -> None:
     _quiet_libraries()
 
 

@@ -23,3 +23,8 @@ class UpdateRejected(FedtuneError):
 
 class CheckpointError(FedtuneError):
     """A checkpoint or run directory is missing, corrupt, or from an incompatible run."""
+
+
+class DataWarning(UserWarning):
+    """Data was left out (a client without held-out data, examples truncated away, clients dropped); the
+    message gives the counts. Run with ``-W error::fedtune.errors.DataWarning`` to make it fatal."""

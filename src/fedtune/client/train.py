@@ -10,6 +10,7 @@ this process (``WholeBatch``), or this rank's shard of it under data parallelism
 from __future__ import annotations
 
 import math
+import time
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 from typing import Protocol
@@ -20,6 +21,20 @@ from fedtune.config.schema import ClientConfig
 from fedtune.core.rng import derive_seed, derive_torch_generator
 from fedtune.tasks.base import Example, Task
 
+
+@dataclass(frozen=True)
+class StepProgress:
+    """Where one client's local training is, reported after every optimizer step (for progress displays)."""
+
+    client_id: str
+    round: int
+    step: int  # steps done
+    total_steps: int
+    examples: int  # training examples processed so far this round
+    seconds: float  # since local training started
+
+
+StepCallback = Callable[[StepProgress], None]
 LossTerm = Callable[[], torch.Tensor]  # extra differentiable loss added to each step's loss
 GradHook = Callable[[], None]  # runs after backward, before the optimizer step (may edit .grad)
 
@@ -83,11 +98,12 @@ def local_train(
     client_id: str,
     hooks: LocalHooks | None = None,
     batch_loss: BatchLoss = WHOLE_BATCH,
+    on_step: StepCallback | None = None,
 ) -> LocalResult:
     """Train ``task.module``'s trainable parameters in place on ``examples``.
 
     ``task.module`` may be a wrapper while this runs (DDP): the parameters are read from it, and its
-    forward is what ``task.loss`` calls."""
+    forward is what ``task.loss`` calls. ``on_step`` hears about every finished step (a progress bar)."""
     if not examples:
         raise ValueError(f"client {client_id} has no training examples")
     hooks = hooks or LocalHooks()
@@ -105,6 +121,7 @@ def local_train(
 
     task.module.train()
     losses: list[float] = []
+    started, seen = time.perf_counter(), 0
     while len(losses) < total_steps:
         for batch_examples in _batches(examples, batch_size, shuffle):
             total, reported = batch_loss(task, batch_examples)
@@ -118,6 +135,10 @@ def local_train(
                 torch.nn.utils.clip_grad_norm_(params, cfg.max_grad_norm)
             optimizer.step()
             losses.append(reported)
+            seen += len(batch_examples)
+            if on_step is not None:
+                elapsed = time.perf_counter() - started
+                on_step(StepProgress(client_id, round_idx, len(losses), total_steps, seen, elapsed))
             if len(losses) >= total_steps:
                 break
     task.module.eval()

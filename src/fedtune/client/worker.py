@@ -19,7 +19,7 @@ import numpy as np
 import torch
 
 from fedtune.client.hooks import LoraResidual
-from fedtune.client.train import WHOLE_BATCH, BatchLoss, LocalHooks, LocalResult, local_train
+from fedtune.client.train import WHOLE_BATCH, BatchLoss, LocalHooks, LocalResult, StepCallback, local_train
 from fedtune.client.weights import TrainableView
 from fedtune.config.schema import ClientConfig
 from fedtune.core.messages import ClientEval, ClientUpdate, EvalInstruction, FitInstruction
@@ -58,6 +58,7 @@ class ClientWorker:
         self.update_transforms = list(update_transforms)
         self._encoded: dict[tuple[str, bool], list[Example]] = {}
         self.residual = LoraResidual()  # inert unless a request carries "lora/residual/<module>" arrays
+        self.on_step: StepCallback | None = None  # told after every local step (the simulation's progress bar)
 
     def examples(self, client_id: str, *, train: bool) -> list[Example]:
         """Encoded examples of one client, tokenised once and cached."""
@@ -112,6 +113,7 @@ class ClientWorker:
             client_id=instr.client_id,
             hooks=hooks,
             batch_loss=batch_loss,
+            on_step=self.on_step,
         )
 
     def fit(self, instr: FitInstruction) -> ClientUpdate:

@@ -9,6 +9,7 @@ import yaml
 from pydantic import ValidationError
 
 from fedtune.config.schema import Config
+from fedtune.config.suggest import unknown_key_message
 from fedtune.errors import ConfigError
 
 
@@ -18,7 +19,7 @@ def _format_validation(err: ValidationError, source: str) -> str:
         key = ".".join(str(p) for p in item["loc"]) or "(top level)"
         msg = item["msg"].removeprefix("Value error, ")
         if item["type"] == "extra_forbidden":
-            msg = "unknown key"
+            msg = unknown_key_message(Config, item["loc"])
         lines.append(f"  {key}: {msg}")
     return "\n".join(lines)
 

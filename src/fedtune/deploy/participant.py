@@ -54,21 +54,24 @@ def _load_file(cfg: DataConfig, path: Path, seed: int, client_id: str) -> Client
     if cfg.source == "text":
         from fedtune.data.text import load_text
 
-        fed = load_text(path, cfg.test_fraction)  # one client per file; each split temporally
+        fed = load_text(path, cfg.test_fraction, cfg)  # one client per file; each split temporally
         return ClientSplit(
             [r for s in fed.clients.values() for r in s.train], [r for s in fed.clients.values() for r in s.test]
         )
     if cfg.source == "instruct":
         from fedtune.data.instruct import load_instructions
 
-        return _split_records(load_instructions(path), cfg, seed, client_id)
+        return _split_records(load_instructions(path, cfg), cfg, seed, client_id)
     if cfg.source == "classification":
         from fedtune.data.classify import load_labelled
 
-        records, names = load_labelled(path, cfg.text_field, cfg.label_field)
-        if names != [str(i) for i in range(len(names))]:
+        records, names = load_labelled(path, cfg=cfg)
+        if cfg.label_names is None and names != [str(i) for i in range(len(names))]:
             # each participant would number its own subset of label names differently
-            raise DataError(f"--data {path}: a networked classification run needs integer class ids as labels")
+            raise DataError(
+                f"--data {path}: a networked classification run needs integer class ids as labels, or "
+                "data.label_names naming the classes in id order"
+            )
         return _split_records(records, cfg, seed, client_id)
     raise DataError(
         f"data.source {cfg.source!r} is a built-in corpus: give --data {PARTITION}CLIENT_ID to take one client's "

@@ -60,6 +60,14 @@ def _tiny_folder(cache_dir: Path) -> Path:
     return build_tiny_llama(_smollm2_folder(cache_dir), models_dir(cache_dir) / TINY_LLAMA)
 
 
+def builtin_hint(name: str) -> str:
+    """``"; did you mean 'tiny-llama'?"`` when ``name`` is close to a built-in name, else ""."""
+    import difflib
+
+    close = difflib.get_close_matches(name.lower(), BUILTIN_MODELS, n=1, cutoff=0.6)
+    return f"; did you mean {close[0]!r}?" if close else ""
+
+
 def _looks_like_path(name: str) -> bool:
     # A Hub id is "name" or "owner/name"; anything else the user typed is meant as a folder.
     return name.startswith((".", "/", "~")) or name.count("/") > 1 or "\\" in name
@@ -77,7 +85,9 @@ def resolve_model(name: str, cache_dir: Path) -> Path | str:
     if folder.is_dir():
         return folder
     if _looks_like_path(name):
-        raise ModelError(f"model folder {name!r} does not exist (built-in names: {', '.join(BUILTIN_MODELS)})")
+        raise ModelError(
+            f"model folder {name!r} does not exist (built-in names: {', '.join(BUILTIN_MODELS)}){builtin_hint(name)}"
+        )
     return name
 
 
@@ -88,6 +98,9 @@ def _from_pretrained(loader: Any, source: Path | str, name: str, **kwargs: Any) 
     except (OSError, ValueError, KeyError) as err:
         if isinstance(source, Path):
             raise ModelError(f"could not load model {name!r} from folder {source}: {err}") from err
+        hint = builtin_hint(name)
+        if hint:  # most likely a typo of a built-in name: say that first, the Hub's error after
+            raise ModelError(f"model.name {name!r} is not a built-in model{hint} ({err})") from err
         raise ModelError(
             f"model {name!r} could not be found locally or on the Hugging Face Hub "
             f"(offline mode or no network?): {err}. Built-in names: {', '.join(BUILTIN_MODELS)}"

@@ -16,6 +16,8 @@ from fedtune.client.weights import TrainableView
 from fedtune.config.schema import Config
 from fedtune.core.state import ServerState, load_state
 from fedtune.data.cache import default_cache_dir
+from fedtune.data.local import configured_label_names
+from fedtune.data.screen import name_labels
 from fedtune.errors import CheckpointError
 from fedtune.run import rundir
 from fedtune.server.build import build_strategy
@@ -37,6 +39,9 @@ def load_trained_task(run_dir: Path) -> tuple[Task, ServerState]:
         )
     view.write(state.params)
     LoraResidual().load(task.module, global_extras(config, state))
+    # the class names the run's data had (or data.label_names, for a server that held no data)
+    names = state.extra.get("label_names") or (configured_label_names(config.data) or [])
+    name_labels(task, names)
     return task, state
 
 

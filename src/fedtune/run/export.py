@@ -35,42 +35,58 @@ MODEL_DIR = "model"
 BASE_WEIGHTS = "base_weights.safetensors"  # adapted layers' W0 + s R, next to the adapter (residual modes)
 
 
-def export_run(run_dir: Path, out_dir: Path, *, merged: bool = True) -> dict[str, Path]:
-    """``fedtune export``: the global model of a run directory's last checkpoint, residual included."""
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+
+
+def export_run(run_dir: Path, out_dir: Path, *, merged: bool = True, dtype: str | None = None) -> dict[str, Path]:
+    """``fedtune export``: the global model of a run directory's last checkpoint, residual included;
+    ``dtype`` (float32, bfloat16, float16) casts the written floating-point weights (default: as trained)."""
     from fedtune.run.artifacts import global_extras, load_trained_task
     from fedtune.run.rundir import load_run_config
 
     task, state = load_trained_task(run_dir)
     extras = global_extras(load_run_config(run_dir), state)
     changed = [k.removeprefix(RESIDUAL_PREFIX) for k in extras if k.startswith(RESIDUAL_PREFIX)]
-    return export_model(task, out_dir, merged=merged, changed_base=changed)
+    return export_model(task, out_dir, merged=merged, changed_base=changed, dtype=dtype)
 
 
 def export_model(
-    task: Task, out_dir: Path, *, merged: bool = True, changed_base: Collection[str] = ()
+    task: Task,
+    out_dir: Path,
+    *,
+    merged: bool = True,
+    changed_base: Collection[str] = (),
+    dtype: str | None = None,
 ) -> dict[str, Path]:
     """Write the adapter and (``merged``) the merged model under ``out_dir``; returns what was written.
 
     ``changed_base``: the LoRA layers (names as in ``lora/residual/<module>``) whose base weights in ``task``
-    hold a federated residual; their base weights are written next to the adapter.
+    hold a federated residual; their base weights are written next to the adapter. ``dtype``: cast the
+    floating-point weights of every written folder (the task itself is left as it is).
     """
+    if dtype is not None and dtype not in DTYPES:
+        raise ModelError(f"export dtype must be one of {', '.join(DTYPES)}, got {dtype!r}")
+    cast = DTYPES[dtype] if dtype is not None else None
     out_dir = Path(out_dir)
     module = task.module
     if task.kind == "module":
-        return {MODEL_DIR: _replace(out_dir / MODEL_DIR, lambda tmp: _save_state_dict(module, tmp))}
+        return {MODEL_DIR: _replace(out_dir / MODEL_DIR, lambda tmp: _save_state_dict(module, tmp, cast))}
     if not hasattr(module, "save_pretrained"):
         raise ModelError(f"cannot export a {task.kind} model of type {type(module).__name__}")
     tokenizer = getattr(task, "tokenizer", None)
     written: dict[str, Path] = {}
     if _is_peft(module):
         base_weights = _base_weights(module, changed_base)
-        written[ADAPTER_DIR] = _replace(out_dir / ADAPTER_DIR, lambda tmp: _save_adapter(module, base_weights, tmp))
+        written[ADAPTER_DIR] = _replace(
+            out_dir / ADAPTER_DIR, lambda tmp: _save_adapter(module, base_weights, tmp, cast)
+        )
         if merged:
-            written[MODEL_DIR] = _replace(out_dir / MODEL_DIR, lambda tmp: _save_merged(module, tokenizer, tmp))
+            written[MODEL_DIR] = _replace(out_dir / MODEL_DIR, lambda tmp: _save_merged(module, tokenizer, tmp, cast))
     elif changed_base:
         raise ModelError("a model without LoRA adapters cannot hold a LoRA residual")
     else:  # full-parameter training: the model itself is the export
-        written[MODEL_DIR] = _replace(out_dir / MODEL_DIR, lambda tmp: _save_hf(module, tokenizer, tmp))
+        full = copy.deepcopy(module).to(cast) if cast is not None else module
+        written[MODEL_DIR] = _replace(out_dir / MODEL_DIR, lambda tmp: _save_hf(full, tokenizer, tmp))
     return written
 
 
@@ -117,18 +133,30 @@ def _replace(target: Path, write: Callable[[Path], None]) -> Path:
     return write_folder_atomically(target, write)
 
 
-def _save_adapter(module: torch.nn.Module, base_weights: dict[str, torch.Tensor], out: Path) -> None:
-    from safetensors.torch import save_file
+def _cast(tensors: dict[str, torch.Tensor], dtype: torch.dtype | None) -> dict[str, torch.Tensor]:
+    if dtype is None:
+        return tensors
+    return {k: v.to(dtype) if v.is_floating_point() else v for k, v in tensors.items()}
+
+
+def _save_adapter(
+    module: torch.nn.Module, base_weights: dict[str, torch.Tensor], out: Path, dtype: torch.dtype | None
+) -> None:
+    from safetensors.torch import load_file, save_file
 
     module.save_pretrained(out, safe_serialization=True)
+    if dtype is not None:  # peft writes the live (float32) adapter; cast the file rather than the model
+        for path in out.rglob("*.safetensors"):
+            save_file(_cast(load_file(str(path)), dtype), str(path), metadata={"format": "pt"})
     if base_weights:
-        save_file(base_weights, str(out / BASE_WEIGHTS), metadata={"format": "pt"})
+        save_file(_cast(base_weights, dtype), str(out / BASE_WEIGHTS), metadata={"format": "pt"})
 
 
-def _save_merged(module: torch.nn.Module, tokenizer: object, out: Path) -> None:
-    # merge on a copy: merge_and_unload rewrites the base weights, and the live task must keep its adapter
+def _save_merged(module: torch.nn.Module, tokenizer: object, out: Path, dtype: torch.dtype | None) -> None:
+    # merge on a copy: merge_and_unload rewrites the base weights, and the live task must keep its adapter;
+    # merged in float32, then cast once (no rounding inside W0 + s B A)
     merged = copy.deepcopy(module).merge_and_unload()
-    _save_hf(merged, tokenizer, out)
+    _save_hf(merged.to(dtype) if dtype is not None else merged, tokenizer, out)
 
 
 def _save_hf(model: torch.nn.Module, tokenizer: object, out: Path) -> None:
@@ -137,9 +165,9 @@ def _save_hf(model: torch.nn.Module, tokenizer: object, out: Path) -> None:
         tokenizer.save_pretrained(out)
 
 
-def _save_state_dict(module: torch.nn.Module, out: Path) -> None:
+def _save_state_dict(module: torch.nn.Module, out: Path, dtype: torch.dtype | None = None) -> None:
     from safetensors.torch import save_file
 
     # clone: safetensors refuses tensors that share storage (tied weights, views)
-    state = {k: v.detach().clone().contiguous() for k, v in module.state_dict().items()}
+    state = _cast({k: v.detach().clone().contiguous() for k, v in module.state_dict().items()}, dtype)
     save_file(state, str(out / "model.safetensors"), metadata={"format": "pt"})

@@ -1,13 +1,16 @@
-"""What the user sees: a progress bar per round and one table row per round (rich)."""
+"""What the user sees: progress bars per round (clients, ``round x/N``, ETA, and the current client's local
+steps) and one table row per round (rich)."""
 
 from __future__ import annotations
 
-from collections.abc import Iterator, Sequence
+import time
+from collections.abc import Callable, Iterator, Sequence
 
 from rich.console import Console
-from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+from rich.progress import BarColumn, MofNCompleteColumn, Progress, TaskID, TextColumn, TimeElapsedColumn
 from rich.table import Table
 
+from fedtune.client.train import StepCallback, StepProgress
 from fedtune.core.messages import ClientEval, ClientFailure, ClientUpdate, EvalInstruction, FitInstruction
 from fedtune.transport.base import Transport
 
@@ -16,34 +19,140 @@ def _mb(n: float) -> str:
     return f"{n / 1e6:.2f}"
 
 
-class ProgressTransport:
-    """Wraps any transport and advances a progress bar as replies arrive (composition, not inheritance)."""
+class StepRelay:
+    """The seam between a local training loop and a display: the worker calls it after every step
+    (``ClientWorker.on_step``), and it forwards to whichever listener is attached, if any."""
 
-    def __init__(self, inner: Transport, console: Console, *, enabled: bool = True) -> None:
+    def __init__(self) -> None:
+        self.listener: StepCallback | None = None
+
+    def __call__(self, report: StepProgress) -> None:
+        if self.listener is not None:
+            self.listener(report)
+
+
+def _duration(seconds: float) -> str:
+    seconds = max(0, round(seconds))
+    h, rest = divmod(seconds, 3600)
+    m, s = divmod(rest, 60)
+    return f"{h}h{m:02d}m" if h else f"{m}m{s:02d}s" if m else f"{s}s"
+
+
+class RoundClock:
+    """Estimates the time left: the mean length of the rounds seen so far (a round runs from one fit to the
+    next, evaluation included) times the rounds left; before a round has finished, from the share of the
+    current round's clients already done."""
+
+    def __init__(self, total_rounds: int | None, clock: Callable[[], float] = time.monotonic) -> None:
+        self.total = total_rounds
+        self.clock = clock
+        self.durations: list[float] = []
+        self.round: int | None = None
+        self.started = 0.0
+
+    def start(self, round_idx: int) -> None:
+        now = self.clock()
+        if self.round is not None and round_idx == self.round + 1:
+            self.durations.append(now - self.started)
+        self.round, self.started = round_idx, now
+
+    def eta(self, done_share: float = 0.0) -> float | None:
+        """Seconds left in the run, or None when there is nothing to go on yet."""
+        if self.total is None or self.round is None:
+            return None
+        elapsed = self.clock() - self.started
+        if self.durations:
+            per_round = sum(self.durations) / len(self.durations)
+        elif done_share > 0:
+            per_round = elapsed / done_share
+        else:
+            return None
+        left = per_round * (self.total - self.round + 1) - elapsed
+        return max(left, 0.0)
+
+    def label(self, round_idx: int) -> str:
+        return f"round {round_idx}/{self.total}" if self.total else f"round {round_idx}"
+
+
+class ProgressTransport:
+    """Wraps any transport and shows progress as replies arrive (composition, not inheritance): a bar of
+    clients per round with ``round x/N`` and an ETA, and, where the transport's worker reports local steps
+    (the in-process simulation, through ``steps``), a bar of the current client's steps with examples/s.
+    Networked transports report per client only."""
+
+    def __init__(
+        self,
+        inner: Transport,
+        console: Console,
+        *,
+        enabled: bool = True,
+        total_rounds: int | None = None,
+        steps: StepRelay | None = None,
+    ) -> None:
         self.inner = inner
         self.console = console
         self.enabled = enabled
+        self.clock = RoundClock(total_rounds)
+        self.steps = steps
 
     def client_ids(self) -> list[str]:
         return self.inner.client_ids()
+
+    def _eta_text(self, done: float, total: int) -> str:
+        eta = self.clock.eta(done / total if total else 0.0)
+        return f"ETA {_duration(eta)}" if eta is not None else "ETA ..."
 
     def _track(self, replies: Iterator, total: int, label: str) -> Iterator:
         if not self.enabled:
             yield from replies
             return
-        columns = (TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn())
+        columns = (
+            TextColumn("{task.description}"),
+            BarColumn(),
+            MofNCompleteColumn(),
+            TimeElapsedColumn(),
+            TextColumn("{task.fields[info]}"),
+        )
         with Progress(*columns, console=self.console, transient=True) as bar:
-            tid = bar.add_task(label, total=total)
-            for reply in replies:
-                bar.advance(tid)
-                yield reply
+            tid = bar.add_task(label, total=total, info=self._eta_text(0, total))
+            done = [0]
+            step_row: dict[str, TaskID] = {}  # one row, reset for each client
+
+            def on_step(report: StepProgress) -> None:
+                text = f"  client {report.client_id}"
+                if report.client_id not in step_row:
+                    for old in step_row.values():
+                        bar.remove_task(old)
+                    step_row.clear()
+                    step_row[report.client_id] = bar.add_task(text, total=report.total_steps, info="")
+                rate = report.examples / report.seconds if report.seconds > 0 else 0.0
+                bar.update(step_row[report.client_id], completed=report.step, info=f"{rate:.1f} examples/s")
+                bar.update(tid, info=self._eta_text(done[0] + report.step / report.total_steps, total))
+
+            if self.steps is not None:
+                self.steps.listener = on_step
+            try:
+                for reply in replies:
+                    done[0] += 1
+                    bar.update(tid, advance=1, info=self._eta_text(done[0], total))
+                    yield reply
+            finally:
+                if self.steps is not None:
+                    self.steps.listener = None
 
     def fit(self, instructions: Sequence[FitInstruction]) -> Iterator[ClientUpdate | ClientFailure]:
-        label = f"round {instructions[0].round} train" if instructions else "train"
+        if instructions:
+            self.clock.start(instructions[0].round)
+        label = f"{self.clock.label(instructions[0].round)} train" if instructions else "train"
         return self._track(self.inner.fit(instructions), len(instructions), label)
 
     def evaluate(self, instructions: Sequence[EvalInstruction]) -> Iterator[ClientEval | ClientFailure]:
-        label = f"round {instructions[0].round} eval" if instructions else "eval"
+        if not instructions:
+            label = "eval"
+        elif instructions[0].round == 0:
+            label = "baseline eval"  # the initial model, before round 1
+        else:
+            label = f"{self.clock.label(instructions[0].round)} eval"
         return self._track(self.inner.evaluate(instructions), len(instructions), label)
 
     def close(self) -> None:

@@ -23,12 +23,15 @@ from fedtune.config.simulation import with_client_state
 from fedtune.core.params import ParamSpec
 from fedtune.core.state import ServerState, load_state, save_state
 from fedtune.data.cache import default_cache_dir
+from fedtune.data.screen import name_labels, screen_clients
 from fedtune.data.sources import load_federated
-from fedtune.errors import CheckpointError, DataError
+from fedtune.errors import CheckpointError
 from fedtune.privacy.build import carry_secagg, check_secagg_transport
 from fedtune.run import rundir
+from fedtune.run.interrupt import RunInterrupted
 from fedtune.run.plot import plot_rounds
-from fedtune.run.progress import ProgressTransport, RoundTable
+from fedtune.run.predict import write_label_names
+from fedtune.run.progress import ProgressTransport, RoundTable, StepRelay
 from fedtune.server.build import build_strategy
 from fedtune.server.loop import RoundReport, eval_clients, evaluate_global, run_rounds
 from fedtune.server.strategy import Strategy
@@ -51,6 +54,7 @@ class Prepared:
     cache_dir: Path
     num_labels: int | None = None
     dropped_clients: list[str] = field(default_factory=list)
+    label_names: list[str] = field(default_factory=list)  # classification: the data's class names
 
 
 def prepare(config: Config, *, console: Console | None = None) -> Prepared:
@@ -60,22 +64,14 @@ def prepare(config: Config, *, console: Console | None = None) -> Prepared:
     fed = load_federated(config.data, seed=config.seed, cache_dir=cache_dir)
     num_labels = config.model.num_labels or (len(fed.label_names) or None)
     task = build_run_task(config, num_labels=num_labels, cache_dir=cache_dir)
+    name_labels(task, fed.label_names)  # the classifier's config carries them: the export's id2label
     records = {cid: (split.train, split.test) for cid, split in fed.clients.items()}
     ext = build_client_extensions(config)
     worker = ClientWorker(task, records, hook_factories=ext.hook_factories, update_transforms=ext.update_transforms)
     # Encode every client once up front: clients whose text is too short for one training example are
-    # dropped here, with their ids reported, instead of failing in the middle of a round.
-    kept, dropped = {}, []
-    for cid in records:
-        if len(worker.examples(cid, train=True)) >= config.data.min_train_examples:
-            kept[cid] = records[cid]
-        else:
-            dropped.append(cid)
-    if not kept:
-        raise DataError(
-            f"no client has at least {config.data.min_train_examples} training examples after encoding "
-            f"(max_length={config.model.max_length}); lower data.min_train_examples or model.max_length"
-        )
+    # dropped here (a DataWarning with their ids), instead of failing in the middle of a round.
+    kept = screen_clients(worker, config.data.min_train_examples, config.model.max_length)
+    dropped = [cid for cid in records if cid not in kept]
     worker.records = kept
     if console is not None:
         n_train = sum(len(worker.examples(c, train=True)) for c in kept)
@@ -84,7 +80,7 @@ def prepare(config: Config, *, console: Console | None = None) -> Prepared:
             + (f" ({len(dropped)} clients without enough data dropped)" if dropped else "")
             + f"; {worker.view.spec.numel:,} trainable parameters exchanged"
         )
-    return Prepared(config, task, worker, cache_dir, num_labels, dropped)
+    return Prepared(config, task, worker, cache_dir, num_labels, dropped, list(fed.label_names))
 
 
 def _eval_record(pooled: EvalSums | None, accuracy: bool) -> dict:
@@ -171,13 +167,15 @@ def serve(
     show_progress: bool = True,
     extra_state: dict | None = None,
     fresh_dir: Path | None = None,
+    steps: StepRelay | None = None,
 ) -> RunResult:
     """The coordinator, whatever the transport: open or resume the run, evaluate the baseline, run the
     rounds, and persist metrics, checkpoint and plot after every round.
 
     ``init`` is the initial trainable vector and its spec (the server builds the model once to get them);
     ``accuracy`` says whether evaluation reports accuracy (classifiers) or perplexity; ``fresh_dir`` is a new
-    run directory the caller already made (``rundir.new_run_dir``), for a run that is not resumed.
+    run directory the caller already made (``rundir.new_run_dir``), for a run that is not resumed; ``steps``
+    relays local-step progress from an in-process worker to the progress bars.
     """
     console = console or Console()
     check_secagg_transport(config, transport)  # privacy: refuse SecAgg where the server would see plaintext
@@ -187,7 +185,9 @@ def serve(
     run_dir, state, log = _open_run(config, strategy, init, resume_dir, console, fresh_dir)
     if extra_state and state.round == 0:
         state = state.evolve(extra={**state.extra, **extra_state})
-    shown = ProgressTransport(transport, console, enabled=show_progress)
+    shown = ProgressTransport(
+        transport, console, enabled=show_progress, total_rounds=config.federation.rounds, steps=steps
+    )
     privacy_columns = ["agg_epsilon"] if config.privacy.dp is not None else []  # DP: epsilon every round
     table = RoundTable(console, accuracy=accuracy, extra_columns=privacy_columns)
     for rec in log.rounds():
@@ -288,7 +288,13 @@ def simulate(
         if fresh_dir is not None:  # nothing ran yet: leave no empty run directory behind a failed start
             shutil.rmtree(fresh_dir, ignore_errors=True)
         raise
-    extra = {"num_labels": prepared.num_labels} if prepared.num_labels is not None else None
+    extra = {"num_labels": prepared.num_labels} if prepared.num_labels is not None else {}
+    if prepared.label_names and prepared.task.kind == "classification":
+        extra["label_names"] = prepared.label_names  # for the export's id2label
+    if fresh_dir is not None:
+        write_label_names(fresh_dir, prepared.label_names)  # for `fedtune predict`
+    steps = StepRelay()
+    prepared.worker.on_step = steps  # in-process clients report every local step (Ray actors: per client)
     try:
         result = serve(
             config,
@@ -300,7 +306,10 @@ def simulate(
             show_progress=show_progress,
             extra_state=extra,
             fresh_dir=fresh_dir,
+            steps=steps,
         )
+    except KeyboardInterrupt:  # Ctrl-C: every finished round is on disk; say where (the CLI prints the hint)
+        raise RunInterrupted.of(fresh_dir or resume_dir) from None
     finally:
         transport.close()
     result.prepared = prepared

@@ -9,6 +9,9 @@ from the same model without shipping it.
 from __future__ import annotations
 
 import importlib
+import inspect
+import os
+import sys
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -75,14 +78,16 @@ def _build(model_cfg: ModelConfig, *, num_labels: int | None, cache_dir: Path, f
 
 
 def import_factory(spec: str) -> Callable[..., Any]:
-    """``"package.module:callable"`` to the callable, with errors that say which part failed."""
+    """``"package.module:callable"`` to the callable, with errors that say which part failed.
+
+    The module is looked up on ``sys.path`` and in the current directory (``python -m`` puts the current
+    directory first; the ``fedtune`` console script does not, and a ``mymodel.py`` next to the config is the
+    usual first try). An exception raised while importing the user's module is wrapped in a ModelError that
+    names the config key."""
     module_name, sep, attr = spec.partition(":")
     if not sep or not module_name or not attr:
         raise ConfigError(f"model.factory must look like 'package.module:callable', got {spec!r}")
-    try:
-        module = importlib.import_module(module_name)
-    except ImportError as err:
-        raise ModelError(f"model.factory {spec!r}: cannot import module {module_name!r}: {err}") from err
+    module = _import_user_module(spec, module_name)
     factory = module
     for part in attr.split("."):
         factory = getattr(factory, part, None)
@@ -93,12 +98,47 @@ def import_factory(spec: str) -> Callable[..., Any]:
     return factory
 
 
-def build_module(spec: str, kwargs: dict[str, Any]) -> torch.nn.Module:
-    """Call a factory and check it returned an ``nn.Module``."""
+def _import_user_module(spec: str, module_name: str) -> Any:
+    cwd = os.getcwd()
+    added = cwd not in sys.path and "" not in sys.path
+    if added:
+        sys.path.append(cwd)  # last: a user's file never shadows an installed package
     try:
-        module = import_factory(spec)(**kwargs)
+        return importlib.import_module(module_name)
+    except ModuleNotFoundError as err:
+        top = module_name.split(".")[0]
+        missing_itself = err.name is None or module_name == err.name or module_name.startswith(err.name + ".")
+        if not missing_itself:
+            # the user's module was found, but something it imports is missing
+            raise ModelError(f"model.factory {spec!r}: importing {module_name!r} failed: {err}") from err
+        raise ModelError(
+            f"model.factory {spec!r}: cannot import module {module_name!r}: {err}. fedtune looks in the current "
+            f"directory ({cwd}) and on sys.path: put {top.replace('.', '/')}.py (or the package folder) there, "
+            "add its folder to PYTHONPATH, or pip install it"
+        ) from err
+    except Exception as err:  # any error in the user's module, named with the config key
+        raise ModelError(
+            f"model.factory {spec!r}: importing module {module_name!r} raised {type(err).__name__}: {err}"
+        ) from err
+    finally:
+        if added:
+            sys.path.remove(cwd)
+
+
+def build_module(spec: str, kwargs: dict[str, Any]) -> torch.nn.Module:
+    """Call a factory and check it returned an ``nn.Module``; an error raised inside it is a ModelError
+    that names the config key."""
+    factory = import_factory(spec)
+    try:
+        inspect.signature(factory).bind(**kwargs)
     except TypeError as err:
         raise ModelError(f"model.factory {spec!r} rejected model.factory_kwargs {kwargs}: {err}") from err
+    except ValueError:  # no signature to check (some builtins): let the call say
+        pass
+    try:
+        module = factory(**kwargs)
+    except Exception as err:  # the user's code: name the config key, keep the cause chained
+        raise ModelError(f"model.factory {spec!r} raised {type(err).__name__}: {err}") from err
     if not isinstance(module, torch.nn.Module):
         raise ModelError(f"model.factory {spec!r} returned {type(module).__name__}, not a torch.nn.Module")
     return module

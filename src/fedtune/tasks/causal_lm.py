@@ -1,21 +1,25 @@
 """``CausalLMTask``: next-token prediction on plain text (chunked) or instructions (loss on the response).
 
 Plain-text records of a client are concatenated, each followed by EOS, and cut into blocks of
-``max_length`` tokens, as in nanoGPT/run_clm. Instruction records are rendered with the tokenizer's chat
-template (an Alpaca-style prompt when it has none) and the prompt's labels are -100, so only the response
-is learnt. Loss and evaluation are token-weighted: perplexity pools exactly over batches and clients.
+``max_length`` tokens, as in nanoGPT/run_clm. Instruction records (Alpaca ``Instruction``s and chat
+``Conversation``s) are rendered with the tokenizer's chat template (an Alpaca-style prompt when it has none)
+and only the assistant's turns are learnt: every other token's label is -100. A ``Completion`` (TRL's
+standard prompt-completion) is plain text: the prompt, then the completion and EOS, which alone is learnt.
+Examples whose prompt fills ``max_length`` are dropped with a DataWarning that counts them.
+Loss and evaluation are token-weighted: perplexity pools exactly over batches and clients.
 """
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+import warnings
+from collections.abc import Mapping, Sequence
 from typing import Any
 
 import torch
 import torch.nn.functional as F
 
-from fedtune.data.types import Instruction
-from fedtune.errors import DataError
+from fedtune.data.types import Completion, Conversation, Instruction
+from fedtune.errors import DataError, DataWarning
 from fedtune.tasks.base import Batch, EvalSums, Example
 from fedtune.tasks.module import compute_context, eval_mode
 
@@ -39,15 +43,27 @@ class CausalLMTask:
 
     # ----- encoding -------------------------------------------------------------------------------------
 
-    def encode(self, records: Sequence[str | Instruction], *, train: bool) -> list[Example]:
+    def encode(self, records: Sequence[str | Instruction | Completion | Conversation], *, train: bool) -> list[Example]:
         texts = [r for r in records if isinstance(r, str)]
-        instructions = [r for r in records if isinstance(r, Instruction)]
-        if len(texts) + len(instructions) != len(records):
-            bad = next(r for r in records if not isinstance(r, str | Instruction))
-            raise DataError(f"a causal_lm task encodes str or Instruction records, got {type(bad).__name__}")
+        prompted = [r for r in records if isinstance(r, Instruction | Completion | Conversation)]
+        if len(texts) + len(prompted) != len(records):
+            bad = next(r for r in records if not isinstance(r, str | Instruction | Completion | Conversation))
+            raise DataError(
+                "a causal_lm task encodes str, Instruction, Completion or Conversation records, "
+                f"got {type(bad).__name__}"
+            )
         examples = self._encode_texts(texts, train=train) if texts else []
-        examples += [ex for ex in (self._encode_instruction(r) for r in instructions) if ex is not None]
-        return examples
+        encoded = [self._encode_prompted(r) for r in prompted]
+        kept = [ex for ex in encoded if ex is not None]
+        if len(kept) < len(encoded):
+            warnings.warn(
+                f"{len(encoded) - len(kept)} of {len(encoded)} {'training' if train else 'held-out'} instruction "
+                f"examples dropped: the prompt fills model.max_length={self.max_length} tokens, leaving no "
+                "response token; raise model.max_length or shorten the prompts",
+                DataWarning,
+                stacklevel=2,
+            )
+        return examples + kept
 
     def _separator(self) -> list[int]:
         if self.tokenizer.eos_token_id is not None:
@@ -64,14 +80,20 @@ class CausalLMTask:
         blocks = [stream[i : i + self.max_length] for i in range(0, len(stream), self.max_length)]
         return [_lm_example(block, block) for block in blocks if len(block) >= min_tail]
 
-    def _encode_instruction(self, record: Instruction) -> Example | None:
-        prompt, response = self._render(record)
-        prompt_ids = self.tokenizer(prompt, add_special_tokens=not self.has_chat_template)["input_ids"]
-        response_ids = self.tokenizer(response, add_special_tokens=False)["input_ids"]
-        if not self.has_chat_template and self.tokenizer.eos_token_id is not None:
-            response_ids = [*response_ids, int(self.tokenizer.eos_token_id)]
-        input_ids = (list(prompt_ids) + list(response_ids))[: self.max_length]
-        labels = ([IGNORE] * len(prompt_ids) + list(response_ids))[: self.max_length]
+    def _encode_prompted(self, record: Instruction | Completion | Conversation) -> Example | None:
+        """Tokens of the rendered segments, labels -100 outside the learnt ones; None when truncation to
+        ``max_length`` leaves nothing to learn or score."""
+        input_ids: list[int] = []
+        labels: list[int] = []
+        for text, learn, first in _merged(self._segments(record)):
+            plain = isinstance(record, Completion) or not self.has_chat_template
+            ids = list(self.tokenizer(text, add_special_tokens=plain and first)["input_ids"])
+            input_ids += ids
+            labels += ids if learn else [IGNORE] * len(ids)
+        if (isinstance(record, Completion) or not self.has_chat_template) and self.tokenizer.eos_token_id is not None:
+            input_ids.append(int(self.tokenizer.eos_token_id))
+            labels.append(int(self.tokenizer.eos_token_id))
+        input_ids, labels = input_ids[: self.max_length], labels[: self.max_length]
         if all(label == IGNORE for label in labels[1:]):
             return None  # the prompt fills max_length: nothing of the response is left to learn or score
         return _lm_example(input_ids, labels)
@@ -80,19 +102,41 @@ class CausalLMTask:
     def has_chat_template(self) -> bool:
         return bool(getattr(self.tokenizer, "chat_template", None))
 
-    def _render(self, record: Instruction) -> tuple[str, str]:
-        """(prompt text, response text); tokenised separately so the prompt/response boundary is exact."""
-        user = record.instruction if not record.input else f"{record.instruction}\n\n{record.input}"
+    def _segments(self, record: Instruction | Completion | Conversation) -> list[tuple[str, bool]]:
+        """(text, learnt) pieces in order; tokenised separately so the prompt/response boundary is exact."""
+        if isinstance(record, Completion):
+            return [(record.prompt, False), (record.completion, True)]
+        if isinstance(record, Instruction):
+            user = record.instruction if not record.input else f"{record.instruction}\n\n{record.input}"
+            if not self.has_chat_template:
+                return [(_alpaca_prompt(record), False), (record.output, True)]
+            record = Conversation((("user", user), ("assistant", record.output)))
         if not self.has_chat_template:
-            return _alpaca_prompt(record), record.output
-        user_msg = {"role": "user", "content": user}
-        prompt = self.tokenizer.apply_chat_template([user_msg], tokenize=False, add_generation_prompt=True)
-        full = self.tokenizer.apply_chat_template(
-            [user_msg, {"role": "assistant", "content": record.output}], tokenize=False
-        )
-        if not full.startswith(prompt):
-            raise DataError("the tokenizer's chat template renders the prompt differently inside a dialogue")
-        return prompt, full[len(prompt) :]
+            return _plain_chat(record)
+        return self._chat_segments(record)
+
+    def _chat_segments(self, record: Conversation) -> list[tuple[str, bool]]:
+        """The chat template applied to ever longer prefixes: each turn is what its rendering adds; an
+        assistant turn's header (the generation prompt) is not learnt, its content and end-of-turn are."""
+        msgs = [{"role": role, "content": content} for role, content in record.messages]
+        segments: list[tuple[str, bool]] = []
+        done = ""
+
+        def add(text: str, learn: bool) -> None:
+            nonlocal done
+            if not text.startswith(done):
+                raise DataError("the tokenizer's chat template renders the prompt differently inside a dialogue")
+            if text != done:
+                segments.append((text[len(done) :], learn))
+            done = text
+
+        render = self.tokenizer.apply_chat_template
+        for i, msg in enumerate(msgs):
+            learn = msg["role"] == "assistant" and i >= record.train_from
+            if msg["role"] == "assistant":
+                add(render(msgs[:i], tokenize=False, add_generation_prompt=True) if i else "", False)
+            add(render(msgs[: i + 1], tokenize=False), learn)
+        return segments
 
     # ----- batches, loss, evaluation ---------------------------------------------------------------------
 
@@ -128,11 +172,19 @@ class CausalLMTask:
     # ----- generation ------------------------------------------------------------------------------------
 
     def generate(
-        self, prompt: str, max_new_tokens: int = 40, seed: int | None = None, *, chat: bool | None = None
+        self,
+        prompt: str,
+        max_new_tokens: int = 40,
+        seed: int | None = None,
+        *,
+        chat: bool | None = None,
+        sampling: Mapping[str, Any] | None = None,
     ) -> str:
         """Continue ``prompt``: greedy when ``seed`` is None, else seeded sampling (same seed, same text).
 
         ``chat`` (default: whether the tokenizer has a chat template) wraps the prompt as a user turn.
+        ``sampling``: ``GenerationConfig`` fields (do_sample, temperature, top_p, ...) that replace the
+        defaults above (``fedtune.run.generate.sampling_settings`` builds them).
         """
         from transformers import GenerationConfig
 
@@ -144,12 +196,13 @@ class CausalLMTask:
         else:
             text = prompt
         enc = self.tokenizer(text, return_tensors="pt", add_special_tokens=not chat)
+        if sampling is None:
+            sampling = {"do_sample": True, **SAMPLING} if seed is not None else {"do_sample": False}
         gen_cfg = GenerationConfig(
             max_new_tokens=max_new_tokens,
-            do_sample=seed is not None,
             pad_token_id=self.tokenizer.pad_token_id,
             eos_token_id=self.tokenizer.eos_token_id,
-            **(SAMPLING if seed is not None else {}),
+            **sampling,
         )
         with torch.random.fork_rng(devices=[]), eval_mode(self.module), compute_context(self.compute_dtype):
             if seed is not None:
@@ -158,6 +211,27 @@ class CausalLMTask:
                 input_ids=enc["input_ids"], attention_mask=enc["attention_mask"], generation_config=gen_cfg
             )
         return self.tokenizer.decode(out[0, enc["input_ids"].shape[1] :], skip_special_tokens=True)
+
+
+def _merged(segments: list[tuple[str, bool]]) -> list[tuple[str, bool, bool]]:
+    """Neighbouring segments with the same flag joined (tokenised as one text), each marked first or not."""
+    out: list[tuple[str, bool]] = []
+    for text, learn in segments:
+        if out and out[-1][1] == learn:
+            out[-1] = (out[-1][0] + text, learn)
+        else:
+            out.append((text, learn))
+    return [(text, learn, i == 0) for i, (text, learn) in enumerate(out)]
+
+
+def _plain_chat(record: Conversation) -> list[tuple[str, bool]]:
+    """A conversation for a tokenizer without a chat template: Alpaca-like role headers."""
+    segments = []
+    for i, (role, content) in enumerate(record.messages):
+        learn = role == "assistant" and i >= record.train_from
+        segments.append((f"### {role.capitalize()}:\n", False))
+        segments.append((content + "\n\n", learn))
+    return segments
 
 
 def _alpaca_prompt(record: Instruction) -> str:

@@ -26,6 +26,19 @@ class ClassificationTask:
         self.compute_dtype = compute_dtype
         self.num_labels = int(model.config.num_labels)
 
+    @property
+    def label_names(self) -> list[str]:
+        """The class names in id order, as the model's config holds them (its ``id2label``)."""
+        id2label = self.module.config.id2label or {}
+        return [str(id2label.get(i, f"LABEL_{i}")) for i in range(self.num_labels)]
+
+    def set_label_names(self, names: Sequence[str]) -> None:
+        """Name the classes in the model's config (``id2label``/``label2id``), which an export writes out."""
+        if len(names) != self.num_labels:
+            raise DataError(f"{len(names)} label names {list(names)} for a model with {self.num_labels} classes")
+        self.module.config.id2label = {i: str(n) for i, n in enumerate(names)}
+        self.module.config.label2id = {str(n): i for i, n in enumerate(names)}
+
     def encode(self, records: Sequence[LabelledText], *, train: bool) -> list[Example]:
         for r in records:
             self._check(r)
@@ -67,6 +80,14 @@ class ClassificationTask:
 
     def loss(self, batch: Batch) -> tuple[torch.Tensor, int]:
         return F.cross_entropy(self._logits(batch), batch["labels"]), int(batch["labels"].numel())
+
+    def predict_proba(self, texts: Sequence[str]) -> torch.Tensor:
+        """Class probabilities, one row per text (``fedtune predict``)."""
+        enc = self.tokenizer(
+            list(texts), truncation=True, max_length=self.max_length, padding=True, return_tensors="pt"
+        )
+        with torch.no_grad(), eval_mode(self.module):
+            return torch.softmax(self._logits(enc), dim=-1)
 
     def eval_batch(self, batch: Batch) -> EvalSums:
         with eval_mode(self.module):

@@ -1,0 +1,198 @@
+"""Progress while a run goes (local steps, round x/N, ETA) and Ctrl-C during `fedtune run`."""
+
+from __future__ import annotations
+
+import io
+import itertools
+import json
+import os
+import re
+import signal
+import subprocess
+import sys
+import time
+from collections.abc import Iterator, Sequence
+from pathlib import Path
+
+import pytest
+import yaml
+from rich.console import Console
+
+from fedtune.client.train import StepProgress, local_train
+from fedtune.config import parse_config
+from fedtune.config.schema import ClientConfig
+from fedtune.core.messages import ClientUpdate, FitInstruction
+from fedtune.run.progress import ProgressTransport, RoundClock, StepRelay
+from fedtune.tasks.module import ModuleTask
+
+
+def test_local_train_reports_every_step() -> None:
+    from fedtune.models.cnn import digits_cnn
+
+    task = ModuleTask(digits_cnn(channels=2, hidden=8))
+    examples = task.encode(_records(10), train=True)
+    seen: list[StepProgress] = []
+    result = local_train(
+        task,
+        examples,
+        ClientConfig(local_epochs=2, batch_size=4),
+        seed=0,
+        round_idx=3,
+        client_id="c7",
+        on_step=seen.append,
+    )
+    assert result.steps == 6  # 2 epochs of ceil(10 / 4) batches
+    assert [r.step for r in seen] == [1, 2, 3, 4, 5, 6]
+    assert all(r.total_steps == 6 and r.client_id == "c7" and r.round == 3 for r in seen)
+    assert [r.examples for r in seen] == [4, 8, 10, 14, 18, 20]  # the last batch of an epoch is partial
+    assert all(b.seconds >= a.seconds for a, b in itertools.pairwise(seen))
+
+
+def _records(n: int) -> list:
+    from fedtune.data.digits import load_digits_records
+
+    return load_digits_records()[:n]
+
+
+def test_round_clock_eta() -> None:
+    now = [0.0]
+    clock = RoundClock(total_rounds=5, clock=lambda: now[0])
+    assert clock.eta() is None  # nothing to go on
+    clock.start(1)
+    now[0] = 10.0
+    assert clock.eta(done_share=0.5) == pytest.approx(5 * 20.0 - 10.0)  # half of round 1 took 10 s
+    now[0] = 30.0
+    clock.start(2)  # round 1 took 30 s
+    assert clock.eta() == pytest.approx(4 * 30.0)
+    now[0] = 40.0
+    assert clock.eta() == pytest.approx(4 * 30.0 - 10.0)
+    now[0] = 50.0
+    clock.start(3)  # round 2 took 20 s: mean 25 s
+    assert clock.eta() == pytest.approx(3 * 25.0)
+    assert clock.label(3) == "round 3/5"
+
+
+class _NetworkLike:
+    """A transport that reports nothing but finished clients (like Ray or gRPC)."""
+
+    def __init__(self, ids: Sequence[str]) -> None:
+        self.ids = list(ids)
+
+    def client_ids(self) -> list[str]:
+        return self.ids
+
+    def fit(self, instructions: Sequence[FitInstruction]) -> Iterator[ClientUpdate]:
+        import numpy as np
+
+        for instr in instructions:
+            yield ClientUpdate(instr.client_id, instr.round, 1, np.zeros(1, np.float32), "d")
+
+    def evaluate(self, instructions):  # pragma: no cover - not used here
+        return iter(())
+
+    def close(self) -> None:
+        pass
+
+
+def _terminal() -> tuple[Console, io.StringIO]:
+    buf = io.StringIO()
+    return Console(file=buf, force_terminal=True, width=150), buf
+
+
+def test_per_client_progress_without_step_reports() -> None:
+    import numpy as np
+
+    console, buf = _terminal()
+    shown = ProgressTransport(_NetworkLike(["a", "b", "c"]), console, total_rounds=4)
+    instr = [FitInstruction(c, 2, np.zeros(1, np.float32), "d", 0, {}) for c in "abc"]
+    assert [u.client_id for u in shown.fit(instr)] == ["a", "b", "c"]
+    out = buf.getvalue()
+    assert "round 2/4 train" in out and "3/3" in out and "ETA" in out
+
+
+def _tiny_text_config(tmp_path: Path, rounds: int, **client: object) -> dict:
+    corpus = tmp_path / "corpus"
+    corpus.mkdir(exist_ok=True)
+    for c in range(2):
+        paras = [
+            f"Client {c} paragraph {i}: all the world's a stage, and all the men merely players." for i in range(8)
+        ]
+        (corpus / f"c{c}.txt").write_text("\n\n".join(paras))
+    return {
+        "model": {"name": "tiny-llama", "max_length": 16, "lora": {"r": 2, "target_modules": ["q_proj"]}},
+        "data": {"source": "text", "path": str(corpus)},
+        "federation": {"rounds": rounds, "clients_per_round": 2},
+        "client": {"local_steps": 3, "batch_size": 2, "lr": 0.01, **client},
+        "eval": {"baseline": False},
+        "run": {"out_dir": str(tmp_path / "runs"), "plot": False},
+    }
+
+
+def test_the_simulation_shows_local_steps_round_of_n_and_eta(tmp_path: Path) -> None:
+    from fedtune.run.session import simulate
+
+    console, buf = _terminal()
+    simulate(parse_config(_tiny_text_config(tmp_path, rounds=2)), console=console, show_progress=True)
+    out = re.sub(r"\x1b\[[0-9;?]*[a-zA-Z]", "", buf.getvalue())
+    assert "round 1/2 train" in out and "round 2/2 train" in out
+    assert re.search(r"client c[01] .* 3/3 .* [0-9.]+ examples/s", out)  # the step bar of a client, with its rate
+    assert re.search(r"ETA \d+", out)
+
+
+def test_step_relay_forwards_only_while_a_listener_is_attached() -> None:
+    relay, heard = StepRelay(), []
+    report = StepProgress("c", 1, 1, 2, 4, 0.5)
+    relay(report)  # nobody listening: dropped
+    relay.listener = heard.append
+    relay(report)
+    assert heard == [report]
+
+
+# ------------------------------------------------------------------------------------------------- Ctrl-C
+
+
+def _poll(predicate, deadline_s: float, proc: subprocess.Popen) -> None:
+    deadline = time.monotonic() + deadline_s
+    while not predicate():
+        if proc.poll() is not None:
+            raise AssertionError(f"fedtune run ended early ({proc.returncode}): {proc.communicate()}")
+        if time.monotonic() > deadline:
+            proc.kill()
+            raise AssertionError("timed out waiting for the first round")
+        time.sleep(0.2)
+
+
+@pytest.mark.timeout(600)
+def test_ctrl_c_says_how_to_resume_and_exits_130(tmp_path: Path) -> None:
+    config = tmp_path / "run.yaml"
+    config.write_text(yaml.safe_dump(_tiny_text_config(tmp_path, rounds=1000)))
+    env = {**os.environ, "PYTHONPATH": str(Path(__file__).resolve().parents[1] / "src"), "HF_HUB_OFFLINE": "1"}
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "fedtune.cli", "run", str(config)],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+        env=env,
+    )
+    runs = tmp_path / "runs"
+
+    def first_round_done() -> bool:
+        # the round is in metrics.jsonl and its checkpoint is in place (written right after, atomically)
+        for run_dir in runs.glob("*"):
+            metrics, checkpoint = run_dir / "metrics.jsonl", run_dir / "checkpoint.safetensors"
+            if checkpoint.is_file() and metrics.is_file():
+                lines = [json.loads(x) for x in metrics.read_text().splitlines() if x.strip()]
+                return any(r.get("kind") == "round" and r.get("round", 0) >= 1 for r in lines)
+        return False
+
+    _poll(first_round_done, 420, proc)  # generous: the machine may be loaded
+    proc.send_signal(signal.SIGINT)
+    out, _ = proc.communicate(timeout=120)
+    assert proc.returncode == 130, out
+    (run_dir,) = list(runs.glob("*"))
+    match = re.search(r"interrupted after round (\d+); continue with `fedtune run --resume (\S+)`", out)
+    assert match, out
+    from fedtune.core.state import load_state
+
+    assert int(match.group(1)) == load_state(run_dir / "checkpoint.safetensors").round >= 1
+    assert Path(match.group(2)) == run_dir
