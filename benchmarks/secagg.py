@@ -149,7 +149,7 @@ def render(rows: list[dict], bonawitz: list[dict], seconds: float, command: str)
         f"{platform_line()}). Real protocol, 16-bit values, threshold {THRESHOLD} of each neighbourhood, "
         "exactly round(dropout * n) clients drop, each before a uniformly chosen stage. "
         "*client s* and *up/down* are means over the clients that "
-        "took part in all four stages; *server s* is the server's compute (routing, folding, reconstruction, "
+        "took part in all five stages; *server s* is the server's compute (routing, folding, reconstruction, "
         "unmasking). The masked vector travels bit-packed to the field width b (the *field* column, 2^b). "
         "d is shortened for n > 100 (time scales with d; bytes exactly by b / 8 B per value).",
         "",

@@ -135,6 +135,9 @@ class RawClient:
         raise AssertionError("no task arrived")
 
     def push(self, payload: wire.Payload, chunk_bytes: int = 1 << 20) -> pb.PushReply:
+        """Push ``payload``; a header naming no session is bound to this client's (as the real client does)."""
+        if not payload.header.session:
+            payload.header.session = self.session
         return self.stub.Push(wire.encode(payload, chunk_bytes=chunk_bytes), timeout=60)
 
     def push_raw(self, messages: Iterable[bytes]) -> pb.PushReply:

@@ -17,7 +17,7 @@ from pathlib import Path
 def main() -> int:
     parser = argparse.ArgumentParser()
     parser.add_argument("mode", choices=["die", "refuse"])
-    parser.add_argument("--stage", required=True, choices=["advertise", "share", "masked", "unmask"])
+    parser.add_argument("--stage", required=True, choices=["advertise", "share", "masked", "consistency", "unmask"])
     parser.add_argument("--round", type=int, default=1)
     parser.add_argument("--server", required=True)
     parser.add_argument("--data", required=True)

@@ -122,8 +122,23 @@ def test_pinned_config_refuses_a_different_server():
         ({"heartbeat_s": 0}, "deployment.heartbeat_s"),
         ({"port": 70000}, "deployment.port"),
         ({"hearbeat_s": 1}, "deployment.hearbeat_s: unknown key"),
+        ({"heartbeat_s": 5, "idle_timeout_s": 9}, "idle_timeout_s=9 would close connections"),
+        ({"max_clients": 8, "max_connections": 4}, "max_connections is below deployment.max_clients"),
+        ({"max_streams_per_client": 0}, "deployment.max_streams_per_client"),
+        ({"upload_timeout_s": 0}, "deployment.upload_timeout_s"),
     ],
 )
 def test_deployment_config_errors_name_the_key(deployment, message):
     with pytest.raises(ConfigError, match=message):
         parse_config({"deployment": deployment})
+
+
+def test_resource_limit_defaults_scale_with_max_clients():
+    from fedtune.config.deployment import DeploymentConfig
+    from fedtune.transport.grpc.limits import server_options
+
+    dep = DeploymentConfig(max_clients=10, max_streams_per_client=3)
+    assert (dep.rpc_limit, dep.connection_limit) == (10 * 4 + 16, 4 * 10 + 64)
+    options = dict(server_options(dep))
+    assert options["grpc.server_handshake_timeout_ms"] == 10_000 and options["grpc.max_connection_idle_ms"] == 600_000
+    assert options["grpc.max_allowed_incoming_connections"] == 104 and options["grpc.max_concurrent_streams"] == 7

@@ -151,3 +151,35 @@ def test_a_run_with_distributed_dp_reports_epsilon_every_round(tmp_path) -> None
     assert result.state.extra["dp"]["ledger"] == ledger
     assert np.isfinite(result.state.params).all()
     assert DDP_KEY == "ddp_integers"
+
+
+def test_noised_integers_fill_the_secagg_vector_and_the_clipped_element_stays_zero() -> None:
+    """Inside the real protocol: the clients' noised integers occupy the first d field elements, the
+    clipped-value element (the last, main's encode_input) carries 0 from every client (a data-dependent count
+    would be summed without noise), and the lifted sum is exactly the sum of the clients' integers."""
+    from fedtune.privacy.errors import SecAggAbort
+    from fedtune.privacy.secagg.client import SecAggClient, encode_input
+    from fedtune.privacy.secagg.driver import Traffic, decode_sum, run_protocol
+    from fedtune.privacy.secagg.messages import PublicParams
+    from fedtune.privacy.secagg.quantize import field_for
+    from fedtune.privacy.secagg.server import SecAggServer
+
+    d, ids = 50, [f"c{i}" for i in range(5)]
+    plan = distributed.make_plan(clip=1.0, noise_multiplier=1.0, dim=d, planned_clients=5, max_clients=20)
+    spec = field_for(len(ids), value_bits=None)
+    params = PublicParams(1, d, False, (), 1.0, 0.0, spec.modulus_bits, spec.levels, 0.6, 0, b"g" * 32)
+    rng = np.random.default_rng(4)
+    noised = {c: distributed.encode(rng.normal(size=d).astype(np.float32), plan, rng) for c in ids}
+    zeros = np.zeros(d, np.float32)  # under distributed DP the float update is replaced by zeros
+    one = encode_input(zeros, params, weight=1.0, channels=(), rng=rng, integers=noised["c0"])
+    assert one.shape == (params.length,) == (d + 1,) and one[-1] == 0
+    assert np.array_equal(one[:d], distributed.to_field(noised["c0"]))
+    clients = {c: SecAggClient(c, zeros, params, integers=noised[c]) for c in ids}
+    result = run_protocol(clients, SecAggServer(params, ids))
+    assert result.total[d] == 0
+    decoded = decode_sum(result, params, traffic=Traffic(), invited=len(ids), integers=plan)
+    exact = np.sum([noised[c] for c in ids], axis=0) / plan.scale
+    np.testing.assert_allclose(decoded.total, exact, rtol=0, atol=1e-12)
+    assert "secagg_clipped_values" not in decoded.metrics  # no per-coordinate clipping under distributed DP
+    with pytest.raises(SecAggAbort, match="non-finite"):  # a NaN is refused before anything is encoded
+        SecAggClient("c0", np.full(d, np.nan, np.float32), params, integers=noised["c0"])

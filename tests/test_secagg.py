@@ -14,6 +14,7 @@ from fedtune.privacy.secagg import crypto, shamir
 from fedtune.privacy.secagg.client import SecAggClient, pair_mask_seed
 from fedtune.privacy.secagg.driver import STAGES, run_protocol
 from fedtune.privacy.secagg.graph import neighbour_graph
+from fedtune.privacy.secagg.identity import Ed25519Signer, Registry
 from fedtune.privacy.secagg.messages import PublicParams, UnmaskShares, decode, encode
 from fedtune.privacy.secagg.quantize import dequantize_sum, field_for, quantize
 from fedtune.privacy.secagg.server import SecAggServer
@@ -29,8 +30,15 @@ def setup(n: int, d: int, *, seed: int = 0, inputs: dict | None = None, **kw):
     rng = np.random.default_rng(seed)
     ids = [f"c{i:02d}" for i in range(n)]
     xs = inputs or {cid: rng.uniform(-1, 1, d).astype(np.float32) for cid in ids}
-    clients = {cid: SecAggClient(cid, xs[cid], p, rng=np.random.default_rng([seed, i])) for i, cid in enumerate(ids)}
-    return p, clients, SecAggServer(p, ids)
+    identities = {cid: Ed25519Signer.generate() for cid in ids}
+    registry = Registry.of(identities)
+    clients = {
+        cid: SecAggClient(
+            cid, xs[cid], p, rng=np.random.default_rng([seed, i]), identity=identities[cid], trust=registry
+        )
+        for i, cid in enumerate(ids)
+    }
+    return p, clients, SecAggServer(p, ids, trust=registry)
 
 
 def plaintext_sum(clients: dict, survivors) -> np.ndarray:
@@ -96,7 +104,8 @@ def _late_client_view(clients: dict, server: SecAggServer) -> np.ndarray:
     roster = server.roster([c.advertise() for c in clients.values()])
     forwarded = server.forward([c.share_keys(roster) for c in clients.values()])
     late = clients["c00"].masked_input(forwarded["c00"])
-    request = server.collect([clients[c].masked_input(forwarded[c]) for c in sorted(clients) if c != "c00"])
+    check = server.collect([clients[c].masked_input(forwarded[c]) for c in sorted(clients) if c != "c00"])
+    request = server.consistency([clients[c].consistency(check) for c in check.survivors])
     server.finish([clients[c].unmask(request) for c in request.survivors])
     s_u = crypto.private_from_bytes(server.recovered["c00"])  # the server learnt c00's mask key ...
     assert crypto.public_of(server.recovered["c00"]) == roster.keys["c00"][1]

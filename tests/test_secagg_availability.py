@@ -3,6 +3,8 @@ graph and checks, the simulation against the real protocol, and the config's cho
 
 from __future__ import annotations
 
+from dataclasses import replace
+
 import numpy as np
 import pytest
 
@@ -14,6 +16,7 @@ from fedtune.privacy.secagg import availability
 from fedtune.privacy.secagg.client import SecAggClient
 from fedtune.privacy.secagg.driver import STAGES, SecureSummer, random_dropouts, run_protocol
 from fedtune.privacy.secagg.messages import PublicParams
+from fedtune.privacy.secagg.policy import ClientPolicy
 from fedtune.privacy.secagg.quantize import field_for
 from fedtune.privacy.secagg.server import SecAggServer
 from fedtune.privacy.sums import SumPlan
@@ -51,7 +54,7 @@ def test_the_simulation_predicts_each_real_protocol_round() -> None:
         rng = np.random.default_rng(r)
         clients = {c: SecAggClient(c, rng.uniform(-1, 1, 4).astype(np.float32), params, rng=rng) for c in ids}
         drops = random_dropouts(ids, 0.25, np.random.default_rng([r, 1]))
-        stage = np.array([STAGES.index(drops[c]) if c in drops else 4 for c in ids])
+        stage = np.array([STAGES.index(drops[c]) if c in drops else len(STAGES) for c in ids])
         try:
             run_protocol(clients, SecAggServer(params, ids), drop_before=drops)
             aborted = False
@@ -88,3 +91,32 @@ def test_explicit_parameters_are_checked_against_the_target() -> None:
         _config(neighbours=8, threshold=2 / 3)
     with pytest.raises(ConfigError, match="failure_probability"):
         _config(threshold=0.9)
+
+
+@pytest.mark.parametrize("dropout", [0.05, 0.3])
+def test_clients_accept_the_automatic_plan_and_refuse_a_weaker_graph(dropout: float) -> None:
+    """The client's floors (policy.ClientPolicy.from_config) recompute the security bound from the roster's
+    size and the client's own targets: the server's automatic k and threshold always pass, also when fewer
+    clients than invited reach the roster; a graph just below the bound, or a threshold at 1/2, is refused."""
+    cfg = SecAggConfig(expected_dropout=dropout, failure_probability=0.01)
+    policy = ClientPolicy.from_config(cfg, seed=7, round_idx=1)
+    checked = 0
+    for invited in (5, 12, 40, 100, 300):
+        params = SecureSummer(cfg, seed=7).params(SumPlan(round=1, numel=4), invited)
+        policy.check_params(params, "a")
+        for roster in {invited, max(3, invited - 3), max(3, int(invited * (1 - dropout)))}:
+            policy.check_roster(params, roster, "a")
+            need = availability.secure_degree(roster, dropout, 0.01)
+            if need > 2 and params.neighbours:  # a SecAgg+ graph: one step weaker is refused
+                weaker = replace(params, neighbours=need - 2)
+                with pytest.raises(SecAggAbort, match="survivor graph could split"):
+                    policy.check_roster(weaker, roster, "a")
+                checked += 1
+    assert checked >= 2  # the refusal was exercised, not only the acceptance
+    with pytest.raises(SecAggAbort, match="threshold"):
+        policy.check_params(replace(params, threshold=0.5), "a")
+    # a client that expects more dropouts than the server planned for refuses the server's smaller graph
+    params = SecureSummer(SecAggConfig(expected_dropout=0.05), seed=7).params(SumPlan(round=1, numel=4), 300)
+    wary = ClientPolicy.from_config(SecAggConfig(expected_dropout=0.6), seed=7, round_idx=1)
+    with pytest.raises(SecAggAbort, match="survivor graph could split"):
+        wary.check_roster(params, 300, "a")

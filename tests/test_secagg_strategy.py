@@ -62,7 +62,7 @@ def test_dp_norm_bound_survives_rounding() -> None:
     x = np.full(D, 0.5 / np.sqrt(D), np.float32)  # exactly on the bound
     for seed in range(5):
         q = encode_input(x, params, weight=1.0, channels=[], rng=np.random.default_rng(seed))
-        back = q.astype(np.float64) * step(-0.5, 0.5, params.levels) - 0.5
+        back = q[:D].astype(np.float64) * step(-0.5, 0.5, params.levels) - 0.5  # then the clipped fraction
         assert np.linalg.norm(back) <= 0.5
 
 

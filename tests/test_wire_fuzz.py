@@ -186,3 +186,74 @@ def test_chunks_are_bounded():
     chunks = list(wire.encode(_payload({"x": x}), chunk_bytes=256))
     assert [len(c.data) for c in chunks[1:]] == [256] * 15 + [4000 - 15 * 256]
     assert json.loads(chunks[0].header.scalars_json) == {}
+
+
+# ------------------------------------------------------------------------------------- headers
+
+
+DIMS = st.one_of(st.integers(0, 8), st.integers(0, 2**64 - 1), st.sampled_from([0, 1, 2**31, 2**32, 2**63, 2**64 - 1]))
+metas = st.builds(
+    pb.TensorMeta,
+    name=st.text(max_size=6),
+    dtype=st.integers(0, 12),
+    shape=st.lists(DIMS, max_size=10),
+)
+
+
+@settings(max_examples=300, suppress_health_check=[HealthCheck.too_slow])
+@given(
+    st.lists(metas, max_size=5),
+    st.one_of(st.integers(0, 64), st.integers(0, 2**64 - 1)),
+    st.integers(0, 3),
+    st.integers(0, 1 << 21),
+    st.lists(st.binary(max_size=64), max_size=3),
+)
+def test_arbitrary_headers_are_refused_with_a_reason_before_allocating(tensor_metas, declared, protocol, budget, body):
+    """Any header (dims with zeros hiding huge ones, 2^63, too many dims, unknown dtypes, wrong totals) is
+    either consistent and within the budget the receiver granted, or a WireError; nothing else escapes, and
+    nothing larger than the budget is ever allocated."""
+    header = _header(protocol=protocol, payload_bytes=declared)
+    header.tensors.extend(tensor_metas)
+    header.payload_sha256 = hashlib.sha256(b"".join(body)).hexdigest()
+    allocated = []
+    real_empty = np.empty
+
+    def spy_empty(shape, *args, **kwargs):
+        allocated.append(int(shape))
+        return real_empty(shape, *args, **kwargs)
+
+    stream = [pb.Chunk(header=header), *(pb.Chunk(data=b) for b in body)]
+    np.empty = spy_empty  # the decoder's one allocation of the declared size
+    try:
+        out = wire.decode(stream, LIMITS, admit=lambda h: budget)
+    except wire.WireError as err:
+        assert str(err) and err.header is not None
+        out = None
+    finally:
+        np.empty = real_empty
+    assert all(n <= min(budget, LIMITS.max_payload_bytes) for n in allocated)
+    if out is not None:
+        assert sum(a.nbytes for a in out.tensors.values()) == declared <= budget
+
+
+def test_a_zero_dimension_cannot_hide_an_oversized_one():
+    for shape in ((0, 2**63), (2**63, 0), (0, 2**64 - 1, 3)):
+        with pytest.raises(wire.WireError, match="alone exceeds the limit"):
+            wire.decode([pb.Chunk(header=_header(tensors=[_meta(shape=shape)]))], LIMITS)
+
+
+def test_the_receivers_budget_is_applied_before_the_body_is_read():
+    def stream():
+        yield pb.Chunk(header=_header(tensors=[_meta(shape=(1000,))], payload_bytes=4000))
+        raise AssertionError("the decoder read past a header beyond its budget")
+
+    with pytest.raises(wire.WireError, match="exceeds the limit"):
+        wire.decode(stream(), LIMITS, admit=lambda h: 3999)
+    refused = wire.WireError("not your task")
+
+    def admit(h):
+        raise refused
+
+    with pytest.raises(wire.WireError, match="not your task") as info:
+        wire.decode(stream(), LIMITS, admit=admit)
+    assert info.value.header is not None

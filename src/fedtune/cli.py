@@ -18,6 +18,19 @@ app = typer.Typer(add_completion=False, no_args_is_help=True, help="Federated fi
 console = Console()
 
 SetOpt = Annotated[list[str] | None, typer.Option("--set", help="Override a config key: a.b.c=value.")]
+DEFAULT_DASHBOARD_PORT = 8765
+DashboardOpt = Annotated[bool, typer.Option(help="Serve a live dashboard of the run (URL printed at start).")]
+DashboardPortOpt = Annotated[int, typer.Option(help="The dashboard's port (0: any free port).")]
+DashboardHostOpt = Annotated[str, typer.Option(help="The dashboard's address (default: this machine only).")]
+
+
+def dashboard_sinks(console: Console, enabled: bool, port: int, host: str = "127.0.0.1") -> list:
+    """The round sinks ``--dashboard`` adds (none without it)."""
+    if not enabled:
+        return []
+    from fedtune.dashboard.server import DashboardSink
+
+    return [DashboardSink(console, host=host, port=port)]
 
 
 def _fail(err: Exception) -> None:
@@ -66,6 +79,8 @@ def run(
     set_: SetOpt = None,
     resume: Annotated[Path | None, typer.Option(help="Continue this run directory.")] = None,
     quiet: Annotated[bool, typer.Option(help="No progress bars.")] = False,
+    dashboard: DashboardOpt = False,
+    dashboard_port: DashboardPortOpt = DEFAULT_DASHBOARD_PORT,
     dry_run: Annotated[
         bool, typer.Option("--dry-run", help="Load the config, data and model and stop (as `fedtune validate`).")
     ] = False,
@@ -90,7 +105,13 @@ def run(
             from fedtune.run.commands import check_config
 
             return check_config(resume / "config.yaml" if resume else config, set_ or [], console)
-        result = simulate(cfg, resume_dir=resume, console=console, show_progress=not quiet and sys.stderr.isatty())
+        result = simulate(
+            cfg,
+            resume_dir=resume,
+            console=console,
+            show_progress=not quiet and sys.stderr.isatty(),
+            sinks=dashboard_sinks(console, dashboard, dashboard_port),
+        )
         _summary(result)
     except FedtuneError as err:
         _fail(err)
@@ -163,6 +184,21 @@ def export(
     try:
         export_run(run_dir, out_dir, dtype=dtype)
         console.print(f"exported to {out_dir}")
+    except FedtuneError as err:
+        _fail(err)
+
+
+@app.command()
+def dashboard(
+    run_dir: Annotated[Path, typer.Argument(help="A run directory, finished or running.")],
+    port: DashboardPortOpt = DEFAULT_DASHBOARD_PORT,
+    host: DashboardHostOpt = "127.0.0.1",
+) -> None:
+    """Serve the live dashboard of RUN_DIR (read-only; the URL carries its access token) until Ctrl-C."""
+    from fedtune.dashboard.server import serve_run_dir
+
+    try:
+        serve_run_dir(run_dir, console, host=host, port=port)
     except FedtuneError as err:
         _fail(err)
 

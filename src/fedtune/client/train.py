@@ -17,6 +17,7 @@ from typing import Protocol
 
 import torch
 
+from fedtune.client.schedule import round_schedule
 from fedtune.config.schema import ClientConfig
 from fedtune.core.rng import derive_seed, derive_torch_generator
 from fedtune.tasks.base import Example, Task
@@ -76,16 +77,25 @@ class LocalResult:
 
 
 def _batches(examples: Sequence[Example], batch_size: int, generator: torch.Generator) -> Iterator[list[Example]]:
-    """One epoch of shuffled minibatches; the last partial batch is kept (small clients matter)."""
-    order = torch.randperm(len(examples), generator=generator).tolist()
-    for start in range(0, len(order), batch_size):
-        yield [examples[i] for i in order[start : start + batch_size]]
+    """Shuffled minibatches, epoch after epoch; the last partial batch of an epoch is kept (small clients
+    matter)."""
+    while True:
+        order = torch.randperm(len(examples), generator=generator).tolist()
+        for start in range(0, len(order), batch_size):
+            yield [examples[i] for i in order[start : start + batch_size]]
 
 
 def make_optimizer(params: list[torch.nn.Parameter], cfg: ClientConfig) -> torch.optim.Optimizer:
     if cfg.optimizer == "sgd":
         return torch.optim.SGD(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
     return torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
+
+
+def micro_batches_per_round(cfg: ClientConfig, num_examples: int, batch_size: int) -> int:
+    """Minibatches one round computes: local_steps x accumulation, or local_epochs passes over the data."""
+    if cfg.local_steps is not None:
+        return cfg.local_steps * cfg.gradient_accumulation_steps
+    return cfg.local_epochs * math.ceil(num_examples / batch_size)  # type: ignore[operator]
 
 
 def local_train(
@@ -98,12 +108,16 @@ def local_train(
     client_id: str,
     hooks: LocalHooks | None = None,
     batch_loss: BatchLoss = WHOLE_BATCH,
+    rounds: int | None = None,
     on_step: StepCallback | None = None,
 ) -> LocalResult:
     """Train ``task.module``'s trainable parameters in place on ``examples``.
 
-    ``task.module`` may be a wrapper while this runs (DDP): the parameters are read from it, and its
-    forward is what ``task.loss`` calls. ``on_step`` hears about every finished step (a progress bar)."""
+    An optimizer step accumulates ``cfg.gradient_accumulation_steps`` minibatches (each one's loss divided
+    by their count, as transformers.Trainer does); the learning rate follows ``cfg.lr_scheduler_type`` over
+    the federation's ``rounds`` (see fedtune.client.schedule). ``task.module`` may be a wrapper while this
+    runs (DDP): the parameters are read from it, and its forward is what ``task.loss`` calls. ``on_step``
+    hears about every finished step (a progress bar)."""
     if not examples:
         raise ValueError(f"client {client_id} has no training examples")
     hooks = hooks or LocalHooks()
@@ -114,32 +128,37 @@ def local_train(
     # replays exactly the same minibatches.
     shuffle = derive_torch_generator(seed, "shuffle", round_idx, client_id)
     torch.manual_seed(derive_seed(seed, "dropout", round_idx, client_id, *batch_loss.rng_scope))
-    if cfg.local_steps is not None:
-        total_steps = cfg.local_steps
-    else:
-        total_steps = cfg.local_epochs * math.ceil(len(examples) / batch_size)  # type: ignore[operator]
+    micro_total = micro_batches_per_round(cfg, len(examples), batch_size)
+    accumulate = cfg.gradient_accumulation_steps
+    total_steps = math.ceil(micro_total / accumulate)
+    schedule = round_schedule(cfg, steps_per_round=total_steps, round_idx=round_idx, rounds=rounds)
 
     task.module.train()
+    batches = _batches(examples, batch_size, shuffle)
     losses: list[float] = []
     started, seen = time.perf_counter(), 0
-    while len(losses) < total_steps:
-        for batch_examples in _batches(examples, batch_size, shuffle):
+    for step in range(total_steps):
+        for group in optimizer.param_groups:
+            group["lr"] = cfg.lr * schedule.factor(step)
+        optimizer.zero_grad(set_to_none=True)
+        micro = min(accumulate, micro_total - step * accumulate)  # the last step of an epoch run may be short
+        step_loss = 0.0
+        for _ in range(micro):
+            batch_examples = next(batches)
             total, reported = batch_loss(task, batch_examples)
             for term in hooks.loss_terms:
                 total = total + term()
-            optimizer.zero_grad(set_to_none=True)
-            total.backward()
-            for hook in hooks.grad_hooks:
-                hook()
-            if cfg.max_grad_norm is not None:
-                torch.nn.utils.clip_grad_norm_(params, cfg.max_grad_norm)
-            optimizer.step()
-            losses.append(reported)
+            (total / micro if micro > 1 else total).backward()
+            step_loss += reported / micro
             seen += len(batch_examples)
-            if on_step is not None:
-                elapsed = time.perf_counter() - started
-                on_step(StepProgress(client_id, round_idx, len(losses), total_steps, seen, elapsed))
-            if len(losses) >= total_steps:
-                break
+        for hook in hooks.grad_hooks:
+            hook()
+        if cfg.max_grad_norm is not None:
+            torch.nn.utils.clip_grad_norm_(params, cfg.max_grad_norm)
+        optimizer.step()
+        losses.append(step_loss)
+        if on_step is not None:
+            elapsed = time.perf_counter() - started
+            on_step(StepProgress(client_id, round_idx, len(losses), total_steps, seen, elapsed))
     task.module.eval()
     return LocalResult(num_examples=len(examples), steps=len(losses), train_loss=sum(losses) / len(losses))

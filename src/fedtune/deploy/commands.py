@@ -39,6 +39,11 @@ def server_cmd(
     set_: SetOpt = None,
     resume: Annotated[Path | None, typer.Option(help="Continue this run directory after a crash or stop.")] = None,
     quiet: Annotated[bool, typer.Option(help="Only warnings in the log (no per-client lines).")] = False,
+    dashboard: Annotated[bool, typer.Option(help="Serve a live dashboard (URL and access token printed).")] = False,
+    dashboard_port: Annotated[int, typer.Option(help="The dashboard's port (0: any free port).")] = 8765,
+    dashboard_host: Annotated[str, typer.Option(help="The dashboard's address (default: this machine only).")] = (
+        "127.0.0.1"
+    ),
 ) -> None:
     """Start the coordinator: listen (mutual TLS), wait for the quorum, run the rounds, checkpoint each."""
     from fedtune.config import load_config
@@ -53,7 +58,12 @@ def server_cmd(
             cfg = load_run_config(resume, set_ or [])
         else:
             raise FedtuneError("missing CONFIG (or --resume RUN_DIR)")
-        result = run_server(cfg, resume_dir=resume, console=console, show_progress=sys.stderr.isatty())
+        sinks = []
+        if dashboard:
+            from fedtune.dashboard.server import DashboardSink
+
+            sinks.append(DashboardSink(console, host=dashboard_host, port=dashboard_port))
+        result = run_server(cfg, resume_dir=resume, console=console, show_progress=sys.stderr.isatty(), sinks=sinks)
     except FedtuneError as err:
         _fail(err)
     console.print(f"finished round {result.state.round}; run directory: {result.run_dir}")
@@ -66,7 +76,11 @@ def client_cmd(
     cert: Annotated[Path, typer.Option(help="This client's certificate (PEM); its CN is the client id.")],
     key: Annotated[Path, typer.Option(help="This client's private key (PEM).")],
     config: Annotated[
-        Path | None, typer.Option(help="Your copy of the federation config: refuse a server that differs.")
+        Path | None,
+        typer.Option(
+            help="Your copy of the federation config: refuse a server that differs; needed for any model that is "
+            "not built in (the participant never runs code the server names)."
+        ),
     ] = None,
     server_name: Annotated[
         str | None, typer.Option(help="Name to check in the server certificate, if not the HOST dialled.")

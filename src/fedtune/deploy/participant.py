@@ -1,7 +1,11 @@
 """``fedtune client``: read this participant's own data, build the server's model, run the participant loop.
 
-The model configuration comes from the server when the client joins, so both build the same model (the
-spec digest in every task catches a mismatch). The participant's data never leaves this machine:
+A participant never runs code named by the server. With ``--config`` (its own copy of the federation
+config) the model, training, privacy and seed sections it runs are *its own*: the server's are compared with
+them and a difference is refused, naming the key. Without ``--config`` it accepts from the server only a
+built-in model name or built-in factory (tasks.build.check_builtin_model); a ``model.factory`` such as
+``os:system``, a local path or a hub id is refused before anything is imported or loaded. The spec digest
+in every task is checked against the model built here. The participant's data never leaves this machine:
 
 * ``--data FILE_OR_FOLDER`` is read with the format the config's ``data`` section names: ``text`` (a .txt
   file or a folder of them, paragraphs split temporally), ``instruct`` (JSON/JSONL), ``classification``
@@ -36,9 +40,9 @@ from fedtune.core.rng import derive_rng
 from fedtune.data.cache import default_cache_dir
 from fedtune.data.partition import random_split
 from fedtune.data.types import ClientSplit
-from fedtune.errors import DataError
+from fedtune.errors import DataError, ModelError
 from fedtune.run.rundir import config_digest
-from fedtune.tasks.build import build_run_task
+from fedtune.tasks.build import build_run_task, check_builtin_model
 from fedtune.transport.grpc.client import Joined, ParticipantError
 
 PARTITION = "partition:"
@@ -122,6 +126,21 @@ def check_pinned(local: Config, server: Config) -> None:
                 )
 
 
+def trusted_config(server: Config, local: Config | None) -> Config:
+    """The configuration this participant runs. With its own ``local`` config, the server's pinned sections
+    must equal it (check_pinned) and are then taken from ``local`` itself, so nothing the server named is
+    built; without one, the server's model section may name only built-in models (checked here, before
+    anything is imported)."""
+    if local is None:
+        try:
+            check_builtin_model(server.model)
+        except ModelError as err:
+            raise ParticipantError(str(err), 2) from None
+        return server
+    check_pinned(local, server)
+    return server.model_copy(update={section: getattr(local, section) for section in PINNED_SECTIONS})
+
+
 def build_participant_worker(
     config_yaml: str, local_yaml: str | None, data: str, client_id: str, num_labels: int | None
 ) -> ClientWorker:
@@ -129,8 +148,7 @@ def build_participant_worker(
     calls it too (it takes only picklable strings), so all ranks build the same model and shard."""
     config = parse_config(yaml.safe_load(config_yaml), source="received from the server")
     local_config = parse_config(yaml.safe_load(local_yaml), source="--config") if local_yaml else None
-    if local_config is not None:
-        check_pinned(local_config, config)
+    config = trusted_config(config, local_config)
     data_cfg = local_config.data if local_config is not None else config.data
     if config.run.threads:
         torch.set_num_threads(config.run.threads)
@@ -138,7 +156,14 @@ def build_participant_worker(
     # this participant's own state (its DP-SGD ledger) stays on its own disk, whatever the server configured
     config = with_client_state(config, participant_address(cache_dir, config_digest(config)))
     split = load_local_split(data_cfg, data, seed=config.seed, client_id=client_id, cache_dir=cache_dir)
-    task = build_run_task(config, num_labels=config.model.num_labels or num_labels, cache_dir=cache_dir)
+    if num_labels is not None and (not isinstance(num_labels, int) or not 1 <= num_labels <= 1 << 20):
+        raise ParticipantError(f"the server sent num_labels={num_labels!r}, not a class count", 2)
+    task = build_run_task(
+        config,
+        num_labels=config.model.num_labels or num_labels,
+        cache_dir=cache_dir,
+        builtin_only=local_config is None,  # the model section is the server's: built-in names only
+    )
     ext = build_client_extensions(config)
     worker = ClientWorker(
         task,

@@ -8,6 +8,7 @@ run directory, checkpoints and resume.
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from pathlib import Path
 
 import numpy as np
@@ -19,7 +20,10 @@ from fedtune.config.schema import Config
 from fedtune.core.params import ParamSpec
 from fedtune.data.cache import default_cache_dir
 from fedtune.errors import ConfigError, FedtuneError
+from fedtune.run.board import Refusal
 from fedtune.run.session import RunResult, serve
+from fedtune.run.sinks import RoundSink
+from fedtune.run.trackers import require_trackers
 from fedtune.tasks.build import build_run_task
 from fedtune.transport.grpc.server import GrpcServerTransport, ServerTLS
 
@@ -37,11 +41,35 @@ def initial_model(config: Config) -> tuple[np.ndarray, ParamSpec, bool]:
     return view.read(), view.spec, task.reports_accuracy
 
 
+class GrpcDirectory:
+    """Who is enrolled (deployment.allowed_clients; None: any certificate of the CA), connected and refused,
+    from the server's registry (fedtune.run.board.ClientDirectory)."""
+
+    def __init__(self, transport: GrpcServerTransport, allowed: list[str] | None) -> None:
+        self.registry, self.allowed = transport.registry, allowed
+
+    def enrolled(self) -> list[str] | None:
+        return sorted(self.allowed) if self.allowed is not None else None
+
+    def connected(self) -> list[str]:
+        return self.registry.live()
+
+    def refused(self) -> list[Refusal]:
+        return [Refusal(who, reason, at) for who, reason, at in self.registry.refusals()]
+
+
 def run_server(
-    config: Config, *, resume_dir: Path | None = None, console: Console | None = None, show_progress: bool = True
+    config: Config,
+    *,
+    resume_dir: Path | None = None,
+    console: Console | None = None,
+    show_progress: bool = True,
+    sinks: Sequence[RoundSink] = (),
 ) -> RunResult:
-    """Listen, wait for the quorum, run the federation, and tell the clients how it ended."""
+    """Listen, wait for the quorum, run the federation, and tell the clients how it ended; ``sinks`` get every
+    round after the default ones (e.g. the dashboard)."""
     console = console or Console()
+    require_trackers(config.run.trackers)  # before the model is built or the port opened
     params, spec, accuracy = initial_model(config)
     extra = {"num_labels": config.model.num_labels} if config.model.num_labels is not None else {}
     transport = GrpcServerTransport(
@@ -67,6 +95,8 @@ def run_server(
             console=console,
             show_progress=show_progress,
             extra_state=extra or None,
+            sinks=sinks,
+            directory=GrpcDirectory(transport, dep.allowed_clients),
         )
     except FedtuneError as err:
         transport.close(ok=False, reason=f"the server stopped the federation: {err}")

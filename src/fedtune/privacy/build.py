@@ -21,7 +21,11 @@ def wrap_strategy(strategy: Any, config: Config) -> Any:
     from fedtune.privacy.secagg.strategy import SecureAggregation
     from fedtune.privacy.sums import plain_sum
 
-    summer = SecureSummer(p.secure_aggregation, seed=config.seed) if p.secure_aggregation else plain_sum
+    summer = (
+        SecureSummer(p.secure_aggregation, seed=config.seed, ca_path=config.deployment.tls_ca)
+        if p.secure_aggregation
+        else plain_sum
+    )
     if p.dp is not None:
         dropout = p.secure_aggregation.expected_dropout if p.secure_aggregation else 0.0
         return DPFedAvg(strategy, p.dp, config.federation, seed=config.seed, summer=summer, expected_dropout=dropout)
@@ -66,7 +70,7 @@ def check_secagg_transport(config: Config, transport: Any) -> None:
     """Refuse SecAgg where it cannot keep its promise, with a ConfigError naming the problem.
 
     In the simulation the clients' protocol objects run in this process (the in-process driver). A
-    networked transport must carry the four message rounds itself (``secagg_exchange``, the
+    networked transport must carry the five message rounds itself (``secagg_exchange``, the
     SecAggNetwork seam) and have been started for it, so that updates stay on the clients; otherwise the
     server would receive plaintext updates. Over the network, update compression is refused: the client
     sends only its masked vector (uniform in Z_R, incompressible), so a codec would silently not apply;

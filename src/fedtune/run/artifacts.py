@@ -13,7 +13,7 @@ import numpy as np
 
 from fedtune.client.hooks import LoraResidual
 from fedtune.client.weights import TrainableView
-from fedtune.config.schema import Config
+from fedtune.config.schema import PYTHON_MODEL_PREFIX, Config
 from fedtune.core.state import ServerState, load_state
 from fedtune.data.cache import default_cache_dir
 from fedtune.data.local import configured_label_names
@@ -28,6 +28,11 @@ from fedtune.tasks.build import build_run_task
 def load_trained_task(run_dir: Path) -> tuple[Task, ServerState]:
     run_dir = Path(run_dir)
     config = rundir.load_run_config(run_dir)
+    if config.model.name.startswith(PYTHON_MODEL_PREFIX):
+        raise CheckpointError(
+            f"{run_dir} trained a model given as a Python object ({config.model.name}), which its config cannot "
+            "rebuild: use the model fedtune.simulate returned (result.model; save_pretrained or torch.save it)"
+        )
     state = load_state(run_dir / rundir.CHECKPOINT)
     num_labels = config.model.num_labels or state.extra.get("num_labels")
     task = build_run_task(config, num_labels=num_labels, cache_dir=default_cache_dir(config.data.cache_dir))

@@ -2,18 +2,38 @@
 
 from __future__ import annotations
 
+import io
 from pathlib import Path
 
 import matplotlib
 
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt
+from matplotlib.figure import Figure
 
 
 def plot_rounds(rounds: list[dict], out: Path, *, title: str) -> None:
-    """Loss (train and held-out), perplexity or accuracy, and bytes per round."""
+    """metrics.png: loss (train and held-out), perplexity or accuracy, and bytes per round."""
     if not rounds:
         return
+    fig = draw_rounds(rounds, title=title)
+    tmp = out.with_suffix(".tmp.png")
+    fig.savefig(tmp, dpi=90)
+    plt.close(fig)
+    tmp.replace(out)
+
+
+def rounds_svg(rounds: list[dict], *, title: str) -> str:
+    """The same figure as inline SVG text (for report.html)."""
+    fig = draw_rounds(rounds, title=title)
+    buf = io.StringIO()
+    fig.savefig(buf, format="svg")
+    plt.close(fig)
+    text = buf.getvalue()
+    return text[text.index("<svg") :]  # drop the XML prolog and doctype: the SVG sits inside HTML
+
+
+def draw_rounds(rounds: list[dict], *, title: str) -> Figure:
     x = [r["round"] for r in rounds]
     has_acc = any(r.get("eval_accuracy") is not None for r in rounds)
     quality = "eval_accuracy" if has_acc else "eval_perplexity"
@@ -40,7 +60,4 @@ def plot_rounds(rounds: list[dict], out: Path, *, title: str) -> None:
     ax.legend()
     fig.suptitle(title)
     fig.tight_layout()
-    tmp = out.with_suffix(".tmp.png")
-    fig.savefig(tmp, dpi=90)
-    plt.close(fig)
-    tmp.replace(out)
+    return fig

@@ -5,6 +5,10 @@ metrics.jsonl             one JSON object per line: kind=round | client | eval_c
 metrics.png               per-round plot (redrawn at most every 30 s, and at the end)
 checkpoint.safetensors    the ServerState after the last completed round (atomic)
 summary.json              written when the run finishes
+status.json               what the coordinator and each client are doing now (read by the dashboard)
+report.html               a self-contained report, written when the run ends (however it ends)
+trackers.json             the MLflow and W&B run ids (a resumed run continues them)
+tensorboard/ mlruns/ wandb/   what run.trackers asked for
 """
 
 from __future__ import annotations
@@ -57,13 +61,14 @@ def load_run_config(run_dir: Path, overrides: list[str] | None = None) -> Config
     return load_config(Path(run_dir) / CONFIG, overrides)
 
 
-def _clean(value: Any) -> Any:
+def clean_json(value: Any) -> Any:
+    """``value`` with NaN and infinities as None (strict JSON, which browsers and other tools parse)."""
     if isinstance(value, float) and not math.isfinite(value):
         return None
     if isinstance(value, dict):
-        return {k: _clean(v) for k, v in value.items()}
+        return {k: clean_json(v) for k, v in value.items()}
     if isinstance(value, list):
-        return [_clean(v) for v in value]
+        return [clean_json(v) for v in value]
     return value
 
 
@@ -76,7 +81,7 @@ class MetricsLog:
     def append(self, records: list[dict]) -> None:
         with open(self.path, "a") as fh:
             for rec in records:
-                fh.write(json.dumps(_clean(rec)) + "\n")
+                fh.write(json.dumps(clean_json(rec)) + "\n")
             fh.flush()
             os.fsync(fh.fileno())
 

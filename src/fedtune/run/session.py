@@ -6,9 +6,9 @@ most the round in flight, and ``simulate(..., resume_dir=...)`` continues with i
 
 from __future__ import annotations
 
-import json
 import shutil
 import time
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -18,20 +18,34 @@ from rich.console import Console
 
 from fedtune.client.build import build_client_extensions
 from fedtune.client.worker import ClientWorker
-from fedtune.config.schema import Config
+from fedtune.config.schema import PYTHON_MODEL_PREFIX, Config
 from fedtune.config.simulation import with_client_state
 from fedtune.core.params import ParamSpec
 from fedtune.core.state import ServerState, load_state, save_state
 from fedtune.data.cache import default_cache_dir
 from fedtune.data.screen import name_labels, screen_clients
 from fedtune.data.sources import load_federated
-from fedtune.errors import CheckpointError
+from fedtune.data.types import FederatedData
+from fedtune.errors import CheckpointError, ConfigError
 from fedtune.privacy.build import carry_secagg, check_secagg_transport
 from fedtune.run import rundir
+from fedtune.run.board import ActivityTransport, ClientBoard, ClientDirectory, StaticDirectory, StatusSink
 from fedtune.run.interrupt import RunInterrupted
-from fedtune.run.plot import plot_rounds
 from fedtune.run.predict import write_label_names
-from fedtune.run.progress import ProgressTransport, RoundTable, StepRelay
+from fedtune.run.progress import ProgressTransport, StepRelay
+from fedtune.run.report import ReportSink
+from fedtune.run.sinks import (
+    CheckpointSink,
+    ConsoleSink,
+    MetricsSink,
+    PlotSink,
+    RoundSink,
+    RunEnd,
+    RunInfo,
+    Sinks,
+    SummarySink,
+)
+from fedtune.run.trackers import build_trackers, require_trackers
 from fedtune.server.build import build_strategy
 from fedtune.server.loop import RoundReport, eval_clients, evaluate_global, run_rounds
 from fedtune.server.strategy import Strategy
@@ -41,7 +55,6 @@ from fedtune.transport.base import Transport
 from fedtune.transport.inprocess import InProcessTransport
 
 INITIAL = "initial.safetensors"
-PLOT_EVERY_S = 30.0  # metrics.png is redrawn at most this often while a run is going
 
 
 @dataclass
@@ -58,12 +71,39 @@ class Prepared:
 
 
 def prepare(config: Config, *, console: Console | None = None) -> Prepared:
+    refuse_python_run(config)
     if config.run.threads:
         torch.set_num_threads(config.run.threads)
     cache_dir = default_cache_dir(config.data.cache_dir)
     fed = load_federated(config.data, seed=config.seed, cache_dir=cache_dir)
     num_labels = config.model.num_labels or (len(fed.label_names) or None)
     task = build_run_task(config, num_labels=num_labels, cache_dir=cache_dir)
+    return prepare_worker(config, task, fed, cache_dir=cache_dir, num_labels=num_labels, console=console)
+
+
+def refuse_python_run(config: Config) -> None:
+    """A run whose model or data were Python objects cannot be rebuilt from its config file alone."""
+    objects = [f"data.source: {config.data.source}"] if config.data.source == "python" else []
+    if config.model.name.startswith(PYTHON_MODEL_PREFIX):
+        objects.append(f"model.name: {config.model.name}")
+    if objects:
+        raise ConfigError(
+            f"this run was built in Python ({', '.join(objects)}): its model and data are Python objects that a "
+            "config file cannot rebuild. Resume it from Python with the same objects: "
+            "fedtune.simulate(config, model=..., datasets=..., resume=RUN_DIR) (see docs/PYTHON_API.md)"
+        )
+
+
+def prepare_worker(
+    config: Config,
+    task: Task,
+    fed: FederatedData,
+    *,
+    cache_dir: Path,
+    num_labels: int | None,
+    console: Console | None = None,
+) -> Prepared:
+    """The resident worker over ``fed``'s clients, with clients too small to train dropped (and reported)."""
     name_labels(task, fed.label_names)  # the classifier's config carries them: the export's id2label
     records = {cid: (split.train, split.test) for cid, split in fed.clients.items()}
     ext = build_client_extensions(config)
@@ -156,6 +196,68 @@ def _open_run(
     return run_dir, strategy.init_state(params, spec), rundir.MetricsLog(run_dir)
 
 
+def default_sinks(
+    config: Config, run_dir: Path, metrics: rundir.MetricsLog, console: Console, board: ClientBoard,
+    directory: ClientDirectory | None,
+) -> list[RoundSink]:
+    """What every run writes, in order: metrics first (a crash before the checkpoint replays the round), the
+    checkpoint, the console table, metrics.png, status.json, the trackers, report.html and summary.json."""
+    sinks: list[RoundSink] = [
+        MetricsSink(metrics),
+        CheckpointSink(run_dir / rundir.CHECKPOINT, rundir.config_digest(config)),
+        ConsoleSink(console),
+    ]
+    if config.run.plot:
+        sinks.append(PlotSink(metrics, run_dir / rundir.PLOT, title=config.run.name))
+    sinks.append(StatusSink(board, directory))
+    sinks += build_trackers(config.run.trackers)
+    sinks += [ReportSink(metrics), SummarySink(metrics, run_dir / rundir.SUMMARY)]
+    return sinks
+
+
+def coordinate(
+    config: Config,
+    strategy: Strategy,
+    transport: Transport,
+    state: ServerState,
+    sinks: Sinks,
+    *,
+    accuracy: bool,
+    baseline: bool,
+) -> tuple[ServerState, RunEnd]:
+    """The baseline evaluation (if ``baseline``) and the rounds, every event handed to ``sinks``."""
+    if baseline:
+        started = time.perf_counter()
+        _, pooled, _ = evaluate_global(config, strategy, transport, state, eval_clients(config, transport.client_ids()))
+        rec = {
+            "kind": "round",
+            "round": 0,
+            "clients_sampled": 0,
+            "clients_ok": 0,
+            "bytes_down": 0,
+            "bytes_up": 0,
+            "seconds": time.perf_counter() - started,
+            **_eval_record(pooled, accuracy),
+        }
+        sinks.on_round(state, [rec])
+
+    stopped: list[str] = []
+
+    def on_stop(at: ServerState, reason: str) -> None:  # e.g. the privacy budget is spent
+        stopped.append(reason)
+        sinks.on_stop(at, reason)
+
+    state = run_rounds(
+        config,
+        strategy,
+        transport,
+        state,
+        on_round=lambda new, report: sinks.on_round(new, round_records(report, accuracy)),
+        on_stop=on_stop,
+    )
+    return state, RunEnd("stopped", state, stopped[0]) if stopped else RunEnd("finished", state)
+
+
 def serve(
     config: Config,
     transport: Transport,
@@ -167,76 +269,51 @@ def serve(
     show_progress: bool = True,
     extra_state: dict | None = None,
     fresh_dir: Path | None = None,
+    sinks: Sequence[RoundSink] = (),
+    directory: ClientDirectory | None = None,
     steps: StepRelay | None = None,
 ) -> RunResult:
     """The coordinator, whatever the transport: open or resume the run, evaluate the baseline, run the
-    rounds, and persist metrics, checkpoint and plot after every round.
+    rounds; the default sinks persist metrics, checkpoint, plot, status, trackers and report, then ``sinks``.
 
     ``init`` is the initial trainable vector and its spec (the server builds the model once to get them);
     ``accuracy`` says whether evaluation reports accuracy (classifiers) or perplexity; ``fresh_dir`` is a new
-    run directory the caller already made (``rundir.new_run_dir``), for a run that is not resumed; ``steps``
-    relays local-step progress from an in-process worker to the progress bars.
+    run directory the caller already made (``rundir.new_run_dir``), for a run that is not resumed;
+    ``directory`` says who is enrolled, connected and refused (default: every client of the transport);
+    ``steps`` relays local-step progress from an in-process worker to the progress bars.
     """
     console = console or Console()
+    require_trackers(config.run.trackers)  # a tracker that is not installed fails before anything starts
     check_secagg_transport(config, transport)  # privacy: refuse SecAgg where the server would see plaintext
     strategy = build_strategy(config, num_clients=len(transport.client_ids()))  # SCAFFOLD needs N
     strategy = carry_secagg(strategy, transport)  # privacy: SecAgg's message rounds over a networked transport
-    digest = rundir.config_digest(config)
     run_dir, state, log = _open_run(config, strategy, init, resume_dir, console, fresh_dir)
     if extra_state and state.round == 0:
         state = state.evolve(extra={**state.extra, **extra_state})
-    shown = ProgressTransport(
+    board = ClientBoard()
+    progress = ProgressTransport(
         transport, console, enabled=show_progress, total_rounds=config.federation.rounds, steps=steps
     )
-    privacy_columns = ["agg_epsilon"] if config.privacy.dp is not None else []  # DP: epsilon every round
-    table = RoundTable(console, accuracy=accuracy, extra_columns=privacy_columns)
-    for rec in log.rounds():
-        table.add(rec)
-
-    if state.round == 0 and config.eval.baseline and not log.rounds():
-        started = time.perf_counter()
-        _, pooled, _ = evaluate_global(config, strategy, shown, state, eval_clients(config, shown.client_ids()))
-        rec = {
-            "kind": "round",
-            "round": 0,
-            "clients_sampled": 0,
-            "clients_ok": 0,
-            "bytes_down": 0,
-            "bytes_up": 0,
-            "seconds": time.perf_counter() - started,
-            **_eval_record(pooled, accuracy),
-        }
-        log.append([rec])
-        table.add(rec)
-
-    last_plot = [time.monotonic()]
-
-    def replot(*, force: bool) -> None:
-        # Drawing the figure costs ~0.3 s: redraw at most every PLOT_EVERY_S seconds, and always at the end.
-        if config.run.plot and (force or time.monotonic() - last_plot[0] >= PLOT_EVERY_S):
-            plot_rounds(log.rounds(), run_dir / rundir.PLOT, title=config.run.name)
-            last_plot[0] = time.monotonic()
-
-    def on_round(new_state: ServerState, report: RoundReport) -> None:
-        records = round_records(report, accuracy)
-        log.append(records)  # metrics first: a crash before the checkpoint replays this round
-        save_state(new_state, run_dir / rundir.CHECKPOINT, config_digest=digest)
-        for f in report.failures:
-            console.print(f"[yellow]round {f.round}: client {f.client_id} failed: {f.reason}[/yellow]")
-        table.add(records[0])
-        replot(force=new_state.round >= config.federation.rounds)
-
-    def on_stop(stopped: ServerState, reason: str) -> None:  # e.g. the privacy budget is spent
-        log.append([{"kind": "stop", "round": stopped.round, "reason": reason}])
-        console.print(f"[yellow]stopped after round {stopped.round}: {reason}[/yellow]")
-
-    state = run_rounds(config, strategy, shown, state, on_round=on_round, on_stop=on_stop)
-    replot(force=True)
+    shown = ActivityTransport(progress, board)
+    directory = directory or StaticDirectory(transport)
+    fanout = Sinks([*default_sinks(config, run_dir, log, console, board, directory), *sinks])
+    history = log.read()
+    # a resumed run that crashed after its baseline does not evaluate it again
+    baseline = state.round == 0 and config.eval.baseline and not any(r.get("kind") == "round" for r in history)
+    end = RunEnd("failed", state)
+    try:  # every sink is closed however the run ends, even if one fails to start (sinks close unstarted)
+        fanout.on_start(RunInfo(run_dir, config, accuracy, state.round, history, init[1].numel))
+        state, end = coordinate(config, strategy, shown, state, fanout, accuracy=accuracy, baseline=baseline)
+    except KeyboardInterrupt:
+        end = RunEnd("interrupted", fanout.last_state or state, "interrupted (Ctrl-C)")
+        raise
+    except BaseException as err:
+        end = RunEnd("failed", fanout.last_state or state, f"{type(err).__name__}: {err}")
+        raise
+    finally:
+        fanout.close(end)
     rounds = log.rounds()
     baseline = next((r for r in rounds if r["round"] == 0), {})
-    final = next((r for r in reversed(rounds) if r["round"] > 0), {})
-    summary = {"rounds_completed": state.round, "baseline": baseline, "final": final, "spec_digest": state.spec.digest}
-    (run_dir / rundir.SUMMARY).write_text(json.dumps(summary, indent=1))
     return RunResult(run_dir=run_dir, state=state, rounds=rounds, baseline=baseline)
 
 
@@ -273,17 +350,28 @@ def simulate(
     resume_dir: Path | None = None,
     console: Console | None = None,
     show_progress: bool = True,
+    sinks: Sequence[RoundSink] = (),
+    prepare_fn: Callable[[Config, Console], Prepared] | None = None,
 ) -> RunResult:
     """A whole simulated federation: one resident model in this process, or one per Ray actor
-    (``config.simulation``)."""
+    (``config.simulation``); ``sinks`` get every round after the default ones (e.g. the dashboard).
+    ``prepare_fn`` builds the worker from objects instead of from the config (the Python API: ``fedtune.api``);
+    such a run is in-process only."""
     console = console or Console()
+    require_trackers(config.run.trackers)  # before anything is made
+    if prepare_fn is None:
+        refuse_python_run(config)  # before a run directory is made
     # the run directory first: the simulated clients keep their state between rounds in it (or in the store
     # simulation.client_state names), and every worker is built knowing where
     fresh_dir = rundir.new_run_dir(config) if resume_dir is None else None
     try:
         workers = with_client_state(config, config.simulation.client_state_address(fresh_dir or Path(resume_dir)))
-        prepared = prepare(workers, console=console)
-        transport = simulation_transport(workers, prepared)
+        if prepare_fn is not None:
+            prepared = prepare_fn(workers, console)
+            transport: Transport = InProcessTransport(prepared.worker)
+        else:
+            prepared = prepare(workers, console=console)
+            transport = simulation_transport(workers, prepared)
     except BaseException:
         if fresh_dir is not None:  # nothing ran yet: leave no empty run directory behind a failed start
             shutil.rmtree(fresh_dir, ignore_errors=True)
@@ -306,6 +394,7 @@ def simulate(
             show_progress=show_progress,
             extra_state=extra,
             fresh_dir=fresh_dir,
+            sinks=sinks,
             steps=steps,
         )
     except KeyboardInterrupt:  # Ctrl-C: every finished round is on disk; say where (the CLI prints the hint)

@@ -12,6 +12,7 @@ import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 
+from fedtune.client.schedule import ROUNDS_OPTION
 from fedtune.config.schema import Config
 from fedtune.core.messages import ClientEval, ClientFailure, ClientUpdate, EvalInstruction, FitInstruction
 from fedtune.core.params import check_vector
@@ -182,7 +183,7 @@ def run_round(
                 seed=config.seed,
                 train=train_cfg,
                 extras=arrays,
-                options=options,
+                options={**options, ROUNDS_OPTION: config.federation.rounds},  # the local lr schedule's span
             )
         )
     report = RoundReport(round=round_idx, sampled=sampled)

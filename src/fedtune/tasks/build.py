@@ -21,32 +21,80 @@ import torch
 from fedtune.config.schema import Config, ModelConfig
 from fedtune.core.rng import derive_seed
 from fedtune.errors import ConfigError, ModelError
-from fedtune.models.hub import load_causal_lm, load_sequence_classifier, resolve_model
+from fedtune.models.hub import BUILTIN_MODELS, load_causal_lm, load_sequence_classifier, resolve_model
 from fedtune.models.lora import apply_lora
 from fedtune.tasks.base import Task
 from fedtune.tasks.causal_lm import CausalLMTask
 from fedtune.tasks.classification import ClassificationTask
 from fedtune.tasks.module import ModuleTask
 
+# model.factory values that name code shipped inside fedtune: a participant accepts these from a server
+# (like a built-in model name); any other factory runs only from the participant's own configuration.
+BUILTIN_FACTORIES = ("fedtune.models.cnn:digits_cnn",)
 
-def build_run_task(config: Config, *, num_labels: int | None, cache_dir: Path) -> Task:
+
+def build_run_task(config: Config, *, num_labels: int | None, cache_dir: Path, builtin_only: bool = False) -> Task:
     """The task a run's config describes: ``build_task`` of its model section, seeded with the run seed,
     with LoRA's A frozen under FFA-LoRA (``server.lora_aggregation: ffa``). Server, clients, Ray actors and
-    export all build through here, so they agree on the exchanged parameters."""
-    return build_task(
+    export all build through here, so they agree on the exchanged parameters. ``builtin_only``: the model
+    section came from someone else (a server), so only built-in model names and factories are accepted."""
+    task = build_task(
         config.model,
         num_labels=num_labels,
         cache_dir=cache_dir,
         seed=config.seed,
         freeze_lora_a=config.server.lora_aggregation == "ffa",
+        builtin_only=builtin_only,
     )
+    if config.client.gradient_checkpointing:
+        enable_gradient_checkpointing(task.module)
+    return task
+
+
+def enable_gradient_checkpointing(model: torch.nn.Module) -> None:
+    """transformers' activation checkpointing (client.gradient_checkpointing): activations are recomputed in
+    backward instead of kept. Non-reentrant, so it works with frozen embeddings under LoRA."""
+    from peft import PeftModel
+    from transformers import PreTrainedModel
+
+    base = model.get_base_model() if isinstance(model, PeftModel) else model
+    if not isinstance(base, PreTrainedModel):
+        raise ModelError(f"client.gradient_checkpointing needs a Hugging Face model, not a {type(base).__name__}")
+    base.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+
+
+def check_builtin_model(model_cfg: ModelConfig) -> None:
+    """Raise ModelError unless ``model_cfg`` names only what ships with fedtune: a built-in model name, or a
+    built-in factory. What a participant accepts from a server without its own ``--config``: anything else
+    (a ``module:callable``, a local path, a hub id) would run or load what the server chose."""
+    if model_cfg.kind == "module":
+        if model_cfg.factory not in BUILTIN_FACTORIES:
+            raise ModelError(
+                f"the server asks this participant to run model.factory {model_cfg.factory!r}; a participant runs "
+                f"no code named by the server (built-in factories: {', '.join(BUILTIN_FACTORIES)}). To train it, "
+                "start the participant with --config naming that factory in its own model section"
+            )
+    elif model_cfg.name not in BUILTIN_MODELS:
+        raise ModelError(
+            f"the server asks for model.name {model_cfg.name!r}, which is not a built-in model "
+            f"({', '.join(BUILTIN_MODELS)}); start the participant with --config naming it in its own model section"
+        )
 
 
 def build_task(
-    model_cfg: ModelConfig, *, num_labels: int | None, cache_dir: Path, seed: int, freeze_lora_a: bool = False
+    model_cfg: ModelConfig,
+    *,
+    num_labels: int | None,
+    cache_dir: Path,
+    seed: int,
+    freeze_lora_a: bool = False,
+    builtin_only: bool = False,
 ) -> Task:
     """Load and adapt the model ``model_cfg`` describes. ``num_labels`` is used when the config has none;
-    ``freeze_lora_a`` keeps LoRA's A matrices at their seeded init and out of the trainable set (FFA-LoRA)."""
+    ``freeze_lora_a`` keeps LoRA's A matrices at their seeded init and out of the trainable set (FFA-LoRA);
+    ``builtin_only`` refuses (check_builtin_model) before anything is imported or loaded."""
+    if builtin_only:
+        check_builtin_model(model_cfg)
     if freeze_lora_a and model_cfg.lora is None:
         raise ModelError("freezing LoRA's A matrices (FFA-LoRA) needs model.lora")
     if model_cfg.kind != "module":

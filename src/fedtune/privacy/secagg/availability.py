@@ -83,6 +83,20 @@ def split_bound(num_clients: int, neighbours: int, dropout: float) -> float:
     return min(1.0, num_clients * dropout ** (k // 2))
 
 
+def secure_degree(num_clients: int, dropout: float, failure_probability: float) -> int:
+    """The smallest even k whose survivor graph splits with probability <= ``failure_probability`` at
+    ``dropout`` (the security bound above); 0, the complete graph, when no k < n - 1 does. ``plan`` never
+    picks less: its k meets this bound at the number invited, hence at any roster as small or smaller.
+
+    >>> secure_degree(100, 0.3, 0.01), secure_degree(5, 0.3, 0.01)
+    (16, 0)
+    """
+    for k in range(2, num_clients - 1, 2):
+        if split_bound(num_clients, k, dropout) <= failure_probability:
+            return k
+    return 0
+
+
 @dataclass(frozen=True)
 class SecAggPlan:
     neighbours: int  # k of the SecAgg+ graph; 0: the complete graph
@@ -129,22 +143,26 @@ def plan(
     return made(0)
 
 
+NUM_STAGES = 5  # advertise, share, masked, consistency, unmask (driver.STAGES)
+
+
 def simulate_aborts(
     num_clients: int, neighbours: int, threshold: float, dropout: float, rounds: int, rng: np.random.Generator
 ) -> float:
     """The share of ``rounds`` simulated rounds that abort: the real neighbour graph (graph.py), each client
-    dropping with probability ``dropout`` before one of the four stages, and the server's and the
-    clients' threshold checks (server.py, client.py) applied stage by stage."""
+    dropping with probability ``dropout`` before one of the five stages (driver.STAGES), and the server's
+    and the clients' threshold checks (server.py, client.py) applied stage by stage."""
     ids = [f"c{i:05d}" for i in range(num_clients)]
     aborted = 0
     for r in range(rounds):
-        stage = np.where(rng.random(num_clients) < dropout, rng.integers(0, 4, num_clients), 4)
+        stage = np.where(rng.random(num_clients) < dropout, rng.integers(0, NUM_STAGES, num_clients), NUM_STAGES)
         aborted += int(round_aborts(ids, stage, neighbours, threshold, seed=r.to_bytes(8, "little")))
     return aborted / rounds
 
 
 def round_aborts(ids: list[str], stage: np.ndarray, neighbours: int, threshold: float, *, seed: bytes) -> bool:
-    """stage[i]: the first stage client i does not answer (0 advertise, 1 share, 2 masked, 3 unmask; 4: none)."""
+    """stage[i]: the first stage client i does not answer (0 advertise, 1 share, 2 masked, 3 consistency,
+    4 unmask; 5: none)."""
     roster = [c for c, s in zip(ids, stage, strict=True) if s > 0]
     if len(roster) < 3:
         return True
@@ -153,15 +171,18 @@ def round_aborts(ids: list[str], stage: np.ndarray, neighbours: int, threshold: 
     t = {c: shares_needed(threshold, len(graph[c])) for c in roster}
     if any(t[c] > len(graph[c]) for c in roster):
         return True
-    u2 = {c for c in roster if last[c] > 1}
-    u3 = {c for c in u2 if last[c] > 2}
-    # a client in U3 refuses to unmask when fewer than t of its neighbours are in U3 (client.unmask)
-    u4 = {c for c in u3 if last[c] > 3 and len(graph[c] & u3) >= t[c]}
+    u2 = {c for c in roster if last[c] > 1}  # shared keys
+    u3 = {c for c in u2 if last[c] > 2}  # sent masked inputs
     if len(u2) < 3 or len(u3) < 3:
         return True
     if any(len(graph[c] & u2) < t[c] for c in u2) or any(len(graph[c] & u3) < t[c] for c in u3):
-        return True
-    return any(len(graph[c] & u4) < t[c] for c in u2)  # b-shares of U3, s-shares of U2 \ U3
+        return True  # server.forward / server.collect
+    u4 = {c for c in u3 if last[c] > 3}  # signed U3 (each has >= t neighbours in U3: checked just above)
+    if len(u4) < 3:
+        return True  # server.consistency
+    # a signer reveals shares only when >= t of its neighbours signed the same set (client.unmask)
+    u5 = {c for c in u4 if last[c] > 4 and len(graph[c] & u4) >= t[c]}
+    return any(len(graph[c] & u5) < t[c] for c in u2)  # b-shares of U3, s-shares of U2 \ U3
 
 
 def secagg_plan(cfg: SecAggConfig, num_clients: int) -> SecAggPlan:

@@ -19,6 +19,7 @@ from fedtune.privacy.noise import chacha_bytes
 
 KEY_BYTES = 32  # X25519 keys, AEAD keys, mask seeds: 256 bits
 NONCE_BYTES = 12
+_PROBE = X25519PrivateKey.generate()  # valid_public's throwaway key
 _RAW = {"encoding": serialization.Encoding.Raw, "format": serialization.PublicFormat.Raw}
 
 
@@ -41,6 +42,23 @@ def private_from_bytes(raw: bytes) -> X25519PrivateKey:
 def public_of(raw_private: bytes) -> bytes:
     """The public key of a raw private key (checks a reconstructed secret against its advertised key)."""
     return public_bytes(private_from_bytes(raw_private))
+
+
+def valid_public(raw: bytes) -> bool:
+    """Whether ``raw`` is a usable X25519 public key: 32 bytes and not of small order.
+
+    X25519 private scalars are multiples of 8, so a point of order dividing 8 (the all-zero key among
+    them) gives the all-zero shared secret with every key; ``cryptography`` refuses that exchange with a
+    ValueError. One exchange with a throwaway key therefore tells such a key from a good one (the probe
+    key is used for nothing else and its outputs are discarded).
+    """
+    if len(raw) != KEY_BYTES:
+        return False
+    try:
+        _PROBE.exchange(X25519PublicKey.from_public_bytes(raw))
+    except ValueError:
+        return False
+    return True
 
 
 def agree(key: X25519PrivateKey, peer_public: bytes, *, info: bytes) -> bytes:

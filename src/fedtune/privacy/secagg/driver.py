@@ -1,6 +1,7 @@
-"""The SecAgg driver: the four message rounds between a SecAggServer and the clients, over any carrier.
+"""The SecAgg driver: the five message rounds between a SecAggServer and the clients, over any carrier.
 
-``run_rounds`` is the server's side of one round, written once: it encodes each stage's messages,
+``run_rounds`` is the server's side of one round (five message exchanges: advertise, share, masked,
+consistency, unmask), written once: it encodes each stage's messages,
 hands them to a ``SecAggNetwork`` (the transport seam), decodes whoever answered before the stage
 ended, and treats everyone else as dropped. Two carriers implement the seam:
 
@@ -15,25 +16,27 @@ ended, and treats everyone else as dropped. Two carriers implement the seam:
 
 from __future__ import annotations
 
-import hashlib
 import logging
 import time
 from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Protocol
 
 import numpy as np
 
 from fedtune.config.privacy import SecAggConfig
 from fedtune.core.messages import ClientUpdate
-from fedtune.core.rng import derive_rng, derive_seed
+from fedtune.core.rng import derive_rng
 from fedtune.privacy.distributed import SkellamPlan, lift
 from fedtune.privacy.errors import PrivacyError, SecAggAbort, TamperingDetected
 from fedtune.privacy.secagg.availability import secagg_plan
 from fedtune.privacy.secagg.client import SecAggClient
+from fedtune.privacy.secagg.identity import CaTrust, Ed25519Signer, Registry, Trust
 from fedtune.privacy.secagg.messages import (
     HELD,
     AdvertiseKeys,
+    ConsistencySig,
     MaskedInput,
     Message,
     PublicParams,
@@ -43,17 +46,24 @@ from fedtune.privacy.secagg.messages import (
     encode,
 )
 from fedtune.privacy.secagg.peer import SecAggPeer
+from fedtune.privacy.secagg.policy import ClientPolicy, graph_seed
 from fedtune.privacy.secagg.quantize import dequantize_sum, field_for
 from fedtune.privacy.secagg.server import SecAggResult, SecAggServer
 from fedtune.privacy.sums import LinearSum, SumPlan, channel_value
 
 log = logging.getLogger("fedtune.secagg")
 
-STAGES = ("advertise", "share", "masked", "unmask")  # named by what the clients send in each
+STAGES = ("advertise", "share", "masked", "consistency", "unmask")  # named by what the clients send in each
 SERVER = "server"
 # the name a downlink message was known by before it opened a stage: the roster ends "advertise", ...
-_SENT_AFTER = {"advertise": "params", "share": "advertise", "masked": "share", "unmask": "masked"}
-_REPLY = {"advertise": AdvertiseKeys, "share": ShareKeys, "masked": MaskedInput, "unmask": UnmaskShares}
+_SENT_AFTER = dict(zip(STAGES, ("params", *STAGES[:-1]), strict=True))
+_REPLY = {
+    "advertise": AdvertiseKeys,
+    "share": ShareKeys,
+    "masked": MaskedInput,
+    "consistency": ConsistencySig,
+    "unmask": UnmaskShares,
+}
 Intercept = Callable[[str, str, str, bytes], bytes]  # (stage, sender, recipient, data) -> data
 
 
@@ -83,7 +93,7 @@ class Traffic:
 
 
 def run_rounds(server: SecAggServer, network: SecAggNetwork, *, traffic: Traffic | None = None) -> SecAggResult:
-    """All four rounds between ``server`` and the clients it invited; raises SecAggAbort when the round
+    """All five rounds between ``server`` and the clients it invited; raises SecAggAbort when the round
     cannot finish. A reply that is missing, undecodable, of the wrong type or in another client's name
     is a dropout at that stage."""
     traffic = traffic if traffic is not None else Traffic()
@@ -112,8 +122,9 @@ def run_rounds(server: SecAggServer, network: SecAggNetwork, *, traffic: Traffic
     adverts = stage("advertise", dict.fromkeys(sorted(server.invited), p))
     roster = server.roster(adverts)
     forwarded = server.forward(stage("share", dict.fromkeys(roster.keys, roster)))
-    request = server.collect(stage("masked", forwarded))
-    result = server.finish(stage("unmask", dict.fromkeys(server.u3, request)))
+    check = server.collect(stage("masked", forwarded))
+    request = server.consistency(stage("consistency", dict.fromkeys(server.u3, check)))
+    result = server.finish(stage("unmask", {cid: server.request_for(cid, request) for cid in request.signatures}))
     result.dropped = dropped
     return result
 
@@ -144,6 +155,7 @@ class LocalPeers:
         self.peers, self.drops = dict(peers), dict(drop_before or {})
         self.intercept, self.traffic = intercept, traffic if traffic is not None else Traffic()
         self.silent: set[str] = set()
+        self.refusals: dict[str, str] = {}  # client -> why its own checks made it drop out
 
     def secagg_exchange(self, round_idx: int, stage: str, messages: Mapping[str, bytes]) -> dict[str, bytes]:
         replies = {}
@@ -158,8 +170,10 @@ class LocalPeers:
                 reply = self.peers[cid].respond(data)
             except TamperingDetected:
                 raise
-            except SecAggAbort:  # the client's own check refused: it drops out here
+            except SecAggAbort as err:  # the client's own check refused: it drops out here
                 self.silent.add(cid)
+                self.refusals[cid] = str(err)
+                log.warning("secure aggregation round %d: %s", round_idx, err)
                 continue
             finally:
                 self.traffic.add(cid, seconds=time.perf_counter() - started)
@@ -175,8 +189,13 @@ def run_protocol(
     intercept: Intercept | None = None,
     traffic: Traffic | None = None,
 ) -> SecAggResult:
-    """All four rounds between in-process ``clients`` and ``server`` (see LocalPeers for the options)."""
+    """All rounds between in-process ``clients`` and ``server`` (see LocalPeers for the options). Clients
+    and a server without a trust store are given the registry of the clients' identity keys."""
     traffic = traffic if traffic is not None else Traffic()
+    registry = Registry.of({cid: client.identity for cid, client in clients.items()})
+    for client in clients.values():
+        client.trust = client.trust if client.trust is not None else registry
+    server.trust = server.trust if server.trust is not None else registry
     peers = {cid: SecAggPeer.of(client) for cid, client in clients.items()}
     local = LocalPeers(peers, drop_before=drop_before, intercept=intercept, traffic=traffic)
     return run_rounds(server, local, traffic=traffic)
@@ -199,17 +218,28 @@ class SecureSummer:
     each client keeps its own update and answers the protocol's messages over the network.
     """
 
-    def __init__(self, cfg: SecAggConfig, *, seed: int, network: SecAggNetwork | None = None) -> None:
-        self.cfg, self.seed, self.network = cfg, seed, network
+    def __init__(
+        self,
+        cfg: SecAggConfig,
+        *,
+        seed: int,
+        network: SecAggNetwork | None = None,
+        trust: Trust | None = None,
+        ca_path: str | None = None,
+    ) -> None:
+        """``trust``: how the server checks the clients' signed advertisements over the network;
+        ``ca_path``: the federation's CA certificate it is built from when the summer goes ``over`` one."""
+        self.cfg, self.seed, self.network, self.trust, self.ca_path = cfg, seed, network, trust, ca_path
 
     def over(self, network: SecAggNetwork) -> SecureSummer:
-        """The same summer, with the protocol's messages carried by ``network``."""
-        return SecureSummer(self.cfg, seed=self.seed, network=network)
+        """The same summer, with the protocol's messages carried by ``network`` (and, given the CA, the
+        server checking each advertisement's certificate and signature as the clients do)."""
+        trust = self.trust if self.trust is not None or self.ca_path is None else _ca_trust(self.ca_path)
+        return SecureSummer(self.cfg, seed=self.seed, network=network, trust=trust, ca_path=self.ca_path)
 
     def params(self, plan: SumPlan, num_clients: int) -> PublicParams:
         spec = field_for(num_clients, value_bits=self.cfg.value_bits)
-        graph = secagg_plan(self.cfg, num_clients)  # h14dp: k and t chosen for availability
-        graph_seed = hashlib.sha256(f"secagg-graph/{derive_seed(self.seed, 'secagg-graph', plan.round)}".encode())
+        graph = secagg_plan(self.cfg, num_clients)  # k and t chosen for availability (availability.py)
         return PublicParams(
             round=plan.round,
             num_values=plan.numel,
@@ -221,7 +251,7 @@ class SecureSummer:
             levels=spec.levels,
             threshold=graph.threshold,
             neighbours=graph.neighbours,
-            graph_seed=graph_seed.digest(),
+            graph_seed=graph_seed(self.seed, plan.round),
             weight_cap=plan.weight_cap,
         )
 
@@ -243,11 +273,18 @@ class SecureSummer:
         if not inputs:
             return _empty(plan)
         params = self.params(plan, len(inputs))
-        peers = {cid: SecAggPeer.holding(u, seed=self.seed) for cid, u in inputs.items()}
+        # each simulated client draws its own identity key; the simulation trusts the registry of them
+        identities = {cid: Ed25519Signer.generate() for cid in inputs}
+        registry = Registry.of(identities)
+        policy = ClientPolicy.from_config(self.cfg, seed=self.seed, round_idx=plan.round)
+        peers = {
+            cid: SecAggPeer.holding(u, identity=identities[cid], trust=registry, policy=policy)
+            for cid, u in inputs.items()
+        }
         drops = random_dropouts(inputs, self.cfg.simulate_dropout, derive_rng(self.seed, "secagg-dropout", plan.round))
         traffic = Traffic()
         local = LocalPeers(peers, drop_before=drops, traffic=traffic)
-        result = _run(SecAggServer(params, list(inputs)), local, traffic)
+        result = _run(SecAggServer(params, list(inputs), trust=registry), local, traffic)
         return decode_sum(
             result, params, traffic=traffic, invited=len(inputs), rejected=rejected, integers=plan.integers
         )
@@ -261,8 +298,17 @@ class SecureSummer:
         ids = [u.client_id for u in updates]
         params = self.params(plan, len(ids))
         traffic = Traffic()
-        result = _run(SecAggServer(params, ids), network, traffic)
+        result = _run(SecAggServer(params, ids, trust=self.trust), network, traffic)
         return decode_sum(result, params, traffic=traffic, invited=len(ids), integers=plan.integers)
+
+
+def _ca_trust(path: str) -> Trust:
+    from fedtune.errors import ConfigError
+
+    try:
+        return CaTrust(Path(path).expanduser().read_bytes())
+    except (OSError, ValueError) as err:
+        raise ConfigError(f"deployment.tls_ca {path!r} cannot be read as a CA certificate: {err}") from None
 
 
 def _run(server: SecAggServer, network: SecAggNetwork, traffic: Traffic) -> SecAggResult:
@@ -298,13 +344,15 @@ def decode_sum(
 ) -> LinearSum:
     """Dequantise the integer sum into (sum of values, sum of weights, channel sums)."""
     count, d, b = len(result.survivors), params.num_values, params.bound
-    if integers is not None:  # h14dp: distributed DP, a noised integer sum (fedtune.privacy.distributed)
+    if integers is not None:  # distributed DP, a noised integer sum (fedtune.privacy.distributed)
         total = lift(result.total[:d], integers)
     else:
         total = dequantize_sum(result.total[:d], lo=-b, hi=b, levels=params.levels, count=count)
     scalars = dequantize_sum(result.total[d:], lo=0.0, hi=1.0, levels=params.levels, count=count)
     weight = float(scalars[0]) if params.weighted else float(count)
-    channels = dict(zip(params.channels, scalars[int(params.weighted) :].tolist(), strict=True))
+    channels = dict(zip(params.channels, scalars[int(params.weighted) : -1].tolist(), strict=True))
+    # each client's fraction of values outside the clip range, summed securely (quantised: an estimate)
+    clipped = max(0, round(float(scalars[-1]) * d))
     n = max(len(traffic.up), 1)
     metrics = {
         "secagg_clients": invited,
@@ -318,10 +366,14 @@ def decode_sum(
         "secagg_client_seconds": sum(traffic.client_seconds.values()) / n,
         "secagg_server_seconds": result.server_seconds,
     }
+    if integers is None:  # distributed DP clips in L2 only and sends 0 here (client._integer_input)
+        metrics["secagg_clipped_values"] = clipped
     if result.dropped:
         metrics["secagg_dropouts"] = ",".join(f"{c}@{s}" for c, s in sorted(result.dropped.items()))
     if result.suspects:
         metrics["secagg_tampered_shares_from"] = ",".join(sorted(set(result.suspects)))
+    if result.refused:
+        metrics["secagg_refused_adverts"] = ",".join(f"{c}: {why}" for c, why in sorted(result.refused.items()))
     if rejected:
         metrics["secagg_rejected"] = rejected
     return LinearSum(total=total, weight=weight, count=count, channels=channels, metrics=metrics)

@@ -1,15 +1,18 @@
-"""The protocol's messages (semi-honest Bonawitz et al. 2017, Figure 4, with SecAgg+'s neighbour graph)
+"""The protocol's messages (Bonawitz et al. 2017, Figure 5: the malicious-server variant with signed
+advertisements and a consistency round, with SecAgg+'s neighbour graph)
 and a small binary encoding: little-endian integers, length-prefixed strings and blobs, raw arrays with
 a dtype code. No pickle; decoding checks the magic, the message type, lengths and bounds.
 
     round 0  PublicParams    server -> clients  the invitation: field, bounds, threshold, graph seed
-             AdvertiseKeys   client -> server   c_pk (encryption), s_pk (masking)
-             Roster          server -> clients  public parameters, threshold, everyone's public keys
+             AdvertiseKeys   client -> server   c_pk (encryption), s_pk (masking), signed with its identity
+             Roster          server -> clients  public parameters, threshold, everyone's signed public keys
     round 1  ShareKeys       client -> server   commitment to b_u, one AEAD ciphertext per neighbour
              Forwarded       server -> client   the ciphertexts addressed to this client
     round 2  MaskedInput     client -> server   y_u = x_u + PRG(b_u) + sum_v +-PRG(s_uv)  (mod R)
-             UnmaskRequest   server -> clients  who sent a masked input (U3)
-    round 3  UnmaskShares    client -> server   b-shares of survivors, s-shares of the dropped
+             ConsistencyCheck server -> clients who sent a masked input (U3)
+    round 3  ConsistencySig  client -> server   its signature over the U3 it was shown
+             UnmaskRequest   server -> clients  U3 and the signatures over it (each client checks >= t)
+    round 4  UnmaskShares    client -> server   b-shares of survivors, s-shares of the dropped
 
 The masked vector travels bit-packed to the field's width b = log2(R) (26 bits a value for 2^10 clients
 with 16-bit inputs, not a 32-bit word): ``pack_bits`` / ``unpack_bits``. The in-process driver and the
@@ -18,6 +21,7 @@ gRPC transport carry exactly these bytes (see docs/PRIVACY.md).
 
 from __future__ import annotations
 
+import hashlib
 import struct
 from dataclasses import dataclass, field
 
@@ -30,7 +34,7 @@ from fedtune.privacy.secagg.quantize import MAX_FIELD_BITS, container
 # updates with this metric set to 1: there is nothing to sum in them, the clients answer the protocol.
 HELD = "secagg_held"
 MAGIC = b"FTSA"
-VERSION = 2  # 2: MaskedInput bit-packed to the field width (1 sent uint16/uint32 words)
+VERSION = 3  # 3: signed adverts and the consistency round; 2: MaskedInput bit-packed to the field width
 MAX_ITEMS = 1 << 20
 MAX_VALUES = 1 << 32
 
@@ -54,7 +58,8 @@ class PublicParams:
 
     @property
     def length(self) -> int:
-        return self.num_values + int(self.weighted) + len(self.channels)
+        """d values, the weight (if weighted), the channels, and each client's fraction of clipped values."""
+        return self.num_values + int(self.weighted) + len(self.channels) + 1
 
 
 @dataclass(frozen=True)
@@ -62,12 +67,15 @@ class AdvertiseKeys:
     client_id: str
     c_pk: bytes
     s_pk: bytes
+    credential: bytes = b""  # the signer's certificate (deployment) or Ed25519 public key (simulation)
+    signature: bytes = b""  # over identity.advert_data(round, client_id, c_pk, s_pk, params_digest)
 
 
 @dataclass(frozen=True)
 class Roster:
     params: PublicParams
     keys: dict[str, tuple[bytes, bytes]]  # U1: client id -> (c_pk, s_pk)
+    signed: dict[str, tuple[bytes, bytes]] = field(default_factory=dict)  # client id -> (credential, signature)
 
 
 @dataclass(frozen=True)
@@ -91,8 +99,20 @@ class MaskedInput:
 
 
 @dataclass(frozen=True)
+class ConsistencyCheck:
+    survivors: tuple[str, ...]  # U3, as the server shows it to this client
+
+
+@dataclass(frozen=True)
+class ConsistencySig:
+    client_id: str
+    signature: bytes  # over identity.survivors_data(round, U3, params_digest)
+
+
+@dataclass(frozen=True)
 class UnmaskRequest:
     survivors: tuple[str, ...]  # U3
+    signatures: dict[str, bytes] = field(default_factory=dict)  # U4: signer -> its signature over U3
 
 
 @dataclass(frozen=True)
@@ -102,7 +122,18 @@ class UnmaskShares:
     s_shares: dict[str, bytes]  # dropped u -> share of s_u_sk
 
 
-Message = PublicParams | AdvertiseKeys | Roster | ShareKeys | Forwarded | MaskedInput | UnmaskRequest | UnmaskShares
+Message = (
+    PublicParams
+    | AdvertiseKeys
+    | Roster
+    | ShareKeys
+    | Forwarded
+    | MaskedInput
+    | ConsistencyCheck
+    | ConsistencySig
+    | UnmaskRequest
+    | UnmaskShares
+)
 _TYPES: dict[type, int] = {
     AdvertiseKeys: 1,
     Roster: 2,
@@ -112,6 +143,8 @@ _TYPES: dict[type, int] = {
     UnmaskRequest: 6,
     UnmaskShares: 7,
     PublicParams: 8,
+    ConsistencyCheck: 9,
+    ConsistencySig: 10,
 }
 
 
@@ -218,6 +251,13 @@ def _read_params(r: _Reader) -> PublicParams:
     )
 
 
+def params_digest(p: PublicParams) -> bytes:
+    """SHA-256 of the encoded parameters: what every signature of the round binds to."""
+    w = _Writer()
+    _params(w, p)
+    return hashlib.sha256(b"".join(w.parts)).digest()
+
+
 def encode(msg: Message) -> bytes:
     w = _Writer()
     w.parts.append(MAGIC)
@@ -229,13 +269,18 @@ def encode(msg: Message) -> bytes:
         w.text(msg.client_id)
         w.blob(msg.c_pk)
         w.blob(msg.s_pk)
+        w.blob(msg.credential)
+        w.blob(msg.signature)
     elif isinstance(msg, Roster):
         _params(w, msg.params)
         w.u("I", len(msg.keys))
         for cid, (c_pk, s_pk) in msg.keys.items():
+            credential, signature = msg.signed.get(cid, (b"", b""))
             w.text(cid)
             w.blob(c_pk)
             w.blob(s_pk)
+            w.blob(credential)
+            w.blob(signature)
     elif isinstance(msg, ShareKeys):
         w.text(msg.client_id)
         w.blob(msg.commitment)
@@ -246,10 +291,15 @@ def encode(msg: Message) -> bytes:
     elif isinstance(msg, MaskedInput):
         w.text(msg.client_id)
         w.packed(msg.masked, msg.bits)
-    elif isinstance(msg, UnmaskRequest):
+    elif isinstance(msg, (ConsistencyCheck, UnmaskRequest)):
         w.u("I", len(msg.survivors))
         for cid in msg.survivors:
             w.text(cid)
+        if isinstance(msg, UnmaskRequest):
+            w.blob_map(msg.signatures)
+    elif isinstance(msg, ConsistencySig):
+        w.text(msg.client_id)
+        w.blob(msg.signature)
     elif isinstance(msg, UnmaskShares):
         w.text(msg.client_id)
         w.blob_map(msg.b_shares)
@@ -264,14 +314,15 @@ def decode(data: bytes) -> Message:
     kind = int(r.u("B"))
     msg: Message
     if kind == 1:
-        msg = AdvertiseKeys(r.text(), r.blob(), r.blob())
+        msg = AdvertiseKeys(r.text(), r.blob(), r.blob(), r.blob(), r.blob())
     elif kind == 2:
         params = _read_params(r)
-        keys = {}
+        keys, signed = {}, {}
         for _ in range(r.count()):
             cid = r.text()
             keys[cid] = (r.blob(), r.blob())
-        msg = Roster(params, keys)
+            signed[cid] = (r.blob(), r.blob())
+        msg = Roster(params, keys, signed)
     elif kind == 3:
         msg = ShareKeys(r.text(), r.blob(), r.blob_map())
     elif kind == 4:
@@ -281,11 +332,15 @@ def decode(data: bytes) -> Message:
         masked, bits = r.packed()
         msg = MaskedInput(client_id, masked, bits)
     elif kind == 6:
-        msg = UnmaskRequest(tuple(r.text() for _ in range(r.count())))
+        msg = UnmaskRequest(tuple(r.text() for _ in range(r.count())), r.blob_map())
     elif kind == 7:
         msg = UnmaskShares(r.text(), r.blob_map(), r.blob_map())
     elif kind == 8:
         msg = _read_params(r)
+    elif kind == 9:
+        msg = ConsistencyCheck(tuple(r.text() for _ in range(r.count())))
+    elif kind == 10:
+        msg = ConsistencySig(r.text(), r.blob())
     else:
         raise SecAggAbort(f"unknown SecAgg message type {kind}")
     r.done()

@@ -18,6 +18,7 @@ otherwise (never int64). On the wire it is bit-packed to exactly b bits a value 
 from __future__ import annotations
 
 import math
+import secrets
 from dataclasses import dataclass
 
 import numpy as np
@@ -72,10 +73,23 @@ def field_for(num_clients: int, *, value_bits: int | None) -> FieldSpec:
     return spec
 
 
+def private_rng() -> np.random.Generator:
+    """A rounding stream only this client knows: seeded with 256 bits from the OS (``secrets``), never from
+    the run's public seed, so the server cannot predict a client's rounding and peel it off its sum."""
+    return np.random.default_rng(secrets.randbits(256))
+
+
+def count_clipped(x: np.ndarray, lo: float, hi: float) -> int:
+    """How many values fall outside [lo, hi] (and so are clipped by quantisation)."""
+    return int(np.count_nonzero((x < lo) | (x > hi)))
+
+
 def quantize(x: np.ndarray, *, lo: float, hi: float, levels: int, rng: np.random.Generator) -> np.ndarray:
     """Stochastically rounded integers in [0, levels] (uint32), unbiased: E[dequantised] = clip(x)."""
     if not hi > lo:
         raise ValueError("need hi > lo")
+    if not np.all(np.isfinite(x)):
+        raise PrivacyError("cannot quantise NaN or Inf for secure aggregation (the update is refused)")
     scaled = (np.clip(x.astype(np.float64), lo, hi) - lo) * (levels / (hi - lo))
     floor = np.floor(scaled)
     up = rng.random(x.shape[0]) < (scaled - floor)

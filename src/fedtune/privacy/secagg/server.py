@@ -2,6 +2,12 @@
 reconstructs exactly the secrets needed to cancel the masks: b_u of every survivor (its self-mask) and
 s_u of every client that shared keys but sent no masked input (its pairwise masks with survivors).
 
+Advertisements are checked like the clients check them: a key that is not a valid X25519 point (small
+order, all zeros) or, when the server has a ``trust``, a signature that does not verify drops that
+client from the roster. Clients route shares only to peers they accepted; a pair masks only when shares
+went both ways, and the server forwards and unmasks exactly those pairs. Before any share is revealed,
+the survivors sign the survivor set (the consistency round) and the server passes the signatures on.
+
 Every step checks that enough clients remain; when they do not, it raises SecAggAbort, which the caller
 treats as a round without a result. Reconstructed secrets are verified (s_u against its advertised public
 key, b_u against its round-1 commitment), so a tampered share is detected, and identified when spare
@@ -21,8 +27,11 @@ from fedtune.privacy.errors import SecAggAbort, TamperingDetected
 from fedtune.privacy.secagg import crypto, shamir
 from fedtune.privacy.secagg.client import pair_mask_seed, roster_index, share_threshold
 from fedtune.privacy.secagg.graph import neighbour_graph
+from fedtune.privacy.secagg.identity import Trust, advert_data, survivors_data
 from fedtune.privacy.secagg.messages import (
     AdvertiseKeys,
+    ConsistencyCheck,
+    ConsistencySig,
     Forwarded,
     MaskedInput,
     PublicParams,
@@ -30,6 +39,7 @@ from fedtune.privacy.secagg.messages import (
     ShareKeys,
     UnmaskRequest,
     UnmaskShares,
+    params_digest,
 )
 from fedtune.privacy.secagg.quantize import container
 
@@ -42,14 +52,21 @@ class SecAggResult:
     survivors: tuple[str, ...]  # U3: whose inputs are in the sum
     dropped: dict[str, str] = field(default_factory=dict)  # client -> the stage it dropped at
     suspects: list[str] = field(default_factory=list)  # senders of shares that failed verification
+    refused: dict[str, str] = field(default_factory=dict)  # client -> why its key advertisement was refused
     server_seconds: float = 0.0
 
 
 class SecAggServer:
-    def __init__(self, params: PublicParams, invited: Sequence[str]) -> None:
+    def __init__(self, params: PublicParams, invited: Sequence[str], *, trust: Trust | None = None) -> None:
         self.params = params
         self.invited = frozenset(invited)
+        self.trust = trust  # None: adverts are passed on unchecked (each client checks them itself)
+        self._digest = params_digest(params)
         self.keys: dict[str, tuple[bytes, bytes]] = {}  # U1
+        self.signed: dict[str, tuple[bytes, bytes]] = {}  # U1: (credential, signature)
+        self.refused: dict[str, str] = {}  # client -> why its advertisement was refused
+        self.pairs: dict[str, frozenset[str]] = {}  # U2: the neighbours each client exchanged shares with
+        self.signatures: dict[str, bytes] = {}  # U4: the consistency signatures over U3
         self.graph: dict[str, frozenset[str]] = {}
         self.t: dict[str, int] = {}
         self.commitments: dict[str, bytes] = {}  # U2
@@ -67,9 +84,14 @@ class SecAggServer:
     def roster(self, messages: Iterable[AdvertiseKeys]) -> Roster:
         started = time.perf_counter()
         for msg in messages:
-            fresh = msg.client_id in self.invited and msg.client_id not in self.keys
-            if fresh and len(msg.c_pk) == len(msg.s_pk) == crypto.KEY_BYTES:
-                self.keys[msg.client_id] = (msg.c_pk, msg.s_pk)
+            if msg.client_id not in self.invited or msg.client_id in self.keys:
+                continue
+            problem = self._advert_problem(msg)
+            if problem is not None:
+                self.refused[msg.client_id] = problem
+                continue
+            self.keys[msg.client_id] = (msg.c_pk, msg.s_pk)
+            self.signed[msg.client_id] = (msg.credential, msg.signature)
         if len(self.keys) < MIN_CLIENTS:
             raise self._abort(f"{len(self.keys)} clients advertised keys, at least {MIN_CLIENTS} are needed")
         p = self.params
@@ -79,32 +101,43 @@ class SecAggServer:
         if short:
             raise self._abort(f"client {short[0]} has too few neighbours for threshold {self.t[short[0]]}")
         self.seconds += time.perf_counter() - started
-        return Roster(p, dict(sorted(self.keys.items())))
+        return Roster(p, dict(sorted(self.keys.items())), dict(sorted(self.signed.items())))
+
+    def _advert_problem(self, msg: AdvertiseKeys) -> str | None:
+        if not (crypto.valid_public(msg.c_pk) and crypto.valid_public(msg.s_pk)):
+            return "an invalid or small-order X25519 key"
+        data = advert_data(self.params.round, msg.client_id, msg.c_pk, msg.s_pk, self._digest)
+        if self.trust is not None and not self.trust.verify(msg.client_id, msg.credential, data, msg.signature):
+            return "a key advertisement whose signature does not verify"
+        return None
 
     # round 1 -> forwarded ciphertexts --------------------------------------------------------------------
     def forward(self, messages: Iterable[ShareKeys]) -> dict[str, Forwarded]:
         started = time.perf_counter()
         shared: dict[str, ShareKeys] = {}
-        for msg in messages:
-            if msg.client_id in self.keys and set(msg.ciphertexts) == self.graph[msg.client_id]:
+        for msg in messages:  # a client sends shares to the neighbours whose advertisements it accepted
+            if msg.client_id in self.keys and set(msg.ciphertexts) <= self.graph[msg.client_id]:
                 shared[msg.client_id] = msg
         self.commitments = {cid: msg.commitment for cid, msg in shared.items()}
+        self.pairs = {
+            u: frozenset(v for v in msg.ciphertexts if v in shared and u in shared[v].ciphertexts)
+            for u, msg in shared.items()
+        }
         for cid in shared:  # every U2 secret must stay recoverable by its holders in U2
-            holders = len(self.graph[cid] & shared.keys())
+            holders = len(self.pairs[cid])
             if holders < self.t[cid]:
                 raise self._abort(f"only {holders} of client {cid}'s neighbours shared keys (threshold {self.t[cid]})")
         if len(shared) < MIN_CLIENTS:
             raise self._abort(f"{len(shared)} clients shared keys, at least {MIN_CLIENTS} are needed")
         out = {v: Forwarded(v, {}) for v in shared}
         for u, msg in shared.items():
-            for v, blob in msg.ciphertexts.items():
-                if v in out:
-                    out[v].ciphertexts[u] = blob
+            for v in self.pairs[u]:
+                out[v].ciphertexts[u] = msg.ciphertexts[v]
         self.seconds += time.perf_counter() - started
         return out
 
     # round 2 -> survivors --------------------------------------------------------------------------------
-    def collect(self, messages: Iterable[MaskedInput]) -> UnmaskRequest:
+    def collect(self, messages: Iterable[MaskedInput]) -> ConsistencyCheck:
         started = time.perf_counter()
         p, received = self.params, []
         total = np.zeros(p.length, dtype=np.uint32)
@@ -124,14 +157,37 @@ class SecAggServer:
         if len(self.u3) < MIN_CLIENTS:
             raise self._abort(f"{len(self.u3)} masked inputs arrived, at least {MIN_CLIENTS} are needed")
         for v in self.u3:
-            alive = len(self.graph[v] & set(self.u3))
+            alive = len(self.pairs[v] & set(self.u3))
             if alive < self.t[v]:
                 raise self._abort(f"only {alive} of client {v}'s neighbours sent masked inputs (threshold {self.t[v]})")
         self._sum = total
         self.seconds += time.perf_counter() - started
-        return UnmaskRequest(self.u3)
+        return ConsistencyCheck(self.u3)
 
-    # round 3 -> the sum ----------------------------------------------------------------------------------
+    # round 3 -> the signatures over U3 ---------------------------------------------------------------------
+    def consistency(self, messages: Iterable[ConsistencySig]) -> UnmaskRequest:
+        started = time.perf_counter()
+        data = survivors_data(self.params.round, self.u3, self._digest)
+        for msg in messages:
+            cid = msg.client_id
+            if cid not in self.u3 or cid in self.signatures:
+                continue
+            credential = self.signed[cid][0]
+            if self.trust is not None and not self.trust.verify(cid, credential, data, msg.signature):
+                continue  # a bad signature: that client is treated as dropped
+            self.signatures[cid] = msg.signature
+        if len(self.signatures) < MIN_CLIENTS:
+            signed = len(self.signatures)
+            raise self._abort(f"{signed} survivors signed the survivor set, at least {MIN_CLIENTS} are needed")
+        self.seconds += time.perf_counter() - started
+        return UnmaskRequest(self.u3, dict(sorted(self.signatures.items())))
+
+    def request_for(self, cid: str, request: UnmaskRequest) -> UnmaskRequest:
+        """``request`` as client ``cid`` needs it: only its neighbours' signatures count for it (SecAgg+:
+        k of them, not n)."""
+        return UnmaskRequest(request.survivors, {v: s for v, s in request.signatures.items() if v in self.pairs[cid]})
+
+    # round 4 -> the sum ----------------------------------------------------------------------------------
     def finish(self, messages: Iterable[UnmaskShares]) -> SecAggResult:
         started = time.perf_counter()
         if self._sum is None:
@@ -143,11 +199,11 @@ class SecAggServer:
         senders: dict[int, str] = {index[c]: c for c in self.keys}
         for msg in messages:
             w = msg.client_id
-            if w not in u3:
+            if w not in self.signatures:  # only those who signed U3 are asked to unmask
                 continue
             for owner_map, target in ((msg.b_shares, b_shares), (msg.s_shares, s_shares)):
                 for u, raw in owner_map.items():
-                    if u in target and w in self.graph[u]:
+                    if u in target and w in self.pairs[u]:
                         try:
                             target[u][index[w]] = shamir.decode_share(raw)
                         except ValueError:
@@ -159,7 +215,7 @@ class SecAggServer:
         for u, shares in sorted(s_shares.items()):  # dropped after sharing: remove pairwise masks
             s_sk = self._recover(u, shares, senders, lambda s, u=u: crypto.public_of(s) == self.keys[u][1], "mask key")
             key = crypto.private_from_bytes(s_sk)
-            for v in sorted(self.graph[u] & u3):
+            for v in sorted(self.pairs[u] & u3):
                 m = crypto.mask(pair_mask_seed(key, self.keys[v][1], p.round, u, v), p.length, p.modulus_bits)
                 if v < u:  # v added +PRG(s_uv) when v < u, and subtracted it otherwise
                     total -= m
@@ -168,7 +224,13 @@ class SecAggServer:
         if p.modulus_bits < 32:
             total &= np.uint32((1 << p.modulus_bits) - 1)
         self.seconds += time.perf_counter() - started
-        return SecAggResult(total.astype(np.int64), self.u3, suspects=list(self.suspects), server_seconds=self.seconds)
+        return SecAggResult(
+            total.astype(np.int64),
+            self.u3,
+            suspects=list(self.suspects),
+            refused=dict(self.refused),
+            server_seconds=self.seconds,
+        )
 
     def _b_ok(self, u: str, secret: bytes) -> bool:
         return crypto.commitment(f"{self.params.round}/{u}".encode(), secret) == self.commitments[u]

@@ -3,7 +3,7 @@
 Under secure aggregation (the fit task says so, and the client refuses to send its update in the clear
 when its configuration has ``privacy.secure_aggregation``) the update never leaves this process: the fit
 result carries only the example count and metrics, and the update is kept in a SecAggPeer that answers
-the round's four SecAgg tasks (its quantised, masked vector and the protocol's shares), then discarded.
+the round's five SecAgg tasks (its quantised, masked vector and the protocol's shares), then discarded.
 
 The worker holds only this participant's data. Connection trouble (server down or restarting) means
 rejoin with exponential backoff, up to ``reconnect_timeout_s``; being refused (revoked, unknown, wrong
@@ -34,6 +34,7 @@ from fedtune.client.worker import ClientWorker
 from fedtune.core.messages import ClientUpdate
 from fedtune.errors import FedtuneError, UpdateRejected
 from fedtune.privacy.errors import SecAggAbort
+from fedtune.privacy.secagg.deploy import participant_peer
 from fedtune.privacy.secagg.peer import SecAggPeer
 from fedtune.transport.codecs import Codec, build_codec
 from fedtune.transport.grpc import protocol, wire
@@ -49,6 +50,10 @@ _FATAL = {
     grpc.StatusCode.FAILED_PRECONDITION,
     grpc.StatusCode.RESOURCE_EXHAUSTED,
 }
+# Within a session, RESOURCE_EXHAUSTED is the server shedding load (its deployment.max_concurrent_rpcs or
+# max_streams_per_client): wait and ask again. Only at Join does it mean "full" (deployment.max_clients).
+_FATAL_IN_SESSION = _FATAL - {grpc.StatusCode.RESOURCE_EXHAUSTED}
+_BUSY_RETRIES = 5
 # TLS failures look like "unavailable" to gRPC; these words in the details mean retrying is pointless.
 # Words of a TLS failure that retrying cannot fix (a server certificate this client does not trust). A bare
 # "Handshake read failed (... Connection reset by peer)" is not one of them: it is what a client sees while
@@ -191,7 +196,8 @@ class Participant:
                 break
             except grpc.RpcError as err:
                 details = (err.details() or "").lower()
-                if err.code() in _FATAL:
+                shedding = "concurrent rpc limit" in details  # the server is busy (max_concurrent_rpcs), not full
+                if err.code() in _FATAL and not shedding:
                     raise self._refused(err) from None
                 waited = time.monotonic() - started
                 tls_fatal = any(w in details for w in _TLS_WORDS) and not any(w in details for w in _TRANSIENT_WORDS)
@@ -247,7 +253,7 @@ class Participant:
                     request = pb.HeartbeatRequest(session=joined.session)
                     self.stub.Heartbeat(request, timeout=max(2.0, joined.heartbeat_s))
                 except grpc.RpcError as err:
-                    if err.code() in _FATAL:
+                    if err.code() in _FATAL_IN_SESSION:
                         beat.fatal = self._refused(err)
                         return
                     if err.code() == grpc.StatusCode.NOT_FOUND:
@@ -270,8 +276,12 @@ class Participant:
             try:
                 payload = wire.decode(self.stub.Pull(pb.PullRequest(session=joined.session)), joined.limits)
             except grpc.RpcError as err:
-                if err.code() in _FATAL:
+                if err.code() in _FATAL_IN_SESSION:
                     raise self._refused(err) from None
+                if err.code() == grpc.StatusCode.RESOURCE_EXHAUSTED:
+                    self.console.print(f"server busy ({err.details()}); asking again")
+                    time.sleep(min(joined.poll_s, 1.0))
+                    continue
                 self.console.print(f"lost the server ({err.code().name}: {err.details()}); rejoining")
                 return None
             except wire.WireError as err:
@@ -302,7 +312,16 @@ class Participant:
                     )
                 update = self.worker.fit(instr)
                 if held:
-                    self._secagg = (instr.round, SecAggPeer.holding(update, seed=instr.seed))
+                    peer = participant_peer(
+                        update,
+                        ca=self.tls.ca,
+                        cert=self.tls.cert,
+                        key=self.tls.key,
+                        config_yaml=joined.config_yaml,
+                        seed=instr.seed,
+                        round_idx=instr.round,
+                    )
+                    self._secagg = (instr.round, peer)
                     out = protocol.held_update_payload(update, task_id=h.task_id, session=joined.session)
                     what = _describe_fit(update) + "; update kept for secure aggregation"
                 else:
@@ -368,13 +387,19 @@ class Participant:
                 sent += chunk.ByteSize()
                 yield chunk
 
-        try:
-            reply = self.stub.Push(counted())
-        except grpc.RpcError as err:
-            if err.code() in _FATAL:
-                raise self._refused(err) from None
-            self.console.print(f"{label}: could not send the result ({err.code().name}); rejoining")
-            return None
+        for attempt in range(_BUSY_RETRIES + 1):
+            try:
+                reply = self.stub.Push(counted())
+                break
+            except grpc.RpcError as err:
+                if err.code() == grpc.StatusCode.RESOURCE_EXHAUSTED and attempt < _BUSY_RETRIES:
+                    time.sleep(1.0)  # the server is shedding load: the task is still ours, send it again
+                    sent = 0
+                    continue
+                if err.code() in _FATAL_IN_SESSION:
+                    raise self._refused(err) from None
+                self.console.print(f"{label}: could not send the result ({err.code().name}); rejoining")
+                return None
         seconds = time.perf_counter() - started
         verdict = "accepted" if reply.accepted else f"[yellow]rejected: {reply.reason}[/yellow]"
         self.console.print(f"{label}: {what}; sent {sent / 1e3:.1f} kB in {seconds:.1f}s; {verdict}")

@@ -35,6 +35,7 @@ SECAGG_KINDS = {
     "advertise": pb.SECAGG_ADVERTISE,
     "share": pb.SECAGG_SHARE,
     "masked": pb.SECAGG_MASKED,
+    "consistency": pb.SECAGG_CONSISTENCY,
     "unmask": pb.SECAGG_UNMASK,
 }
 
@@ -137,6 +138,22 @@ def eval_result_payload(result: ClientEval, *, task_id: str, session: str) -> Pa
 def failure_payload(reason: str, *, task_id: str, round_idx: int, session: str) -> Payload:
     header = _header(pb.FAILURE, task_id=task_id, round_idx=round_idx, session=session)
     return Payload(header, {"reason": reason[:2000]})
+
+
+RESULT_SLACK = 64 * 1024  # small extras (DP's clipping bit), int8 scales, codec headroom
+
+
+def result_budget(task_kind: int, numel: int, limit: int) -> int:
+    """The most tensor bytes a result to a task of ``task_kind`` (over ``numel`` parameters) can need, known
+    before its body is read: the server allocates no more. A fit result is the update in its largest
+    encoding (topk at fraction 1: a uint32 index and a float32 value per entry) plus one float32 per
+    parameter of strategy extras (SCAFFOLD's dc); an evaluation result is scalars only; a SecAgg message's
+    size depends on the cohort, so it is bounded by ``limit`` (deployment.max_message_mb) alone."""
+    if task_kind == pb.FIT:
+        return min(limit, 12 * numel + RESULT_SLACK)
+    if task_kind == pb.EVALUATE:
+        return 0
+    return limit
 
 
 def _int(scalars: dict[str, Any], key: str, who: str) -> int:

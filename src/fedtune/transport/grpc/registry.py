@@ -81,6 +81,7 @@ class Registry:
         self._tasks: dict[str, Task] = {}  # open tasks by id
         self.closed = False
         self.shutdown_reason: dict[str, Any] = {}
+        self._refused: collections.deque[tuple[str, str, float]] = collections.deque(maxlen=100)
 
     # ------------------------------------------------------------------------------------ sessions
 
@@ -136,6 +137,15 @@ class Registry:
                     dead.append(session.client_id)
                     self._end(session, f"no heartbeat for {silent:.1f}s (presumed dead)")
             return dead
+
+    def refuse(self, who: str, reason: str) -> None:
+        """Remember a caller turned away (the last 100), for the dashboard: who, why, when (unix time)."""
+        with self._cond:
+            self._refused.append((who, reason, time.time()))
+
+    def refusals(self) -> list[tuple[str, str, float]]:
+        with self._cond:
+            return list(self._refused)
 
     def live(self) -> list[str]:
         with self._cond:
@@ -197,22 +207,33 @@ class Registry:
                 self._cond.notify_all()
 
     def claim(self, task_id: str, client_id: str) -> Task:
-        """The open task ``task_id`` if the caller may answer it; UpdateRejected saying why not."""
+        """The open task ``task_id`` if the caller may answer it (closing it); UpdateRejected saying why not."""
         with self._cond:
-            task = self._tasks.get(task_id)
-            if task is None:
-                raise UpdateRejected(
-                    f"unknown or closed task id {task_id[:16]!r}: a replayed or duplicate result, one past its "
-                    "deadline, or one from before a server restart"
-                )
-            if task.client_id != client_id:
-                raise UpdateRejected(
-                    f"task {task_id[:16]!r} was issued to another client; your certificate says {client_id!r}"
-                )
-            if task.session is None:
-                raise UpdateRejected(f"task {task_id[:16]!r} has not been delivered yet")
+            task = self._open_task(task_id, client_id)
             del self._tasks[task_id]  # the first answer closes it: a second one is a duplicate
             return task
+
+    def peek(self, task_id: str, client_id: str) -> Task:
+        """Like ``claim`` but leaves the task open: what a result's header is checked against (its session,
+        round and size) before the server reads or allocates the result's body."""
+        with self._cond:
+            return self._open_task(task_id, client_id)
+
+    def _open_task(self, task_id: str, client_id: str) -> Task:
+        """(lock held)"""
+        task = self._tasks.get(task_id)
+        if task is None:
+            raise UpdateRejected(
+                f"unknown or closed task id {task_id[:16]!r}: a replayed or duplicate result, one past its "
+                "deadline, or one from before a server restart"
+            )
+        if task.client_id != client_id:
+            raise UpdateRejected(
+                f"task {task_id[:16]!r} was issued to another client; your certificate says {client_id!r}"
+            )
+        if task.session is None:
+            raise UpdateRejected(f"task {task_id[:16]!r} has not been delivered yet")
+        return task
 
     def only_open_task(self, client_id: str) -> str:
         """The id of the one delivered, unanswered task of ``client_id`` ("" if none or several)."""

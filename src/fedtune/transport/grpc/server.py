@@ -11,7 +11,7 @@ continues with the others. The coordinator's loop re-validates what it receives,
 
 Secure aggregation (Bonawitz et al. 2017; ``secure_aggregation=True``): fit tasks tell the client to keep
 its update, and its result is a placeholder with no tensors. The SecAgg summer then drives the
-protocol's four message rounds through ``secagg_exchange`` (the SecAggNetwork seam of
+protocol's five message rounds through ``secagg_exchange`` (the SecAggNetwork seam of
 fedtune.privacy.secagg.driver): one task per client and stage (kinds SECAGG_*), collected with the same
 inbox and deadline machinery as training; whoever has not answered at the stage's deadline has dropped.
 """
@@ -33,6 +33,7 @@ from fedtune.core.messages import ClientEval, ClientFailure, ClientUpdate, EvalI
 from fedtune.errors import ConfigError, FedtuneError
 from fedtune.transport.grpc import protocol, wire
 from fedtune.transport.grpc.auth import Authenticator
+from fedtune.transport.grpc.limits import server_options
 from fedtune.transport.grpc.proto import fedtune_pb2 as pb
 from fedtune.transport.grpc.registry import Registry, Task
 from fedtune.transport.grpc.servicer import Servicer, add_servicer
@@ -110,15 +111,16 @@ class GrpcServerTransport:
 
     def start(self) -> int:
         """Listen on deployment.address:port; returns the bound port."""
+        # one thread per admitted call at most: a flood of calls is refused by gRPC, never queued on threads
+        limit = self.dep.rpc_limit
         server = grpc.server(
-            futures.ThreadPoolExecutor(max_workers=3 * self.dep.max_clients + 16, thread_name_prefix="fedtune-rpc"),
+            futures.ThreadPoolExecutor(max_workers=limit, thread_name_prefix="fedtune-rpc"),
             options=[
                 *grpc_options(self.dep),
+                *server_options(self.dep),
                 ("grpc.so_reuseport", 0),  # a second server on a busy port must fail, not share it
-                ("grpc.keepalive_permit_without_calls", 1),
-                ("grpc.http2.min_recv_ping_interval_without_data_ms", 5000),
-                ("grpc.http2.max_ping_strikes", 0),
             ],
+            maximum_concurrent_rpcs=limit,
         )
         add_servicer(server, self.servicer)
         creds = grpc.ssl_server_credentials(

@@ -4,12 +4,19 @@ Every handler first establishes who is calling from the TLS certificate (Authent
 the Registry. Push receives *raw bytes* (no generated deserializer), so a garbage byte stream reaches
 our decoder, is rejected with a reason, and the client is told that reason in its PushReply instead of
 an opaque gRPC error.
+
+A result's header is checked against the open task it names before its body is read (``_admit``): the task
+must be the caller's, delivered to the session the header names, for the same round, and the body may be
+at most the size such a task's result can have (protocol.result_budget), so nothing larger is allocated.
+Each client holds at most ``deployment.max_streams_per_client`` Pull/Push streams, and every upload is
+cancelled ``deployment.upload_timeout_s`` after it started (limits.py).
 """
 
 from __future__ import annotations
 
 import json
 import logging
+import threading
 from collections.abc import Iterator
 from dataclasses import replace
 from typing import Any
@@ -21,6 +28,7 @@ from fedtune.core.messages import ClientFailure
 from fedtune.errors import UpdateRejected
 from fedtune.transport.grpc import protocol, wire
 from fedtune.transport.grpc.auth import Authenticator, AuthError
+from fedtune.transport.grpc.limits import StreamSlots
 from fedtune.transport.grpc.proto import fedtune_pb2 as pb
 from fedtune.transport.grpc.registry import SHUTDOWN, Registry, SecAggReply, SessionError, Task
 
@@ -59,12 +67,20 @@ class Servicer:
         self.registry, self.auth, self.limits, self.dep = registry, auth, limits, dep
         self.config_yaml, self.extra = config_yaml, extra
         self.secure_aggregation = secure_aggregation  # fit results must then carry no update
+        self.slots = StreamSlots(dep.max_streams_per_client)
+
+    def _busy(self, cid: str) -> str:
+        return (
+            f"client {cid!r} already has {self.slots.per_client} open streams "
+            "(deployment.max_streams_per_client); finish one first"
+        )
 
     def _who(self, context: grpc.ServicerContext) -> str:
         try:
             return self.auth.identify(context)
         except AuthError as err:
             log.warning("refused %s: %s", context.peer(), err)
+            self.registry.refuse(err.client_id or context.peer(), str(err))
             context.abort(err.code, str(err))
             raise  # unreachable: abort raises
 
@@ -80,15 +96,15 @@ class Servicer:
     def Join(self, request: pb.JoinRequest, context: grpc.ServicerContext) -> pb.JoinReply:
         cid = self._who(context)
         if request.protocol != wire.PROTOCOL:
-            context.abort(
-                grpc.StatusCode.FAILED_PRECONDITION,
-                f"client speaks protocol {request.protocol}, this server speaks {wire.PROTOCOL}: upgrade fedtune",
-            )
+            reason = f"client speaks protocol {request.protocol}, this server speaks {wire.PROTOCOL}: upgrade fedtune"
+            self.registry.refuse(cid, reason)
+            context.abort(grpc.StatusCode.FAILED_PRECONDITION, reason)
         if self.registry.closed:
             context.abort(grpc.StatusCode.FAILED_PRECONDITION, "the federation has finished")
         try:
             session, rejoined = self.registry.join(cid)
         except UpdateRejected as err:
+            self.registry.refuse(cid, str(err))
             context.abort(grpc.StatusCode.RESOURCE_EXHAUSTED, str(err))
             raise
         log.info("client %s %s from %s", cid, "rejoined" if rejoined else "joined", context.peer())
@@ -120,16 +136,23 @@ class Servicer:
     def Pull(self, request: pb.PullRequest, context: grpc.ServicerContext) -> Iterator[pb.Chunk]:
         cid = self._who(context)
         session = self._session(cid, request.session, context)
+        if not self.slots.take(cid):
+            log.warning("refused a poll: %s", self._busy(cid))
+            context.abort(grpc.StatusCode.RESOURCE_EXHAUSTED, self._busy(cid))
         try:
-            item = self.registry.take(session, self.dep.poll_s)
-        except SessionError as err:
-            context.abort(grpc.StatusCode.NOT_FOUND, str(err))
-        if item is None or item is SHUTDOWN:
-            kind = pb.IDLE if item is None else pb.SHUTDOWN
-            scalars = self.registry.shutdown_reason if item is SHUTDOWN else {}
-            yield from wire.encode(wire.Payload(pb.Header(kind=kind), scalars), chunk_bytes=self.limits.chunk_bytes)
-            return
-        yield from self._stream_task(item)
+            try:
+                item = self.registry.take(session, self.dep.poll_s)
+            except SessionError as err:
+                context.abort(grpc.StatusCode.NOT_FOUND, str(err))
+            if item is None or item is SHUTDOWN:
+                kind = pb.IDLE if item is None else pb.SHUTDOWN
+                scalars = self.registry.shutdown_reason if item is SHUTDOWN else {}
+                header = pb.Header(kind=kind)
+                yield from wire.encode(wire.Payload(header, scalars), chunk_bytes=self.limits.chunk_bytes)
+                return
+            yield from self._stream_task(item)
+        finally:
+            self.slots.give(cid)
 
     def _stream_task(self, task: Task) -> Iterator[pb.Chunk]:
         sent, complete = 0, False
@@ -145,22 +168,74 @@ class Servicer:
 
     def Push(self, request_iterator: Iterator[bytes], context: grpc.ServicerContext) -> pb.PushReply:
         cid = self._who(context)
-        counted = _Counted(request_iterator)
+        if not self.slots.take(cid):
+            return self._reject(cid, "", self._busy(cid))
+        # the server's own deadline: a stalled upload frees its thread and slot whatever the client asked for
+        expired = threading.Event()
+        timer = threading.Timer(self.dep.upload_timeout_s, self._cancel_upload, (cid, context, expired))
+        timer.daemon = True
+        timer.start()
         try:
-            payload = wire.decode(counted, self.limits)
+            return self._push(cid, request_iterator, expired)
+        except Exception as err:  # a defect of ours: logged in full here, the client gets a reason, not a traceback
+            log.exception("internal error handling a result from client %s", cid)
+            return self._reject(cid, "", f"internal error on the server ({type(err).__name__}); see its log")
+        finally:
+            timer.cancel()
+            self.slots.give(cid)
+
+    def _cancel_upload(self, cid: str, context: grpc.ServicerContext, expired: threading.Event) -> None:
+        log.warning("client %s: %s", cid, self._expired_reason())
+        expired.set()
+        context.cancel()
+
+    def _expired_reason(self) -> str:
+        return f"upload not complete within deployment.upload_timeout_s={self.dep.upload_timeout_s:g}s; cancelled"
+
+    def _admit(self, cid: str, admitted: list[Task]) -> wire.Admit:
+        """The decoder's header check: the open task the header names, and the bytes its result may carry."""
+
+        def admit(header: pb.Header) -> int:
+            try:
+                task = self.registry.peek(header.task_id, cid)
+            except UpdateRejected as err:
+                raise wire.WireError(str(err)) from None
+            if header.session != task.session:
+                raise wire.WireError(
+                    f"result names session {header.session[:8]!r} but task {header.task_id[:16]!r} was delivered to "
+                    f"session {str(task.session)[:8]!r}: a result from another connection or process of this client"
+                )
+            if header.round != task.round:
+                raise wire.WireError(f"result is for round {header.round}, the task was for round {task.round}")
+            admitted.append(task)
+            if header.kind == pb.FAILURE:
+                return 0
+            numel = task.payload.tensors["params"].size if task.kind == pb.FIT else 0
+            return protocol.result_budget(task.kind, numel, self.limits.max_payload_bytes)
+
+        return admit
+
+    def _push(self, cid: str, request_iterator: Iterator[bytes], expired: threading.Event) -> pb.PushReply:
+        counted, admitted = _Counted(request_iterator), []
+        try:
+            payload = wire.decode(counted, self.limits, self._admit(cid, admitted))
         except wire.WireError as err:
+            reason = self._expired_reason() if expired.is_set() else str(err)
             if err.header is not None:
-                return self._reject(cid, err.header.task_id, str(err))
+                return self._reject(cid, err.header.task_id, reason)
             # Undecodable from the first byte, so it names no task; a participant works on one task at a
             # time, so it can only have meant the one it holds: fail that now rather than at the deadline.
-            return self._reject(cid, self.registry.only_open_task(cid), str(err))
+            return self._reject(cid, self.registry.only_open_task(cid), reason)
+        except grpc.RpcError:  # cancelled: the client went away, or deployment.upload_timeout_s passed
+            reason = self._expired_reason() if expired.is_set() else "upload cancelled: the connection was lost"
+            return self._reject(cid, admitted[0].task_id if admitted else "", reason)
         try:
             task = self.registry.claim(payload.header.task_id, cid)
         except UpdateRejected as err:
             return self._reject(cid, "", str(err))
         try:
             reply = self._reply(task, payload, cid, counted.nbytes)
-        except UpdateRejected as err:
+        except (UpdateRejected, ValueError, TypeError, KeyError) as err:  # every refusal, never a traceback
             self.registry.finish(task, ClientFailure(cid, task.round, f"rejected: {err}"))
             return self._reject(cid, "", str(err))
         if not self.registry.finish(task, reply):

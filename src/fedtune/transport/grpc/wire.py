@@ -7,7 +7,10 @@ stream that is longer or shorter than announced, and verifies the bytes afterwar
 through messages of bounded size.
 
 Everything the decoder rejects raises WireError with a message saying what was wrong; it is the one
-function the fuzz test drives with arbitrary bytes.
+function the fuzz test drives with arbitrary bytes. Every header field is checked before anything is
+allocated: each dimension on its own (a zero elsewhere cannot hide an oversized one), the exact total, and
+the budget the receiver grants *this* header (``admit``: the server's bound for the task the header names),
+so the buffer is never larger than the task's known size.
 """
 
 from __future__ import annotations
@@ -15,7 +18,7 @@ from __future__ import annotations
 import hashlib
 import json
 import math
-from collections.abc import Iterable, Iterator, Mapping
+from collections.abc import Callable, Iterable, Iterator, Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -149,8 +152,14 @@ def _parse_chunk(raw: bytes | pb.Chunk, index: int) -> pb.Chunk:
         raise WireError(f"message {index} is not a fedtune.v1.Chunk: {err or 'undecodable bytes'}") from None
 
 
-def _check_metas(header: pb.Header, limits: Limits) -> list[tuple[str, np.dtype, tuple[int, ...], int]]:
-    """(name, dtype, shape, nbytes) per tensor, after checking every field and the declared total."""
+def _size(nbytes: int) -> str:
+    return f"{nbytes / 2**20:.1f} MiB" if nbytes >= 2**20 else f"{nbytes} bytes"
+
+
+def _check_metas(header: pb.Header, limit: int) -> list[tuple[str, np.dtype, tuple[int, ...], int]]:
+    """(name, dtype, shape, nbytes) per tensor, after checking every field and the declared total against
+    ``limit`` bytes. Each dimension is bounded on its own, so the exact product stays small: a leading zero
+    cannot hide a dimension of 2^63 that would later break the reshape."""
     if len(header.tensors) > MAX_TENSORS:
         raise WireError(f"payload lists {len(header.tensors)} tensors, the limit is {MAX_TENSORS}")
     out, names, total = [], set(), 0
@@ -164,17 +173,18 @@ def _check_metas(header: pb.Header, limits: Limits) -> list[tuple[str, np.dtype,
         if len(meta.shape) > MAX_RANK:
             raise WireError(f"tensor {name!r} has rank {len(meta.shape)}, the limit is {MAX_RANK}")
         dtype, shape = _DTYPES[meta.dtype], tuple(int(d) for d in meta.shape)
-        # exact integer arithmetic, and bail out before a product can grow without bound
-        nbytes = dtype.itemsize
         for dim in shape:
-            nbytes *= dim
-            if nbytes > limits.max_payload_bytes:
-                break
+            if dim < 0 or dim > limit:
+                raise WireError(
+                    f"tensor {name!r} has dimension {dim} in shape {list(shape)}, which alone exceeds the limit of "
+                    f"{limit} bytes (deployment.max_message_mb, or the size of the task it answers)"
+                )
+        nbytes = dtype.itemsize * math.prod(shape)  # exact: at most MAX_RANK factors, each bounded above
         total += nbytes
-        if total > limits.max_payload_bytes:
+        if total > limit:
             raise WireError(
-                f"payload of at least {total / 2**20:.1f} MiB exceeds the limit of "
-                f"{limits.max_payload_bytes / 2**20:.1f} MiB (deployment.max_message_mb)"
+                f"payload of at least {_size(total)} exceeds the limit of {_size(limit)} "
+                "(deployment.max_message_mb, or the size of the task it answers)"
             )
         out.append((name, dtype, shape, nbytes))
     if total != header.payload_bytes:
@@ -195,8 +205,15 @@ def _scalars(header: pb.Header) -> dict[str, Any]:
     return value
 
 
-def decode(stream: Iterable[bytes | pb.Chunk], limits: Limits) -> Payload:
-    """Assemble a stream of chunks (or their serialized bytes) into a Payload, checking everything."""
+Admit = Callable[[pb.Header], int]  # a header -> the bytes its payload may carry, or WireError saying why not
+
+
+def decode(stream: Iterable[bytes | pb.Chunk], limits: Limits, admit: Admit | None = None) -> Payload:
+    """Assemble a stream of chunks (or their serialized bytes) into a Payload, checking everything.
+
+    ``admit`` is asked about the header before anything is allocated: it may refuse it (raise WireError)
+    or return a smaller byte budget than ``limits`` (the server: the size of the task the header answers).
+    Any other error a malformed stream provokes is reported as a WireError too, never as a traceback."""
     chunks = iter(stream)
     first = next(chunks, None)
     if first is None:
@@ -206,15 +223,18 @@ def decode(stream: Iterable[bytes | pb.Chunk], limits: Limits) -> Payload:
         raise WireError("a stream must start with a header")
     header = head.header
     try:
-        return _decode_body(header, chunks, limits)
+        return _decode_body(header, chunks, limits, admit)
     except WireError as err:
         raise WireError(str(err), header) from None
+    except (ValueError, TypeError, OverflowError, MemoryError) as err:  # a check we lack: still a refusal
+        raise WireError(f"malformed payload ({type(err).__name__}: {err})", header) from None
 
 
-def _decode_body(header: pb.Header, chunks: Iterator[bytes | pb.Chunk], limits: Limits) -> Payload:
+def _decode_body(header: pb.Header, chunks: Iterator[bytes | pb.Chunk], limits: Limits, admit: Admit | None) -> Payload:
     if header.protocol != PROTOCOL:
         raise WireError(f"protocol version {header.protocol} is not supported (this side speaks {PROTOCOL})")
-    metas = _check_metas(header, limits)
+    limit = limits.max_payload_bytes if admit is None else min(limits.max_payload_bytes, admit(header))
+    metas = _check_metas(header, limit)
     scalars = _scalars(header)
     buf = np.empty(header.payload_bytes, dtype=np.uint8)
     view, pos, digest = memoryview(buf), 0, hashlib.sha256()

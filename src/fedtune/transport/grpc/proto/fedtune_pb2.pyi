@@ -23,6 +23,7 @@ class Kind(int, metaclass=_enum_type_wrapper.EnumTypeWrapper):
     SECAGG_MASKED: _ClassVar[Kind]
     SECAGG_UNMASK: _ClassVar[Kind]
     SECAGG_RESULT: _ClassVar[Kind]
+    SECAGG_CONSISTENCY: _ClassVar[Kind]
 
 class DType(int, metaclass=_enum_type_wrapper.EnumTypeWrapper):
     __slots__ = ()
@@ -50,6 +51,7 @@ SECAGG_SHARE: Kind
 SECAGG_MASKED: Kind
 SECAGG_UNMASK: Kind
 SECAGG_RESULT: Kind
+SECAGG_CONSISTENCY: Kind
 DTYPE_UNSPECIFIED: DType
 FLOAT32: DType
 FLOAT16: DType

@@ -1,0 +1,1 @@
+"""The live dashboard (``--dashboard``, ``fedtune dashboard RUN_DIR``)."""

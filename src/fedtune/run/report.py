@@ -1,0 +1,160 @@
+"""report.html: one self-contained page written at the end of every run (finished, stopped, failed or
+interrupted): the per-round plots as inline SVG, the round table, the per-client table, privacy figures,
+failures and the resolved config. No scripts and nothing fetched: it opens anywhere, offline, and can be
+mailed or archived as one file.
+"""
+
+from __future__ import annotations
+
+import datetime
+import html
+import os
+from pathlib import Path
+
+from fedtune.config.load import dump_config
+from fedtune.config.schema import Config
+from fedtune.run import rundir
+from fedtune.run.runview import RunView
+from fedtune.run.sinks import BaseSink, RunEnd, RunInfo
+
+REPORT = "report.html"
+
+STYLE = """
+body{font:14px/1.45 system-ui,sans-serif;margin:2em auto;max-width:1200px;color:#222;padding:0 1em}
+h1{font-size:1.5em}h2{font-size:1.15em;margin-top:1.8em;border-bottom:1px solid #ddd}
+table{border-collapse:collapse;font-variant-numeric:tabular-nums}td,th{padding:2px 10px;text-align:right}
+th{background:#f3f3f3}td:first-child,th:first-child{text-align:left}tr:nth-child(even){background:#fafafa}
+pre{background:#f6f6f6;padding:1em;overflow:auto;font-size:12px}.bad{color:#b00}.muted{color:#777}
+svg{max-width:100%;height:auto}
+"""
+
+
+def _fmt(value: object, spec: str = ".4g") -> str:
+    if value is None:
+        return "-"
+    if isinstance(value, float):
+        return format(value, spec)
+    return html.escape(str(value))
+
+
+def _table(headers: list[str], rows: list[list[object]]) -> str:
+    head = "".join(f"<th>{html.escape(h)}</th>" for h in headers)
+    body = "".join("<tr>" + "".join(f"<td>{_fmt(c)}</td>" for c in row) + "</tr>" for row in rows)
+    return f"<table><thead><tr>{head}</tr></thead><tbody>{body}</tbody></table>"
+
+
+def render_report(run_dir: Path, config: Config | None = None) -> str:
+    snap = RunView(run_dir).snapshot()
+    status, rounds, clients = snap["status"], snap["rounds"], snap["clients"]
+    accuracy = bool(status.get("accuracy"))
+    quality = "eval_accuracy" if accuracy else "eval_perplexity"
+    title = html.escape(snap["name"])
+    parts = [f"<h1>fedtune run {title}</h1>"]
+    state = status.get("state", "unknown")
+    total = status.get("total_rounds")
+    parts.append(
+        f"<p>{html.escape(str(run_dir))}<br>{status.get('round', 0)} of {total if total else '?'} rounds; "
+        f"<b class='{'' if state in ('finished', 'stopped') else 'bad'}'>{html.escape(state)}</b>"
+        + (f": {html.escape(status['reason'])}" if status.get("reason") else "")
+        + f"<br><span class='muted'>written {datetime.datetime.now().isoformat(timespec='seconds')}</span></p>"
+    )
+    if rounds:
+        from fedtune.run.plot import rounds_svg  # matplotlib only once there is something to draw
+
+        parts += ["<h2>Rounds</h2>", rounds_svg(rounds, title=snap["name"])]
+        headers = ["round", "clients ok", "sampled", "train loss", "held-out loss", quality.removeprefix("eval_")]
+        headers += ["MB down", "MB up", "seconds"] + (["epsilon"] if snap["privacy"]["dp"] else [])
+        rows = [
+            [
+                r["round"],
+                r.get("clients_ok"),
+                r.get("clients_sampled"),
+                r.get("train_loss"),
+                r.get("eval_loss"),
+                r.get(quality),
+                r.get("bytes_down", 0) / 1e6,
+                r.get("bytes_up", 0) / 1e6,
+                r.get("seconds"),
+            ]
+            + ([r.get("agg_epsilon")] if snap["privacy"]["dp"] else [])
+            for r in rounds
+        ]
+        parts.append(_table(headers, rows))
+    if clients:
+        parts.append("<h2>Clients</h2>")
+        q = "eval_accuracy" if accuracy else "eval_perplexity"
+        headers = ["client", "state", "rounds", "examples", "train loss", "held-out loss", q.removeprefix("eval_")]
+        headers += ["MB down", "MB up", "fit seconds", "failures"]
+        rows = [
+            [
+                c["client_id"],
+                c["state"] + (f" ({c['reason']})" if c.get("reason") else ""),
+                c.get("rounds"),
+                c.get("num_examples"),
+                c.get("train_loss"),
+                c.get("eval_loss"),
+                c.get(q),
+                c.get("bytes_down", 0) / 1e6,
+                c.get("bytes_up", 0) / 1e6,
+                c.get("fit_seconds"),
+                c.get("failures", 0),
+            ]
+            for c in clients
+        ]
+        parts.append(_table(headers, rows))
+    priv = snap["privacy"]
+    parts.append("<h2>Privacy</h2>")
+    if priv["dp"] or priv["client_epsilon_max"] is not None:
+        parts.append(
+            _table(
+                ["figure", "value"],
+                [
+                    ["epsilon spent (server DP)", priv["epsilon"]],
+                    ["delta", priv["delta"]],
+                    ["epsilon budget", priv["epsilon_budget"]],
+                    ["largest client epsilon (local DP-SGD)", priv["client_epsilon_max"]],
+                ],
+            )
+        )
+    else:
+        parts.append("<p>No differential privacy in this run (privacy.dp is not set).</p>")
+    if snap["failures"] or snap["stops"]:
+        parts.append("<h2>Failures and stops</h2>")
+        rows = [[f["round"], f["client_id"], f["reason"]] for f in snap["failures"]]
+        rows += [[s["round"], "(run)", f"stopped: {s['reason']}"] for s in snap["stops"]]
+        parts.append(_table(["round", "client", "reason"], rows))
+    config_text = dump_config(config) if config is not None else _read(Path(run_dir) / rundir.CONFIG)
+    parts += ["<h2>Config</h2>", f"<pre>{html.escape(config_text)}</pre>"]
+    return (
+        f"<!doctype html><html lang=en><head><meta charset=utf-8><title>fedtune {title}</title>"
+        f"<style>{STYLE}</style></head><body>{''.join(parts)}</body></html>\n"
+    )
+
+
+def _read(path: Path) -> str:
+    try:
+        return path.read_text()
+    except OSError:
+        return "(no config.yaml)"
+
+
+def write_report(run_dir: Path, config: Config | None = None) -> Path:
+    out = Path(run_dir) / REPORT
+    tmp = out.with_name(f".{REPORT}.{os.getpid()}.tmp")
+    tmp.write_text(render_report(run_dir, config))
+    os.replace(tmp, out)
+    return out
+
+
+class ReportSink(BaseSink):
+    """Writes report.html when the run ends, however it ends (status.json is final by then)."""
+
+    def __init__(self, metrics: rundir.MetricsLog) -> None:
+        self.run_dir = metrics.path.parent
+        self.config: Config | None = None
+
+    def on_start(self, run: RunInfo) -> None:
+        self.config = run.config
+
+    def close(self, end: RunEnd) -> None:
+        write_report(self.run_dir, self.config)

@@ -1,0 +1,214 @@
+"""Round sinks: everything the coordinator does with a finished round, one small protocol.
+
+``serve`` runs the rounds and hands each event to a list of sinks, in order: the metrics log first (a crash
+before the checkpoint replays the round), then the checkpoint, the console table, the plot, ``status.json``,
+the trackers (TensorBoard, MLflow, W&B) and, at the end, ``report.html`` and ``summary.json``. A sink is
+anything with these four methods; ``Sinks`` fans the events out.
+
+Events: ``on_start`` once the run directory is open (with the records already in it, for a resumed run);
+``on_round`` with the new state and the round's metrics.jsonl lines (round 0 is the baseline evaluation);
+``on_stop`` when a strategy ends the run early (e.g. the privacy budget); ``close`` once, however the run
+ends (finished, stopped, failed, interrupted).
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import time
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Literal, Protocol
+
+from rich.console import Console
+
+from fedtune.config.schema import Config
+from fedtune.core.state import ServerState, save_state
+from fedtune.run import rundir
+from fedtune.run.progress import RoundTable
+
+PLOT_EVERY_S = 30.0  # metrics.png is redrawn at most this often while a run is going
+
+Outcome = Literal["finished", "stopped", "failed", "interrupted"]
+log = logging.getLogger("fedtune")
+
+
+@dataclass(frozen=True)
+class RunInfo:
+    """What every sink may want to know about the run, given once at the start."""
+
+    run_dir: Path
+    config: Config
+    accuracy: bool  # evaluation reports accuracy (classifiers) or perplexity
+    start_round: int  # rounds already completed (non-zero when resumed)
+    history: list[dict] = field(default_factory=list)  # metrics.jsonl records already in the run directory
+    trainable_params: int = 0
+
+    @property
+    def total_rounds(self) -> int:
+        return self.config.federation.rounds
+
+
+@dataclass(frozen=True)
+class RunEnd:
+    """How the run ended: the last state (None if it failed before one existed) and why."""
+
+    outcome: Outcome
+    state: ServerState | None
+    reason: str = ""
+
+
+class RoundSink(Protocol):
+    def on_start(self, run: RunInfo) -> None: ...
+
+    def on_round(self, state: ServerState, records: list[dict]) -> None: ...
+
+    def on_stop(self, state: ServerState, reason: str) -> None: ...
+
+    def close(self, end: RunEnd) -> None: ...
+
+
+class Sinks:
+    """Fans events out to sinks in order. ``close`` reaches every sink even if one of them raises."""
+
+    def __init__(self, sinks: Sequence[RoundSink]) -> None:
+        self.sinks = list(sinks)
+        self.last_state: ServerState | None = None  # the last state handed on (what a resume continues from)
+
+    def on_start(self, run: RunInfo) -> None:
+        for sink in self.sinks:
+            sink.on_start(run)
+
+    def on_round(self, state: ServerState, records: list[dict]) -> None:
+        self.last_state = state
+        for sink in self.sinks:
+            sink.on_round(state, records)
+
+    def on_stop(self, state: ServerState, reason: str) -> None:
+        for sink in self.sinks:
+            sink.on_stop(state, reason)
+
+    def close(self, end: RunEnd) -> None:
+        first: BaseException | None = None
+        for sink in self.sinks:
+            try:
+                sink.close(end)
+            except Exception as err:  # the others still flush and close; the first error is raised after
+                log.warning("closing %s failed: %s", type(sink).__name__, err)
+                first = first or err
+        if first is not None and end.outcome in ("finished", "stopped"):
+            raise first
+
+
+class BaseSink:
+    """No-op defaults, so a sink writes only the events it cares about."""
+
+    def on_start(self, run: RunInfo) -> None:
+        pass
+
+    def on_round(self, state: ServerState, records: list[dict]) -> None:
+        pass
+
+    def on_stop(self, state: ServerState, reason: str) -> None:
+        pass
+
+    def close(self, end: RunEnd) -> None:
+        pass
+
+
+class MetricsSink(BaseSink):
+    """metrics.jsonl: every round's records, and a ``stop`` record when a strategy ends the run."""
+
+    def __init__(self, metrics: rundir.MetricsLog) -> None:
+        self.log = metrics
+
+    def on_round(self, state: ServerState, records: list[dict]) -> None:
+        self.log.append(records)
+
+    def on_stop(self, state: ServerState, reason: str) -> None:
+        self.log.append([{"kind": "stop", "round": state.round, "reason": reason}])
+
+
+class CheckpointSink(BaseSink):
+    """checkpoint.safetensors after every completed round (atomic); the baseline (round 0) has none."""
+
+    def __init__(self, path: Path, config_digest: str) -> None:
+        self.path, self.digest = path, config_digest
+
+    def on_round(self, state: ServerState, records: list[dict]) -> None:
+        if state.round > 0:
+            save_state(state, self.path, config_digest=self.digest)
+
+
+class ConsoleSink(BaseSink):
+    """One table row per round, each failure and an early stop, on the console."""
+
+    def __init__(self, console: Console) -> None:
+        self.console = console
+        self.table: RoundTable | None = None
+
+    def on_start(self, run: RunInfo) -> None:
+        privacy_columns = ["agg_epsilon"] if run.config.privacy.dp is not None else []  # DP: epsilon every round
+        self.table = RoundTable(self.console, accuracy=run.accuracy, extra_columns=privacy_columns)
+        for rec in run.history:
+            if rec.get("kind") == "round":
+                self.table.add(rec)
+
+    def on_round(self, state: ServerState, records: list[dict]) -> None:
+        for rec in records:
+            if rec.get("kind") == "failure":
+                self.console.print(
+                    f"[yellow]round {rec['round']}: client {rec['client_id']} failed: {rec['reason']}[/yellow]"
+                )
+        assert self.table is not None
+        self.table.add(records[0])
+
+    def on_stop(self, state: ServerState, reason: str) -> None:
+        self.console.print(f"[yellow]stopped after round {state.round}: {reason}[/yellow]")
+
+
+class PlotSink(BaseSink):
+    """metrics.png. Drawing costs ~0.3 s: redrawn at most every ``every_s`` seconds, after the last round and
+    at the end."""
+
+    def __init__(self, metrics: rundir.MetricsLog, out: Path, *, title: str, every_s: float = PLOT_EVERY_S) -> None:
+        self.log, self.out, self.title, self.every_s = metrics, out, title, every_s
+        self.last = time.monotonic()
+        self.total = 0
+
+    def on_start(self, run: RunInfo) -> None:
+        self.last, self.total = time.monotonic(), run.total_rounds
+
+    def _draw(self) -> None:
+        from fedtune.run.plot import plot_rounds  # matplotlib only for runs that plot
+
+        plot_rounds(self.log.rounds(), self.out, title=self.title)
+        self.last = time.monotonic()
+
+    def on_round(self, state: ServerState, records: list[dict]) -> None:
+        if state.round >= self.total or time.monotonic() - self.last >= self.every_s:
+            self._draw()
+
+    def close(self, end: RunEnd) -> None:
+        if end.outcome in ("finished", "stopped"):
+            self._draw()
+
+
+class SummarySink(BaseSink):
+    """summary.json when the run finishes or is stopped: baseline and final round records."""
+
+    def __init__(self, metrics: rundir.MetricsLog, path: Path) -> None:
+        self.log, self.path = metrics, path
+
+    def close(self, end: RunEnd) -> None:
+        if end.outcome not in ("finished", "stopped") or end.state is None:
+            return
+        rounds = self.log.rounds()
+        summary = {
+            "rounds_completed": end.state.round,
+            "baseline": next((r for r in rounds if r["round"] == 0), {}),
+            "final": next((r for r in reversed(rounds) if r["round"] > 0), {}),
+            "spec_digest": end.state.spec.digest,
+        }
+        self.path.write_text(json.dumps(summary, indent=1))

@@ -1,0 +1,286 @@
+"""The dashboard's server (token, read-only, headers), the run view it serves, status.json and report.html of a
+real tiny run."""
+
+from __future__ import annotations
+
+import io
+import json
+import re
+import urllib.error
+import urllib.request
+from pathlib import Path
+
+import pytest
+from rich.console import Console
+
+from _models import DIGITS_CNN
+from _runs import CLIENTS, FakeRun
+from fedtune.config.load import parse_config
+from fedtune.dashboard.server import Dashboard
+from fedtune.run.board import STATUS, ActivityTransport, ClientBoard, failure_state
+from fedtune.run.report import REPORT
+from fedtune.run.rundir import METRICS
+from fedtune.run.runview import RunView
+from fedtune.run.session import simulate
+
+pytestmark = pytest.mark.timeout(300)
+
+
+def get(url: str, headers: dict | None = None, method: str = "GET") -> tuple[int, dict, bytes]:
+    req = urllib.request.Request(url, headers=headers or {}, method=method)
+    try:
+        with urllib.request.urlopen(req, timeout=30) as reply:
+            return reply.status, dict(reply.headers), reply.read()
+    except urllib.error.HTTPError as err:
+        return err.code, dict(err.headers), err.read()
+
+
+@pytest.fixture
+def served(tmp_path):
+    run = FakeRun(tmp_path / "run")
+    run.add_round()
+    dash = Dashboard(run.dir, port=0)
+    dash.start()
+    yield run, dash
+    dash.stop()
+
+
+def test_nothing_of_the_run_without_the_token(served) -> None:
+    _, dash = served
+    base = f"http://127.0.0.1:{dash.port}"
+    assert dash.host == "127.0.0.1" and dash.token and len(dash.token) >= 32
+    for path in ("/", "/api/run"):
+        assert get(base + path)[0] == 401
+        assert get(base + path, {"Authorization": "Bearer " + dash.token[:-1] + "x"})[0] == 401
+        assert get(base + path + "?token=wrong")[0] == 401
+    status, headers, body = get(base + "/api/run", {"Authorization": "Bearer " + dash.token})
+    assert status == 200 and json.loads(body)["rounds"][0]["round"] == 1
+    assert "default-src 'none'" in headers["Content-Security-Policy"] and headers["Cache-Control"] == "no-store"
+    status, _, page = get(dash.url)  # the printed URL: token as a query parameter
+    assert status == 200 and b'<script src="app.js">' in page
+    assert get(base + "/app.js")[0] == 200 and get(base + "/style.css")[0] == 200  # nothing of the run in them
+
+
+def test_read_only(served) -> None:
+    _, dash = served
+    for method in ("POST", "PUT", "DELETE"):
+        assert get(dash.url, method=method)[0] == 405
+    assert get(f"http://127.0.0.1:{dash.port}/../config.yaml?token={dash.token}")[0] == 404
+
+
+def test_run_view_reads_appended_rounds_and_a_truncated_log_again(tmp_path) -> None:
+    run = FakeRun(tmp_path / "run")
+    view = RunView(run.dir)
+    assert view.snapshot()["rounds"] == []
+    run.add_round()
+    run.add_round()
+    snap = view.snapshot()
+    assert [r["round"] for r in snap["rounds"]] == [1, 2]
+    rows = {c["client_id"]: c for c in snap["clients"]}
+    assert set(rows) == set(CLIENTS)
+    assert rows["alice"]["rounds"] == 2 and rows["alice"]["bytes_up"] == 1000 and rows["alice"]["eval_accuracy"] == 0.4
+    assert rows["bob"]["fit_seconds"] == 1.5 and rows["bob"]["num_examples"] == 20
+    assert rows["carol"]["state"] == "offline"  # straggled, then not connected (only alice and bob are)
+    assert snap["failures"][-1]["client_id"] == "carol" and snap["status"]["refused"][0]["who"] == "mallory"
+    with open(run.dir / METRICS, "a") as fh:  # a line being written: not read until it is complete
+        fh.write('{"kind": "round", "round": 3')
+    assert [r["round"] for r in view.snapshot()["rounds"]] == [1, 2]
+    lines = (run.dir / METRICS).read_text().splitlines()[:5]  # resume truncated the log to round 1
+    (run.dir / METRICS).write_text("\n".join(lines) + "\n")
+    assert [r["round"] for r in view.snapshot()["rounds"]] == [1]
+
+
+def test_failure_reasons_map_to_states() -> None:
+    assert failure_state("straggler: no training reply within 5s; dropped from round 2") == "straggling"
+    assert failure_state("no heartbeat for 31.0s (presumed dead)") == "dead"
+    assert failure_state("rejected: spec digest 1 does not match the server's 2") == "refused"
+    assert failure_state("RuntimeError: out of memory") == "failed"
+
+
+def test_activity_transport_marks_clients_as_they_are_instructed_and_reply() -> None:
+    from fedtune.core.messages import ClientFailure, FitInstruction
+
+    board = ClientBoard()
+    seen = []
+
+    class Inner:
+        def client_ids(self):
+            return ["a", "b"]
+
+        def fit(self, instructions):
+            seen.append(board.snapshot())  # while the clients train
+            yield ClientFailure("b", 1, "no heartbeat for 9s (presumed dead)")
+
+    instr = [FitInstruction(c, 1, None, "d", 0, {}) for c in ("a", "b")]
+    list(ActivityTransport(Inner(), board).fit(instr))
+    assert {c: s["state"] for c, s in seen[0].items()} == {"a": "training", "b": "training"}
+    after = board.snapshot()
+    assert after["a"]["state"] == "training" and after["b"]["state"] == "dead"
+    assert after["b"]["reason"] == "no heartbeat for 9s (presumed dead)"
+
+
+def test_a_run_writes_status_json_and_a_self_contained_report(tmp_path) -> None:
+    cfg = {
+        "seed": 5,
+        "model": DIGITS_CNN,
+        "data": {"source": "digits", "partition": {"kind": "iid", "num_clients": 3}},
+        "federation": {"rounds": 2, "clients_per_round": 2},
+        "client": {"local_steps": 2, "batch_size": 16, "lr": 0.1, "optimizer": "sgd"},
+        "run": {"out_dir": str(tmp_path / "runs"), "name": "reported", "plot": False},
+    }
+    result = simulate(parse_config(cfg), console=Console(file=io.StringIO()), show_progress=False)
+    status = json.loads((result.run_dir / STATUS).read_text())
+    assert status["state"] == "finished" and status["round"] == 2 and status["total_rounds"] == 2
+    assert sorted(status["connected"]) == sorted(status["enrolled"]) == ["client_000", "client_001", "client_002"]
+    trained = {r["client_id"] for r in json_lines(result.run_dir) if r["kind"] == "client"}
+    assert all(status["clients"][c]["state"] == "idle" for c in trained)
+    html = (result.run_dir / REPORT).read_text()
+    assert "<svg" in html and "<script" not in html
+    assert not re.search(r"""(src|href)=["']?(https?:)?//|url\((?!#)""", html)  # nothing fetched from anywhere
+    final = result.rounds[-1]
+    assert f"{final['eval_accuracy']:.4g}" in html  # the round table
+    for cid in trained:
+        assert f"<td>{cid}</td>" in html  # the client table
+    assert "federation:" in html and "rounds: 2" in html  # the config
+    assert "No differential privacy" in html
+
+
+def json_lines(run_dir: Path) -> list[dict]:
+    return [json.loads(line) for line in (run_dir / METRICS).read_text().splitlines()]
+
+
+def test_a_deployment_status_shows_connected_enrolled_and_refused_clients(tmp_path) -> None:
+    """The gRPC server's registry feeds status.json: who joined, who is enrolled, who was refused and why."""
+    import grpc
+
+    from _grpc_support import RawClient, make_pki
+    from fedtune.config.deployment import DeploymentConfig
+    from fedtune.deploy.serve import GrpcDirectory
+    from fedtune.run.board import StatusSink
+    from fedtune.run.sinks import RunEnd, RunInfo
+    from fedtune.transport.grpc.server import GrpcServerTransport, ServerTLS
+
+    pki = make_pki(tmp_path)
+    allowed = ["client_000", "client_001", "revoked"]
+    dep = DeploymentConfig(
+        port=0,
+        tls_ca=str(pki / "ca.pem"),
+        tls_cert=str(pki / "server.pem"),
+        tls_key=str(pki / "server.key"),
+        revocation_list=str(pki / "revoked.txt"),
+        allowed_clients=allowed,
+        min_clients=1,
+    )
+    transport = GrpcServerTransport(dep, tls=ServerTLS.from_config(dep), config_yaml="seed: 0\n")
+    port = transport.start()
+    clients = []
+    try:
+        good = RawClient(port, pki, "client_000")
+        clients.append(good)
+        good.join()
+        for name in ("revoked", "client_002"):
+            bad = RawClient(port, pki, name)
+            clients.append(bad)
+            with pytest.raises(grpc.RpcError):
+                bad.join()
+        sink = StatusSink(ClientBoard(), GrpcDirectory(transport, allowed))
+        run_dir = tmp_path / "run"
+        run_dir.mkdir()
+        sink.on_start(RunInfo(run_dir, parse_config({}), True, 0))
+        sink.close(RunEnd("interrupted", None, "test"))
+        rows = {c["client_id"]: c for c in RunView(run_dir).snapshot()["clients"]}
+    finally:
+        for client in clients:
+            client.close()
+        transport.stop()
+    assert sorted(rows) == allowed  # the enrolled clients (client_002 is not enrolled: only in the refusals)
+    assert rows["client_000"]["state"] == "idle" and rows["client_000"]["connected"] is True
+    assert rows["client_001"]["state"] == "offline" and rows["client_001"]["connected"] is False
+    assert rows["revoked"]["state"] == "refused" and "has been revoked" in rows["revoked"]["reason"]
+    status = json.loads((run_dir / STATUS).read_text())
+    refused = {r["who"]: r["reason"] for r in status["refused"]}
+    assert "not in this federation" in refused["client_002"]
+
+
+def test_a_dp_run_stopped_by_its_budget_reports_epsilon_spent(tmp_path) -> None:
+    """status.json, the run view and report.html carry the privacy figures and the budget stop."""
+    from fedtune.privacy import accountant
+
+    two = accountant.epsilon([accountant.poisson_entry(0.4, 1.0, 2)], 1e-5)
+    three = accountant.epsilon([accountant.poisson_entry(0.4, 1.0, 3)], 1e-5)
+    budget = (two + three) / 2  # two rounds fit, a third would overspend
+    cfg = {
+        "seed": 2,
+        "model": DIGITS_CNN,
+        "data": {"source": "digits", "partition": {"kind": "iid", "num_clients": 10}},
+        "federation": {"rounds": 6, "fraction": 0.4},
+        "client": {"local_steps": 1, "batch_size": 8, "optimizer": "sgd", "lr": 0.1},
+        "server": {"weighting": "uniform"},
+        "eval": {"baseline": False, "max_clients": 2, "max_examples_per_client": 8},
+        "run": {"out_dir": str(tmp_path), "plot": False},
+        "privacy": {"dp": {"clip": 0.5, "noise_multiplier": 1.0, "epsilon_budget": budget}},
+    }
+    result = simulate(parse_config(cfg), console=Console(file=io.StringIO()), show_progress=False)
+    assert result.state.round == 2  # the budget stopped it
+    last_eps = result.rounds[-1]["agg_epsilon"]
+    snap = RunView(result.run_dir).snapshot()
+    assert snap["privacy"] == {
+        "dp": True,
+        "epsilon": last_eps,
+        "delta": 1e-5,
+        "epsilon_budget": budget,
+        "client_epsilon_max": None,
+    }
+    assert snap["status"]["state"] == "stopped" and "budget" in snap["status"]["reason"]
+    html = (result.run_dir / REPORT).read_text()
+    assert f"<td>{last_eps:.4g}</td>" in html and "stopped:" in html
+
+
+def test_an_interrupted_run_still_leaves_its_status_and_report(tmp_path) -> None:
+    from fedtune.run.sinks import BaseSink
+
+    class CtrlC(BaseSink):
+        def on_round(self, state, records) -> None:
+            if state.round == 1:
+                raise KeyboardInterrupt
+
+    cfg = {
+        "seed": 5,
+        "model": DIGITS_CNN,
+        "data": {"source": "digits", "partition": {"kind": "iid", "num_clients": 3}},
+        "federation": {"rounds": 3, "clients_per_round": 2},
+        "client": {"local_steps": 1, "batch_size": 16},
+        "run": {"out_dir": str(tmp_path / "runs"), "plot": False},
+    }
+    with pytest.raises(KeyboardInterrupt):
+        simulate(parse_config(cfg), console=Console(file=io.StringIO()), show_progress=False, sinks=[CtrlC()])
+    (run_dir,) = (tmp_path / "runs").iterdir()
+    status = json.loads((run_dir / STATUS).read_text())
+    assert status["state"] == "interrupted" and status["round"] == 1
+    assert "interrupted" in (run_dir / REPORT).read_text()
+    assert (run_dir / "checkpoint.safetensors").is_file() and not (run_dir / "summary.json").exists()
+
+
+def test_a_busy_dashboard_port_is_a_clear_error_before_round_one(tmp_path) -> None:
+    import socket
+
+    from fedtune.dashboard.server import DashboardSink
+    from fedtune.errors import FedtuneError
+
+    cfg = {
+        "seed": 5,
+        "model": DIGITS_CNN,
+        "data": {"source": "digits", "partition": {"kind": "iid", "num_clients": 3}},
+        "federation": {"rounds": 1, "clients_per_round": 2},
+        "eval": {"baseline": False},
+        "run": {"out_dir": str(tmp_path / "runs"), "plot": False},
+    }
+    with socket.socket() as busy:
+        busy.bind(("127.0.0.1", 0))
+        busy.listen()
+        sink = DashboardSink(Console(file=io.StringIO()), port=busy.getsockname()[1])
+        with pytest.raises(FedtuneError, match=r"the dashboard cannot listen on 127\.0\.0\.1"):
+            simulate(parse_config(cfg), console=Console(file=io.StringIO()), show_progress=False, sinks=[sink])
+    (run_dir,) = (tmp_path / "runs").iterdir()
+    assert json.loads((run_dir / STATUS).read_text())["state"] == "failed"
+    assert not (run_dir / "checkpoint.safetensors").exists()  # no round ran
