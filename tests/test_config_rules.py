@@ -95,6 +95,19 @@ CASES: dict[str, tuple[dict, str, dict]] = {
         "'fedex' needs individual adapters",
         {"privacy": {"secure_aggregation": True}, "server": {"lora_aggregation": "ffa"}},
     ),
+    "distributed_dp": (
+        {**UNIFORM, "privacy": {"dp": {"noise_multiplier": 1.0, "distributed": True}}},
+        "privacy.dp.distributed needs privacy.secure_aggregation",
+        {**UNIFORM, "privacy": {"dp": {"noise_multiplier": 1.0}}},
+    ),
+    "secagg_availability": (
+        {
+            "federation": {"clients_per_round": 100},
+            "privacy": {"secure_aggregation": {"expected_dropout": 0.3, "neighbours": 8, "threshold": 2 / 3}},
+        },
+        "neighbours=8 and threshold=0.666",
+        {"federation": {"clients_per_round": 100}, "privacy": {"secure_aggregation": {"expected_dropout": 0.3}}},
+    ),
     "dpsgd_sample_rate": (
         {"privacy": {"dpsgd": True}, "client": {"full_batch": True}},
         "sample_rate is required with client.full_batch",

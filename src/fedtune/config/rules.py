@@ -13,7 +13,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
-from fedtune.config.privacy import check_dpsgd_data_parallel
+from fedtune.config.privacy import check_distributed_dp, check_dpsgd_data_parallel, check_secagg_availability
 from fedtune.errors import ConfigError
 
 if TYPE_CHECKING:
@@ -195,6 +195,26 @@ def _dpsgd_fedprox(c: Config) -> str | None:
     return None
 
 
+def _distributed_dp(c: Config) -> str | None:
+    if c.privacy.dp is None or not c.privacy.dp.distributed:
+        return None
+    try:
+        check_distributed_dp(c.privacy, c.federation.clients_per_round)
+    except ValueError as err:
+        return str(err)
+    return None
+
+
+def _secagg_availability(c: Config) -> str | None:
+    if c.privacy.secure_aggregation is None:
+        return None
+    try:
+        check_secagg_availability(c.privacy.secure_aggregation, c.federation.clients_per_round)
+    except ValueError as err:
+        return str(err)
+    return None
+
+
 RULES: dict[str, Rule] = {
     "classification_source": Rule(("model.kind", "data.source"), _classification_source),
     "causal_lm_source": Rule(("model.kind", "data.source"), _causal_lm_source),
@@ -212,6 +232,12 @@ RULES: dict[str, Rule] = {
     "sum_only_aggregator": Rule((*SUM_ONLY, "server.aggregator"), _sum_only_aggregator),
     "sum_only_scaffold": Rule((*SUM_ONLY, "server.scaffold"), _sum_only_scaffold),
     "sum_only_lora_mode": Rule((*SUM_ONLY, "server.lora_aggregation"), _sum_only_lora_mode),
+    "distributed_dp": Rule(
+        ("privacy.dp.distributed", "privacy.secure_aggregation", "federation.clients_per_round"), _distributed_dp
+    ),
+    "secagg_availability": Rule(
+        ("privacy.secure_aggregation", "federation.clients_per_round"), _secagg_availability
+    ),
     "dpsgd_sample_rate": Rule(("privacy.dpsgd.sample_rate", "client.full_batch"), _dpsgd_sample_rate),
     "dpsgd_instruct": Rule(("privacy.dpsgd", "model.kind", "data.source"), _dpsgd_instruct),
     "dpsgd_fedprox": Rule(("privacy.dpsgd", "server.proximal_mu"), _dpsgd_fedprox),

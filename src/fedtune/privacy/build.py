@@ -18,7 +18,8 @@ def wrap_strategy(strategy: LinearStrategy, config: Config) -> Strategy:
     if p.dp is not None:
         from fedtune.privacy.dp_fedavg import DPFedAvg
 
-        return DPFedAvg(strategy, p.dp, config.federation, seed=config.seed)
+        dropout = p.secure_aggregation.expected_dropout if p.secure_aggregation else 0.0
+        return DPFedAvg(strategy, p.dp, config.federation, seed=config.seed, expected_dropout=dropout)
     if p.secure_aggregation is not None:
         from fedtune.privacy.secagg.strategy import SecureAggregation
 
@@ -41,4 +42,16 @@ def client_privacy(config: Config) -> tuple[list, list]:
         from fedtune.privacy.client_clip import dp_clip_transform
 
         transforms.append(dp_clip_transform)  # last: what leaves the client is what is bounded
+        if p.dp.distributed:
+            from fedtune.privacy.ddp_client import DistributedNoise
+
+            assert p.secure_aggregation is not None  # checked at load (check_distributed_dp)
+            transforms.append(
+                DistributedNoise(
+                    p.dp,
+                    rounds=config.federation.rounds,
+                    clients_per_round=config.federation.clients_per_round,
+                    expected_dropout=p.secure_aggregation.expected_dropout,
+                )
+            )
     return hook_factories, transforms

@@ -25,7 +25,7 @@ from fedtune.aggregation.fedavg import client_weight
 from fedtune.aggregation.robust import Aggregator, Mean
 from fedtune.aggregation.server_opt import ServerOptimizer, ServerSGD
 from fedtune.core.messages import ClientUpdate
-from fedtune.core.params import ParamSpec
+from fedtune.core.params import ParamSpec, l2_norm
 from fedtune.core.state import ServerState
 from fedtune.core.strategy import LINEAR, Needs, Outcome, Payload
 from fedtune.core.sums import LinearSum, SumPlan
@@ -195,6 +195,6 @@ class FedOpt:
         for plugin_fold in plugin_folds:
             params = plugin_fold.after_step(params)
         arrays.update({OPT_PREFIX + k: v for k, v in slots.items()})
-        metrics = {"aggregated": count, "update_norm": float(np.linalg.norm(delta)), **metrics}
+        metrics = {"aggregated": count, "update_norm": l2_norm(delta), **metrics}
         return state.evolve(round=state.round + 1, params=params, arrays=arrays), metrics
 
