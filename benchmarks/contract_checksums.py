@@ -40,13 +40,13 @@ CASES: dict[str, dict] = {
     "uniform": {"server": {"weighting": "uniform"}},
     "dp": {"server": {"weighting": "uniform"}, "privacy": {"dp": DP}},
     "dp-adaptive": {"server": {"weighting": "uniform"}, "privacy": {"dp": {**DP, "adaptive": {"count_noise": 2.0}}}},
-    "secagg": {"privacy": {"secure_aggregation": {"neighbours": 2}}},
+    "secagg": {"server": {"weighting": "uniform"}, "privacy": {"secure_aggregation": {}}},
     "secagg-examples": {"server": {"weighting": "examples"}, "privacy": {"secure_aggregation": {}}},
     "dp+secagg+dpsgd": {
         "server": {"weighting": "uniform"},
         "privacy": {
             "dp": DP,
-            "secure_aggregation": {"neighbours": 2},
+            "secure_aggregation": {},
             "dpsgd": {"noise_multiplier": 1.0, "max_grad_norm": 1.0},
         }
     },

@@ -221,19 +221,21 @@ def default_sinks(
     return sinks
 
 
-def coordinate(
-    config: Config,
+def serve(
     strategy: Strategy,
     transport: Transport,
     state: ServerState,
     sinks: Sinks,
     *,
+    config: Config,
     accuracy: bool,
     baseline: bool,
     summer: Summer = plain_sum,
 ) -> tuple[ServerState, RunEnd]:
-    """The baseline evaluation (if ``baseline``) and the rounds, every event handed to ``sinks``; ``summer``
-    forms a sum strategy's sum (``summer_for``)."""
+    """Serve ``strategy``'s rounds over ``transport`` from ``state``: the baseline evaluation (if ``baseline``)
+    and the rounds, every event handed to ``sinks`` (metrics, checkpoint, console, plot, status, trackers,
+    report: whatever the caller composed). ``summer`` forms a sum strategy's sum (``summer_for``). Builds
+    nothing: ``coordinate`` composes the strategy, the summer, the run directory and the sinks from a config."""
     if baseline:
         started = time.perf_counter()
         _, pooled, _ = evaluate_global(config, strategy, transport, state, eval_clients(config, transport.client_ids()))
@@ -270,7 +272,7 @@ def coordinate(
     return state, RunEnd("stopped", state, stopped[0]) if stopped else RunEnd("finished", state)
 
 
-def serve(
+def coordinate(
     config: Config,
     transport: Transport,
     *,
@@ -319,8 +321,8 @@ def serve(
     end = RunEnd("failed", state)
     try:  # every sink is closed however the run ends, even if one fails to start (sinks close unstarted)
         fanout.on_start(RunInfo(run_dir, config, accuracy, state.round, history, init[1].numel))
-        state, end = coordinate(
-            config, strategy, shown, state, fanout, accuracy=accuracy, baseline=baseline, summer=summer
+        state, end = serve(
+            strategy, shown, state, fanout, config=config, accuracy=accuracy, baseline=baseline, summer=summer
         )
     except KeyboardInterrupt:
         end = RunEnd("interrupted", fanout.last_state or state, "interrupted (Ctrl-C)")
@@ -402,7 +404,7 @@ def simulate(
     steps = StepRelay()
     prepared.worker.on_step = steps  # in-process clients report every local step (Ray actors: per client)
     try:
-        result = serve(
+        result = coordinate(
             config,
             transport,
             init=(prepared.worker.current_params(), prepared.worker.view.spec),
