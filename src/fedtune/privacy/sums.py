@@ -12,10 +12,10 @@ from collections.abc import Callable, Iterable
 import numpy as np
 import torch
 
+from fedtune.aggregation.clip import clip_l2
 from fedtune.aggregation.fedavg import client_weight
 from fedtune.core.messages import ClientUpdate
 from fedtune.core.sums import LinearSum, SumPlan
-from fedtune.privacy.clipping import clip_l2
 
 # an update may come back a rounding error above C after a float32 round trip; beyond this it was not
 # clipped by the client and the server clips it (and counts it)

@@ -20,8 +20,7 @@ import math
 import statistics
 from dataclasses import dataclass, replace
 
-import numpy as np
-
+from fedtune.aggregation.clip import clip_l2
 from fedtune.config.schema import Config
 from fedtune.core.messages import ClientUpdate
 from fedtune.core.params import all_finite, l2_norm
@@ -67,8 +66,7 @@ class Bounds:
             norm = l2_norm(delta)
             info["update_norm"] = norm
             if self.norm_bound is not None and norm > self.norm_bound:
-                scale = self.norm_bound / norm
-                delta = (delta.astype(np.float64) * scale).astype(np.float32)
+                delta, _ = clip_l2(delta, self.norm_bound, norm=norm)
                 info["update_clipped"] = 1
         if n == update.num_examples and delta is update.delta:
             return update, info
