@@ -29,7 +29,7 @@ from _grpc_support import (
 )
 from _models import DIGITS_CNN
 from fedtune.config import parse_config
-from fedtune.core.messages import ClientUpdate
+from fedtune.core.messages import ClientUpdate, HeldUpdate
 from fedtune.core.state import load_state
 from fedtune.errors import ConfigError, UpdateRejected
 from fedtune.run.session import initial_params, simulate
@@ -252,15 +252,15 @@ def _update(n: int = 6) -> ClientUpdate:
     return ClientUpdate("c", 1, 5, np.linspace(-1, 1, n, dtype=np.float32), "digest", {"train_loss": 0.5})
 
 
-def test_a_plaintext_update_is_refused_under_secagg_and_a_held_one_becomes_a_placeholder() -> None:
+def test_a_plaintext_update_is_refused_under_secagg_and_a_held_one_carries_no_delta() -> None:
     plain, _ = protocol.update_payload(_update(), task_id="t", session="s", codec=build_codec("none"), residual=None)
     with pytest.raises(UpdateRejected, match="must stay on the client"):
         protocol.held_update_from_payload(plain, client_id="c", numel=6, spec_digest="digest")
     held = protocol.held_update_payload(_update(), task_id="t", session="s")
     assert held.tensors == {}
     update = protocol.held_update_from_payload(held, client_id="c", numel=6, spec_digest="digest")
-    assert update.metrics == {"train_loss": 0.5, "secagg_held": 1.0} and update.num_examples == 5
-    assert update.delta.shape == (6,) and not update.delta.any() and update.delta.strides == (0,)
+    assert isinstance(update, HeldUpdate) and not hasattr(update, "delta")
+    assert update.metrics == {"train_loss": 0.5} and update.num_examples == 5 and update.round == 1
 
 
 def test_secagg_message_payload_round_trips_and_rejects_other_tensors() -> None:

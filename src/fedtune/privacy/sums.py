@@ -14,15 +14,16 @@ import torch
 
 from fedtune.aggregation.clip import clip_l2
 from fedtune.aggregation.fedavg import client_weight
-from fedtune.core.messages import ClientUpdate
+from fedtune.core.messages import ClientUpdate, HeldUpdate, Reply
 from fedtune.core.sums import LinearSum, SumPlan
+from fedtune.privacy.errors import PrivacyError
 
 # an update may come back a rounding error above C after a float32 round trip; beyond this it was not
 # clipped by the client and the server clips it (and counts it)
 RECLIP_TOLERANCE = 1e-5
 
 
-Summer = Callable[[Iterable[ClientUpdate], SumPlan], LinearSum]
+Summer = Callable[[Iterable[Reply], SumPlan], LinearSum]  # Reply: a ClientUpdate, or a HeldUpdate under SecAgg
 
 
 def channel_value(update: ClientUpdate, name: str) -> float:
@@ -35,12 +36,14 @@ def channel_value(update: ClientUpdate, name: str) -> float:
     return float(arr[0])
 
 
-def plain_sum(updates: Iterable[ClientUpdate], plan: SumPlan) -> LinearSum:
+def plain_sum(updates: Iterable[Reply], plan: SumPlan) -> LinearSum:
     """Fold the updates into one float64 accumulator; never mutates them."""
     acc = np.zeros(plan.numel, dtype=np.float64)
     weight, count, reclipped, rejected = 0.0, 0, 0, 0
     channels = dict.fromkeys(plan.channels, 0.0)
     for update in updates:
+        if isinstance(update, HeldUpdate):  # its client keeps it: only SecAgg can sum it
+            raise PrivacyError(f"client {update.client_id} keeps its update, but the sum is formed in the clear")
         try:
             values = {name: channel_value(update, name) for name in plan.channels}
         except ValueError:

@@ -22,7 +22,7 @@ from dataclasses import dataclass, replace
 
 from fedtune.aggregation.clip import clip_l2
 from fedtune.config.schema import Config
-from fedtune.core.messages import ClientUpdate
+from fedtune.core.messages import HeldUpdate, Reply
 from fedtune.core.params import all_finite, l2_norm
 from fedtune.core.state import ServerState
 
@@ -54,13 +54,16 @@ class Bounds:
             cap = max(1, math.floor(srv.adaptive_examples_multiple * float(state.extra[EXAMPLES_KEY])))
         return cls(cap, bound, measure=mode not in ("off", "auto"))
 
-    def apply(self, update: ClientUpdate) -> tuple[ClientUpdate, dict]:
-        """(the update as it is folded, what was changed: for the client's metrics line). Never mutates."""
+    def apply(self, update: Reply) -> tuple[Reply, dict]:
+        """(the update as it is folded, what was changed: for the client's metrics line). Never mutates. A
+        HeldUpdate has only its example count capped: its norm is bounded inside SecAgg (clip_range)."""
         info: dict = {}
         n = update.num_examples
         if self.max_examples is not None and n > self.max_examples:
             info["examples_capped_from"] = n
             n = self.max_examples
+        if isinstance(update, HeldUpdate):
+            return (update if n == update.num_examples else replace(update, num_examples=n)), info
         delta = update.delta
         if self.measure or self.norm_bound is not None:
             norm = l2_norm(delta)

@@ -18,14 +18,22 @@ from dataclasses import dataclass, field
 
 from fedtune.client.schedule import ROUNDS_OPTION
 from fedtune.config.schema import Config
-from fedtune.core.messages import ClientEval, ClientFailure, ClientUpdate, EvalInstruction, FitInstruction
+from fedtune.core.messages import (
+    ClientEval,
+    ClientFailure,
+    ClientUpdate,
+    EvalInstruction,
+    FitInstruction,
+    HeldUpdate,
+    Reply,
+)
 from fedtune.core.params import check_vector
 from fedtune.core.sampling import poisson_sample, sample_clients, sampling_rate
 from fedtune.core.state import ServerState
 from fedtune.core.strategy import Strategy
 from fedtune.core.sums import LinearSum
 from fedtune.errors import UpdateRejected
-from fedtune.privacy.errors import SecAggAbort
+from fedtune.privacy.errors import PrivacyError, SecAggAbort
 from fedtune.privacy.sums import Summer, plain_sum
 from fedtune.server.influence import Bounds, rejection, with_round_median
 from fedtune.tasks.base import EvalSums
@@ -64,7 +72,7 @@ class RoundReport:
         return sum(c["train_loss"] * c["num_examples"] for c in reported) / total
 
 
-def validate_update(update: ClientUpdate, state: ServerState, expected: set[str], seen: set[str]) -> None:
+def validate_update(update: Reply, state: ServerState, expected: set[str], seen: set[str]) -> None:
     """Raise UpdateRejected with the reason a reply cannot be aggregated."""
     if update.round != state.round + 1:
         raise UpdateRejected(f"update is for round {update.round}, the server is in round {state.round + 1}")
@@ -76,12 +84,13 @@ def validate_update(update: ClientUpdate, state: ServerState, expected: set[str]
         raise UpdateRejected(f"spec digest {update.spec_digest} does not match the server's {state.spec.digest}")
     if update.num_examples <= 0:
         raise UpdateRejected(f"client reports {update.num_examples} training examples")
-    check_vector(update.delta, state.spec, who=f"update from {update.client_id}")
+    if isinstance(update, ClientUpdate):  # a HeldUpdate has no vector: its client keeps it for SecAgg
+        check_vector(update.delta, state.spec, who=f"update from {update.client_id}")
 
 
 def _accepted(
-    replies: Iterator[ClientUpdate | ClientFailure], state: ServerState, report: RoundReport, bounds: Bounds
-) -> Iterator[ClientUpdate]:
+    replies: Iterator[Reply | ClientFailure], state: ServerState, report: RoundReport, bounds: Bounds
+) -> Iterator[Reply]:
     """Yield valid updates one at a time (for the strategy's streaming fold), recording the rest.
 
     Replies are validated as they arrive, but yielded in the order the clients were sampled: an update that
@@ -91,7 +100,7 @@ def _accepted(
     """
     expected, seen = set(report.sampled), set()
     order = iter(report.sampled)
-    waiting: dict[str, ClientUpdate] = {}
+    waiting: dict[str, Reply] = {}
     resolved: set[str] = set()
     head = next(order, None)
     for reply in replies:
@@ -118,7 +127,7 @@ def _accepted(
             yield _bounded(waiting.pop(cid), report, bounds)
 
 
-def _bounded(update: ClientUpdate, report: RoundReport, bounds: Bounds) -> ClientUpdate:
+def _bounded(update: Reply, report: RoundReport, bounds: Bounds) -> Reply:
     """The update with its influence bounded (server/influence.py), recorded in the report."""
     report.counts.append(update.num_examples)  # as declared: the adaptive cap's median
     update, info = bounds.apply(update)
@@ -193,19 +202,28 @@ def sample_round(config: Config, population: list[str], round_idx: int) -> list[
 
 
 def aggregate_round(
-    strategy: Strategy, state: ServerState, updates: Iterator[ClientUpdate], summer: Summer
+    strategy: Strategy, state: ServerState, updates: Iterator[Reply], summer: Summer
 ) -> tuple[ServerState, dict]:
     """The round's aggregation step, owned by the loop: a strategy without a sum plan folds the updates
     itself; for one with a plan the loop forms that sum (``summer``: in the clear or by SecAgg) and hands the
     strategy the result, or the reason it could not be formed."""
     plan = strategy.sum_plan(state)
     if plan is None:
-        return strategy.aggregate(state, updates)
+        return strategy.aggregate(state, in_the_clear(updates))
     try:
         total = summer(updates, plan)
     except SecAggAbort as err:
         total = LinearSum.abort(plan, str(err))
     return strategy.apply_sum(state, total)
+
+
+def in_the_clear(updates: Iterator[Reply]) -> Iterator[ClientUpdate]:
+    """The updates of a strategy that folds each one; a HeldUpdate here means SecAgg was started for a
+    strategy that reads individual updates (the config rules refuse that combination at load)."""
+    for update in updates:
+        if isinstance(update, HeldUpdate):
+            raise PrivacyError(f"client {update.client_id} keeps its update for SecAgg; the strategy folds each one")
+        yield update
 
 
 def _log_stop(state: ServerState, reason: str) -> None:

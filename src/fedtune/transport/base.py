@@ -10,7 +10,7 @@ from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from typing import Protocol
 
-from fedtune.core.messages import ClientEval, ClientFailure, ClientUpdate, EvalInstruction, FitInstruction
+from fedtune.core.messages import ClientEval, ClientFailure, EvalInstruction, FitInstruction, Reply
 
 
 @dataclass(frozen=True)
@@ -37,7 +37,10 @@ class Transport(Protocol):
         """The population the server may sample from, in a fixed order."""
         ...
 
-    def fit(self, instructions: Sequence[FitInstruction]) -> Iterator[ClientUpdate | ClientFailure]: ...
+    def fit(self, instructions: Sequence[FitInstruction]) -> Iterator[Reply | ClientFailure]:
+        """Replies as they complete: a ClientUpdate, a HeldUpdate (SecAgg over the network: the client keeps
+        its update), or a ClientFailure with the reason."""
+        ...
 
     def evaluate(self, instructions: Sequence[EvalInstruction]) -> Iterator[ClientEval | ClientFailure]: ...
 

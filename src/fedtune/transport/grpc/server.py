@@ -29,7 +29,7 @@ from pathlib import Path
 import grpc
 
 from fedtune.config.deployment import DeploymentConfig
-from fedtune.core.messages import ClientEval, ClientFailure, ClientUpdate, EvalInstruction, FitInstruction
+from fedtune.core.messages import ClientEval, ClientFailure, EvalInstruction, FitInstruction, Reply
 from fedtune.errors import ConfigError, FedtuneError
 from fedtune.transport.base import Capabilities
 from fedtune.transport.grpc import protocol, wire
@@ -159,7 +159,7 @@ class GrpcServerTransport:
             live = self.registry.wait_for(need, min(10.0, self.dep.quorum_timeout_s - waited))
         return self.registry.enrolled()
 
-    def fit(self, instructions: Sequence[FitInstruction]) -> Iterator[ClientUpdate | ClientFailure]:
+    def fit(self, instructions: Sequence[FitInstruction]) -> Iterator[Reply | ClientFailure]:
         shared = _SharedPrepare()
         tasks, inbox = [], queue.Queue()
         for instr in instructions:
