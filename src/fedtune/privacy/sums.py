@@ -10,10 +10,9 @@ from __future__ import annotations
 from collections.abc import Callable, Iterable
 
 import numpy as np
-import torch
 
 from fedtune.aggregation.clip import clip_l2
-from fedtune.aggregation.fedavg import client_weight
+from fedtune.aggregation.fedavg import WeightedSum, client_weight
 from fedtune.core.messages import ClientUpdate, HeldUpdate, Reply
 from fedtune.core.sums import LinearSum, SumPlan
 from fedtune.privacy.errors import PrivacyError
@@ -38,8 +37,8 @@ def channel_value(update: ClientUpdate, name: str) -> float:
 
 def plain_sum(updates: Iterable[Reply], plan: SumPlan) -> LinearSum:
     """Fold the updates into one float64 accumulator; never mutates them."""
-    acc = np.zeros(plan.numel, dtype=np.float64)
-    weight, count, reclipped, rejected = 0.0, 0, 0, 0
+    folded = WeightedSum(plan.numel, dtype=np.float64)
+    reclipped, rejected = 0, 0
     channels = dict.fromkeys(plan.channels, 0.0)
     for update in updates:
         if isinstance(update, HeldUpdate):  # its client keeps it: only SecAgg can sum it
@@ -53,13 +52,10 @@ def plain_sum(updates: Iterable[Reply], plan: SumPlan) -> LinearSum:
         if plan.l2_bound is not None:
             delta, norm = clip_l2(delta, plan.l2_bound)
             reclipped += int(norm > plan.l2_bound * (1 + RECLIP_TOLERANCE))
-        w = client_weight(update.num_examples, plan.weighting)
-        torch.from_numpy(acc).add_(torch.from_numpy(delta), alpha=w)
-        weight += w
-        count += 1
+        folded.add(delta, client_weight(update.num_examples, plan.weighting))
         for name, value in values.items():
             channels[name] += value
     metrics = {"dp_server_reclipped": reclipped} if plan.l2_bound is not None else {}
     if rejected:
         metrics["rejected_no_channel"] = rejected
-    return LinearSum(total=acc, weight=weight, count=count, channels=channels, metrics=metrics)
+    return LinearSum(folded.acc, folded.total_weight, folded.count, channels=channels, metrics=metrics)

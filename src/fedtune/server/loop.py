@@ -225,6 +225,7 @@ def in_the_clear(updates: Iterator[Reply]) -> Iterator[ClientUpdate]:
         if isinstance(update, HeldUpdate):
             raise PrivacyError(f"client {update.client_id} keeps its update for SecAgg; the strategy folds each one")
         yield update
+        del update  # not alive while the transport produces the next one
 
 
 def _log_stop(state: ServerState, reason: str) -> None:
