@@ -229,3 +229,30 @@ def test_an_aborted_distributed_dp_round_is_not_charged_and_the_next_is_charged_
     assert metrics["dp_charged"] == 1 and metrics["ddp_noise_shares"] == 4
     assert final.extra["dp"]["ledger"] == [distributed.entry(plan, 4)]
     assert metrics["epsilon"] == pytest.approx(accountant.epsilon([distributed.entry(plan, 4)], 1e-5), rel=1e-12)
+
+
+def test_a_participant_refuses_a_server_that_changes_what_its_noise_share_is_sized_by() -> None:
+    """Over gRPC a participant with its own --config sizes its Skellam share from clients_per_round and the
+    rounds (target_epsilon); a server announcing more clients would shrink every share, so it is refused."""
+    from fedtune.deploy.participant import ParticipantError, check_pinned
+
+    def cfg(**federation):
+        return parse_config(
+            {
+                "server": {"weighting": "uniform"},
+                "federation": {"rounds": 3, "clients_per_round": 5, **federation},
+                "privacy": {
+                    "dp": {"clip": 0.5, "target_epsilon": 4.0, "distributed": True},
+                    "secure_aggregation": True,
+                },
+            }
+        )
+
+    mine = cfg()
+    check_pinned(mine, cfg())
+    with pytest.raises(ParticipantError, match=r"federation\.clients_per_round=500"):
+        check_pinned(mine, cfg(clients_per_round=500))
+    with pytest.raises(ParticipantError, match=r"federation\.rounds=1"):
+        check_pinned(mine, cfg(rounds=1))
+    central = {"server": {"weighting": "uniform"}, "privacy": {"dp": {"noise_multiplier": 1.0}}}
+    check_pinned(parse_config(central), parse_config({**central, "federation": {"rounds": 9}}))  # central: not pinned
