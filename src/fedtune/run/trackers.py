@@ -73,7 +73,11 @@ class Guarded:
             if self.failed is None:
                 log.warning(
                     "tracker %s failed in %s and is switched off for the rest of the run (metrics.jsonl and "
-                    "checkpoints carry on): %s: %s", self.name, event, type(err).__name__, err
+                    "checkpoints carry on): %s: %s",
+                    self.name,
+                    event,
+                    type(err).__name__,
+                    err,
                 )
                 self.failed = err
 
