@@ -186,9 +186,19 @@ DP_ADAPTIVE = {
 }
 
 
-def test_dp_fedavg_with_adaptive_clipping_over_grpc_equals_the_simulation(tmp_path: Path, pki: Path) -> None:
+@pytest.mark.parametrize(
+    "secagg",
+    [False, pytest.param(True, marks=pytest.mark.slow)],  # with SecAgg the clipping bits are summed securely too
+    ids=["dp-adaptive", "dp-adaptive+secagg"],
+)
+def test_dp_fedavg_with_adaptive_clipping_over_grpc_equals_the_simulation(
+    secagg: bool, tmp_path: Path, pki: Path
+) -> None:
     port, rounds = free_port(), 3
-    cfg = federation(tmp_path, pki, port, rounds, model=DIGITS_CNN, **DP_ADAPTIVE)
+    privacy = DP_ADAPTIVE["privacy"]
+    if secagg:
+        privacy = {**privacy, "secure_aggregation": {"threshold": 0.6}}
+    cfg = federation(tmp_path, pki, port, rounds, model=DIGITS_CNN, server=DP_ADAPTIVE["server"], privacy=privacy)
     run_dir, _ = participate_over_grpc(cfg, tmp_path, pki, port)
     result, _ = participate_in_simulation(cfg, tmp_path)
     state = load_state(run_dir / rundir.CHECKPOINT)
