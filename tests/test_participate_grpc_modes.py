@@ -32,8 +32,8 @@ from fedtune.run.artifacts import global_extras
 
 pytestmark = pytest.mark.timeout(400)
 NAMES = ["client_000", "client_001"]
-SHIFT = {"client_000": 0.03, "client_001": -0.01}  # unequal: the exact modes' residual is not zero
-COUNT = {"client_000": 30, "client_001": 10}  # unequal: a misweighted fold fails the comparison
+SHIFT = {"client_000": 0.03, "client_001": -0.01, "client_002": 0.02}  # unequal: the exact modes' residual is not 0
+COUNT = {"client_000": 30, "client_001": 10, "client_002": 20}  # unequal: a misweighted fold fails the comparison
 TINY_LORA = {"name": "tiny-llama", "max_length": 16, "lora": {"r": 2, "alpha": 4}}
 
 
@@ -57,7 +57,7 @@ def own_loop(job: fedtune.Job, seen: dict) -> None:
     job.send(COUNT[job.client_id])
 
 
-def federation(tmp: Path, pki: Path, port: int, rounds: int, **sections: object) -> dict:
+def federation(tmp: Path, pki: Path, port: int, rounds: int, clients: int = 2, **sections: object) -> dict:
     # the server loads no data (the participants hold it); the section only has to suit the model
     data = {"source": "digits", "partition": {"kind": "iid", "num_clients": 2}}
     if sections["model"] != DIGITS_CNN:
@@ -65,15 +65,15 @@ def federation(tmp: Path, pki: Path, port: int, rounds: int, **sections: object)
     return {
         "seed": 7,
         "data": data,
-        "federation": {"rounds": rounds, "clients_per_round": 2},
+        "federation": {"rounds": rounds, "clients_per_round": clients},
         "eval": {"baseline": False},
         "run": {"out_dir": str(tmp / "runs"), "plot": False, "threads": 1},
-        "deployment": deployment_section(pki, port, min_clients=2),
+        "deployment": deployment_section(pki, port, min_clients=clients),
         **sections,
     }
 
 
-def served(cfg: dict, tmp: Path, pki: Path, port: int, participant: Callable[[str], None]) -> Path:
+def served(cfg: dict, tmp: Path, pki: Path, port: int, participant: Callable[[str], None], names=NAMES) -> Path:
     """Run ``fedtune server`` (in a thread) and one ``participant(name)`` thread per client; the run directory."""
     from fedtune.deploy.serve import run_server
 
@@ -94,7 +94,7 @@ def served(cfg: dict, tmp: Path, pki: Path, port: int, participant: Callable[[st
 
     server = threading.Thread(target=serve, daemon=True)
     server.start()
-    threads = [threading.Thread(target=join, args=(n,), daemon=True) for n in NAMES]
+    threads = [threading.Thread(target=join, args=(n,), daemon=True) for n in names]
     for t in threads:
         t.start()
     server.join(300)
@@ -110,7 +110,7 @@ def tls(pki: Path, name: str) -> dict:
     return {"ca": pki / "ca.pem", "cert": pki / "clients" / f"{name}.pem", "key": pki / "clients" / f"{name}.key"}
 
 
-def participate_over_grpc(cfg: dict, tmp: Path, pki: Path, port: int) -> tuple[Path, dict]:
+def participate_over_grpc(cfg: dict, tmp: Path, pki: Path, port: int, names=NAMES) -> tuple[Path, dict]:
     from fedtune.data.cache import default_cache_dir
     from fedtune.tasks.build import build_run_task
 
@@ -128,14 +128,14 @@ def participate_over_grpc(cfg: dict, tmp: Path, pki: Path, port: int) -> tuple[P
             own_loop(job, seen)
         assert run.result == 0
 
-    return served(cfg, tmp, pki, port, participant), seen
+    return served(cfg, tmp, pki, port, participant, names), seen
 
 
-def participate_in_simulation(cfg: dict, tmp: Path) -> tuple[fedtune.SimulationResult, dict]:
+def participate_in_simulation(cfg: dict, tmp: Path, names=NAMES) -> tuple[fedtune.SimulationResult, dict]:
     seen: dict = {}
     sim = {k: v for k, v in cfg.items() if k not in ("deployment", "data")}
     sim["run"] = {**cfg["run"], "out_dir": str(tmp / "sim")}
-    run = fedtune.participate(sim, clients=NAMES, quiet=True)
+    run = fedtune.participate(sim, clients=names, quiet=True)
     for job in run:
         own_loop(job, seen)
     return run.result, seen
@@ -195,12 +195,14 @@ def test_dp_fedavg_with_adaptive_clipping_over_grpc_equals_the_simulation(
     secagg: bool, tmp_path: Path, pki: Path
 ) -> None:
     port, rounds = free_port(), 3
-    privacy = DP_ADAPTIVE["privacy"]
-    if secagg:
-        privacy = {**privacy, "secure_aggregation": {"threshold": 0.6}}
-    cfg = federation(tmp_path, pki, port, rounds, model=DIGITS_CNN, server=DP_ADAPTIVE["server"], privacy=privacy)
-    run_dir, _ = participate_over_grpc(cfg, tmp_path, pki, port)
-    result, _ = participate_in_simulation(cfg, tmp_path)
+    privacy, names = DP_ADAPTIVE["privacy"], NAMES
+    if secagg:  # SecAgg needs at least 3 clients
+        privacy, names = {**privacy, "secure_aggregation": {"threshold": 0.6}}, [*NAMES, "client_002"]
+    cfg = federation(
+        tmp_path, pki, port, rounds, len(names), model=DIGITS_CNN, server=DP_ADAPTIVE["server"], privacy=privacy
+    )
+    run_dir, _ = participate_over_grpc(cfg, tmp_path, pki, port, names)
+    result, _ = participate_in_simulation(cfg, tmp_path, names)
     state = load_state(run_dir / rundir.CHECKPOINT)
     assert state.round == rounds
     assert_same(state.params, result.state.params)
