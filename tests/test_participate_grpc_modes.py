@@ -21,6 +21,7 @@ import torch
 from rich.console import Console
 
 import fedtune
+from _grpc_support import DP_ADAPTIVE_SECAGG as SECAGG_DP
 from _grpc_support import deployment_section, free_port, make_pki
 from _models import DIGITS_CNN
 from fedtune.client.hooks import base_weight
@@ -173,16 +174,9 @@ def test_exact_lora_modes_over_grpc_equal_the_simulation(mode: str, tmp_path: Pa
     assert torch.equal(seen_net[(2, NAMES[0])], seen_net[(2, NAMES[1])])  # both got the same global model
 
 
-DP_ADAPTIVE = {
-    "server": {"weighting": "uniform"},  # DP-FedAvg's sensitivity bound
-    "privacy": {
-        "dp": {
-            "clip": 0.5,
-            "noise_multiplier": 0.1,
-            "sampling": "fixed",
-            "adaptive": {"target_quantile": 0.5, "lr": 0.2, "count_noise": 1.0},
-        }
-    },
+DP_ADAPTIVE = {  # the DP-FedAvg of the SecAgg deployment test, with and without SecAgg
+    "server": SECAGG_DP["server"],
+    "privacy": {"dp": SECAGG_DP["privacy"]["dp"]},
 }
 
 
