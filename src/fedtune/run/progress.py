@@ -6,9 +6,11 @@ Where step-level progress is shown:
   fed by the worker's ``on_step`` through ``StepRelay``;
 - Ray actors and gRPC participants train in other processes: the server's bar shows, as each reply arrives,
   that client's summary from the reply's metrics (steps, examples/s: ``fit_summary``), and every client
-  record in metrics.jsonl (hence the trackers and the dashboard) holds ``steps`` and ``examples_per_s``;
-- a gRPC participant (``fedtune client`` on a terminal) shows its own live bar of local steps (``StepBar``)
-  and prints one line per round with steps, examples/s and loss.
+  record in metrics.jsonl (hence in the trackers) holds ``steps`` and ``examples_per_s``;
+- a gRPC participant (``fedtune client`` on a terminal, one process) shows its own live bar of local steps
+  (``StepBar``) and prints one line per round with steps, examples/s and loss.
+Not shown: a live step count of a client training in another process, on the server's side (neither the Ray
+pool nor the gRPC protocol streams progress during a fit; the reply's summary comes when it ends).
 """
 
 from __future__ import annotations
