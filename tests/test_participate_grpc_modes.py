@@ -35,6 +35,7 @@ pytestmark = pytest.mark.timeout(400)
 NAMES = ["client_000", "client_001"]
 SHIFT = {"client_000": 0.03, "client_001": -0.01, "client_002": 0.02}  # unequal: the exact modes' residual is not 0
 COUNT = {"client_000": 30, "client_001": 10, "client_002": 20}  # unequal: a misweighted fold fails the comparison
+TRAINING = threading.Lock()
 TINY_LORA = {"name": "tiny-llama", "max_length": 16, "lora": {"r": 2, "alpha": 4}}
 
 
@@ -229,6 +230,15 @@ def trainer_for(name: str, tmp: Path, model, tokenizer):
     import datasets
     from transformers import Trainer, TrainingArguments, default_data_collator
 
+    class OneAtATime(Trainer):
+        """Trainers in one process share accelerate's global state (AcceleratorState, GradientState): two
+        training at once in threads corrupt each other's steps. Deployed participants are separate processes;
+        here the two participants' threads take turns to train."""
+
+        def train(self, *args, **kwargs):
+            with TRAINING:
+                return super().train(*args, **kwargs)
+
     text = {"client_000": "the cat sat on the mat", "client_001": "a dog ran in the park"}[name]
     ids = tokenizer(text)["input_ids"][:12]
     ids += [tokenizer.eos_token_id] * (12 - len(ids))
@@ -238,7 +248,7 @@ def trainer_for(name: str, tmp: Path, model, tokenizer):
         output_dir=str(tmp / f"trainer-{name}"), max_steps=2, per_device_train_batch_size=2, learning_rate=0.05,
         use_cpu=True, report_to=[], save_strategy="no", disable_tqdm=True,
     )  # fmt: skip
-    return Trainer(model=model, args=args, train_dataset=data, data_collator=default_data_collator)
+    return OneAtATime(model=model, args=args, train_dataset=data, data_collator=default_data_collator)
 
 
 @pytest.mark.slow  # two Trainers per round on a tiny Llama, twice (networked, then simulated)

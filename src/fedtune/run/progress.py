@@ -4,13 +4,15 @@ steps) and one table row per round (rich).
 Where step-level progress is shown:
 - in-process simulation: a live bar of the current client's local steps (steps done of total, examples/s),
   fed by the worker's ``on_step`` through ``StepRelay``;
+- Ray actors: the same bars, one per client in training, from the actors' step reports (``RayTransport``'s
+  ``steps``, a Ray queue read while the driver waits for replies);
 - Ray actors and gRPC participants train in other processes: the server's bar shows, as each reply arrives,
   that client's summary from the reply's metrics (steps, examples/s: ``fit_summary``), and every client
   record in metrics.jsonl (hence in the trackers) holds ``steps`` and ``examples_per_s``;
 - a gRPC participant (``fedtune client`` on a terminal, one process) shows its own live bar of local steps
   (``StepBar``) and prints one line per round with steps, examples/s and loss.
-Not shown: a live step count of a client training in another process, on the server's side (neither the Ray
-pool nor the gRPC protocol streams progress during a fit; the reply's summary comes when it ends).
+Not shown: a live step count of a gRPC participant on the server's side (the protocol carries no progress
+during a fit; the reply's summary comes when it ends).
 """
 
 from __future__ import annotations
@@ -175,15 +177,18 @@ class ProgressTransport:
         with Progress(*columns, console=self.console, transient=True) as bar:
             tid = bar.add_task(label, total=total, info=self._eta_text(0, total))
             done = [0]
-            step_row: dict[str, TaskID] = {}  # one row, reset for each client
+            step_row: dict[str, TaskID] = {}  # a row per client in training (Ray: several at once)
+            finished: set[str] = set()  # rows at their last step: removed when the next client starts
 
             def on_step(report: StepProgress) -> None:
                 text = f"  client {report.client_id}"
                 if report.client_id not in step_row:
-                    for old in step_row.values():
-                        bar.remove_task(old)
-                    step_row.clear()
+                    for cid in finished:
+                        bar.remove_task(step_row.pop(cid))
+                    finished.clear()
                     step_row[report.client_id] = bar.add_task(text, total=report.total_steps, info="")
+                if report.step >= report.total_steps:
+                    finished.add(report.client_id)
                 rate = report.examples / report.seconds if report.seconds > 0 else 0.0
                 bar.update(step_row[report.client_id], completed=report.step, info=f"{rate:.1f} examples/s")
                 bar.update(tid, info=self._eta_text(done[0] + report.step / report.total_steps, total))
