@@ -281,3 +281,34 @@ def test_federate_a_trainer_over_grpc_equals_the_simulation(tmp_path: Path, pki:
     assert not np.allclose(state.params, initial, atol=1e-4)  # the trainers did train
     train_losses = [r["train_loss"] for r in rundir.MetricsLog(run_dir).rounds() if r["round"] > 0]
     assert len(train_losses) == rounds and all(np.isfinite(train_losses))
+
+
+@pytest.mark.slow  # as above
+def test_federate_a_trainer_over_grpc_in_the_exact_fedex_mode(tmp_path: Path, pki: Path) -> None:
+    """The server's fedex applies to Trainers too: the residual lands in the trainer's peft model. Oracle: the
+    same Trainer rounds as a plain ``participate`` loop in simulation (fedtune's own LoRA model of the config)."""
+    port, rounds = free_port(), 2
+    model = {**TINY_LORA, "lora": {"r": 2, "alpha": 4, "target_modules": ["q_proj", "v_proj"]}}
+    cfg = federation(tmp_path, pki, port, rounds, model=model, server={"lora_aggregation": "fedex"})
+    own = {name: trainer_for(name, tmp_path, *peft_model()) for name in NAMES}
+
+    def participant(name: str) -> None:
+        assert fedtune.federate(own[name], server=f"127.0.0.1:{port}", reconnect_timeout_s=120, quiet=True,
+                                **tls(pki, name)) == 0  # fmt: skip
+
+    state = load_state(served(cfg, tmp_path, pki, port, participant) / rundir.CHECKPOINT)
+    _, tokenizer = peft_model()
+    sim = {k: v for k, v in cfg.items() if k not in ("deployment", "data")}
+    sim["run"] = {**cfg["run"], "out_dir": str(tmp_path / "sim")}
+    run = fedtune.participate(sim, clients=NAMES, quiet=True)
+    for job in run:  # a fresh Trainer each round, as federate's fresh optimizer and schedule
+        trainer = trainer_for(job.client_id, tmp_path, job.model, tokenizer)
+        trainer.train()
+        job.send(len(trainer.train_dataset))
+    result = run.result
+    assert state.round == rounds and state.spec.digest == result.state.spec.digest
+    assert_same(state.params, result.state.params)
+    net_extras, sim_extras = global_extras(parse_config(cfg), state), global_extras(result.config, result.state)
+    assert sorted(net_extras) == sorted(sim_extras) and net_extras
+    for key in sim_extras:
+        assert_same(net_extras[key], sim_extras[key])
