@@ -4,7 +4,8 @@ Typer's own parser (a vendored click, without click's ``is_flag=False, flag_valu
 argument as an option's value. ``OptionalValueCommand`` gives ``--dashboard`` its default port when what
 follows is not a port number (nothing, another option, or CONFIG), before the parser sees the arguments, so
 ``--dashboard``, ``--dashboard 8800`` and ``--dashboard=8800`` all work. ``--dashboard-port N`` (the older
-spelling) stays as an alias of ``--dashboard N``.
+spelling) stays as an alias of ``--dashboard N``. (A CONFIG file named only by digits would read as a port
+after ``--dashboard``: put it first, or write ``--dashboard=PORT``.)
 """
 
 from __future__ import annotations
