@@ -214,6 +214,10 @@ def worker_factory(
 
             console.print(f"local training runs data-parallel on {nproc} processes")
             return DistributedClientWorker(worker, functools.partial(build_participant_worker, *args), nproc)  # type: ignore[return-value]
+        if console.is_terminal:  # a live bar of the local steps; in a log, the line per round says it
+            from fedtune.run.progress import StepBar
+
+            worker.on_step = StepBar(console)
         return worker
 
     return make
