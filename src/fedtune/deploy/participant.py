@@ -170,6 +170,7 @@ def build_participant_worker(
         {client_id: (split.train, split.test)},
         hook_factories=ext.hook_factories,
         update_transforms=ext.update_transforms,
+        personal=ext.personal,  # its state: this participant's own store (above)
     )
     if not worker.examples(client_id, train=True):
         raise DataError(f"--data {data}: no training examples after encoding (model.max_length too large?)")

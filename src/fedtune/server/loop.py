@@ -33,6 +33,8 @@ class RoundReport:
     aggregate: dict = field(default_factory=dict)
     eval_clients: dict[str, EvalSums] = field(default_factory=dict)
     eval_pooled: EvalSums | None = None
+    # personalisation: per variant ("personal", "finetuned"), each evaluated client's sums on the same data
+    eval_personal: dict[str, dict[str, EvalSums]] = field(default_factory=dict)
     seconds: float = 0.0
 
     @property
@@ -110,6 +112,15 @@ def evaluate_global(
     config: Config, strategy: Strategy, transport: Transport, state: ServerState, clients: list[str]
 ) -> tuple[dict[str, EvalSums], EvalSums, list[ClientFailure]]:
     """Evaluate the global model of ``state``: its vector and what the strategy adds (LoRA residuals)."""
+    per_client, pooled, _, failures = evaluate_models(config, strategy, transport, state, clients)
+    return per_client, pooled, failures
+
+
+def evaluate_models(
+    config: Config, strategy: Strategy, transport: Transport, state: ServerState, clients: list[str]
+) -> tuple[dict[str, EvalSums], EvalSums, dict[str, dict[str, EvalSums]], list[ClientFailure]]:
+    """``evaluate_global``, plus what clients report for their own models on the same held-out data
+    (personalisation: {variant: {client: sums}})."""
     extras = strategy.eval_payload(state)  # one dict shared by every instruction (transports send it once)
     instructions = [
         EvalInstruction(
@@ -124,14 +135,17 @@ def evaluate_global(
         for cid in clients
     ]
     per_client: dict[str, EvalSums] = {}
+    personal: dict[str, dict[str, EvalSums]] = {}
     failures: list[ClientFailure] = []
     for reply in transport.evaluate(instructions):
         if isinstance(reply, ClientEval):
             per_client[reply.client_id] = reply.sums
+            for variant, sums in reply.personal.items():
+                personal.setdefault(variant, {})[reply.client_id] = sums
         else:
             failures.append(reply)
     pooled = sum(per_client.values(), EvalSums())
-    return per_client, pooled, failures
+    return per_client, pooled, personal, failures
 
 
 def sample_round(config: Config, population: list[str], round_idx: int) -> list[str]:
@@ -189,10 +203,10 @@ def run_round(
     report = RoundReport(round=round_idx, sampled=sampled)
     new_state, report.aggregate = strategy.aggregate(state, _accepted(transport.fit(instructions), state, report))
     if round_idx % config.eval.every == 0 or round_idx == config.federation.rounds:
-        per_client, pooled, failures = evaluate_global(
+        per_client, pooled, personal, failures = evaluate_models(
             config, strategy, transport, new_state, eval_clients(config, population)
         )
-        report.eval_clients, report.eval_pooled = per_client, pooled
+        report.eval_clients, report.eval_pooled, report.eval_personal = per_client, pooled, personal
         report.failures += failures
     report.seconds = time.perf_counter() - started
     return new_state, report
