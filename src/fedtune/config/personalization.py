@@ -33,6 +33,7 @@ if TYPE_CHECKING:
     from fedtune.config.schema import Config
 
 # lora_aggregation modes each method can run with: the exact modes need every client's A and B
+DITTO_LAMBDA = 0.1
 COMPATIBLE_LORA_MODES = {"fedsa": ("naive",), "fedper": ("naive", "ffa"), "ditto": ("naive", "ffa")}
 
 
@@ -42,7 +43,7 @@ class PersonalizationConfig(Section):
     # globs ("*classifier*") or "re:<regex>" (re.search), over the names ParamSpec shows, e.g.
     # "base_model.model.classifier.modules_to_save.weight"
     local_params: list[str] = Field(default_factory=list)
-    ditto_lambda: Annotated[float, Field(ge=0)] = 0.1  # ditto: the pull of the personal model toward w
+    ditto_lambda: Annotated[float, Field(ge=0)] = DITTO_LAMBDA  # ditto: the pull of the personal model toward w
     # ditto: local steps of the personal model per round (default: the client section's local_steps/epochs)
     ditto_steps: PositiveInt | None = None
     finetune_steps: Annotated[int, Field(ge=0)] = 0  # after the last round: local fine-tuning steps per client
@@ -53,8 +54,9 @@ class PersonalizationConfig(Section):
             raise ValueError("personalization.method 'fedper' needs personalization.local_params (names kept local)")
         if self.local_params and self.method not in ("fedper", "fedsa"):
             raise ValueError("personalization.local_params only applies to method 'fedper' or 'fedsa'")
-        for key in ("ditto_lambda", "ditto_steps"):
-            if key in self.model_fields_set and self.method != "ditto":
+        # (compared with the defaults, not "was it given": a saved run config spells out every default)
+        for key, default in (("ditto_lambda", DITTO_LAMBDA), ("ditto_steps", None)):
+            if getattr(self, key) != default and self.method != "ditto":
                 raise ValueError(f"personalization.{key} only applies to method 'ditto'")
         return self
 
