@@ -1,6 +1,6 @@
 """Personalisation on label-skewed AG News: per-client held-out accuracy of personalised models vs the global one.
 
-MiniLM (all-minilm-l6-v2, LoRA r=4 on query/value of the top 2 layers, the classifier head trained) on
+MiniLM (all-minilm-l6-v2, LoRA r=4 on query/value of the top layer, the classifier head trained) on
 ``../shared/data/agnews_subset`` (4 classes), split over clients by Dirichlet(alpha) label skew; each client's
 held-out set is a share of its own records, so it has the client's own label mix. Every client is
 sampled every round. Each method runs once per seed; the table gives the mean over seeds of the final round's
@@ -14,6 +14,7 @@ held-out examples:
     ditto   Ditto (lambda 0.1): personalised
 
     PYTHONPATH=src HF_HUB_OFFLINE=1 nice -n 10 python benchmarks/personalization.py --seeds 0 1 [--write]
+    # or one process per seed (--out), then: --table-from seed0.jsonl seed1.jsonl --write
 
 Needs ../shared (not part of the default tests).
 """
@@ -38,7 +39,7 @@ from _common import ROOT, write_section
 DATA = ROOT.parent.parent / "shared" / "data" / "agnews_subset"
 CLASSES = ["world", "sports", "business", "tech"]
 METHODS = {
-    "naive": {"server": {"lora_aggregation": "naive"}, "personalization": {"finetune_steps": 8}},
+    "naive": {"server": {"lora_aggregation": "naive"}, "personalization": {"finetune_steps": 6}},
     "ffa": {"server": {"lora_aggregation": "ffa"}},
     "fedsa": {"personalization": {"method": "fedsa"}},
     "fedper": {"personalization": {"method": "fedper", "local_params": ["*classifier*"]}},
@@ -72,8 +73,8 @@ def config(data: Path, out: Path, method: str, seed: int, args: argparse.Namespa
         "model": {
             "kind": "classification",
             "name": "all-minilm-l6-v2",
-            "max_length": 32,
-            "lora": {"r": 4, "alpha": 8, "target_modules": ["query", "value"], "top_layers": 2},
+            "max_length": 24,
+            "lora": {"r": 4, "alpha": 8, "target_modules": ["query", "value"], "top_layers": 1},
         },
         "data": {
             "source": "classification",
@@ -86,7 +87,7 @@ def config(data: Path, out: Path, method: str, seed: int, args: argparse.Namespa
         "server": spec.get("server", {}),
         "eval": {"baseline": False, "every": args.rounds, "max_examples_per_client": args.eval_examples},
         "personalization": spec.get("personalization", {}),
-        "run": {"out_dir": str(out), "plot": False, "threads": 2},
+        "run": {"out_dir": str(out), "plot": False, "threads": 1},
     }
 
 
@@ -101,12 +102,23 @@ def main() -> None:
     parser.add_argument("--methods", nargs="+", default=list(METHODS))
     parser.add_argument("--alpha", type=float, default=0.3)
     parser.add_argument("--clients", type=int, default=4)
-    parser.add_argument("--rounds", type=int, default=4)
-    parser.add_argument("--steps", type=int, default=4)
-    parser.add_argument("--rows", type=int, default=600)
-    parser.add_argument("--eval-examples", type=int, default=30, help="held-out examples per client")
+    parser.add_argument("--rounds", type=int, default=3)
+    parser.add_argument("--steps", type=int, default=3)
+    parser.add_argument("--rows", type=int, default=400)
+    parser.add_argument("--eval-examples", type=int, default=20, help="held-out examples per client")
     parser.add_argument("--write", action="store_true", help="replace the section in docs/BENCHMARKS.md")
+    parser.add_argument("--out", type=Path, help="append each run's final round (a JSON line) to this file")
+    parser.add_argument("--table-from", type=Path, nargs="+", help="only render (and --write) the table of saved runs")
     args = parser.parse_args()
+    if args.table_from:
+        results: dict[str, list[dict]] = {}
+        for path in args.table_from:
+            for line in path.read_text().splitlines():
+                rec = json.loads(line)
+                results.setdefault(rec["method"], []).append(rec)
+        args.seeds = sorted({r["seed"] for recs in results.values() for r in recs})
+        publish(results, args)
+        return
 
     from fedtune.config.load import parse_config
     from fedtune.run.session import simulate
@@ -120,9 +132,16 @@ def main() -> None:
                 cfg = parse_config(config(data, Path(tmp) / "runs", method, seed, args))
                 run = simulate(cfg, console=Console(file=io.StringIO()), show_progress=False)
                 rec = final_round(run.run_dir)
-                rec["wall_s"] = time.perf_counter() - started
+                rec = {"method": method, "seed": seed, **rec, "wall_s": time.perf_counter() - started}
                 results[method].append(rec)
-                print(json.dumps({"method": method, "seed": seed, **rec}), flush=True)
+                print(json.dumps(rec), flush=True)
+                if args.out is not None:
+                    with args.out.open("a") as fh:
+                        fh.write(json.dumps(rec) + "\n")
+    publish(results, args)
+
+
+def publish(results: dict[str, list[dict]], args: argparse.Namespace) -> None:
     table = render(results, args)
     print(table)
     if args.write:
@@ -161,9 +180,9 @@ def render(results: dict[str, list[dict]], args: argparse.Namespace) -> str:
         f"--steps {args.steps} --rows {args.rows} --eval-examples {args.eval_examples} --write"
     )
     setup = (
-        f"MiniLM + LoRA r=4 (query/value, top 2 layers) + classifier head; AG News first {args.rows} training rows, "
+        f"MiniLM + LoRA r=4 (query/value, top layer) + classifier head; AG News first {args.rows} training rows, "
         f"Dirichlet alpha {args.alpha} label skew over {args.clients} clients (30% of each client's records held out), "
-        f"all clients every round, {args.rounds} rounds x {args.steps} local steps of 8 (max 32 tokens), "
+        f"all clients every round, {args.rounds} rounds x {args.steps} local steps of 8 (max 24 tokens), "
         f"at most {args.eval_examples} held-out examples per client; {len(args.seeds)} seed(s), "
         "mean ± standard deviation over seeds of the final round's mean over clients of each client's accuracy. "
         "Global and personalised columns are measured on the same held-out examples in the same run. FedSA's and "

@@ -281,3 +281,48 @@ def test_client_eval_personal_sums_cross_the_grpc_wire() -> None:
     payload.scalars["personal"] = {PERSONAL: {"loss_sum": 1.0, "count": 5, "correct": 6, "examples": 5}}
     with pytest.raises(UpdateRejected, match="inconsistent"):
         eval_from_result(payload, client_id="c0")
+
+
+REFUSED = {
+    "unknown key": ({"personalization": {"method": "fedsa", "lamda": 1}}, "lamda"),
+    "unknown method": ({"personalization": {"method": "pfedme"}}, "method"),
+    "fedper without names": ({"personalization": {"method": "fedper"}}, "local_params"),
+    "names without fedper/fedsa": ({"personalization": {"method": "ditto", "local_params": ["x"]}}, "local_params"),
+    "lambda without ditto": ({"personalization": {"method": "fedsa", "ditto_lambda": 1.0}}, "ditto_lambda"),
+    "fedsa without lora": ({"personalization": {"method": "fedsa"}, "model": {"lora": None}}, "model.lora"),
+    "fedsa with ffa": ({"personalization": {"method": "fedsa"}, "server": {"lora_aggregation": "ffa"}}, "ffa"),
+    "ditto with fedex": ({"personalization": {"method": "ditto"}, "server": {"lora_aggregation": "fedex"}}, "fedex"),
+    "dp-sgd": (
+        {"personalization": {"method": "ditto"}, "privacy": {"dpsgd": {"noise_multiplier": 1.0, "max_grad_norm": 1.0}}},
+        "dpsgd",
+    ),
+    "hf trainer": ({"personalization": {"finetune_steps": 2}, "client": {"trainer": "hf"}}, "builtin"),
+    "stragglers": (
+        {"personalization": {"method": "fedsa"}, "client": {"local_steps": 3, "straggler_fraction": 0.5}},
+        "straggler",
+    ),
+}
+
+
+@pytest.mark.parametrize("case", list(REFUSED))
+def test_config_refuses_what_personalisation_cannot_honour(case: str) -> None:
+    from fedtune.config import parse_config
+    from fedtune.errors import ConfigError
+
+    sections, key = REFUSED[case]
+    with pytest.raises(ConfigError, match=key):
+        parse_config(sections)
+
+
+def test_config_accepts_privacy_that_sees_only_the_shared_part() -> None:
+    """SecAgg sums, and DP-FedAvg clips and noises, the shared update only: local parts never leave."""
+    from fedtune.config import parse_config
+
+    cfg = parse_config(
+        {
+            "personalization": {"method": "fedsa"},
+            "server": {"weighting": "uniform"},
+            "privacy": {"dp": {"noise_multiplier": 1.0, "clip": 1.0}, "secure_aggregation": {}},
+        }
+    )
+    assert cfg.personalization.method == "fedsa"

@@ -172,3 +172,16 @@ def test_export_and_generate_use_a_clients_personalised_adapter(fedsa_run: Path,
 
 def saved_b(run_dir: Path, client: str) -> dict[str, np.ndarray]:
     return open_state_store(f"disk:{run_dir / 'client_state'}").load(client, NS_LOCAL, round=LATEST).arrays
+
+
+def test_fedper_under_dp_fedavg_and_secure_aggregation(tmp_path: Path) -> None:
+    """The shared part is clipped, masked and noised as usual; the local head never leaves and still trains."""
+    cfg = digits_config(tmp_path, rounds=2, personalization={"method": "fedper", "local_params": ["head.4.*"]})
+    data = cfg.model_dump(mode="json")
+    data["server"]["weighting"] = "uniform"
+    data["privacy"] = {"dp": {"noise_multiplier": 0.5, "clip": 1.0}, "secure_aggregation": {}}
+    result = run(parse_config(data))
+    last = records(result.run_dir, "round", last=2)[-1]
+    assert last["clients_ok"] >= 1 and last["clients_failed"] == 0 and "eval_personal_accuracy" in last
+    heads = saved(result.run_dir, NS_LOCAL)
+    assert heads and all(set(h) == {"head.4.weight", "head.4.bias"} for h in heads.values())
