@@ -155,22 +155,23 @@ def _mean(values: list[float]) -> str:
     return f"{statistics.mean(values):.3f}{spread}"
 
 
-COLUMNS = (
-    "eval_client_mean_accuracy",
-    "eval_personal_client_mean_accuracy",
-    "eval_finetuned_client_mean_accuracy",
-    "eval_accuracy",
-)
+COLUMNS = {  # header -> round-record key; client mean: the mean over clients of each client's own accuracy
+    "global, client mean": "eval_client_mean_accuracy",
+    "personalised, client mean": "eval_personal_client_mean_accuracy",
+    "fine-tuned after federation, client mean": "eval_finetuned_client_mean_accuracy",
+    "global, pooled": "eval_accuracy",
+    "personalised, pooled": "eval_personal_accuracy",
+    "fine-tuned, pooled": "eval_finetuned_accuracy",
+}
 
 
 def render(results: dict[str, list[dict]], args: argparse.Namespace) -> str:
     rows = [
-        "| method | global model, client-mean acc | personalised, client-mean acc | fine-tuned after federation | "
-        "pooled global acc | bytes up / round | s / run |",
-        "| --- | --- | --- | --- | --- | --- | --- |",
+        "| method | " + " | ".join(COLUMNS) + " | bytes up / round | s / run |",
+        "| --- " * (len(COLUMNS) + 3) + "|",
     ]
     for method, recs in results.items():
-        cells = [_mean([r[k] for r in recs if k in r]) for k in COLUMNS]
+        cells = [_mean([r[k] for r in recs if k in r]) for k in COLUMNS.values()]
         bytes_up = statistics.mean(r["bytes_up"] for r in recs)
         wall = statistics.mean(r["wall_s"] for r in recs)
         rows.append(f"| {method} | {' | '.join(cells)} | {bytes_up:,.0f} | {wall:.0f} |")
