@@ -185,3 +185,18 @@ def test_fedper_under_dp_fedavg_and_secure_aggregation(tmp_path: Path) -> None:
     assert last["clients_ok"] >= 1 and last["clients_failed"] == 0 and "eval_personal_accuracy" in last
     heads = saved(result.run_dir, NS_LOCAL)
     assert heads and all(set(h) == {"head.4.weight", "head.4.bias"} for h in heads.values())
+
+
+@pytest.mark.slow  # starts a private Ray
+def test_ray_backend_equals_inprocess_with_state_in_ray(tmp_path: Path) -> None:
+    """Clients served by any of two Ray actors: their heads live in Ray's object store (client_state 'ray')."""
+    spec = PERSONALIZATION["fedper"]
+    inprocess = run(digits_config(tmp_path / "inproc", rounds=3, personalization=spec)).run_dir
+    cfg = digits_config(tmp_path / "ray", rounds=3, personalization=spec)
+    data = cfg.model_dump(mode="json")
+    data["simulation"] = {"backend": "ray", "num_workers": 2, "num_cpus": 2, "client_state": "ray"}
+    on_ray = run(parse_config(data)).run_dir
+    np.testing.assert_array_equal(
+        load_state(on_ray / "checkpoint.safetensors").params, load_state(inprocess / "checkpoint.safetensors").params
+    )
+    assert records(on_ray, "eval_client", last=3) == records(inprocess, "eval_client", last=3)
