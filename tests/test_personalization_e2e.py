@@ -140,7 +140,7 @@ def test_export_and_generate_use_a_clients_personalised_adapter(fedsa_run: Path,
     result = runner.invoke(app, ["export", str(fedsa_run), str(tmp_path / "out"), "--client", client])
     assert result.exit_code == 0, result.output
     # oracle: the client's own B, as its state store holds it, on the global A of the checkpoint
-    task, _ = personal_task(fedsa_run, client)
+    task = personal_task(fedsa_run, client)
     stored = saved_b(fedsa_run, client)
     for name, param in local_parameters(task.module).items():
         np.testing.assert_array_equal(param.detach().numpy(), stored[name])

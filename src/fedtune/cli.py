@@ -180,7 +180,7 @@ def generate(
         if client is not None:  # that client's personalised model
             from fedtune.run.personal_export import personal_task
 
-            task, _ = personal_task(run_dir, client, finetuned=finetuned, state=client_state)
+            task = personal_task(run_dir, client, finetuned=finetuned, state=client_state)
         else:
             task, _ = load_trained_task(run_dir)
         if chat is None:

@@ -11,6 +11,7 @@ flora), a residual per adapted layer in ``extras``. Fit and evaluation load both
 
 from __future__ import annotations
 
+import functools
 import time
 from collections.abc import Callable, Mapping, Sequence
 from typing import Any
@@ -135,7 +136,7 @@ class ClientWorker:
             result, params, extra = self.train(instr, cfg, hooks), self.view.read(), {}
         else:  # the client's own parameters around the global update (saved in its state store)
             examples = self.examples(instr.client_id, train=True)
-            trainer = lambda: self.train(instr, cfg, hooks)  # noqa: E731
+            trainer = functools.partial(self.train, instr, cfg, hooks)
             result, params, extra = self.personal.fit(self.task, self.view, instr, cfg, trainer, examples)
         update = self.reply(instr, result, params, {"fit_seconds": time.perf_counter() - started, **extra})
         for transform in self.update_transforms:

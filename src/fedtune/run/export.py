@@ -60,7 +60,7 @@ def export_run(
         from fedtune.run.personal_export import personal_task
         from fedtune.run.rundir import CHECKPOINT
 
-        task, _ = personal_task(run_dir, client, finetuned=finetuned, state=client_state)
+        task = personal_task(run_dir, client, finetuned=finetuned, state=client_state)
         state = load_state(Path(run_dir) / CHECKPOINT)
     elif finetuned or client_state is not None:
         raise ModelError("--finetuned and --client-state need --client (whose model to export)")

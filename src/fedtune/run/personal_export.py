@@ -43,10 +43,8 @@ def run_state_address(run_dir: Path) -> str:
     return address
 
 
-def personal_task(
-    run_dir: Path, client_id: str, *, finetuned: bool = False, state: str | None = None
-) -> tuple[Task, dict[str, str]]:
-    """The run's model as ``client_id`` holds it; returns (task, what was loaded: namespace -> round)."""
+def personal_task(run_dir: Path, client_id: str, *, finetuned: bool = False, state: str | None = None) -> Task:
+    """The run's model as ``client_id`` holds it (``state``: the store address, default the run's)."""
     from fedtune.run.artifacts import load_trained_task
     from fedtune.run.rundir import load_run_config
 
@@ -67,7 +65,7 @@ def personal_task(
             "(it never trained, or was never evaluated after the last round)"
         )
     _apply(task, saved, namespace)
-    return task, {namespace: client_id}
+    return task
 
 
 def _apply(task: Task, saved: ClientState, namespace: str) -> None:
