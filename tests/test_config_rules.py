@@ -118,6 +118,11 @@ CASES: dict[str, tuple[dict, str, dict]] = {
         "data.source 'instruct' is not supported",
         {"data": {"source": "instruct", "path": "x.jsonl"}},
     ),
+    "personalization": (
+        {"personalization": {"method": "fedsa"}, "privacy": {"dpsgd": True}},
+        "local DP-SGD and personalisation cannot be combined",
+        {"personalization": {"method": "fedsa"}},
+    ),
     "dpsgd_fedprox": (
         {"privacy": {"dpsgd": True}, "server": {"proximal_mu": 0.1}},
         "proximal term",

@@ -13,6 +13,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
+from fedtune.config.personalization import check_personalization_rules
 from fedtune.config.privacy import check_distributed_dp, check_dpsgd_data_parallel, check_secagg_availability
 from fedtune.errors import ConfigError
 
@@ -215,6 +216,14 @@ def _secagg_availability(c: Config) -> str | None:
     return None
 
 
+def _personalization(c: Config) -> str | None:
+    try:
+        check_personalization_rules(c)
+    except ValueError as err:
+        return str(err)
+    return None
+
+
 RULES: dict[str, Rule] = {
     "classification_source": Rule(("model.kind", "data.source"), _classification_source),
     "causal_lm_source": Rule(("model.kind", "data.source"), _causal_lm_source),
@@ -241,6 +250,9 @@ RULES: dict[str, Rule] = {
     "dpsgd_sample_rate": Rule(("privacy.dpsgd.sample_rate", "client.full_batch"), _dpsgd_sample_rate),
     "dpsgd_instruct": Rule(("privacy.dpsgd", "model.kind", "data.source"), _dpsgd_instruct),
     "dpsgd_fedprox": Rule(("privacy.dpsgd", "server.proximal_mu"), _dpsgd_fedprox),
+    "personalization": Rule(
+        ("personalization", "model.lora", "server.lora_aggregation", "privacy.dpsgd", "client.*"), _personalization
+    ),
 }
 
 

@@ -13,6 +13,7 @@ from pydantic import Field, model_validator
 
 from fedtune.config.base import PositiveFloat, PositiveInt, Section
 from fedtune.config.deployment import DeploymentConfig
+from fedtune.config.personalization import PersonalizationConfig
 from fedtune.config.privacy import PrivacyConfig
 from fedtune.config.rules import check_rules
 from fedtune.config.simulation import SimulationConfig
@@ -291,6 +292,7 @@ class Config(Section):
     privacy: PrivacyConfig = Field(default_factory=PrivacyConfig)
     simulation: SimulationConfig = Field(default_factory=SimulationConfig)
     deployment: DeploymentConfig = Field(default_factory=DeploymentConfig)
+    personalization: PersonalizationConfig = Field(default_factory=PersonalizationConfig)
 
     @model_validator(mode="after")
     def _check(self) -> Config:
