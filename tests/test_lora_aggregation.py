@@ -21,7 +21,7 @@ from fedtune.core.params import ParamSpec
 from fedtune.models.lora import freeze_lora_a
 from fedtune.server.build import build_strategy
 from fedtune.server.loop import run_round
-from fedtune.server.strategies import FedExLora, FedOpt, FfaLora, FLoRA, SvdLora
+from fedtune.server.strategies import FedExLora, FedOpt, FfaLora, FLoRA, RankAssignment, SvdLora
 from fedtune.server.strategies.lora import residual_key
 from fedtune.transport.inprocess import InProcessTransport
 from test_strategies_support import ArrayTask, TinyLoraNet, classification_records, make_config, make_worker, seeded
@@ -131,7 +131,7 @@ def test_exact_modes_equal_the_weighted_mean_of_products(plugin):
 
 
 def test_flora_heterogeneous_ranks_use_each_clients_own_components():
-    plugin = FLoRA(seed=0, client_ranks=(1, 2))
+    plugin = FLoRA(seed=0, ranks=RankAssignment(seed=0, choices=(1, 2)))
     ranks = [plugin.client_rank(f"c{i}", R) for i in range(3)]
     assert set(ranks) == {1, 2}  # the seeded draw gives both ranks here
     strategy = FedOpt(plugins=[plugin])

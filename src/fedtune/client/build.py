@@ -14,6 +14,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 
 from fedtune.client import hooks
+from fedtune.client.lora_ranks import LoraRanks
 from fedtune.client.worker import HookFactory
 from fedtune.config.schema import Config
 from fedtune.core.messages import ClientUpdate, FitInstruction
@@ -28,19 +29,23 @@ class ClientExtensions:
     update_transforms: list[UpdateTransform] = field(default_factory=list)
 
 
-def strategy_extensions() -> ClientExtensions:
-    """The client halves of FedProx, stragglers, SCAFFOLD and FLoRA's ranks, in a working order."""
+def strategy_extensions(*, own_rank: int | None = None) -> ClientExtensions:
+    """The client halves of FedProx, stragglers, SCAFFOLD and heterogeneous LoRA ranks, in a working order.
+
+    ``own_rank``: a deployed participant's own LoRA rank (its ``model.lora.r``), when below the server's."""
     stragglers = hooks.Stragglers()
+    ranks = LoraRanks(own_rank=own_rank)
     # (the LoRA residual is part of the global model: ClientWorker loads it before any hook runs)
     return ClientExtensions(
         hook_factories=[
-            hooks.lora_rank_mask,
+            ranks.hooks,  # first: it rewrites the received vector to the client's rank
             hooks.proximal_term,
             hooks.scaffold_correction,
             stragglers.hooks,
         ],
-        # the straggler's partial delta and step count must be final before SCAFFOLD reads them
-        update_transforms=[stragglers.transform, hooks.scaffold_control_delta],
+        # the straggler's partial delta and step count must be final before the rank conversion (which
+        # reads client units) and SCAFFOLD read them
+        update_transforms=[stragglers.transform, ranks.transform, hooks.scaffold_control_delta],
     )
 
 

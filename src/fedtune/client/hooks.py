@@ -6,7 +6,7 @@ plug-in sent), so ``build_client_extensions`` can register all of them and the s
     ProximalTerm     FedProx: loss + mu/2 ||w - w_global||^2           option "proximal_mu"
     ScaffoldControl  SCAFFOLD: grad += c - c_i; reply carries dc_i      extras "scaffold/c", "scaffold/c_i"
     Stragglers       FedProx stragglers: partial work, still sent       client.straggler_fraction
-    LoraRankMask     FLoRA heterogeneous ranks: only r_k components    option "lora_rank"
+    LoraRanks        heterogeneous ranks: train a rank-r_k adapter      option "lora_rank" (client/lora_ranks.py)
     LoraResidual     base weight = W0 + s R for exact LoRA modes        extras "lora/residual/<module>"
 
 LoraResidual is not a training hook: the residual is part of the global model, so ClientWorker loads it
@@ -30,7 +30,7 @@ from fedtune.client.train import LocalHooks
 from fedtune.client.weights import TrainableView
 from fedtune.core.messages import ClientUpdate, FitInstruction
 from fedtune.core.rng import derive_rng
-from fedtune.server.strategies.lora import RANK_OPTION, RESIDUAL_PREFIX
+from fedtune.server.strategies.lora import RESIDUAL_PREFIX
 from fedtune.server.strategies.scaffold import C_KEY, CI_KEY, DC_KEY
 from fedtune.tasks.base import Task
 
@@ -139,34 +139,6 @@ def scaffold_control_delta(update: ClientUpdate, instr: FitInstruction) -> Clien
 
 
 # --------------------------------------------------------------------------------------------- LoRA
-
-
-def _lora_params(view: TrainableView, suffix: str) -> list[tuple[str, torch.nn.Parameter]]:
-    return [(n, p) for n, p in zip(view.spec.names, view.params, strict=True) if n.endswith(suffix)]
-
-
-def lora_rank_mask(task: Task, instr: FitInstruction, view: TrainableView) -> LocalHooks:
-    """FLoRA heterogeneous ranks: only the first r_k rows of A / columns of B exist for this client."""
-    rank = instr.options.get(RANK_OPTION)
-    if rank is None:
-        return LocalHooks()
-    a_params = [p for _, p in _lora_params(view, ".lora_A.weight")]  # (r, in)
-    b_params = [p for _, p in _lora_params(view, ".lora_B.weight")]  # (out, r)
-    with torch.no_grad():
-        for p in a_params:
-            p[rank:] = 0.0
-        for p in b_params:
-            p[:, rank:] = 0.0
-
-    def mask_grads() -> None:
-        for p in a_params:
-            if p.grad is not None:
-                p.grad[rank:] = 0.0
-        for p in b_params:
-            if p.grad is not None:
-                p.grad[:, rank:] = 0.0
-
-    return LocalHooks(grad_hooks=[mask_grads])
 
 
 @dataclass
