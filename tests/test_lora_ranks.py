@@ -13,6 +13,7 @@ from pydantic import ValidationError
 
 from fedtune.aggregation.lora import lora_pairs
 from fedtune.client.train import LocalHooks, local_train
+from fedtune.config import parse_config
 from fedtune.config.schema import ClientConfig
 from fedtune.server.build import build_strategy
 from fedtune.server.loop import run_round
@@ -244,3 +245,71 @@ def test_rank_assignment_list_mapping_and_tiers_are_seeded_and_validated():
                 server={"lora_aggregation": "flexlora", "lora_client_ranks": {"x": 16}}, model={"lora": {"r": 8}}
             )
         )
+
+
+# --------------------------------------------------------------------------------------------- export
+
+
+@pytest.mark.timeout(300)
+@pytest.mark.parametrize("mode", ["flexlora", pytest.param("hetlora", marks=pytest.mark.slow)])
+def test_heterogeneous_export_loads_in_plain_transformers_and_matches_the_servers_eval(mode, tmp_path):
+    """tiny-llama, ranks {2, 4} of r = 4: the merged export, loaded with AutoModelForCausalLM alone, gives the
+    logits of the model the server evaluates (its vector plus eval_payload, loaded the way a client does)."""
+    from transformers import AutoModelForCausalLM
+
+    from fedtune.run.export import export_run
+    from test_strategies_e2e import llama_config, run
+
+    raw = llama_config(tmp_path, lora_aggregation=mode, lora_client_ranks=[2, 4])
+    raw["client"]["lr"] = 0.3  # visible local changes
+    result = run(raw)
+    worker, state = result.prepared.worker, result.state
+    extras = build_strategy(parse_config(raw)).eval_payload(state)
+    assert bool(extras) == (mode == "flexlora")  # flexlora's residual: the part of P beyond rank r
+    ids = torch.tensor([[1, 400, 2000, 35, 9, 77, 12000, 2]])
+    worker.view.write(state.params)
+    with worker.residual.applied(worker.task.module, extras), torch.no_grad():
+        served = worker.task.module.eval()(input_ids=ids).logits.detach()
+    written = export_run(result.run_dir, tmp_path / "export")
+    plain = AutoModelForCausalLM.from_pretrained(written["model"]).eval()
+    with torch.no_grad():
+        torch.testing.assert_close(plain(input_ids=ids).logits, served, rtol=1e-4, atol=1e-4)
+
+
+# --------------------------------------------------------------------------------------------- deployment
+
+
+def test_a_participant_trains_at_the_rank_of_its_own_config():
+    """--config with model.lora.r = 2 against a flexlora server of r = 4: accepted (any other model difference
+    is still refused), the model keeps the server's layout, and the fit is a rank-2 fit announced in the reply."""
+    from fedtune.client.build import strategy_extensions
+    from fedtune.client.worker import ClientWorker
+    from fedtune.core.messages import FitInstruction
+    from fedtune.deploy.participant import check_pinned, own_lora_rank, trusted_config
+    from fedtune.transport.grpc.client import ParticipantError
+
+    server = make_config(server={"lora_aggregation": "flexlora"}, model={"lora": {"r": 4, "alpha": 4.0}})
+    mine = make_config(server={"lora_aggregation": "flexlora"}, model={"lora": {"r": 2, "alpha": 4.0}})
+    assert own_lora_rank(mine, server) == 2
+    assert trusted_config(server, mine).model.lora.r == 4  # the server's layout, trained at rank 2 inside it
+    naive = make_config(model={"lora": {"r": 4, "alpha": 4.0}})
+    with pytest.raises(ParticipantError, match=r"model\.lora\.r"):  # a naive server cannot mix ranks
+        check_pinned(make_config(model={"lora": {"r": 2, "alpha": 4.0}}), naive)
+    with pytest.raises(ParticipantError, match=r"model\.lora\.alpha"):
+        check_pinned(
+            make_config(server={"lora_aggregation": "flexlora"}, model={"lora": {"r": 2, "alpha": 8.0}}), server
+        )
+
+    task = ArrayTask(seeded(lambda: TinyLoraNet(r=4)))
+    ext = strategy_extensions(own_rank=own_lora_rank(mine, server))
+    worker = ClientWorker(
+        task, classification_records(1), hook_factories=ext.hook_factories, update_transforms=ext.update_transforms
+    )
+    params = worker.current_params()
+    instr = FitInstruction("c0", 1, params, worker.view.spec.digest, 0, server.client.model_dump(), {}, {})
+    update = worker.fit(instr)
+    assert update.metrics["lora_rank"] == 2.0
+    sent = params + update.delta
+    for pair in lora_pairs(worker.view.spec):
+        b, a = pair.factors(sent)
+        assert not b[:, 2:].any() and not a[2:].any() and b[:, :2].any()

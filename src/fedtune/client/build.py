@@ -49,8 +49,8 @@ def strategy_extensions(*, own_rank: int | None = None) -> ClientExtensions:
     )
 
 
-def build_client_extensions(config: Config) -> ClientExtensions:
-    ext = strategy_extensions()
+def build_client_extensions(config: Config, *, own_rank: int | None = None) -> ClientExtensions:
+    ext = strategy_extensions(own_rank=own_rank)
     # --- privacy, separately: DP-SGD's hook runs first (later gradient hooks post-process the private
     # gradient); DP clipping runs last (what leaves the client is what is bounded) ---
     private_hooks, private_transforms = client_privacy(config)
