@@ -231,3 +231,19 @@ def test_one_round_through_the_worker_equals_fedavg_of_effective_weights(mode):
         got = layer_weights(task.module)
         for k in oracle:
             torch.testing.assert_close(got[k], oracle[k], rtol=1e-5, atol=1e-5)
+
+
+def test_svd_reprojection_can_keep_the_scale_of_a_and_no_component_is_dead():
+    """a_row_norm: the same product (Eckart-Young), every A row of norm c, and a zero singular value leaves
+    A's row non-zero (balanced factors would zero both A's row and B's column: a component no gradient moves)."""
+    rng = np.random.default_rng(4)
+    low = rng.normal(size=(D_OUT, 1)) @ rng.normal(size=(1, D_IN))  # rank 1 of a rank-2 adapter
+    b_bal, a_bal, _ = svd_reproject(low, 2)
+    b, a, err = svd_reproject(low, 2, a_row_norm=0.5)
+    np.testing.assert_allclose(b @ a, low, atol=1e-10)
+    np.testing.assert_allclose(b_bal @ a_bal, low, atol=1e-10)
+    assert err < 1e-12
+    np.testing.assert_allclose(np.linalg.norm(a, axis=1), [0.5, 0.5], rtol=1e-12)
+    assert np.linalg.norm(a_bal[1]) < 1e-7 and np.linalg.norm(b_bal[:, 1]) < 1e-7  # dead when balanced
+    with pytest.raises(ValueError, match="positive"):
+        svd_reproject(low, 2, a_row_norm=0.0)

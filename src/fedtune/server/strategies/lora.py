@@ -6,7 +6,9 @@
     fedex  FedEx-LoRA (Singhal et al. 2024): adapters are averaged; the remainder
            sum_k p_k B_k A_k - mean(B) @ mean(A) is added to a dense per-module residual R.
     svd    the exact mean product re-projected to the adapter rank by truncated SVD; whatever does not fit
-           in rank r (nothing, when the product's rank is <= r) goes to R.
+           in rank r (nothing, when the product's rank is <= r) goes to R. The new factors are A = c V^T,
+           B = U S / c with c the mean row norm of mean(A), so A keeps its scale (balanced sqrt(S) factors
+           trained more slowly: docs/STRATEGIES.md, "Why svd learned more slowly").
     flora  FLoRA (Wang et al. 2024): clients train ranks r_k <= r (``server.lora_client_ranks``; see
            fedtune.server.strategies.lora_ranks), the server stacks their factors (sent in global units, so
            each one counts as s_k B_k A_k), merges the stacked product into R and re-initialises the global
@@ -116,6 +118,7 @@ class _ProductFold(NoFold):
 
     state: ServerState
     mode: str  # "fedex" | "svd"
+    keep_a_scale: bool = True  # svd: A = c V^T with c the mean row norm of mean(A) (False: balanced sqrt(S))
     pairs: list[LoraPair] = field(init=False)
     total: float = 0.0
     sums: dict[str, list[np.ndarray]] = field(default_factory=dict)
@@ -142,7 +145,8 @@ class _ProductFold(NoFold):
             if self.mode == "fedex":
                 b_new, a_new, error = b_mean, a_mean, 0.0
             else:
-                b_new, a_new, error = svd_reproject(product, pair.rank)
+                scale = _mean_row_norm(a_mean) if self.keep_a_scale else None
+                b_new, a_new, error = svd_reproject(product, pair.rank, a_row_norm=scale)
             arrays[residual_key(pair.module)] = _add_residual(self.state, pair, product - b_new @ a_new)
             self.factors[pair.module] = (b_new, a_new)
             worst = max(worst, error)
@@ -163,12 +167,18 @@ class FedExLora(_ResidualMode):
         return _ProductFold(state, "fedex")
 
 
+def _mean_row_norm(a: np.ndarray) -> float | None:
+    norm = float(np.linalg.norm(a, axis=1).mean())
+    return norm if norm > 0 else None  # an all-zero A: fall back to balanced factors
+
+
 @dataclass(frozen=True)
 class SvdLora(_ResidualMode):
     name: str = "svd"
+    keep_a_scale: bool = True  # False: the balanced B = U sqrt(S), A = sqrt(S) V^T of earlier versions
 
     def begin(self, state: ServerState) -> PluginFold:
-        return _ProductFold(state, "svd")
+        return _ProductFold(state, "svd", self.keep_a_scale)
 
 
 # --------------------------------------------------------------------------------------------- FLoRA
