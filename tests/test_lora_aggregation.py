@@ -138,12 +138,17 @@ def test_flora_heterogeneous_ranks_use_each_clients_own_components():
     state = strategy.init_state(np.random.default_rng(0).normal(size=SPEC.numel).astype(np.float32), SPEC)
     payloads = [strategy.fit_payload(state, f"c{i}")[1] for i in range(3)]
     assert [p.get("lora_rank", R) for p in payloads] == ranks
-    ups = client_updates(state.params)
+    (pair,) = lora_pairs(SPEC)
+    ups = []
+    for u, rank in zip(client_updates(state.params), ranks, strict=True):  # replies are zero beyond r_k
+        b, a = pair.factors(state.params + u.delta)
+        b[:, rank:], a[rank:] = 0.0, 0.0
+        local = pair.write(state.params + u.delta, b, a)
+        ups.append(ClientUpdate(u.client_id, u.round, u.num_examples, local - state.params, u.spec_digest))
     target = client_product_mean(state, ups, ranks=ranks)
     new, metrics = strategy.aggregate(state, ups)
     np.testing.assert_allclose(effective(new), target, rtol=1e-5, atol=1e-6)
     assert metrics["flora_stacked_rank"] == sum(ranks)
-    (pair,) = lora_pairs(SPEC)
     assert not pair.factors(new.params)[0].any()  # B re-initialised to zero, A fresh
 
 
@@ -247,3 +252,17 @@ def test_svd_reprojection_can_keep_the_scale_of_a_and_no_component_is_dead():
     assert np.linalg.norm(a_bal[1]) < 1e-7 and np.linalg.norm(b_bal[:, 1]) < 1e-7  # dead when balanced
     with pytest.raises(ValueError, match="positive"):
         svd_reproject(low, 2, a_row_norm=0.0)
+
+
+def test_a_reply_beyond_its_rank_is_refused():
+    """The server checks each reply against its rank: the announced one (metric lora_rank) may not exceed
+    the assigned one, and the factors must be zero beyond it."""
+    plugin = FLoRA(seed=0, ranks=RankAssignment(mapping={"c0": 1, "c1": 1, "c2": 1}))
+    strategy = FedOpt(plugins=[plugin])
+    state = strategy.init_state(np.random.default_rng(0).normal(size=SPEC.numel).astype(np.float32), SPEC)
+    ups = client_updates(state.params)  # random: non-zero in the second component
+    with pytest.raises(ValueError, match=r"'c0' trained at rank 1, but its layer\.q_proj adapter is non-zero beyond"):
+        strategy.aggregate(state, ups)
+    loud = ClientUpdate("c0", 1, 3, ups[0].delta, SPEC.digest, metrics={"lora_rank": 2.0})
+    with pytest.raises(ValueError, match=r"announces LoRA rank 2\.0, but its rank is at most 1"):
+        strategy.aggregate(state, [loud])

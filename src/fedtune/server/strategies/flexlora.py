@@ -44,7 +44,7 @@ class FlexLora(_ResidualMode):
         return {}, self.ranks.options(client_id, full_rank(state.spec))
 
     def begin(self, state: ServerState) -> PluginFold:
-        return _FlexFold(state)
+        return _FlexFold(state, self.ranks)
 
 
 @dataclass
@@ -52,6 +52,7 @@ class _FlexFold(NoFold):
     """Per module: sum_k w_k B~_k A~_k; finish re-factorises the mean and keeps the rest as the residual."""
 
     state: ServerState
+    ranks: RankAssignment
     pairs: list[LoraPair] = field(init=False)
     total: float = 0.0
     products: dict[str, np.ndarray] = field(default_factory=dict)
@@ -62,6 +63,7 @@ class _FlexFold(NoFold):
 
     def add(self, update: ClientUpdate, weight: float) -> None:
         local = self.state.params + update.delta  # the client's adapter in global units (a new array)
+        self.ranks.check_reply(update, local, self.pairs)
         for pair in self.pairs:
             term = weight * pair.product(local)
             acc = self.products.get(pair.module)

@@ -219,9 +219,9 @@ class _StackFold(NoFold):
 
     def add(self, update: ClientUpdate, weight: float) -> None:
         local = self.state.params + update.delta
-        for pair in self.pairs:  # the reply is zero beyond r_k already; truncating keeps the stack small
-            rank = self.plugin.client_rank(update.client_id, pair.rank)
-            self.factors.setdefault(pair.module, []).append(truncate_rank(*pair.factors(local), rank))
+        rank = self.plugin.ranks.check_reply(update, local, self.pairs)
+        for pair in self.pairs:  # the reply is zero beyond its rank (checked); truncating keeps the stack small
+            self.factors.setdefault(pair.module, []).append(truncate_rank(*pair.factors(local), min(rank, pair.rank)))
         self.weights.append(weight)
 
     def finish(self, delta: np.ndarray) -> tuple[np.ndarray, dict[str, np.ndarray], dict]:

@@ -9,11 +9,15 @@ seed); the client receives it as option ``lora_rank`` (only when it is below the
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
+import numpy as np
+
+from fedtune.aggregation.lora import LoraPair
 from fedtune.config.lora_ranks import ClientRanks, RankTiers
+from fedtune.core.messages import ClientUpdate
 from fedtune.core.rng import derive_rng
 
 RANK_OPTION = "lora_rank"
@@ -75,3 +79,24 @@ class RankAssignment:
         """What a client needs to train at its rank (nothing when it trains the full rank)."""
         rank = self.rank(client_id, full_rank)
         return {RANK_OPTION: rank, RSLORA_OPTION: self.rslora} if rank < full_rank else {}
+
+    def check_reply(self, update: ClientUpdate, local: np.ndarray, pairs: Sequence[LoraPair]) -> int:
+        """The rank a reply was trained at, checked: the rank it announces (metric ``lora_rank``; a deployed
+        participant may train below its assigned rank) must not exceed the assigned one, and its factors
+        must be zero beyond it. Raises ValueError naming the client otherwise."""
+        full = max(p.rank for p in pairs)
+        assigned = self.rank(update.client_id, full)
+        announced = update.metrics.get("lora_rank")
+        rank = assigned if announced is None else int(announced)
+        if announced is not None and not 0 < rank <= assigned:
+            raise ValueError(
+                f"client {update.client_id!r} announces LoRA rank {announced}, but its rank is at most {assigned}"
+            )
+        for pair in pairs:
+            b, a = pair.factors(local)
+            if rank < pair.rank and (np.any(b[:, rank:]) or np.any(a[rank:])):
+                raise ValueError(
+                    f"client {update.client_id!r} trained at rank {rank}, but its {pair.module} adapter is "
+                    "non-zero beyond it"
+                )
+        return rank
