@@ -148,7 +148,7 @@ def check_dpsgd_data_parallel(privacy: PrivacyConfig, nproc: int, *, nproc_key: 
         )
 
 
-NEEDS_INDIVIDUAL_UPDATES = ("fedex", "svd", "flora")  # LoRA modes that combine clients' factors non-linearly
+NEEDS_INDIVIDUAL_UPDATES = ("fedex", "svd", "flora", "flexlora", "hetlora")  # non-linear, or per-reply rank checks
 
 
 def check_privacy_rules(config: object) -> None:
