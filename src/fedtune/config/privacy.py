@@ -163,7 +163,7 @@ def check_dpsgd_data_parallel(privacy: PrivacyConfig, nproc: int, *, nproc_key: 
         )
 
 
-NEEDS_INDIVIDUAL_UPDATES = ("fedex", "svd", "flora", "flexlora", "hetlora")  # non-linear, or per-reply rank checks
+NEEDS_INDIVIDUAL_UPDATES = ("fedex", "svd", "flora", "flexlora", "hetlora")  # non-linear (hetlora: untested there)
 
 
 def check_privacy_rules(config: object) -> None:

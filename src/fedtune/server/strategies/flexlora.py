@@ -21,7 +21,7 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
-from fedtune.aggregation.lora import LoraPair, lora_pairs, svd_reproject
+from fedtune.aggregation.lora import LoraPair, lora_pairs, svd_reproject, truncate_rank
 from fedtune.core.messages import ClientUpdate
 from fedtune.core.params import ParamSpec
 from fedtune.core.state import ServerState
@@ -63,9 +63,10 @@ class _FlexFold(NoFold):
 
     def add(self, update: ClientUpdate, weight: float) -> None:
         local = self.state.params + update.delta  # the client's adapter in global units (a new array)
-        self.ranks.check_reply(update, local, self.pairs)
-        for pair in self.pairs:
-            term = weight * pair.product(local)
+        rank = self.ranks.reply_rank(update, max(p.rank for p in self.pairs))
+        for pair in self.pairs:  # only the reply's first r_k components count
+            b, a = truncate_rank(*pair.factors(local), min(rank, pair.rank))
+            term = weight * (b @ a)
             acc = self.products.get(pair.module)
             self.products[pair.module] = term if acc is None else acc + term
         self.total += weight

@@ -19,8 +19,6 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
-from fedtune.aggregation.lora import lora_pairs
-from fedtune.core.messages import ClientUpdate
 from fedtune.core.params import ParamSpec
 from fedtune.core.state import ServerState
 from fedtune.server.strategies.fedopt import NoFold, Payload, PluginFold
@@ -45,14 +43,5 @@ class HetLora:
         return {}
 
     def begin(self, state: ServerState) -> PluginFold:
-        # the zero-padded replies make FedAvg of the deltas the zero-padding average: only check them
-        return _RankCheck(state, self.ranks)
-
-
-@dataclass
-class _RankCheck(NoFold):
-    state: ServerState
-    ranks: RankAssignment
-
-    def add(self, update: ClientUpdate, weight: float) -> None:
-        self.ranks.check_reply(update, self.state.params + update.delta, lora_pairs(self.state.spec))
+        # the zero-padded replies make FedAvg of the deltas the zero-padding average: nothing to add
+        return NoFold()

@@ -219,8 +219,8 @@ class _StackFold(NoFold):
 
     def add(self, update: ClientUpdate, weight: float) -> None:
         local = self.state.params + update.delta
-        rank = self.plugin.ranks.check_reply(update, local, self.pairs)
-        for pair in self.pairs:  # the reply is zero beyond its rank (checked); truncating keeps the stack small
+        rank = self.plugin.ranks.reply_rank(update, max(p.rank for p in self.pairs))
+        for pair in self.pairs:  # only the reply's first r_k components count (and keep the stack small)
             self.factors.setdefault(pair.module, []).append(truncate_rank(*pair.factors(local), min(rank, pair.rank)))
         self.weights.append(weight)
 
