@@ -155,10 +155,8 @@ class LoraResidual:
     * ``separate=False`` (fp32 compute, export): W0 + s R is written into the frozen base weight (W0 is
       remembered the first time a layer is changed, so a new R replaces the old one instead of accumulating).
     * ``separate=True`` (bf16 autocast): W0 stays; a forward hook adds x (s R)^T computed in float32 with
-      autocast off, and the layer's adapter path (x A^T B^T) runs in float32 too. Folded into W0, s R would be
-      cast to bf16 with it and mostly rounded away (its entries are far below W0's ulp); and with the adapter
-      in bf16, fedex and svd -- the same global model split differently between R and B A -- would still
-      round differently (issue 15: 1.9e-4 in loss after one round). Only W0 x is computed in bf16.
+      autocast off. Folded into W0, s R is cast to bf16 with it, and every entry of s R below half of W0's
+      bf16 ulp there is rounded away (tests/test_lora_exact_bf16.py).
     """
 
     separate: bool = False
@@ -213,7 +211,6 @@ class LoraResidual:
             self._delta[key] = update.to(device=base_weight(layer).device, dtype=torch.float32).contiguous()
             if key not in self._hooked:
                 layer.register_forward_hook(self._forward_hook(key))
-                _adapters_in_float32(layer)
                 self._hooked.add(key)
 
     def _forward_hook(self, key: tuple[int, str]):
@@ -227,23 +224,6 @@ class LoraResidual:
             return output.float() + extra  # stays float32: rounding it to bf16 would undo the point
 
         return add_residual
-
-
-def _adapters_in_float32(layer: torch.nn.Module) -> None:
-    """Make a peft LoRA layer's lora_A / lora_B Linear modules compute in float32 with autocast off (their
-    float32 output is added to the bf16 base output, so the sum is float32)."""
-    for container in ("lora_A", "lora_B"):
-        for linear in getattr(layer, container, {}).values():
-            linear.forward = _float32_linear(linear)
-
-
-def _float32_linear(linear: torch.nn.Module):
-    def forward(x: torch.Tensor) -> torch.Tensor:
-        with torch.autocast(device_type=x.device.type, enabled=False):
-            bias = None if linear.bias is None else linear.bias.float()
-            return torch.nn.functional.linear(x.float(), linear.weight.float(), bias)
-
-    return forward
 
 
 def base_weight(layer: torch.nn.Module) -> torch.Tensor:
