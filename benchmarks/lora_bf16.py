@@ -17,6 +17,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
+from _common import write_section
 from rich.console import Console
 
 from fedtune.client.hooks import LoraResidual
@@ -72,11 +73,16 @@ def main() -> None:
             worker.residual = LoraResidual(separate=False)
             folded = pooled(worker, state, extras)
             losses[mode] = (beside, folded)
-    print("| residual applied | fedex loss | svd loss | difference |")
-    print("| --- | --- | --- | --- |")
+    rows = ["| residual applied | fedex loss | svd loss | difference |", "| --- | --- | --- | --- |"]
     for i, label in enumerate(("float32, beside W0 (now)", "folded into W0, cast to bf16 (before)")):
         f, s = losses["fedex"][i], losses["svd"][i]
-        print(f"| {label} | {f:.6f} | {s:.6f} | {abs(f - s):.2e} |")
+        rows.append(f"| {label} | {f:.6f} | {s:.6f} | {abs(f - s):.2e} |")
+    table = "\n".join(rows)
+    print(table)
+    if "--no-write" not in sys.argv:
+        intro = (__doc__ or "").split("\n\n")[1]
+        body = f"Command: `nice -n 10 .venv/bin/python benchmarks/lora_bf16.py`.\n\n{intro}\n\n{table}\n"
+        write_section("fedex vs svd under bf16", body)
 
 
 if __name__ == "__main__":

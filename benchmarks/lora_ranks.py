@@ -184,7 +184,7 @@ def main() -> None:
             title = "Heterogeneous LoRA ranks: FLoRA / FlexLoRA vs HetLoRA zero-padding"
             body = f"Command: `{command}`.\n\n{doc[1]}\n\n{table}\n"
         else:
-            title = "Why svd learned more slowly than fedex (and the fix)"
+            title = "Why svd learned more slowly than fedex"
             body = f"Command: `{command}`. The workload above with every client at rank 8 ({SVD_NOTE})\n\n{table}\n"
         write_section(title, body)
 
