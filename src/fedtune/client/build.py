@@ -29,12 +29,12 @@ class ClientExtensions:
     update_transforms: list[UpdateTransform] = field(default_factory=list)
 
 
-def strategy_extensions(*, own_rank: int | None = None) -> ClientExtensions:
+def strategy_extensions(*, own_rank: int | None = None, own_rslora: bool = False) -> ClientExtensions:
     """The client halves of FedProx, stragglers, SCAFFOLD and heterogeneous LoRA ranks, in a working order.
 
     ``own_rank``: a deployed participant's own LoRA rank (its ``model.lora.r``), when below the server's."""
     stragglers = hooks.Stragglers()
-    ranks = LoraRanks(own_rank=own_rank)
+    ranks = LoraRanks(own_rank=own_rank, own_rslora=own_rslora)
     # (the LoRA residual is part of the global model: ClientWorker loads it before any hook runs)
     return ClientExtensions(
         hook_factories=[
@@ -50,7 +50,8 @@ def strategy_extensions(*, own_rank: int | None = None) -> ClientExtensions:
 
 
 def build_client_extensions(config: Config, *, own_rank: int | None = None) -> ClientExtensions:
-    ext = strategy_extensions(own_rank=own_rank)
+    rslora = config.model.lora is not None and config.model.lora.use_rslora
+    ext = strategy_extensions(own_rank=own_rank, own_rslora=rslora)
     # --- privacy, separately: DP-SGD's hook runs first (later gradient hooks post-process the private
     # gradient); DP clipping runs last (what leaves the client is what is bounded) ---
     private_hooks, private_transforms = client_privacy(config)

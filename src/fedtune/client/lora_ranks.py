@@ -41,9 +41,11 @@ class _Fit:
 
 @dataclass
 class LoraRanks:
-    """``own_rank``: this participant's configured rank (deployment); the server's option can only lower it."""
+    """``own_rank``: this participant's configured rank (deployment); the server's option can only lower it.
+    ``own_rslora``: its model.lora.use_rslora, for a fit the server sent no ``lora_rslora`` with."""
 
     own_rank: int | None = None
+    own_rslora: bool = False
     _fits: dict[tuple[int, str], _Fit] = field(default_factory=dict)
     _scaling: dict[tuple[int, str], float] = field(default_factory=dict)  # (model id, layer) -> s
 
@@ -57,7 +59,7 @@ class LoraRanks:
         if not pairs or rank >= max(p.rank for p in pairs):
             self._reset_scaling(task.module)  # a full-rank fit: the global scaling everywhere
             return LocalHooks()
-        rslora = bool(instr.options.get(RSLORA_OPTION, False))
+        rslora = bool(instr.options.get(RSLORA_OPTION, self.own_rslora))
         view.write(to_client_rank(view.read(), pairs, rank, rslora=rslora))
         self._set_scaling(task.module, pairs, rank, rslora)
         self._fits[(instr.round, instr.client_id)] = _Fit(task.module, view, pairs, rank, rslora)
