@@ -16,6 +16,7 @@ import pytest
 
 from _grpc_support import Heartbeats, RawClient, make_pki
 from fedtune.config.deployment import DeploymentConfig
+from fedtune.config.schema import ClientConfig
 from fedtune.core.messages import ClientFailure, ClientUpdate, EvalInstruction, FitInstruction
 from fedtune.transport.codecs import build_codec
 from fedtune.transport.grpc import protocol, wire
@@ -69,7 +70,7 @@ def _client(transport, pki, name) -> RawClient:
 def _fit(cid: str, round_idx: int = 1, params: np.ndarray | None = None) -> FitInstruction:
     params = np.arange(N, dtype=np.float32) if params is None else params
     extras = {"c": np.ones(3, np.float32), "mask": np.array([1, 0], np.int8)}
-    return FitInstruction(cid, round_idx, params, DIGEST, 0, {"lr": 0.1}, extras, {"mu": np.float64(0.25)})
+    return FitInstruction(cid, round_idx, params, DIGEST, 0, ClientConfig(lr=0.1), extras, {"mu": np.float64(0.25)})
 
 
 def _update(task: wire.Payload, cid: str, delta: np.ndarray | None = None, *, codec="none", digest=DIGEST):

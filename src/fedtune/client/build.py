@@ -30,17 +30,17 @@ class ClientExtensions:
 
 def strategy_extensions() -> ClientExtensions:
     """The client halves of FedProx, stragglers, SCAFFOLD and FLoRA's ranks, in a working order."""
-    stragglers = hooks.Stragglers()
     # (the LoRA residual is part of the global model: ClientWorker loads it before any hook runs)
     return ClientExtensions(
         hook_factories=[
             hooks.lora_rank_mask,
             hooks.proximal_term,
             hooks.scaffold_correction,
-            stragglers.hooks,
+            hooks.stragglers,
         ],
-        # the straggler's partial delta and step count must be final before SCAFFOLD reads them
-        update_transforms=[stragglers.transform, hooks.scaffold_control_delta],
+        # run after the fit's own finishes, so the straggler's partial delta and step count are final when
+        # SCAFFOLD reads them
+        update_transforms=[hooks.scaffold_control_delta],
     )
 
 

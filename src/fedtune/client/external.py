@@ -120,7 +120,7 @@ class ExternalWorker:
         self.view.write(instr.params)
         self.residual.load(self.task.module, instr.extras)
         self.task.module.train()
-        job = Job(instr.client_id, instr.round, self.task.module, ClientConfig.model_validate(instr.train))
+        job = Job(instr.client_id, instr.round, self.task.module, instr.train)
         self.jobs.put(job)
         job._done.wait()
         if job._abandoned or self._closed.is_set():

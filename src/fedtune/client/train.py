@@ -12,13 +12,14 @@ from __future__ import annotations
 import math
 import time
 from collections.abc import Callable, Iterator, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Protocol
 
 import torch
 
 from fedtune.client.schedule import round_schedule
 from fedtune.config.schema import ClientConfig
+from fedtune.core.fit import LocalHooks
 from fedtune.core.rng import derive_seed, derive_torch_generator
 from fedtune.tasks.base import Example, Task
 
@@ -36,14 +37,6 @@ class StepProgress:
 
 
 StepCallback = Callable[[StepProgress], None]
-LossTerm = Callable[[], torch.Tensor]  # extra differentiable loss added to each step's loss
-GradHook = Callable[[], None]  # runs after backward, before the optimizer step (may edit .grad)
-
-
-@dataclass
-class LocalHooks:
-    loss_terms: list[LossTerm] = field(default_factory=list)
-    grad_hooks: list[GradHook] = field(default_factory=list)
 
 
 class BatchLoss(Protocol):

@@ -12,23 +12,24 @@ flora), a residual per adapted layer in ``extras``. Fit and evaluation load both
 from __future__ import annotations
 
 import time
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
+from contextlib import contextmanager
 from typing import Any
 
 import numpy as np
 import torch
 
 from fedtune.client.hooks import LoraResidual
-from fedtune.client.schedule import ROUNDS_OPTION
-from fedtune.client.train import WHOLE_BATCH, BatchLoss, LocalHooks, LocalResult, StepCallback, local_train
+from fedtune.client.train import WHOLE_BATCH, BatchLoss, LocalResult, StepCallback, local_train
 from fedtune.client.weights import TrainableView
-from fedtune.config.schema import ClientConfig
+from fedtune.core.fit import FitContext, LocalHooks
+from fedtune.core.keys import ROUNDS_OPTION
 from fedtune.core.messages import ClientEval, ClientUpdate, EvalInstruction, FitInstruction
 from fedtune.core.rng import derive_rng
 from fedtune.errors import ConfigError, UpdateRejected
 from fedtune.tasks.base import EvalSums, Example, Task
 
-# (task, instruction, view) -> hooks for this fit; lets strategies add local terms without subclassing
+# (task, instruction, view) -> this fit's hooks (fedtune.core.fit); strategies add local terms without subclassing
 HookFactory = Callable[[Task, FitInstruction, TrainableView], LocalHooks]
 
 
@@ -78,17 +79,38 @@ class ClientWorker:
                 "server and client must use the same model and adapter configuration"
             )
 
-    def begin_fit(self, instr: FitInstruction) -> tuple[ClientConfig, LocalHooks]:
-        """Check the spec, load the global model, and build this fit's config and hooks."""
+    def begin_fit(self, instr: FitInstruction) -> FitContext:
+        """Check the spec, load the global model, and gather this fit's hooks. The caller must ``close`` the
+        context when the fit ends (``ClientWorker.fitting`` does), whether it succeeded or not."""
         self._check_digest(instr.spec_digest)
         self.view.write(instr.params)
         self.residual.load(self.task.module, instr.extras)  # base weights before any hook looks at the model
-        hooks = LocalHooks()
-        for factory in self.hook_factories:
-            extra = factory(self.task, instr, self.view)
-            hooks.loss_terms += extra.loss_terms
-            hooks.grad_hooks += extra.grad_hooks
-        return ClientConfig.model_validate(instr.train), hooks
+        fit = FitContext(instr)
+        try:
+            for factory in self.hook_factories:
+                fit.hooks.extend(factory(self.task, instr, self.view))
+        except BaseException:
+            fit.close()  # the factories that did run may have left something to undo
+            raise
+        return fit
+
+    @contextmanager
+    def fitting(self, instr: FitInstruction) -> Iterator[FitContext]:
+        """``begin_fit`` ... ``close``: whatever the fit's hooks left on the model or the extensions is undone
+        however the fit ends, so a failed fit leaves this worker as a fresh one would be."""
+        fit = self.begin_fit(instr)
+        try:
+            yield fit
+        finally:
+            fit.close()
+
+    def finish(self, fit: FitContext, update: ClientUpdate) -> ClientUpdate:
+        """The reply that is sent: the fit's own finishes (last registered first), then the worker's
+        stateless update transforms in order (the DP clip last: what leaves the client is what is bounded)."""
+        update = fit.finish(update)
+        for transform in self.update_transforms:
+            update = transform(update, fit.instr)
+        return update
 
     def reply(self, instr: FitInstruction, result: LocalResult, params: np.ndarray, metrics: dict) -> ClientUpdate:
         """The update before transforms: ``params`` are the trained values, ``metrics`` extra figures."""
@@ -101,15 +123,14 @@ class ClientWorker:
             metrics={"train_loss": result.train_loss, "steps": float(result.steps), **metrics},
         )
 
-    def train(
-        self, instr: FitInstruction, cfg: ClientConfig, hooks: LocalHooks, *, batch_loss: BatchLoss = WHOLE_BATCH
-    ) -> LocalResult:
-        """The local training of ``instr``'s client on its examples (data-parallel ranks pass their batch loss)."""
+    def train(self, fit: FitContext, *, batch_loss: BatchLoss = WHOLE_BATCH) -> LocalResult:
+        """The local training of the fit's client on its examples (data-parallel ranks pass their batch loss)."""
+        instr, cfg = fit.instr, fit.instr.train
         common = dict(  # what both trainers take: the client's examples, its round and its random stream
             seed=instr.seed,
             round_idx=instr.round,
             client_id=instr.client_id,
-            hooks=hooks,
+            hooks=fit.hooks,
             rounds=instr.options.get(ROUNDS_OPTION),
         )
         examples = self.examples(instr.client_id, train=True)
@@ -126,12 +147,10 @@ class ClientWorker:
 
     def fit(self, instr: FitInstruction) -> ClientUpdate:
         started = time.perf_counter()
-        cfg, hooks = self.begin_fit(instr)
-        result = self.train(instr, cfg, hooks)
-        update = self.reply(instr, result, self.view.read(), {"fit_seconds": time.perf_counter() - started})
-        for transform in self.update_transforms:
-            update = transform(update, instr)
-        return update
+        with self.fitting(instr) as fit:
+            result = self.train(fit)
+            update = self.reply(instr, result, self.view.read(), {"fit_seconds": time.perf_counter() - started})
+            return self.finish(fit, update)
 
     def evaluate(self, instr: EvalInstruction) -> ClientEval:
         self._check_digest(instr.spec_digest)

@@ -24,14 +24,12 @@ from dataclasses import dataclass, field
 import numpy as np
 
 from fedtune.aggregation.lora import LoraPair, lora_b_only, lora_pairs, stack_adapters, svd_reproject, truncate_rank
+from fedtune.core.keys import RANK_OPTION, RESIDUAL_PREFIX
 from fedtune.core.messages import ClientUpdate
 from fedtune.core.params import ParamSpec
 from fedtune.core.rng import derive_rng
 from fedtune.core.state import ServerState
 from fedtune.server.strategies.fedopt import NoFold, Payload, PluginFold
-
-RESIDUAL_PREFIX = "lora/residual/"
-RANK_OPTION = "lora_rank"
 
 
 def residual_key(module: str) -> str:
