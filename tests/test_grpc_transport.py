@@ -107,7 +107,7 @@ def test_good_update_and_every_kind_of_bad_input_in_one_round(start, pki):
     t0 = tasks["client_000"]
     fit = protocol.fit_from_payload(t0, "client_000")
     assert np.array_equal(fit.params, np.arange(N, dtype=np.float32)) and fit.options == {"mu": 0.25}
-    assert fit.extras["c"].tolist() == [1, 1, 1] and fit.train == {"lr": 0.1}
+    assert fit.extras["c"].tolist() == [1, 1, 1] and fit.train == ClientConfig(lr=0.1)  # typed, across the wire
     assert fit.extras["mask"].dtype == np.int8 and fit.extras["mask"].tolist() == [1, 0]
 
     # client_001 tries to answer client_000's task: refused, and client_000's task stays open
