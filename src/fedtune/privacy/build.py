@@ -88,6 +88,8 @@ def check_secagg_transport(config: Config, transport: Any) -> None:
 def carry_secagg(strategy: Any, transport: Any) -> Any:
     """``strategy`` with its SecAgg summer's messages carried by ``transport`` when that is a networked
     transport started for SecAgg (then the updates stay on the clients); unchanged otherwise."""
+    if not getattr(transport, "secure_aggregation", False):
+        return strategy  # without it there is nothing to carry: SecAgg's modules (cryptography) stay unimported
     from fedtune.privacy.secagg.driver import SecureSummer
 
     summer = getattr(strategy, "summer", None)
