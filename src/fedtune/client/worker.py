@@ -113,12 +113,13 @@ class ClientWorker:
         return update
 
     def reply(self, instr: FitInstruction, result: LocalResult, params: np.ndarray, metrics: dict) -> ClientUpdate:
-        """The update before transforms: ``params`` are the trained values, ``metrics`` extra figures."""
+        """The update before transforms: ``params`` are the trained values (a fresh vector, which becomes the
+        delta in place: one model-sized buffer per reply, not two), ``metrics`` extra figures."""
         return ClientUpdate(
             client_id=instr.client_id,
             round=instr.round,
             num_examples=result.num_examples,
-            delta=params - instr.params,
+            delta=np.subtract(params, instr.params, out=params),
             spec_digest=self.view.spec.digest,
             metrics={"train_loss": result.train_loss, "steps": float(result.steps), **metrics},
         )
