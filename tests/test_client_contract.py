@@ -115,3 +115,19 @@ def test_a_fit_that_raises_midway_leaves_the_worker_as_a_fresh_one() -> None:
     assert {k: v for k, v in got.metrics.items() if k != "fit_seconds"} == {
         k: v for k, v in expected.metrics.items() if k != "fit_seconds"
     }
+
+
+# ------------------------------------------------------------------------------- the dropout stream
+
+
+def test_the_dropout_stream_is_the_one_torch_manual_seed_gives_on_the_cpu() -> None:
+    """local_train seeds the device's generator directly (cheap at any stack depth): same draws as before."""
+    from fedtune.core.rng import seed_device_stream
+
+    x = torch.ones(64, 32)
+    torch.manual_seed(123)
+    expected = nn.functional.dropout(x, 0.5, training=True)
+    seed_device_stream(123, torch.device("cpu"))
+    np.testing.assert_array_equal(nn.functional.dropout(x, 0.5, training=True).numpy(), expected.numpy())
+    seed_device_stream(124, torch.device("cpu"))
+    assert not torch.equal(nn.functional.dropout(x, 0.5, training=True), expected)
