@@ -118,7 +118,7 @@ def epochs_touched(seen: int, num_examples: int) -> int:
 
 
 class DpSgd:
-    """Hook factory and update transform for local DP-SGD. Holds only per-fit bookkeeping; each client's
+    """Hook factory for local DP-SGD (its hooks carry the fit's bookkeeping and finish). Each client's
     ledger lives in the client state store at ``state`` (an address, opened on first use in whichever
     process this object was built: a Ray actor, a data-parallel rank)."""
 
