@@ -13,7 +13,6 @@ from typing import Any
 from fedtune.aggregation.robust import make_aggregator
 from fedtune.aggregation.server_opt import make_server_optimizer
 from fedtune.config.schema import Config
-from fedtune.core.keys import PROXIMAL_OPTION
 from fedtune.errors import ConfigError
 from fedtune.privacy.build import wrap_strategy
 from fedtune.server.strategies import ClientOptions, FedExLora, FedOpt, FfaLora, FLoRA, Plugin, Scaffold, SvdLora
@@ -33,7 +32,7 @@ def build_plugins(config: Config, *, num_clients: int | None) -> list[Plugin]:
     server = config.server
     plugins: list[Plugin] = []
     if server.proximal_mu > 0:
-        plugins.append(ClientOptions({PROXIMAL_OPTION: server.proximal_mu}, name="fedprox"))
+        plugins.append(ClientOptions({"proximal_mu": server.proximal_mu}, name="fedprox"))
     if server.scaffold:
         plugins.append(Scaffold(num_clients=num_clients))
     lora_modes = {
