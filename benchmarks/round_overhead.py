@@ -15,6 +15,9 @@ Both sides train the same model shape on synthetic data of the same shapes (not 
 ratio is about time, not the model).
 
     nice -n 10 .venv/bin/python benchmarks/round_overhead.py --reps 3   # needs ../shared; writes docs/BENCHMARKS.md
+
+On a machine far busier than its cores, run both sides with one torch thread (``OMP_NUM_THREADS=1``, inherited
+by every child): two spinning threads per process then measure the contention, not the round.
 """
 
 from __future__ import annotations
@@ -190,8 +193,9 @@ def report(rows: dict[str, list[tuple[dict, dict]]], reps: int, load: list[float
     add("D", "peak RSS", "peak_rss_mb", "MB", "")
     add("C100", "steady round", "steady_s", "s", "<= 1.1")
     add("C1000", "steady round", "steady_s", "s", "<= 1.1")
+    threads = f"OMP_NUM_THREADS={os.environ['OMP_NUM_THREADS']} " if "OMP_NUM_THREADS" in os.environ else ""
     return f"""
-Command: `nice -n 10 .venv/bin/python benchmarks/round_overhead.py --reps {reps}` (needs
+Command: `{threads}nice -n 10 .venv/bin/python benchmarks/round_overhead.py --reps {reps}` (needs
 `../shared/tools/flower-baseline`; its `bench/` is copied to a scratch directory and its `plain.py` run as is).
 Plain: the harness' one-process PyTorch FedAvg loop (model rebuilt per client, weighted state-dict average).
 fedtune: `fedtune.simulate` with the same micro MLP (9.6k parameters), 1 local SGD step of batch 32, every
