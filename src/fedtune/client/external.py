@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import queue
 import threading
+import time
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
@@ -43,6 +44,9 @@ def check_external(config: Config) -> None:
         "privacy.dpsgd (DP-SGD clips and noises every step's per-example gradients)": p.dpsgd is not None,
         "client.straggler_fraction > 0 (stragglers stop the local loop early)": config.client.straggler_fraction > 0,
         "server.lora_aggregation 'flora' (client ranks mask the adapter in local steps)": s.lora_aggregation == "flora",
+        "personalization (each client's own parameters and models are kept by fedtune's worker)": (
+            config.personalization.active
+        ),
     }
     refused = [what for what, on in needs_loop.items() if on]
     if refused:
@@ -121,8 +125,10 @@ class ExternalWorker:
         self.residual.load(self.task.module, instr.extras)
         self.task.module.train()
         job = Job(instr.client_id, instr.round, self.task.module, instr.train)
+        started = time.perf_counter()
         self.jobs.put(job)
         job._done.wait()
+        seconds = time.perf_counter() - started  # the user's loop, from handing the job out to send()
         if job._abandoned or self._closed.is_set():
             raise Abandoned
         update = ClientUpdate(
@@ -131,7 +137,7 @@ class ExternalWorker:
             num_examples=int(job.num_examples or 0),
             delta=self.view.read() - instr.params,
             spec_digest=self.view.spec.digest,
-            metrics=job.metrics,
+            metrics={"fit_seconds": seconds, **job.metrics},
         )
         for transform in self.update_transforms:
             update = transform(update, instr)

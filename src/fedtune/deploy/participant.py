@@ -40,13 +40,16 @@ from fedtune.core.state_store import participant_address
 from fedtune.data.cache import default_cache_dir
 from fedtune.data.partition import random_split
 from fedtune.data.types import ClientSplit
-from fedtune.errors import DataError, ModelError
+from fedtune.errors import ConfigError, DataError, ModelError
 from fedtune.run.rundir import config_digest
 from fedtune.tasks.build import build_run_task, check_builtin_model
 from fedtune.transport.grpc.client import Joined, ParticipantError
 
 PARTITION = "partition:"
 PINNED_SECTIONS = ("seed", "model", "client", "privacy")  # what a participant's --config pins
+# distributed DP: each client sizes its own noise share by these (privacy/ddp_client.py), so a server that
+# announced more clients per round (or, with target_epsilon, more rounds) would make every share too small
+DDP_PINNED = ("clients_per_round", "rounds")
 
 
 def _split_records(records: list[Any], cfg: DataConfig, seed: int, client_id: str) -> ClientSplit:
@@ -124,6 +127,15 @@ def check_pinned(local: Config, server: Config) -> None:
                     "refusing to train a configuration it did not agree to",
                     2,
                 )
+    if local.privacy.dp is not None and local.privacy.dp.distributed:
+        for key in DDP_PINNED:
+            a, b = getattr(local.federation, key), getattr(server.federation, key)
+            if a != b:
+                raise ParticipantError(
+                    f"the server wants federation.{key}={b!r} but this participant's --config says {a!r}; under "
+                    "privacy.dp.distributed each client's noise share is sized by it, refusing",
+                    2,
+                )
 
 
 def trusted_config(server: Config, local: Config | None) -> Config:
@@ -170,6 +182,7 @@ def build_participant_worker(
         {client_id: (split.train, split.test)},
         hook_factories=ext.hook_factories,
         update_transforms=ext.update_transforms,
+        personal=ext.personal,  # its state: this participant's own store (above)
     )
     if not worker.examples(client_id, train=True):
         raise DataError(f"--data {data}: no training examples after encoding (model.max_length too large?)")
@@ -188,7 +201,10 @@ def worker_factory(
 
     def make(joined: Joined) -> ClientWorker:
         cid = joined.client_id
-        check_dpsgd_data_parallel(parse_config(yaml.safe_load(joined.config_yaml)).privacy, nproc, nproc_key="--nproc")
+        received = parse_config(yaml.safe_load(joined.config_yaml))
+        check_dpsgd_data_parallel(received.privacy, nproc, nproc_key="--nproc")
+        if nproc > 1 and received.personalization.active:  # its per-client state is written by one process
+            raise ConfigError("personalization trains this participant's own parameters in one process: drop --nproc")
         args = (joined.config_yaml, local_yaml, data, cid, joined.extra.get("num_labels"))
         worker = build_participant_worker(*args)
         split_train, split_test = worker.records[cid]
@@ -202,6 +218,10 @@ def worker_factory(
 
             console.print(f"local training runs data-parallel on {nproc} processes")
             return DistributedClientWorker(worker, functools.partial(build_participant_worker, *args), nproc)  # type: ignore[return-value]
+        if console.is_terminal:  # a live bar of the local steps; in a log, the line per round says it
+            from fedtune.run.progress import StepBar
+
+            worker.on_step = StepBar(console)
         return worker
 
     return make

@@ -32,6 +32,7 @@ from fedtune.privacy.build import carry_secagg, check_secagg_transport
 from fedtune.run import rundir
 from fedtune.run.board import ActivityTransport, ClientBoard, ClientDirectory, StaticDirectory, StatusSink
 from fedtune.run.interrupt import RunInterrupted
+from fedtune.run.personal_metrics import personal_client, personal_summary
 from fedtune.run.predict import write_label_names
 from fedtune.run.progress import ProgressTransport, StepRelay
 from fedtune.run.report import ReportSink
@@ -108,7 +109,9 @@ def prepare_worker(
     name_labels(task, fed.label_names)  # the classifier's config carries them: the export's id2label
     records = {cid: (split.train, split.test) for cid, split in fed.clients.items()}
     ext = build_client_extensions(config)
-    worker = ClientWorker(task, records, hook_factories=ext.hook_factories, update_transforms=ext.update_transforms)
+    worker = ClientWorker(
+        task, records, hook_factories=ext.hook_factories, update_transforms=ext.update_transforms, personal=ext.personal
+    )
     # Encode every client once up front: clients whose text is too short for one training example are
     # dropped here (a DataWarning with their ids), instead of failing in the middle of a round.
     kept = screen_clients(worker, config.data.min_train_examples, config.model.max_length)
@@ -145,13 +148,21 @@ def round_records(report: RoundReport, accuracy: bool) -> list[dict]:
         "seconds": report.seconds,
         **{f"agg_{k}": v for k, v in report.aggregate.items()},
         **_eval_record(report.eval_pooled, accuracy),
+        **personal_summary(report.eval_clients, report.eval_personal, accuracy),
     }
     if report.rejected is not None:  # the model did not change: a failed round, not a completed one
         summary.update(status="failed", reason=report.rejected)
     lines = [summary]
     lines += [{"kind": "client", "round": report.round, **c} for c in report.clients]
     lines += [
-        {"kind": "eval_client", "round": report.round, "client_id": cid, "count": s.count, **s.metrics(accuracy=acc)}
+        {
+            "kind": "eval_client",
+            "round": report.round,
+            "client_id": cid,
+            "count": s.count,
+            **s.metrics(accuracy=acc),
+            **personal_client(report.eval_personal, cid, accuracy),
+        }
         for cid, s in report.eval_clients.items()
     ]
     lines += [
@@ -202,7 +213,11 @@ def _open_run(
 
 
 def default_sinks(
-    config: Config, run_dir: Path, metrics: rundir.MetricsLog, console: Console, board: ClientBoard,
+    config: Config,
+    run_dir: Path,
+    metrics: rundir.MetricsLog,
+    console: Console,
+    board: ClientBoard,
     directory: ClientDirectory | None,
 ) -> list[RoundSink]:
     """What every run writes, in order: metrics first (a crash before the checkpoint replays the round), the
@@ -337,8 +352,9 @@ def worker_from_config(config: Config) -> ClientWorker:
     return prepare(config).worker
 
 
-def simulation_transport(config: Config, prepared: Prepared) -> Transport:
-    """The transport ``config.simulation`` asks for: this process's worker, or a pool of Ray actors."""
+def simulation_transport(config: Config, prepared: Prepared, steps: StepRelay | None = None) -> Transport:
+    """The transport ``config.simulation`` asks for: this process's worker, or a pool of Ray actors (whose
+    local steps go to ``steps``)."""
     import functools
 
     sim = config.simulation
@@ -349,7 +365,7 @@ def simulation_transport(config: Config, prepared: Prepared) -> Transport:
 
         if sim.client_nproc > 1:
             factory = functools.partial(distributed_worker, factory, sim.client_nproc)
-        return RayTransport(factory, list(prepared.worker.records), sim)
+        return RayTransport(factory, list(prepared.worker.records), sim, steps=steps)
     if sim.client_nproc > 1:
         from fedtune.client.distributed import DistributedClientWorker
 
@@ -378,6 +394,7 @@ def simulate(
     # the run directory first: the simulated clients keep their state between rounds in it (or in the store
     # simulation.client_state names), and every worker is built knowing where
     fresh_dir = rundir.new_run_dir(config) if resume_dir is None else None
+    steps = StepRelay()  # local steps, for the progress bar: from this process's worker or the Ray actors
     try:
         workers = with_client_state(config, config.simulation.client_state_address(fresh_dir or Path(resume_dir)))
         if prepare_fn is not None:
@@ -385,7 +402,7 @@ def simulate(
             transport: Transport = InProcessTransport(prepared.worker)
         else:
             prepared = prepare(workers, console=console)
-            transport = simulation_transport(workers, prepared)
+            transport = simulation_transport(workers, prepared, steps if show_progress else None)
     except BaseException:
         if fresh_dir is not None:  # nothing ran yet: leave no empty run directory behind a failed start
             shutil.rmtree(fresh_dir, ignore_errors=True)
@@ -395,8 +412,7 @@ def simulate(
         extra["label_names"] = prepared.label_names  # for the export's id2label
     if fresh_dir is not None:
         write_label_names(fresh_dir, prepared.label_names)  # for `fedtune predict`
-    steps = StepRelay()
-    prepared.worker.on_step = steps  # in-process clients report every local step (Ray actors: per client)
+    prepared.worker.on_step = steps  # in-process clients report every local step (Ray actors: their own)
     try:
         result = serve(
             config,
