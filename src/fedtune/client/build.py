@@ -14,6 +14,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 
 from fedtune.client import hooks
+from fedtune.client.lora_ranks import LoraRanks
 from fedtune.client.personal import Personalizer
 from fedtune.client.worker import HookFactory
 from fedtune.config.schema import Config
@@ -30,24 +31,28 @@ class ClientExtensions:
     personal: Personalizer | None = None  # what each client keeps for itself (config.personalization)
 
 
-def strategy_extensions() -> ClientExtensions:
-    """The client halves of FedProx, stragglers, SCAFFOLD and FLoRA's ranks, in a working order."""
-    stragglers = hooks.Stragglers()
+def strategy_extensions(*, own_rank: int | None = None, own_rslora: bool = False) -> ClientExtensions:
+    """The client halves of FedProx, stragglers, SCAFFOLD and heterogeneous LoRA ranks, in a working order.
+
+    ``own_rank``: a deployed participant's own LoRA rank (its ``model.lora.r``), when below the server's."""
+    ranks = LoraRanks(own_rank=own_rank, own_rslora=own_rslora)
     # (the LoRA residual is part of the global model: ClientWorker loads it before any hook runs)
     return ClientExtensions(
         hook_factories=[
-            hooks.lora_rank_mask,
+            ranks.hooks,  # first: it rewrites the received vector to the client's rank
             hooks.proximal_term,
             hooks.scaffold_correction,
-            stragglers.hooks,
+            hooks.stragglers,
         ],
-        # the straggler's partial delta and step count must be final before SCAFFOLD reads them
-        update_transforms=[stragglers.transform, hooks.scaffold_control_delta],
+        # run after the fit's own finishes, so the straggler's partial delta and step count are final when
+        # SCAFFOLD reads them
+        update_transforms=[hooks.scaffold_control_delta],
     )
 
 
-def build_client_extensions(config: Config) -> ClientExtensions:
-    ext = strategy_extensions()
+def build_client_extensions(config: Config, *, own_rank: int | None = None) -> ClientExtensions:
+    rslora = config.model.lora is not None and config.model.lora.use_rslora
+    ext = strategy_extensions(own_rank=own_rank, own_rslora=rslora)
     # --- privacy, separately: DP-SGD's hook runs first (later gradient hooks post-process the private
     # gradient); DP clipping runs last (what leaves the client is what is bounded) ---
     private_hooks, private_transforms = client_privacy(config)

@@ -5,16 +5,17 @@ plug-in sent), so ``build_client_extensions`` can register all of them and the s
 
     ProximalTerm     FedProx: loss + mu/2 ||w - w_global||^2           option "proximal_mu"
     ScaffoldControl  SCAFFOLD: grad += c - c_i; reply carries dc_i      extras "scaffold/c", "scaffold/c_i"
-    Stragglers       FedProx stragglers: partial work, still sent       client.straggler_fraction
-    LoraRankMask     FLoRA heterogeneous ranks: only r_k components    option "lora_rank"
+    stragglers       FedProx stragglers: partial work, still sent       client.straggler_fraction
+    LoraRanks        heterogeneous ranks: train a rank-r_k adapter      option "lora_rank" (client/lora_ranks.py)
     LoraResidual     base weight = W0 + s R for exact LoRA modes        extras "lora/residual/<module>"
 
 LoraResidual is not a training hook: the residual is part of the global model, so ClientWorker loads it
 with the trainable vector for every fit and evaluation. FFA-LoRA needs no client hook either: its A
 matrices are frozen when the model is built (``fedtune.models.lora.freeze_lora_a``).
 
-Hooks that need per-fit memory (a snapshot, the controls) keep it in the object that built them, keyed by
-(round, client); the matching update transform pops it, so nothing outlives the fit.
+Hooks that need per-fit memory (a straggler's snapshot) keep it in the closures of the LocalHooks they
+return for that fit, with a ``finish`` that turns the reply into what is sent (fedtune.core.fit): nothing
+outlives the fit, and a fit that fails leaves nothing behind.
 """
 
 from __future__ import annotations
@@ -26,15 +27,12 @@ from dataclasses import dataclass, field, replace
 import numpy as np
 import torch
 
-from fedtune.client.train import LocalHooks
 from fedtune.client.weights import TrainableView
+from fedtune.core.fit import LocalHooks
+from fedtune.core.keys import C_KEY, CI_KEY, DC_KEY, PROXIMAL_OPTION, RESIDUAL_PREFIX
 from fedtune.core.messages import ClientUpdate, FitInstruction
 from fedtune.core.rng import derive_rng
-from fedtune.server.strategies.lora import RANK_OPTION, RESIDUAL_PREFIX
-from fedtune.server.strategies.scaffold import C_KEY, CI_KEY, DC_KEY
 from fedtune.tasks.base import Task
-
-PROXIMAL_OPTION = "proximal_mu"
 
 
 def _slices(flat: np.ndarray, view: TrainableView) -> list[torch.Tensor]:
@@ -62,53 +60,47 @@ def proximal_term(task: Task, instr: FitInstruction, view: TrainableView) -> Loc
     return LocalHooks(loss_terms=[term])
 
 
-@dataclass
-class Stragglers:
+def straggler_budget(instr: FitInstruction) -> int | None:
+    """The steps a straggler may take this round, or None for a client that is not one.
+
+    A client is a straggler with probability ``client.straggler_fraction``, drawn from
+    (seed, "straggler", round, client); it stops after a uniform number of steps in [1, local_steps)."""
+    fraction, steps = instr.train.straggler_fraction, instr.train.local_steps
+    if fraction <= 0 or not steps or steps < 2:
+        return None
+    rng = derive_rng(instr.seed, "straggler", instr.round, instr.client_id)
+    if rng.random() >= fraction:
+        return None
+    return int(rng.integers(1, steps))
+
+
+def stragglers(task: Task, instr: FitInstruction, view: TrainableView) -> LocalHooks:
     """Some clients stop early and send partial work (FedProx's system heterogeneity).
 
-    A client is a straggler with probability ``instr.train["straggler_fraction"]``, drawn from
-    (seed, "straggler", round, client); it stops after a uniform number of steps in [1, local_steps).
     The trainer has no early exit, so the hook snapshots the parameters when the budget is spent and the
-    transform reports that snapshot: the reply is exactly what stopping there would have sent (the
-    simulation still spends the remaining steps' compute).
+    fit's finish reports that snapshot: the reply is exactly what stopping there would have sent (the
+    simulation still spends the remaining steps' compute). The snapshot lives in this fit's closures only.
     """
+    budget = straggler_budget(instr)
+    if budget is None:
+        return LocalHooks()
+    calls, taken = [0], []
 
-    _snapshots: dict[tuple[int, str], tuple[np.ndarray, int]] = field(default_factory=dict)
+    def snapshot() -> None:  # runs before step calls[0] + 1: the parameters hold `calls` steps
+        if calls[0] == budget:
+            taken.append(view.read())
+        calls[0] += 1
 
-    @staticmethod
-    def budget(instr: FitInstruction) -> int | None:
-        fraction = float(instr.train.get("straggler_fraction") or 0.0)
-        steps = instr.train.get("local_steps")
-        if fraction <= 0 or not steps or steps < 2:
-            return None
-        rng = derive_rng(instr.seed, "straggler", instr.round, instr.client_id)
-        if rng.random() >= fraction:
-            return None
-        return int(rng.integers(1, steps))
-
-    def hooks(self, task: Task, instr: FitInstruction, view: TrainableView) -> LocalHooks:
-        budget = self.budget(instr)
-        if budget is None:
-            return LocalHooks()
-        calls = [0]
-
-        def snapshot() -> None:  # runs before step calls[0] + 1: the parameters hold `calls` steps
-            if calls[0] == budget:
-                self._snapshots[(instr.round, instr.client_id)] = (view.read(), budget)
-            calls[0] += 1
-
-        return LocalHooks(grad_hooks=[snapshot])
-
-    def transform(self, update: ClientUpdate, instr: FitInstruction) -> ClientUpdate:
-        taken = self._snapshots.pop((instr.round, instr.client_id), None)
-        if taken is None:
+    def finish(update: ClientUpdate) -> ClientUpdate:
+        if not taken:
             return update
-        params, steps = taken
         return replace(
             update,
-            delta=params - instr.params,
-            metrics={**update.metrics, "steps": float(steps), "straggler": 1.0},
+            delta=taken[0] - instr.params,
+            metrics={**update.metrics, "steps": float(budget), "straggler": 1.0},
         )
+
+    return LocalHooks(grad_hooks=[snapshot], finish=[finish])
 
 
 # --------------------------------------------------------------------------------------------- SCAFFOLD
@@ -133,7 +125,7 @@ def scaffold_control_delta(update: ClientUpdate, instr: FitInstruction) -> Clien
     if C_KEY not in instr.extras:
         return update
     steps = max(1.0, float(update.metrics.get("steps", 1.0)))
-    lr = float(instr.train["lr"])
+    lr = instr.train.lr
     dc = -instr.extras[C_KEY].astype(np.float64) - update.delta.astype(np.float64) / (steps * lr)
     return replace(update, extras={**update.extras, DC_KEY: dc.astype(np.float32)})
 
@@ -141,49 +133,34 @@ def scaffold_control_delta(update: ClientUpdate, instr: FitInstruction) -> Clien
 # --------------------------------------------------------------------------------------------- LoRA
 
 
-def _lora_params(view: TrainableView, suffix: str) -> list[tuple[str, torch.nn.Parameter]]:
-    return [(n, p) for n, p in zip(view.spec.names, view.params, strict=True) if n.endswith(suffix)]
-
-
-def lora_rank_mask(task: Task, instr: FitInstruction, view: TrainableView) -> LocalHooks:
-    """FLoRA heterogeneous ranks: only the first r_k rows of A / columns of B exist for this client."""
-    rank = instr.options.get(RANK_OPTION)
-    if rank is None:
-        return LocalHooks()
-    a_params = [p for _, p in _lora_params(view, ".lora_A.weight")]  # (r, in)
-    b_params = [p for _, p in _lora_params(view, ".lora_B.weight")]  # (out, r)
-    with torch.no_grad():
-        for p in a_params:
-            p[rank:] = 0.0
-        for p in b_params:
-            p[:, rank:] = 0.0
-
-    def mask_grads() -> None:
-        for p in a_params:
-            if p.grad is not None:
-                p.grad[rank:] = 0.0
-        for p in b_params:
-            if p.grad is not None:
-                p.grad[:, rank:] = 0.0
-
-    return LocalHooks(grad_hooks=[mask_grads])
-
-
 @dataclass
 class LoraResidual:
-    """The base-weight half of the global model in the exact LoRA modes (fedex / svd / flora).
+    """The base-weight half of the global model in the exact LoRA modes (fedex / svd / flora / flexlora).
 
-    ``load(model, extras)`` makes every adapted layer's frozen base weight what ``extras`` says: W0 + s R
-    for each ``lora/residual/<module>`` array, and W0 again for a layer it changed before that has no
-    residual now. W0 is remembered the first time a layer is changed, so a new R replaces the old one
-    instead of accumulating. ClientWorker calls it for every fit (the layer keeps W0 + s R afterwards;
-    the next request loads its own) and around every evaluation (``applied``: W0 is restored after).
+    ``load(model, extras)`` makes every adapted layer compute what ``extras`` says: W0 + s R for each
+    ``lora/residual/<module>`` array, and W0 again for a layer it changed before that has no residual now.
+    ClientWorker calls it for every fit (the layer keeps it afterwards; the next request loads its own) and
+    around every evaluation (``applied``: W0 is restored after).
+
+    Two ways to apply s R, the same function in exact arithmetic:
+
+    * ``separate=False`` (fp32 compute, export): W0 + s R is written into the frozen base weight (W0 is
+      remembered the first time a layer is changed, so a new R replaces the old one instead of accumulating).
+    * ``separate=True`` (bf16 autocast): W0 stays; a forward hook adds x (s R)^T computed in float32 with
+      autocast off. Folded into W0, s R is cast to bf16 with it, and every entry of s R below half of W0's
+      bf16 ulp there is rounded away (tests/test_lora_exact_bf16.py).
     """
 
+    separate: bool = False
     _base: dict[tuple[int, str], torch.Tensor] = field(default_factory=dict)
+    _delta: dict[tuple[int, str], torch.Tensor] = field(default_factory=dict)  # separate: s R (out, in), fp32
+    _hooked: set[tuple[int, str]] = field(default_factory=set)
 
     def load(self, model: torch.nn.Module, extras: Mapping[str, np.ndarray]) -> None:
         residuals = {k.removeprefix(RESIDUAL_PREFIX): v for k, v in extras.items() if k.startswith(RESIDUAL_PREFIX)}
+        if self.separate:
+            self._load_separate(model, residuals)
+            return
         for module_name in residuals:
             self._remember(model, module_name)
         for (model_id, module_name), base in self._base.items():
@@ -213,6 +190,32 @@ class LoraResidual:
         key = (id(model), module_name)
         if key not in self._base:
             self._base[key] = base_weight(model.get_submodule(module_name)).detach().clone()
+
+    def _load_separate(self, model: torch.nn.Module, residuals: Mapping[str, np.ndarray]) -> None:
+        for key in [k for k in self._delta if k[0] == id(model)]:
+            del self._delta[key]  # a layer without a residual in this request computes W0 x
+        for module_name, residual in residuals.items():
+            key = (id(model), module_name)
+            layer = model.get_submodule(module_name)
+            update = scaled_residual(model, module_name, residual)
+            if getattr(layer, "fan_in_fan_out", False):
+                update = update.T  # back to (out, in) for F.linear
+            self._delta[key] = update.to(device=base_weight(layer).device, dtype=torch.float32).contiguous()
+            if key not in self._hooked:
+                layer.register_forward_hook(self._forward_hook(key))
+                self._hooked.add(key)
+
+    def _forward_hook(self, key: tuple[int, str]):
+        def add_residual(layer: torch.nn.Module, args: tuple, output: torch.Tensor) -> torch.Tensor:
+            delta = self._delta.get(key)
+            if delta is None:
+                return output
+            x = args[0]
+            with torch.autocast(device_type=x.device.type, enabled=False):
+                extra = torch.nn.functional.linear(x.float(), delta)  # float32, outside the autocast
+            return output.float() + extra  # stays float32: rounding it to bf16 would undo the point
+
+        return add_residual
 
 
 def base_weight(layer: torch.nn.Module) -> torch.Tensor:

@@ -13,6 +13,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
+from fedtune.config.lora_ranks import largest_rank
 from fedtune.config.personalization import check_personalization_rules
 from fedtune.config.privacy import check_distributed_dp, check_dpsgd_data_parallel, check_secagg_availability
 from fedtune.errors import ConfigError
@@ -23,7 +24,8 @@ if TYPE_CHECKING:
 CLASSIFICATION_SOURCES = frozenset({"classification", "bbc_news", "python"})
 TEXT_SOURCES = frozenset({"shakespeare", "text", "instruct", "python"})
 SUM_ONLY = ("privacy.dp", "privacy.secure_aggregation")  # the server sees only a noised or masked sum
-NEEDS_INDIVIDUAL_UPDATES = ("fedex", "svd", "flora")  # LoRA modes that combine clients' factors non-linearly
+# LoRA modes that combine clients' factors non-linearly (or need each rank-r_k adapter)
+NEEDS_INDIVIDUAL_UPDATES = ("fedex", "svd", "flora", "flexlora", "hetlora")
 
 
 @dataclass(frozen=True)
@@ -77,7 +79,8 @@ def _hf_trainer_own_loop(c: Config) -> str | None:
         "server.scaffold": c.server.scaffold,
         "privacy.dpsgd": c.privacy.dpsgd is not None,
         "client.straggler_fraction": c.client.straggler_fraction > 0,
-        "server.lora_aggregation 'flora'": c.server.lora_aggregation == "flora",
+        "server.lora_aggregation flora/hetlora/flexlora (client ranks)": c.server.lora_aggregation
+        in ("flora", "hetlora", "flexlora"),
     }
     needs_loop = [key for key, on in in_loop.items() if on]
     if c.client.trainer == "hf" and needs_loop:
@@ -105,7 +108,7 @@ def _lora_mode_needs_lora(c: Config) -> str | None:
 
 def _lora_client_ranks(c: Config) -> str | None:
     ranks, lora = c.server.lora_client_ranks, c.model.lora
-    if ranks and lora is not None and max(ranks) > lora.r:
+    if ranks is not None and lora is not None and largest_rank(ranks) > lora.r:
         return f"server.lora_client_ranks may not exceed model.lora.r = {lora.r}"
     return None
 

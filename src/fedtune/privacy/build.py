@@ -36,8 +36,7 @@ def client_privacy(config: Config) -> tuple[list, list]:
         from fedtune.privacy.dpsgd import DpSgd
 
         dpsgd = DpSgd(p.dpsgd, state=config.simulation.client_state)  # the client ledgers: off-worker
-        hook_factories.append(dpsgd.hooks)
-        transforms.append(dpsgd.transform)
+        hook_factories.append(dpsgd.hooks)  # its hooks' finish books the round's cost on the client's ledger
     if p.dp is not None:
         from fedtune.privacy.client_clip import dp_clip_transform
 

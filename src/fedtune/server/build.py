@@ -13,7 +13,19 @@ from fedtune.aggregation.server_opt import make_server_optimizer
 from fedtune.config.schema import Config
 from fedtune.core.strategy import Strategy
 from fedtune.privacy.build import wrap_strategy
-from fedtune.server.strategies import ClientOptions, FedExLora, FedOpt, FfaLora, FLoRA, Plugin, Scaffold, SvdLora
+from fedtune.server.strategies import (
+    ClientOptions,
+    FedExLora,
+    FedOpt,
+    FfaLora,
+    FlexLora,
+    FLoRA,
+    HetLora,
+    Plugin,
+    RankAssignment,
+    Scaffold,
+    SvdLora,
+)
 
 
 def build_plugins(config: Config, *, num_clients: int | None) -> list[Plugin]:
@@ -23,11 +35,15 @@ def build_plugins(config: Config, *, num_clients: int | None) -> list[Plugin]:
         plugins.append(ClientOptions({"proximal_mu": server.proximal_mu}, name="fedprox"))
     if server.scaffold:
         plugins.append(Scaffold(num_clients=num_clients))
+    rslora = config.model.lora is not None and config.model.lora.use_rslora
+    ranks = RankAssignment.from_config(server.lora_client_ranks, seed=config.seed, rslora=rslora)
     lora_modes = {
         "ffa": lambda: FfaLora(),
         "fedex": lambda: FedExLora(),
         "svd": lambda: SvdLora(),
-        "flora": lambda: FLoRA(seed=config.seed, client_ranks=tuple(server.lora_client_ranks or ()) or None),
+        "flora": lambda: FLoRA(seed=config.seed, ranks=ranks),
+        "hetlora": lambda: HetLora(ranks=ranks),
+        "flexlora": lambda: FlexLora(ranks=ranks),
     }
     if server.lora_aggregation in lora_modes:
         plugins.append(lora_modes[server.lora_aggregation]())

@@ -16,8 +16,8 @@ import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 
-from fedtune.client.schedule import ROUNDS_OPTION
 from fedtune.config.schema import Config
+from fedtune.core.keys import ROUNDS_OPTION
 from fedtune.core.messages import (
     ClientEval,
     ClientFailure,
@@ -263,7 +263,7 @@ def run_round(
     if not begun:
         state = strategy.begin_round(state, population=len(population))
     sampled = sample_round(config, population, round_idx)
-    train_cfg = config.client.model_dump()
+    train_cfg = config.client
     instructions = []
     for cid in sampled:
         arrays, options = strategy.fit_payload(state, cid)
