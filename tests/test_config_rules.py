@@ -80,6 +80,14 @@ CASES: dict[str, tuple[dict, str, dict]] = {
         "server.weighting must be 'uniform'",
         {"privacy": {"dp": {"noise_multiplier": 1.0}}, **UNIFORM},
     ),
+    "dp_adaptive_norm_bound": (
+        {
+            "privacy": {"dp": {"noise_multiplier": 1.0}},
+            "server": {"weighting": "uniform", "update_norm_bound": "adaptive"},
+        },
+        "median norm of the clients' un-noised updates",
+        {"privacy": {"dp": {"noise_multiplier": 1.0}}, "server": {"weighting": "uniform", "update_norm_bound": "auto"}},
+    ),
     "sum_only_aggregator": (
         {"privacy": {"secure_aggregation": True}, "server": {"aggregator": "median"}},
         "server.aggregator 'median' needs individual updates, which privacy.secure_aggregation",

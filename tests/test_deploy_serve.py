@@ -22,6 +22,13 @@ def test_a_deployment_bounds_updates_unless_told_otherwise() -> None:
         assert deployment_defaults(cfg).server.update_norm_bound == explicit
 
 
+def test_under_dp_a_deployment_leaves_the_bounds_to_the_dp_clip() -> None:
+    """The adaptive bounds are medians of un-noised updates (outside the accounting): under DP, auto is off."""
+    cfg = parse_config({"privacy": {"dp": {"noise_multiplier": 1.0}}, "server": {"weighting": "uniform"}})
+    deployed = deployment_defaults(cfg).server
+    assert deployed.update_norm_bound == deployed.max_examples_per_client == "off"
+
+
 def test_port_zero_resumes_on_the_recorded_port(tmp_path) -> None:
     cfg = parse_config({"deployment": {"port": 0}})
     assert listen_port(cfg, None) == 0  # a fresh run: any free port

@@ -130,6 +130,17 @@ def _dpsgd_data_parallel(c: Config) -> str | None:
     return None
 
 
+def _dp_adaptive_norm_bound(c: Config) -> str | None:
+    if c.privacy.dp is not None and c.server.update_norm_bound == "adaptive":
+        return (
+            "server.update_norm_bound 'adaptive' cannot be used with privacy.dp: the adaptive bound is a multiple "
+            "of the median norm of the clients' un-noised updates, a statistic of their data that would reach "
+            "the next rounds outside the privacy accounting; DP's clip already bounds every update to "
+            "clip_norm (use 'off', 'auto' or a fixed number)"
+        )
+    return None
+
+
 def _dp_uniform_weights(c: Config) -> str | None:
     if c.privacy.dp is not None and c.server.weighting != "uniform":
         return (
@@ -241,6 +252,7 @@ RULES: dict[str, Rule] = {
     "dpsgd_accumulation": Rule(("privacy.dpsgd", "client.gradient_accumulation_steps"), _dpsgd_accumulation),
     "dpsgd_data_parallel": Rule(("privacy.dpsgd", "simulation.client_nproc"), _dpsgd_data_parallel),
     "dp_uniform_weights": Rule(("privacy.dp", "server.weighting"), _dp_uniform_weights),
+    "dp_adaptive_norm_bound": Rule(("privacy.dp", "server.update_norm_bound"), _dp_adaptive_norm_bound),
     "sum_only_aggregator": Rule((*SUM_ONLY, "server.aggregator"), _sum_only_aggregator),
     "sum_only_scaffold": Rule((*SUM_ONLY, "server.scaffold"), _sum_only_scaffold),
     "sum_only_lora_mode": Rule((*SUM_ONLY, "server.lora_aggregation"), _sum_only_lora_mode),

@@ -48,9 +48,14 @@ def initial_model(config: Config) -> tuple[np.ndarray, ParamSpec, bool]:
 def deployment_defaults(config: Config) -> Config:
     """The config a deployment runs: ``auto`` in ``server.update_norm_bound`` and ``server.max_examples_per_client``
     becomes ``adaptive`` (a deployment bounds every client's influence by default; a simulation, whose clients
-    are ours, does not)."""
+    are ours, does not).
+
+    Under ``privacy.dp`` both become ``off`` instead: DP's clip already bounds every update's norm and DP
+    weights clients uniformly, and the adaptive bounds are medians of the clients' un-noised updates and
+    counts, statistics of their data that the privacy accounting does not cover."""
     keys = ("update_norm_bound", "max_examples_per_client")
-    resolved = {k: "adaptive" for k in keys if getattr(config.server, k) == "auto"}
+    value = "off" if config.privacy.dp is not None else "adaptive"
+    resolved = {k: value for k in keys if getattr(config.server, k) == "auto"}
     if not resolved:
         return config
     return config.model_copy(update={"server": config.server.model_copy(update=resolved)})
