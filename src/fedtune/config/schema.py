@@ -11,6 +11,7 @@ from typing import Annotated, Literal
 
 from pydantic import Field, model_validator
 
+from fedtune.config.asynchronous import FedBuffConfig, check_async_rules
 from fedtune.config.base import PositiveFloat, PositiveInt, Section
 from fedtune.config.deployment import DeploymentConfig
 from fedtune.config.privacy import PrivacyConfig, check_privacy_rules
@@ -219,6 +220,10 @@ class ServerConfig(Section):
     # re-projected to rank r, remainder to the residual). See docs/STRATEGIES.md for how a residual is applied.
     lora_aggregation: Literal["naive", "ffa", "fedex", "flora", "svd"] = "naive"
     lora_client_ranks: list[PositiveInt] | None = None  # flora: each client's rank drawn from this list (seeded)
+    # sync: rounds with a barrier; async: FedBuff buffered asynchronous steps (server.fedbuff, see
+    # fedtune.config.asynchronous); federation.rounds then counts buffered steps
+    mode: Literal["sync", "async"] = "sync"
+    fedbuff: FedBuffConfig | None = None  # async: concurrency, buffer size, staleness (null: the defaults)
 
     @model_validator(mode="after")
     def _check(self) -> ServerConfig:
@@ -317,5 +322,6 @@ class Config(Section):
                 "privacy.dpsgd clips and noises each step's per-example gradients of one batch: "
                 "use a larger client.batch_size instead of client.gradient_accumulation_steps"
             )
+        check_async_rules(self)  # what FedBuff refuses, and why
         check_privacy_rules(self)  # DP needs uniform weights; SecAgg/DP need a linear aggregator; DP-SGD batching
         return self

@@ -38,8 +38,14 @@ def config_digest(config: Config) -> str:
     backend, which matches in-process exactly, and the deployment's addresses and credentials)."""
     data = config.model_dump(mode="json")
     data["federation"].pop("rounds", None)
+    speeds = data["simulation"].get("client_speed")  # async mode's simulated clock decides who arrives when
     for section in ("run", "eval", "simulation", "deployment"):
         data[section] = {}
+    if data["server"].get("mode") == "sync":  # keys added with FedBuff: sync runs keep their old digest
+        data["server"].pop("mode")
+        data["server"].pop("fedbuff", None)
+    elif speeds is not None:
+        data["simulation"] = {"client_speed": speeds}
     return hashlib.sha256(json.dumps(data, sort_keys=True).encode()).hexdigest()[:16]
 
 

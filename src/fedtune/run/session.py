@@ -247,7 +247,10 @@ def coordinate(
         stopped.append(reason)
         sinks.on_stop(at, reason)
 
-    state = run_rounds(
+    loop = run_rounds
+    if config.server.mode == "async":  # FedBuff: buffered steps on a simulated clock instead of rounds
+        from fedtune.server.async_loop import run_async as loop  # type: ignore[assignment]
+    state = loop(
         config,
         strategy,
         transport,
@@ -285,8 +288,13 @@ def serve(
     console = console or Console()
     require_trackers(config.run.trackers)  # a tracker that is not installed fails before anything starts
     check_secagg_transport(config, transport)  # privacy: refuse SecAgg where the server would see plaintext
-    strategy = build_strategy(config, num_clients=len(transport.client_ids()))  # SCAFFOLD needs N
-    strategy = carry_secagg(strategy, transport)  # privacy: SecAgg's message rounds over a networked transport
+    if config.server.mode == "async":
+        from fedtune.server.async_loop import build_fedbuff
+
+        strategy = build_fedbuff(config)
+    else:
+        strategy = build_strategy(config, num_clients=len(transport.client_ids()))  # SCAFFOLD needs N
+        strategy = carry_secagg(strategy, transport)  # privacy: SecAgg's message rounds over a networked transport
     run_dir, state, log = _open_run(config, strategy, init, resume_dir, console, fresh_dir)
     if extra_state and state.round == 0:
         state = state.evolve(extra={**state.extra, **extra_state})
