@@ -26,6 +26,7 @@ from fedtune.run import rundir
 from fedtune.server.async_loop import VERSION_PREFIX, build_clock, build_fedbuff, run_async
 from fedtune.server.clock import Schedule, client_speeds
 from fedtune.transport.inprocess import InProcessTransport
+from test_fedbuff_math import _oracle_epsilon
 from test_strategies_support import ArrayTask, classification_records, make_config, make_worker, seeded
 
 DIM = 16
@@ -284,3 +285,14 @@ def test_cli_and_python_api_run_async_and_resume_exactly(tmp_path):
     resumed = fedtune.simulate(_digits_config(tmp_path / "b", 4), resume=part.run_dir, quiet=True)
     assert resumed.state.round == 4 and np.array_equal(resumed.state.params, full.params)
     assert [r["agg_sim_time"] for r in resumed.metrics if r["round"] > 0] == [r["agg_sim_time"] for r in steps]
+
+
+def test_dp_run_end_to_end_reports_the_unamplified_epsilon(tmp_path):
+    raw = _digits_config(tmp_path, 3)
+    raw["server"] = {**raw["server"], "weighting": "uniform"}
+    raw["privacy"] = {"dp": {"clip": 0.5, "noise_multiplier": 4.0, "delta": 1e-5}}
+    result = fedtune.simulate(raw, quiet=True)
+    eps = [r["agg_epsilon"] for r in result.metrics if r["round"] > 0]
+    assert eps == pytest.approx([_oracle_epsilon(4.0, t, 1e-5) for t in (1, 2, 3)], rel=1e-9)
+    steps = [r for r in result.metrics if r["round"] > 0]
+    assert all(r["agg_dp_noise_std"] == 2.0 and r["agg_aggregated"] == 2 for r in steps)  # z C; K arrivals

@@ -100,6 +100,7 @@ def with_schedule(new: ServerState, old: ServerState, sched: Schedule) -> Server
 
 
 def _instruction(config: Config, server: FedBuff, state: ServerState, flight: InFlight) -> FitInstruction:
+    arrays, options = server.fit_payload(state, flight.client_id)
     return FitInstruction(
         client_id=flight.client_id,
         round=flight.dispatch,  # the client's random streams: one per dispatch, as one per round in sync mode
@@ -107,7 +108,8 @@ def _instruction(config: Config, server: FedBuff, state: ServerState, flight: In
         spec_digest=state.spec.digest,
         seed=config.seed,
         train=config.client.model_dump(),
-        options={**server.fit_options(), ROUNDS_OPTION: config.federation.rounds},
+        extras=arrays,
+        options={**options, ROUNDS_OPTION: config.federation.rounds},
     )
 
 

@@ -66,9 +66,10 @@ class FedBuff:
         extra = {DP_KEY: {"ledger": []}} if self.dp is not None else {}
         return ServerState(round=0, params=params, spec=spec, arrays=arrays, extra=extra)
 
-    def fit_options(self) -> dict[str, Any]:
+    def fit_payload(self, state: ServerState, client_id: str) -> tuple[dict[str, np.ndarray], dict[str, Any]]:
+        """(arrays, scalar options) sent with a dispatch, as the synchronous Strategy's ``fit_payload``."""
         dp = {"dp_clip": self.dp.clip, "dp_adaptive": False} if self.dp is not None else {}
-        return {**self.client_options, **dp}
+        return {}, {**self.client_options, **dp}
 
     def eval_payload(self, state: ServerState) -> dict[str, np.ndarray]:
         return {}
