@@ -273,6 +273,8 @@ def _digits_config(tmp_path: Path, rounds: int) -> dict:
 def test_cli_and_python_api_run_async_and_resume_exactly(tmp_path):
     path = tmp_path / "async.yaml"
     path.write_text(yaml.safe_dump(_digits_config(tmp_path / "cli", 4)))
+    checked = CliRunner().invoke(app, ["validate", str(path)])
+    assert checked.exit_code == 0 and "4 buffered steps (async: 4 clients training at once" in checked.output
     result = CliRunner().invoke(app, ["run", str(path), "--quiet"])
     assert result.exit_code == 0, result.output
     (run_dir,) = (tmp_path / "cli" / "runs").iterdir()
