@@ -2,6 +2,7 @@
 expansion over plain 16/32-bit uploads, beside Bonawitz et al. 2017's published 1.73x.
 
     .venv/bin/python benchmarks/secagg.py [--quick] [--write docs/BENCHMARKS.md]
+    .venv/bin/python benchmarks/secagg.py --availability [--write docs/BENCHMARKS.md]   # abort rates only
 
 Every run is the real protocol (fedtune.privacy.secagg): X25519, ChaCha20-Poly1305, Shamir over
 GF(2^521 - 1), ChaCha20 masks, every message encoded to bytes. Clients drop with the given probability
@@ -25,8 +26,9 @@ from pathlib import Path
 import numpy as np
 
 from fedtune.privacy.errors import SecAggAbort
+from fedtune.privacy.secagg import availability
 from fedtune.privacy.secagg.client import SecAggClient
-from fedtune.privacy.secagg.driver import STAGES, Traffic, run_protocol
+from fedtune.privacy.secagg.driver import STAGES, Traffic, random_dropouts, run_protocol
 from fedtune.privacy.secagg.messages import MaskedInput, PublicParams, encode, packed_size
 from fedtune.privacy.secagg.quantize import field_for
 from fedtune.privacy.secagg.server import SecAggServer
@@ -221,10 +223,10 @@ def platform_line() -> str:
     )
 
 
-def write_section(path: Path, section: str) -> None:
-    """Replace (or append) only the "## Secure aggregation" section; other sections are left alone."""
+def write_section(path: Path, section: str, *, title: str = "## Secure aggregation") -> None:
+    """Replace (or append) only the section headed ``title``; other sections are left alone."""
     text = path.read_text() if path.exists() else "# Benchmarks\n"
-    pattern = re.compile(r"^## Secure aggregation\n.*?(?=^## |\Z)", re.S | re.M)
+    pattern = re.compile(rf"^{re.escape(title)}\n.*?(?=^## |\Z)", re.S | re.M)
     if pattern.search(text):
         text = pattern.sub(lambda _: section + "\n", text)
     else:
@@ -232,12 +234,114 @@ def write_section(path: Path, section: str) -> None:
     path.write_text(text)
 
 
+def availability_rows(n: int, dropout: float, target: float, rounds: int, real_rounds: int) -> list[dict]:
+    """Abort rates at ``dropout``: the parameters chosen for ``target`` against fixed ones, each over
+    ``rounds`` simulated rounds (the real graph and checks, availability.simulate_aborts) and, for the chosen
+    ones, ``real_rounds`` rounds of the real protocol (d = 16, each client dropping with probability
+    ``dropout`` before a uniformly chosen stage)."""
+    chosen = availability.plan(n, dropout=dropout, failure_probability=target)
+    settings = [
+        (
+            f"chosen for {target:g} (k = {chosen.neighbours or 'complete'}, t just above k/2)",
+            chosen.neighbours,
+            chosen.threshold,
+        ),
+        ("former defaults (k = 8, threshold 2/3)", 8, 2 / 3),
+        ("k = 8, threshold 0.55", 8, 0.55),
+        ("complete graph, threshold 2/3", 0, 2 / 3),
+    ]
+    rows = []
+    for i, (name, k, threshold) in enumerate(settings):
+        rate = availability.simulate_aborts(n, k, threshold, dropout, rounds, np.random.default_rng([n, i]))
+        real = real_aborts(n, k, threshold, dropout, real_rounds) if i == 0 and real_rounds else None
+        t = availability.shares_needed(threshold, availability.degree(n, k))
+        rows.append(
+            {
+                "n": n,
+                "setting": name,
+                "t": t,
+                "rate": rate,
+                "rounds": rounds,
+                "real": real,
+                "bound": availability.abort_bound(n, k, threshold, dropout),
+            }
+        )
+        print(
+            f"availability n={n} {name}: {rate:.4f} of {rounds} simulated rounds abort"
+            + (f", real protocol {real[0]} of {real[1]}" if real else ""),
+            flush=True,
+        )
+    return rows
+
+
+def real_aborts(n: int, k: int, threshold: float, dropout: float, rounds: int) -> tuple[int, int]:
+    spec = field_for(n, value_bits=16)
+    ids = [f"client{i:04d}" for i in range(n)]
+    aborted = 0
+    for r in range(rounds):
+        params = PublicParams(1, 16, False, (), 1.0, 0.0, spec.modulus_bits, spec.levels, threshold, k, bytes([r]))
+        rng = np.random.default_rng([r, 5])
+        clients = {c: SecAggClient(c, rng.uniform(-1, 1, 16).astype(np.float32), params, rng=rng) for c in ids}
+        try:
+            run_protocol(clients, SecAggServer(params, ids), drop_before=random_dropouts(ids, dropout, rng))
+        except SecAggAbort:
+            aborted += 1
+    return aborted, rounds
+
+
+def render_availability(rows: list[dict], dropout: float, seconds: float, command: str) -> str:
+    lines = [
+        "## SecAgg availability",
+        "",
+        f"Command: `{command}` ({seconds / 60:.1f} min). Each client drops with probability {dropout:.0%} before "
+        "a uniformly chosen stage; a round aborts when any check of the server or the clients fails. *simulated*: "
+        "the real neighbour graph and threshold checks without the cryptography "
+        "(`fedtune.privacy.secagg.availability.simulate_aborts`, checked round by round against the real "
+        "protocol in `tests/test_secagg_availability.py`); *real*: the full protocol (d = 16). *bound*: the "
+        "bound the parameters are chosen by (docs/PRIVACY.md). *95% upper*: the rule-of-three / Wilson upper "
+        "confidence limit of the simulated rate.",
+        "",
+        "| clients n | parameters | t | simulated aborts | 95% upper | real protocol aborts | bound |",
+        "|---:|---|---:|---:|---:|---:|---:|",
+    ]
+    for r in rows:
+        aborts = round(r["rate"] * r["rounds"])
+        real = f"{r['real'][0]} of {r['real'][1]}" if r["real"] else "-"
+        lines.append(
+            f"| {r['n']} | {r['setting']} | {r['t']} | {aborts} of {r['rounds']} ({r['rate']:.2%}) | "
+            f"{upper95(aborts, r['rounds']):.2%} | {real} | {min(r['bound'], 1.0):.3g} |"
+        )
+    return "\n".join([*lines, ""])
+
+
+def upper95(k: int, n: int) -> float:
+    """Wilson score upper limit (3 / n, the rule of three, at k = 0)."""
+    if k == 0:
+        return 3.0 / n
+    p, z = k / n, 1.96
+    centre = p + z * z / (2 * n)
+    return min(1.0, (centre + z * math.sqrt(p * (1 - p) / n + z * z / (4 * n * n))) / (1 + z * z / n))
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--quick", action="store_true", help="n up to 50 only (a smoke test)")
     parser.add_argument("--write", type=Path, help="update this markdown file's '## Secure aggregation' section")
+    parser.add_argument(
+        "--availability", action="store_true", help="only the abort-rate table ('## SecAgg availability')"
+    )
     args = parser.parse_args()
     started = time.perf_counter()
+    if args.availability:
+        rows = availability_rows(100, 0.3, 0.01, rounds=2000, real_rounds=0 if args.quick else 5)
+        rows += availability_rows(1000, 0.3, 0.01, rounds=100 if args.quick else 300, real_rounds=0)
+        command = "python benchmarks/secagg.py --availability" + (" --quick" if args.quick else "")
+        section = render_availability(rows, 0.3, time.perf_counter() - started, command + " --write docs/BENCHMARKS.md")
+        if args.write:
+            write_section(args.write, section, title="## SecAgg availability")
+        else:
+            sys.stdout.write(section)
+        return
     sizes = [10, 50] if args.quick else [10, 50, 100, 200, 500]
     plan = [(n, secagg_plus_degree(n), p) for n in sizes for p in (0.0, 0.1, 0.3)]
     plan += [(n, None, p) for n in sizes if 10 < n <= 100 for p in (0.0, 0.3)]  # the original, complete graph

@@ -91,7 +91,8 @@ def client_args(port: int, pki: Path, name: str, data: str | None = None) -> lis
 
 def find_run_dir(tmp: Path) -> Path:
     """The run directory a server started with out_dir ``tmp/runs`` creates."""
-    found = wait_until(lambda: glob.glob(str(tmp / "runs" / "run-*")), 60, "the run directory")
+    # generous: on a loaded machine a server process takes a minute or more to import torch and build the model
+    found = wait_until(lambda: glob.glob(str(tmp / "runs" / "run-*")), 300, "the run directory")
     return Path(sorted(found)[0])
 
 

@@ -16,7 +16,6 @@ from fedtune.aggregation.server_opt import make_server_optimizer
 from fedtune.config.privacy import DPConfig
 from fedtune.core.messages import ClientUpdate
 from fedtune.core.params import ParamSpec
-from fedtune.privacy.accountant import RDP_ORDERS
 from fedtune.privacy.clipping import clip_l2
 from fedtune.privacy.noise import gaussian
 from fedtune.server.fedbuff import Arrival, FedBuff
@@ -141,7 +140,7 @@ def test_a_step_with_no_usable_arrival_keeps_the_model():
 
 def _oracle_epsilon(z: float, steps: int, delta: float) -> float:
     """T unamplified Gaussian mechanisms of sensitivity 2C and std zC under replace-one adjacency."""
-    acc = rdp.RdpAccountant(list(RDP_ORDERS), neighboring_relation=dp_accounting.NeighboringRelation.REPLACE_ONE)
+    acc = rdp.RdpAccountant(neighboring_relation=dp_accounting.NeighboringRelation.REPLACE_ONE)
     acc.compose(dp_accounting.GaussianDpEvent(z / 2), steps)
     return acc.get_epsilon(delta)
 

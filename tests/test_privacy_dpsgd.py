@@ -7,6 +7,7 @@ import os
 import uuid
 from pathlib import Path
 
+import dp_accounting
 import numpy as np
 import pytest
 import torch
@@ -165,3 +166,42 @@ def test_lora_causal_lm_gradient_is_per_example_despite_token_weighting(lm_task)
     want = oracle(task, examples, own_loss, cfg, instr)
     for g, w in zip(got, want, strict=True):
         torch.testing.assert_close(g.double(), w / len(examples), rtol=1e-3, atol=1e-7)
+
+
+@pytest.mark.parametrize(
+    ("train", "epochs"),
+    [
+        ({"local_steps": 16}, 2),
+        ({"local_steps": 15}, 2),
+        ({"local_steps": 8}, 1),
+        ({"local_steps": 9}, 2),
+        ({"local_epochs": 2, "local_steps": None}, 2),
+    ],
+)
+def test_epochs_are_counted_exactly_whatever_the_last_batch(train: dict, epochs: int) -> None:
+    """72 examples in batches of 10 make 8 steps an epoch (the last of 2 examples): 16 steps are two epochs,
+    and the accounting must say so (not the one epoch the last batch's size suggests)."""
+    from dp_accounting import rdp
+
+    from fedtune.client.train import local_train
+    from fedtune.data.types import ArrayExample
+
+    torch.manual_seed(0)
+    task = ModuleTask(digits_cnn(channels=4, hidden=16))
+    rng = np.random.default_rng(0)
+    examples = task.encode([ArrayExample(rng.normal(size=64), int(rng.integers(10))) for _ in range(72)], train=True)
+    cfg = DpSgdConfig(noise_multiplier=1.1, max_grad_norm=1.0)
+    view = TrainableView(task.module)
+    dpsgd = DpSgd(cfg, state=f"memory:{uuid.uuid4().hex}")
+    instr = instruction(view, batch_size=10, **train)
+    hooks = dpsgd.hooks(task, instr, view)
+    result = local_train(
+        task, examples, ClientConfig.model_validate(instr.train), seed=5, round_idx=2, client_id="c1", hooks=hooks
+    )
+    update = ClientUpdate("c1", 2, result.num_examples, np.zeros(3, np.float32), "x")
+    out = dpsgd.transform(update, instr)
+    # the oracle: dp-accounting itself, `epochs` Gaussian mechanisms of sensitivity 2C under replace-one
+    ref = rdp.RdpAccountant(neighboring_relation=dp_accounting.NeighboringRelation.REPLACE_ONE)
+    ref.compose(dp_accounting.SelfComposedDpEvent(dp_accounting.GaussianDpEvent(1.1 / 2), epochs))
+    assert out.metrics["dpsgd_steps"] == result.steps
+    assert out.metrics["dpsgd_epsilon_round"] == pytest.approx(ref.get_epsilon(cfg.delta), rel=1e-6)

@@ -17,7 +17,6 @@ from rich.console import Console
 
 from _models import DIGITS_CNN
 from fedtune.config import parse_config
-from fedtune.privacy.accountant import RDP_ORDERS
 from fedtune.run.session import simulate
 
 pytestmark = [pytest.mark.filterwarnings("ignore:Full backward hook is firing"), pytest.mark.timeout(300)]
@@ -54,9 +53,7 @@ def client_records(run_dir: Path) -> list[dict]:
 
 def oracle_epsilon(mechanisms: int) -> float:
     """dp-accounting directly: ``mechanisms`` Gaussian mechanisms of sensitivity 2C (replace-one), RDP."""
-    acc = dp_accounting.rdp.RdpAccountant(
-        list(RDP_ORDERS), neighboring_relation=dp_accounting.NeighboringRelation.REPLACE_ONE
-    )
+    acc = dp_accounting.rdp.RdpAccountant(neighboring_relation=dp_accounting.NeighboringRelation.REPLACE_ONE)
     acc.compose(dp_accounting.GaussianDpEvent(Z / 2), mechanisms)
     return acc.get_epsilon(DELTA)
 

@@ -234,7 +234,7 @@ def test_too_many_dropouts_abort_the_round_cleanly_and_the_next_round_runs(tmp_p
         raise
     run_dir = find_run_dir(tmp_path)
     records = {r["round"]: r for r in _rounds(run_dir)}
-    assert records[1]["agg_aggregated"] == 0
+    assert records[1]["agg_aggregated"] == 0 and records[1]["status"] == "failed"  # not a completed round
     assert "2 masked inputs arrived, at least 3 are needed" in records[1]["agg_secagg_abort"]
     assert records[1]["eval_loss"] == records[0]["eval_loss"]  # the same model, evaluated on the same data
     assert records[2]["agg_aggregated"] == 3 and records[2]["agg_secagg_survivors"] == 3
@@ -296,3 +296,54 @@ def test_secagg_over_grpc_refuses_what_cannot_work(overrides, message, tmp_path)
     with pytest.raises(ConfigError, match="plaintext"):
         plain = _config(tmp_path, tmp_path, 1, num_clients=3, rounds=1)
         check_secagg_transport(parse_config(plain), GrpcServerTransport())
+
+
+@pytest.mark.slow  # ~60-100 s on a loaded 2-core machine
+def test_distributed_dp_over_grpc_reports_epsilon_and_sends_no_plaintext(tmp_path, pki, procs, monkeypatch):
+    """privacy.dp.distributed over gRPC: each participant noises its own update (Skellam share, private seed)
+    before SecAgg; the server never decodes an update tensor, and epsilon is charged per round at the noise
+    shares of the survivors."""
+    from fedtune.deploy.serve import run_server
+    from fedtune.privacy import accountant, distributed
+    from fedtune.privacy.ddp_client import config_plan
+
+    port = free_port()
+    cfg = _config(tmp_path, pki, port, num_clients=4, rounds=2)
+    cfg["server"] = {"weighting": "uniform"}
+    cfg["privacy"]["dp"] = {"clip": 0.5, "noise_multiplier": 0.5, "distributed": True}
+    cfg["deployment"]["quorum_timeout_s"] = 200  # four client processes importing torch on a loaded machine
+    spy = _WireSpy(monkeypatch)
+    outcome: dict = {}
+
+    def serve() -> None:
+        try:
+            outcome["result"] = run_server(parse_config(cfg), console=Console(quiet=True), show_progress=False)
+        except BaseException as err:  # reported below
+            outcome["error"] = err
+
+    server = threading.Thread(target=serve, daemon=True)
+    server.start()
+    for name in CLIENTS[:4]:
+        procs.cli(name, "client", *client_args(port, pki, name))
+    server.join(240)
+    try:
+        assert not server.is_alive(), "the server did not finish"
+        assert "error" not in outcome, outcome.get("error")
+    except AssertionError:
+        print(procs.logs())
+        raise
+    result = outcome["result"]
+    parsed = parse_config(cfg)
+    plan = config_plan(
+        parsed.privacy.dp, rounds=2, clients_per_round=4, expected_dropout=0.1, dim=result.state.spec.numel
+    )
+    ledger: list = []
+    for r in [r for r in result.rounds if r["round"] > 0]:
+        ledger = accountant.append(ledger, distributed.entry(plan, r["agg_secagg_survivors"]))
+        assert r["agg_ddp_noise_shares"] == r["agg_secagg_survivors"] == 4
+        assert r["agg_epsilon"] == pytest.approx(accountant.epsilon(ledger, 1e-5))
+    assert np.isfinite(result.state.params).all()
+    for kind, tensors in spy.seen:
+        assert not any(name.startswith("delta/") for name in tensors)
+        if kind == pb.FIT_RESULT:
+            assert tensors == {}

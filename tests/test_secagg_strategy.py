@@ -91,7 +91,9 @@ def test_dp_with_secagg_agrees_with_dp_without_and_survives_dropouts() -> None:
     assert metrics.get("secagg_dropped", 0) > 0 or "secagg_abort" in metrics
 
 
-def test_an_aborted_secagg_round_keeps_the_model_and_is_still_charged() -> None:
+def test_an_aborted_secagg_round_keeps_the_model_and_is_not_charged() -> None:
+    """An abort releases nothing (no sum is unmasked, no noise added): the ledger does not move; the next
+    round that does release a noised sum is charged exactly once."""
     cfg = parse_config(
         {
             "server": {"weighting": "uniform"},
@@ -106,7 +108,12 @@ def test_an_aborted_secagg_round_keeps_the_model_and_is_still_charged() -> None:
     new_state, metrics = dp.aggregate(state, updates(2))  # two clients: below SecAgg's minimum of three
     assert "aborted" in metrics["secagg_abort"] and metrics["aggregated"] == 0
     assert np.array_equal(new_state.params, state.params) and new_state.round == 1
-    assert new_state.extra["dp"]["ledger"][0]["count"] == 1
+    assert new_state.extra["dp"]["ledger"] == [] and metrics["epsilon"] == 0.0 and metrics["dp_charged"] == 0
+    state = dp.begin_round(new_state, population=10)
+    final, metrics = dp.aggregate(state, updates(4, scale=0.01))
+    assert metrics["aggregated"] == 4 and metrics["dp_charged"] == 1
+    assert final.extra["dp"]["ledger"] == [{"sampling": "poisson", "q": 0.2, "z": 1.0, "count": 1}]
+    assert metrics["epsilon"] == pytest.approx(dp.epsilon(final)) and metrics["epsilon"] > 0
 
 
 def test_secure_aggregation_refuses_krum() -> None:

@@ -103,3 +103,44 @@ def test_round_allocates_a_fixed_number_of_buffers(name: str, buffers: int) -> N
     assert metrics["aggregated"] == 6 and new_state.params is not state.params
     scratch = 16 * _BLOCK * 8  # the step's float64 temporaries: a handful of blocks, whatever the model size
     assert peak - start < buffers * numel * 4 + scratch
+
+
+@pytest.mark.parametrize(("arrival", "held"), [("sampled", 0), ("reversed", 5)])
+def test_the_order_fixed_fold_holds_only_updates_that_overtake(arrival: str, held: int) -> None:
+    """The loop folds replies in sampled order (bit-identical whatever the network does): replies that arrive
+    in that order cost nothing extra; each reply that overtakes an earlier-sampled client is held until that
+    client answers or fails (worst case: all but one of the round's updates, when they arrive reversed)."""
+    from fedtune.config import parse_config
+    from fedtune.server.loop import run_round
+
+    numel, k = 1 << 22, 6
+    spec = ParamSpec(names=("w",), shapes=((numel,),), dtypes=("float32",))
+    config = parse_config({"federation": {"rounds": 1, "clients_per_round": k}, "eval": {"every": 5}})
+    strategy = FedOpt()
+    state = strategy.init_state(np.full(numel, 0.5, np.float32), spec)
+
+    class Transport:
+        def client_ids(self):
+            return [f"c{j}" for j in range(k)]
+
+        def fit(self, instructions):
+            order = list(instructions) if arrival == "sampled" else list(reversed(instructions))
+            for instr in order:
+                j = int(instr.client_id[1:])
+                yield ClientUpdate(instr.client_id, 1, 10, np.full(numel, 1e-3 * (j + 1), np.float32), spec.digest)
+
+        def evaluate(self, instructions):
+            return iter(())
+
+    tracemalloc.start()
+    try:
+        start, _ = tracemalloc.get_traced_memory()
+        tracemalloc.reset_peak()
+        _, report = run_round(config, strategy, Transport(), state)
+        _, peak = tracemalloc.get_traced_memory()
+    finally:
+        tracemalloc.stop()
+    assert report.aggregate["aggregated"] == k and report.rejected is None
+    buffer = numel * 4
+    # sgd: accumulator + one update in flight, then accumulator + the new vector (see above), + the held ones
+    assert (held + 1) * buffer < peak - start < (held + 2) * buffer + 16 * _BLOCK * 8 + (1 << 20)

@@ -25,6 +25,11 @@ class CheckpointError(FedtuneError):
     """A checkpoint or run directory is missing, corrupt, or from an incompatible run."""
 
 
+class NoRoundCompleted(FedtuneError):
+    """A run ran rounds and none of them changed the model (every client failed, or every aggregate was
+    rejected): the command exits non-zero."""
+
+
 class DataWarning(UserWarning):
     """Data was left out (a client without held-out data, examples truncated away, clients dropped); the
     message gives the counts. Run with ``-W error::fedtune.errors.DataWarning`` to make it fatal."""

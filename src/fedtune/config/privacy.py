@@ -43,11 +43,21 @@ class DPConfig(Section):
     accountant: Literal["rdp", "pld"] = "rdp"  # dp-accounting's Renyi-DP or privacy-loss-distribution accountant
     adaptive: AdaptiveClipConfig | None = None  # null: fixed clipping at ``clip``
     secure_rng: bool = False  # noise and sampling from a CSPRNG seeded by the OS (production; not reproducible)
+    # distributed DP: each client adds Skellam noise to its update inside secure aggregation (Agarwal et al.
+    # 2021), so not even the server sees an un-noised sum; needs secure_aggregation and clients_per_round
+    distributed: bool = False
 
     @model_validator(mode="after")
     def _check(self) -> DPConfig:
         if (self.noise_multiplier is None) == (self.target_epsilon is None):
             raise ValueError("set exactly one of privacy.dp.noise_multiplier and privacy.dp.target_epsilon")
+        if self.distributed and self.adaptive is not None:
+            raise ValueError(
+                "privacy.dp.distributed cannot be accounted with privacy.dp.adaptive: the clipping bits would need "
+                "their own distributed noise; use a fixed clip"
+            )
+        if self.distributed and self.accountant != "rdp":
+            raise ValueError("privacy.dp.distributed is accounted by the Skellam RDP bound: set accountant 'rdp'")
         if self.sampling == "fixed" and self.accountant == "pld":
             raise ValueError(
                 "privacy.dp.accountant 'pld' cannot account fixed-size sampling (without replacement); "
@@ -89,9 +99,14 @@ class SecAggConfig(Section):
     """Secure aggregation: Bonawitz et al. 2017 with the SecAgg+ neighbour graph of Bell et al. 2020."""
 
     # t = ceil(threshold * k) of a client's k neighbours must survive to unmask; above 1/2 so that two
-    # disjoint halves can never both reconstruct
-    threshold: Annotated[float, Field(gt=0.5, le=1)] = 2 / 3
-    neighbours: Annotated[int, Field(ge=2)] | None = None  # k of the SecAgg+ graph; null: everyone (SecAgg)
+    # disjoint halves can never both reconstruct. null: just above 1/2 (the most dropouts a secure t allows)
+    threshold: Annotated[float, Field(gt=0.5, le=1)] | None = None
+    # k of the SecAgg+ graph. null: the smallest k whose rounds abort with probability <= failure_probability
+    # at expected_dropout (the complete graph of SecAgg when none smaller does); >= clients - 1: complete graph.
+    # Given explicitly (with clients_per_round), k and threshold are checked against the same target.
+    neighbours: Annotated[int, Field(ge=2)] | None = None
+    expected_dropout: Annotated[float, Field(ge=0, lt=1)] = 0.1  # share of a round's clients expected to drop
+    failure_probability: Probability = 0.01  # target: at most this share of rounds aborts (Bell et al. 2020)
     # bits of precision per client value; the field modulus is 2^(value_bits + ceil(log2 n)) <= 2^32 so n
     # clients cannot wrap. null: use the whole 32-bit field (2^32 - 1) // n levels per value
     value_bits: Annotated[int, Field(ge=2, le=31)] | None = None
@@ -183,6 +198,10 @@ def check_privacy_rules(config: object) -> None:
             raise ValueError(
                 f"server.lora_aggregation {lora_mode!r} needs individual adapters, incompatible with {key}"
             )
+    if privacy.dp is not None and privacy.dp.distributed:
+        check_distributed_dp(privacy, config.federation.clients_per_round)  # type: ignore[attr-defined]
+    if privacy.secure_aggregation is not None:
+        check_secagg_availability(privacy.secure_aggregation, config.federation.clients_per_round)  # type: ignore[attr-defined]
     if privacy.dpsgd is not None:
         if client.full_batch != (privacy.dpsgd.sample_rate is not None):
             raise ValueError(
@@ -199,3 +218,49 @@ def check_privacy_rules(config: object) -> None:
                 "server.proximal_mu > 0 with privacy.dpsgd: DP-SGD replaces each step's gradient by the private "
                 "one, which would silently drop FedProx's proximal term"
             )
+
+
+def check_secagg_availability(secagg: SecAggConfig, clients: int | None) -> None:
+    """Refuse an explicit threshold / neighbour count whose rounds of ``clients`` would abort more often than
+    ``failure_probability`` at ``expected_dropout``, and more often than the automatic choice. Checkable only
+    when clients_per_round fixes n; with a sampling fraction the bound is computed each round (and logged)."""
+    if clients is None or (secagg.threshold is None and secagg.neighbours is None):
+        return
+    from fedtune.privacy.secagg import availability
+
+    given = availability.plan(
+        clients,
+        dropout=secagg.expected_dropout,
+        failure_probability=secagg.failure_probability,
+        threshold=secagg.threshold,
+        neighbours=secagg.neighbours,
+    )
+    auto = availability.plan(clients, dropout=secagg.expected_dropout, failure_probability=secagg.failure_probability)
+    # refused only where the automatic choice does better (with few clients nothing may meet the target)
+    if given.abort_bound > secagg.failure_probability and given.abort_bound > auto.abort_bound:
+        k = auto.neighbours or "null (the complete graph)"
+        raise ValueError(
+            f"privacy.secure_aggregation: neighbours={secagg.neighbours} and threshold={secagg.threshold} abort up "
+            f"to {given.abort_bound:.3g} of rounds of {clients} clients at expected_dropout="
+            f"{secagg.expected_dropout:g}, above failure_probability={secagg.failure_probability:g}; leave both "
+            f"null to choose them (here neighbours {k}, threshold just above 1/2), or declare the dropout you expect"
+        )
+
+
+def check_distributed_dp(privacy: PrivacyConfig, clients_per_round: int | None) -> None:
+    """Distributed DP's cross-section rules: what its accounting and its noise split rest on."""
+    if privacy.secure_aggregation is None:
+        raise ValueError(
+            "privacy.dp.distributed needs privacy.secure_aggregation: the clients' noise shares are each too small "
+            "to protect an update the server could see on its own"
+        )
+    if privacy.secure_aggregation.value_bits is not None:
+        raise ValueError(
+            "privacy.dp.distributed carries noised integers in the 32-bit field: set "
+            "privacy.secure_aggregation.value_bits to null"
+        )
+    if clients_per_round is None:
+        raise ValueError(
+            "privacy.dp.distributed needs federation.clients_per_round (not fraction): each client splits the noise "
+            "by the number of clients it expects, computed from its own config"
+        )

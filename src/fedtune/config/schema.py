@@ -224,6 +224,19 @@ class ServerConfig(Section):
     # fedtune.config.asynchronous); federation.rounds then counts buffered steps
     mode: Literal["sync", "async"] = "sync"
     fedbuff: FedBuffConfig | None = None  # async: concurrency, buffer size, staleness (null: the defaults)
+    # bounded influence of one client (docs/THREATS.md): the example count an update is weighted by is capped:
+    # a number; "adaptive" (adaptive_examples_multiple x the median count of the previous round; round 1
+    # uncapped); "off"; or "auto" (off in a simulation, adaptive in a deployment)
+    max_examples_per_client: PositiveInt | Literal["auto", "off", "adaptive"] = "auto"
+    adaptive_examples_multiple: PositiveFloat = 3.0
+    # every update is scaled down to this L2 norm before aggregation: a number; "adaptive" (adaptive_norm_multiple
+    # x the median update norm of the previous round; round 1 unclipped); "off"; or "auto" (off in a simulation,
+    # adaptive in a deployment: `fedtune server` resolves it)
+    update_norm_bound: PositiveFloat | Literal["auto", "off", "adaptive"] = "auto"
+    adaptive_norm_multiple: PositiveFloat = 3.0
+    # a round whose new global model is not finite, or whose step is longer than this multiple of
+    # max(1, |global model|), is rejected: the model stays as it was and the round is logged as failed
+    max_step_ratio: PositiveFloat = 1e3
 
     @model_validator(mode="after")
     def _check(self) -> ServerConfig:

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import math
 from collections.abc import Mapping
 from dataclasses import dataclass
 
@@ -131,3 +132,14 @@ def all_finite(flat: np.ndarray) -> bool:
         if not np.isfinite(block, out=out).all():
             return False
     return True
+
+
+def l2_norm(flat: np.ndarray, minus: np.ndarray | None = None) -> float:
+    """The L2 norm of a 1-D float32 array (of ``flat - minus``), accumulated in float64 one block at a time."""
+    total = 0.0
+    for start in range(0, flat.size, _FINITE_BLOCK):
+        block = flat[start : start + _FINITE_BLOCK].astype(np.float64)
+        if minus is not None:
+            block -= minus[start : start + _FINITE_BLOCK]
+        total += float(np.dot(block, block))
+    return math.sqrt(total)

@@ -8,6 +8,7 @@ run directory, checkpoints and resume.
 
 from __future__ import annotations
 
+import json
 from collections.abc import Sequence
 from pathlib import Path
 
@@ -20,12 +21,15 @@ from fedtune.config.schema import Config
 from fedtune.core.params import ParamSpec
 from fedtune.data.cache import default_cache_dir
 from fedtune.errors import ConfigError, FedtuneError
+from fedtune.run import rundir
 from fedtune.run.board import Refusal
 from fedtune.run.session import RunResult, serve
 from fedtune.run.sinks import RoundSink
 from fedtune.run.trackers import require_trackers
 from fedtune.tasks.build import build_run_task
 from fedtune.transport.grpc.server import GrpcServerTransport, ServerTLS
+
+SERVER_RECORD = "server.json"  # in the run directory: the port this run's server bound
 
 
 def initial_model(config: Config) -> tuple[np.ndarray, ParamSpec, bool]:
@@ -39,6 +43,31 @@ def initial_model(config: Config) -> tuple[np.ndarray, ParamSpec, bool]:
     task = build_run_task(config, num_labels=config.model.num_labels, cache_dir=cache_dir)
     view = TrainableView(task.module)
     return view.read(), view.spec, task.reports_accuracy
+
+
+def deployment_defaults(config: Config) -> Config:
+    """The config a deployment runs: ``auto`` in ``server.update_norm_bound`` and ``server.max_examples_per_client``
+    becomes ``adaptive`` (a deployment bounds every client's influence by default; a simulation, whose clients
+    are ours, does not)."""
+    keys = ("update_norm_bound", "max_examples_per_client")
+    resolved = {k: "adaptive" for k in keys if getattr(config.server, k) == "auto"}
+    if not resolved:
+        return config
+    return config.model_copy(update={"server": config.server.model_copy(update=resolved)})
+
+
+def listen_port(config: Config, resume_dir: Path | None) -> int:
+    """The port to listen on. With ``deployment.port: 0`` a resumed server listens where the run's first server
+    did (server.json), so the clients that keep reconnecting find it. Only the listener changes: the config the
+    clients were sent (and compare on rejoining) stays as it was."""
+    dep = config.deployment
+    record = Path(resume_dir) / SERVER_RECORD if resume_dir is not None else None
+    if dep.port != 0 or record is None or not record.is_file():
+        return dep.port
+    try:
+        return int(json.loads(record.read_text())["port"])
+    except (ValueError, KeyError, TypeError) as err:
+        raise FedtuneError(f"{record} is unreadable ({err}); set deployment.port to the port clients dial") from None
 
 
 class GrpcDirectory:
@@ -69,6 +98,7 @@ def run_server(
     """Listen, wait for the quorum, run the federation, and tell the clients how it ended; ``sinks`` get every
     round after the default ones (e.g. the dashboard)."""
     console = console or Console()
+    config = deployment_defaults(config)
     require_trackers(config.run.trackers)  # before the model is built or the port opened
     if config.server.mode == "async":
         raise ConfigError(
@@ -78,7 +108,7 @@ def run_server(
     params, spec, accuracy = initial_model(config)
     extra = {"num_labels": config.model.num_labels} if config.model.num_labels is not None else {}
     transport = GrpcServerTransport(
-        config.deployment,
+        config.deployment.model_copy(update={"port": listen_port(config, resume_dir)}),
         tls=ServerTLS.from_config(config.deployment),
         config_yaml=dump_config(config),
         extra=extra,
@@ -86,6 +116,8 @@ def run_server(
     )
     port = transport.start()
     dep = config.deployment
+    fresh_dir = rundir.new_run_dir(config) if resume_dir is None else None
+    (Path(resume_dir or fresh_dir) / SERVER_RECORD).write_text(json.dumps({"port": port, "address": dep.address}))
     console.print(
         f"listening on {dep.address}:{port} (mutual TLS); {spec.numel:,} trainable parameters; "
         f"waiting for {dep.min_clients} clients"
@@ -100,6 +132,9 @@ def run_server(
             console=console,
             show_progress=show_progress,
             extra_state=extra or None,
+            fresh_dir=fresh_dir,
+            # SCAFFOLD's N: the clients allowed to enrol, when listed; else the clients that have taken part
+            num_clients=len(dep.allowed_clients) if dep.allowed_clients else None,
             sinks=sinks,
             directory=GrpcDirectory(transport, dep.allowed_clients),
         )

@@ -27,7 +27,8 @@ def wrap_strategy(strategy: Any, config: Config) -> Any:
         else plain_sum
     )
     if p.dp is not None:
-        return DPFedAvg(strategy, p.dp, config.federation, seed=config.seed, summer=summer)
+        dropout = p.secure_aggregation.expected_dropout if p.secure_aggregation else 0.0
+        return DPFedAvg(strategy, p.dp, config.federation, seed=config.seed, summer=summer, expected_dropout=dropout)
     assert p.secure_aggregation is not None
     return SecureAggregation(strategy, p.secure_aggregation, weighting=config.server.weighting, summer=summer)
 
@@ -47,6 +48,18 @@ def client_privacy(config: Config) -> tuple[list, list]:
         from fedtune.privacy.client_clip import dp_clip_transform
 
         transforms.append(dp_clip_transform)  # last: what leaves the client is what is bounded
+        if p.dp.distributed:
+            from fedtune.privacy.ddp_client import DistributedNoise
+
+            assert p.secure_aggregation is not None  # checked at load (check_distributed_dp)
+            transforms.append(
+                DistributedNoise(
+                    p.dp,
+                    rounds=config.federation.rounds,
+                    clients_per_round=config.federation.clients_per_round,
+                    expected_dropout=p.secure_aggregation.expected_dropout,
+                )
+            )
     return hook_factories, transforms
 
 

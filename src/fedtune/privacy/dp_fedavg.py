@@ -14,7 +14,8 @@ accountant's ledger. A checkpoint therefore resumes the privacy accounting exact
 Fewer replies than sampled (failures, rejections, SecAgg dropouts) keep the guarantee: the noise is
 calibrated to one client's contribution (C), not to the number who replied; the denominator is the
 expected count, fixed before the round; and the round is charged to the ledger as planned. The missing
-clients only make the released mean smaller. ``agg_aggregated`` against ``clients_sampled`` in
+clients only make the released mean smaller. A SecAgg round that aborts releases nothing (no sum is ever
+unmasked) and is not charged. ``agg_aggregated`` against ``clients_sampled`` in
 metrics.jsonl, and the loop's failure lines, show every such round.
 """
 
@@ -32,7 +33,9 @@ from fedtune.core.messages import ClientUpdate
 from fedtune.core.params import ParamSpec
 from fedtune.core.sampling import num_sampled, sampling_rate
 from fedtune.core.state import ServerState
-from fedtune.privacy import accountant, adaptive
+from fedtune.privacy import accountant, adaptive, distributed
+from fedtune.privacy.ddp_client import config_plan
+from fedtune.privacy.distributed import SkellamPlan
 from fedtune.privacy.errors import PrivacyError, SecAggAbort
 from fedtune.privacy.noise import gaussian
 from fedtune.privacy.sums import LinearSum, Summer, SumPlan, plain_sum
@@ -70,9 +73,15 @@ class DPFedAvg:
         *,
         seed: int,
         summer: Summer = plain_sum,
+        expected_dropout: float = 0.0,
     ) -> None:
         require_linear(inner, what="privacy.dp (DP-FedAvg)")
         self.inner, self.dp, self.federation, self.seed, self.summer = inner, dp, federation, seed, summer
+        self.expected_dropout = expected_dropout  # distributed DP: the survivors the noise is split among
+        if dp.distributed and summer is plain_sum:
+            raise PrivacyError(
+                "privacy.dp.distributed needs secure aggregation: the clients' noise is split among them"
+            )
 
     # ----- state -------------------------------------------------------------------------------------------
 
@@ -93,10 +102,30 @@ class DPFedAvg:
         """Record the population the sampling rate refers to; calibrate z from target_epsilon once."""
         state = forward_begin_round(self.inner, state, population)
         dp_state = dict(self._dp(state), population=int(population))
-        if dp_state["z"] is None:
+        if self.dp.distributed:
+            dp_state["z"] = self._skellam(state.spec.numel).noise_multiplier
+        elif dp_state["z"] is None:
             dp_state["z"] = self._calibrate(int(population))
         self._noise_split(dp_state)  # fail before the round, not after training, if adaptive cannot work
         return self._with(state, dp_state)
+
+    def _skellam(self, numel: int) -> SkellamPlan:
+        """Distributed DP's plan: the same function of the config the clients compute (ddp_client)."""
+        return config_plan(
+            self.dp,
+            rounds=self.federation.rounds,
+            clients_per_round=self.federation.clients_per_round,
+            expected_dropout=self.expected_dropout,
+            dim=numel,
+        )
+
+    def _entry(self, state: ServerState, dp_state: dict, survivors: int | None = None) -> dict:
+        """The ledger entry of a round: sampled Gaussian (central), or Skellam at ``survivors`` shares
+        (distributed; the planned number before the round)."""
+        if not self.dp.distributed:
+            return round_mechanism(dp_state, self.federation, self.dp.sampling)[0]
+        plan = self._skellam(state.spec.numel)
+        return distributed.entry(plan, plan.planned_clients if survivors is None else survivors)
 
     def _noise_split(self, dp_state: dict) -> tuple[float, float | None]:
         """(update noise multiplier z_delta, count noise sigma_b or None without adaptive clipping)."""
@@ -140,7 +169,7 @@ class DPFedAvg:
         dp_state = self._dp(state)
         if dp_state["population"] is None or dp_state["z"] is None:
             raise PrivacyError("should_stop called before begin_round recorded the population")
-        entry, _ = round_mechanism(dp_state, self.federation, self.dp.sampling)
+        entry = self._entry(state, dp_state)
         after = accountant.epsilon(
             accountant.append(dp_state["ledger"], entry), self.dp.delta, accountant=self.dp.accountant
         )
@@ -169,6 +198,7 @@ class DPFedAvg:
         round_idx, clip, z = state.round + 1, float(dp_state["clip"]), float(dp_state["z"])
         entry, expected = round_mechanism(dp_state, self.federation, self.dp.sampling)
         z_update, count_noise = self._noise_split(dp_state)
+        skellam = self._skellam(state.spec.numel) if self.dp.distributed else None
         plan = SumPlan(
             round=round_idx,
             numel=state.spec.numel,
@@ -176,12 +206,9 @@ class DPFedAvg:
             l2_bound=clip,
             coord_bound=clip,
             channels=(UNCLIPPED,) if count_noise else (),
+            integers=skellam,
         )
-        # The round is charged whatever happens next: the noise (or an abort) is released either way.
-        ledger = accountant.append(dp_state["ledger"], entry)
-        eps = accountant.epsilon(ledger, self.dp.delta, accountant=self.dp.accountant)
         metrics: dict[str, Any] = {
-            "epsilon": eps,
             "dp_delta": self.dp.delta,
             "dp_noise_multiplier": z,
             "dp_clip": clip,
@@ -191,11 +218,31 @@ class DPFedAvg:
         try:
             total = self.summer(updates, plan)
         except SecAggAbort as err:
-            new_dp = {**dp_state, "ledger": ledger}
-            return self._with(skip_round(state), new_dp), {**metrics, "aggregated": 0, "secagg_abort": str(err)}
-        noise = gaussian(
-            plan.numel, z_update * clip, seed=self.seed, scope=("dp-noise", round_idx), secure=self.dp.secure_rng
-        )
+            # An aborted SecAgg round releases nothing: the server never unmasks a sum (every abort comes
+            # before the last mask is removed, server.py), adds no noise and keeps the model. Whether it
+            # aborts depends on dropouts only (assumption 6 of docs/PRIVACY.md), so it is not charged.
+            eps = accountant.epsilon(dp_state["ledger"], self.dp.delta, accountant=self.dp.accountant)
+            abort = {"epsilon": eps, "dp_charged": 0, "aggregated": 0, "secagg_abort": str(err)}
+            return self._with(skip_round(state), dp_state), {**metrics, **abort}
+        # From here the round releases a noised sum whatever else happens: it is charged.
+        if skellam is not None and total.count == 0:  # nobody's data in a zero sum: nothing to charge
+            return self._with(inner_step(self.inner, state, np.zeros(plan.numel))[0], dp_state), {
+                **metrics,
+                "epsilon": self.epsilon(state),
+                "dp_charged": 0,
+                "aggregated": 0,
+            }
+        if skellam is not None:  # the clients' noise is in the sum already, its shares from the survivors alone
+            entry = distributed.entry(skellam, total.count)
+            noise = np.zeros(plan.numel)
+            metrics.update(dp_noise_std=skellam.noise_std(total.count), ddp_noise_shares=total.count)
+            metrics["dp_epsilon_round"] = accountant.epsilon([entry], self.dp.delta)
+        else:
+            noise = gaussian(
+                plan.numel, z_update * clip, seed=self.seed, scope=("dp-noise", round_idx), secure=self.dp.secure_rng
+            )
+        ledger = accountant.append(dp_state["ledger"], entry)
+        metrics.update(epsilon=accountant.epsilon(ledger, self.dp.delta, accountant=self.dp.accountant), dp_charged=1)
         mean = (total.total + noise) / expected
         new_state, inner_metrics = inner_step(self.inner, state, mean)
         new_dp = {**dp_state, "ledger": ledger}

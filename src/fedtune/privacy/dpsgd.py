@@ -14,7 +14,8 @@ post-process the private gradient. Accounting (fedtune.privacy.accountant):
 
 * full batch + Poisson mask: each step is a Poisson-subsampled Gaussian (q, z), add/remove adjacency;
 * shuffled minibatches: an example is in one batch per epoch touched, and shuffling amplifies nothing
-  provably, so each touched epoch is one Gaussian mechanism with sensitivity 2C (replace-one adjacency).
+  provably, so each touched epoch is one Gaussian mechanism with sensitivity 2C (replace-one adjacency);
+  the epochs touched are counted from the examples the steps saw (ceil(seen / N)), exact for any N and B.
 
 The per-client epsilon is reported in the update's metrics: ``dpsgd_epsilon_round`` (this round's local
 training) and ``dpsgd_epsilon`` (all of this client's rounds so far). The ledger behind the latter is the
@@ -79,7 +80,7 @@ class _Fit:
     ledger: list[dict]  # the client's ledger before this round, as loaded from the store
     steps: int = 0
     full_batch: bool = False
-    batch_size: int = 0
+    seen: int = 0  # examples in all of this fit's batches: each epoch covers the data set once
     kept: list[int] = field(default_factory=list)
 
 
@@ -105,6 +106,17 @@ def example_scale(task: Task, batch: _Batch) -> torch.Tensor:
         raise PrivacyError("DP-SGD on a causal LM needs the attention mask of each batch to normalise per example")
     counted = (batch.lengths - 1).clamp(min=1).to(torch.float64)  # plain text: every token but the first
     return (counted.sum() / (batch.size * counted)).to(torch.float32)
+
+
+def epochs_touched(seen: int, num_examples: int) -> int:
+    """Epochs a run of shuffled minibatches touched, from the examples its batches held in all.
+
+    >>> epochs_touched(16 * 10 - 16, 72), epochs_touched(142, 72), epochs_touched(1, 72)  # 16, 15, 1 steps
+    (2, 2, 1)
+    """
+    if num_examples < 1:
+        raise PrivacyError("DP-SGD: a client with no examples cannot be accounted")
+    return math.ceil(seen / num_examples)
 
 
 class DpSgd:
@@ -201,7 +213,7 @@ class DpSgd:
             offset += n
             p.grad_sample, p.summed_grad = None, None
         fit.steps += 1
-        fit.batch_size = size
+        fit.seen += size
 
     def round_entries(self, fit: _Fit, num_examples: int) -> list[dict]:
         z = self.cfg.noise_multiplier
@@ -209,8 +221,9 @@ class DpSgd:
             return []
         if fit.full_batch:
             return [accountant.poisson_entry(float(self.cfg.sample_rate), z, fit.steps)]  # type: ignore[arg-type]
-        per_epoch = math.ceil(num_examples / max(fit.batch_size, 1))
-        return [accountant.gaussian_replace_entry(z, math.ceil(fit.steps / per_epoch))]
+        # Local training walks whole shuffled epochs in order (the last batch of each may be partial), so
+        # the steps touched ceil(examples seen / N) epochs, whatever the batch size and the last batch's
+        return [accountant.gaussian_replace_entry(z, epochs_touched(fit.seen, num_examples))]
 
     def transform(self, update: ClientUpdate, instr: FitInstruction) -> ClientUpdate:
         fit = self._fits.pop((instr.client_id, instr.round), None)

@@ -24,16 +24,27 @@ def chacha_bytes(key: bytes, nonce: bytes, nbytes: int) -> bytes:
 
 
 class SecureGenerator:
-    """Uniforms and normals from a ChaCha20 keystream under a key from ``os.urandom``."""
+    """Uniforms and normals from one ChaCha20 keystream under a key from ``os.urandom``.
 
-    def __init__(self) -> None:
-        self._key = os.urandom(32)
-        self._counter = 0  # one nonce per call, so no keystream is ever reused
+    The keystream is read once, in order: each call takes the next unread bytes, so no two draws (nor the
+    two uniforms of Box-Muller) ever share a keystream block. ``key`` is for tests only (a fixed key makes
+    the output reproducible, which production noise must never be).
+    """
+
+    # ChaCha20's block counter is 32 bits: 2^32 blocks of 64 bytes under one (key, nonce)
+    MAX_BYTES = 64 << 32
+
+    def __init__(self, *, key: bytes | None = None) -> None:
+        key = os.urandom(32) if key is None else key
+        self._stream = Cipher(algorithms.ChaCha20(key, bytes(16)), mode=None).encryptor()
+        self._used = 0  # keystream bytes consumed so far
 
     def _uint64(self, n: int) -> np.ndarray:
-        nonce = self._counter.to_bytes(16, "little")
-        self._counter += 1
-        return np.frombuffer(chacha_bytes(self._key, nonce, 8 * n), dtype="<u8")
+        # 8 bytes a word, and 64-byte blocks: the position only ever advances, never rewinds
+        self._used += 8 * n
+        if self._used > self.MAX_BYTES:
+            raise OverflowError("SecureGenerator: keystream exhausted (256 GiB under one key); use a new generator")
+        return np.frombuffer(self._stream.update(bytes(8 * n)), dtype="<u8")
 
     def random(self, n: int) -> np.ndarray:
         """Uniform floats in the open interval (0, 1), 53 random bits each."""

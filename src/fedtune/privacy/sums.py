@@ -33,6 +33,8 @@ class SumPlan:
     coord_bound: float = 1.0  # SecAgg quantisation range [-b, b] per coordinate (C under DP)
     channels: tuple[str, ...] = ()  # per-client scalars in [0, 1], read from update.extras, summed too
     weight_cap: int = 1000  # SecAgg example weighting: w_k = min(n_k, cap) / cap
+    # distributed DP: the clients send noised integers (fedtune.privacy.distributed), decoded with this plan
+    integers: Any = None  # a distributed.SkellamPlan, or None
 
 
 @dataclass(frozen=True)

@@ -139,6 +139,10 @@ def write_json_atomic(path: Path, data: dict) -> None:
     os.replace(tmp, path)
 
 
+def _failed(record: dict) -> bool:
+    return record.get("status") == "failed"  # a rejected round (server/loop.py): the model did not change
+
+
 class StatusSink(BaseSink):
     """status.json: the run's phase, round x/N and ETA, the clients and what each is doing, refusals."""
 
@@ -162,7 +166,8 @@ class StatusSink(BaseSink):
             "started_at": now,
             "state": "running",
             "reason": "",
-            "round": run.start_round,  # completed rounds
+            "round": run.start_round,  # rounds run (a rejected one left the model as it was: rounds_failed)
+            "rounds_failed": [r["round"] for r in run.history if r.get("kind") == "round" and _failed(r)],
             "total_rounds": run.total_rounds,
             "accuracy": run.accuracy,
             "trainable_params": run.trainable_params,
@@ -208,6 +213,8 @@ class StatusSink(BaseSink):
                 self._round_seconds.append(now - self._round_started)
             self._round_started = now
             self._doc["round"] = state.round
+            if records and _failed(records[0]):
+                self._doc["rounds_failed"].append(records[0]["round"])
         self.write()
 
     def on_stop(self, state: ServerState, reason: str) -> None:

@@ -3,7 +3,9 @@
 config.yaml               the fully resolved config
 metrics.jsonl             one JSON object per line: kind=round | client | eval_client | failure
 metrics.png               per-round plot (redrawn at most every 30 s, and at the end)
-checkpoint.safetensors    the ServerState after the last completed round (atomic)
+checkpoint.safetensors    the ServerState after the last round (atomic, SHA-256 checked on resume)
+checkpoint.prev.safetensors  the one before it, resumed (with a warning) when the latest is corrupt
+server.json               `fedtune server`: the port it bound (reused by --resume when deployment.port is 0)
 summary.json              written when the run finishes
 status.json               what the coordinator and each client are doing now (read by the dashboard)
 report.html               a self-contained report, written when the run ends (however it ends)
@@ -35,13 +37,18 @@ SUMMARY = "summary.json"
 def config_digest(config: Config) -> str:
     """Identity of what a run computes. Left out: the round count (a finished run can be extended), and
     settings that change where or how it runs but not its results (outputs, evaluation, the simulation
-    backend, which matches in-process exactly, and the deployment's addresses and credentials)."""
+    backend, which matches in-process exactly, and the deployment's addresses, credentials, limits and
+    timeouts). The deployment's update codec does change the results: it is kept when one is set."""
     data = config.model_dump(mode="json")
     data["federation"].pop("rounds", None)
+    dep = data["deployment"]
+    codec = {k: dep[k] for k in ("codec", "codec_block", "topk_fraction")} if dep.get("codec", "none") != "none" else {}
     speeds = data["simulation"].get("client_speed")  # async mode's simulated clock decides who arrives when
     for section in ("run", "eval", "simulation", "deployment"):
         data[section] = {}
-    if data["server"].get("mode") == "sync":  # keys added with FedBuff: sync runs keep their old digest
+    if codec:
+        data["deployment"] = codec
+    if data["server"].get("mode") == "sync":  # keys added with FedBuff: a sync run's digest is as before them
         data["server"].pop("mode")
         data["server"].pop("fedbuff", None)
     elif speeds is not None:

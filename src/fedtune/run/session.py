@@ -11,6 +11,7 @@ import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Literal
 
 import numpy as np
 import torch
@@ -21,12 +22,12 @@ from fedtune.client.worker import ClientWorker
 from fedtune.config.schema import PYTHON_MODEL_PREFIX, Config
 from fedtune.config.simulation import with_client_state
 from fedtune.core.params import ParamSpec
-from fedtune.core.state import ServerState, load_state, save_state
+from fedtune.core.state import ServerState, load_latest, load_state, save_state
 from fedtune.data.cache import default_cache_dir
 from fedtune.data.screen import name_labels, screen_clients
 from fedtune.data.sources import load_federated
 from fedtune.data.types import FederatedData
-from fedtune.errors import CheckpointError, ConfigError
+from fedtune.errors import CheckpointError, ConfigError, NoRoundCompleted
 from fedtune.privacy.build import carry_secagg, check_secagg_transport
 from fedtune.run import rundir
 from fedtune.run.board import ActivityTransport, ClientBoard, ClientDirectory, StaticDirectory, StatusSink
@@ -145,6 +146,8 @@ def round_records(report: RoundReport, accuracy: bool) -> list[dict]:
         **{f"agg_{k}": v for k, v in report.aggregate.items()},
         **_eval_record(report.eval_pooled, accuracy),
     }
+    if report.rejected is not None:  # the model did not change: a failed round, not a completed one
+        summary.update(status="failed", reason=report.rejected)
     lines = [summary]
     lines += [{"kind": "client", "round": report.round, **c} for c in report.clients]
     lines += [
@@ -180,7 +183,9 @@ def _open_run(
     params, spec = init
     if resume_dir is not None:
         run_dir = Path(resume_dir)
-        state = load_state(run_dir / rundir.CHECKPOINT, config_digest=digest)
+        state, warning = load_latest(run_dir / rundir.CHECKPOINT, config_digest=digest)
+        if warning:
+            console.print(f"[yellow]warning: {warning}[/yellow]")
         if state.spec.digest != spec.digest:
             raise CheckpointError(
                 f"checkpoint in {run_dir} does not match the model: {spec.describe_mismatch(state.spec)}"
@@ -242,22 +247,26 @@ def coordinate(
         sinks.on_round(state, [rec])
 
     stopped: list[str] = []
+    rejected: list[str | None] = []  # per round run here: why it did not change the model (None: it did)
+
+    def on_round(new: ServerState, report: RoundReport) -> None:
+        rejected.append(report.rejected)
+        sinks.on_round(new, round_records(report, accuracy))
 
     def on_stop(at: ServerState, reason: str) -> None:  # e.g. the privacy budget is spent
         stopped.append(reason)
         sinks.on_stop(at, reason)
 
+    first = state.round
     loop = run_rounds
     if config.server.mode == "async":  # FedBuff: buffered steps on a simulated clock instead of rounds
         from fedtune.server.async_loop import run_async as loop  # type: ignore[assignment]
-    state = loop(
-        config,
-        strategy,
-        transport,
-        state,
-        on_round=lambda new, report: sinks.on_round(new, round_records(report, accuracy)),
-        on_stop=on_stop,
-    )
+    state = loop(config, strategy, transport, state, on_round=on_round, on_stop=on_stop)
+    if rejected and all(why is not None for why in rejected):
+        raise NoRoundCompleted(
+            f"none of rounds {first + 1}-{state.round} could be completed (last reason: {rejected[-1]}); "
+            "the global model is unchanged; see metrics.jsonl in the run directory"
+        )
     return state, RunEnd("stopped", state, stopped[0]) if stopped else RunEnd("finished", state)
 
 
@@ -275,6 +284,7 @@ def serve(
     sinks: Sequence[RoundSink] = (),
     directory: ClientDirectory | None = None,
     steps: StepRelay | None = None,
+    num_clients: int | Literal["transport"] | None = "transport",
 ) -> RunResult:
     """The coordinator, whatever the transport: open or resume the run, evaluate the baseline, run the
     rounds; the default sinks persist metrics, checkpoint, plot, status, trackers and report, then ``sinks``.
@@ -283,7 +293,9 @@ def serve(
     ``accuracy`` says whether evaluation reports accuracy (classifiers) or perplexity; ``fresh_dir`` is a new
     run directory the caller already made (``rundir.new_run_dir``), for a run that is not resumed;
     ``directory`` says who is enrolled, connected and refused (default: every client of the transport);
-    ``steps`` relays local-step progress from an in-process worker to the progress bars.
+    ``steps`` relays local-step progress from an in-process worker to the progress bars; ``num_clients`` is
+    the population size SCAFFOLD divides by (None: the clients that have taken part). Raises NoRoundCompleted
+    when rounds were run and none of them changed the model.
     """
     console = console or Console()
     require_trackers(config.run.trackers)  # a tracker that is not installed fails before anything starts
@@ -293,7 +305,9 @@ def serve(
 
         strategy = build_fedbuff(config)
     else:
-        strategy = build_strategy(config, num_clients=len(transport.client_ids()))  # SCAFFOLD needs N
+        if num_clients == "transport":  # a simulation's population is fixed; a deployment's caller says (or None)
+            num_clients = len(transport.client_ids())
+        strategy = build_strategy(config, num_clients=num_clients)  # SCAFFOLD needs N
         strategy = carry_secagg(strategy, transport)  # privacy: SecAgg's message rounds over a networked transport
     run_dir, state, log = _open_run(config, strategy, init, resume_dir, console, fresh_dir)
     if extra_state and state.round == 0:

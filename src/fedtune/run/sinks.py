@@ -131,7 +131,9 @@ class MetricsSink(BaseSink):
 
 
 class CheckpointSink(BaseSink):
-    """checkpoint.safetensors after every completed round (atomic); the baseline (round 0) has none."""
+    """checkpoint.safetensors after every round (atomic, checksummed, the previous one kept); the baseline
+    (round 0) has none. After a rejected round the saved model is the last accepted one (the loop hands on the
+    old parameters with the round advanced), so no checkpoint ever holds a rejected aggregate."""
 
     def __init__(self, path: Path, config_digest: str) -> None:
         self.path, self.digest = path, config_digest
@@ -161,6 +163,8 @@ class ConsoleSink(BaseSink):
                 self.console.print(
                     f"[yellow]round {rec['round']}: client {rec['client_id']} failed: {rec['reason']}[/yellow]"
                 )
+        if records[0].get("status") == "failed":
+            self.console.print(f"[yellow]round {records[0]['round']} rejected: {records[0]['reason']}[/yellow]")
         assert self.table is not None
         self.table.add(records[0])
 
@@ -205,8 +209,10 @@ class SummarySink(BaseSink):
         if end.outcome not in ("finished", "stopped") or end.state is None:
             return
         rounds = self.log.rounds()
+        failed = [r["round"] for r in rounds if r.get("status") == "failed"]  # rejected: the model unchanged
         summary = {
-            "rounds_completed": end.state.round,
+            "rounds_completed": sum(1 for r in rounds if r["round"] > 0) - len(failed),
+            "rounds_failed": failed,
             "baseline": next((r for r in rounds if r["round"] == 0), {}),
             "final": next((r for r in reversed(rounds) if r["round"] > 0), {}),
             "spec_digest": end.state.spec.digest,

@@ -2,6 +2,10 @@
 
 Each reply is validated (round, sampled, not a duplicate, spec digest, length, finite values) before it
 reaches the strategy; a bad reply becomes a logged failure and the round continues with the others.
+Accepted updates reach the strategy in sampled order, whatever order they arrived in (so the float32 fold
+is bit-identical across transports), with their influence bounded (server/influence.py). A round whose
+aggregate is not finite or explodes, or in which no update was aggregated, is rejected: the model stays as
+it was and ``RoundReport.rejected`` says why.
 """
 
 from __future__ import annotations
@@ -19,6 +23,7 @@ from fedtune.core.params import check_vector
 from fedtune.core.sampling import poisson_sample, sample_clients, sampling_rate
 from fedtune.core.state import ServerState
 from fedtune.errors import UpdateRejected
+from fedtune.server.influence import Bounds, rejection, with_round_median
 from fedtune.server.strategy import Strategy
 from fedtune.tasks.base import EvalSums
 from fedtune.transport.base import Transport
@@ -34,6 +39,9 @@ class RoundReport:
     eval_clients: dict[str, EvalSums] = field(default_factory=dict)
     eval_pooled: EvalSums | None = None
     seconds: float = 0.0
+    rejected: str | None = None  # why the round did not change the model (it does not count as completed)
+    norms: list[float] = field(default_factory=list)  # accepted updates' L2 norms, when bounds measure them
+    counts: list[int] = field(default_factory=list)  # accepted updates' declared example counts
 
     @property
     def bytes_down(self) -> int:
@@ -69,34 +77,62 @@ def validate_update(update: ClientUpdate, state: ServerState, expected: set[str]
 
 
 def _accepted(
-    replies: Iterator[ClientUpdate | ClientFailure], state: ServerState, report: RoundReport
+    replies: Iterator[ClientUpdate | ClientFailure], state: ServerState, report: RoundReport, bounds: Bounds
 ) -> Iterator[ClientUpdate]:
-    """Yield valid updates one at a time (for the strategy's streaming fold), recording the rest."""
+    """Yield valid updates one at a time (for the strategy's streaming fold), recording the rest.
+
+    Replies are validated as they arrive, but yielded in the order the clients were sampled: an update that
+    arrives before an earlier-sampled client has answered (or failed) waits. The fold, a float32 sum, then
+    sees the same order whatever the network did, so the result is bit-identical to the in-process run. Only
+    updates that overtake an earlier client are held (in-process: none).
+    """
     expected, seen = set(report.sampled), set()
+    order = iter(report.sampled)
+    waiting: dict[str, ClientUpdate] = {}
+    resolved: set[str] = set()
+    head = next(order, None)
     for reply in replies:
         if isinstance(reply, ClientFailure):
             report.failures.append(reply)
-            continue
-        try:
-            validate_update(reply, state, expected, seen)
-        except UpdateRejected as err:
-            report.failures.append(ClientFailure(reply.client_id, reply.round, f"rejected: {err}"))
-            continue
-        seen.add(reply.client_id)
-        report.clients.append(
-            {
-                "client_id": reply.client_id,
-                "num_examples": reply.num_examples,
-                "train_loss": reply.metrics.get("train_loss", float("nan")),
-                "bytes_down": reply.bytes_down,
-                "bytes_up": reply.bytes_up,
-                **{k: v for k, v in reply.metrics.items() if k != "train_loss"},
-            }
-        )
-        yield reply
-        # Drop our reference before asking the transport for the next reply: otherwise two model-sized
-        # updates are alive while it produces one.
-        del reply
+            resolved.add(reply.client_id)
+        else:
+            try:
+                validate_update(reply, state, expected, seen)
+            except UpdateRejected as err:
+                report.failures.append(ClientFailure(reply.client_id, reply.round, f"rejected: {err}"))
+                resolved.add(reply.client_id)
+            else:
+                seen.add(reply.client_id)
+                waiting[reply.client_id] = reply
+                resolved.add(reply.client_id)
+        del reply  # not alive while the transport produces the next one
+        while head is not None and head in resolved:
+            if head in waiting:
+                yield _bounded(waiting.pop(head), report, bounds)
+            head = next(order, None)
+    for cid in report.sampled:  # the transport ended with some clients unresolved: the rest, in order
+        if cid in waiting:
+            yield _bounded(waiting.pop(cid), report, bounds)
+
+
+def _bounded(update: ClientUpdate, report: RoundReport, bounds: Bounds) -> ClientUpdate:
+    """The update with its influence bounded (server/influence.py), recorded in the report."""
+    report.counts.append(update.num_examples)  # as declared: the adaptive cap's median
+    update, info = bounds.apply(update)
+    if "update_norm" in info:
+        report.norms.append(info["update_norm"])
+    report.clients.append(
+        {
+            "client_id": update.client_id,
+            "num_examples": update.num_examples,
+            "train_loss": update.metrics.get("train_loss", float("nan")),
+            "bytes_down": update.bytes_down,
+            "bytes_up": update.bytes_up,
+            **{k: v for k, v in update.metrics.items() if k != "train_loss"},
+            **info,
+        }
+    )
+    return update
 
 
 def eval_clients(config: Config, population: list[str]) -> list[str]:
@@ -130,6 +166,8 @@ def evaluate_global(
             per_client[reply.client_id] = reply.sums
         else:
             failures.append(reply)
+    # summed in the order the clients were asked, not the order they answered: the same floats every run
+    per_client = {cid: per_client[cid] for cid in clients if cid in per_client}
     pooled = sum(per_client.values(), EvalSums())
     return per_client, pooled, failures
 
@@ -187,15 +225,36 @@ def run_round(
             )
         )
     report = RoundReport(round=round_idx, sampled=sampled)
-    new_state, report.aggregate = strategy.aggregate(state, _accepted(transport.fit(instructions), state, report))
+    bounds = Bounds.for_round(config, state)
+    replies = _accepted(transport.fit(instructions), state, report, bounds)
+    new_state, report.aggregate = strategy.aggregate(state, replies)
+    new_state = _checked(config, state, new_state, report)
     if round_idx % config.eval.every == 0 or round_idx == config.federation.rounds:
-        per_client, pooled, failures = evaluate_global(
-            config, strategy, transport, new_state, eval_clients(config, population)
-        )
+        # a client that failed this round (a straggler still training, a rejected update) is not asked to
+        # evaluate: its evaluation task would queue behind the training it has not finished
+        failed = {f.client_id for f in report.failures}
+        askees = [cid for cid in eval_clients(config, population) if cid not in failed]
+        per_client, pooled, failures = evaluate_global(config, strategy, transport, new_state, askees)
         report.eval_clients, report.eval_pooled = per_client, pooled
         report.failures += failures
     report.seconds = time.perf_counter() - started
     return new_state, report
+
+
+def _checked(config: Config, old: ServerState, new: ServerState, report: RoundReport) -> ServerState:
+    """``new``, unless the round must be rejected: then ``old``'s model and arrays with the round advanced
+    (sampling moves on) and ``new``'s extras (a privacy ledger keeps what the round spent)."""
+    if not report.clients:
+        report.rejected = f"no client update was accepted ({len(report.failures)} of {len(report.sampled)} failed)"
+    elif report.aggregate.get("aggregated") == 0:  # e.g. secure aggregation aborted: too few masked inputs
+        why = report.aggregate.get("secagg_abort")
+        report.rejected = "no update could be aggregated" + (f": {why}" if why else "")
+    else:
+        report.rejected = rejection(config, old, new)
+    if report.rejected is not None:
+        logging.getLogger("fedtune").warning("round %d rejected: %s", report.round, report.rejected)
+        new = new.evolve(params=old.params, arrays=old.arrays)
+    return with_round_median(config, new, report.norms, report.counts)
 
 
 def run_rounds(

@@ -14,7 +14,7 @@ import numpy as np
 from fedtune.aggregation.fedavg import WeightedMean
 from fedtune.config.schema import ServerConfig
 from fedtune.core.messages import ClientUpdate
-from fedtune.core.params import ParamSpec
+from fedtune.core.params import ParamSpec, l2_norm
 from fedtune.core.state import ServerState
 
 
@@ -57,5 +57,5 @@ class FedAvg:
             return state.evolve(round=state.round + 1), {"aggregated": 0}
         step = mean.result()
         params = state.params + np.float32(self.cfg.lr) * step
-        metrics = {"aggregated": mean.count, "update_norm": float(np.linalg.norm(step))}
+        metrics = {"aggregated": mean.count, "update_norm": l2_norm(step)}
         return state.evolve(round=state.round + 1, params=params.astype(np.float32)), metrics

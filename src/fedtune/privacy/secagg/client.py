@@ -66,7 +66,13 @@ def share_aad(round_idx: int, sender: str, recipient: str) -> bytes:
 
 
 def encode_input(
-    values: np.ndarray, params: PublicParams, *, weight: float, channels: Sequence[float], rng: np.random.Generator
+    values: np.ndarray,
+    params: PublicParams,
+    *,
+    weight: float,
+    channels: Sequence[float],
+    rng: np.random.Generator,
+    integers: np.ndarray | None = None,
 ) -> np.ndarray:
     """The client's plaintext field vector: quantised values, then its weight, its channels, and the fraction
     of its values outside the clip range. A non-finite value refuses the update: quantising NaN would put
@@ -79,6 +85,8 @@ def encode_input(
             f"the update has {bad} non-finite values (NaN or Inf) or a non-finite weight/channel; it is refused "
             "before quantisation (it would corrupt the secure sum)"
         )
+    if integers is not None:  # distributed DP: the client's noised integers replace its quantised values
+        return _integer_input(integers, params, channels)
     b, levels = params.bound, params.levels
     clipped = count_clipped(values, -b, b)
     if params.weighted:  # example weighting: the client sends w_k x_k and w_k, the server divides the sums
@@ -96,6 +104,19 @@ def encode_input(
     return np.concatenate(parts)
 
 
+def _integer_input(integers: np.ndarray, params: PublicParams, channels: Sequence[float]) -> np.ndarray:
+    """Distributed DP (fedtune.privacy.distributed): int64 values taken mod 2^32, unweighted, no channels,
+    then the clipped-value element as 0. The noised integers were clipped in L2 (never per coordinate), and
+    a data-dependent count here would be a statistic summed without noise: the constant 0 reveals nothing."""
+    if integers.shape != (params.num_values,) or integers.dtype != np.int64:
+        raise SecAggAbort(f"distributed DP input has {integers.shape} {integers.dtype}, expected int64 values")
+    if params.modulus_bits != 32 or params.weighted or params.channels or channels:
+        raise SecAggAbort("distributed DP needs the 32-bit field, no weighting and no channels")
+    out = np.zeros(params.length, np.uint32)
+    out[: params.num_values] = (integers & np.int64(0xFFFFFFFF)).astype(np.uint32)
+    return out
+
+
 class SecAggClient:
     def __init__(
         self,
@@ -109,6 +130,7 @@ class SecAggClient:
         identity: Signer | None = None,
         trust: Trust | None = None,
         policy: ClientPolicy | None = None,
+        integers: np.ndarray | None = None,  # distributed DP's noised integers (fedtune.privacy.distributed)
     ) -> None:
         """``rng``: the stochastic-rounding stream; by default a private one seeded from the OS (the server
         must not know it). ``identity`` signs this client's messages (a fresh Ed25519 key by default);
@@ -120,7 +142,7 @@ class SecAggClient:
         self.identity: Signer = identity if identity is not None else Ed25519Signer.generate()
         self.trust = trust
         rng = rng if rng is not None else private_rng()
-        self.plain = encode_input(values, params, weight=weight, channels=channels, rng=rng)
+        self.plain = encode_input(values, params, weight=weight, channels=channels, rng=rng, integers=integers)
         self._digest = params_digest(params)
         self._c_key, self._s_key = crypto.new_private_key(), crypto.new_private_key()
         self._b = os.urandom(crypto.KEY_BYTES)  # self-mask seed: hides y_u even if s_u is reconstructed

@@ -28,7 +28,9 @@ import numpy as np
 from fedtune.config.privacy import SecAggConfig
 from fedtune.core.messages import ClientUpdate
 from fedtune.core.rng import derive_rng
+from fedtune.privacy.distributed import SkellamPlan, lift
 from fedtune.privacy.errors import PrivacyError, SecAggAbort, TamperingDetected
+from fedtune.privacy.secagg.availability import secagg_plan
 from fedtune.privacy.secagg.client import SecAggClient
 from fedtune.privacy.secagg.identity import CaTrust, Ed25519Signer, Registry, Trust
 from fedtune.privacy.secagg.messages import (
@@ -237,6 +239,7 @@ class SecureSummer:
 
     def params(self, plan: SumPlan, num_clients: int) -> PublicParams:
         spec = field_for(num_clients, value_bits=self.cfg.value_bits)
+        graph = secagg_plan(self.cfg, num_clients)  # k and t chosen for availability (availability.py)
         return PublicParams(
             round=plan.round,
             num_values=plan.numel,
@@ -246,8 +249,8 @@ class SecureSummer:
             l2_bound=plan.l2_bound or 0.0,
             modulus_bits=spec.modulus_bits,
             levels=spec.levels,
-            threshold=self.cfg.threshold,
-            neighbours=self.cfg.neighbours or 0,
+            threshold=graph.threshold,
+            neighbours=graph.neighbours,
             graph_seed=graph_seed(self.seed, plan.round),
             weight_cap=plan.weight_cap,
         )
@@ -282,7 +285,9 @@ class SecureSummer:
         traffic = Traffic()
         local = LocalPeers(peers, drop_before=drops, traffic=traffic)
         result = _run(SecAggServer(params, list(inputs), trust=registry), local, traffic)
-        return decode_sum(result, params, traffic=traffic, invited=len(inputs), rejected=rejected)
+        return decode_sum(
+            result, params, traffic=traffic, invited=len(inputs), rejected=rejected, integers=plan.integers
+        )
 
     def _remote(self, updates: list[ClientUpdate], plan: SumPlan, network: SecAggNetwork) -> LinearSum:
         plain = [u.client_id for u in updates if not u.metrics.get(HELD)]
@@ -294,7 +299,7 @@ class SecureSummer:
         params = self.params(plan, len(ids))
         traffic = Traffic()
         result = _run(SecAggServer(params, ids, trust=self.trust), network, traffic)
-        return decode_sum(result, params, traffic=traffic, invited=len(ids))
+        return decode_sum(result, params, traffic=traffic, invited=len(ids), integers=plan.integers)
 
 
 def _ca_trust(path: str) -> Trust:
@@ -329,11 +334,20 @@ def _empty(plan: SumPlan) -> LinearSum:
 
 
 def decode_sum(
-    result: SecAggResult, params: PublicParams, *, traffic: Traffic, invited: int, rejected: int = 0
+    result: SecAggResult,
+    params: PublicParams,
+    *,
+    traffic: Traffic,
+    invited: int,
+    rejected: int = 0,
+    integers: SkellamPlan | None = None,
 ) -> LinearSum:
     """Dequantise the integer sum into (sum of values, sum of weights, channel sums)."""
     count, d, b = len(result.survivors), params.num_values, params.bound
-    total = dequantize_sum(result.total[:d], lo=-b, hi=b, levels=params.levels, count=count)
+    if integers is not None:  # distributed DP, a noised integer sum (fedtune.privacy.distributed)
+        total = lift(result.total[:d], integers)
+    else:
+        total = dequantize_sum(result.total[:d], lo=-b, hi=b, levels=params.levels, count=count)
     scalars = dequantize_sum(result.total[d:], lo=0.0, hi=1.0, levels=params.levels, count=count)
     weight = float(scalars[0]) if params.weighted else float(count)
     channels = dict(zip(params.channels, scalars[int(params.weighted) : -1].tolist(), strict=True))
@@ -345,12 +359,15 @@ def decode_sum(
         "secagg_survivors": count,
         "secagg_dropped": len(result.dropped),
         "secagg_field_bits": params.modulus_bits,
+        "secagg_neighbours": params.neighbours,  # 0: the complete graph
+        "secagg_threshold": params.threshold,
         "secagg_bytes_up_per_client": sum(traffic.up.values()) / n,
         "secagg_bytes_down_per_client": sum(traffic.down.values()) / n,
         "secagg_client_seconds": sum(traffic.client_seconds.values()) / n,
         "secagg_server_seconds": result.server_seconds,
-        "secagg_clipped_values": clipped,
     }
+    if integers is None:  # distributed DP clips in L2 only and sends 0 here (client._integer_input)
+        metrics["secagg_clipped_values"] = clipped
     if result.dropped:
         metrics["secagg_dropouts"] = ",".join(f"{c}@{s}" for c, s in sorted(result.dropped.items()))
     if result.suspects:

@@ -16,6 +16,7 @@ from __future__ import annotations
 from collections.abc import Callable
 
 from fedtune.core.messages import ClientUpdate
+from fedtune.privacy.ddp_client import DDP_KEY
 from fedtune.privacy.errors import SecAggAbort
 from fedtune.privacy.secagg.client import SecAggClient
 from fedtune.privacy.secagg.identity import Signer, Trust
@@ -63,6 +64,7 @@ def client_for(
         identity=identity,
         trust=trust,
         policy=policy,
+        integers=update.extras.get(DDP_KEY),  # distributed DP: already noised on the client
     )
 
 

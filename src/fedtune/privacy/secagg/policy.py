@@ -6,7 +6,12 @@ masks. Each client therefore checks every public parameter against its own minim
 anything, and refuses (SecAggAbort, with the reason) when one falls short:
 
 * threshold: at least ``min_threshold`` and above 1/2 (two disjoint halves can never both reconstruct);
-* neighbours: a graph of at least ``min_neighbours`` (0, the complete graph, always passes);
+* neighbours: a graph of at least ``min_neighbours`` (0, the complete graph, always passes); and, when
+  the client knows its own ``expected_dropout`` / ``failure_probability`` (from_config), at least the k
+  Bell et al. 2020's security bound asks of the roster it is shown (availability.secure_degree: the
+  survivor graph must not split, or the server learns partial sums). The server chooses its k with the
+  same bound (availability.plan), so an honest server always passes; only a weaker graph is refused.
+  The threshold need only be above 1/2 for the secrets (2t > k), which the automatic 1/2 + 1/(4n) is;
 * number of clients: at least ``min_clients`` in the roster, and no more than the field can sum unwrapped;
 * field: at most 32 bits, levels that fit; bounds finite and positive (the clip range the client expects);
 * graph seed: the one derived from the run's seed and the round (the server cannot pick the graph).
@@ -20,6 +25,7 @@ from dataclasses import dataclass
 
 from fedtune.core.rng import derive_seed
 from fedtune.privacy.errors import SecAggAbort
+from fedtune.privacy.secagg.availability import secure_degree
 from fedtune.privacy.secagg.messages import PublicParams
 from fedtune.privacy.secagg.quantize import MAX_FIELD_BITS
 
@@ -39,6 +45,10 @@ class ClientPolicy:
     clip_range: float | None = None  # without DP: the coordinate bound the client expects (None: any)
     seed: int | None = None  # the run's seed: the graph seed must be graph_seed(seed, round) (None: any)
     round: int | None = None  # the round the client trained for (None: any)
+    # the client's own availability targets: the k the security bound needs is recomputed from them and the
+    # roster's size (None: no such floor beyond min_neighbours)
+    expected_dropout: float | None = None
+    failure_probability: float | None = None
 
     @classmethod
     def permissive(cls) -> ClientPolicy:
@@ -49,7 +59,9 @@ class ClientPolicy:
     def from_config(cls, cfg, *, seed: int, round_idx: int | None = None) -> ClientPolicy:
         """The floors a client's own ``privacy.secure_aggregation`` section sets (see config/privacy.py):
         ``min_threshold`` / ``min_neighbours``, else the section's own ``threshold`` / ``neighbours`` when
-        they are given, else the absolute floors (threshold above 1/2, 2 neighbours)."""
+        they are given, else the absolute floors (threshold above 1/2, 2 neighbours); with ``neighbours``
+        null (chosen per round), also the degree the security bound needs at the client's own
+        ``expected_dropout`` and ``failure_probability`` (check_roster)."""
         return cls(
             min_threshold=_first(cfg.min_threshold, cfg.threshold, 0.5),
             min_neighbours=_first(cfg.min_neighbours, cfg.neighbours, 2),
@@ -57,6 +69,8 @@ class ClientPolicy:
             clip_range=cfg.clip_range,
             seed=seed,
             round=round_idx,
+            expected_dropout=cfg.expected_dropout if cfg.neighbours is None else None,
+            failure_probability=cfg.failure_probability,
         )
 
     def check_params(self, p: PublicParams, who: str) -> None:
@@ -94,6 +108,15 @@ class ClientPolicy:
                 f"client {who} refuses the secure aggregation round: {n} clients in the roster, "
                 f"this client requires at least {max(self.min_clients, ABSOLUTE_MIN_CLIENTS)}"
             )
+        if self.expected_dropout is not None and self.failure_probability is not None and p.neighbours != 0:
+            need = secure_degree(n, self.expected_dropout, self.failure_probability)
+            if p.neighbours < n - 1 and (need == 0 or p.neighbours < need):
+                wanted = "the complete graph" if need == 0 else f"at least {need} neighbours"
+                raise SecAggAbort(
+                    f"client {who} refuses the secure aggregation round: {p.neighbours} neighbours in a roster of "
+                    f"{n} is below the {wanted} its expected_dropout {self.expected_dropout:g} and "
+                    f"failure_probability {self.failure_probability:g} need (the survivor graph could split)"
+                )
         if n * p.levels >= 1 << p.modulus_bits:
             raise SecAggAbort(
                 f"client {who} refuses the secure aggregation round: {n} clients at {p.levels} levels would wrap "

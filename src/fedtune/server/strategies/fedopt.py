@@ -24,7 +24,7 @@ import numpy as np
 from fedtune.aggregation.robust import Aggregator, Mean
 from fedtune.aggregation.server_opt import ServerOptimizer, ServerSGD
 from fedtune.core.messages import ClientUpdate
-from fedtune.core.params import ParamSpec
+from fedtune.core.params import ParamSpec, l2_norm
 from fedtune.core.state import ServerState
 
 OPT_PREFIX = "opt/"
@@ -153,5 +153,5 @@ class FedOpt:
         for plugin_fold in plugin_folds:
             params = plugin_fold.after_step(params)
         arrays.update({OPT_PREFIX + k: v for k, v in slots.items()})
-        metrics = {"aggregated": fold.count, "update_norm": float(np.linalg.norm(delta)), **metrics}
+        metrics = {"aggregated": fold.count, "update_norm": l2_norm(delta), **metrics}
         return state.evolve(round=state.round + 1, params=params, arrays=arrays), metrics

@@ -79,6 +79,7 @@ class Registry:
         self._cond = threading.Condition()
         self._sessions: dict[str, Session] = {}  # client id -> its current session
         self._tasks: dict[str, Task] = {}  # open tasks by id
+        self._enrolled: set[str] = set()  # every client that has joined this server (live or not)
         self.closed = False
         self.shutdown_reason: dict[str, Any] = {}
         self._refused: collections.deque[tuple[str, str, float]] = collections.deque(maxlen=100)
@@ -98,6 +99,7 @@ class Registry:
                 old.outbox.clear()
                 self._end(old, "client restarted and rejoined before replying; its work for this round is lost")
             self._sessions[client_id] = session
+            self._enrolled.add(client_id)
             self._cond.notify_all()
             return session, old is not None
 
@@ -150,6 +152,12 @@ class Registry:
     def live(self) -> list[str]:
         with self._cond:
             return sorted(self._sessions)
+
+    def enrolled(self) -> list[str]:
+        """Every client that has joined (sorted): the population rounds sample from. A client that is down
+        when sampled fails that round, so who is connected at a given moment cannot steer the sample."""
+        with self._cond:
+            return sorted(self._enrolled)
 
     def wait_for(self, count: int, timeout: float) -> list[str]:
         """Block until at least ``count`` live clients (reaping the dead) or ``timeout``; the live ids."""

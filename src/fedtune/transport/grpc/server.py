@@ -141,7 +141,8 @@ class GrpcServerTransport:
     # ------------------------------------------------------------------------------------ Transport
 
     def client_ids(self) -> list[str]:
-        """The live clients (sorted), after waiting for the quorum of deployment.min_clients."""
+        """The enrolled clients (sorted: every client that has joined, live or not), after waiting for the
+        quorum of deployment.min_clients live ones."""
         need, started = self.dep.min_clients, time.monotonic()
         live = self.registry.live()
         while len(live) < need:
@@ -153,7 +154,7 @@ class GrpcServerTransport:
                 )
             log.info("waiting for clients: %d of %d connected %s", len(live), need, live)
             live = self.registry.wait_for(need, min(10.0, self.dep.quorum_timeout_s - waited))
-        return self.registry.live()
+        return self.registry.enrolled()
 
     def fit(self, instructions: Sequence[FitInstruction]) -> Iterator[ClientUpdate | ClientFailure]:
         shared = _SharedPrepare()

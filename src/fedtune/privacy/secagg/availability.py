@@ -1,0 +1,208 @@
+"""SecAgg parameters chosen for availability: the SecAgg+ degree k and the share threshold t from the expected
+dropout rate and a target failure probability, as Bell et al. 2020 (Section 4) choose them.
+
+A round aborts when some client's secret cannot be recovered: fewer than t of its k neighbours reach the
+unmasking stage (every earlier check in fedtune.privacy.secagg.server is implied by this last one, since
+the clients still answering at unmasking also answered every stage before). With each client dropping
+independently with probability delta, a neighbour count is Binomial(k, 1 - delta), and a union bound over
+the n clients gives
+
+    P(abort) <= n * P[Binomial(k, 1 - delta) < t]                                            (availability)
+
+(in the complete graph every client sees the same survivors, and P(abort) = P[Binomial(n, 1 - delta) <= t]).
+
+Security needs t > k / 2 (two disjoint halves of a neighbourhood can never both reconstruct; the config's
+threshold > 1/2) and a survivor graph that stays connected, else the server learns the sums of the
+separate pieces. In the Harary graph H(k, n) (graph.py: a ring lattice of half-width h = k / 2 over a
+random order) a piece splits off only where h consecutive clients all drop, so
+
+    P(split) <= n * delta^h                                                                  (security)
+
+``plan`` takes t just above k / 2 (the most dropouts a secure threshold tolerates) and the smallest even k
+meeting both bounds at the target; the complete graph (Bonawitz et al. 2017) when no k < n - 1 does. The
+bounds assume dropouts independent of each other; correlated outages (a region going down) need a
+larger ``expected_dropout``. Pure functions: no state, no randomness except in ``simulate_aborts``.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+from dataclasses import dataclass
+
+import numpy as np
+from scipy.stats import binom
+
+from fedtune.config.privacy import SecAggConfig
+from fedtune.privacy.secagg.graph import neighbour_graph
+
+log = logging.getLogger("fedtune.secagg")
+_WARNED: set[tuple[int, SecAggConfig]] = set()
+
+
+def shares_needed(threshold: float, degree: int) -> int:
+    """t for a client with ``degree`` neighbours (the rule of ``client.share_threshold``)."""
+    return max(2, math.ceil(threshold * degree - 1e-9))
+
+
+def minimal_threshold(num_clients: int) -> float:
+    """The smallest fraction whose t is just above half of any degree up to ``num_clients - 1``.
+
+    >>> th = minimal_threshold(100)
+    >>> [shares_needed(th, d) for d in (4, 5, 80, 99)]
+    [3, 3, 41, 50]
+    """
+    return 0.5 + 1.0 / (4 * max(num_clients, 2))
+
+
+def degree(num_clients: int, neighbours: int) -> int:
+    """Neighbours per client: ``neighbours`` rounded up to even, or n - 1 for the complete graph (0 or >= n - 1)."""
+    if neighbours == 0 or neighbours >= num_clients - 1:
+        return num_clients - 1
+    return 2 * ((neighbours + 1) // 2)
+
+
+def abort_bound(num_clients: int, neighbours: int, threshold: float, dropout: float) -> float:
+    """Union bound on the probability that a round of ``num_clients`` aborts (module docstring)."""
+    k = degree(num_clients, neighbours)
+    t = shares_needed(threshold, k)
+    if t > k:
+        return 1.0
+    if k == num_clients - 1:
+        # complete graph: every owner sees the same survivors U4 (less itself), so no union is needed:
+        # it aborts iff |U4| - 1 < t, with |U4| ~ Binomial(n, 1 - delta) (t at the full roster: the largest)
+        return float(binom.cdf(t, num_clients, 1.0 - dropout))
+    return min(1.0, num_clients * float(binom.cdf(t - 1, k, 1.0 - dropout)))
+
+
+def split_bound(num_clients: int, neighbours: int, dropout: float) -> float:
+    """Bound on the probability that the survivors' graph falls apart (0 for the complete graph)."""
+    k = degree(num_clients, neighbours)
+    if k >= num_clients - 1:
+        return 0.0
+    return min(1.0, num_clients * dropout ** (k // 2))
+
+
+def secure_degree(num_clients: int, dropout: float, failure_probability: float) -> int:
+    """The smallest even k whose survivor graph splits with probability <= ``failure_probability`` at
+    ``dropout`` (the security bound above); 0, the complete graph, when no k < n - 1 does. ``plan`` never
+    picks less: its k meets this bound at the number invited, hence at any roster as small or smaller.
+
+    >>> secure_degree(100, 0.3, 0.01), secure_degree(5, 0.3, 0.01)
+    (16, 0)
+    """
+    for k in range(2, num_clients - 1, 2):
+        if split_bound(num_clients, k, dropout) <= failure_probability:
+            return k
+    return 0
+
+
+@dataclass(frozen=True)
+class SecAggPlan:
+    neighbours: int  # k of the SecAgg+ graph; 0: the complete graph
+    threshold: float  # t = shares_needed(threshold, degree)
+    abort_bound: float  # P(round aborts) <= this, at the expected dropout
+    split_bound: float  # P(survivor graph disconnected) <= this
+    chosen: bool  # False: the config gave both k and the threshold
+
+
+def plan(
+    num_clients: int,
+    *,
+    dropout: float,
+    failure_probability: float,
+    threshold: float | None = None,
+    neighbours: int | None = None,
+) -> SecAggPlan:
+    """k and the threshold for a round of ``num_clients``; either may be fixed by the caller (then only the
+    other is chosen, and the bounds say what the fixed one costs).
+
+    >>> p = plan(100, dropout=0.3, failure_probability=0.01)
+    >>> p.neighbours, shares_needed(p.threshold, p.neighbours), p.abort_bound <= 0.01
+    (84, 43, True)
+    """
+    if num_clients < 1:
+        raise ValueError("need at least one client")
+    frac = threshold if threshold is not None else minimal_threshold(num_clients)
+
+    def made(k: int) -> SecAggPlan:
+        return SecAggPlan(
+            neighbours=k,
+            threshold=frac,
+            abort_bound=abort_bound(num_clients, k, frac, dropout),
+            split_bound=split_bound(num_clients, k, dropout),
+            chosen=threshold is None or neighbours is None,
+        )
+
+    if neighbours is not None:
+        return made(0 if neighbours >= num_clients - 1 else neighbours)
+    for k in range(2, num_clients - 1, 2):
+        candidate = made(k)
+        if candidate.abort_bound <= failure_probability and candidate.split_bound <= failure_probability:
+            return candidate
+    return made(0)
+
+
+NUM_STAGES = 5  # advertise, share, masked, consistency, unmask (driver.STAGES)
+
+
+def simulate_aborts(
+    num_clients: int, neighbours: int, threshold: float, dropout: float, rounds: int, rng: np.random.Generator
+) -> float:
+    """The share of ``rounds`` simulated rounds that abort: the real neighbour graph (graph.py), each client
+    dropping with probability ``dropout`` before one of the five stages (driver.STAGES), and the server's
+    and the clients' threshold checks (server.py, client.py) applied stage by stage."""
+    ids = [f"c{i:05d}" for i in range(num_clients)]
+    aborted = 0
+    for r in range(rounds):
+        stage = np.where(rng.random(num_clients) < dropout, rng.integers(0, NUM_STAGES, num_clients), NUM_STAGES)
+        aborted += int(round_aborts(ids, stage, neighbours, threshold, seed=r.to_bytes(8, "little")))
+    return aborted / rounds
+
+
+def round_aborts(ids: list[str], stage: np.ndarray, neighbours: int, threshold: float, *, seed: bytes) -> bool:
+    """stage[i]: the first stage client i does not answer (0 advertise, 1 share, 2 masked, 3 consistency,
+    4 unmask; 5: none)."""
+    roster = [c for c, s in zip(ids, stage, strict=True) if s > 0]
+    if len(roster) < 3:
+        return True
+    graph = neighbour_graph(roster, k=neighbours or None, seed=seed)
+    last = dict(zip(ids, stage.tolist(), strict=True))
+    t = {c: shares_needed(threshold, len(graph[c])) for c in roster}
+    if any(t[c] > len(graph[c]) for c in roster):
+        return True
+    u2 = {c for c in roster if last[c] > 1}  # shared keys
+    u3 = {c for c in u2 if last[c] > 2}  # sent masked inputs
+    if len(u2) < 3 or len(u3) < 3:
+        return True
+    if any(len(graph[c] & u2) < t[c] for c in u2) or any(len(graph[c] & u3) < t[c] for c in u3):
+        return True  # server.forward / server.collect
+    u4 = {c for c in u3 if last[c] > 3}  # signed U3 (each has >= t neighbours in U3: checked just above)
+    if len(u4) < 3:
+        return True  # server.consistency
+    # a signer reveals shares only when >= t of its neighbours signed the same set (client.unmask)
+    u5 = {c for c in u4 if last[c] > 4 and len(graph[c] & u4) >= t[c]}
+    return any(len(graph[c] & u5) < t[c] for c in u2)  # b-shares of U3, s-shares of U2 \ U3
+
+
+def secagg_plan(cfg: SecAggConfig, num_clients: int) -> SecAggPlan:
+    """The plan for a round of ``num_clients`` under the ``privacy.secure_aggregation`` section; logs a
+    warning when no choice meets the target (then the complete graph, the most available, is used)."""
+    chosen = plan(
+        num_clients,
+        dropout=cfg.expected_dropout,
+        failure_probability=cfg.failure_probability,
+        threshold=cfg.threshold,
+        neighbours=cfg.neighbours,
+    )
+    if chosen.abort_bound > cfg.failure_probability and (num_clients, cfg) not in _WARNED:
+        _WARNED.add((num_clients, cfg))  # once per round size, not every round
+        log.warning(
+            "secure aggregation with %d clients: rounds may abort with probability up to %.3g at expected_dropout "
+            "%g (target failure_probability %g); sample more clients per round or lower the threshold",
+            num_clients,
+            chosen.abort_bound,
+            cfg.expected_dropout,
+            cfg.failure_probability,
+        )
+    return chosen

@@ -1,0 +1,105 @@
+"""Bounded influence of one client, and the check that keeps a bad aggregate out of the global model.
+
+Before an update reaches the strategy's fold, its example count is capped (``server.max_examples_per_client``:
+a fixed number, or ``adaptive_examples_multiple`` times the median count of the previous round) and its L2
+norm is bounded (``server.update_norm_bound``: a fixed number, or ``adaptive_norm_multiple`` times the median
+update norm of the previous round). A client can then move the weighted mean by at most
+(its capped weight / the total) x the bound, however large the numbers it sends.
+
+After aggregation, ``rejection`` says why the new state must not become the global model: a value that is
+not finite (an overflowing sum, an optimiser moment gone to Inf), or a step longer than ``max_step_ratio``
+times max(1, |global|). The loop then keeps the model as it was and logs the round as failed.
+
+Norms are accumulated in float64 block by block: no model-sized temporary, and no float32 overflow for a
+finite update of 1e30s (whose float32 squared norm would read as Inf).
+"""
+
+from __future__ import annotations
+
+import math
+import statistics
+from dataclasses import dataclass, replace
+
+import numpy as np
+
+from fedtune.config.schema import Config
+from fedtune.core.messages import ClientUpdate
+from fedtune.core.params import all_finite, l2_norm
+from fedtune.core.state import ServerState
+
+MEDIAN_KEY = "update_norm_median"  # ServerState.extra: the previous round's median update norm (adaptive)
+EXAMPLES_KEY = "num_examples_median"  # ServerState.extra: the previous round's median example count (adaptive)
+
+
+@dataclass(frozen=True)
+class Bounds:
+    """What one client's update may weigh: built from ``config.server`` and the state before the round."""
+
+    max_examples: int | None
+    norm_bound: float | None  # the L2 bound this round (None: not clipped)
+    measure: bool  # record update norms (the adaptive bound needs this round's median for the next)
+
+    @classmethod
+    def for_round(cls, config: Config, state: ServerState) -> Bounds:
+        srv = config.server
+        mode = srv.update_norm_bound
+        bound: float | None = None
+        if isinstance(mode, int | float):
+            bound = float(mode)
+        elif mode == "adaptive" and state.extra.get(MEDIAN_KEY):
+            bound = srv.adaptive_norm_multiple * float(state.extra[MEDIAN_KEY])
+        cap_mode, cap = srv.max_examples_per_client, None
+        if isinstance(cap_mode, int):
+            cap = cap_mode
+        elif cap_mode == "adaptive" and state.extra.get(EXAMPLES_KEY):
+            cap = max(1, math.floor(srv.adaptive_examples_multiple * float(state.extra[EXAMPLES_KEY])))
+        return cls(cap, bound, measure=mode not in ("off", "auto"))
+
+    def apply(self, update: ClientUpdate) -> tuple[ClientUpdate, dict]:
+        """(the update as it is folded, what was changed: for the client's metrics line). Never mutates."""
+        info: dict = {}
+        n = update.num_examples
+        if self.max_examples is not None and n > self.max_examples:
+            info["examples_capped_from"] = n
+            n = self.max_examples
+        delta = update.delta
+        if self.measure or self.norm_bound is not None:
+            norm = l2_norm(delta)
+            info["update_norm"] = norm
+            if self.norm_bound is not None and norm > self.norm_bound:
+                scale = self.norm_bound / norm
+                delta = (delta.astype(np.float64) * scale).astype(np.float32)
+                info["update_clipped"] = 1
+        if n == update.num_examples and delta is update.delta:
+            return update, info
+        return replace(update, num_examples=n, delta=delta), info
+
+
+def with_round_median(config: Config, state: ServerState, norms: list[float], counts: list[int]) -> ServerState:
+    """The adaptive bounds' memory: this round's median update norm and declared example count, kept in the
+    state (so resume is exact). A round without updates keeps the previous medians."""
+    extra = dict(state.extra)
+    if config.server.update_norm_bound == "adaptive" and norms:
+        extra[MEDIAN_KEY] = float(statistics.median(norms))
+    if config.server.max_examples_per_client == "adaptive" and counts:
+        extra[EXAMPLES_KEY] = float(statistics.median(counts))
+    return state if extra == state.extra else state.evolve(extra=extra)
+
+
+def rejection(config: Config, old: ServerState, new: ServerState) -> str | None:
+    """Why ``new`` must not become the global model (None: it may)."""
+    if not all_finite(new.params):
+        return "the aggregated model is not finite (NaN or Inf): an update overflowed the sum"
+    for name, arr in new.arrays.items():
+        if arr.dtype.kind == "f" and not all_finite(arr.reshape(-1)):
+            return f"server state array {name!r} is not finite after aggregation"
+    step = l2_norm(new.params, old.params) if new.params is not old.params else 0.0
+    if not math.isfinite(step):
+        return "the aggregated step's norm is not finite"
+    limit = config.server.max_step_ratio * max(1.0, l2_norm(old.params))
+    if step > limit:
+        return (
+            f"the aggregated step has norm {step:.3g}, more than server.max_step_ratio="
+            f"{config.server.max_step_ratio:g} x max(1, |global model|) = {limit:.3g}"
+        )
+    return None
