@@ -298,3 +298,23 @@ def test_dp_run_end_to_end_reports_the_unamplified_epsilon(tmp_path):
     assert eps == pytest.approx([_oracle_epsilon(4.0, t, 1e-5) for t in (1, 2, 3)], rel=1e-9)
     steps = [r for r in result.metrics if r["round"] > 0]
     assert all(r["agg_dp_noise_std"] == 2.0 and r["agg_aggregated"] == 2 for r in steps)  # z C; K arrivals
+
+
+class ReversedReplies(TargetClients):
+    """Answers each buffer's instructions last first (a network where later arrivals overtake)."""
+
+    def fit(self, instructions):
+        return reversed(list(super().fit(instructions)))
+
+
+def test_arrival_order_not_reply_order_decides_the_fold():
+    config = async_config(federation={"rounds": 15}, server={"optimizer": "sgd", "lr": 1.0})
+    in_order, _, _ = run_targets(config, n=100)
+    transport = ReversedReplies(100)
+    server = build_fedbuff(config)
+    state = server.init_state(np.zeros(DIM, np.float32), _spec())
+    reports = []
+    overtaken = run_async(config, server, transport, state, on_round=lambda s, r: reports.append(r))
+    np.testing.assert_array_equal(overtaken.params, in_order.params)
+    # folded (and reported) in arrival order, not in the order the replies came
+    assert all([c["client_id"] for c in r.clients] == r.sampled for r in reports)

@@ -35,7 +35,8 @@ from fedtune.core.state import ServerState
 from fedtune.errors import CheckpointError, ConfigError, UpdateRejected
 from fedtune.server.clock import Clock, InFlight, Schedule, client_speeds
 from fedtune.server.fedbuff import Arrival, FedBuff
-from fedtune.server.loop import RoundReport, eval_clients, evaluate_global
+from fedtune.server.influence import Bounds
+from fedtune.server.loop import RoundReport, _bounded, _checked, eval_clients, evaluate_global
 from fedtune.transport.base import Transport
 
 SCHEDULE_KEY = "fedbuff"  # state.extra[SCHEDULE_KEY]: the Schedule
@@ -129,36 +130,49 @@ def _check(update: ClientUpdate, flight: InFlight | None, state: ServerState, se
 
 
 def _accepted(
-    replies: Iterator[ClientUpdate | ClientFailure], buffer: list[InFlight], state: ServerState, report: RoundReport
+    replies: Iterator[ClientUpdate | ClientFailure],
+    buffer: list[InFlight],
+    state: ServerState,
+    report: RoundReport,
+    bounds: Bounds,
 ) -> Iterator[Arrival]:
-    """Valid updates as Arrivals, one at a time (the fold keeps none); the rest become report failures."""
+    """Valid updates as Arrivals, influence-bounded as in a synchronous round (``server.influence``), yielded
+    in arrival order whatever order the transport answers in (so the fold is bit-identical on Ray with
+    ``ordered: false``); the rest become report failures. Only updates that overtake an earlier arrival wait."""
     by_id, seen = {f.client_id: f for f in buffer}, set()
+    waiting: dict[str, ClientUpdate] = {}
+    resolved: set[str] = set()
+    order = iter(buffer)
+    head = next(order, None)
     for reply in replies:
+        resolved.add(reply.client_id)
         if isinstance(reply, ClientFailure):
             report.failures.append(reply)
-            continue
-        try:
-            flight = _check(reply, by_id.get(reply.client_id), state, seen)
-        except UpdateRejected as err:
-            report.failures.append(ClientFailure(reply.client_id, reply.round, f"rejected: {err}"))
-            continue
-        seen.add(reply.client_id)
-        staleness = state.round - flight.version
-        report.clients.append(
-            {
-                "client_id": reply.client_id,
-                "num_examples": reply.num_examples,
-                "train_loss": reply.metrics.get("train_loss", float("nan")),
-                "bytes_down": reply.bytes_down,
-                "bytes_up": reply.bytes_up,
-                "staleness": staleness,
-                "dispatch": flight.dispatch,
-                "sim_seconds": flight.finish - flight.start,
-                **{k: v for k, v in reply.metrics.items() if k != "train_loss"},
-            }
-        )
-        yield Arrival(reply, staleness)
-        del reply
+        else:
+            try:
+                _check(reply, by_id.get(reply.client_id), state, seen)
+            except UpdateRejected as err:
+                report.failures.append(ClientFailure(reply.client_id, reply.round, f"rejected: {err}"))
+            else:
+                seen.add(reply.client_id)
+                waiting[reply.client_id] = reply
+        del reply  # not alive while the transport produces the next one
+        while head is not None and head.client_id in resolved:
+            if head.client_id in waiting:
+                yield _arrival(waiting.pop(head.client_id), head, state, report, bounds)
+            head = next(order, None)
+    for flight in buffer:  # the transport ended with some arrivals unresolved: the rest, in order
+        if flight.client_id in waiting:
+            yield _arrival(waiting.pop(flight.client_id), flight, state, report, bounds)
+
+
+def _arrival(
+    update: ClientUpdate, flight: InFlight, state: ServerState, report: RoundReport, bounds: Bounds
+) -> Arrival:
+    update = _bounded(update, report, bounds)  # appends the client's metrics line
+    staleness = state.round - flight.version
+    report.clients[-1].update(staleness=staleness, dispatch=flight.dispatch, sim_seconds=flight.finish - flight.start)
+    return Arrival(update, staleness)
 
 
 def async_step(
@@ -180,7 +194,9 @@ def async_step(
         for f in dropped
     ]
     instructions = [_instruction(config, server, state, f) for f in buffer]
-    new_state, report.aggregate = server.step(state, _accepted(transport.fit(instructions), buffer, state, report))
+    replies = _accepted(transport.fit(instructions), buffer, state, report, Bounds.for_round(config, state))
+    new_state, report.aggregate = server.step(state, replies)
+    new_state = _checked(config, state, new_state, report)  # a non-finite or exploding step is rejected
     new_state = with_schedule(new_state, state, sched)
     report.aggregate.update(
         sim_time=sched.clock,
