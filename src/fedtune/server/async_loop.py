@@ -12,8 +12,9 @@ Training is lazy: a client's update is computed when it arrives, from the vector
 dispatched with. That vector is kept in ``state.arrays["fedbuff/version/<v>"]`` while any in-flight client
 still needs it, and the schedule (clock, dispatch counter, in-flight clients) in ``state.extra["fedbuff"]``,
 so the checkpoint written after a step is everything a resumed run needs to continue bit for bit.
-Within a step replies are folded in arrival order when the transport yields in instruction order (in-process,
-and Ray with ``simulation.ordered``), hence bit-identical results for the same seed.
+Within a step, updates are influence-bounded and the step checked exactly as in a synchronous round
+(``server.influence``), and folded in arrival order whatever order the transport answers in, hence
+bit-identical results for the same seed on every backend.
 """
 
 from __future__ import annotations
