@@ -13,7 +13,7 @@ from __future__ import annotations
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
-from fedtune.client import hooks
+from fedtune.client import hooks, partial
 from fedtune.client.worker import HookFactory
 from fedtune.config.schema import Config
 from fedtune.core.messages import ClientUpdate, FitInstruction
@@ -38,9 +38,11 @@ def strategy_extensions() -> ClientExtensions:
             hooks.proximal_term,
             hooks.scaffold_correction,
             stragglers.hooks,
+            partial.time_budget,  # deployment.partial_work: stop at the server's time budget
         ],
-        # the straggler's partial delta and step count must be final before SCAFFOLD reads them
-        update_transforms=[stragglers.transform, hooks.scaffold_control_delta],
+        # the partial work's weight (real steps taken), then the straggler's partial delta and step count must
+        # be final before SCAFFOLD reads them
+        update_transforms=[partial.weight_by_work, stragglers.transform, hooks.scaffold_control_delta],
     )
 
 

@@ -40,10 +40,14 @@ LossTerm = Callable[[], torch.Tensor]  # extra differentiable loss added to each
 GradHook = Callable[[], None]  # runs after backward, before the optimizer step (may edit .grad)
 
 
+StopCheck = Callable[[], bool]  # asked after every step: True ends local training there (a deadline)
+
+
 @dataclass
 class LocalHooks:
     loss_terms: list[LossTerm] = field(default_factory=list)
     grad_hooks: list[GradHook] = field(default_factory=list)
+    stop_checks: list[StopCheck] = field(default_factory=list)
 
 
 class BatchLoss(Protocol):
@@ -160,5 +164,7 @@ def local_train(
         if on_step is not None:
             elapsed = time.perf_counter() - started
             on_step(StepProgress(client_id, round_idx, len(losses), total_steps, seen, elapsed))
+        if any(check() for check in hooks.stop_checks):  # e.g. the round's deadline: send the partial work
+            break
     task.module.eval()
     return LocalResult(num_examples=len(examples), steps=len(losses), train_loss=sum(losses) / len(losses))

@@ -88,6 +88,7 @@ class ClientWorker:
             extra = factory(self.task, instr, self.view)
             hooks.loss_terms += extra.loss_terms
             hooks.grad_hooks += extra.grad_hooks
+            hooks.stop_checks += extra.stop_checks
         return ClientConfig.model_validate(instr.train), hooks
 
     def reply(self, instr: FitInstruction, result: LocalResult, params: np.ndarray, metrics: dict) -> ClientUpdate:
