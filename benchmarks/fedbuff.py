@@ -141,60 +141,6 @@ def table(res: dict) -> str:
     return "\n".join(lines)
 
 
-def smollm2_demo(rounds: int) -> dict:
-    """The SmolLM2 demo (examples/shakespeare_smollm2*.yaml, reduced) through fedtune.simulate, sync then async;
-    the synchronous rounds are timed afterwards on the same clock (the slowest sampled role per round)."""
-    import tempfile
-
-    import yaml
-
-    from fedtune.config.asynchronous import ClientSpeedConfig
-    from fedtune.config.load import parse_config
-    from fedtune.run.session import simulate
-    from fedtune.server.clock import client_speeds
-
-    out: dict = {}
-    small = {"local_steps": 3}, {"max_clients": 8, "max_examples_per_client": 2, "every": 2, "sample_prompt": None}
-    for mode, name in (("sync", "shakespeare_smollm2.yaml"), ("async", "shakespeare_smollm2_fedbuff.yaml")):
-        raw = yaml.safe_load((ROOT / "examples" / name).read_text())
-        raw["client"].update(small[0])
-        raw["eval"].update(small[1])
-        raw["federation"]["rounds"] = rounds
-        raw["run"] = {**raw["run"], "out_dir": tempfile.mkdtemp(prefix="fedbuff-demo-"), "plot": False}
-        started = time.perf_counter()
-        result = simulate(parse_config(raw), show_progress=False)
-        records = [json.loads(line) for line in (result.run_dir / "metrics.jsonl").read_text().splitlines()]
-        steps = [r for r in records if r.get("kind") == "round" and r["round"] > 0]
-        if mode == "sync":
-            speed = ClientSpeedConfig(
-                **yaml.safe_load((ROOT / "examples" / name.replace(".yaml", "_fedbuff.yaml")).read_text())[
-                    "simulation"
-                ]["client_speed"]
-            )
-            speeds = client_speeds(speed, list(result.prepared.worker.records), seed=raw["seed"])
-            clock, times = 0.0, []
-            for r in steps:
-                sampled = [c["client_id"] for c in records if c.get("kind") == "client" and c["round"] == r["round"]]
-                clock += max(3 * speed.seconds_per_step * speeds[c] for c in sampled)
-                times.append(clock)
-        else:
-            times = [r["agg_sim_time"] for r in steps]
-        out[mode] = {
-            "curve": [(r["round"], t, r.get("eval_perplexity")) for r, t in zip(steps, times, strict=True)],
-            "wall_seconds": time.perf_counter() - started,
-        }
-        print(mode, out[mode], flush=True)
-    return out
-
-
-def demo_table(demo: dict) -> str:
-    lines = ["| run | step | simulated s | held-out perplexity |", "| --- | --- | --- | --- |"]
-    for mode, label in (("sync", "FedAvg (sync)"), ("async", "FedBuff (async)")):
-        for step, t, ppl in demo[mode]["curve"]:
-            lines.append(f"| {label} | {step} | {t:.0f} | {f'{ppl:.2f}' if ppl is not None else '-'} |")
-    return "\n".join(lines)
-
-
 def reading(res: dict) -> str:
     """What the table says, computed from the results (mean simulated seconds per server step)."""
     per_step = {m: res[m][-1][1] / res[m][-1][0] for m in ("sync", "async")}
@@ -216,19 +162,14 @@ def main() -> None:
     parser.add_argument("--stop", type=float, default=max(TARGETS), help="stop a run at this accuracy")
     parser.add_argument("--hidden", type=int, default=64)
     parser.add_argument("--layers", type=int, default=1)
-    parser.add_argument("--smollm2-rounds", type=int, default=4, help="steps of the SmolLM2 demo (0: skip it)")
-    parser.add_argument("--report-only", action="store_true", help="rebuild the tables from the saved results")
-    parser.add_argument("--smollm2-only", action="store_true", help="rerun only the SmolLM2 demo")
+    parser.add_argument("--report-only", action="store_true", help="rebuild the table from the saved results")
     args = parser.parse_args()
-    if args.report_only or args.smollm2_only:
+    if args.report_only:
         res = json.loads(RESULTS.read_text())
     else:
         started = time.perf_counter()
         res = {"args": vars(args), "sync": run_sync(args), "async": run_async(args)}
         res["cpu_wall_seconds"] = time.perf_counter() - started
-    if args.smollm2_only or (not args.report_only and args.smollm2_rounds):
-        res["smollm2"] = smollm2_demo(args.smollm2_rounds or 4)
-    if not args.report_only:
         RESULTS.write_text(json.dumps(res, indent=1))
     print(table(res))
     from _common import write_section
@@ -248,16 +189,6 @@ def main() -> None:
         + "\n\n"
         + reading(res)
     )
-    if "smollm2" in res:
-        demo = res["smollm2"]
-        body += (
-            "\n\n**SmolLM2 demo** (`--smollm2-only`): `examples/shakespeare_smollm2.yaml` against "
-            "`examples/shakespeare_smollm2_fedbuff.yaml` (M = 8, K = 4), both reduced to 3 local steps and "
-            "evaluated every 2 steps on 8 held-out roles x 2 blocks, the same simulated client speeds; "
-            f"wall clock {demo['sync']['wall_seconds']:.0f} s and {demo['async']['wall_seconds']:.0f} s. "
-            "Too few steps to compare quality; it shows the demo running asynchronously and the time a step "
-            "takes.\n\n" + demo_table(demo)
-        )
     write_section(SECTION, body)
 
 
