@@ -146,7 +146,7 @@ def reading(res: dict) -> str:
     per_step = {m: res[m][-1][1] / res[m][-1][0] for m in ("sync", "async")}
     return (
         f"A synchronous round lasted {per_step['sync']:.1f} simulated s on average (the slowest of its clients: "
-        "with a 10% tail, 65% of 10-client rounds contain a 10x client), a buffered step "
+        "with 10 slow clients among 100, two rounds in three sample one of them), a buffered step "
         f"{per_step['async']:.1f} s ({per_step['sync'] / per_step['async']:.0f}x shorter). FedBuff needs more "
         "steps to a target, since stale updates are discounted and trained on older models, but each costs a "
         "fraction of the time. The synchronous baseline drops no stragglers (no deadline, no over-selection)."
