@@ -318,3 +318,27 @@ def test_arrival_order_not_reply_order_decides_the_fold():
     np.testing.assert_array_equal(overtaken.params, in_order.params)
     # folded (and reported) in arrival order, not in the order the replies came
     assert all([c["client_id"] for c in r.clients] == r.sampled for r in reports)
+
+
+@pytest.mark.slow  # the Shakespeare plays and a LoRA language model (~1 minute on a loaded machine)
+def test_the_async_demo_config_runs_on_a_lora_language_model(tmp_path):
+    """examples/shakespeare_smollm2_fedbuff.yaml on tiny-llama: peft LoRA adapters trained asynchronously."""
+    from fedtune.config.load import load_config
+    from fedtune.run.session import simulate
+
+    example = Path(__file__).parent.parent / "examples" / "shakespeare_smollm2_fedbuff.yaml"
+    overrides = [
+        "model.name=tiny-llama",
+        "model.compute_dtype=float32",
+        "model.lora.top_layers=null",
+        "federation.rounds=3",
+        "client.local_steps=2",
+        "eval.max_clients=2",
+        f"run.out_dir={tmp_path}",
+        "run.plot=false",
+    ]
+    result = simulate(load_config(example, overrides), show_progress=False)
+    steps = [r for r in result.rounds if r["round"] > 0]
+    assert [r["clients_ok"] for r in steps] == [4, 4, 4]
+    assert all(np.isfinite(r["eval_perplexity"]) for r in steps if "eval_perplexity" in r)
+    assert steps[-1]["agg_sim_time"] > steps[0]["agg_sim_time"] > 0
