@@ -239,6 +239,13 @@ def test_real_worker_resume_with_fedprox_and_stragglers(tmp_path):
             {"server": {"mode": "async", "weighting": "uniform"}, "privacy": {"dp": {"target_epsilon": 3.0}}},
             "privacy.dp.target_epsilon",
         ),
+        (
+            {
+                "server": {"mode": "async", "weighting": "uniform", "update_norm_bound": "adaptive"},
+                "privacy": {"dp": {"noise_multiplier": 1.0}},
+            },
+            "un-noised updates",
+        ),
     ],
 )
 def test_async_config_rules_name_the_key(over, message):

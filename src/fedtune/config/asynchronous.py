@@ -65,6 +65,11 @@ _ASYNC_REFUSED: tuple[tuple[str, str], ...] = (
     ("server.scaffold", "SCAFFOLD's control variates assume every update was computed from the current model"),
     ("server.aggregator", "only 'mean' is folded with staleness weights (robust rules are not staleness-aware)"),
     ("server.lora_aggregation", "the exact LoRA modes (fedex, flora, svd) average products of one model version"),
+    (
+        "server.update_norm_bound / max_examples_per_client 'adaptive' with privacy.dp",
+        "the adaptive bounds are medians of the previous step's un-noised updates: they would carry private "
+        "data into the next step outside the accounting (use a number, or 'off')",
+    ),
     ("client.local_epochs", "the simulated clock charges local_steps x seconds per step: set client.local_steps"),
     ("client.lr_scheduler_type", "the local schedule's position counts rounds; use 'constant' in async mode"),
 )
@@ -80,6 +85,8 @@ def _refused(config: Config) -> list[str]:
         "server.scaffold": s.scaffold,
         "server.aggregator": s.aggregator != "mean",
         "server.lora_aggregation": s.lora_aggregation in ("fedex", "flora", "svd"),
+        "server.update_norm_bound / max_examples_per_client 'adaptive' with privacy.dp": p.dp is not None
+        and "adaptive" in (s.update_norm_bound, s.max_examples_per_client),
         "client.local_epochs": c.local_steps is None,
         "client.lr_scheduler_type": c.lr_scheduler_type != "constant",
     }
