@@ -12,6 +12,8 @@ import numpy as np
 import pytest
 import torch
 import yaml
+from hypothesis import given, settings
+from hypothesis import strategies as st
 from typer.testing import CliRunner
 
 import fedtune
@@ -349,3 +351,28 @@ def test_the_async_demo_config_runs_on_a_lora_language_model(tmp_path):
     assert [r["clients_ok"] for r in steps] == [4, 4, 4]
     assert all(np.isfinite(r["eval_perplexity"]) for r in steps if "eval_perplexity" in r)
     assert steps[-1]["agg_sim_time"] > steps[0]["agg_sim_time"] > 0
+
+
+@settings(max_examples=25, deadline=None)
+@given(
+    st.integers(1, 12),  # K
+    st.integers(0, 20),  # M - K
+    st.integers(0, 30),  # population - (M + K), may be smaller than M + K below
+    st.integers(0, 3),  # max_staleness, or None as 3
+    st.integers(0, 2**31),
+)
+def test_clock_invariants_hold_for_any_sizes(k, extra_m, extra_n, max_stale, seed):
+    m = k + extra_m
+    population = [f"c{i}" for i in range(k + extra_n)]  # at least K clients, maybe fewer than M
+    config = async_config(seed=seed, server={"fedbuff": {"concurrency": m, "buffer_size": k}})
+    clock = build_clock(config, population)
+    sched, limit = Schedule(), None if max_stale == 3 else max_stale
+    for version in range(8):
+        buffer, dropped, sched = clock.next_buffer(sched, version=version, slots=m, size=k, max_staleness=limit)
+        ids = [f.client_id for f in buffer]
+        assert len(ids) == k and len(set(ids)) == k  # K distinct clients: at most one contribution each
+        assert len(sched.in_flight) <= m and not set(ids) & {f.client_id for f in sched.in_flight}
+        assert all(limit is None or version - f.version <= limit for f in buffer)
+        assert all(limit is not None and version - f.version > limit for f in dropped)
+        arrivals = sorted(buffer + dropped, key=lambda f: (f.finish, f.dispatch))
+        assert arrivals[-1] == buffer[-1] and sched.clock == buffer[-1].finish

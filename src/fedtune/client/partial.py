@@ -40,6 +40,11 @@ def time_budget(
     budget = instr.options.get(BUDGET_OPTION)
     if budget is None:
         return LocalHooks()
+    if instr.train.get("trainer") == "hf":
+        log.warning(
+            "deployment.partial_work: client.trainer 'hf' runs transformers.Trainer's loop, which cannot stop early"
+        )
+        return LocalHooks()
     if (
         torch.distributed.is_available()
         and torch.distributed.is_initialized()
