@@ -5,6 +5,8 @@ slow  the real participant loop, but training in round --slow-round hangs (so th
 evil  speaks the protocol by hand and answers each round with a different bad result:
       1 garbage bytes, 2 NaN values, 3 wrong shape, 4 a valid update sent twice, 5 an oversized payload;
       prints the server's reply for each (REPLY ...) so the test can check the client was told why
+inflate  enrolled but hostile: answers every round with a finite update of 1e30s claiming 10^12 examples (the
+      attack of issue #13 item 2), and refuses to evaluate
 """
 
 from __future__ import annotations
@@ -55,7 +57,10 @@ def _evil_update(task, attack: str):
         delta = np.zeros(n + 3, np.float32)
     elif attack == "oversized":
         delta = np.zeros(400_000, np.float32)  # 1.6 MB against deployment.max_message_mb = 1
-    update = ClientUpdate("evil", task.header.round, 1, delta, task.header.spec_digest, {"train_loss": 1.0})
+    elif attack == "inflate":
+        delta = np.full(n, 1e30, np.float32)  # finite, but a float32 sum weighted by 10^12 overflows
+    count = 10**12 if attack == "inflate" else 1
+    update = ClientUpdate("evil", task.header.round, count, delta, task.header.spec_digest, {"train_loss": 1.0})
     payload, _ = protocol.update_payload(
         update, task_id=task.header.task_id, session="", codec=build_codec("none"), residual=None
     )
@@ -68,6 +73,8 @@ def evil(args: argparse.Namespace) -> int:
     from fedtune.transport.grpc.proto import fedtune_pb2 as pb
 
     attacks = {1: "garbage", 2: "nan", 3: "shape", 4: "duplicate", 5: "oversized"}
+    if args.mode == "inflate":
+        attacks = {}
     client = RawClient(int(args.server.rsplit(":", 1)[1]), Path(args.cert).parents[1], Path(args.cert).stem)
     client.join(wait=True)
     beats = Heartbeats(client, 0.3)
@@ -87,7 +94,7 @@ def evil(args: argparse.Namespace) -> int:
             )
         if kind != pb.FIT:
             continue
-        attack = attacks.get(rnd, "duplicate")
+        attack = attacks.get(rnd, "inflate" if args.mode == "inflate" else "duplicate")
         if attack == "garbage":
             replies = [client.push_raw([b"\x08\x01 this is not protobuf \xff\xfe", b"\x00" * 64])]
         elif attack == "duplicate":
@@ -102,7 +109,7 @@ def evil(args: argparse.Namespace) -> int:
 
 def main() -> int:
     parser = argparse.ArgumentParser()
-    parser.add_argument("mode", choices=["slow", "evil"])
+    parser.add_argument("mode", choices=["slow", "evil", "inflate"])
     parser.add_argument("--server", required=True)
     parser.add_argument("--data", default="")
     parser.add_argument("--ca", required=True)

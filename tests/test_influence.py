@@ -263,3 +263,55 @@ def test_bounds_never_mutate_the_update() -> None:
     same, info = Bounds(max_examples=None, norm_bound=None, measure=False).apply(update)
     assert same is update and info == {}
     assert replace(update).delta is update.delta
+
+
+def _declared(over: str = "cap", **counts: int):
+    declared = {f"c{i}": 10 + i for i in range(5)} | counts
+    return parse_config(
+        {
+            "seed": 1,
+            "federation": {"rounds": 2, "clients_per_round": 5},
+            "server": {"lr": 0.7},
+            "deployment": {"declared_examples": declared, "over_declared": over},
+        }
+    )
+
+
+def test_a_claim_above_the_count_declared_at_enrolment_is_weighted_as_declared(caplog) -> None:
+    config = _declared()
+    strategy, state = build_strategy(config), _state(config)
+    inflated = {"c2": (_delta(2 + 10), 10**12)}  # c2's honest update (round 1), claiming 10^12 examples
+    new, report = run_round(config, strategy, Network(5, attack=inflated), state)
+    honest, _ = run_round(config, strategy, Network(5), state)  # the oracle: c2 claims its declared 12
+    assert report.rejected is None and new.params.tobytes() == honest.params.tobytes()
+    c2 = next(c for c in report.clients if c["client_id"] == "c2")
+    assert c2["num_examples"] == 12 and c2["examples_capped_from"] == 10**12 and c2["examples_declared"] == 12
+    assert "client c2 claims 1000000000000 training examples, more than the 12 declared at enrolment" in caplog.text
+
+
+def test_over_declared_refuse_refuses_the_update_and_an_undeclared_client_is_refused() -> None:
+    config = _declared("refuse")
+    strategy, state = build_strategy(config), _state(config)
+    new, report = run_round(config, strategy, Network(5, attack={"c2": (_delta(12), 13)}), state)
+    without, _ = run_round(config, strategy, Network(5, attack={"c2": ("fail",)}), state)  # oracle: c2 absent
+    assert [f.reason for f in report.failures] == [
+        "rejected: claims 13 training examples, more than the 12 declared at enrolment"
+    ]
+    assert new.params.tobytes() == without.params.tobytes()
+    config = _declared(c4=7).model_copy()
+    declared = {k: v for k, v in config.deployment.declared_examples.items() if k != "c4"}
+    config = config.model_copy(
+        update={"deployment": config.deployment.model_copy(update={"declared_examples": declared})}
+    )
+    _, report = run_round(config, strategy, Network(5), state)
+    assert [(f.client_id, f.reason) for f in report.failures] == [
+        ("c4", "rejected: client 'c4' declared no example count at enrolment")
+    ]
+
+
+def test_declared_examples_must_name_the_allowed_clients() -> None:
+    from fedtune.config.deployment import DeploymentConfig
+
+    with pytest.raises(ValueError, match="no count for b; c not allowed to join"):
+        DeploymentConfig(allowed_clients=["a", "b"], declared_examples={"a": 5, "c": 3})
+    assert DeploymentConfig(allowed_clients=["a", "b"], declared_examples={"a": 5, "b": 3}).over_declared == "cap"

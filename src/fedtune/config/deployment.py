@@ -23,6 +23,11 @@ class DeploymentConfig(Section):
     tls_key: str | None = None  # the server's private key (PEM)
     revocation_list: str | None = None  # file of revoked clients: one CN or "serial:<hex>" a line; re-read live
     allowed_clients: list[str] | None = None  # if set, only these certificate CNs may join
+    # example counts declared at enrolment (docs/THREATS.md): certificate CN -> the most training examples that
+    # client may claim. A reply claiming more is weighted by the declared count ("cap") or refused ("refuse"),
+    # the reason logged; a reply from a client with no declared count is refused.
+    declared_examples: dict[str, PositiveInt] | None = None
+    over_declared: Literal["cap", "refuse"] = "cap"
     max_clients: PositiveInt = 256  # most concurrent sessions (the server's thread pool is sized from it)
     min_clients: PositiveInt = 2  # quorum: a round starts only when at least this many clients are connected
     quorum_timeout_s: PositiveFloat = 600.0  # give up (exit non-zero) if the quorum is not reached in time
@@ -61,6 +66,17 @@ class DeploymentConfig(Section):
                 f"deployment.min_clients={self.min_clients} can never be met by "
                 f"{len(self.allowed_clients)} deployment.allowed_clients"
             )
+        if self.declared_examples is not None and self.allowed_clients is not None:
+            undeclared = sorted(set(self.allowed_clients) - set(self.declared_examples))
+            unknown = sorted(set(self.declared_examples) - set(self.allowed_clients))
+            if undeclared or unknown:
+                raise ValueError(
+                    "deployment.declared_examples must name exactly deployment.allowed_clients: "
+                    + "; ".join(
+                        ([f"no count for {', '.join(undeclared)}"] if undeclared else [])
+                        + ([f"{', '.join(unknown)} not allowed to join"] if unknown else [])
+                    )
+                )
         if self.min_clients > self.max_clients:
             raise ValueError("deployment.min_clients exceeds deployment.max_clients")
         if self.idle_timeout_s < 2 * self.heartbeat_s:

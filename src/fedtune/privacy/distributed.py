@@ -30,18 +30,25 @@ actual survivors (their number is data-independent: assumption 6), so a round wi
 
 from __future__ import annotations
 
+import functools
 import math
 import os
 from collections.abc import Sequence
 from dataclasses import dataclass
 
 import numpy as np
-from dp_accounting.rdp import rdp_privacy_accountant
 
 FIELD_BITS = 32  # the SecAgg field 2^32 carries the noised integers in two's complement
 TAIL_SIGMAS = 8.0  # the sum stays inside (-2^31, 2^31) unless the noise exceeds 8 standard deviations
-# dp-accounting's default RDP orders that are integers (the Skellam bound holds for integer alpha)
-ORDERS = tuple(int(a) for a in rdp_privacy_accountant.DEFAULT_RDP_ORDERS if float(a).is_integer() and a >= 2)
+
+
+@functools.cache
+def orders() -> tuple[int, ...]:
+    """dp-accounting's default RDP orders that are integers (the Skellam bound holds for integer alpha).
+    Imported on first use: the participant imports this module, and dp-accounting costs seconds to load."""
+    from dp_accounting.rdp import rdp_privacy_accountant
+
+    return tuple(int(a) for a in rdp_privacy_accountant.DEFAULT_RDP_ORDERS if float(a).is_integer() and a >= 2)
 
 
 @dataclass(frozen=True)
@@ -157,8 +164,10 @@ def entry(plan: SkellamPlan, survivors: int, count: int = 1) -> dict:
 def epsilon(entries: Sequence[dict], delta: float) -> float:
     """Epsilon at ``delta`` of composed Skellam ledger entries: RDP summed per order, converted by
     dp-accounting's ``compute_epsilon`` (the conversion its RdpAccountant uses)."""
-    rdp = [sum(e["count"] * skellam_rdp(a, e["l2"], e["l1"], e["mu"]) for e in entries) for a in ORDERS]
-    eps, _ = rdp_privacy_accountant.compute_epsilon(ORDERS, rdp, delta)
+    from dp_accounting.rdp import rdp_privacy_accountant
+
+    rdp = [sum(e["count"] * skellam_rdp(a, e["l2"], e["l1"], e["mu"]) for e in entries) for a in orders()]
+    eps, _ = rdp_privacy_accountant.compute_epsilon(orders(), rdp, delta)
     return float(eps)
 
 

@@ -1,7 +1,9 @@
 """Bounded influence of one client, and the check that keeps a bad aggregate out of the global model.
 
 Before an update reaches the strategy's fold, its example count is capped (``server.max_examples_per_client``:
-a fixed number, or ``adaptive_examples_multiple`` times the median count of the previous round) and its L2
+a fixed number, or ``adaptive_examples_multiple`` times the median count of the previous round; and, where the
+deployment lists them, the count each client declared at enrolment, ``deployment.declared_examples``: a
+claim above it is capped or refused, ``deployment.over_declared``) and its L2
 norm is bounded (``server.update_norm_bound``: a fixed number, or ``adaptive_norm_multiple`` times the median
 update norm of the previous round). A client can then move the weighted mean by at most
 (its capped weight / the total) x the bound, however large the numbers it sends.
@@ -16,8 +18,10 @@ finite update of 1e30s (whose float32 squared norm would read as Inf).
 
 from __future__ import annotations
 
+import logging
 import math
 import statistics
+from collections.abc import Mapping
 from dataclasses import dataclass, replace
 
 import numpy as np
@@ -26,6 +30,7 @@ from fedtune.config.schema import Config
 from fedtune.core.messages import ClientUpdate
 from fedtune.core.params import all_finite, l2_norm
 from fedtune.core.state import ServerState
+from fedtune.errors import UpdateRejected
 
 MEDIAN_KEY = "update_norm_median"  # ServerState.extra: the previous round's median update norm (adaptive)
 EXAMPLES_KEY = "num_examples_median"  # ServerState.extra: the previous round's median example count (adaptive)
@@ -38,6 +43,8 @@ class Bounds:
     max_examples: int | None
     norm_bound: float | None  # the L2 bound this round (None: not clipped)
     measure: bool  # record update norms (the adaptive bound needs this round's median for the next)
+    declared: Mapping[str, int] | None = None  # deployment.declared_examples: each client's most examples
+    refuse_over: bool = False  # a claim above the declared count is refused (else weighted by the declared)
 
     @classmethod
     def for_round(cls, config: Config, state: ServerState) -> Bounds:
@@ -53,15 +60,45 @@ class Bounds:
             cap = cap_mode
         elif cap_mode == "adaptive" and state.extra.get(EXAMPLES_KEY):
             cap = max(1, math.floor(srv.adaptive_examples_multiple * float(state.extra[EXAMPLES_KEY])))
-        return cls(cap, bound, measure=mode not in ("off", "auto"))
+        dep = config.deployment
+        return cls(
+            cap,
+            bound,
+            measure=mode not in ("off", "auto"),
+            declared=dep.declared_examples,
+            refuse_over=dep.over_declared == "refuse",
+        )
+
+    def admit(self, update: ClientUpdate) -> None:
+        """Raise UpdateRejected when the update's example count breaks what its client declared at enrolment:
+        none declared, or more than declared with ``over_declared: refuse``."""
+        if self.declared is None:
+            return
+        most = self.declared.get(update.client_id)
+        if most is None:
+            raise UpdateRejected(f"client {update.client_id!r} declared no example count at enrolment")
+        if self.refuse_over and update.num_examples > most:
+            raise UpdateRejected(
+                f"claims {update.num_examples} training examples, more than the {most} declared at enrolment"
+            )
 
     def apply(self, update: ClientUpdate) -> tuple[ClientUpdate, dict]:
         """(the update as it is folded, what was changed: for the client's metrics line). Never mutates."""
         info: dict = {}
         n = update.num_examples
+        most = self.declared.get(update.client_id) if self.declared is not None else None
+        if most is not None and n > most:
+            logging.getLogger("fedtune").warning(
+                "round %d: client %s claims %d training examples, more than the %d declared at enrolment: "
+                "weighted as %d",
+                update.round, update.client_id, n, most, most,
+            )  # fmt: skip
+            info["examples_declared"] = most
+            n = most
         if self.max_examples is not None and n > self.max_examples:
-            info["examples_capped_from"] = n
             n = self.max_examples
+        if n != update.num_examples:
+            info["examples_capped_from"] = update.num_examples
         delta = update.delta
         if self.measure or self.norm_bound is not None:
             norm = l2_norm(delta)

@@ -98,6 +98,7 @@ def _accepted(
         else:
             try:
                 validate_update(reply, state, expected, seen)
+                bounds.admit(reply)  # example counts declared at enrolment: refused, when so configured
             except UpdateRejected as err:
                 report.failures.append(ClientFailure(reply.client_id, reply.round, f"rejected: {err}"))
                 resolved.add(reply.client_id)

@@ -31,7 +31,6 @@ import math
 from dataclasses import dataclass
 
 import numpy as np
-from scipy.stats import binom
 
 from fedtune.config.privacy import SecAggConfig
 from fedtune.privacy.secagg.graph import neighbour_graph
@@ -64,6 +63,8 @@ def degree(num_clients: int, neighbours: int) -> int:
 
 def abort_bound(num_clients: int, neighbours: int, threshold: float, dropout: float) -> float:
     """Union bound on the probability that a round of ``num_clients`` aborts (module docstring)."""
+    from scipy.stats import binom  # here, not at the top: clients import this module, scipy.stats is slow
+
     k = degree(num_clients, neighbours)
     t = shares_needed(threshold, k)
     if t > k:
