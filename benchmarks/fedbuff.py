@@ -176,7 +176,7 @@ def main() -> None:
 
     a = res["args"]
     body = (
-        f"`{COMMAND}` (results in `benchmarks/fedbuff.results.json`; the tables are rebuilt from it with "
+        f"`{COMMAND}` (results in `benchmarks/fedbuff.results.json`; the table is rebuilt from it with "
         f"`--report-only`). {DATA['num_clients']} Shakespeare (play, role) clients, an LSTM of {a['hidden']} "
         f"units x {a['layers']} layer(s), 5 local SGD steps of batch 10 (lr 1.47) per client update. Client speed: "
         "lognormal (sigma 0.5) x 10 for a seeded 10% tail; one update costs 5 x the client's factor simulated "
