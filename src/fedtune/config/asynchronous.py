@@ -93,23 +93,32 @@ def _refused(config: Config) -> list[str]:
     return [f"{key}: {why}" for key, why in _ASYNC_REFUSED if on[key]]
 
 
-def check_async_rules(config: Config) -> None:
-    """Cross-section rules of async mode (called from ``Config._check``; errors name the key)."""
+def async_violation(config: Config) -> str | None:
+    """The first async-mode rule ``config`` breaks, naming the keys (None: it obeys them); the shape of a rule
+    in a table of cross-section rules."""
     if config.server.mode != "async":
         for key, value in (
             ("server.fedbuff", config.server.fedbuff),
             ("simulation.client_speed", config.simulation.client_speed),
         ):
             if value is not None:
-                raise ValueError(f"{key} only applies to server.mode 'async'")
-        return
+                return f"{key} only applies to server.mode 'async'"
+        return None
     refused = _refused(config)
     if refused:
-        raise ValueError("server.mode 'async' (FedBuff) cannot be combined with " + "; ".join(refused))
+        return "server.mode 'async' (FedBuff) cannot be combined with " + "; ".join(refused)
     dp = config.privacy.dp
     if dp is not None and "sampling" in dp.model_fields_set:
-        raise ValueError(
+        return (
             "privacy.dp.sampling does not apply to server.mode 'async': arrivals are not sampled (they come in "
             "the order clients finish), so no amplification by sampling is claimed; each buffered step is "
-            "accounted as an unamplified Gaussian mechanism (docs/PRIVACY.md)"
+            "accounted as an unamplified Gaussian mechanism (docs/ASYNC.md)"
         )
+    return None
+
+
+def check_async_rules(config: Config) -> None:
+    """Raise ValueError (inside pydantic: reported like any config error) for a broken async-mode rule."""
+    broken = async_violation(config)
+    if broken is not None:
+        raise ValueError(broken)
