@@ -38,7 +38,7 @@ CLIENT = {"local_steps": 5, "batch_size": 10, "lr": 1.47, "optimizer": "sgd", "m
 TARGETS = (0.20, 0.25, 0.30)
 
 
-def config(mode: str, steps: int, concurrency: int, buffer: int, eval_every: int):
+def config(mode: str, steps: int, concurrency: int, buffer: int, eval_every: int, seed: int):
     from fedtune.config.schema import Config
 
     server: dict = {"mode": mode}
@@ -46,7 +46,7 @@ def config(mode: str, steps: int, concurrency: int, buffer: int, eval_every: int
         server["fedbuff"] = {"concurrency": concurrency, "buffer_size": buffer}
     return Config.model_validate(
         {
-            "seed": 0,
+            "seed": seed,  # client speeds, sampling, dispatch and local shuffling
             "federation": {"rounds": steps} | ({"clients_per_round": buffer} if mode == "sync" else {}),
             "client": CLIENT,
             "server": server,
@@ -74,7 +74,7 @@ def build(hidden: int, layers: int):
     return ClientWorker(task, records, hook_factories=ext.hook_factories, update_transforms=ext.update_transforms)
 
 
-def run_sync(args) -> list[tuple[int, float, float]]:
+def run_sync(args, seed: int) -> list[tuple[int, float, float]]:
     """FedAvg rounds; a round's simulated time is the slowest sampled client's (the barrier)."""
     from fedtune.config.asynchronous import ClientSpeedConfig
     from fedtune.server.build import build_strategy
@@ -83,7 +83,7 @@ def run_sync(args) -> list[tuple[int, float, float]]:
     from fedtune.transport.inprocess import InProcessTransport
 
     worker = build(args.hidden, args.layers)
-    cfg = config("sync", args.steps, args.concurrency, args.buffer, args.eval_every)
+    cfg = config("sync", args.steps, args.concurrency, args.buffer, args.eval_every, seed)
     speeds = client_speeds(ClientSpeedConfig(**SPEED), list(worker.records), seed=cfg.seed)  # as FedBuff's clock
     strategy = build_strategy(cfg, num_clients=len(worker.records))
     state = strategy.init_state(worker.current_params(), worker.view.spec)
@@ -97,12 +97,12 @@ def run_sync(args) -> list[tuple[int, float, float]]:
     return curve
 
 
-def run_async(args) -> list[tuple[int, float, float]]:
+def run_async(args, seed: int) -> list[tuple[int, float, float]]:
     from fedtune.server.async_loop import async_step, build_clock, build_fedbuff
     from fedtune.transport.inprocess import InProcessTransport
 
     worker = build(args.hidden, args.layers)
-    cfg = config("async", args.steps, args.concurrency, args.buffer, args.eval_every)
+    cfg = config("async", args.steps, args.concurrency, args.buffer, args.eval_every, seed)
     server, transport, curve = build_fedbuff(cfg), InProcessTransport(worker), []
     clock = build_clock(cfg, transport.client_ids())
     state = server.init_state(worker.current_params(), worker.view.spec)
@@ -127,23 +127,31 @@ def first_reach(curve: list, target: float, column: int) -> float | None:
     return next((p[column] for p in curve if p[2] >= target), None)
 
 
-def table(res: dict) -> str:
-    lines = [
-        "| target accuracy | FedAvg steps | FedAvg simulated s | FedBuff steps | FedBuff simulated s | speed-up |",
-        "| --- | --- | --- | --- | --- | --- |",
-    ]
+def table(runs: dict) -> str:
+    """Per target: steps and simulated seconds of each algorithm, per seed (seed: FedAvg / FedBuff)."""
+    seeds = sorted(runs, key=int)
+    head = "| target accuracy | " + " | ".join(
+        f"seed {k}: FedAvg steps (s) | seed {k}: FedBuff steps (s) | seed {k}: speed-up" for k in seeds
+    )
+    lines = [head + " |", "|" + " --- |" * (1 + 3 * len(seeds))]
     for t in TARGETS:
-        s_step, s_time = first_reach(res["sync"], t, 0), first_reach(res["sync"], t, 1)
-        a_step, a_time = first_reach(res["async"], t, 0), first_reach(res["async"], t, 1)
-        ratio = f"{s_time / a_time:.1f}x" if s_time and a_time else "-"
-        cells = [f"{v:.0f}" if v is not None else "not reached" for v in (s_step, s_time, a_step, a_time)]
-        lines.append(f"| {t:.0%} | " + " | ".join(cells) + f" | {ratio} |")
+        cells = []
+        for k in seeds:
+            got = {m: (first_reach(runs[k][m], t, 0), first_reach(runs[k][m], t, 1)) for m in ("sync", "async")}
+            for m in ("sync", "async"):
+                step, sim = got[m]
+                cells.append(f"{step:.0f} ({sim:.0f} s)" if step is not None else "not reached")
+            s_time, a_time = got["sync"][1], got["async"][1]
+            cells.append(f"{s_time / a_time:.1f}x" if s_time and a_time else "-")
+        lines.append(f"| {t:.0%} | " + " | ".join(cells) + " |")
     return "\n".join(lines)
 
 
-def reading(res: dict) -> str:
-    """What the table says, computed from the results (mean simulated seconds per server step)."""
-    per_step = {m: res[m][-1][1] / res[m][-1][0] for m in ("sync", "async")}
+def reading(runs: dict) -> str:
+    """What the table says, computed from the results (mean simulated seconds per server step, all seeds)."""
+    per_step = {
+        m: sum(r[m][-1][1] for r in runs.values()) / sum(r[m][-1][0] for r in runs.values()) for m in ("sync", "async")
+    }
     return (
         f"A synchronous round lasted {per_step['sync']:.1f} simulated s on average (the slowest of its clients: "
         "with 10 slow clients among 100, two rounds in three sample one of them), a buffered step "
@@ -162,16 +170,23 @@ def main() -> None:
     parser.add_argument("--stop", type=float, default=max(TARGETS), help="stop a run at this accuracy")
     parser.add_argument("--hidden", type=int, default=64)
     parser.add_argument("--layers", type=int, default=1)
+    parser.add_argument("--seeds", default="0,1", help="run seeds (comma-separated); saved seeds are reused")
     parser.add_argument("--report-only", action="store_true", help="rebuild the table from the saved results")
     args = parser.parse_args()
-    if args.report_only:
-        res = json.loads(RESULTS.read_text())
-    else:
-        started = time.perf_counter()
-        res = {"args": vars(args), "sync": run_sync(args), "async": run_async(args)}
-        res["cpu_wall_seconds"] = time.perf_counter() - started
-        RESULTS.write_text(json.dumps(res, indent=1))
-    print(table(res))
+    res = json.loads(RESULTS.read_text()) if RESULTS.exists() else {}
+    if not args.report_only:
+        settings = {k: v for k, v in vars(args).items() if k not in ("seeds", "report_only")}
+        if res.get("args") != settings:
+            res = {"args": settings, "runs": {}, "wall_seconds": {}}  # other settings: nothing to reuse
+        for seed in (int(k) for k in args.seeds.split(",")):
+            if str(seed) in res["runs"]:
+                continue
+            started = time.perf_counter()
+            res["runs"][str(seed)] = {"sync": run_sync(args, seed), "async": run_async(args, seed)}
+            res["wall_seconds"][str(seed)] = time.perf_counter() - started
+            RESULTS.write_text(json.dumps(res, indent=1))
+    runs = res["runs"]
+    print(table(runs))
     from _common import write_section
 
     a = res["args"]
@@ -184,10 +199,8 @@ def main() -> None:
         f"M = {a['concurrency']} clients training and steps every K = {a['buffer']} arrivals with weights "
         "1/sqrt(1 + staleness), server SGD lr 1 for both. Accuracy is pooled held-out next-character accuracy, "
         f"evaluated every {a['eval_every']} steps (so steps and times are those of the first evaluation at or "
-        f"above the target). One seed; both runs took {res['cpu_wall_seconds']:.0f} s of wall clock.\n\n"
-        + table(res)
-        + "\n\n"
-        + reading(res)
+        f"above the target). Seeds {', '.join(sorted(runs, key=int))}; each seed's two runs took "
+        f"{max(res['wall_seconds'].values()):.0f} s of wall clock at most.\n\n" + table(runs) + "\n\n" + reading(runs)
     )
     write_section(SECTION, body)
 
