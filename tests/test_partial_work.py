@@ -100,3 +100,19 @@ def test_grpc_stragglers_send_their_partial_work(tmp_path):
     assert len(clients) == 4 and all(r["steps"] == 1 and r["partial_work"] == 1 for r in clients)
     assert all(r["steps_planned"] == 50 for r in clients)
     assert [r["clients_ok"] for r in lines if r["kind"] == "round" and r["round"] > 0] == [2, 2]
+
+
+@pytest.mark.parametrize(
+    ("train", "n", "planned"),
+    [
+        ({"local_steps": 6, "batch_size": 4}, 10, 6),
+        ({"local_epochs": 2, "batch_size": 4}, 10, 6),  # 2 x ceil(10 / 4) minibatches
+        ({"local_epochs": 1, "batch_size": 4, "gradient_accumulation_steps": 2}, 10, 2),  # ceil(3 / 2) steps
+        ({"local_epochs": 3, "full_batch": True}, 10, 3),
+    ],
+)
+def test_planned_steps_match_the_local_loop(train, n, planned):
+    from fedtune.client.partial import planned_steps
+
+    instr = FitInstruction("c", 1, np.zeros(1, np.float32), "d", 0, train, options={TIME_BUDGET_OPTION: 1.0})
+    assert planned_steps(instr, n) == planned
