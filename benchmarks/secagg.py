@@ -240,11 +240,20 @@ def availability_rows(n: int, dropout: float, target: float, rounds: int, real_r
     ones, ``real_rounds`` rounds of the real protocol (d = 16, each client dropping with probability
     ``dropout`` before a uniformly chosen stage)."""
     chosen = availability.plan(n, dropout=dropout, failure_probability=target)
+    wary = availability.plan(n, dropout=dropout, failure_probability=target, corrupt=0.05)
+    wary_k = availability.degree(n, wary.neighbours)
+    margin = 2 * availability.shares_needed(wary.threshold, wary_k) - wary_k  # colluders the round withstands - 1
     settings = [
         (
             f"chosen for {target:g} (k = {chosen.neighbours or 'complete'}, t just above k/2)",
             chosen.neighbours,
             chosen.threshold,
+        ),
+        (
+            f"chosen for {target:g} with expected_corrupt 0.05 (k = {wary.neighbours or 'complete'}, "
+            f"2t - k = {margin})",
+            wary.neighbours,
+            wary.threshold,
         ),
         ("former defaults (k = 8, threshold 2/3)", 8, 2 / 3),
         ("k = 8, threshold 0.55", 8, 0.55),

@@ -59,6 +59,21 @@ def digits_data(num_clients: int) -> dict:
     return {"source": "digits", "partition": {"kind": "dirichlet_sizes", "num_clients": num_clients, "alpha": 2.0}}
 
 
+# DP-FedAvg over SecAgg, with adaptive clipping: each client's clipping bit is summed securely too
+DP_ADAPTIVE_SECAGG = {
+    "server": {"weighting": "uniform"},
+    "privacy": {
+        "dp": {
+            "clip": 0.5,
+            "noise_multiplier": 0.1,
+            "sampling": "fixed",
+            "adaptive": {"target_quantile": 0.5, "lr": 0.2, "count_noise": 1.0},
+        },
+        "secure_aggregation": {"threshold": 0.6},
+    },
+}
+
+
 def deployment_section(pki: Path, port: int, *, min_clients: int, **overrides: object) -> dict:
     """TLS from ``pki`` and timeouts lenient enough for a loaded 2-core machine."""
     return {

@@ -85,7 +85,8 @@ class _NetworkLike:
         import numpy as np
 
         for instr in instructions:
-            yield ClientUpdate(instr.client_id, instr.round, 1, np.zeros(1, np.float32), "d")
+            metrics = {"steps": 40.0, "examples_per_s": 12.5} if instr.client_id == "c" else {}
+            yield ClientUpdate(instr.client_id, instr.round, 1, np.zeros(1, np.float32), "d", metrics=metrics)
 
     def evaluate(self, instructions):  # pragma: no cover - not used here
         return iter(())
@@ -108,6 +109,7 @@ def test_per_client_progress_without_step_reports() -> None:
     assert [u.client_id for u in shown.fit(instr)] == ["a", "b", "c"]
     out = buf.getvalue()
     assert "round 2/4 train" in out and "3/3" in out and "ETA" in out
+    assert "last c: 40 steps, 12.5 examples/s" in out  # the summary a networked reply carries
 
 
 def _tiny_text_config(tmp_path: Path, rounds: int, **client: object) -> dict:
@@ -196,3 +198,50 @@ def test_ctrl_c_says_how_to_resume_and_exits_130(tmp_path: Path) -> None:
 
     assert int(match.group(1)) == load_state(run_dir / "checkpoint.safetensors").round >= 1
     assert Path(match.group(2)) == run_dir
+
+
+def test_local_training_measures_examples_per_second(monkeypatch) -> None:
+    from fedtune.client import train
+    from fedtune.models.cnn import digits_cnn
+
+    ticks = itertools.count()
+    monkeypatch.setattr(train.time, "perf_counter", lambda: float(next(ticks)))  # each reading: one second later
+    task = ModuleTask(digits_cnn(channels=2, hidden=8))
+    result = local_train(
+        task, task.encode(_records(10), train=True), ClientConfig(local_epochs=2, batch_size=4), seed=0,
+        round_idx=1, client_id="c",
+    )  # fmt: skip
+    assert result.examples_per_s == 20.0  # 20 examples (2 epochs of 10) between two readings one second apart
+
+
+def test_replies_carry_steps_and_examples_per_second(tmp_path: Path) -> None:
+    """What Ray actors and gRPC participants send: every client record of the run holds its steps and speed."""
+    from fedtune.run.rundir import MetricsLog
+    from fedtune.run.session import simulate
+
+    result = simulate(parse_config(_tiny_text_config(tmp_path, rounds=1)), console=Console(quiet=True))
+    clients = [r for r in MetricsLog(result.run_dir).read() if r["kind"] == "client"]
+    assert len(clients) == 2
+    assert all(c["steps"] == 3 and c["examples_per_s"] > 0 and c["fit_seconds"] > 0 for c in clients)
+
+
+def test_a_participants_step_bar_and_its_line_per_round() -> None:
+    import numpy as np
+
+    from fedtune.run.progress import StepBar
+    from fedtune.transport.grpc.client import _describe_fit
+
+    console, buf = _terminal()
+    bar = StepBar(console)
+    bar(StepProgress("site_a", 2, 1, 3, 8, 0.5))
+    assert bar.progress is not None
+    (task,) = bar.progress.tasks
+    assert (task.completed, task.total, task.fields["info"]) == (1, 3, "16.0 examples/s")
+    bar(StepProgress("site_a", 2, 2, 3, 16, 1.0))
+    assert task.completed == 2
+    bar(StepProgress("site_a", 2, 3, 3, 24, 1.5))
+    assert bar.progress is None  # the round's last step: the bar is gone
+    assert "round 2 local steps" in re.sub(r"\x1b\[[0-9;?]*[a-zA-Z]", "", buf.getvalue())
+    update = ClientUpdate("site_a", 2, 24, np.zeros(1, np.float32), "d", metrics={"steps": 3.0, "train_loss": 0.5,
+                                                                                "examples_per_s": 16.0})  # fmt: skip
+    assert _describe_fit(update) == "3 steps on 24 examples (16.0 examples/s), loss 0.5000"

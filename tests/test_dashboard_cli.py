@@ -34,7 +34,7 @@ def test_run_with_dashboard_prints_its_url_and_writes_the_report(tmp_path) -> No
     }
     path = tmp_path / "c.yaml"
     path.write_text(yaml.safe_dump(cfg))
-    result = CliRunner().invoke(app, ["run", str(path), "--quiet", "--dashboard", "--dashboard-port", "0"])
+    result = CliRunner().invoke(app, ["run", str(path), "--quiet", "--dashboard", "0"])
     assert result.exit_code == 0, result.output
     assert re.search(r"dashboard: http://127\.0\.0\.1:\d+/\?token=[\w-]{32}", result.output), result.output
     (run_dir,) = (tmp_path / "runs").iterdir()
@@ -72,3 +72,43 @@ def test_dashboard_command_serves_a_run_dir_until_interrupted(tmp_path) -> None:
 def test_dashboard_command_refuses_a_folder_that_is_not_a_run(tmp_path) -> None:
     result = CliRunner().invoke(app, ["dashboard", str(tmp_path)])
     assert result.exit_code == 2 and "not a fedtune run directory" in " ".join(result.output.split())
+
+
+@pytest.mark.parametrize("command", ["run", "server"])
+@pytest.mark.parametrize(
+    ("args", "port"),
+    [
+        ([], None),  # no dashboard
+        (["--dashboard"], 8765),  # the default port, option last
+        (["--dashboard", "--quiet"], 8765),  # followed by another option
+        (["--dashboard", "8800"], 8800),
+        (["--dashboard=0"], 0),
+        (["--dashboard-port", "9100"], 9100),  # the older spelling alone
+        (["--dashboard", "--dashboard-port", "0"], 0),  # the older call: both
+    ],
+)
+def test_dashboard_port_is_optional(tmp_path, monkeypatch, command, args, port) -> None:
+    from fedtune.dashboard import server as dashboard_server
+    from fedtune.deploy import serve
+    from fedtune.errors import FedtuneError
+    from fedtune.run import session
+
+    seen: list = []
+
+    class Recorder:
+        def __init__(self, console, *, host: str, port: int) -> None:
+            seen.append(port)
+
+    def stop(*a, **kw):
+        raise FedtuneError("stopped by the test")
+
+    monkeypatch.setattr(dashboard_server, "DashboardSink", Recorder)
+    monkeypatch.setattr(session, "simulate", stop)
+    monkeypatch.setattr(serve, "run_server", stop)
+    path = tmp_path / "c.yaml"
+    path.write_text(yaml.safe_dump({"federation": {"rounds": 1}}))
+    for argv in ([command, str(path), *args], [command, *args, str(path)]):  # CONFIG after or before the option
+        seen.clear()
+        result = CliRunner().invoke(app, argv)
+        assert "stopped by the test" in result.output, result.output
+        assert seen == ([] if port is None else [port]), argv

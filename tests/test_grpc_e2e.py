@@ -8,6 +8,7 @@ so the networked run can be compared with the in-process simulation of the same 
 from __future__ import annotations
 
 import json
+from collections.abc import Iterator, Sequence
 from pathlib import Path
 
 import numpy as np
@@ -27,8 +28,11 @@ from _grpc_support import (
 )
 from _models import DIGITS_CNN
 from fedtune.config import parse_config
+from fedtune.core.messages import ClientEval, ClientFailure, ClientUpdate, EvalInstruction, FitInstruction
 from fedtune.core.state import load_state
-from fedtune.run.session import simulate
+from fedtune.run.session import prepare, serve, simulate
+from fedtune.transport.base import Transport
+from fedtune.transport.inprocess import InProcessTransport
 
 pytestmark = pytest.mark.timeout(900)  # an upper bound for a loaded machine, not a speed test
 FAULT_CLIENT = str(REPO / "tests" / "grpc_fault_client.py")
@@ -63,6 +67,50 @@ def _assert_same_model(actual: np.ndarray, expected: np.ndarray) -> None:
     assert actual.tobytes() == expected.tobytes(), f"max difference {np.abs(actual - expected).max()}"
 
 
+class _SameParticipation:
+    """The in-process transport, with each (round, client) fit that did not reach the networked run's fold
+    failing here too. Whether a client misses a round's deadline or its heartbeats (a process starved of CPU
+    for seconds on a loaded machine) is timing, not the fold: with the participation fixed, the in-process run
+    is the networked run's exact oracle whatever the load did."""
+
+    def __init__(self, inner: Transport, accepted: set[tuple[int, str]]) -> None:
+        self.inner, self.accepted = inner, accepted
+
+    def client_ids(self) -> list[str]:
+        return self.inner.client_ids()
+
+    def fit(self, instructions: Sequence[FitInstruction]) -> Iterator[ClientUpdate | ClientFailure]:
+        missed = [i for i in instructions if (i.round, i.client_id) not in self.accepted]
+        yield from (ClientFailure(i.client_id, i.round, "missed in the networked run") for i in missed)
+        yield from self.inner.fit([i for i in instructions if (i.round, i.client_id) in self.accepted])
+
+    def evaluate(self, instructions: Sequence[EvalInstruction]) -> Iterator[ClientEval | ClientFailure]:
+        return self.inner.evaluate(instructions)
+
+    def close(self) -> None:
+        self.inner.close()
+
+
+def _oracle(shared: tuple[dict, np.ndarray], run_dir: Path, tmp: Path) -> np.ndarray:
+    """The in-process global model for the networked run in ``run_dir``: the shared simulation when every
+    sampled client's update was folded, else the same configuration in process with the same participation.
+    Only liveness may have cost a client a round: no update rejected, no client error."""
+    cfg, expected = shared
+    records = _records(run_dir)
+    failures = [r for r in records if r["kind"] == "failure"]
+    assert not [f for f in failures if f["reason"].startswith(("rejected", "client reported"))], failures
+    if all(r.get("clients_failed", 0) == 0 for r in records if r["kind"] == "round"):
+        return expected
+    print(f"clients missed rounds (timing, on a loaded machine): {failures}")
+    accepted = {(r["round"], r["client_id"]) for r in records if r["kind"] == "client"}
+    config = parse_config({**cfg, "server": ADAPTIVE, "run": {**cfg["run"], "out_dir": str(tmp / "oracle")}})
+    prepared = prepare(config)
+    transport = _SameParticipation(InProcessTransport(prepared.worker), accepted)
+    init = (prepared.worker.current_params(), prepared.worker.view.spec)
+    accuracy = prepared.task.reports_accuracy
+    return serve(config, transport, init=init, accuracy=accuracy, show_progress=False).state.params
+
+
 @pytest.fixture(scope="module")
 def pki(tmp_path_factory):
     return make_pki(tmp_path_factory.mktemp("pki"))
@@ -76,6 +124,8 @@ def procs(tmp_path):
 
 
 ROUNDS = 4
+# `fedtune server` turns the influence bounds' "auto" into "adaptive"; the simulation says so itself
+ADAPTIVE = {"update_norm_bound": "adaptive", "max_examples_per_client": "adaptive"}
 
 
 @pytest.fixture(scope="module")
@@ -83,9 +133,7 @@ def shared(tmp_path_factory, pki):
     """One configuration for the equality and the resume tests, and its in-process simulation (the oracle)."""
     tmp = tmp_path_factory.mktemp("shared")
     cfg = _config(tmp, pki, 0, num_clients=3, rounds=ROUNDS)
-    # `fedtune server` turns the influence bounds' "auto" into "adaptive"; the simulation says so itself
-    server = {"update_norm_bound": "adaptive", "max_examples_per_client": "adaptive"}
-    sim = parse_config({**cfg, "server": server, "run": {**cfg["run"], "out_dir": str(tmp / "sim")}})
+    sim = parse_config({**cfg, "server": ADAPTIVE, "run": {**cfg["run"], "out_dir": str(tmp / "sim")}})
     return cfg, simulate(sim, show_progress=False).state.params
 
 
@@ -96,7 +144,7 @@ def _with(cfg: dict, tmp: Path, port: int) -> dict:
 
 @pytest.mark.slow  # the default suite runs the same comparison with a server crash in the middle (below)
 def test_grpc_and_inprocess_give_the_same_global_model(tmp_path, pki, procs, shared):
-    cfg, expected = shared
+    cfg = shared[0]
     port = free_port()
     procs.cli("server", "server", str(_write(tmp_path, _with(cfg, tmp_path, port))))
     for name in ("client_000", "client_001", "client_002"):
@@ -112,11 +160,11 @@ def test_grpc_and_inprocess_give_the_same_global_model(tmp_path, pki, procs, sha
     run_dir = find_run_dir(tmp_path)
     state = load_state(run_dir / "checkpoint.safetensors")
     assert state.round == ROUNDS
-    _assert_same_model(state.params, expected)
+    _assert_same_model(state.params, _oracle(shared, run_dir, tmp_path))
     records = _records(run_dir)
     rounds = [r for r in records if r["kind"] == "round"]
     assert [r["round"] for r in rounds] == list(range(ROUNDS + 1))
-    assert all(r["clients_ok"] == 2 for r in rounds[1:])
+    assert all(r["clients_ok"] >= 1 for r in rounds[1:])
     clients = [r for r in records if r["kind"] == "client"]
     assert all(r["bytes_up"] > 10_000 and r["bytes_down"] > 10_000 for r in clients)  # 2,570 float32 + framing
     assert "2/2" in procs.log("server") and "acc" in procs.log("server")  # the progress table, as simulated
@@ -126,7 +174,7 @@ def test_server_killed_with_sigkill_resumes_and_loses_nothing(tmp_path, pki, pro
     """The same configuration over gRPC, with the server SIGKILLed mid-run and resumed, ends with the
     global model of the uninterrupted in-process simulation: the transport changes nothing, and nothing
     is lost or done twice across the crash."""
-    cfg, expected = shared
+    cfg = shared[0]
     port = free_port()
     procs.cli("server", "server", str(_write(tmp_path, _with(cfg, tmp_path, port))))
     for name in ("client_000", "client_001", "client_002"):
@@ -156,7 +204,7 @@ def test_server_killed_with_sigkill_resumes_and_loses_nothing(tmp_path, pki, pro
     assert rounds == list(range(ROUNDS + 1))  # every round once: nothing lost, nothing twice
     state = load_state(run_dir / "checkpoint.safetensors")
     assert state.round == ROUNDS
-    _assert_same_model(state.params, expected)
+    _assert_same_model(state.params, _oracle(shared, run_dir, tmp_path))
     clients = [r for r in _records(run_dir) if r["kind"] == "client"]
     assert clients and all(r["bytes_up"] > 10_000 and r["bytes_down"] > 10_000 for r in clients)
     assert "2/2" in procs.log("server")  # the progress table, as in the simulation
@@ -168,7 +216,7 @@ def test_server_killed_with_sigkill_resumes_and_loses_nothing(tmp_path, pki, pro
 
 @pytest.mark.slow  # the same crash-and-resume path as above; this one checks the port a port-0 server reuses
 def test_a_server_on_port_0_resumes_on_the_port_it_bound(tmp_path, pki, procs, shared):
-    cfg, expected = shared
+    cfg = shared[0]
     procs.cli("server", "server", str(_write(tmp_path, _with(cfg, tmp_path, 0))))
     run_dir = find_run_dir(tmp_path)
     record = run_dir / "server.json"
@@ -189,7 +237,7 @@ def test_a_server_on_port_0_resumes_on_the_port_it_bound(tmp_path, pki, procs, s
         raise
     assert json.loads(record.read_text())["port"] == port
     assert procs.log("server").count(f"listening on 127.0.0.1:{port} (mutual TLS)") == 2  # first start, --resume
-    _assert_same_model(load_state(run_dir / "checkpoint.safetensors").params, expected)
+    _assert_same_model(load_state(run_dir / "checkpoint.safetensors").params, _oracle(shared, run_dir, tmp_path))
 
 
 def test_cli_client_refused_exits_3_with_a_clear_message(tmp_path, pki, procs):

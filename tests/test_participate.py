@@ -72,6 +72,8 @@ def test_own_loop_in_simulation_is_fedavg_of_what_it_sends(tmp_path: Path) -> No
     assert final["eval_loss"] == pytest.approx((2.0 * 30 + 10 + 60) / 100)  # example-weighted
     written = yaml.safe_load((result.run_dir / rundir.CONFIG).read_text())
     assert written["data"]["source"] == "python" and written["model"]["name"] == "python:Sequential"
+    clients = [r for r in rundir.MetricsLog(result.run_dir).read() if r["kind"] == "client"]
+    assert len(clients) == 9 and all(c["fit_seconds"] >= 0 for c in clients)  # your loop's time, per client
 
 
 def test_a_loop_that_stops_early_unwinds_and_the_run_resumes(tmp_path: Path) -> None:

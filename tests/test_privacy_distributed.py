@@ -183,3 +183,76 @@ def test_noised_integers_fill_the_secagg_vector_and_the_clipped_element_stays_ze
     assert "secagg_clipped_values" not in decoded.metrics  # no per-coordinate clipping under distributed DP
     with pytest.raises(SecAggAbort, match="non-finite"):  # a NaN is refused before anything is encoded
         SecAggClient("c0", np.full(d, np.nan, np.float32), params, integers=noised["c0"])
+
+
+def test_an_aborted_distributed_dp_round_is_not_charged_and_the_next_is_charged_at_its_survivors() -> None:
+    """As docs/PRIVACY.md says for both DP variants: a SecAgg abort releases nothing, so the ledger does not
+    move; the next round that releases a noised sum is charged one Skellam entry at its actual survivors."""
+    from fedtune.core.messages import ClientUpdate, FitInstruction
+    from fedtune.core.params import ParamSpec
+    from fedtune.privacy.ddp_client import DistributedNoise
+    from fedtune.privacy.dp_fedavg import DPFedAvg
+    from fedtune.privacy.secagg.driver import SecureSummer
+    from fedtune.server.strategies import FedOpt
+
+    d = 64
+    spec = ParamSpec(names=("w",), shapes=((d,),), dtypes=("float32",))
+    cfg = parse_config(
+        {
+            "server": {"weighting": "uniform"},
+            "federation": {"rounds": 3, "clients_per_round": 4},
+            "privacy": {"dp": {"clip": 0.5, "noise_multiplier": 1.0, "distributed": True}, "secure_aggregation": True},
+        }
+    )
+    sa = cfg.privacy.secure_aggregation
+    dp = DPFedAvg(
+        FedOpt(weighting="uniform"),
+        cfg.privacy.dp,
+        cfg.federation,
+        seed=0,
+        summer=SecureSummer(sa, seed=0),
+        expected_dropout=sa.expected_dropout,
+    )
+    noise = DistributedNoise(cfg.privacy.dp, rounds=3, clients_per_round=4, expected_dropout=sa.expected_dropout)
+    rng = np.random.default_rng(0)
+
+    def noised(n: int) -> list[ClientUpdate]:
+        ups = [ClientUpdate(f"c{i}", 1, 5, rng.normal(size=d).astype(np.float32) * 0.01, spec.digest) for i in range(n)]
+        return [noise(u, FitInstruction(u.client_id, 1, np.zeros(d, np.float32), spec.digest, 0, {})) for u in ups]
+
+    state = dp.begin_round(dp.init_state(np.zeros(d, np.float32), spec), population=8)
+    after, metrics = dp.aggregate(state, noised(2))  # two clients: below SecAgg's minimum of three
+    assert "secagg_abort" in metrics and metrics["dp_charged"] == 0 and metrics["epsilon"] == 0.0
+    assert after.extra["dp"]["ledger"] == [] and np.array_equal(after.params, state.params)
+    final, metrics = dp.aggregate(dp.begin_round(after, population=8), noised(4))
+    plan = config_plan(cfg.privacy.dp, rounds=3, clients_per_round=4, expected_dropout=sa.expected_dropout, dim=d)
+    assert metrics["dp_charged"] == 1 and metrics["ddp_noise_shares"] == 4
+    assert final.extra["dp"]["ledger"] == [distributed.entry(plan, 4)]
+    assert metrics["epsilon"] == pytest.approx(accountant.epsilon([distributed.entry(plan, 4)], 1e-5), rel=1e-12)
+
+
+def test_a_participant_refuses_a_server_that_changes_what_its_noise_share_is_sized_by() -> None:
+    """Over gRPC a participant with its own --config sizes its Skellam share from clients_per_round and the
+    rounds (target_epsilon); a server announcing more clients would shrink every share, so it is refused."""
+    from fedtune.deploy.participant import ParticipantError, check_pinned
+
+    def cfg(**federation):
+        return parse_config(
+            {
+                "server": {"weighting": "uniform"},
+                "federation": {"rounds": 3, "clients_per_round": 5, **federation},
+                "privacy": {
+                    "dp": {"clip": 0.5, "target_epsilon": 4.0, "distributed": True},
+                    "secure_aggregation": True,
+                },
+            }
+        )
+
+    mine = cfg()
+    check_pinned(mine, cfg())
+    with pytest.raises(ParticipantError, match=r"federation\.clients_per_round=500"):
+        check_pinned(mine, cfg(clients_per_round=500))
+    with pytest.raises(ParticipantError, match=r"federation\.rounds=1"):
+        check_pinned(mine, cfg(rounds=1))
+    central = {"server": {"weighting": "uniform"}, "privacy": {"dp": {"noise_multiplier": 1.0}}}
+    check_pinned(parse_config(central), parse_config({**central, "federation": {"rounds": 9}}))  # central: not pinned

@@ -8,10 +8,13 @@ from __future__ import annotations
 
 import dataclasses
 import functools
+import io
+import re
 import time
 
 import numpy as np
 import pytest
+from rich.console import Console
 
 ray = pytest.importorskip("ray")
 
@@ -59,8 +62,15 @@ def comparable(rounds: list[dict]) -> list[dict]:
 def test_simulate_on_ray_equals_in_process(ray_session, tmp_path) -> None:
     started = time.perf_counter()
     local = simulate(tiny_config(tmp_path), show_progress=False)
-    on_ray = simulate(tiny_config(tmp_path, backend="ray", num_workers=2), show_progress=False)
+    terminal = io.StringIO()
+    on_ray = simulate(
+        tiny_config(tmp_path, backend="ray", num_workers=2),
+        console=Console(file=terminal, force_terminal=True, width=150),
+        show_progress=True,  # the actors' local steps reach the driver's bar
+    )
     assert np.array_equal(on_ray.state.params, local.state.params)
+    shown = re.sub(r"\x1b\[[0-9;?]*[a-zA-Z]", "", terminal.getvalue())
+    assert re.search(r"client client_00\d .* 2/2 .* [0-9.]+ examples/s", shown), shown[-2000:]
     assert not np.array_equal(local.state.params, initial_params(local.run_dir)), "the run must train"
     assert comparable(on_ray.rounds) == comparable(local.rounds)
     assert [r["clients_ok"] for r in on_ray.rounds[1:]] == [6, 6]
@@ -168,6 +178,24 @@ def test_ray_actor_with_two_data_parallel_processes_per_client(ray_session, tmp_
     ddp = simulate(tiny_config(tmp_path, backend="ray", num_workers=1, client_nproc=2), show_progress=False)
     np.testing.assert_allclose(ddp.state.params, local.state.params, rtol=0, atol=1e-5)
     assert [r["clients_ok"] for r in ddp.rounds[1:]] == [6, 6]
+
+
+def test_actor_step_reports_are_throttled_but_the_last_step_always_goes() -> None:
+    from fedtune.client.train import StepProgress
+    from fedtune.transport.ray_backend import StepForwarder
+
+    class Queue:
+        def __init__(self) -> None:
+            self.items: list = []
+
+        def put_nowait(self, item) -> None:
+            self.items.append(item)
+
+    queue = Queue()
+    forward = StepForwarder(queue, every_s=3600.0)  # nothing is reported twice within the hour but the last step
+    for step in range(1, 6):
+        forward(StepProgress("c", 1, step, 5, step * 4, step * 0.1))
+    assert [r.step for r in queue.items] == [1, 5]
 
 
 @pytest.mark.slow  # a second pair of runs on the shared Ray session (~30 s); the FedBuff loop is in-process tested

@@ -120,3 +120,44 @@ def test_clients_accept_the_automatic_plan_and_refuse_a_weaker_graph(dropout: fl
     wary = ClientPolicy.from_config(SecAggConfig(expected_dropout=0.6), seed=7, round_idx=1)
     with pytest.raises(SecAggAbort, match="survivor graph could split"):
         wary.check_roster(params, 300, "a")
+
+
+def test_the_collusion_bound_holds_against_random_corruption_of_the_real_graph() -> None:
+    """Each client corrupted with probability gamma on the real Harary graph: the share of rounds where some
+    neighbourhood holds 2t - k corrupted clients stays below the union bound the threshold is chosen by."""
+    from fedtune.privacy.secagg.graph import neighbour_graph
+
+    n, k, gamma = 60, 20, 0.1
+    ids = [f"c{i:02d}" for i in range(n)]
+    for threshold in (0.55, 0.7):
+        t = availability.shares_needed(threshold, k)
+        rng, hits = np.random.default_rng(3), 0
+        for r in range(400):
+            graph = neighbour_graph(ids, k=k, seed=r.to_bytes(8, "little"))
+            bad = {c for c in ids if rng.random() < gamma}
+            hits += any(len(graph[c] & bad) >= 2 * t - k for c in ids)
+        bound = availability.collusion_bound(n, k, threshold, gamma)
+        assert hits / 400 <= bound + 4 * np.sqrt(max(bound, 1e-3) / 400), (threshold, hits, bound)
+        if threshold == 0.55:
+            assert hits > 0  # t just above k/2: corrupted neighbourhoods do occur (the test can fail)
+
+
+def test_expected_corrupt_raises_the_threshold_and_clients_refuse_a_lower_one() -> None:
+    safe = SecAggConfig(expected_dropout=0.3, failure_probability=0.01, expected_corrupt=0.05)
+    params = SecureSummer(safe, seed=7).params(SumPlan(round=1, numel=4), 100)
+    k = availability.degree(100, params.neighbours)
+    t = availability.shares_needed(params.threshold, k)
+    assert 2 * t - k > 4 and availability.collusion_bound(100, params.neighbours, params.threshold, 0.05) <= 0.01
+    wary = ClientPolicy.from_config(safe, seed=7, round_idx=1)
+    wary.check_params(params, "a")
+    wary.check_roster(params, 100, "a")  # the server's own choice passes the client's recomputation
+    naive = SecureSummer(SecAggConfig(expected_dropout=0.3), seed=7).params(SumPlan(round=1, numel=4), 100)
+    with pytest.raises(SecAggAbort, match="2t - k colluding"):
+        wary.check_roster(naive, 100, "a")  # t just above k/2: refused by a client that expects corruption
+    with pytest.raises(ConfigError, match="expected_corrupt"):
+        parse_config(
+            {
+                "federation": {"clients_per_round": 100},
+                "privacy": {"secure_aggregation": {"threshold": 0.51, "neighbours": 40, "expected_corrupt": 0.1}},
+            }
+        )

@@ -18,6 +18,7 @@ from rich.console import Console
 
 from _grpc_support import (
     CLIENTS,
+    DP_ADAPTIVE_SECAGG,
     REPO,
     Procs,
     client_args,
@@ -42,19 +43,7 @@ pytestmark = pytest.mark.timeout(300)
 FAULT_CLIENT = str(REPO / "tests" / "secagg_fault_client.py")
 
 
-# DP-FedAvg over SecAgg, with adaptive clipping: each client's clipping bit is summed securely too
-DP = {
-    "server": {"weighting": "uniform"},
-    "privacy": {
-        "dp": {
-            "clip": 0.5,
-            "noise_multiplier": 0.1,
-            "sampling": "fixed",
-            "adaptive": {"target_quantile": 0.5, "lr": 0.2, "count_noise": 1.0},
-        },
-        "secure_aggregation": {"threshold": 0.6},
-    },
-}
+DP = DP_ADAPTIVE_SECAGG  # DP-FedAvg over SecAgg, with adaptive clipping (_grpc_support)
 
 
 def _config(tmp: Path, pki: Path, port: int, *, num_clients: int, rounds: int, **privacy) -> dict:

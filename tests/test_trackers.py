@@ -181,3 +181,37 @@ def test_a_resumed_run_continues_the_same_tracker_runs(tmp_path, monkeypatch) ->
     assert [e.step for e in acc.Scalars("round/eval_loss")] == [0, 1, 2]
     offline = sorted((first.run_dir / "wandb").glob("offline-run-*"))
     assert len(offline) == 2 and all(p.name.endswith(ids["wandb"]) for p in offline)  # one W&B run, two sessions
+
+
+def test_a_failing_tracker_is_switched_off_with_one_warning_and_the_run_goes_on(tmp_path, monkeypatch, caplog) -> None:
+    # MLflow: a tracking server that is not there (a closed port; no retries, so it fails at once).
+    # TensorBoard: writing fails from round 2 on (as a full or read-only disk would).
+    pytest.importorskip("mlflow", reason="needs mlflow (pip install 'fedtune[track]')")
+    pytest.importorskip("tensorboard", reason="needs tensorboard (pip install 'fedtune[track]')")
+    from _grpc_support import free_port
+    from fedtune.run.trackers import TensorBoardSink
+
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", f"http://127.0.0.1:{free_port()}")
+    monkeypatch.setenv("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "0")
+    monkeypatch.setenv("MLFLOW_HTTP_REQUEST_TIMEOUT", "5")
+    real_round = TensorBoardSink.on_round
+
+    def failing_round(self, state, records) -> None:
+        if state.round >= 2:
+            raise OSError(28, "No space left on device")
+        real_round(self, state, records)
+
+    monkeypatch.setattr(TensorBoardSink, "on_round", failing_round)
+    with caplog.at_level("WARNING", logger="fedtune"):
+        result = run(config(tmp_path, ["tensorboard", "mlflow"], rounds=3))
+    assert result.state.round == 3
+    rounds = [r["round"] for r in MetricsLog(result.run_dir).read() if r["kind"] == "round"]
+    assert rounds == [0, 1, 2, 3]  # nothing lost
+    warnings = [r.getMessage() for r in caplog.records if "switched off" in r.getMessage()]
+    assert len(warnings) == 2, warnings  # once per tracker, however many rounds followed
+    assert any(w.startswith("tracker tensorboard failed in on_round") and "No space left" in w for w in warnings)
+    assert any(w.startswith("tracker mlflow failed in on_start") for w in warnings)
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    events = EventAccumulator(str(result.run_dir / "tensorboard")).Reload()
+    assert [e.step for e in events.Scalars("round/train_loss")] == [1]  # what it wrote before failing stays

@@ -12,21 +12,25 @@ from rich.console import Console
 from rich.markup import escape
 from rich.table import Table
 
+from fedtune.dashboard.options import (
+    DEFAULT_PORT,
+    DashboardOpt,
+    DashboardPortOpt,
+    OptionalValueCommand,
+    dashboard_port,
+)
 from fedtune.errors import FedtuneError
 
 app = typer.Typer(add_completion=False, no_args_is_help=True, help="Federated fine-tuning of language models.")
 console = Console()
 
 SetOpt = Annotated[list[str] | None, typer.Option("--set", help="Override a config key: a.b.c=value.")]
-DEFAULT_DASHBOARD_PORT = 8765
-DashboardOpt = Annotated[bool, typer.Option(help="Serve a live dashboard of the run (URL printed at start).")]
-DashboardPortOpt = Annotated[int, typer.Option(help="The dashboard's port (0: any free port).")]
 DashboardHostOpt = Annotated[str, typer.Option(help="The dashboard's address (default: this machine only).")]
 
 
-def dashboard_sinks(console: Console, enabled: bool, port: int, host: str = "127.0.0.1") -> list:
-    """The round sinks ``--dashboard`` adds (none without it)."""
-    if not enabled:
+def dashboard_sinks(console: Console, port: int | None, host: str = "127.0.0.1") -> list:
+    """The round sinks ``--dashboard [PORT]`` adds (none without it: ``port`` None)."""
+    if port is None:
         return []
     from fedtune.dashboard.server import DashboardSink
 
@@ -73,14 +77,14 @@ def _summary(result) -> None:
     console.print(f"run directory: {result.run_dir}  (metrics.jsonl, metrics.png, checkpoint)", soft_wrap=True)
 
 
-@app.command()
+@app.command(cls=OptionalValueCommand)
 def run(
     config: Annotated[Path | None, typer.Argument(help="YAML config file.")] = None,
     set_: SetOpt = None,
     resume: Annotated[Path | None, typer.Option(help="Continue this run directory.")] = None,
     quiet: Annotated[bool, typer.Option(help="No progress bars.")] = False,
-    dashboard: DashboardOpt = False,
-    dashboard_port: DashboardPortOpt = DEFAULT_DASHBOARD_PORT,
+    dashboard: DashboardOpt = None,
+    dashboard_port_: DashboardPortOpt = None,
     dry_run: Annotated[
         bool, typer.Option("--dry-run", help="Load the config, data and model and stop (as `fedtune validate`).")
     ] = False,
@@ -110,7 +114,7 @@ def run(
             resume_dir=resume,
             console=console,
             show_progress=not quiet and sys.stderr.isatty(),
-            sinks=dashboard_sinks(console, dashboard, dashboard_port),
+            sinks=dashboard_sinks(console, dashboard_port(dashboard, dashboard_port_)),
         )
         _summary(result)
     except FedtuneError as err:
@@ -191,7 +195,7 @@ def export(
 @app.command()
 def dashboard(
     run_dir: Annotated[Path, typer.Argument(help="A run directory, finished or running.")],
-    port: DashboardPortOpt = DEFAULT_DASHBOARD_PORT,
+    port: Annotated[int, typer.Option(help="The dashboard's port (0: any free port).")] = DEFAULT_PORT,
     host: DashboardHostOpt = "127.0.0.1",
 ) -> None:
     """Serve the live dashboard of RUN_DIR (read-only; the URL carries its access token) until Ctrl-C."""
@@ -205,7 +209,7 @@ def dashboard(
 
 from fedtune.deploy.commands import certs_cmd, client_cmd, server_cmd  # noqa: E402 - after the local commands
 
-app.command("server")(server_cmd)
+app.command("server", cls=OptionalValueCommand)(server_cmd)
 app.command("client")(client_cmd)
 app.command("certs")(certs_cmd)
 

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import queue
 import threading
+import time
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
@@ -121,8 +122,10 @@ class ExternalWorker:
         self.residual.load(self.task.module, instr.extras)
         self.task.module.train()
         job = Job(instr.client_id, instr.round, self.task.module, ClientConfig.model_validate(instr.train))
+        started = time.perf_counter()
         self.jobs.put(job)
         job._done.wait()
+        seconds = time.perf_counter() - started  # the user's loop, from handing the job out to send()
         if job._abandoned or self._closed.is_set():
             raise Abandoned
         update = ClientUpdate(
@@ -131,7 +134,7 @@ class ExternalWorker:
             num_examples=int(job.num_examples or 0),
             delta=self.view.read() - instr.params,
             spec_digest=self.view.spec.digest,
-            metrics=job.metrics,
+            metrics={"fit_seconds": seconds, **job.metrics},
         )
         for transform in self.update_transforms:
             update = transform(update, instr)

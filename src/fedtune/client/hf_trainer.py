@@ -98,4 +98,9 @@ def hf_local_train(
         trainer.remove_callback(PrinterCallback)  # fedtune reports the round; no per-client metrics dict on stdout
         output = trainer.train()
     task.module.eval()
-    return LocalResult(num_examples=len(examples), steps=output.global_step, train_loss=float(output.training_loss))
+    return LocalResult(
+        num_examples=len(examples),
+        steps=output.global_step,
+        train_loss=float(output.training_loss),
+        examples_per_s=float(output.metrics.get("train_samples_per_second", 0.0)),  # the Trainer's own figure
+    )

@@ -78,6 +78,7 @@ class LocalResult:
     num_examples: int  # training examples the client holds (FedAvg's n_k)
     steps: int
     train_loss: float  # mean over steps of the task loss (without extra terms)
+    examples_per_s: float = 0.0  # training examples processed per second of local training (0: not measured)
 
 
 def _batches(examples: Sequence[Example], batch_size: int, generator: torch.Generator) -> Iterator[list[Example]]:
@@ -167,4 +168,10 @@ def local_train(
         if any(check() for check in hooks.stop_checks):  # e.g. the round's deadline: send the partial work
             break
     task.module.eval()
-    return LocalResult(num_examples=len(examples), steps=len(losses), train_loss=sum(losses) / len(losses))
+    elapsed = time.perf_counter() - started
+    return LocalResult(
+        num_examples=len(examples),
+        steps=len(losses),
+        train_loss=sum(losses) / len(losses),
+        examples_per_s=seen / elapsed if elapsed > 0 else 0.0,
+    )

@@ -42,6 +42,11 @@ def evaluate_examples(task: Task, examples: Sequence[Example], batch_size: int) 
     return total
 
 
+def _throughput(result: LocalResult) -> dict[str, float]:
+    """Examples per second of local training, for the server's progress line and the per-client records."""
+    return {"examples_per_s": result.examples_per_s} if result.examples_per_s > 0 else {}
+
+
 class ClientWorker:
     def __init__(
         self,
@@ -99,7 +104,7 @@ class ClientWorker:
             num_examples=result.num_examples,
             delta=params - instr.params,
             spec_digest=self.view.spec.digest,
-            metrics={"train_loss": result.train_loss, "steps": float(result.steps), **metrics},
+            metrics={"train_loss": result.train_loss, "steps": float(result.steps), **_throughput(result), **metrics},
         )
 
     def train(

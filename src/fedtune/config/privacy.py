@@ -107,6 +107,10 @@ class SecAggConfig(Section):
     neighbours: Annotated[int, Field(ge=2)] | None = None
     expected_dropout: Annotated[float, Field(ge=0, lt=1)] = 0.1  # share of a round's clients expected to drop
     failure_probability: Probability = 0.01  # target: at most this share of rounds aborts (Bell et al. 2020)
+    # share of clients assumed corrupted and colluding with a malicious server (Bell et al.'s gamma): the
+    # threshold is raised until no neighbourhood holds 2t - k of them (within failure_probability). 0: t just
+    # above k/2, which withstands one colluding neighbour at most (docs/PRIVACY.md, trust model)
+    expected_corrupt: Annotated[float, Field(ge=0, lt=0.5)] = 0.0
     # bits of precision per client value; the field modulus is 2^(value_bits + ceil(log2 n)) <= 2^32 so n
     # clients cannot wrap. null: use the whole 32-bit field (2^32 - 1) // n levels per value
     value_bits: Annotated[int, Field(ge=2, le=31)] | None = None
@@ -234,8 +238,21 @@ def check_secagg_availability(secagg: SecAggConfig, clients: int | None) -> None
         failure_probability=secagg.failure_probability,
         threshold=secagg.threshold,
         neighbours=secagg.neighbours,
+        corrupt=secagg.expected_corrupt,
     )
-    auto = availability.plan(clients, dropout=secagg.expected_dropout, failure_probability=secagg.failure_probability)
+    auto = availability.plan(
+        clients,
+        dropout=secagg.expected_dropout,
+        failure_probability=secagg.failure_probability,
+        corrupt=secagg.expected_corrupt,
+    )
+    if given.collusion_bound > secagg.failure_probability:
+        raise ValueError(
+            f"privacy.secure_aggregation: threshold={secagg.threshold} with neighbours={secagg.neighbours} lets "
+            f"2t - k colluding clients into a neighbourhood with probability up to {given.collusion_bound:.3g} at "
+            f"expected_corrupt={secagg.expected_corrupt:g} (above failure_probability); raise the threshold or "
+            "leave it null to choose it"
+        )
     # refused only where the automatic choice does better (with few clients nothing may meet the target)
     if given.abort_bound > secagg.failure_probability and given.abort_bound > auto.abort_bound:
         k = auto.neighbours or "null (the complete graph)"

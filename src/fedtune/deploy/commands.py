@@ -15,6 +15,7 @@ from typing import Annotated
 import typer
 from rich.console import Console
 
+from fedtune.dashboard.options import DashboardOpt, DashboardPortOpt, dashboard_port
 from fedtune.errors import FedtuneError
 
 console = Console()
@@ -39,8 +40,8 @@ def server_cmd(
     set_: SetOpt = None,
     resume: Annotated[Path | None, typer.Option(help="Continue this run directory after a crash or stop.")] = None,
     quiet: Annotated[bool, typer.Option(help="Only warnings in the log (no per-client lines).")] = False,
-    dashboard: Annotated[bool, typer.Option(help="Serve a live dashboard (URL and access token printed).")] = False,
-    dashboard_port: Annotated[int, typer.Option(help="The dashboard's port (0: any free port).")] = 8765,
+    dashboard: DashboardOpt = None,
+    dashboard_port_: DashboardPortOpt = None,
     dashboard_host: Annotated[str, typer.Option(help="The dashboard's address (default: this machine only).")] = (
         "127.0.0.1"
     ),
@@ -59,10 +60,11 @@ def server_cmd(
         else:
             raise FedtuneError("missing CONFIG (or --resume RUN_DIR)")
         sinks = []
-        if dashboard:
+        port = dashboard_port(dashboard, dashboard_port_)
+        if port is not None:
             from fedtune.dashboard.server import DashboardSink
 
-            sinks.append(DashboardSink(console, host=dashboard_host, port=dashboard_port))
+            sinks.append(DashboardSink(console, host=dashboard_host, port=port))
         result = run_server(cfg, resume_dir=resume, console=console, show_progress=sys.stderr.isatty(), sinks=sinks)
     except FedtuneError as err:
         _fail(err)

@@ -47,6 +47,9 @@ from fedtune.transport.grpc.client import Joined, ParticipantError
 
 PARTITION = "partition:"
 PINNED_SECTIONS = ("seed", "model", "client", "privacy")  # what a participant's --config pins
+# distributed DP: each client sizes its own noise share by these (privacy/ddp_client.py), so a server that
+# announced more clients per round (or, with target_epsilon, more rounds) would make every share too small
+DDP_PINNED = ("clients_per_round", "rounds")
 
 
 def _split_records(records: list[Any], cfg: DataConfig, seed: int, client_id: str) -> ClientSplit:
@@ -122,6 +125,15 @@ def check_pinned(local: Config, server: Config) -> None:
                 raise ParticipantError(
                     f"the server wants {key}={b.get(key)!r} but this participant's --config says {a.get(key)!r}; "
                     "refusing to train a configuration it did not agree to",
+                    2,
+                )
+    if local.privacy.dp is not None and local.privacy.dp.distributed:
+        for key in DDP_PINNED:
+            a, b = getattr(local.federation, key), getattr(server.federation, key)
+            if a != b:
+                raise ParticipantError(
+                    f"the server wants federation.{key}={b!r} but this participant's --config says {a!r}; under "
+                    "privacy.dp.distributed each client's noise share is sized by it, refusing",
                     2,
                 )
 
@@ -202,6 +214,10 @@ def worker_factory(
 
             console.print(f"local training runs data-parallel on {nproc} processes")
             return DistributedClientWorker(worker, functools.partial(build_participant_worker, *args), nproc)  # type: ignore[return-value]
+        if console.is_terminal:  # a live bar of the local steps; in a log, the line per round says it
+            from fedtune.run.progress import StepBar
+
+            worker.on_step = StepBar(console)
         return worker
 
     return make

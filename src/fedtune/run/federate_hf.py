@@ -16,9 +16,20 @@ from __future__ import annotations
 
 from collections.abc import Mapping
 from pathlib import Path
-from typing import Any
+from typing import Any, TypedDict, Unpack
 
 from fedtune.errors import ConfigError
+
+
+class ServerConnection(TypedDict, total=False):
+    """How a participant reaches a ``fedtune server`` (see ``fedtune.participate``)."""
+
+    server: str | None  # "host:port"; None: simulation
+    ca: str | Path  # the federation's CA certificate (PEM)
+    cert: str | Path  # this participant's certificate (PEM); its CN is the client id
+    key: str | Path  # its private key (PEM)
+    server_name: str | None  # the name the server's certificate is checked against (default: the host)
+    reconnect_timeout_s: float  # how long to keep reconnecting to a server that is away (default 300)
 
 
 def _train_round(trainer: Any) -> tuple[int, float]:
@@ -74,43 +85,37 @@ def _shallow(trainer: Any) -> Any:
     return copy.copy(trainer)  # the same model, arguments and callbacks; its own datasets
 
 
+def _drive(run: Any, trainer_of: Any) -> Any:
+    """Each job: the client's trainer trains the global model it holds, and the result goes back."""
+    for job in run:
+        count, loss = _train_round(trainer_of(job.client_id))
+        job.send(count, metrics={"train_loss": loss})
+    return run.result
+
+
 def federate(
     trainer: Any,
     config: str | Path | Mapping | Any = None,
     *,
     datasets: Mapping[str, Any] | None = None,
-    server: str | None = None,
-    ca: str | Path | None = None,
-    cert: str | Path | None = None,
-    key: str | Path | None = None,
-    server_name: str | None = None,
-    reconnect_timeout_s: float = 300.0,
     quiet: bool = False,
+    **connection: Unpack[ServerConnection],
 ) -> Any:
     """Federate ``trainer``: in simulation (``config`` and one trainer per client, or ``datasets=``) it returns
-    the ``SimulationResult``; with ``server=`` it joins that ``fedtune server`` as a participant training on
-    ``trainer.train_dataset`` (held-out: ``trainer.eval_dataset``) and returns 0 when the federation finished."""
+    the ``SimulationResult``; with ``server=`` (and ``ca``, ``cert``, ``key``, optionally ``server_name`` and
+    ``reconnect_timeout_s``: ``fedtune.participate``'s connection arguments) it joins that ``fedtune server`` as
+    a participant training on ``trainer.train_dataset`` (held-out: ``trainer.eval_dataset``) and returns 0 when
+    the federation finished."""
     from fedtune.api import participate
     from fedtune.run.objects import raw_config
 
-    if server is not None:
-        run = participate(
-            config,
-            model=trainer.model,
-            evaluate=None if trainer.eval_dataset is None else (lambda model, client_id: _evaluate(trainer)),
-            server=server,
-            ca=ca,
-            cert=cert,
-            key=key,
-            server_name=server_name,
-            reconnect_timeout_s=reconnect_timeout_s,
-            quiet=quiet,
-            _as_is=True,
-        )
-        for job in run:
-            count, loss = _train_round(trainer)
-            job.send(count, metrics={"train_loss": loss})
-        return run.result
+    unknown = set(connection) - set(ServerConnection.__annotations__)
+    if unknown:
+        raise TypeError(f"federate() got unexpected keyword arguments {sorted(unknown)}")
+    if connection.get("server") is not None:
+        evaluate = None if trainer.eval_dataset is None else (lambda model, client_id: _evaluate(trainer))
+        run = participate(config, model=trainer.model, evaluate=evaluate, quiet=quiet, _as_is=True, **connection)
+        return _drive(run, lambda client_id: trainer)
     if config is None:
         raise TypeError("federate() in simulation needs the federation's config (rounds, clients per round, ...)")
     trainers = _per_client(trainer, datasets)
@@ -125,7 +130,4 @@ def federate(
     run = participate(
         config, model=model, clients=list(trainers), evaluate=_evaluator(trainers), quiet=quiet, _as_is=True
     )
-    for job in run:
-        count, loss = _train_round(trainers[job.client_id])
-        job.send(count, metrics={"train_loss": loss})
-    return run.result
+    return _drive(run, trainers.__getitem__)

@@ -1,5 +1,19 @@
 """What the user sees: progress bars per round (clients, ``round x/N``, ETA, and the current client's local
-steps) and one table row per round (rich)."""
+steps) and one table row per round (rich).
+
+Where step-level progress is shown:
+- in-process simulation: a live bar of the current client's local steps (steps done of total, examples/s),
+  fed by the worker's ``on_step`` through ``StepRelay``;
+- Ray actors: the same bars, one per client in training, from the actors' step reports (``RayTransport``'s
+  ``steps``, a Ray queue read while the driver waits for replies);
+- Ray actors and gRPC participants train in other processes: the server's bar shows, as each reply arrives,
+  that client's summary from the reply's metrics (steps, examples/s: ``fit_summary``), and every client
+  record in metrics.jsonl (hence in the trackers) holds ``steps`` and ``examples_per_s``;
+- a gRPC participant (``fedtune client`` on a terminal, one process) shows its own live bar of local steps
+  (``StepBar``) and prints one line per round with steps, examples/s and loss.
+Not shown: a live step count of a gRPC participant on the server's side (the protocol carries no progress
+during a fit; the reply's summary comes when it ends).
+"""
 
 from __future__ import annotations
 
@@ -74,6 +88,53 @@ class RoundClock:
         return f"round {round_idx}/{self.total}" if self.total else f"round {round_idx}"
 
 
+def fit_summary(reply: object) -> str:
+    """One client's finished local round, from the metrics its reply carries (any transport): '' if none."""
+    if not isinstance(reply, ClientUpdate):
+        return ""
+    m = reply.metrics
+    parts = [f"{int(m['steps'])} steps"] if "steps" in m else []
+    if m.get("examples_per_s"):
+        parts.append(f"{m['examples_per_s']:.1f} examples/s")
+    return f"{reply.client_id}: {', '.join(parts)}" if parts else ""
+
+
+class StepBar:
+    """A live bar of one process's local steps (a gRPC participant on a terminal): ``worker.on_step = StepBar(c)``.
+    A new bar for each (client, round); it goes away when the round's last step is done."""
+
+    def __init__(self, console: Console) -> None:
+        self.console = console
+        self.progress: Progress | None = None
+        self.task: TaskID | None = None
+        self.key: tuple[str, int] | None = None
+
+    def __call__(self, report: StepProgress) -> None:
+        if (report.client_id, report.round) != self.key:
+            self.close()
+            columns = (
+                TextColumn("{task.description}"),
+                BarColumn(),
+                MofNCompleteColumn(),
+                TextColumn("{task.fields[info]}"),
+            )
+            self.progress = Progress(*columns, console=self.console, transient=True)
+            self.progress.start()
+            label = f"round {report.round} local steps"
+            self.task = self.progress.add_task(label, total=report.total_steps, info="")
+            self.key = (report.client_id, report.round)
+        assert self.progress is not None and self.task is not None
+        rate = report.examples / report.seconds if report.seconds > 0 else 0.0
+        self.progress.update(self.task, completed=report.step, info=f"{rate:.1f} examples/s")
+        if report.step >= report.total_steps:
+            self.close()
+
+    def close(self) -> None:
+        if self.progress is not None:
+            self.progress.stop()
+        self.progress, self.task, self.key = None, None, None
+
+
 class ProgressTransport:
     """Wraps any transport and shows progress as replies arrive (composition, not inheritance): a bar of
     clients per round with ``round x/N`` and an ETA, and, where the transport's worker reports local steps
@@ -116,15 +177,18 @@ class ProgressTransport:
         with Progress(*columns, console=self.console, transient=True) as bar:
             tid = bar.add_task(label, total=total, info=self._eta_text(0, total))
             done = [0]
-            step_row: dict[str, TaskID] = {}  # one row, reset for each client
+            step_row: dict[str, TaskID] = {}  # a row per client in training (Ray: several at once)
+            finished: set[str] = set()  # rows at their last step: removed when the next client starts
 
             def on_step(report: StepProgress) -> None:
                 text = f"  client {report.client_id}"
                 if report.client_id not in step_row:
-                    for old in step_row.values():
-                        bar.remove_task(old)
-                    step_row.clear()
+                    for cid in finished:
+                        bar.remove_task(step_row.pop(cid))
+                    finished.clear()
                     step_row[report.client_id] = bar.add_task(text, total=report.total_steps, info="")
+                if report.step >= report.total_steps:
+                    finished.add(report.client_id)
                 rate = report.examples / report.seconds if report.seconds > 0 else 0.0
                 bar.update(step_row[report.client_id], completed=report.step, info=f"{rate:.1f} examples/s")
                 bar.update(tid, info=self._eta_text(done[0] + report.step / report.total_steps, total))
@@ -134,7 +198,9 @@ class ProgressTransport:
             try:
                 for reply in replies:
                     done[0] += 1
-                    bar.update(tid, advance=1, info=self._eta_text(done[0], total))
+                    last = fit_summary(reply)  # Ray / gRPC: the client's steps and speed, from its reply
+                    info = self._eta_text(done[0], total) + (f"  last {last}" if last else "")
+                    bar.update(tid, advance=1, info=info)
                     yield reply
             finally:
                 if self.steps is not None:

@@ -9,6 +9,7 @@ from __future__ import annotations
 import datetime
 import html
 import os
+from collections.abc import Callable
 from pathlib import Path
 
 from fedtune.config.load import dump_config
@@ -43,6 +44,21 @@ def _table(headers: list[str], rows: list[list[object]]) -> str:
     return f"<table><thead><tr>{head}</tr></thead><tbody>{body}</tbody></table>"
 
 
+Column = tuple[str, Callable[[dict], object]]  # a header and how to read its cell from a record
+
+
+def _get(key: str, default: object = None) -> Callable[[dict], object]:
+    return lambda record: record.get(key, default)
+
+
+def _mb(key: str) -> Callable[[dict], object]:
+    return lambda record: record.get(key, 0) / 1e6
+
+
+def _column_table(columns: list[Column], records: list[dict]) -> str:
+    return _table([h for h, _ in columns], [[cell(r) for _, cell in columns] for r in records])
+
+
 def render_report(run_dir: Path, config: Config | None = None) -> str:
     snap = RunView(run_dir).snapshot()
     status, rounds, clients = snap["status"], snap["rounds"], snap["clients"]
@@ -62,46 +78,24 @@ def render_report(run_dir: Path, config: Config | None = None) -> str:
         from fedtune.run.plot import rounds_svg  # matplotlib only once there is something to draw
 
         parts += ["<h2>Rounds</h2>", rounds_svg(rounds, title=snap["name"])]
-        headers = ["round", "clients ok", "sampled", "train loss", "held-out loss", quality.removeprefix("eval_")]
-        headers += ["MB down", "MB up", "seconds"] + (["epsilon"] if snap["privacy"]["dp"] else [])
-        rows = [
-            [
-                r["round"],
-                r.get("clients_ok"),
-                r.get("clients_sampled"),
-                r.get("train_loss"),
-                r.get("eval_loss"),
-                r.get(quality),
-                r.get("bytes_down", 0) / 1e6,
-                r.get("bytes_up", 0) / 1e6,
-                r.get("seconds"),
-            ]
-            + ([r.get("agg_epsilon")] if snap["privacy"]["dp"] else [])
-            for r in rounds
-        ]
-        parts.append(_table(headers, rows))
+        columns = [
+            ("round", _get("round")), ("clients ok", _get("clients_ok")), ("sampled", _get("clients_sampled")),
+            ("train loss", _get("train_loss")), ("held-out loss", _get("eval_loss")),
+            (quality.removeprefix("eval_"), _get(quality)), ("MB down", _mb("bytes_down")),
+            ("MB up", _mb("bytes_up")), ("seconds", _get("seconds")),
+        ] + ([("epsilon", _get("agg_epsilon"))] if snap["privacy"]["dp"] else [])  # fmt: skip
+        parts.append(_column_table(columns, rounds))
     if clients:
         parts.append("<h2>Clients</h2>")
         q = "eval_accuracy" if accuracy else "eval_perplexity"
-        headers = ["client", "state", "rounds", "examples", "train loss", "held-out loss", q.removeprefix("eval_")]
-        headers += ["MB down", "MB up", "fit seconds", "failures"]
-        rows = [
-            [
-                c["client_id"],
-                c["state"] + (f" ({c['reason']})" if c.get("reason") else ""),
-                c.get("rounds"),
-                c.get("num_examples"),
-                c.get("train_loss"),
-                c.get("eval_loss"),
-                c.get(q),
-                c.get("bytes_down", 0) / 1e6,
-                c.get("bytes_up", 0) / 1e6,
-                c.get("fit_seconds"),
-                c.get("failures", 0),
-            ]
-            for c in clients
-        ]
-        parts.append(_table(headers, rows))
+        columns = [
+            ("client", _get("client_id")),
+            ("state", lambda c: c["state"] + (f" ({c['reason']})" if c.get("reason") else "")),
+            ("rounds", _get("rounds")), ("examples", _get("num_examples")), ("train loss", _get("train_loss")),
+            ("held-out loss", _get("eval_loss")), (q.removeprefix("eval_"), _get(q)), ("MB down", _mb("bytes_down")),
+            ("MB up", _mb("bytes_up")), ("fit seconds", _get("fit_seconds")), ("failures", _get("failures", 0)),
+        ]  # fmt: skip
+        parts.append(_column_table(columns, clients))
     priv = snap["privacy"]
     parts.append("<h2>Privacy</h2>")
     if priv["dp"] or priv["client_epsilon_max"] is not None:

@@ -345,8 +345,9 @@ def worker_from_config(config: Config) -> ClientWorker:
     return prepare(config).worker
 
 
-def simulation_transport(config: Config, prepared: Prepared) -> Transport:
-    """The transport ``config.simulation`` asks for: this process's worker, or a pool of Ray actors."""
+def simulation_transport(config: Config, prepared: Prepared, steps: StepRelay | None = None) -> Transport:
+    """The transport ``config.simulation`` asks for: this process's worker, or a pool of Ray actors (whose
+    local steps go to ``steps``)."""
     import functools
 
     sim = config.simulation
@@ -357,7 +358,7 @@ def simulation_transport(config: Config, prepared: Prepared) -> Transport:
 
         if sim.client_nproc > 1:
             factory = functools.partial(distributed_worker, factory, sim.client_nproc)
-        return RayTransport(factory, list(prepared.worker.records), sim)
+        return RayTransport(factory, list(prepared.worker.records), sim, steps=steps)
     if sim.client_nproc > 1:
         from fedtune.client.distributed import DistributedClientWorker
 
@@ -386,6 +387,7 @@ def simulate(
     # the run directory first: the simulated clients keep their state between rounds in it (or in the store
     # simulation.client_state names), and every worker is built knowing where
     fresh_dir = rundir.new_run_dir(config) if resume_dir is None else None
+    steps = StepRelay()  # local steps, for the progress bar: from this process's worker or the Ray actors
     try:
         workers = with_client_state(config, config.simulation.client_state_address(fresh_dir or Path(resume_dir)))
         if prepare_fn is not None:
@@ -393,7 +395,7 @@ def simulate(
             transport: Transport = InProcessTransport(prepared.worker)
         else:
             prepared = prepare(workers, console=console)
-            transport = simulation_transport(workers, prepared)
+            transport = simulation_transport(workers, prepared, steps if show_progress else None)
     except BaseException:
         if fresh_dir is not None:  # nothing ran yet: leave no empty run directory behind a failed start
             shutil.rmtree(fresh_dir, ignore_errors=True)
@@ -403,8 +405,7 @@ def simulate(
         extra["label_names"] = prepared.label_names  # for the export's id2label
     if fresh_dir is not None:
         write_label_names(fresh_dir, prepared.label_names)  # for `fedtune predict`
-    steps = StepRelay()
-    prepared.worker.on_step = steps  # in-process clients report every local step (Ray actors: per client)
+    prepared.worker.on_step = steps  # in-process clients report every local step (Ray actors: their own)
     try:
         result = serve(
             config,

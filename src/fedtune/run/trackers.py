@@ -9,6 +9,10 @@ the run directory: ``tensorboard/`` event files, an MLflow file store ``mlruns/`
 The libraries are optional (``pip install fedtune[track]``) and imported only when asked for; asking for one
 that is not installed fails before the run starts. A resumed run continues the same MLflow and W&B runs
 (their ids are kept in ``trackers.json``) and TensorBoard drops the steps after the checkpoint.
+
+A tracker is a convenience, never a reason to lose a run: one that raises (an MLflow server that is down, a
+TensorBoard folder that cannot be written, a W&B error) is reported once, naming it and the error, and
+switched off; the run, its metrics.jsonl and checkpoints go on (``Guarded``).
 """
 
 from __future__ import annotations
@@ -21,7 +25,7 @@ import os
 import re
 import secrets
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from pathlib import Path
 
 from fedtune.config.load import dump_config
@@ -48,7 +52,46 @@ def require_trackers(names: Sequence[str]) -> None:
 def build_trackers(names: Sequence[str]) -> list[RoundSink]:
     require_trackers(names)
     kinds = {"tensorboard": TensorBoardSink, "mlflow": MlflowSink, "wandb": WandbSink}
-    return [kinds[n]() for n in names]
+    return [Guarded(n, kinds[n]()) for n in names]
+
+
+class Guarded:
+    """A tracker whose failure does not end the run: the first error is logged as a warning naming the
+    tracker, and the tracker gets no further events (its ``close`` is still tried, so it may release what
+    it holds; an error there is swallowed as well)."""
+
+    def __init__(self, name: str, inner: RoundSink) -> None:
+        self.name, self.inner = name, inner
+        self.failed: BaseException | None = None
+
+    def _call(self, event: str, method: Callable[..., None], *args: object) -> None:
+        if self.failed is not None and event != "close":
+            return
+        try:
+            method(*args)
+        except Exception as err:  # any library error: the tracker is optional, the run is not
+            if self.failed is None:
+                log.warning(
+                    "tracker %s failed in %s and is switched off for the rest of the run (metrics.jsonl and "
+                    "checkpoints carry on): %s: %s",
+                    self.name,
+                    event,
+                    type(err).__name__,
+                    err,
+                )
+                self.failed = err
+
+    def on_start(self, run: RunInfo) -> None:
+        self._call("on_start", self.inner.on_start, run)
+
+    def on_round(self, state: ServerState, records: list[dict]) -> None:
+        self._call("on_round", self.inner.on_round, state, records)
+
+    def on_stop(self, state: ServerState, reason: str) -> None:
+        self._call("on_stop", self.inner.on_stop, state, reason)
+
+    def close(self, end: RunEnd) -> None:
+        self._call("close", self.inner.close, end)
 
 
 def flat_config(config: Config) -> dict[str, str]:

@@ -20,12 +20,17 @@ The global vector is put in Ray's object store once per round and shared by ever
 in the actors), so sending it to 1,000 clients costs one copy, not 1,000. Strategy arrays (``extras``) are
 shared the same way whenever requests carry the same arrays (the LoRA residuals sent with every fit and
 evaluation); per-client arrays such as SCAFFOLD's c_i get one object each.
+
+Step-level progress (``steps=``): each actor's worker reports its local steps into one Ray queue (at most a few
+reports a second per actor, and always the last step), and the driver hands them to ``steps`` while it waits
+for replies, so the progress bar shows every client in training with its steps and examples/s.
 """
 
 from __future__ import annotations
 
 import contextlib
 import os
+import time
 import warnings
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import replace
@@ -44,13 +49,33 @@ WorkerFactory = Callable[[], Any]
 
 DEFAULT_TEMP_DIR = "/tmp/fedtune-ray"  # short on purpose: Ray's socket paths must stay under 107 bytes
 _NO_PARAMS = np.empty(0, dtype=np.float32)  # placeholder: the real vector travels as a shared object ref
+STEP_REPORT_EVERY_S = 0.25  # an actor's step reports, at most this often (plus every round's last step)
+StepListener = Callable[[Any], None]  # told a client's StepProgress (fedtune.client.train)
+
+
+class StepForwarder:
+    """A worker's ``on_step`` inside an actor: forwards step reports to the driver's queue, throttled."""
+
+    def __init__(self, queue: Any, every_s: float = STEP_REPORT_EVERY_S) -> None:
+        self.queue, self.every_s = queue, every_s
+        self.last = -float("inf")
+
+    def __call__(self, report: Any) -> None:
+        now = time.monotonic()
+        if report.step < report.total_steps and now - self.last < self.every_s:
+            return
+        self.last = now
+        with contextlib.suppress(Exception):  # a full queue drops a report: progress, never a reason to fail
+            self.queue.put_nowait(report)
 
 
 class _Worker:
     """The body of one actor: a resident worker built once, serving requests one at a time."""
 
-    def __init__(self, factory: WorkerFactory) -> None:
+    def __init__(self, factory: WorkerFactory, progress: Any = None) -> None:
         self.worker = factory()
+        if progress is not None:  # the driver shows local steps: report them (a ClientWorker's on_step)
+            self.worker.on_step = StepForwarder(progress)
 
     def describe(self) -> tuple[str, list[str]]:
         """(spec digest, client ids): checked against the driver's, so a mismatch fails at start-up."""
@@ -111,19 +136,32 @@ def start_ray(cfg: SimulationConfig) -> bool:
 class RayTransport:
     """The Transport protocol over a pool of Ray actors (see the module docstring)."""
 
-    def __init__(self, factory: WorkerFactory, client_ids: Sequence[str], cfg: SimulationConfig) -> None:
-        """``client_ids`` is the driver's population; every actor must build the same one."""
+    def __init__(
+        self,
+        factory: WorkerFactory,
+        client_ids: Sequence[str],
+        cfg: SimulationConfig,
+        *,
+        steps: StepListener | None = None,
+    ) -> None:
+        """``client_ids`` is the driver's population; every actor must build the same one. ``steps`` hears the
+        actors' local steps while a round runs."""
         ray = _ray()
         self.cfg = cfg
         self._ids = list(client_ids)
         self._owns_ray = start_ray(cfg)
+        self.steps, self._progress = steps, None
         try:
+            if steps is not None:
+                from ray.util.queue import Queue
+
+                self._progress = Queue(maxsize=1000, actor_options={"num_cpus": 0})
             cpus = ray.cluster_resources().get("CPU", 1.0)
             count = cfg.num_workers or max(1, int(cpus // cfg.cpus_per_worker))
             # max_restarts: an actor that dies (OOM, segfault) is rebuilt for the next request; the request it
             # was serving becomes a ClientFailure and the round goes on.
             actor_cls = ray.remote(num_cpus=cfg.cpus_per_worker, max_restarts=2, max_task_retries=0)(_Worker)
-            self._actors = [actor_cls.remote(factory) for _ in range(count)]
+            self._actors = [actor_cls.remote(factory, self._progress) for _ in range(count)]
             described = ray.get([a.describe.remote() for a in self._actors])
             if any(ids != self._ids for _, ids in described) or len({d for d, _ in described}) != 1:
                 raise FedtuneError(
@@ -161,6 +199,10 @@ class RayTransport:
         for actor in actors:
             ray.kill(actor)
         self._actors = []
+        if self._progress is not None:
+            with contextlib.suppress(Exception):
+                self._progress.shutdown()
+            self._progress = None
         if self._owns_ray and ray.is_initialized():
             ray.shutdown()
         self._owns_ray = False
@@ -198,7 +240,7 @@ class RayTransport:
                 pending[ref] = (next_in, actor)
                 load[actor] += 1
                 next_in += 1
-            ready, _ = ray.wait(list(pending), num_returns=1)
+            ready = self._wait(list(pending))
             index, actor = pending.pop(ready[0])
             load[actor] -= 1
             reply = self._get(ready[0], instructions[index])
@@ -210,6 +252,23 @@ class RayTransport:
             while next_out in done:
                 yield instructions[next_out], done.pop(next_out)
                 next_out += 1
+
+    def _wait(self, refs: list[Any]) -> list[Any]:
+        """The next finished request; meanwhile the actors' step reports go to ``steps``."""
+        ray = _ray()
+        if self._progress is None:
+            return ray.wait(refs, num_returns=1)[0]
+        while True:
+            ready, _ = ray.wait(refs, num_returns=1, timeout=0.2)
+            self._relay_steps()
+            if ready:
+                return ready
+
+    def _relay_steps(self) -> None:
+        assert self._progress is not None and self.steps is not None
+        with contextlib.suppress(Exception):  # an empty queue, or one that went away: nothing to show
+            for report in self._progress.get_nowait_batch(self._progress.qsize()):
+                self.steps(report)
 
     def _get(self, ref: Any, instr: Any) -> Any:
         ray = _ray()

@@ -18,10 +18,17 @@ random order) a piece splits off only where h consecutive clients all drop, so
 
     P(split) <= n * delta^h                                                                  (security)
 
-``plan`` takes t just above k / 2 (the most dropouts a secure threshold tolerates) and the smallest even k
-meeting both bounds at the target; the complete graph (Bonawitz et al. 2017) when no k < n - 1 does. The
-bounds assume dropouts independent of each other; correlated outages (a region going down) need a
-larger ``expected_dropout``. Pure functions: no state, no randomness except in ``simulate_aborts``.
+Against a malicious server colluding with corrupted clients, the consistency round holds while every
+neighbourhood has fewer than 2t - k of them (docs/PRIVACY.md); with each client corrupted independently
+with probability gamma (``expected_corrupt``, Bell et al.'s gamma)
+
+    P(collusion) <= n * P[Binomial(k, gamma) >= 2t - k]                                      (collusion)
+
+``plan`` takes the smallest t above k / 2 meeting the collusion bound (just above k / 2 at gamma = 0: the
+most dropouts a secure threshold tolerates) and the smallest even k meeting all three bounds at the
+target; the complete graph (Bonawitz et al. 2017) when no k < n - 1 does. The bounds assume dropouts
+(and corruptions) independent of each other; correlated outages (a region going down) need a larger
+``expected_dropout``. Pure functions: no state, no randomness except in ``simulate_aborts``.
 """
 
 from __future__ import annotations
@@ -98,6 +105,46 @@ def secure_degree(num_clients: int, dropout: float, failure_probability: float) 
     return 0
 
 
+def collusion_bound(num_clients: int, neighbours: int, threshold: float, corrupt: float) -> float:
+    """Bound on the probability that some client's neighbourhood holds 2t - k or more corrupted clients,
+    each corrupted independently with probability ``corrupt`` (Bell et al.'s gamma): with that many
+    colluding with a malicious server, two survivor sets can each gather t signatures in the consistency
+    round and both of a client's secrets can be revealed (docs/PRIVACY.md). Union bound over the n clients
+    (one neighbourhood suffices in the complete graph). 0 when ``corrupt`` is 0.
+
+    >>> collusion_bound(100, 84, 0.5025, 0.0), collusion_bound(100, 84, 0.5025, 0.05) > 0.5
+    (0.0, True)
+    """
+    from scipy.stats import binom
+
+    k = degree(num_clients, neighbours)
+    t = shares_needed(threshold, k)
+    if corrupt <= 0:
+        return 0.0
+    tail = float(binom.sf(2 * t - k - 1, k, corrupt))  # P[Binomial(k, corrupt) >= 2t - k]
+    return min(1.0, tail if k == num_clients - 1 else num_clients * tail)
+
+
+def collusion_threshold(num_clients: int, neighbours: int, corrupt: float, failure_probability: float) -> float | None:
+    """The smallest threshold fraction whose t keeps ``collusion_bound`` <= ``failure_probability`` for this
+    graph, or None when even t = k does not. With ``corrupt`` 0: just above 1/2 (``minimal_threshold``).
+
+    >>> collusion_threshold(100, 84, 0.0, 0.01) == minimal_threshold(100)
+    True
+    >>> th = collusion_threshold(100, 84, 0.05, 0.01); shares_needed(th, 84)  # 2t - k = 14 >> 84 * 0.05
+    49
+    """
+    if corrupt <= 0:
+        return minimal_threshold(num_clients)
+    k = degree(num_clients, neighbours)
+    for t in range(k // 2 + 1, k + 1):
+        frac = t / k
+        safe = collusion_bound(num_clients, neighbours, frac, corrupt) <= failure_probability
+        if safe and shares_needed(frac, k) == t:
+            return frac
+    return None
+
+
 @dataclass(frozen=True)
 class SecAggPlan:
     neighbours: int  # k of the SecAgg+ graph; 0: the complete graph
@@ -105,6 +152,7 @@ class SecAggPlan:
     abort_bound: float  # P(round aborts) <= this, at the expected dropout
     split_bound: float  # P(survivor graph disconnected) <= this
     chosen: bool  # False: the config gave both k and the threshold
+    collusion_bound: float = 0.0  # P(some neighbourhood holds 2t - k corrupted clients) <= this
 
 
 def plan(
@@ -114,9 +162,12 @@ def plan(
     failure_probability: float,
     threshold: float | None = None,
     neighbours: int | None = None,
+    corrupt: float = 0.0,
 ) -> SecAggPlan:
     """k and the threshold for a round of ``num_clients``; either may be fixed by the caller (then only the
-    other is chosen, and the bounds say what the fixed one costs).
+    other is chosen, and the bounds say what the fixed one costs). With ``corrupt`` > 0 the threshold of
+    each candidate k is raised until its neighbourhoods hold fewer than 2t - k corrupted clients (at the
+    target), and k grows until that t is still available at ``dropout``.
 
     >>> p = plan(100, dropout=0.3, failure_probability=0.01)
     >>> p.neighbours, shares_needed(p.threshold, p.neighbours), p.abort_bound <= 0.01
@@ -124,22 +175,25 @@ def plan(
     """
     if num_clients < 1:
         raise ValueError("need at least one client")
-    frac = threshold if threshold is not None else minimal_threshold(num_clients)
 
     def made(k: int) -> SecAggPlan:
+        frac = threshold if threshold is not None else collusion_threshold(num_clients, k, corrupt, failure_probability)
+        frac = frac if frac is not None else 1.0  # no t meets the collusion target: the bound says so
         return SecAggPlan(
             neighbours=k,
             threshold=frac,
             abort_bound=abort_bound(num_clients, k, frac, dropout),
             split_bound=split_bound(num_clients, k, dropout),
             chosen=threshold is None or neighbours is None,
+            collusion_bound=collusion_bound(num_clients, k, frac, corrupt),
         )
 
     if neighbours is not None:
         return made(0 if neighbours >= num_clients - 1 else neighbours)
     for k in range(2, num_clients - 1, 2):
         candidate = made(k)
-        if candidate.abort_bound <= failure_probability and candidate.split_bound <= failure_probability:
+        bounds = (candidate.abort_bound, candidate.split_bound, candidate.collusion_bound)
+        if max(bounds) <= failure_probability:
             return candidate
     return made(0)
 
@@ -195,6 +249,7 @@ def secagg_plan(cfg: SecAggConfig, num_clients: int) -> SecAggPlan:
         failure_probability=cfg.failure_probability,
         threshold=cfg.threshold,
         neighbours=cfg.neighbours,
+        corrupt=cfg.expected_corrupt,
     )
     if chosen.abort_bound > cfg.failure_probability and (num_clients, cfg) not in _WARNED:
         _WARNED.add((num_clients, cfg))  # once per round size, not every round

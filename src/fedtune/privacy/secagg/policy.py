@@ -12,6 +12,9 @@ anything, and refuses (SecAggAbort, with the reason) when one falls short:
   survivor graph must not split, or the server learns partial sums). The server chooses its k with the
   same bound (availability.plan), so an honest server always passes; only a weaker graph is refused.
   The threshold need only be above 1/2 for the secrets (2t > k), which the automatic 1/2 + 1/(4n) is;
+  with the client's own ``expected_corrupt`` (gamma) > 0, t must also keep every neighbourhood below
+  2t - k corrupted clients within its ``failure_probability`` (availability.collusion_bound), the
+  consistency round's condition; the server raises t by the same rule;
 * number of clients: at least ``min_clients`` in the roster, and no more than the field can sum unwrapped;
 * field: at most 32 bits, levels that fit; bounds finite and positive (the clip range the client expects);
 * graph seed: the one derived from the run's seed and the round (the server cannot pick the graph).
@@ -25,7 +28,7 @@ from dataclasses import dataclass
 
 from fedtune.core.rng import derive_seed
 from fedtune.privacy.errors import SecAggAbort
-from fedtune.privacy.secagg.availability import secure_degree
+from fedtune.privacy.secagg.availability import collusion_bound, secure_degree
 from fedtune.privacy.secagg.messages import PublicParams
 from fedtune.privacy.secagg.quantize import MAX_FIELD_BITS
 
@@ -49,6 +52,7 @@ class ClientPolicy:
     # roster's size (None: no such floor beyond min_neighbours)
     expected_dropout: float | None = None
     failure_probability: float | None = None
+    expected_corrupt: float = 0.0  # gamma: the threshold must keep neighbourhoods below 2t - k corrupted
 
     @classmethod
     def permissive(cls) -> ClientPolicy:
@@ -71,6 +75,7 @@ class ClientPolicy:
             round=round_idx,
             expected_dropout=cfg.expected_dropout if cfg.neighbours is None else None,
             failure_probability=cfg.failure_probability,
+            expected_corrupt=cfg.expected_corrupt,
         )
 
     def check_params(self, p: PublicParams, who: str) -> None:
@@ -116,6 +121,15 @@ class ClientPolicy:
                     f"client {who} refuses the secure aggregation round: {p.neighbours} neighbours in a roster of "
                     f"{n} is below the {wanted} its expected_dropout {self.expected_dropout:g} and "
                     f"failure_probability {self.failure_probability:g} need (the survivor graph could split)"
+                )
+        if self.expected_corrupt > 0 and self.failure_probability is not None:
+            bound = collusion_bound(n, p.neighbours, p.threshold, self.expected_corrupt)
+            if bound > self.failure_probability:
+                raise SecAggAbort(
+                    f"client {who} refuses the secure aggregation round: threshold {p.threshold:g} with "
+                    f"{p.neighbours or 'all'} neighbours in a roster of {n} lets 2t - k colluding clients into a "
+                    f"neighbourhood with probability up to {bound:.3g} at its expected_corrupt "
+                    f"{self.expected_corrupt:g}, above its failure_probability {self.failure_probability:g}"
                 )
         if n * p.levels >= 1 << p.modulus_bits:
             raise SecAggAbort(

@@ -421,4 +421,6 @@ def _secagg_configured(config_yaml: str) -> bool:
 def _describe_fit(update: ClientUpdate) -> str:
     loss = update.metrics.get("train_loss", float("nan"))
     steps = int(update.metrics.get("steps", 0))
-    return f"{steps} steps on {update.num_examples} examples, loss {loss:.4f}"
+    rate = update.metrics.get("examples_per_s")
+    speed = f" ({rate:.1f} examples/s)" if rate else ""
+    return f"{steps} steps on {update.num_examples} examples{speed}, loss {loss:.4f}"
