@@ -226,6 +226,7 @@ def test_real_worker_resume_with_fedprox_and_stragglers(tmp_path):
         ({"server": {"mode": "async", "scaffold": True}, "client": {"optimizer": "sgd"}}, "server.scaffold"),
         ({"server": {"mode": "async"}, "privacy": {"secure_aggregation": True}}, "privacy.secure_aggregation"),
         ({"server": {"mode": "async"}, "client": {"local_epochs": 1}}, "client.local_epochs"),
+        ({"server": {"mode": "async"}, "personalization": {"finetune_steps": 2}}, "personalization: "),
         ({"server": {"fedbuff": {"buffer_size": 2}}}, "server.fedbuff only applies"),
         ({"simulation": {"client_speed": {"sigma": 1.0}}}, "simulation.client_speed only applies"),
         ({"server": {"mode": "async", "fedbuff": {"buffer_size": 9, "concurrency": 3}}}, "exceeds concurrency"),

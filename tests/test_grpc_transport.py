@@ -180,7 +180,7 @@ def test_straggler_is_dropped_at_the_deadline_and_its_late_result_refused(start,
     assert fast.push(_update(fast.pull_task(), "client_000")).accepted
     late_task = slow.pull_task()
     out = rnd.result()
-    assert 0.9 < time.monotonic() - started < 5
+    assert time.monotonic() - started > 0.9  # the deadline was waited for (no upper bound: the machine may be loaded)
     assert isinstance(out["client_000"], ClientUpdate)
     assert "straggler" in out["client_001"].reason
     late = slow.push(_update(late_task, "client_001"))

@@ -10,7 +10,6 @@ import dataclasses
 import functools
 import io
 import re
-import time
 
 import numpy as np
 import pytest
@@ -60,7 +59,6 @@ def comparable(rounds: list[dict]) -> list[dict]:
 
 
 def test_simulate_on_ray_equals_in_process(ray_session, tmp_path) -> None:
-    started = time.perf_counter()
     local = simulate(tiny_config(tmp_path), show_progress=False)
     terminal = io.StringIO()
     on_ray = simulate(
@@ -74,7 +72,6 @@ def test_simulate_on_ray_equals_in_process(ray_session, tmp_path) -> None:
     assert not np.array_equal(local.state.params, initial_params(local.run_dir)), "the run must train"
     assert comparable(on_ray.rounds) == comparable(local.rounds)
     assert [r["clients_ok"] for r in on_ray.rounds[1:]] == [6, 6]
-    assert time.perf_counter() - started < 120
 
 
 @pytest.fixture(scope="module")

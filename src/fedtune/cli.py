@@ -130,6 +130,19 @@ def run(
         raise typer.Exit(code=130) from None
 
 
+# personalisation (fedtune.run.personal_export): whose model generate / export use
+ClientOpt = Annotated[
+    str | None, typer.Option("--client", help="Use this client's personalised model (personalization runs).")
+]
+FinetunedOpt = Annotated[
+    bool, typer.Option("--finetuned", help="With --client: its model fine-tuned after the last round.")
+]
+ClientStateOpt = Annotated[
+    str | None,
+    typer.Option("--client-state", help="With --client: the client state store (default: the run's; disk:<dir>)."),
+]
+
+
 @app.command()
 def generate(
     run_dir: Annotated[Path, typer.Argument(help="A run directory.")],
@@ -147,6 +160,9 @@ def generate(
             "--chat/--no-chat", help="Wrap the prompt as a chat turn (default: if the run was instruction-tuned)."
         ),
     ] = None,
+    client: ClientOpt = None,
+    finetuned: FinetunedOpt = False,
+    client_state: ClientStateOpt = None,
 ) -> None:
     """Generate text with the federated model of RUN_DIR.
 
@@ -165,7 +181,12 @@ def generate(
         sampling, tokens = sampling_settings(
             defaults, greedy=greedy, temperature=temperature, top_p=top_p, max_new_tokens=max_new_tokens
         )
-        task, _ = load_trained_task(run_dir)
+        if client is not None:  # that client's personalised model
+            from fedtune.run.personal_export import personal_task
+
+            task = personal_task(run_dir, client, finetuned=finetuned, state=client_state)
+        else:
+            task, _ = load_trained_task(run_dir)
         if chat is None:
             chat = cfg.data.source == "instruct"
         text = generate_text(task, prompt, max_new_tokens=tokens, seed=seed, chat=chat, sampling=sampling)
@@ -181,12 +202,17 @@ def export(
     dtype: Annotated[
         str | None, typer.Option(help="Cast the written weights: float32, bfloat16 or float16 (default: as trained).")
     ] = None,
+    client: ClientOpt = None,
+    finetuned: FinetunedOpt = False,
+    client_state: ClientStateOpt = None,
 ) -> None:
-    """Export the federated model: a merged folder plain transformers loads, and the peft adapter."""
+    """Export the federated model: a merged folder plain transformers loads, and the peft adapter.
+
+    With --client: that client's personalised model (its own LoRA B / local parameters / Ditto model)."""
     from fedtune.run.export import export_run
 
     try:
-        export_run(run_dir, out_dir, dtype=dtype)
+        export_run(run_dir, out_dir, dtype=dtype, client=client, finetuned=finetuned, client_state=client_state)
         console.print(f"exported to {out_dir}")
     except FedtuneError as err:
         _fail(err)

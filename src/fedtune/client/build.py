@@ -14,6 +14,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 
 from fedtune.client import hooks, partial
+from fedtune.client.personal import Personalizer
 from fedtune.client.worker import HookFactory
 from fedtune.config.schema import Config
 from fedtune.core.messages import ClientUpdate, FitInstruction
@@ -26,6 +27,7 @@ UpdateTransform = Callable[[ClientUpdate, FitInstruction], ClientUpdate]
 class ClientExtensions:
     hook_factories: list[HookFactory] = field(default_factory=list)
     update_transforms: list[UpdateTransform] = field(default_factory=list)
+    personal: Personalizer | None = None  # what each client keeps for itself (config.personalization)
 
 
 def strategy_extensions() -> ClientExtensions:
@@ -54,4 +56,18 @@ def build_client_extensions(config: Config) -> ClientExtensions:
     return ClientExtensions(
         hook_factories=private_hooks + ext.hook_factories,
         update_transforms=ext.update_transforms + private_transforms,
+        personal=personalizer(config),
+    )
+
+
+def personalizer(config: Config) -> Personalizer | None:
+    """The client half of ``config.personalization``; its state goes where the DP-SGD ledger goes."""
+    if not config.personalization.active:
+        return None
+    return Personalizer(
+        config.personalization,
+        config.client,
+        state=config.simulation.client_state,
+        seed=config.seed,
+        rounds=config.federation.rounds,
     )

@@ -44,6 +44,9 @@ def check_external(config: Config) -> None:
         "privacy.dpsgd (DP-SGD clips and noises every step's per-example gradients)": p.dpsgd is not None,
         "client.straggler_fraction > 0 (stragglers stop the local loop early)": config.client.straggler_fraction > 0,
         "server.lora_aggregation 'flora' (client ranks mask the adapter in local steps)": s.lora_aggregation == "flora",
+        "personalization (each client's own parameters and models are kept by fedtune's worker)": (
+            config.personalization.active
+        ),
     }
     refused = [what for what, on in needs_loop.items() if on]
     if refused:

@@ -11,6 +11,7 @@ flora), a residual per adapted layer in ``extras``. Fit and evaluation load both
 
 from __future__ import annotations
 
+import functools
 import time
 from collections.abc import Callable, Mapping, Sequence
 from typing import Any
@@ -19,6 +20,7 @@ import numpy as np
 import torch
 
 from fedtune.client.hooks import LoraResidual
+from fedtune.client.personal import Personalizer
 from fedtune.client.schedule import ROUNDS_OPTION
 from fedtune.client.train import WHOLE_BATCH, BatchLoss, LocalHooks, LocalResult, StepCallback, local_train
 from fedtune.client.weights import TrainableView
@@ -55,13 +57,16 @@ class ClientWorker:
         *,
         hook_factories: Sequence[HookFactory] = (),
         update_transforms: Sequence[Callable[[ClientUpdate, FitInstruction], ClientUpdate]] = (),
+        personal: Personalizer | None = None,
     ) -> None:
-        """``records`` maps client id -> (train records, test records)."""
+        """``records`` maps client id -> (train records, test records); ``personal``: what each client keeps
+        for itself (fedtune.client.personal), None without personalisation."""
         self.task = task
         self.view = TrainableView(task.module)
         self.records = records
         self.hook_factories = list(hook_factories)
         self.update_transforms = list(update_transforms)
+        self.personal = personal
         self._encoded: dict[tuple[str, bool], list[Example]] = {}
         self.residual = LoraResidual()  # inert unless a request carries "lora/residual/<module>" arrays
         self.on_step: StepCallback | None = None  # told after every local step (the simulation's progress bar)
@@ -133,8 +138,13 @@ class ClientWorker:
     def fit(self, instr: FitInstruction) -> ClientUpdate:
         started = time.perf_counter()
         cfg, hooks = self.begin_fit(instr)
-        result = self.train(instr, cfg, hooks)
-        update = self.reply(instr, result, self.view.read(), {"fit_seconds": time.perf_counter() - started})
+        if self.personal is None:
+            result, params, extra = self.train(instr, cfg, hooks), self.view.read(), {}
+        else:  # the client's own parameters around the global update (saved in its state store)
+            examples = self.examples(instr.client_id, train=True)
+            trainer = functools.partial(self.train, instr, cfg, hooks)
+            result, params, extra = self.personal.fit(self.task, self.view, instr, cfg, trainer, examples)
+        update = self.reply(instr, result, params, {"fit_seconds": time.perf_counter() - started, **extra})
         for transform in self.update_transforms:
             update = transform(update, instr)
         return update
@@ -149,9 +159,19 @@ class ClientWorker:
                 len(examples), instr.max_examples, replace=False
             )
             examples = [examples[i] for i in sorted(keep.tolist())]
+        personal: dict[str, EvalSums] = {}
         with self.residual.applied(self.task.module, instr.extras):  # W0 restored afterwards
             sums = evaluate_examples(self.task, examples, instr.batch_size)
-        return ClientEval(instr.client_id, instr.round, sums)
+            if self.personal is not None:  # the client's own models on the same examples
+                personal = self.personal.evaluate(
+                    self.task,
+                    self.view,
+                    instr,
+                    lambda held_out: evaluate_examples(self.task, held_out, instr.batch_size),
+                    examples,
+                    lambda: self.examples(instr.client_id, train=True),
+                )
+        return ClientEval(instr.client_id, instr.round, sums, personal)
 
     def current_params(self) -> np.ndarray:
         return self.view.read()

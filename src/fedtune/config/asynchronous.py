@@ -70,6 +70,11 @@ _ASYNC_REFUSED: tuple[tuple[str, str], ...] = (
         "the adaptive bounds are medians of the previous step's un-noised updates: they would carry private "
         "data into the next step outside the accounting (use a number, or 'off')",
     ),
+    (
+        "personalization",
+        "the personalisation methods keep and split per-client state round by round (FedSA, FedPer, Ditto, "
+        "fine-tuning after the last round); FedBuff has no rounds",
+    ),
     ("client.local_epochs", "the simulated clock charges local_steps x seconds per step: set client.local_steps"),
     ("client.lr_scheduler_type", "the local schedule's position counts rounds; use 'constant' in async mode"),
 )
@@ -87,6 +92,7 @@ def _refused(config: Config) -> list[str]:
         "server.lora_aggregation": s.lora_aggregation in ("fedex", "flora", "svd"),
         "server.update_norm_bound / max_examples_per_client 'adaptive' with privacy.dp": p.dp is not None
         and "adaptive" in (s.update_norm_bound, s.max_examples_per_client),
+        "personalization": config.personalization.active,
         "client.local_epochs": c.local_steps is None,
         "client.lr_scheduler_type": c.lr_scheduler_type != "constant",
     }

@@ -14,6 +14,7 @@ from pydantic import Field, model_validator
 from fedtune.config.asynchronous import FedBuffConfig, check_async_rules
 from fedtune.config.base import PositiveFloat, PositiveInt, Section
 from fedtune.config.deployment import DeploymentConfig
+from fedtune.config.personalization import PersonalizationConfig, check_personalization_rules
 from fedtune.config.privacy import PrivacyConfig, check_privacy_rules
 from fedtune.config.simulation import SimulationConfig
 
@@ -295,6 +296,7 @@ class Config(Section):
     privacy: PrivacyConfig = Field(default_factory=PrivacyConfig)
     simulation: SimulationConfig = Field(default_factory=SimulationConfig)
     deployment: DeploymentConfig = Field(default_factory=DeploymentConfig)
+    personalization: PersonalizationConfig = Field(default_factory=PersonalizationConfig)
 
     @model_validator(mode="after")
     def _check(self) -> Config:
@@ -337,4 +339,5 @@ class Config(Section):
             )
         check_async_rules(self)  # what FedBuff refuses, and why
         check_privacy_rules(self)  # DP needs uniform weights; SecAgg/DP need a linear aggregator; DP-SGD batching
+        check_personalization_rules(self)  # fedsa needs LoRA and naive averaging; no DP-SGD; the built-in loop
         return self

@@ -57,7 +57,10 @@ class EvalInstruction:
 class ClientEval:
     client_id: str
     round: int
-    sums: EvalSums
+    sums: EvalSums  # the global model's
+    # the same held-out examples under the client's own models (fedtune.client.personal): "personal" (its
+    # personalised model), "finetuned" (after the last round, locally fine-tuned); empty without personalisation
+    personal: dict[str, EvalSums] = field(default_factory=dict)
 
 
 @dataclass(frozen=True)

@@ -40,7 +40,7 @@ from fedtune.core.rng import derive_rng
 from fedtune.data.cache import default_cache_dir
 from fedtune.data.partition import random_split
 from fedtune.data.types import ClientSplit
-from fedtune.errors import DataError, ModelError
+from fedtune.errors import ConfigError, DataError, ModelError
 from fedtune.run.rundir import config_digest
 from fedtune.tasks.build import build_run_task, check_builtin_model
 from fedtune.transport.grpc.client import Joined, ParticipantError
@@ -182,6 +182,7 @@ def build_participant_worker(
         {client_id: (split.train, split.test)},
         hook_factories=ext.hook_factories,
         update_transforms=ext.update_transforms,
+        personal=ext.personal,  # its state: this participant's own store (above)
     )
     if not worker.examples(client_id, train=True):
         raise DataError(f"--data {data}: no training examples after encoding (model.max_length too large?)")
@@ -200,7 +201,10 @@ def worker_factory(
 
     def make(joined: Joined) -> ClientWorker:
         cid = joined.client_id
-        check_dpsgd_data_parallel(parse_config(yaml.safe_load(joined.config_yaml)).privacy, nproc, nproc_key="--nproc")
+        received = parse_config(yaml.safe_load(joined.config_yaml))
+        check_dpsgd_data_parallel(received.privacy, nproc, nproc_key="--nproc")
+        if nproc > 1 and received.personalization.active:  # its per-client state is written by one process
+            raise ConfigError("personalization trains this participant's own parameters in one process: drop --nproc")
         args = (joined.config_yaml, local_yaml, data, cid, joined.extra.get("num_labels"))
         worker = build_participant_worker(*args)
         split_train, split_test = worker.records[cid]

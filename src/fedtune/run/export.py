@@ -38,16 +38,44 @@ BASE_WEIGHTS = "base_weights.safetensors"  # adapted layers' W0 + s R, next to t
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
 
-def export_run(run_dir: Path, out_dir: Path, *, merged: bool = True, dtype: str | None = None) -> dict[str, Path]:
+def export_run(
+    run_dir: Path,
+    out_dir: Path,
+    *,
+    merged: bool = True,
+    dtype: str | None = None,
+    client: str | None = None,
+    finetuned: bool = False,
+    client_state: str | None = None,
+) -> dict[str, Path]:
     """``fedtune export``: the global model of a run directory's last checkpoint, residual included;
-    ``dtype`` (float32, bfloat16, float16) casts the written floating-point weights (default: as trained)."""
+    ``dtype`` (float32, bfloat16, float16) casts the written floating-point weights (default: as trained).
+    ``client``: that client's personalised model instead (``fedtune.run.personal_export``; ``finetuned``: its
+    model fine-tuned after the last round; ``client_state``: the store address, default the run's)."""
     from fedtune.run.artifacts import global_extras, load_trained_task
     from fedtune.run.rundir import load_run_config
 
-    task, state = load_trained_task(run_dir)
+    if client is not None:
+        from fedtune.core.state import load_state
+        from fedtune.run.personal_export import personal_task
+        from fedtune.run.rundir import CHECKPOINT
+
+        task = personal_task(run_dir, client, finetuned=finetuned, state=client_state)
+        state = load_state(Path(run_dir) / CHECKPOINT)
+    elif finetuned or client_state is not None:
+        raise ModelError("--finetuned and --client-state need --client (whose model to export)")
+    else:
+        task, state = load_trained_task(run_dir)
     extras = global_extras(load_run_config(run_dir), state)
     changed = [k.removeprefix(RESIDUAL_PREFIX) for k in extras if k.startswith(RESIDUAL_PREFIX)]
     return export_model(task, out_dir, merged=merged, changed_base=changed, dtype=dtype)
+
+
+def load_state_of(run_dir: Path):
+    from fedtune.core.state import load_state
+    from fedtune.run.rundir import CHECKPOINT
+
+    return load_state(Path(run_dir) / CHECKPOINT)
 
 
 def export_model(

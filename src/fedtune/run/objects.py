@@ -30,6 +30,7 @@ from fedtune.data.sources import cap_examples, client_ids, keep_largest, load_fe
 from fedtune.data.types import ClientSplit, FederatedData, Instruction, LabelledText
 from fedtune.errors import ConfigError, DataError, ModelError
 from fedtune.models.lora import apply_lora
+from fedtune.models.personal import freeze_local_params
 from fedtune.run.session import Prepared, prepare_worker
 from fedtune.tasks.base import Task
 from fedtune.tasks.build import build_run_task, enable_gradient_checkpointing
@@ -244,6 +245,7 @@ def object_task(
                 task_type=kind,
                 freeze_a=config.server.lora_aggregation == "ffa",
             )
+    freeze_local_params(model, config.personalization)  # as build_run_task: local parameters are never exchanged
     if config.client.gradient_checkpointing:
         enable_gradient_checkpointing(model)
     model.train()

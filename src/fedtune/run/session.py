@@ -32,6 +32,7 @@ from fedtune.privacy.build import carry_secagg, check_secagg_transport
 from fedtune.run import rundir
 from fedtune.run.board import ActivityTransport, ClientBoard, ClientDirectory, StaticDirectory, StatusSink
 from fedtune.run.interrupt import RunInterrupted
+from fedtune.run.personal_metrics import personal_client, personal_summary
 from fedtune.run.predict import write_label_names
 from fedtune.run.progress import ProgressTransport, StepRelay
 from fedtune.run.report import ReportSink
@@ -108,7 +109,9 @@ def prepare_worker(
     name_labels(task, fed.label_names)  # the classifier's config carries them: the export's id2label
     records = {cid: (split.train, split.test) for cid, split in fed.clients.items()}
     ext = build_client_extensions(config)
-    worker = ClientWorker(task, records, hook_factories=ext.hook_factories, update_transforms=ext.update_transforms)
+    worker = ClientWorker(
+        task, records, hook_factories=ext.hook_factories, update_transforms=ext.update_transforms, personal=ext.personal
+    )
     # Encode every client once up front: clients whose text is too short for one training example are
     # dropped here (a DataWarning with their ids), instead of failing in the middle of a round.
     kept = screen_clients(worker, config.data.min_train_examples, config.model.max_length)
@@ -145,13 +148,21 @@ def round_records(report: RoundReport, accuracy: bool) -> list[dict]:
         "seconds": report.seconds,
         **{f"agg_{k}": v for k, v in report.aggregate.items()},
         **_eval_record(report.eval_pooled, accuracy),
+        **personal_summary(report.eval_clients, report.eval_personal, accuracy),
     }
     if report.rejected is not None:  # the model did not change: a failed round, not a completed one
         summary.update(status="failed", reason=report.rejected)
     lines = [summary]
     lines += [{"kind": "client", "round": report.round, **c} for c in report.clients]
     lines += [
-        {"kind": "eval_client", "round": report.round, "client_id": cid, "count": s.count, **s.metrics(accuracy=acc)}
+        {
+            "kind": "eval_client",
+            "round": report.round,
+            "client_id": cid,
+            "count": s.count,
+            **s.metrics(accuracy=acc),
+            **personal_client(report.eval_personal, cid, accuracy),
+        }
         for cid, s in report.eval_clients.items()
     ]
     lines += [
@@ -202,7 +213,11 @@ def _open_run(
 
 
 def default_sinks(
-    config: Config, run_dir: Path, metrics: rundir.MetricsLog, console: Console, board: ClientBoard,
+    config: Config,
+    run_dir: Path,
+    metrics: rundir.MetricsLog,
+    console: Console,
+    board: ClientBoard,
     directory: ClientDirectory | None,
 ) -> list[RoundSink]:
     """What every run writes, in order: metrics first (a crash before the checkpoint replays the round), the

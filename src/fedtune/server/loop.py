@@ -38,6 +38,8 @@ class RoundReport:
     aggregate: dict = field(default_factory=dict)
     eval_clients: dict[str, EvalSums] = field(default_factory=dict)
     eval_pooled: EvalSums | None = None
+    # personalisation: per variant ("personal", "finetuned"), each evaluated client's sums on the same data
+    eval_personal: dict[str, dict[str, EvalSums]] = field(default_factory=dict)
     seconds: float = 0.0
     rejected: str | None = None  # why the round did not change the model (it does not count as completed)
     norms: list[float] = field(default_factory=list)  # accepted updates' L2 norms, when bounds measure them
@@ -147,6 +149,15 @@ def evaluate_global(
     config: Config, strategy: Strategy, transport: Transport, state: ServerState, clients: list[str]
 ) -> tuple[dict[str, EvalSums], EvalSums, list[ClientFailure]]:
     """Evaluate the global model of ``state``: its vector and what the strategy adds (LoRA residuals)."""
+    per_client, pooled, _, failures = evaluate_models(config, strategy, transport, state, clients)
+    return per_client, pooled, failures
+
+
+def evaluate_models(
+    config: Config, strategy: Strategy, transport: Transport, state: ServerState, clients: list[str]
+) -> tuple[dict[str, EvalSums], EvalSums, dict[str, dict[str, EvalSums]], list[ClientFailure]]:
+    """``evaluate_global``, plus what clients report for their own models on the same held-out data
+    (personalisation: {variant: {client: sums}})."""
     extras = strategy.eval_payload(state)  # one dict shared by every instruction (transports send it once)
     instructions = [
         EvalInstruction(
@@ -161,16 +172,19 @@ def evaluate_global(
         for cid in clients
     ]
     per_client: dict[str, EvalSums] = {}
+    personal: dict[str, dict[str, EvalSums]] = {}
     failures: list[ClientFailure] = []
     for reply in transport.evaluate(instructions):
         if isinstance(reply, ClientEval):
             per_client[reply.client_id] = reply.sums
+            for variant, sums in reply.personal.items():
+                personal.setdefault(variant, {})[reply.client_id] = sums
         else:
             failures.append(reply)
     # summed in the order the clients were asked, not the order they answered: the same floats every run
     per_client = {cid: per_client[cid] for cid in clients if cid in per_client}
     pooled = sum(per_client.values(), EvalSums())
-    return per_client, pooled, failures
+    return per_client, pooled, personal, failures
 
 
 def sample_round(config: Config, population: list[str], round_idx: int) -> list[str]:
@@ -235,8 +249,8 @@ def run_round(
         # evaluate: its evaluation task would queue behind the training it has not finished
         failed = {f.client_id for f in report.failures}
         askees = [cid for cid in eval_clients(config, population) if cid not in failed]
-        per_client, pooled, failures = evaluate_global(config, strategy, transport, new_state, askees)
-        report.eval_clients, report.eval_pooled = per_client, pooled
+        per_client, pooled, personal, failures = evaluate_models(config, strategy, transport, new_state, askees)
+        report.eval_clients, report.eval_pooled, report.eval_personal = per_client, pooled, personal
         report.failures += failures
     report.seconds = time.perf_counter() - started
     return new_state, report

@@ -23,6 +23,7 @@ from fedtune.core.rng import derive_seed
 from fedtune.errors import ConfigError, ModelError
 from fedtune.models.hub import BUILTIN_MODELS, load_causal_lm, load_sequence_classifier, resolve_model
 from fedtune.models.lora import apply_lora
+from fedtune.models.personal import freeze_local_params
 from fedtune.tasks.base import Task
 from fedtune.tasks.causal_lm import CausalLMTask
 from fedtune.tasks.classification import ClassificationTask
@@ -46,6 +47,7 @@ def build_run_task(config: Config, *, num_labels: int | None, cache_dir: Path, b
         freeze_lora_a=config.server.lora_aggregation == "ffa",
         builtin_only=builtin_only,
     )
+    freeze_local_params(task.module, config.personalization)  # fedsa's B / fedper's local_params: never exchanged
     if config.client.gradient_checkpointing:
         enable_gradient_checkpointing(task.module)
     return task

@@ -129,9 +129,14 @@ def update_payload(
     return Payload(header, scalars, tensors), residual
 
 
+def _sums_scalars(s: EvalSums) -> dict:
+    return {"loss_sum": s.loss_sum, "count": s.count, "correct": s.correct, "examples": s.examples}
+
+
 def eval_result_payload(result: ClientEval, *, task_id: str, session: str) -> Payload:
-    s = result.sums
-    scalars = {"loss_sum": s.loss_sum, "count": s.count, "correct": s.correct, "examples": s.examples}
+    scalars = _sums_scalars(result.sums)
+    if result.personal:  # personalisation: the client's own models' sums on the same examples
+        scalars["personal"] = {variant: _sums_scalars(s) for variant, s in result.personal.items()}
     return Payload(_header(pb.EVAL_RESULT, task_id=task_id, round_idx=result.round, session=session), scalars)
 
 
@@ -207,15 +212,30 @@ def update_from_payload(payload: Payload, *, client_id: str, numel: int, spec_di
     )
 
 
-def eval_from_result(payload: Payload, *, client_id: str) -> ClientEval:
-    who, s = f"evaluation from {client_id}", payload.scalars
+def _sums(s: dict, who: str) -> EvalSums:
     loss_sum = s.get("loss_sum")
     if not isinstance(loss_sum, int | float) or isinstance(loss_sum, bool) or not math.isfinite(loss_sum):
         raise UpdateRejected(f"{who}: loss_sum must be a finite number, got {loss_sum!r}")
     counts = [_int(s, k, who) for k in ("count", "correct", "examples")]
     if min(counts) < 0 or counts[1] > counts[2]:
         raise UpdateRejected(f"{who}: inconsistent counts {counts}")
-    return ClientEval(client_id, payload.header.round, EvalSums(float(loss_sum), *counts))
+    return EvalSums(float(loss_sum), *counts)
+
+
+PERSONAL_VARIANTS = ("personal", "finetuned")  # what a client may report beside the global model's sums
+
+
+def eval_from_result(payload: Payload, *, client_id: str) -> ClientEval:
+    who, s = f"evaluation from {client_id}", payload.scalars
+    personal = s.get("personal") or {}
+    if not isinstance(personal, dict) or not set(personal) <= set(PERSONAL_VARIANTS):
+        raise UpdateRejected(f"{who}: 'personal' must map {PERSONAL_VARIANTS} to sums")
+    own = {}
+    for variant, sums in personal.items():
+        if not isinstance(sums, dict):
+            raise UpdateRejected(f"{who}: personal {variant!r} is not a mapping of sums")
+        own[variant] = _sums(sums, f"{who} ({variant})")
+    return ClientEval(client_id, payload.header.round, _sums(s, who), own)
 
 
 # ------------------------------------------------------------------------------------- secure aggregation
