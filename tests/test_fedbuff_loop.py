@@ -377,3 +377,13 @@ def test_clock_invariants_hold_for_any_sizes(k, extra_m, extra_n, max_stale, see
         assert all(limit is not None and version - f.version > limit for f in dropped)
         arrivals = sorted(buffer + dropped, key=lambda f: (f.finish, f.dispatch))
         assert arrivals[-1] == buffer[-1] and sched.clock == buffer[-1].finish
+
+
+def test_the_grpc_server_refuses_async_mode_with_the_reason(tmp_path):
+    from fedtune.deploy.serve import run_server
+    from fedtune.errors import ConfigError
+
+    config = Config.model_validate({**_digits_config(tmp_path, 2), "run": {"out_dir": str(tmp_path)}})
+    with pytest.raises(ConfigError, match="runs in simulation only"):
+        run_server(config)
+    assert not any(tmp_path.iterdir())  # refused before anything was built or written
