@@ -105,14 +105,15 @@ def run(kind: str, **kw) -> dict:
 def render(rows: list[dict], args: argparse.Namespace, command: str) -> str:
     reduced = []
     if args.local_steps is not None:
-        reduced.append(f"{args.local_steps} local steps a round (the demo: 5)")
+        reduced.append(f"{args.local_steps} local step{'s' if args.local_steps != 1 else ''} a round (the demo: 5)")
     if args.max_length is not None:
         reduced.append(f"{args.max_length}-token blocks (the demo: 64)")
-    training = "local training" + (f", reduced to {' and '.join(reduced)}," if reduced else "")
+    training = "local training (examples/shakespeare_smollm2_dp.yaml)"
+    training += f", reduced to {' and '.join(reduced)}" if reduced else ""
     lines = [
-        f"Command: `{command}`. Model `{args.model}` with the demo's LoRA, data and {training} "
-        f"(examples/shakespeare_smollm2_dp.yaml), {args.rounds} rounds of {args.clients} clients, secure "
-        f"aggregation in all three, target epsilon {args.epsilon:g} at delta 1e-5 for both DP variants "
+        f"Command: `{command}`. Model `{args.model}` with the demo's LoRA, data and {training}; "
+        f"{args.rounds} rounds of {args.clients} clients, secure "
+        f"aggregation in every variant, target epsilon {args.epsilon:g} at delta 1e-5 for both DP variants "
         "(fixed-size sampling, replace-one adjacency; central DP is amplified by sampling, distributed DP "
         "claims no amplification); "
         f"held-out perplexity after the last round on {args.eval_clients} of the demo's held-out roles, 2 "

@@ -21,7 +21,7 @@ from fedtune.core.params import ParamSpec
 from fedtune.models.lora import freeze_lora_a
 from fedtune.server.build import build_strategy
 from fedtune.server.loop import run_round
-from fedtune.server.strategies import FedExLora, FedOpt, FfaLora, FLoRA, SvdLora
+from fedtune.server.strategies import FedExLora, FedOpt, FfaLora, FLoRA, RankAssignment, SvdLora
 from fedtune.server.strategies.lora import residual_key
 from fedtune.transport.inprocess import InProcessTransport
 from test_strategies_support import ArrayTask, TinyLoraNet, classification_records, make_config, make_worker, seeded
@@ -131,19 +131,24 @@ def test_exact_modes_equal_the_weighted_mean_of_products(plugin):
 
 
 def test_flora_heterogeneous_ranks_use_each_clients_own_components():
-    plugin = FLoRA(seed=0, client_ranks=(1, 2))
+    plugin = FLoRA(seed=0, ranks=RankAssignment(seed=0, choices=(1, 2)))
     ranks = [plugin.client_rank(f"c{i}", R) for i in range(3)]
     assert set(ranks) == {1, 2}  # the seeded draw gives both ranks here
     strategy = FedOpt(plugins=[plugin])
     state = strategy.init_state(np.random.default_rng(0).normal(size=SPEC.numel).astype(np.float32), SPEC)
     payloads = [strategy.fit_payload(state, f"c{i}")[1] for i in range(3)]
     assert [p.get("lora_rank", R) for p in payloads] == ranks
-    ups = client_updates(state.params)
+    (pair,) = lora_pairs(SPEC)
+    ups = []
+    for u, rank in zip(client_updates(state.params), ranks, strict=True):  # replies are zero beyond r_k
+        b, a = pair.factors(state.params + u.delta)
+        b[:, rank:], a[rank:] = 0.0, 0.0
+        local = pair.write(state.params + u.delta, b, a)
+        ups.append(ClientUpdate(u.client_id, u.round, u.num_examples, local - state.params, u.spec_digest))
     target = client_product_mean(state, ups, ranks=ranks)
     new, metrics = strategy.aggregate(state, ups)
     np.testing.assert_allclose(effective(new), target, rtol=1e-5, atol=1e-6)
     assert metrics["flora_stacked_rank"] == sum(ranks)
-    (pair,) = lora_pairs(SPEC)
     assert not pair.factors(new.params)[0].any()  # B re-initialised to zero, A fresh
 
 
@@ -231,3 +236,33 @@ def test_one_round_through_the_worker_equals_fedavg_of_effective_weights(mode):
         got = layer_weights(task.module)
         for k in oracle:
             torch.testing.assert_close(got[k], oracle[k], rtol=1e-5, atol=1e-5)
+
+
+def test_svd_reprojection_can_keep_the_scale_of_a_and_no_component_is_dead():
+    """a_row_norm: the same product (Eckart-Young), every A row of norm c, and a zero singular value leaves
+    A's row non-zero (balanced factors would zero both A's row and B's column: a component no gradient moves)."""
+    rng = np.random.default_rng(4)
+    low = rng.normal(size=(D_OUT, 1)) @ rng.normal(size=(1, D_IN))  # rank 1 of a rank-2 adapter
+    b_bal, a_bal, _ = svd_reproject(low, 2)
+    b, a, err = svd_reproject(low, 2, a_row_norm=0.5)
+    np.testing.assert_allclose(b @ a, low, atol=1e-10)
+    np.testing.assert_allclose(b_bal @ a_bal, low, atol=1e-10)
+    assert err < 1e-12
+    np.testing.assert_allclose(np.linalg.norm(a, axis=1), [0.5, 0.5], rtol=1e-12)
+    assert np.linalg.norm(a_bal[1]) < 1e-7 and np.linalg.norm(b_bal[:, 1]) < 1e-7  # dead when balanced
+    with pytest.raises(ValueError, match="positive"):
+        svd_reproject(low, 2, a_row_norm=0.0)
+
+
+def test_only_a_replys_first_r_k_components_count():
+    """A reply's components beyond its rank (a client that did not mask, or a reply the update-norm bound
+    scaled) are dropped; an announced rank above the assigned one counts as the assigned one."""
+    plugin = FLoRA(seed=0, ranks=RankAssignment(mapping={"c0": 1, "c1": 1, "c2": 1}))
+    strategy = FedOpt(plugins=[plugin])
+    state = strategy.init_state(np.random.default_rng(0).normal(size=SPEC.numel).astype(np.float32), SPEC)
+    ups = client_updates(state.params)  # random: non-zero in the second component
+    loud = ClientUpdate("c0", 1, ups[0].num_examples, ups[0].delta, SPEC.digest, metrics={"lora_rank": 2.0})
+    ups = [loud, *ups[1:]]
+    target = client_product_mean(state, ups, ranks=[1, 1, 1])
+    new, _ = strategy.aggregate(state, ups)
+    np.testing.assert_allclose(effective(new), target, rtol=1e-5, atol=1e-6)

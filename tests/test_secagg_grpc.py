@@ -301,6 +301,7 @@ def test_distributed_dp_over_grpc_reports_epsilon_and_sends_no_plaintext(tmp_pat
     cfg["server"] = {"weighting": "uniform"}
     cfg["privacy"]["dp"] = {"clip": 0.5, "noise_multiplier": 0.5, "distributed": True}
     cfg["deployment"]["quorum_timeout_s"] = 200  # four client processes importing torch on a loaded machine
+    cfg["deployment"]["round_timeout_s"] = 240  # and training 8 steps each: 30 s a client at load average 27
     spy = _WireSpy(monkeypatch)
     outcome: dict = {}
 

@@ -142,18 +142,30 @@ def fedex_residual(factors: Sequence[tuple[np.ndarray, np.ndarray]], weights: Se
     return product_mean(factors, weights) - naive_product(factors, weights)
 
 
-def svd_reproject(product: np.ndarray, rank: int) -> tuple[np.ndarray, np.ndarray, float]:
+def svd_reproject(
+    product: np.ndarray, rank: int, *, a_row_norm: float | None = None
+) -> tuple[np.ndarray, np.ndarray, float]:
     """(B (out, rank), A (rank, in), relative Frobenius error) of the best rank-``rank`` approximation.
 
-    The factors are balanced (B = U sqrt(S), A = sqrt(S) V^T) so neither grows while the other shrinks.
+    Without ``a_row_norm`` the factors are balanced (B = U sqrt(S), A = sqrt(S) V^T). With it, A = c V^T
+    (every row of norm c) and B = U S / c: the same product, but A keeps the scale it had. That matters for
+    training the result further: balanced factors of a small product are both small, so a local optimiser
+    step moves the product less (and a zero singular value leaves a dead component with A row = B column
+    = 0, whose gradients are both zero); see docs/STRATEGIES.md, "Why svd learned more slowly".
     """
     u, s, vt = np.linalg.svd(np.asarray(product, dtype=np.float64), full_matrices=False)
     k = min(rank, s.size)
-    root = np.sqrt(s[:k])
     b = np.zeros((product.shape[0], rank))
     a = np.zeros((rank, product.shape[1]))
-    b[:, :k] = u[:, :k] * root
-    a[:k] = root[:, None] * vt[:k]
+    if a_row_norm is None:
+        root = np.sqrt(s[:k])
+        b[:, :k] = u[:, :k] * root
+        a[:k] = root[:, None] * vt[:k]
+    else:
+        if not a_row_norm > 0:
+            raise ValueError(f"a_row_norm must be positive, got {a_row_norm}")
+        b[:, :k] = u[:, :k] * (s[:k] / a_row_norm)
+        a[:k] = a_row_norm * vt[:k]
     total = float(np.sqrt((s**2).sum()))
     error = float(np.sqrt((s[k:] ** 2).sum())) / total if total > 0 else 0.0
     return b, a, error

@@ -14,6 +14,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 
 from fedtune.client import hooks, partial
+from fedtune.client.lora_ranks import LoraRanks
 from fedtune.client.personal import Personalizer
 from fedtune.client.worker import HookFactory
 from fedtune.config.schema import Config
@@ -30,26 +31,30 @@ class ClientExtensions:
     personal: Personalizer | None = None  # what each client keeps for itself (config.personalization)
 
 
-def strategy_extensions() -> ClientExtensions:
-    """The client halves of FedProx, stragglers, SCAFFOLD and FLoRA's ranks, in a working order."""
+def strategy_extensions(*, own_rank: int | None = None, own_rslora: bool = False) -> ClientExtensions:
+    """The client halves of FedProx, stragglers, SCAFFOLD and heterogeneous LoRA ranks, in a working order.
+
+    ``own_rank``: a deployed participant's own LoRA rank (its ``model.lora.r``), when below the server's."""
     stragglers = hooks.Stragglers()
+    ranks = LoraRanks(own_rank=own_rank, own_rslora=own_rslora)
     # (the LoRA residual is part of the global model: ClientWorker loads it before any hook runs)
     return ClientExtensions(
         hook_factories=[
-            hooks.lora_rank_mask,
+            ranks.hooks,  # first: it rewrites the received vector to the client's rank
             hooks.proximal_term,
             hooks.scaffold_correction,
             stragglers.hooks,
             partial.time_budget,  # deployment.partial_work: stop at the server's time budget
         ],
         # the partial work's weight (real steps taken), then the straggler's partial delta and step count must
-        # be final before SCAFFOLD reads them
-        update_transforms=[partial.weight_by_work, stragglers.transform, hooks.scaffold_control_delta],
+        # be final before the rank conversion (which reads client units) and SCAFFOLD read them
+        update_transforms=[partial.weight_by_work, stragglers.transform, ranks.transform, hooks.scaffold_control_delta],
     )
 
 
-def build_client_extensions(config: Config) -> ClientExtensions:
-    ext = strategy_extensions()
+def build_client_extensions(config: Config, *, own_rank: int | None = None) -> ClientExtensions:
+    rslora = config.model.lora is not None and config.model.lora.use_rslora
+    ext = strategy_extensions(own_rank=own_rank, own_rslora=rslora)
     # --- privacy, separately: DP-SGD's hook runs first (later gradient hooks post-process the private
     # gradient); DP clipping runs last (what leaves the client is what is bounded) ---
     private_hooks, private_transforms = client_privacy(config)

@@ -6,7 +6,7 @@ plug-in sent), so ``build_client_extensions`` can register all of them and the s
     ProximalTerm     FedProx: loss + mu/2 ||w - w_global||^2           option "proximal_mu"
     ScaffoldControl  SCAFFOLD: grad += c - c_i; reply carries dc_i      extras "scaffold/c", "scaffold/c_i"
     Stragglers       FedProx stragglers: partial work, still sent       client.straggler_fraction
-    LoraRankMask     FLoRA heterogeneous ranks: only r_k components    option "lora_rank"
+    LoraRanks        heterogeneous ranks: train a rank-r_k adapter      option "lora_rank" (client/lora_ranks.py)
     LoraResidual     base weight = W0 + s R for exact LoRA modes        extras "lora/residual/<module>"
 
 LoraResidual is not a training hook: the residual is part of the global model, so ClientWorker loads it
@@ -30,7 +30,7 @@ from fedtune.client.train import LocalHooks
 from fedtune.client.weights import TrainableView
 from fedtune.core.messages import ClientUpdate, FitInstruction
 from fedtune.core.rng import derive_rng
-from fedtune.server.strategies.lora import RANK_OPTION, RESIDUAL_PREFIX
+from fedtune.server.strategies.lora import RESIDUAL_PREFIX
 from fedtune.server.strategies.scaffold import C_KEY, CI_KEY, DC_KEY
 from fedtune.tasks.base import Task
 
@@ -141,49 +141,34 @@ def scaffold_control_delta(update: ClientUpdate, instr: FitInstruction) -> Clien
 # --------------------------------------------------------------------------------------------- LoRA
 
 
-def _lora_params(view: TrainableView, suffix: str) -> list[tuple[str, torch.nn.Parameter]]:
-    return [(n, p) for n, p in zip(view.spec.names, view.params, strict=True) if n.endswith(suffix)]
-
-
-def lora_rank_mask(task: Task, instr: FitInstruction, view: TrainableView) -> LocalHooks:
-    """FLoRA heterogeneous ranks: only the first r_k rows of A / columns of B exist for this client."""
-    rank = instr.options.get(RANK_OPTION)
-    if rank is None:
-        return LocalHooks()
-    a_params = [p for _, p in _lora_params(view, ".lora_A.weight")]  # (r, in)
-    b_params = [p for _, p in _lora_params(view, ".lora_B.weight")]  # (out, r)
-    with torch.no_grad():
-        for p in a_params:
-            p[rank:] = 0.0
-        for p in b_params:
-            p[:, rank:] = 0.0
-
-    def mask_grads() -> None:
-        for p in a_params:
-            if p.grad is not None:
-                p.grad[rank:] = 0.0
-        for p in b_params:
-            if p.grad is not None:
-                p.grad[:, rank:] = 0.0
-
-    return LocalHooks(grad_hooks=[mask_grads])
-
-
 @dataclass
 class LoraResidual:
-    """The base-weight half of the global model in the exact LoRA modes (fedex / svd / flora).
+    """The base-weight half of the global model in the exact LoRA modes (fedex / svd / flora / flexlora).
 
-    ``load(model, extras)`` makes every adapted layer's frozen base weight what ``extras`` says: W0 + s R
-    for each ``lora/residual/<module>`` array, and W0 again for a layer it changed before that has no
-    residual now. W0 is remembered the first time a layer is changed, so a new R replaces the old one
-    instead of accumulating. ClientWorker calls it for every fit (the layer keeps W0 + s R afterwards;
-    the next request loads its own) and around every evaluation (``applied``: W0 is restored after).
+    ``load(model, extras)`` makes every adapted layer compute what ``extras`` says: W0 + s R for each
+    ``lora/residual/<module>`` array, and W0 again for a layer it changed before that has no residual now.
+    ClientWorker calls it for every fit (the layer keeps it afterwards; the next request loads its own) and
+    around every evaluation (``applied``: W0 is restored after).
+
+    Two ways to apply s R, the same function in exact arithmetic:
+
+    * ``separate=False`` (fp32 compute, export): W0 + s R is written into the frozen base weight (W0 is
+      remembered the first time a layer is changed, so a new R replaces the old one instead of accumulating).
+    * ``separate=True`` (bf16 autocast): W0 stays; a forward hook adds x (s R)^T computed in float32 with
+      autocast off. Folded into W0, s R is cast to bf16 with it, and every entry of s R below half of W0's
+      bf16 ulp there is rounded away (tests/test_lora_exact_bf16.py).
     """
 
+    separate: bool = False
     _base: dict[tuple[int, str], torch.Tensor] = field(default_factory=dict)
+    _delta: dict[tuple[int, str], torch.Tensor] = field(default_factory=dict)  # separate: s R (out, in), fp32
+    _hooked: set[tuple[int, str]] = field(default_factory=set)
 
     def load(self, model: torch.nn.Module, extras: Mapping[str, np.ndarray]) -> None:
         residuals = {k.removeprefix(RESIDUAL_PREFIX): v for k, v in extras.items() if k.startswith(RESIDUAL_PREFIX)}
+        if self.separate:
+            self._load_separate(model, residuals)
+            return
         for module_name in residuals:
             self._remember(model, module_name)
         for (model_id, module_name), base in self._base.items():
@@ -213,6 +198,32 @@ class LoraResidual:
         key = (id(model), module_name)
         if key not in self._base:
             self._base[key] = base_weight(model.get_submodule(module_name)).detach().clone()
+
+    def _load_separate(self, model: torch.nn.Module, residuals: Mapping[str, np.ndarray]) -> None:
+        for key in [k for k in self._delta if k[0] == id(model)]:
+            del self._delta[key]  # a layer without a residual in this request computes W0 x
+        for module_name, residual in residuals.items():
+            key = (id(model), module_name)
+            layer = model.get_submodule(module_name)
+            update = scaled_residual(model, module_name, residual)
+            if getattr(layer, "fan_in_fan_out", False):
+                update = update.T  # back to (out, in) for F.linear
+            self._delta[key] = update.to(device=base_weight(layer).device, dtype=torch.float32).contiguous()
+            if key not in self._hooked:
+                layer.register_forward_hook(self._forward_hook(key))
+                self._hooked.add(key)
+
+    def _forward_hook(self, key: tuple[int, str]):
+        def add_residual(layer: torch.nn.Module, args: tuple, output: torch.Tensor) -> torch.Tensor:
+            delta = self._delta.get(key)
+            if delta is None:
+                return output
+            x = args[0]
+            with torch.autocast(device_type=x.device.type, enabled=False):
+                extra = torch.nn.functional.linear(x.float(), delta)  # float32, outside the autocast
+            return output.float() + extra  # stays float32: rounding it to bf16 would undo the point
+
+        return add_residual
 
 
 def base_weight(layer: torch.nn.Module) -> torch.Tensor:

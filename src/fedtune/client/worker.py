@@ -68,7 +68,10 @@ class ClientWorker:
         self.update_transforms = list(update_transforms)
         self.personal = personal
         self._encoded: dict[tuple[str, bool], list[Example]] = {}
-        self.residual = LoraResidual()  # inert unless a request carries "lora/residual/<module>" arrays
+        # inert unless a request carries "lora/residual/<module>" arrays; under bf16 autocast the residual is
+        # applied in float32 beside the base weight instead of folded into it (where bf16 would round it away)
+        bf16 = getattr(task, "compute_dtype", "float32") != "float32"
+        self.residual = LoraResidual(separate=bf16)
         self.on_step: StepCallback | None = None  # told after every local step (the simulation's progress bar)
 
     def examples(self, client_id: str, *, train: bool) -> list[Example]:

@@ -64,7 +64,11 @@ _ASYNC_REFUSED: tuple[tuple[str, str], ...] = (
     ("privacy.dp.target_epsilon", "set privacy.dp.noise_multiplier; async steps are accounted without sampling"),
     ("server.scaffold", "SCAFFOLD's control variates assume every update was computed from the current model"),
     ("server.aggregator", "only 'mean' is folded with staleness weights (robust rules are not staleness-aware)"),
-    ("server.lora_aggregation", "the exact LoRA modes (fedex, flora, svd) average products of one model version"),
+    (
+        "server.lora_aggregation",
+        "only 'naive' LoRA averaging is folded asynchronously (the other modes' server plug-ins, exact products and "
+        "heterogeneous ranks assume one model version per aggregate)",
+    ),
     (
         "server.update_norm_bound / max_examples_per_client 'adaptive' with privacy.dp",
         "the adaptive bounds are medians of the previous step's un-noised updates: they would carry private "
@@ -89,7 +93,7 @@ def _refused(config: Config) -> list[str]:
         "privacy.dp.target_epsilon": p.dp is not None and p.dp.target_epsilon is not None,
         "server.scaffold": s.scaffold,
         "server.aggregator": s.aggregator != "mean",
-        "server.lora_aggregation": s.lora_aggregation in ("fedex", "flora", "svd"),
+        "server.lora_aggregation": s.lora_aggregation != "naive",
         "server.update_norm_bound / max_examples_per_client 'adaptive' with privacy.dp": p.dp is not None
         and "adaptive" in (s.update_norm_bound, s.max_examples_per_client),
         "personalization": config.personalization.active,

@@ -167,7 +167,7 @@ def check_dpsgd_data_parallel(privacy: PrivacyConfig, nproc: int, *, nproc_key: 
         )
 
 
-NEEDS_INDIVIDUAL_UPDATES = ("fedex", "svd", "flora")  # LoRA modes that combine clients' factors non-linearly
+NEEDS_INDIVIDUAL_UPDATES = ("fedex", "svd", "flora", "flexlora", "hetlora")  # non-linear (hetlora: untested there)
 
 
 def check_privacy_rules(config: object) -> None:

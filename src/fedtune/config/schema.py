@@ -14,6 +14,7 @@ from pydantic import Field, model_validator
 from fedtune.config.asynchronous import FedBuffConfig, check_async_rules
 from fedtune.config.base import PositiveFloat, PositiveInt, Section
 from fedtune.config.deployment import DeploymentConfig
+from fedtune.config.lora_ranks import ClientRanks
 from fedtune.config.personalization import PersonalizationConfig, check_personalization_rules
 from fedtune.config.privacy import PrivacyConfig, check_privacy_rules
 from fedtune.config.simulation import SimulationConfig
@@ -29,6 +30,8 @@ class LoraConfig(Section):
     # adapt only the last N transformer blocks (null: all). Backpropagation then stops below them, which
     # makes a local step several times cheaper on a CPU at a small cost in quality.
     top_layers: PositiveInt | None = None
+    # rank-stabilised LoRA (Kalajdzievski 2023, peft's use_rslora): the update is (alpha / sqrt(r)) * B @ A
+    use_rslora: bool = False
 
 
 class ModelConfig(Section):
@@ -218,9 +221,12 @@ class ServerConfig(Section):
     proximal_mu: Annotated[float, Field(ge=0)] = 0.0  # FedProx mu: clients add mu/2 ||w - w_global||^2
     # LoRA factors: naive (average A and B), ffa (A frozen, B averaged: exact), fedex (average + dense
     # residual), flora (stacking, heterogeneous ranks, merged into a dense residual), svd (exact product
-    # re-projected to rank r, remainder to the residual). See docs/STRATEGIES.md for how a residual is applied.
-    lora_aggregation: Literal["naive", "ffa", "fedex", "flora", "svd"] = "naive"
-    lora_client_ranks: list[PositiveInt] | None = None  # flora: each client's rank drawn from this list (seeded)
+    # re-projected to rank r, remainder to the residual), hetlora (heterogeneous ranks, zero-padded average),
+    # flexlora (heterogeneous ranks, exact product average, SVD back to each client's rank).
+    # See docs/STRATEGIES.md for how a residual is applied and what each mode's global model is.
+    lora_aggregation: Literal["naive", "ffa", "fedex", "flora", "svd", "hetlora", "flexlora"] = "naive"
+    # flora/hetlora/flexlora: each client's rank, <= model.lora.r (a list, a mapping or tiers: config/lora_ranks.py)
+    lora_client_ranks: ClientRanks | None = None
     # sync: rounds with a barrier; async: FedBuff buffered asynchronous steps (server.fedbuff, see
     # fedtune.config.asynchronous); federation.rounds then counts buffered steps
     mode: Literal["sync", "async"] = "sync"
@@ -247,14 +253,14 @@ class ServerConfig(Section):
             raise ValueError("server.multi_krum_m only applies to aggregator multi_krum")
         if self.scaffold and self.aggregator != "mean":
             raise ValueError("server.scaffold averages control variates and needs aggregator 'mean'")
-        exact = self.lora_aggregation in ("fedex", "flora", "svd")
+        exact = self.lora_aggregation in ("fedex", "flora", "svd", "flexlora")
         if exact and (self.optimizer != "sgd" or self.lr != 1.0 or self.aggregator != "mean" or self.scaffold):
             raise ValueError(
                 f"server.lora_aggregation {self.lora_aggregation!r} computes the exact average of the LoRA "
                 "products: it needs optimizer 'sgd', lr 1.0, aggregator 'mean' and no scaffold"
             )
-        if self.lora_client_ranks is not None and self.lora_aggregation != "flora":
-            raise ValueError("server.lora_client_ranks only applies to lora_aggregation 'flora'")
+        if self.lora_client_ranks is not None and self.lora_aggregation not in ("flora", "hetlora", "flexlora"):
+            raise ValueError("server.lora_client_ranks only applies to lora_aggregation flora, hetlora or flexlora")
         return self
 
 
@@ -322,7 +328,8 @@ class Config(Section):
             "server.scaffold": self.server.scaffold,
             "privacy.dpsgd": self.privacy.dpsgd is not None,
             "client.straggler_fraction": self.client.straggler_fraction > 0,
-            "server.lora_aggregation 'flora'": self.server.lora_aggregation == "flora",
+            "server.lora_aggregation flora/hetlora/flexlora (client ranks)": self.server.lora_aggregation
+            in ("flora", "hetlora", "flexlora"),
         }
         if self.client.trainer == "hf" and self.simulation.client_nproc > 1:
             raise ValueError("client.trainer 'hf' trains in one process: simulation.client_nproc must be 1")

@@ -115,12 +115,29 @@ def _flat(data: Any, prefix: str = "") -> dict[str, Any]:
     return {prefix.rstrip("."): data}
 
 
+HETEROGENEOUS_RANK_MODES = ("flora", "hetlora", "flexlora")
+
+
+def own_lora_rank(local: Config | None, server: Config) -> int | None:
+    """This participant's own LoRA rank when its --config asks for less than the server's adapter rank and the
+    server aggregates heterogeneous ranks (it then trains a rank-r_k adapter inside the server's layout)."""
+    if local is None or local.model.lora is None or server.model.lora is None:
+        return None
+    if server.server.lora_aggregation not in HETEROGENEOUS_RANK_MODES or local.model.lora.r >= server.model.lora.r:
+        return None
+    return local.model.lora.r
+
+
 def check_pinned(local: Config, server: Config) -> None:
-    """Raise unless the server's seed/model/client/privacy settings equal the participant's own."""
+    """Raise unless the server's seed/model/client/privacy settings equal the participant's own (a smaller
+    ``model.lora.r`` is this participant's own rank when the server aggregates heterogeneous ranks)."""
     mine, theirs = local.model_dump(mode="json"), server.model_dump(mode="json")
+    own = own_lora_rank(local, server)
     for section in PINNED_SECTIONS:
         a, b = _flat({section: mine[section]}), _flat({section: theirs[section]})
         for key in sorted(set(a) | set(b)):
+            if key == "model.lora.r" and own is not None:
+                continue
             if a.get(key) != b.get(key):
                 raise ParticipantError(
                     f"the server wants {key}={b.get(key)!r} but this participant's --config says {a.get(key)!r}; "
@@ -150,7 +167,11 @@ def trusted_config(server: Config, local: Config | None) -> Config:
             raise ParticipantError(str(err), 2) from None
         return server
     check_pinned(local, server)
-    return server.model_copy(update={section: getattr(local, section) for section in PINNED_SECTIONS})
+    trusted = server.model_copy(update={section: getattr(local, section) for section in PINNED_SECTIONS})
+    if own_lora_rank(local, server) is not None:  # the server's adapter layout; the own rank is trained inside it
+        lora = trusted.model.lora.model_copy(update={"r": server.model.lora.r})
+        trusted = trusted.model_copy(update={"model": trusted.model.model_copy(update={"lora": lora})})
+    return trusted
 
 
 def build_participant_worker(
@@ -160,6 +181,7 @@ def build_participant_worker(
     calls it too (it takes only picklable strings), so all ranks build the same model and shard."""
     config = parse_config(yaml.safe_load(config_yaml), source="received from the server")
     local_config = parse_config(yaml.safe_load(local_yaml), source="--config") if local_yaml else None
+    own_rank = own_lora_rank(local_config, config)
     config = trusted_config(config, local_config)
     data_cfg = local_config.data if local_config is not None else config.data
     if config.run.threads:
@@ -176,7 +198,7 @@ def build_participant_worker(
         cache_dir=cache_dir,
         builtin_only=local_config is None,  # the model section is the server's: built-in names only
     )
-    ext = build_client_extensions(config)
+    ext = build_client_extensions(config, own_rank=own_rank)  # own_rank: announced in each reply's metrics
     worker = ClientWorker(
         task,
         {client_id: (split.train, split.test)},

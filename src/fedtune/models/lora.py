@@ -96,6 +96,7 @@ def apply_lora(
         layers_to_transform=layers,
         r=lora_cfg.r,
         lora_alpha=lora_cfg.alpha,
+        use_rslora=lora_cfg.use_rslora,
         lora_dropout=lora_cfg.dropout,
         target_modules=_resolve_targets(model, list(lora_cfg.target_modules)),
         modules_to_save=modules_to_save,

@@ -12,10 +12,23 @@ from typing import Any
 
 from fedtune.aggregation.robust import make_aggregator
 from fedtune.aggregation.server_opt import make_server_optimizer
+from fedtune.config.lora_ranks import largest_rank
 from fedtune.config.schema import Config
 from fedtune.errors import ConfigError
 from fedtune.privacy.build import wrap_strategy
-from fedtune.server.strategies import ClientOptions, FedExLora, FedOpt, FfaLora, FLoRA, Plugin, Scaffold, SvdLora
+from fedtune.server.strategies import (
+    ClientOptions,
+    FedExLora,
+    FedOpt,
+    FfaLora,
+    FlexLora,
+    FLoRA,
+    HetLora,
+    Plugin,
+    RankAssignment,
+    Scaffold,
+    SvdLora,
+)
 
 
 def check_cross_section(config: Config) -> None:
@@ -24,7 +37,8 @@ def check_cross_section(config: Config) -> None:
         raise ConfigError("server.scaffold assumes plain local SGD: set client.optimizer to 'sgd'")
     if server.lora_aggregation != "naive" and config.model.lora is None:
         raise ConfigError(f"server.lora_aggregation {server.lora_aggregation!r} needs model.lora (LoRA adapters)")
-    if server.lora_client_ranks and config.model.lora and max(server.lora_client_ranks) > config.model.lora.r:
+    ranks = server.lora_client_ranks
+    if ranks is not None and config.model.lora and largest_rank(ranks) > config.model.lora.r:
         raise ConfigError(f"server.lora_client_ranks may not exceed model.lora.r = {config.model.lora.r}")
 
 
@@ -35,11 +49,15 @@ def build_plugins(config: Config, *, num_clients: int | None) -> list[Plugin]:
         plugins.append(ClientOptions({"proximal_mu": server.proximal_mu}, name="fedprox"))
     if server.scaffold:
         plugins.append(Scaffold(num_clients=num_clients))
+    rslora = config.model.lora is not None and config.model.lora.use_rslora
+    ranks = RankAssignment.from_config(server.lora_client_ranks, seed=config.seed, rslora=rslora)
     lora_modes = {
         "ffa": lambda: FfaLora(),
         "fedex": lambda: FedExLora(),
         "svd": lambda: SvdLora(),
-        "flora": lambda: FLoRA(seed=config.seed, client_ranks=tuple(server.lora_client_ranks or ()) or None),
+        "flora": lambda: FLoRA(seed=config.seed, ranks=ranks),
+        "hetlora": lambda: HetLora(ranks=ranks),
+        "flexlora": lambda: FlexLora(ranks=ranks),
     }
     if server.lora_aggregation in lora_modes:
         plugins.append(lora_modes[server.lora_aggregation]())

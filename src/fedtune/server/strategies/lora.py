@@ -6,10 +6,15 @@
     fedex  FedEx-LoRA (Singhal et al. 2024): adapters are averaged; the remainder
            sum_k p_k B_k A_k - mean(B) @ mean(A) is added to a dense per-module residual R.
     svd    the exact mean product re-projected to the adapter rank by truncated SVD; whatever does not fit
-           in rank r (nothing, when the product's rank is <= r) goes to R.
-    flora  FLoRA (Wang et al. 2024): clients train ranks r_k <= r (option "lora_rank"; the rest of their
-           adapter is masked to zero), the server stacks their factors, merges the stacked product into R
-           and re-initialises the global adapter (A random, B = 0) as in the paper.
+           in rank r (nothing, when the product's rank is <= r) goes to R. The new factors are A = c V^T,
+           B = U S / c with c the mean row norm of mean(A), so A keeps its scale (balanced sqrt(S) factors
+           trained more slowly: docs/STRATEGIES.md, "Why svd learned more slowly").
+    flora  FLoRA (Wang et al. 2024): clients train ranks r_k <= r (``server.lora_client_ranks``; see
+           fedtune.server.strategies.lora_ranks), the server stacks their factors (sent in global units, so
+           each one counts as s_k B_k A_k), merges the stacked product into R and re-initialises the global
+           adapter (A random, B = 0) as in the paper.
+
+HetLoRA and FlexLoRA (heterogeneous ranks without stacking) are in ``hetlora.py`` and ``flexlora.py``.
 
 For fedex, svd and flora the global model is W0 + s (R + B @ A) per LoRA module. R (``lora/residual/<module>``,
 (out, in) float32, in B @ A units) lives in the server state and reaches clients in FitInstruction.extras;
@@ -29,13 +34,25 @@ from fedtune.core.params import ParamSpec
 from fedtune.core.rng import derive_rng
 from fedtune.core.state import ServerState
 from fedtune.server.strategies.fedopt import NoFold, Payload, PluginFold
+from fedtune.server.strategies.lora_ranks import RANK_OPTION, RankAssignment
 
 RESIDUAL_PREFIX = "lora/residual/"
-RANK_OPTION = "lora_rank"
+__all__ = ["RANK_OPTION", "RESIDUAL_PREFIX", "FLoRA", "FedExLora", "FfaLora", "SvdLora", "full_rank", "residual_key"]
 
 
 def residual_key(module: str) -> str:
     return RESIDUAL_PREFIX + module
+
+
+def full_rank(spec: ParamSpec) -> int:
+    """The global adapter's rank (the largest, should peft's rank_pattern give layers different ranks)."""
+    return max(p.rank for p in lora_pairs(spec))
+
+
+def check_ranks(ranks: RankAssignment, spec: ParamSpec) -> None:
+    largest = ranks.largest()
+    if largest is not None and largest > full_rank(spec):
+        raise ValueError(f"server.lora_client_ranks go up to {largest}, above the adapter rank {full_rank(spec)}")
 
 
 def _pairs_or_raise(spec: ParamSpec, mode: str) -> list[LoraPair]:
@@ -101,6 +118,7 @@ class _ProductFold(NoFold):
 
     state: ServerState
     mode: str  # "fedex" | "svd"
+    keep_a_scale: bool = True  # svd: A = c V^T with c the mean row norm of mean(A) (False: balanced sqrt(S))
     pairs: list[LoraPair] = field(init=False)
     total: float = 0.0
     sums: dict[str, list[np.ndarray]] = field(default_factory=dict)
@@ -127,7 +145,8 @@ class _ProductFold(NoFold):
             if self.mode == "fedex":
                 b_new, a_new, error = b_mean, a_mean, 0.0
             else:
-                b_new, a_new, error = svd_reproject(product, pair.rank)
+                scale = _mean_row_norm(a_mean) if self.keep_a_scale else None
+                b_new, a_new, error = svd_reproject(product, pair.rank, a_row_norm=scale)
             arrays[residual_key(pair.module)] = _add_residual(self.state, pair, product - b_new @ a_new)
             self.factors[pair.module] = (b_new, a_new)
             worst = max(worst, error)
@@ -148,12 +167,18 @@ class FedExLora(_ResidualMode):
         return _ProductFold(state, "fedex")
 
 
+def _mean_row_norm(a: np.ndarray) -> float | None:
+    norm = float(np.linalg.norm(a, axis=1).mean())
+    return norm if norm > 0 else None  # an all-zero A: fall back to balanced factors
+
+
 @dataclass(frozen=True)
 class SvdLora(_ResidualMode):
     name: str = "svd"
+    keep_a_scale: bool = True  # False: the balanced B = U sqrt(S), A = sqrt(S) V^T of earlier versions
 
     def begin(self, state: ServerState) -> PluginFold:
-        return _ProductFold(state, "svd")
+        return _ProductFold(state, "svd", self.keep_a_scale)
 
 
 # --------------------------------------------------------------------------------------------- FLoRA
@@ -162,27 +187,20 @@ class SvdLora(_ResidualMode):
 @dataclass(frozen=True)
 class FLoRA(_ResidualMode):
     seed: int = 0
-    client_ranks: tuple[int, ...] | None = None  # None: every client trains the full rank
+    ranks: RankAssignment = field(default_factory=RankAssignment)  # none configured: every client at rank r
     name: str = "flora"
 
-    def client_rank(self, client_id: str, full_rank: int) -> int:
-        """A client's rank: a seeded draw from ``client_ranks``, fixed for the whole run."""
-        if not self.client_ranks:
-            return full_rank
-        draw = derive_rng(self.seed, "lora-rank", client_id).integers(len(self.client_ranks))
-        return min(int(self.client_ranks[draw]), full_rank)
+    def client_rank(self, client_id: str, full: int) -> int:
+        """A client's rank, fixed for the whole run (see RankAssignment)."""
+        return self.ranks.rank(client_id, full)
 
     def init_arrays(self, params: np.ndarray, spec: ParamSpec) -> dict[str, np.ndarray]:
         arrays = super().init_arrays(params, spec)
-        full = min(p.rank for p in lora_pairs(spec))
-        if self.client_ranks and max(self.client_ranks) > full:
-            raise ValueError(f"server.lora_client_ranks {list(self.client_ranks)} exceed the adapter rank {full}")
+        check_ranks(self.ranks, spec)
         return arrays
 
     def payload(self, state: ServerState, client_id: str) -> Payload:
-        full = min(p.rank for p in lora_pairs(state.spec))
-        rank = self.client_rank(client_id, full)
-        return self.eval_payload(state), ({RANK_OPTION: rank} if rank < full else {})
+        return self.eval_payload(state), self.ranks.options(client_id, full_rank(state.spec))
 
     def begin(self, state: ServerState) -> PluginFold:
         return _StackFold(self, state)
@@ -201,9 +219,9 @@ class _StackFold(NoFold):
 
     def add(self, update: ClientUpdate, weight: float) -> None:
         local = self.state.params + update.delta
-        for pair in self.pairs:
-            rank = self.plugin.client_rank(update.client_id, pair.rank)
-            self.factors.setdefault(pair.module, []).append(truncate_rank(*pair.factors(local), rank))
+        rank = self.plugin.ranks.reply_rank(update, max(p.rank for p in self.pairs))
+        for pair in self.pairs:  # only the reply's first r_k components count (and keep the stack small)
+            self.factors.setdefault(pair.module, []).append(truncate_rank(*pair.factors(local), min(rank, pair.rank)))
         self.weights.append(weight)
 
     def finish(self, delta: np.ndarray) -> tuple[np.ndarray, dict[str, np.ndarray], dict]:

@@ -1,0 +1,120 @@
+"""The client half of heterogeneous LoRA ranks (flora / hetlora / flexlora): train a rank-r_k adapter.
+
+A client told ``lora_rank = r_k`` (and ``lora_rslora``) by the server, or configured with its own rank
+(a deployed participant's ``model.lora.r``), is for the length of one fit exactly a rank-r_k LoRA:
+
+1. the global vector it received is rewritten to its rank (``to_client_rank``: the first r_k components,
+   B scaled by s / s_k) -- the adapter it starts from is the one the server sent, never re-initialised;
+2. every adapted layer's scaling becomes s_k = alpha / r_k (alpha / sqrt(r_k) under rsLoRA);
+3. the gradients of the components beyond r_k are zeroed at every step, so they stay zero (Adam's update
+   of a zero gradient is zero; weight decay of a zero weight is zero);
+4. after training, the reply is converted back to global units (``from_client_rank``), the layers get their
+   scaling s back, and the model holds the reply, so the worker's resident model is the global layout again.
+
+Steps 1-3 are a hook factory, step 4 an update transform that runs after the straggler transform (which
+reports a snapshot in client units) and before clipping and privacy (what leaves the client is what they see).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field, replace
+
+import torch
+
+from fedtune.aggregation.lora import A_SUFFIX, B_SUFFIX, LoraPair, lora_pairs
+from fedtune.aggregation.lora_ranks import from_client_rank, scale_ratio, to_client_rank
+from fedtune.client.train import LocalHooks
+from fedtune.client.weights import TrainableView
+from fedtune.core.messages import ClientUpdate, FitInstruction
+from fedtune.server.strategies.lora_ranks import RANK_OPTION, RSLORA_OPTION
+from fedtune.tasks.base import Task
+
+
+@dataclass(frozen=True)
+class _Fit:
+    module: torch.nn.Module
+    view: TrainableView
+    pairs: list[LoraPair]
+    rank: int
+    rslora: bool
+
+
+@dataclass
+class LoraRanks:
+    """``own_rank``: this participant's configured rank (deployment); the server's option can only lower it.
+    ``own_rslora``: its model.lora.use_rslora, for a fit the server sent no ``lora_rslora`` with."""
+
+    own_rank: int | None = None
+    own_rslora: bool = False
+    _fits: dict[tuple[int, str], _Fit] = field(default_factory=dict)
+    _scaling: dict[tuple[int, str], float] = field(default_factory=dict)  # (model id, layer) -> s
+
+    def rank_of(self, instr: FitInstruction) -> int | None:
+        ranks = [r for r in (instr.options.get(RANK_OPTION), self.own_rank) if r is not None]
+        return min(int(r) for r in ranks) if ranks else None
+
+    def hooks(self, task: Task, instr: FitInstruction, view: TrainableView) -> LocalHooks:
+        rank = self.rank_of(instr)
+        pairs = lora_pairs(view.spec) if rank is not None else []
+        if not pairs or rank >= max(p.rank for p in pairs):
+            self._reset_scaling(task.module)  # a full-rank fit: the global scaling everywhere
+            return LocalHooks()
+        rslora = bool(instr.options.get(RSLORA_OPTION, self.own_rslora))
+        view.write(to_client_rank(view.read(), pairs, rank, rslora=rslora))
+        self._set_scaling(task.module, pairs, rank, rslora)
+        self._fits[(instr.round, instr.client_id)] = _Fit(task.module, view, pairs, rank, rslora)
+        return LocalHooks(grad_hooks=[_grad_mask(view, rank)])
+
+    def transform(self, update: ClientUpdate, instr: FitInstruction) -> ClientUpdate:
+        fit = self._fits.pop((instr.round, instr.client_id), None)
+        if fit is None:
+            return update
+        local = instr.params + update.delta  # the client's rank-r_k vector (client units)
+        sent = from_client_rank(local, fit.pairs, fit.rank, rslora=fit.rslora)
+        self._reset_scaling(fit.module)
+        fit.view.write(sent)  # the resident model: the reply, in the global layout and scaling
+        return replace(update, delta=sent - instr.params, metrics={**update.metrics, "lora_rank": float(fit.rank)})
+
+    def _set_scaling(self, model: torch.nn.Module, pairs: list[LoraPair], rank: int, rslora: bool) -> None:
+        """Each adapted layer's scaling becomes s_k (its global s is remembered the first time)."""
+        for pair in pairs:
+            layer = model.get_submodule(pair.module)
+            base = self._scaling.setdefault((id(model), pair.module), _get_scaling(layer))
+            _put_scaling(layer, base * scale_ratio(min(rank, pair.rank), pair.rank, rslora=rslora))
+
+    def _reset_scaling(self, model: torch.nn.Module) -> None:
+        """Every layer of ``model`` an earlier fit changed gets its global scaling s back."""
+        for (model_id, name), base in self._scaling.items():
+            if model_id == id(model):
+                _put_scaling(model.get_submodule(name), base)
+
+
+def _grad_mask(view: TrainableView, rank: int):
+    a_params = [p for n, p in zip(view.spec.names, view.params, strict=True) if n.endswith(A_SUFFIX)]  # (r, in)
+    b_params = [p for n, p in zip(view.spec.names, view.params, strict=True) if n.endswith(B_SUFFIX)]  # (out, r)
+
+    def mask() -> None:
+        for p in a_params:
+            if p.grad is not None:
+                p.grad[rank:] = 0.0
+        for p in b_params:
+            if p.grad is not None:
+                p.grad[:, rank:] = 0.0
+
+    return mask
+
+
+def _get_scaling(layer: torch.nn.Module) -> float:
+    scaling = layer.scaling
+    if isinstance(scaling, dict):
+        if len(scaling) != 1:
+            raise ValueError(f"heterogeneous LoRA ranks support one adapter per layer, found {len(scaling)}")
+        return float(next(iter(scaling.values())))
+    return float(scaling)
+
+
+def _put_scaling(layer: torch.nn.Module, value: float) -> None:
+    if isinstance(layer.scaling, dict):
+        layer.scaling[next(iter(layer.scaling))] = value
+    else:
+        layer.scaling = value
