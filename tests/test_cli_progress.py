@@ -105,7 +105,7 @@ def test_per_client_progress_without_step_reports() -> None:
 
     console, buf = _terminal()
     shown = ProgressTransport(_NetworkLike(["a", "b", "c"]), console, total_rounds=4)
-    instr = [FitInstruction(c, 2, np.zeros(1, np.float32), "d", 0, {}) for c in "abc"]
+    instr = [FitInstruction(c, 2, np.zeros(1, np.float32), "d", 0, ClientConfig()) for c in "abc"]
     assert [u.client_id for u in shown.fit(instr)] == ["a", "b", "c"]
     out = buf.getvalue()
     assert "round 2/4 train" in out and "3/3" in out and "ETA" in out

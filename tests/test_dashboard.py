@@ -16,6 +16,7 @@ from rich.console import Console
 from _models import DIGITS_CNN
 from _runs import CLIENTS, FakeRun
 from fedtune.config.load import parse_config
+from fedtune.config.schema import ClientConfig
 from fedtune.dashboard.server import Dashboard
 from fedtune.run.board import STATUS, ActivityTransport, ClientBoard, failure_state
 from fedtune.run.report import REPORT
@@ -111,7 +112,7 @@ def test_activity_transport_marks_clients_as_they_are_instructed_and_reply() -> 
             seen.append(board.snapshot())  # while the clients train
             yield ClientFailure("b", 1, "no heartbeat for 9s (presumed dead)")
 
-    instr = [FitInstruction(c, 1, None, "d", 0, {}) for c in ("a", "b")]
+    instr = [FitInstruction(c, 1, None, "d", 0, ClientConfig()) for c in ("a", "b")]
     list(ActivityTransport(Inner(), board).fit(instr))
     assert {c: s["state"] for c, s in seen[0].items()} == {"a": "training", "b": "training"}
     after = board.snapshot()

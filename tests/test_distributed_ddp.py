@@ -15,6 +15,7 @@ import torch
 
 from fedtune.client.distributed import DDPFitter, ProcessGroup, process_group, run_ddp_fit, shard_bounds
 from fedtune.client.worker import ClientWorker
+from fedtune.config.schema import ClientConfig
 from fedtune.core.messages import FitInstruction
 from fedtune.data.types import ArrayExample
 from fedtune.errors import FedtuneError
@@ -48,7 +49,7 @@ def instruction(worker: ClientWorker, client_id: str, **train) -> FitInstruction
         params=worker.current_params(),
         spec_digest=worker.view.spec.digest,
         seed=7,
-        train=cfg,
+        train=ClientConfig(**cfg),
     )
 
 

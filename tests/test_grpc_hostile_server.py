@@ -160,7 +160,7 @@ def test_parameters_for_another_model_layout_are_refused_by_the_participant():
     joined = Joined("s", "alice", yaml.safe_dump(config.model_dump(mode="json")), 5.0, 0.5, None, None, {})  # type: ignore[arg-type]
     worker = worker_factory("partition:client_000", console=Console(quiet=True))(joined)
     params, digest = worker.current_params(), worker.view.spec.digest
-    train = config.client.model_dump()
+    train = config.client
     with pytest.raises(UpdateRejected, match="differs from this client's"):
         worker.fit(FitInstruction("alice", 1, params, "f" * 16, 0, train))
     with pytest.raises((UpdateRejected, ValueError)):

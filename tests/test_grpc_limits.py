@@ -18,6 +18,7 @@ import pytest
 
 from _grpc_support import Heartbeats, RawClient, make_pki, wait_until
 from fedtune.config.deployment import DeploymentConfig
+from fedtune.config.schema import ClientConfig
 from fedtune.core.messages import ClientFailure, ClientUpdate, FitInstruction
 from fedtune.transport.codecs import build_codec
 from fedtune.transport.grpc import protocol, wire
@@ -64,7 +65,7 @@ def start(pki):
 
 
 def _fit(cid: str, round_idx: int = 1) -> FitInstruction:
-    return FitInstruction(cid, round_idx, np.arange(N, dtype=np.float32), DIGEST, 0, {"lr": 0.1})
+    return FitInstruction(cid, round_idx, np.arange(N, dtype=np.float32), DIGEST, 0, ClientConfig(lr=0.1))
 
 
 def _update(task: wire.Payload, cid: str) -> wire.Payload:

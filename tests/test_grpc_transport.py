@@ -16,6 +16,7 @@ import pytest
 
 from _grpc_support import Heartbeats, RawClient, make_pki
 from fedtune.config.deployment import DeploymentConfig
+from fedtune.config.schema import ClientConfig
 from fedtune.core.messages import ClientFailure, ClientUpdate, EvalInstruction, FitInstruction
 from fedtune.transport.codecs import build_codec
 from fedtune.transport.grpc import protocol, wire
@@ -69,7 +70,7 @@ def _client(transport, pki, name) -> RawClient:
 def _fit(cid: str, round_idx: int = 1, params: np.ndarray | None = None) -> FitInstruction:
     params = np.arange(N, dtype=np.float32) if params is None else params
     extras = {"c": np.ones(3, np.float32), "mask": np.array([1, 0], np.int8)}
-    return FitInstruction(cid, round_idx, params, DIGEST, 0, {"lr": 0.1}, extras, {"mu": np.float64(0.25)})
+    return FitInstruction(cid, round_idx, params, DIGEST, 0, ClientConfig(lr=0.1), extras, {"mu": np.float64(0.25)})
 
 
 def _update(task: wire.Payload, cid: str, delta: np.ndarray | None = None, *, codec="none", digest=DIGEST):
@@ -106,7 +107,7 @@ def test_good_update_and_every_kind_of_bad_input_in_one_round(start, pki):
     t0 = tasks["client_000"]
     fit = protocol.fit_from_payload(t0, "client_000")
     assert np.array_equal(fit.params, np.arange(N, dtype=np.float32)) and fit.options == {"mu": 0.25}
-    assert fit.extras["c"].tolist() == [1, 1, 1] and fit.train == {"lr": 0.1}
+    assert fit.extras["c"].tolist() == [1, 1, 1] and fit.train == ClientConfig(lr=0.1)  # typed, across the wire
     assert fit.extras["mask"].dtype == np.int8 and fit.extras["mask"].tolist() == [1, 0]
 
     # client_001 tries to answer client_000's task: refused, and client_000's task stays open

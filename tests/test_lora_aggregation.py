@@ -219,7 +219,7 @@ def test_one_round_through_the_worker_equals_fedavg_of_effective_weights(mode):
                 state.params,
                 state.spec.digest,
                 config.seed,
-                config.client.model_dump(),
+                config.client,
                 arrays,
                 options,
             )

@@ -306,7 +306,7 @@ def test_a_participant_trains_at_the_rank_of_its_own_config():
         task, classification_records(1), hook_factories=ext.hook_factories, update_transforms=ext.update_transforms
     )
     params = worker.current_params()
-    instr = FitInstruction("c0", 1, params, worker.view.spec.digest, 0, server.client.model_dump(), {}, {})
+    instr = FitInstruction("c0", 1, params, worker.view.spec.digest, 0, server.client, {}, {})
     update = worker.fit(instr)
     assert update.metrics["lora_rank"] == 2.0
     sent = params + update.delta

@@ -13,9 +13,10 @@ import yaml
 
 from _grpc_support import Procs, client_args, deployment_section, digits_data, find_run_dir, free_port, make_pki
 from _models import DIGITS_CNN
-from fedtune.client.partial import time_budget, weight_by_work
+from fedtune.client.partial import time_budget
 from fedtune.client.worker import ClientWorker
 from fedtune.config.deployment import TIME_BUDGET_OPTION, DeploymentConfig
+from fedtune.config.schema import ClientConfig
 from fedtune.core.messages import FitInstruction
 from test_strategies_support import ArrayTask, classification_records, seeded
 
@@ -39,10 +40,10 @@ def _fit(budget: float | None):
         ArrayTask(seeded(lambda: torch.nn.Linear(6, 3))),
         records,
         hook_factories=[functools.partial(time_budget, clock=FakeClock())],
-        update_transforms=[weight_by_work],
     )
     options = {} if budget is None else {TIME_BUDGET_OPTION: budget}
-    instr = FitInstruction("c0", 1, worker.current_params(), worker.view.spec.digest, 0, TRAIN, options=options)
+    train = ClientConfig.model_validate(TRAIN)
+    instr = FitInstruction("c0", 1, worker.current_params(), worker.view.spec.digest, 0, train, options=options)
     return worker.fit(instr), len(records["c0"][0])
 
 
@@ -114,5 +115,6 @@ def test_grpc_stragglers_send_their_partial_work(tmp_path):
 def test_planned_steps_match_the_local_loop(train, n, planned):
     from fedtune.client.partial import planned_steps
 
-    instr = FitInstruction("c", 1, np.zeros(1, np.float32), "d", 0, train, options={TIME_BUDGET_OPTION: 1.0})
+    cfg = ClientConfig.model_validate(train)
+    instr = FitInstruction("c", 1, np.zeros(1, np.float32), "d", 0, cfg, options={TIME_BUDGET_OPTION: 1.0})
     assert planned_steps(instr, n) == planned

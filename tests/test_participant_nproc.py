@@ -12,6 +12,7 @@ from rich.console import Console
 
 from fedtune.client.distributed import DistributedClientWorker
 from fedtune.config import dump_config, parse_config
+from fedtune.config.schema import ClientConfig
 from fedtune.core.messages import FitInstruction
 from fedtune.deploy.participant import worker_factory
 from fedtune.errors import ConfigError
@@ -42,7 +43,7 @@ def test_nproc_two_matches_one_process() -> None:
             params=single.current_params(),
             spec_digest=single.view.spec.digest,
             seed=config.seed,
-            train=yaml.safe_load(dump_config(config))["client"],
+            train=ClientConfig.model_validate(yaml.safe_load(dump_config(config))["client"]),
         )
         a, b = single.fit(instr), multi.fit(instr)
         assert a.num_examples == b.num_examples
@@ -74,7 +75,7 @@ def test_the_participant_keeps_its_dpsgd_ledger_in_its_own_cache(tmp_path) -> No
     local = parse_config({**DPSGD, "data": {**DPSGD["data"], "cache_dir": str(tmp_path / "mine")}})
     joined = Joined("s", "alice", dump_config(server_cfg), 5.0, 0.5, None, None, {})  # type: ignore[arg-type]
     worker = worker_factory("partition:client_001", local_config=local, console=Console(quiet=True))(joined)
-    train = server_cfg.client.model_dump()
+    train = server_cfg.client
     instr = FitInstruction("alice", 1, worker.current_params(), worker.view.spec.digest, 0, train)
     first = worker.fit(instr)
     again = worker.fit(dataclasses.replace(instr, round=2))

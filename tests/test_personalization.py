@@ -17,12 +17,12 @@ import torch
 
 from fedtune.client.build import strategy_extensions
 from fedtune.client.personal import FINETUNED, NS_DITTO, NS_LOCAL, PERSONAL, Personalizer
-from fedtune.client.state_store import open_state_store
 from fedtune.client.train import LocalHooks, local_train
 from fedtune.client.weights import TrainableView
 from fedtune.config.schema import Config
 from fedtune.core.messages import ClientEval
 from fedtune.core.rng import derive_seed
+from fedtune.core.state_store import open_state_store
 from fedtune.errors import ModelError
 from fedtune.models.lora import trainable_parameters
 from fedtune.models.personal import freeze_local_params, local_parameters

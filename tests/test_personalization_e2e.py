@@ -18,9 +18,9 @@ from typer.testing import CliRunner
 from _models import DIGITS_CNN
 from fedtune.cli import app
 from fedtune.client.personal import NS_DITTO, NS_FINETUNED, NS_LOCAL
-from fedtune.client.state_store import open_state_store
 from fedtune.config import parse_config
 from fedtune.core.state import load_state
+from fedtune.core.state_store import open_state_store
 from fedtune.run.session import simulate
 
 pytestmark = pytest.mark.timeout(600)

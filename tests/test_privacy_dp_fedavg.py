@@ -10,6 +10,7 @@ import pytest
 from scipy import stats
 
 from fedtune.config import parse_config
+from fedtune.config.schema import ClientConfig
 from fedtune.core.messages import ClientEval, ClientUpdate, EvalInstruction, FitInstruction
 from fedtune.core.params import ParamSpec
 from fedtune.core.rng import derive_rng
@@ -133,7 +134,7 @@ def test_server_reclips_an_unclipped_update() -> None:
 
 def test_client_transform_clips_and_reports_the_bit() -> None:
     instr = FitInstruction(
-        "c0", 1, np.zeros(D, np.float32), SPEC.digest, 0, {}, options={"dp_clip": 0.5, "dp_adaptive": True}
+        "c0", 1, np.zeros(D, np.float32), SPEC.digest, 0, ClientConfig(), options={"dp_clip": 0.5, "dp_adaptive": True}
     )
     big = ClientUpdate("c0", 1, 5, np.full(D, 1.0, np.float32), SPEC.digest)
     out = dp_clip_transform(big, instr)
@@ -148,7 +149,9 @@ def test_adaptive_clipping_follows_andrew_et_al() -> None:
     )
     dp = strategy(cfg)
     state = begun(dp)
-    instr = FitInstruction("x", 1, np.zeros(D, np.float32), SPEC.digest, 0, {}, options=dp.fit_payload(state, "x")[1])
+    instr = FitInstruction(
+        "x", 1, np.zeros(D, np.float32), SPEC.digest, 0, ClientConfig(), options=dp.fit_payload(state, "x")[1]
+    )
     ups = [dp_clip_transform(u, instr) for u in updates(5, scale=0.001)]  # all fit under C: every bit is 1
     new_state, metrics = dp.aggregate(state, ups)
     count_noise = derive_rng(cfg.seed, "dp-count-noise", 1).standard_normal(1)[0] * 2.0

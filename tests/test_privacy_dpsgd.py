@@ -16,6 +16,7 @@ import torch.nn.functional as F
 from fedtune.client.weights import TrainableView
 from fedtune.config.privacy import DpSgdConfig
 from fedtune.config.schema import ClientConfig, LoraConfig, ModelConfig
+from fedtune.core.fit import LocalHooks
 from fedtune.core.messages import ClientUpdate, FitInstruction
 from fedtune.models.cnn import digits_cnn
 from fedtune.privacy import accountant
@@ -31,10 +32,12 @@ C = 0.05  # small enough that most examples are clipped, large enough that some 
 
 def instruction(view: TrainableView, **train) -> FitInstruction:
     cfg = ClientConfig(**{"local_steps": 1, "batch_size": 8, **train})
-    return FitInstruction("c1", 2, view.read(), view.spec.digest, 5, cfg.model_dump())
+    return FitInstruction("c1", 2, view.read(), view.spec.digest, 5, cfg)
 
 
-def private_grads(task, batch, cfg: DpSgdConfig, **train) -> tuple[list[torch.Tensor], DpSgd, FitInstruction]:
+def private_grads(
+    task, batch, cfg: DpSgdConfig, **train
+) -> tuple[list[torch.Tensor], tuple[DpSgd, LocalHooks], FitInstruction]:
     view = TrainableView(task.module)
     dpsgd = DpSgd(cfg, state=f"memory:{uuid.uuid4().hex}")
     instr = instruction(view, **train)
@@ -46,7 +49,7 @@ def private_grads(task, batch, cfg: DpSgdConfig, **train) -> tuple[list[torch.Te
     loss.backward()
     for hook in hooks.grad_hooks:
         hook()
-    return [p.grad.detach().clone() for p in view.params], dpsgd, instr
+    return [p.grad.detach().clone() for p in view.params], (dpsgd, hooks), instr
 
 
 def oracle(task, examples: list[dict], per_example_loss, cfg: DpSgdConfig, instr, keep=None) -> list[torch.Tensor]:
@@ -121,9 +124,10 @@ def test_a_parameter_without_per_sample_gradient_is_refused() -> None:
 def test_epsilon_is_reported_per_client_and_composes_over_rounds() -> None:
     task = ModuleTask(digits_cnn(channels=4, hidden=16))
     cfg = DpSgdConfig(noise_multiplier=1.3, max_grad_norm=1.0)
-    _, dpsgd, instr = private_grads(task, {"x": torch.randn(8, 64), "labels": torch.randint(0, 10, (8,))}, cfg)
+    _, (dpsgd, hooks), _ = private_grads(task, {"x": torch.randn(8, 64), "labels": torch.randint(0, 10, (8,))}, cfg)
     update = ClientUpdate("c1", 2, 40, np.zeros(3, np.float32), "x", metrics={"train_loss": 1.0})
-    out = dpsgd.transform(update, instr)
+    (finish,) = hooks.finish  # the fit's own finish books its cost
+    out = finish(update)
     # one step of batch 8 over 40 examples touches one epoch: one Gaussian(z / 2) under replace-one
     one = accountant.epsilon([accountant.gaussian_replace_entry(1.3, 1)], cfg.delta)
     assert out.metrics["dpsgd_epsilon_round"] == pytest.approx(one)
@@ -195,11 +199,10 @@ def test_epochs_are_counted_exactly_whatever_the_last_batch(train: dict, epochs:
     dpsgd = DpSgd(cfg, state=f"memory:{uuid.uuid4().hex}")
     instr = instruction(view, batch_size=10, **train)
     hooks = dpsgd.hooks(task, instr, view)
-    result = local_train(
-        task, examples, ClientConfig.model_validate(instr.train), seed=5, round_idx=2, client_id="c1", hooks=hooks
-    )
+    result = local_train(task, examples, instr.train, seed=5, round_idx=2, client_id="c1", hooks=hooks)
     update = ClientUpdate("c1", 2, result.num_examples, np.zeros(3, np.float32), "x")
-    out = dpsgd.transform(update, instr)
+    (finish,) = hooks.finish  # the fit's own finish books its cost
+    out = finish(update)
     # the oracle: dp-accounting itself, `epochs` Gaussian mechanisms of sensitivity 2C under replace-one
     ref = rdp.RdpAccountant(neighboring_relation=dp_accounting.NeighboringRelation.REPLACE_ONE)
     ref.compose(dp_accounting.SelfComposedDpEvent(dp_accounting.GaussianDpEvent(1.1 / 2), epochs))

@@ -90,7 +90,7 @@ def fit_instructions(config, prepared, ids, round_idx=1):
     params = prepared.worker.current_params()
     return [
         FitInstruction(
-            cid, round_idx, params, prepared.worker.view.spec.digest, config.seed, config.client.model_dump()
+            cid, round_idx, params, prepared.worker.view.spec.digest, config.seed, config.client
         )
         for cid in ids
     ]
@@ -155,7 +155,7 @@ def test_lora_residual_run_on_ray_equals_in_process(ray_session, tmp_path) -> No
 
 
 def test_ray_state_store_round_trip(ray_session) -> None:
-    from fedtune.client.state_store import ClientState, open_state_store
+    from fedtune.core.state_store import ClientState, open_state_store
 
     store = open_state_store("ray:test")
     store.save("c0", "scaffold", ClientState({"c": np.arange(3, dtype=np.float32)}, {"steps": 2}), round=1)

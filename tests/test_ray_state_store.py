@@ -11,7 +11,7 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from fedtune.client.state_store import ClientState, DiskStateStore, MemoryStateStore, open_state_store
+from fedtune.core.state_store import ClientState, DiskStateStore, MemoryStateStore, open_state_store
 from fedtune.errors import CheckpointError, ConfigError
 
 pytestmark = pytest.mark.timeout(60)

@@ -191,7 +191,7 @@ def _client_products(config, prepared, run_dir):
     factors, sizes, updates = [], [], []
     for cid in sample_round(config, list(worker.records), 1):
         arrays, options = strategy.fit_payload(state, cid)
-        train = config.client.model_dump()
+        train = config.client
         update = worker.fit(
             FitInstruction(cid, 1, state.params, state.spec.digest, config.seed, train, arrays, options)
         )

@@ -35,7 +35,6 @@ def strategy_extensions(*, own_rank: int | None = None, own_rslora: bool = False
     """The client halves of FedProx, stragglers, SCAFFOLD and heterogeneous LoRA ranks, in a working order.
 
     ``own_rank``: a deployed participant's own LoRA rank (its ``model.lora.r``), when below the server's."""
-    stragglers = hooks.Stragglers()
     ranks = LoraRanks(own_rank=own_rank, own_rslora=own_rslora)
     # (the LoRA residual is part of the global model: ClientWorker loads it before any hook runs)
     return ClientExtensions(
@@ -43,12 +42,12 @@ def strategy_extensions(*, own_rank: int | None = None, own_rslora: bool = False
             ranks.hooks,  # first: it rewrites the received vector to the client's rank
             hooks.proximal_term,
             hooks.scaffold_correction,
-            stragglers.hooks,
-            partial.time_budget,  # deployment.partial_work: stop at the server's time budget
+            hooks.stragglers,
+            partial.time_budget,  # deployment.partial_work: stop at the server's time budget, weight by steps
         ],
-        # the partial work's weight (real steps taken), then the straggler's partial delta and step count must
-        # be final before the rank conversion (which reads client units) and SCAFFOLD read them
-        update_transforms=[partial.weight_by_work, stragglers.transform, ranks.transform, hooks.scaffold_control_delta],
+        # run after the fit's own finishes, so the straggler's partial delta and step count are final when
+        # SCAFFOLD reads them
+        update_transforms=[hooks.scaffold_control_delta],
     )
 
 

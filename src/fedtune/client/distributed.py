@@ -114,11 +114,13 @@ def _read_params(worker: ClientWorker) -> np.ndarray:
 def ddp_fit(worker: ClientWorker, ddp: torch.nn.Module, instr: FitInstruction, device: torch.device) -> ClientUpdate:
     """``ClientWorker.fit`` with the data-parallel loop; the update is meaningful on every rank, sent by rank 0."""
     started = time.perf_counter()
-    cfg, hooks = worker.begin_fit(instr)
-    with _wrapped(worker.task, ddp):  # every rank calls this together: the loss all-reduces per step
-        result = worker.train(instr, cfg, hooks, batch_loss=RankShard(dist.get_rank(), dist.get_world_size(), device))
-    metrics = {"fit_seconds": time.perf_counter() - started, "nproc": float(dist.get_world_size())}
-    return worker.reply(instr, result, _read_params(worker), metrics)
+    with worker.fitting(instr) as fit:  # closed on every rank, however the fit ends
+        with _wrapped(worker.task, ddp):  # every rank calls this together: the loss all-reduces per step
+            result = worker.train(fit, batch_loss=RankShard(dist.get_rank(), dist.get_world_size(), device))
+        metrics = {"fit_seconds": time.perf_counter() - started, "nproc": float(dist.get_world_size())}
+        update = worker.reply(instr, result, _read_params(worker), metrics)
+        # only rank 0's reply is sent: its finishes and transforms (clipping, noise, masking) run there, once
+        return worker.finish(fit, update) if dist.get_rank() == 0 else update
 
 
 def _next_instruction(inbox: Any) -> FitInstruction | None:
@@ -196,9 +198,7 @@ def _rank_main(
                 if rank == 0:
                     outbox.put(("failed", rank, str(err)))
                 continue
-            if rank == 0:
-                for transform in worker.update_transforms:  # clipping, noise, masking: once, on the reply
-                    update = transform(update, instr)
+            if rank == 0:  # clipping, noise, masking: once, on rank 0's reply (ddp_fit)
                 outbox.put(("ok", rank, update))
     except Exception as err:  # anything else ends this rank; say why instead of dying silently
         outbox.put(("error", rank, f"rank {rank} failed: {type(err).__name__}: {err}"))

@@ -124,7 +124,7 @@ class ExternalWorker:
         self.view.write(instr.params)
         self.residual.load(self.task.module, instr.extras)
         self.task.module.train()
-        job = Job(instr.client_id, instr.round, self.task.module, ClientConfig.model_validate(instr.train))
+        job = Job(instr.client_id, instr.round, self.task.module, instr.train)
         started = time.perf_counter()
         self.jobs.put(job)
         job._done.wait()

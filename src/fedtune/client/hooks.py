@@ -5,7 +5,7 @@ plug-in sent), so ``build_client_extensions`` can register all of them and the s
 
     ProximalTerm     FedProx: loss + mu/2 ||w - w_global||^2           option "proximal_mu"
     ScaffoldControl  SCAFFOLD: grad += c - c_i; reply carries dc_i      extras "scaffold/c", "scaffold/c_i"
-    Stragglers       FedProx stragglers: partial work, still sent       client.straggler_fraction
+    stragglers       FedProx stragglers: partial work, still sent       client.straggler_fraction
     LoraRanks        heterogeneous ranks: train a rank-r_k adapter      option "lora_rank" (client/lora_ranks.py)
     LoraResidual     base weight = W0 + s R for exact LoRA modes        extras "lora/residual/<module>"
 
@@ -13,8 +13,9 @@ LoraResidual is not a training hook: the residual is part of the global model, s
 with the trainable vector for every fit and evaluation. FFA-LoRA needs no client hook either: its A
 matrices are frozen when the model is built (``fedtune.models.lora.freeze_lora_a``).
 
-Hooks that need per-fit memory (a snapshot, the controls) keep it in the object that built them, keyed by
-(round, client); the matching update transform pops it, so nothing outlives the fit.
+Hooks that need per-fit memory (a straggler's snapshot) keep it in the closures of the LocalHooks they
+return for that fit, with a ``finish`` that turns the reply into what is sent (fedtune.core.fit): nothing
+outlives the fit, and a fit that fails leaves nothing behind.
 """
 
 from __future__ import annotations
@@ -26,15 +27,12 @@ from dataclasses import dataclass, field, replace
 import numpy as np
 import torch
 
-from fedtune.client.train import LocalHooks
 from fedtune.client.weights import TrainableView
+from fedtune.core.fit import LocalHooks
+from fedtune.core.keys import C_KEY, CI_KEY, DC_KEY, PROXIMAL_OPTION, RESIDUAL_PREFIX
 from fedtune.core.messages import ClientUpdate, FitInstruction
 from fedtune.core.rng import derive_rng
-from fedtune.server.strategies.lora import RESIDUAL_PREFIX
-from fedtune.server.strategies.scaffold import C_KEY, CI_KEY, DC_KEY
 from fedtune.tasks.base import Task
-
-PROXIMAL_OPTION = "proximal_mu"
 
 
 def _slices(flat: np.ndarray, view: TrainableView) -> list[torch.Tensor]:
@@ -62,53 +60,47 @@ def proximal_term(task: Task, instr: FitInstruction, view: TrainableView) -> Loc
     return LocalHooks(loss_terms=[term])
 
 
-@dataclass
-class Stragglers:
+def straggler_budget(instr: FitInstruction) -> int | None:
+    """The steps a straggler may take this round, or None for a client that is not one.
+
+    A client is a straggler with probability ``client.straggler_fraction``, drawn from
+    (seed, "straggler", round, client); it stops after a uniform number of steps in [1, local_steps)."""
+    fraction, steps = instr.train.straggler_fraction, instr.train.local_steps
+    if fraction <= 0 or not steps or steps < 2:
+        return None
+    rng = derive_rng(instr.seed, "straggler", instr.round, instr.client_id)
+    if rng.random() >= fraction:
+        return None
+    return int(rng.integers(1, steps))
+
+
+def stragglers(task: Task, instr: FitInstruction, view: TrainableView) -> LocalHooks:
     """Some clients stop early and send partial work (FedProx's system heterogeneity).
 
-    A client is a straggler with probability ``instr.train["straggler_fraction"]``, drawn from
-    (seed, "straggler", round, client); it stops after a uniform number of steps in [1, local_steps).
     The trainer has no early exit, so the hook snapshots the parameters when the budget is spent and the
-    transform reports that snapshot: the reply is exactly what stopping there would have sent (the
-    simulation still spends the remaining steps' compute).
+    fit's finish reports that snapshot: the reply is exactly what stopping there would have sent (the
+    simulation still spends the remaining steps' compute). The snapshot lives in this fit's closures only.
     """
+    budget = straggler_budget(instr)
+    if budget is None:
+        return LocalHooks()
+    calls, taken = [0], []
 
-    _snapshots: dict[tuple[int, str], tuple[np.ndarray, int]] = field(default_factory=dict)
+    def snapshot() -> None:  # runs before step calls[0] + 1: the parameters hold `calls` steps
+        if calls[0] == budget:
+            taken.append(view.read())
+        calls[0] += 1
 
-    @staticmethod
-    def budget(instr: FitInstruction) -> int | None:
-        fraction = float(instr.train.get("straggler_fraction") or 0.0)
-        steps = instr.train.get("local_steps")
-        if fraction <= 0 or not steps or steps < 2:
-            return None
-        rng = derive_rng(instr.seed, "straggler", instr.round, instr.client_id)
-        if rng.random() >= fraction:
-            return None
-        return int(rng.integers(1, steps))
-
-    def hooks(self, task: Task, instr: FitInstruction, view: TrainableView) -> LocalHooks:
-        budget = self.budget(instr)
-        if budget is None:
-            return LocalHooks()
-        calls = [0]
-
-        def snapshot() -> None:  # runs before step calls[0] + 1: the parameters hold `calls` steps
-            if calls[0] == budget:
-                self._snapshots[(instr.round, instr.client_id)] = (view.read(), budget)
-            calls[0] += 1
-
-        return LocalHooks(grad_hooks=[snapshot])
-
-    def transform(self, update: ClientUpdate, instr: FitInstruction) -> ClientUpdate:
-        taken = self._snapshots.pop((instr.round, instr.client_id), None)
-        if taken is None:
+    def finish(update: ClientUpdate) -> ClientUpdate:
+        if not taken:
             return update
-        params, steps = taken
         return replace(
             update,
-            delta=params - instr.params,
-            metrics={**update.metrics, "steps": float(steps), "straggler": 1.0},
+            delta=taken[0] - instr.params,
+            metrics={**update.metrics, "steps": float(budget), "straggler": 1.0},
         )
+
+    return LocalHooks(grad_hooks=[snapshot], finish=[finish])
 
 
 # --------------------------------------------------------------------------------------------- SCAFFOLD
@@ -133,7 +125,7 @@ def scaffold_control_delta(update: ClientUpdate, instr: FitInstruction) -> Clien
     if C_KEY not in instr.extras:
         return update
     steps = max(1.0, float(update.metrics.get("steps", 1.0)))
-    lr = float(instr.train["lr"])
+    lr = instr.train.lr
     dc = -instr.extras[C_KEY].astype(np.float64) - update.delta.astype(np.float64) / (steps * lr)
     return replace(update, extras={**update.extras, DC_KEY: dc.astype(np.float32)})
 

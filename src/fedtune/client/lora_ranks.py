@@ -8,11 +8,13 @@ A client told ``lora_rank = r_k`` (and ``lora_rslora``) by the server, or config
 2. every adapted layer's scaling becomes s_k = alpha / r_k (alpha / sqrt(r_k) under rsLoRA);
 3. the gradients of the components beyond r_k are zeroed at every step, so they stay zero (Adam's update
    of a zero gradient is zero; weight decay of a zero weight is zero);
-4. after training, the reply is converted back to global units (``from_client_rank``), the layers get their
-   scaling s back, and the model holds the reply, so the worker's resident model is the global layout again.
+4. after training, the fit's finish converts the reply back to global units (``from_client_rank``) and the
+   model holds it, so the worker's resident model is the global layout again; the fit's cleanup gives the
+   layers their scaling s back, on success and on failure alike.
 
-Steps 1-3 are a hook factory, step 4 an update transform that runs after the straggler transform (which
-reports a snapshot in client units) and before clipping and privacy (what leaves the client is what they see).
+The factory is registered first, so its finish runs last among the fit's finishes: after the straggler's
+(which reports a snapshot in client units) and before the update transforms, clipping and privacy (what
+leaves the client is what they see). Everything one fit needs lives in that fit's closures.
 """
 
 from __future__ import annotations
@@ -23,20 +25,11 @@ import torch
 
 from fedtune.aggregation.lora import A_SUFFIX, B_SUFFIX, LoraPair, lora_pairs
 from fedtune.aggregation.lora_ranks import from_client_rank, scale_ratio, to_client_rank
-from fedtune.client.train import LocalHooks
 from fedtune.client.weights import TrainableView
+from fedtune.core.fit import LocalHooks
+from fedtune.core.keys import RANK_OPTION, RSLORA_OPTION
 from fedtune.core.messages import ClientUpdate, FitInstruction
-from fedtune.server.strategies.lora_ranks import RANK_OPTION, RSLORA_OPTION
 from fedtune.tasks.base import Task
-
-
-@dataclass(frozen=True)
-class _Fit:
-    module: torch.nn.Module
-    view: TrainableView
-    pairs: list[LoraPair]
-    rank: int
-    rslora: bool
 
 
 @dataclass
@@ -46,7 +39,6 @@ class LoraRanks:
 
     own_rank: int | None = None
     own_rslora: bool = False
-    _fits: dict[tuple[int, str], _Fit] = field(default_factory=dict)
     _scaling: dict[tuple[int, str], float] = field(default_factory=dict)  # (model id, layer) -> s
 
     def rank_of(self, instr: FitInstruction) -> int | None:
@@ -62,18 +54,17 @@ class LoraRanks:
         rslora = bool(instr.options.get(RSLORA_OPTION, self.own_rslora))
         view.write(to_client_rank(view.read(), pairs, rank, rslora=rslora))
         self._set_scaling(task.module, pairs, rank, rslora)
-        self._fits[(instr.round, instr.client_id)] = _Fit(task.module, view, pairs, rank, rslora)
-        return LocalHooks(grad_hooks=[_grad_mask(view, rank)])
 
-    def transform(self, update: ClientUpdate, instr: FitInstruction) -> ClientUpdate:
-        fit = self._fits.pop((instr.round, instr.client_id), None)
-        if fit is None:
-            return update
-        local = instr.params + update.delta  # the client's rank-r_k vector (client units)
-        sent = from_client_rank(local, fit.pairs, fit.rank, rslora=fit.rslora)
-        self._reset_scaling(fit.module)
-        fit.view.write(sent)  # the resident model: the reply, in the global layout and scaling
-        return replace(update, delta=sent - instr.params, metrics={**update.metrics, "lora_rank": float(fit.rank)})
+        def finish(update: ClientUpdate) -> ClientUpdate:
+            local = instr.params + update.delta  # the client's rank-r_k vector (client units)
+            sent = from_client_rank(local, pairs, rank, rslora=rslora)
+            view.write(sent)  # the resident model: the reply, in the global layout and scaling
+            return replace(update, delta=sent - instr.params, metrics={**update.metrics, "lora_rank": float(rank)})
+
+        def cleanup() -> None:
+            self._reset_scaling(task.module)
+
+        return LocalHooks(grad_hooks=[_grad_mask(view, rank)], finish=[finish], cleanup=[cleanup])
 
     def _set_scaling(self, model: torch.nn.Module, pairs: list[LoraPair], rank: int, rslora: bool) -> None:
         """Each adapted layer's scaling becomes s_k (its global s is remembered the first time)."""

@@ -23,10 +23,10 @@ from dataclasses import replace
 
 import torch
 
-from fedtune.client.train import LocalHooks, micro_batches_per_round
+from fedtune.client.train import micro_batches_per_round
 from fedtune.client.weights import TrainableView
 from fedtune.config.deployment import TIME_BUDGET_OPTION as BUDGET_OPTION
-from fedtune.config.schema import ClientConfig
+from fedtune.core.fit import LocalHooks
 from fedtune.core.messages import ClientUpdate, FitInstruction
 from fedtune.tasks.base import Task
 
@@ -40,7 +40,7 @@ def time_budget(
     budget = instr.options.get(BUDGET_OPTION)
     if budget is None:
         return LocalHooks()
-    if instr.train.get("trainer") == "hf":
+    if instr.train.trainer == "hf":
         log.warning(
             "deployment.partial_work: client.trainer 'hf' runs transformers.Trainer's loop, which cannot stop early"
         )
@@ -53,11 +53,11 @@ def time_budget(
         log.warning("deployment.partial_work: the time budget is ignored by data-parallel ranks (--nproc > 1)")
         return LocalHooks()
     deadline = clock() + float(budget)
-    return LocalHooks(stop_checks=[lambda: clock() >= deadline])
+    return LocalHooks(stop_checks=[lambda: clock() >= deadline], finish=[lambda update: weight_by_work(update, instr)])
 
 
 def planned_steps(instr: FitInstruction, num_examples: int) -> int:
-    cfg = ClientConfig.model_validate(instr.train)
+    cfg = instr.train
     batch = num_examples if cfg.full_batch else cfg.batch_size
     return math.ceil(micro_batches_per_round(cfg, num_examples, batch) / cfg.gradient_accumulation_steps)
 

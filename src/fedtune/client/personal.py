@@ -10,7 +10,7 @@
     finetune_steps  at the evaluation after the last round, the client fine-tunes the final global model (with
                     its own local parameters) for that many steps and is evaluated again
 
-Every client's values live in the client state store (``fedtune.client.state_store``) under the namespaces
+Every client's values live in the client state store (``fedtune.core.state_store``) under the namespaces
 below, versioned by round: a fit of round r reads what rounds < r saved, so a round replayed after a crash
 reads what it read the first time, and a resumed run continues every client exactly. One object serves all
 the clients of a worker; it holds no client's values between requests (only the build-time values of the
@@ -27,14 +27,14 @@ from contextlib import contextmanager
 import numpy as np
 import torch
 
-from fedtune.client.schedule import ROUNDS_OPTION
-from fedtune.client.state_store import ClientState, ClientStateStore, open_state_store
 from fedtune.client.train import LocalHooks, LocalResult, local_train
 from fedtune.client.weights import TrainableView
 from fedtune.config.personalization import PersonalizationConfig
 from fedtune.config.schema import ClientConfig
+from fedtune.core.keys import ROUNDS_OPTION
 from fedtune.core.messages import EvalInstruction, FitInstruction
 from fedtune.core.rng import derive_seed
+from fedtune.core.state_store import ClientState, ClientStateStore, open_state_store
 from fedtune.errors import CheckpointError
 from fedtune.models.personal import local_parameters
 from fedtune.tasks.base import EvalSums, Example, Task

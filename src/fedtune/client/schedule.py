@@ -16,8 +16,6 @@ from dataclasses import dataclass
 from fedtune.config.schema import ClientConfig
 from fedtune.errors import ConfigError
 
-ROUNDS_OPTION = "federation_rounds"  # FitInstruction.options key: the federation's round count
-
 
 @dataclass(frozen=True)
 class LrSchedule:

@@ -12,14 +12,15 @@ from __future__ import annotations
 import math
 import time
 from collections.abc import Callable, Iterator, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Protocol
 
 import torch
 
 from fedtune.client.schedule import round_schedule
 from fedtune.config.schema import ClientConfig
-from fedtune.core.rng import derive_seed, derive_torch_generator
+from fedtune.core.fit import LocalHooks
+from fedtune.core.rng import derive_seed, derive_torch_generator, seed_device_stream
 from fedtune.tasks.base import Example, Task
 
 
@@ -36,18 +37,6 @@ class StepProgress:
 
 
 StepCallback = Callable[[StepProgress], None]
-LossTerm = Callable[[], torch.Tensor]  # extra differentiable loss added to each step's loss
-GradHook = Callable[[], None]  # runs after backward, before the optimizer step (may edit .grad)
-
-
-StopCheck = Callable[[], bool]  # asked after every step: True ends local training there (a deadline)
-
-
-@dataclass
-class LocalHooks:
-    loss_terms: list[LossTerm] = field(default_factory=list)
-    grad_hooks: list[GradHook] = field(default_factory=list)
-    stop_checks: list[StopCheck] = field(default_factory=list)
 
 
 class BatchLoss(Protocol):
@@ -132,7 +121,8 @@ def local_train(
     # Shuffling and dropout both draw from streams derived from (seed, round, client): a resumed run
     # replays exactly the same minibatches.
     shuffle = derive_torch_generator(seed, "shuffle", round_idx, client_id)
-    torch.manual_seed(derive_seed(seed, "dropout", round_idx, client_id, *batch_loss.rng_scope))
+    # dropout: the default generator of the device the parameters live on (dropout takes no generator)
+    seed_device_stream(derive_seed(seed, "dropout", round_idx, client_id, *batch_loss.rng_scope), params[0].device)
     micro_total = micro_batches_per_round(cfg, len(examples), batch_size)
     accumulate = cfg.gradient_accumulation_steps
     total_steps = math.ceil(micro_total / accumulate)

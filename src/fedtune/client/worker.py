@@ -13,7 +13,8 @@ from __future__ import annotations
 
 import functools
 import time
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
+from contextlib import contextmanager
 from typing import Any
 
 import numpy as np
@@ -21,16 +22,16 @@ import torch
 
 from fedtune.client.hooks import LoraResidual
 from fedtune.client.personal import Personalizer
-from fedtune.client.schedule import ROUNDS_OPTION
-from fedtune.client.train import WHOLE_BATCH, BatchLoss, LocalHooks, LocalResult, StepCallback, local_train
+from fedtune.client.train import WHOLE_BATCH, BatchLoss, LocalResult, StepCallback, local_train
 from fedtune.client.weights import TrainableView
-from fedtune.config.schema import ClientConfig
+from fedtune.core.fit import FitContext, LocalHooks
+from fedtune.core.keys import ROUNDS_OPTION
 from fedtune.core.messages import ClientEval, ClientUpdate, EvalInstruction, FitInstruction
 from fedtune.core.rng import derive_rng
 from fedtune.errors import ConfigError, UpdateRejected
 from fedtune.tasks.base import EvalSums, Example, Task
 
-# (task, instruction, view) -> hooks for this fit; lets strategies add local terms without subclassing
+# (task, instruction, view) -> this fit's hooks (fedtune.core.fit); strategies add local terms without subclassing
 HookFactory = Callable[[Task, FitInstruction, TrainableView], LocalHooks]
 
 
@@ -91,39 +92,59 @@ class ClientWorker:
                 "server and client must use the same model and adapter configuration"
             )
 
-    def begin_fit(self, instr: FitInstruction) -> tuple[ClientConfig, LocalHooks]:
-        """Check the spec, load the global model, and build this fit's config and hooks."""
+    def begin_fit(self, instr: FitInstruction) -> FitContext:
+        """Check the spec, load the global model, and gather this fit's hooks. The caller must ``close`` the
+        context when the fit ends (``ClientWorker.fitting`` does), whether it succeeded or not."""
         self._check_digest(instr.spec_digest)
         self.view.write(instr.params)
         self.residual.load(self.task.module, instr.extras)  # base weights before any hook looks at the model
-        hooks = LocalHooks()
-        for factory in self.hook_factories:
-            extra = factory(self.task, instr, self.view)
-            hooks.loss_terms += extra.loss_terms
-            hooks.grad_hooks += extra.grad_hooks
-            hooks.stop_checks += extra.stop_checks
-        return ClientConfig.model_validate(instr.train), hooks
+        fit = FitContext(instr)
+        try:
+            for factory in self.hook_factories:
+                fit.hooks.extend(factory(self.task, instr, self.view))
+        except BaseException:
+            fit.close()  # the factories that did run may have left something to undo
+            raise
+        return fit
+
+    @contextmanager
+    def fitting(self, instr: FitInstruction) -> Iterator[FitContext]:
+        """``begin_fit`` ... ``close``: whatever the fit's hooks left on the model or the extensions is undone
+        however the fit ends, so a failed fit leaves this worker as a fresh one would be."""
+        fit = self.begin_fit(instr)
+        try:
+            yield fit
+        finally:
+            fit.close()
+
+    def finish(self, fit: FitContext, update: ClientUpdate) -> ClientUpdate:
+        """The reply that is sent: the fit's own finishes (last registered first), then the worker's
+        stateless update transforms in order (the DP clip last: what leaves the client is what is bounded)."""
+        update = fit.finish(update)
+        for transform in self.update_transforms:
+            update = transform(update, fit.instr)
+        return update
 
     def reply(self, instr: FitInstruction, result: LocalResult, params: np.ndarray, metrics: dict) -> ClientUpdate:
-        """The update before transforms: ``params`` are the trained values, ``metrics`` extra figures."""
+        """The update before transforms: ``params`` are the trained values (a fresh vector, which becomes the
+        delta in place: one model-sized buffer per reply, not two), ``metrics`` extra figures."""
         return ClientUpdate(
             client_id=instr.client_id,
             round=instr.round,
             num_examples=result.num_examples,
-            delta=params - instr.params,
+            delta=np.subtract(params, instr.params, out=params),
             spec_digest=self.view.spec.digest,
             metrics={"train_loss": result.train_loss, "steps": float(result.steps), **_throughput(result), **metrics},
         )
 
-    def train(
-        self, instr: FitInstruction, cfg: ClientConfig, hooks: LocalHooks, *, batch_loss: BatchLoss = WHOLE_BATCH
-    ) -> LocalResult:
-        """The local training of ``instr``'s client on its examples (data-parallel ranks pass their batch loss)."""
+    def train(self, fit: FitContext, *, batch_loss: BatchLoss = WHOLE_BATCH) -> LocalResult:
+        """The local training of the fit's client on its examples (data-parallel ranks pass their batch loss)."""
+        instr, cfg = fit.instr, fit.instr.train
         common = dict(  # what both trainers take: the client's examples, its round and its random stream
             seed=instr.seed,
             round_idx=instr.round,
             client_id=instr.client_id,
-            hooks=hooks,
+            hooks=fit.hooks,
             rounds=instr.options.get(ROUNDS_OPTION),
         )
         examples = self.examples(instr.client_id, train=True)
@@ -140,17 +161,15 @@ class ClientWorker:
 
     def fit(self, instr: FitInstruction) -> ClientUpdate:
         started = time.perf_counter()
-        cfg, hooks = self.begin_fit(instr)
-        if self.personal is None:
-            result, params, extra = self.train(instr, cfg, hooks), self.view.read(), {}
-        else:  # the client's own parameters around the global update (saved in its state store)
-            examples = self.examples(instr.client_id, train=True)
-            trainer = functools.partial(self.train, instr, cfg, hooks)
-            result, params, extra = self.personal.fit(self.task, self.view, instr, cfg, trainer, examples)
-        update = self.reply(instr, result, params, {"fit_seconds": time.perf_counter() - started, **extra})
-        for transform in self.update_transforms:
-            update = transform(update, instr)
-        return update
+        with self.fitting(instr) as fit:
+            if self.personal is None:
+                result, params, extra = self.train(fit), self.view.read(), {}
+            else:  # the client's own parameters around the global update (saved in its state store)
+                examples = self.examples(instr.client_id, train=True)
+                trainer = functools.partial(self.train, fit)
+                result, params, extra = self.personal.fit(self.task, self.view, instr, instr.train, trainer, examples)
+            update = self.reply(instr, result, params, {"fit_seconds": time.perf_counter() - started, **extra})
+            return self.finish(fit, update)
 
     def evaluate(self, instr: EvalInstruction) -> ClientEval:
         self._check_digest(instr.spec_digest)

@@ -6,7 +6,7 @@ swapping the trainable vector per request, so memory grows with the number of wo
 Both give the same result for the same seed (see ``fedtune.transport.ray_backend`` for the conditions).
 
 Whatever a simulated client must remember between rounds (DP-SGD's privacy ledger) lives off-worker, in the
-store ``client_state`` names (``fedtune.client.state_store``): workers are shared by all clients and a client
+store ``client_state`` names (``fedtune.core.state_store``): workers are shared by all clients and a client
 may be served by a different Ray actor every round.
 """
 

@@ -2,12 +2,13 @@
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass, field
 from typing import Any
 
 import numpy as np
 
-from fedtune.tasks.base import EvalSums
+from fedtune.config.schema import ClientConfig
 
 
 @dataclass(frozen=True)
@@ -19,7 +20,8 @@ class FitInstruction:
     params: np.ndarray  # the global trainable vector (read-only for the client)
     spec_digest: str
     seed: int  # the run's seed; the client derives its own streams from (seed, round, client_id)
-    train: dict[str, Any]  # the client section of the config (ClientConfig fields)
+    # the client section of the config, validated once where it was loaded (or decoded off the wire)
+    train: ClientConfig
     extras: dict[str, np.ndarray] = field(default_factory=dict)  # strategy payloads (e.g. control variates)
     options: dict[str, Any] = field(default_factory=dict)  # strategy scalars (e.g. proximal mu)
 
@@ -51,6 +53,36 @@ class EvalInstruction:
     max_examples: int | None
     # the rest of the global model, from strategy.eval_payload (e.g. LoRA residuals "lora/residual/<module>")
     extras: dict[str, np.ndarray] = field(default_factory=dict)
+
+
+@dataclass(frozen=True)
+class EvalSums:
+    """Additive evaluation statistics: summed loss, counted units, correct predictions."""
+
+    loss_sum: float = 0.0
+    count: int = 0
+    correct: int = 0
+    examples: int = 0
+
+    def __add__(self, other: EvalSums) -> EvalSums:
+        return EvalSums(
+            self.loss_sum + other.loss_sum,
+            self.count + other.count,
+            self.correct + other.correct,
+            self.examples + other.examples,
+        )
+
+    def metrics(self, *, accuracy: bool) -> dict[str, float]:
+        """loss and either accuracy (classifiers) or perplexity (language models)."""
+        if self.count == 0:
+            return {}
+        loss = self.loss_sum / self.count
+        out = {"loss": loss}
+        if accuracy:
+            out["accuracy"] = self.correct / max(self.examples, 1)
+        else:
+            out["perplexity"] = math.exp(min(loss, 50.0))
+        return out
 
 
 @dataclass(frozen=True)

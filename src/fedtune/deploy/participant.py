@@ -30,13 +30,13 @@ import yaml
 from rich.console import Console
 
 from fedtune.client.build import build_client_extensions
-from fedtune.client.state_store import participant_address
 from fedtune.client.worker import ClientWorker
 from fedtune.config.load import parse_config
 from fedtune.config.privacy import check_dpsgd_data_parallel
 from fedtune.config.schema import Config, DataConfig
 from fedtune.config.simulation import with_client_state
 from fedtune.core.rng import derive_rng
+from fedtune.core.state_store import participant_address
 from fedtune.data.cache import default_cache_dir
 from fedtune.data.partition import random_split
 from fedtune.data.types import ClientSplit

@@ -42,8 +42,7 @@ def client_privacy(config: Config) -> tuple[list, list]:
         from fedtune.privacy.dpsgd import DpSgd
 
         dpsgd = DpSgd(p.dpsgd, state=config.simulation.client_state)  # the client ledgers: off-worker
-        hook_factories.append(dpsgd.hooks)
-        transforms.append(dpsgd.transform)
+        hook_factories.append(dpsgd.hooks)  # its hooks' finish books the round's cost on the client's ledger
     if p.dp is not None:
         from fedtune.privacy.client_clip import dp_clip_transform
 
@@ -102,6 +101,8 @@ def check_secagg_transport(config: Config, transport: Any) -> None:
 def carry_secagg(strategy: Any, transport: Any) -> Any:
     """``strategy`` with its SecAgg summer's messages carried by ``transport`` when that is a networked
     transport started for SecAgg (then the updates stay on the clients); unchanged otherwise."""
+    if not getattr(transport, "secure_aggregation", False):
+        return strategy  # without it there is nothing to carry: SecAgg's modules (cryptography) stay unimported
     from fedtune.privacy.secagg.driver import SecureSummer
 
     summer = getattr(strategy, "summer", None)

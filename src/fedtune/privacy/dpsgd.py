@@ -19,7 +19,7 @@ post-process the private gradient. Accounting (fedtune.privacy.accountant):
 
 The per-client epsilon is reported in the update's metrics: ``dpsgd_epsilon_round`` (this round's local
 training) and ``dpsgd_epsilon`` (all of this client's rounds so far). The ledger behind the latter is the
-client's, not the worker's: it is loaded from the client state store (``fedtune.client.state_store``,
+client's, not the worker's: it is loaded from the client state store (``fedtune.core.state_store``,
 namespace "dpsgd") when the client's fit starts and saved with this round's entries when it ends, so it is
 the same whichever worker, Ray actor or resumed process serves the client; a round replayed after a crash
 reads the ledger it read the first time (the store is versioned by round).
@@ -38,12 +38,10 @@ import torch
 from opacus.grad_sample import GradSampleHooks
 from opacus.optimizers import DPOptimizer
 
-from fedtune.client.state_store import ClientState, ClientStateStore, open_state_store
-from fedtune.client.train import LocalHooks
-from fedtune.client.weights import TrainableView
 from fedtune.config.privacy import DpSgdConfig
-from fedtune.config.schema import ClientConfig
+from fedtune.core.fit import LocalHooks
 from fedtune.core.messages import ClientUpdate, FitInstruction
+from fedtune.core.state_store import ClientState, ClientStateStore, open_state_store
 from fedtune.models.lora import trainable_parameters
 from fedtune.privacy import accountant
 from fedtune.privacy.errors import PrivacyError
@@ -120,7 +118,7 @@ def epochs_touched(seen: int, num_examples: int) -> int:
 
 
 class DpSgd:
-    """Hook factory and update transform for local DP-SGD. Holds only per-fit bookkeeping; each client's
+    """Hook factory for local DP-SGD (its hooks carry the fit's bookkeeping and finish). Each client's
     ledger lives in the client state store at ``state`` (an address, opened on first use in whichever
     process this object was built: a Ray actor, a data-parallel rank)."""
 
@@ -129,7 +127,6 @@ class DpSgd:
         self.state = state
         self.scope = seed_scope
         self._attached: weakref.WeakKeyDictionary[torch.nn.Module, _Attachment] = weakref.WeakKeyDictionary()
-        self._fits: dict[tuple[str, int], _Fit] = {}
 
     @functools.cached_property
     def store(self) -> ClientStateStore:
@@ -152,13 +149,15 @@ class DpSgd:
             self._attached[module] = _Attachment(hooks, batch, [n for n, _ in named], [p for _, p in named])
         return self._attached[module]
 
-    def hooks(self, task: Task, instr: FitInstruction, view: TrainableView) -> LocalHooks:
+    def hooks(self, task: Task, instr: FitInstruction, view: object) -> LocalHooks:
+        """This fit's private-gradient hook, the finish that books its cost, and the cleanup that drops any
+        per-sample gradient a failed step left on the parameters (Opacus would add the next batch's to it).
+        ``view`` is unused: DP-SGD clips every trainable parameter of ``task.module``."""
         att = self._attach(task)
-        train = ClientConfig.model_validate(instr.train)
-        if train.full_batch != (self.cfg.sample_rate is not None):
+        full_batch = instr.train.full_batch
+        if full_batch != (self.cfg.sample_rate is not None):
             raise PrivacyError("privacy.dpsgd.sample_rate is required with, and only with, client.full_batch")
-        ledger = self.ledger(instr.client_id, round=instr.round)
-        fit = self._fits[(instr.client_id, instr.round)] = _Fit(ledger, full_batch=train.full_batch)
+        fit = _Fit(self.ledger(instr.client_id, round=instr.round), full_batch=full_batch)
         clipper = DPOptimizer(
             torch.optim.SGD(att.params, lr=0.0),
             noise_multiplier=0.0,  # the noise is ours (seeded or secure); Opacus clips
@@ -169,7 +168,15 @@ class DpSgd:
         def private_gradient() -> None:
             self._step(task, att, clipper, fit, instr)
 
-        return LocalHooks(grad_hooks=[private_gradient])
+        def finish(update: ClientUpdate) -> ClientUpdate:
+            return self.book(fit, update)
+
+        def cleanup() -> None:
+            for p in att.params:
+                p.grad_sample, p.summed_grad = None, None
+            att.batch.size, att.batch.lengths = 0, None
+
+        return LocalHooks(grad_hooks=[private_gradient], finish=[finish], cleanup=[cleanup])
 
     def _check(self, att: _Attachment) -> int:
         size = att.batch.size
@@ -225,16 +232,14 @@ class DpSgd:
         # the steps touched ceil(examples seen / N) epochs, whatever the batch size and the last batch's
         return [accountant.gaussian_replace_entry(z, epochs_touched(fit.seen, num_examples))]
 
-    def transform(self, update: ClientUpdate, instr: FitInstruction) -> ClientUpdate:
-        fit = self._fits.pop((instr.client_id, instr.round), None)
-        if fit is None:
-            raise PrivacyError(f"DP-SGD: no record of client {instr.client_id}'s local training this round")
+    def book(self, fit: _Fit, update: ClientUpdate) -> ClientUpdate:
+        """Append this round's cost to the client's ledger, save it, and report epsilon in the metrics."""
         entries = self.round_entries(fit, update.num_examples)
         ledger = fit.ledger
         for entry in entries:
             ledger = accountant.append(ledger, entry)
         # saved before the update leaves: an update sent is a release, and its cost must be on record
-        self.store.save(instr.client_id, STATE_NAMESPACE, ClientState(meta={"ledger": ledger}), round=instr.round)
+        self.store.save(update.client_id, STATE_NAMESPACE, ClientState(meta={"ledger": ledger}), round=update.round)
         delta = self.cfg.delta
         metrics = {
             **update.metrics,

@@ -25,9 +25,9 @@ from pathlib import Path
 import torch
 
 from fedtune.client.hooks import base_weight
+from fedtune.core.keys import RESIDUAL_PREFIX
 from fedtune.errors import ModelError
 from fedtune.models.gguf_cache import write_folder_atomically
-from fedtune.server.strategies.lora import RESIDUAL_PREFIX
 from fedtune.tasks.base import Task
 
 ADAPTER_DIR = "adapter"

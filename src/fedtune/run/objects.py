@@ -13,6 +13,7 @@ set instead of a split); one dataset is partitioned as ``data.partition`` says. 
 from __future__ import annotations
 
 import copy
+import sys
 from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
@@ -65,9 +66,10 @@ def raw_config(config: str | Path | Mapping | Config | None) -> dict:
 
 def model_kind(model: torch.nn.Module) -> str:
     """causal_lm / classification for Hugging Face models (by their head), module for any other nn.Module."""
-    from transformers import PreTrainedModel
-
-    if not isinstance(model, PreTrainedModel):
+    # a Hugging Face model was built by transformers, so it is imported already; a plain module's run need not
+    # pay seconds to import it just to learn that
+    transformers = sys.modules.get("transformers")
+    if transformers is None or not isinstance(model, transformers.PreTrainedModel):
         return "module"
     name = type(model).__name__
     if name.endswith("ForSequenceClassification"):
@@ -123,9 +125,8 @@ def _label(record: Any) -> int:
 
 def label_names(dataset: Any) -> list[str]:
     """The names of a ``datasets.Dataset``'s ClassLabel column ``label``/``labels``, if it has one."""
-    import datasets
-
-    if isinstance(dataset, datasets.Dataset):
+    datasets = sys.modules.get("datasets")  # a Dataset was made by the datasets package: imported already
+    if datasets is not None and isinstance(dataset, datasets.Dataset):
         for key in ("label", "labels"):
             feature = dataset.features.get(key)
             if isinstance(feature, datasets.ClassLabel):

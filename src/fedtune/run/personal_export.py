@@ -20,8 +20,8 @@ import numpy as np
 import torch
 
 from fedtune.client.personal import LOCAL_PREFIX, NS_DITTO, NS_FINETUNED, NS_LOCAL
-from fedtune.client.state_store import ClientState, open_state_store
 from fedtune.client.weights import TrainableView
+from fedtune.core.state_store import ClientState, open_state_store
 from fedtune.errors import CheckpointError, ConfigError
 from fedtune.models.personal import local_parameters
 from fedtune.tasks.base import Task

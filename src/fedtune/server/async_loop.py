@@ -27,9 +27,9 @@ import numpy as np
 
 from fedtune.aggregation.fedbuff import StalenessWeight
 from fedtune.aggregation.server_opt import make_server_optimizer
-from fedtune.client.schedule import ROUNDS_OPTION
 from fedtune.config.asynchronous import ClientSpeedConfig, FedBuffConfig
 from fedtune.config.schema import Config
+from fedtune.core.keys import ROUNDS_OPTION
 from fedtune.core.messages import ClientFailure, ClientUpdate, FitInstruction
 from fedtune.core.params import check_vector
 from fedtune.core.state import ServerState
@@ -109,7 +109,7 @@ def _instruction(config: Config, server: FedBuff, state: ServerState, flight: In
         params=version_params(state, flight.version),
         spec_digest=state.spec.digest,
         seed=config.seed,
-        train=config.client.model_dump(),
+        train=config.client,
         extras=arrays,
         options={**options, ROUNDS_OPTION: config.federation.rounds},
     )

@@ -16,8 +16,8 @@ import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 
-from fedtune.client.schedule import ROUNDS_OPTION
 from fedtune.config.schema import Config
+from fedtune.core.keys import ROUNDS_OPTION
 from fedtune.core.messages import ClientEval, ClientFailure, ClientUpdate, EvalInstruction, FitInstruction
 from fedtune.core.params import check_vector
 from fedtune.core.sampling import poisson_sample, sample_clients, sampling_rate
@@ -223,7 +223,7 @@ def run_round(
     population = transport.client_ids()
     state = begin_round(strategy, state, population)
     sampled = sample_round(config, population, round_idx)
-    train_cfg = config.client.model_dump()
+    train_cfg = config.client
     instructions = []
     for cid in sampled:
         arrays, options = strategy.fit_payload(state, cid)

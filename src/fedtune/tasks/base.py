@@ -8,45 +8,15 @@ and clients is weighted exactly (pooled perplexity is exp of the token-weighted 
 
 from __future__ import annotations
 
-import math
 from collections.abc import Sequence
-from dataclasses import dataclass
 from typing import Any, Protocol, runtime_checkable
 
 import torch
 
+from fedtune.core.messages import EvalSums
+
 Example = dict[str, torch.Tensor]
 Batch = dict[str, torch.Tensor]
-
-
-@dataclass(frozen=True)
-class EvalSums:
-    """Additive evaluation statistics: summed loss, counted units, correct predictions."""
-
-    loss_sum: float = 0.0
-    count: int = 0
-    correct: int = 0
-    examples: int = 0
-
-    def __add__(self, other: EvalSums) -> EvalSums:
-        return EvalSums(
-            self.loss_sum + other.loss_sum,
-            self.count + other.count,
-            self.correct + other.correct,
-            self.examples + other.examples,
-        )
-
-    def metrics(self, *, accuracy: bool) -> dict[str, float]:
-        """loss and either accuracy (classifiers) or perplexity (language models)."""
-        if self.count == 0:
-            return {}
-        loss = self.loss_sum / self.count
-        out = {"loss": loss}
-        if accuracy:
-            out["accuracy"] = self.correct / max(self.examples, 1)
-        else:
-            out["perplexity"] = math.exp(min(loss, 50.0))
-        return out
 
 
 @runtime_checkable

@@ -4,7 +4,7 @@ Each actor calls a *worker factory* once (for ``fedtune run``: ``prepare(config)
 model, its adapter and every client's data) and then serves fit/evaluate requests for whichever client it is
 handed, by writing that client's global vector into the resident model, exactly like the in-process worker.
 Memory therefore grows with the number of actors, not with the number of simulated clients. Client state that
-must outlive a round belongs in ``fedtune.client.state_store``, never in an actor.
+must outlive a round belongs in ``fedtune.core.state_store``, never in an actor.
 
 Results equal the in-process backend's bit for bit, because
 

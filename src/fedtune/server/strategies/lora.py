@@ -29,16 +29,15 @@ from dataclasses import dataclass, field
 import numpy as np
 
 from fedtune.aggregation.lora import LoraPair, lora_b_only, lora_pairs, stack_adapters, svd_reproject, truncate_rank
+from fedtune.core.keys import RANK_OPTION, RESIDUAL_PREFIX
 from fedtune.core.messages import ClientUpdate
 from fedtune.core.params import ParamSpec
 from fedtune.core.rng import derive_rng
 from fedtune.core.state import ServerState
 from fedtune.server.strategies.fedopt import NoFold, Payload, PluginFold
-from fedtune.server.strategies.lora_ranks import RANK_OPTION, RankAssignment
+from fedtune.server.strategies.lora_ranks import RankAssignment
 
-RESIDUAL_PREFIX = "lora/residual/"
 __all__ = ["RANK_OPTION", "RESIDUAL_PREFIX", "FLoRA", "FedExLora", "FfaLora", "SvdLora", "full_rank", "residual_key"]
-
 
 def residual_key(module: str) -> str:
     return RESIDUAL_PREFIX + module

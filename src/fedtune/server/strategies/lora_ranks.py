@@ -15,13 +15,12 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from fedtune.config.lora_ranks import ClientRanks, RankTiers
+from fedtune.core.keys import RANK_OPTION, RSLORA_OPTION
 from fedtune.core.messages import ClientUpdate
 from fedtune.core.rng import derive_rng
 
 log = logging.getLogger(__name__)
 
-RANK_OPTION = "lora_rank"
-RSLORA_OPTION = "lora_rslora"
 
 
 @dataclass(frozen=True)

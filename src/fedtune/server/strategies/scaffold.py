@@ -20,6 +20,7 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
+from fedtune.core.keys import C_KEY, CI_KEY, DC_KEY
 from fedtune.core.messages import ClientUpdate
 from fedtune.core.params import ParamSpec
 from fedtune.core.state import ServerState
@@ -27,7 +28,6 @@ from fedtune.server.strategies.fedopt import Payload, PluginFold
 
 SUM_KEY = "scaffold/sum"
 CLIENT_PREFIX = "scaffold/c/"
-C_KEY, CI_KEY, DC_KEY = "scaffold/c", "scaffold/c_i", "scaffold/dc"  # names on the wire
 
 
 def client_key(client_id: str) -> str:

@@ -19,11 +19,12 @@ import math
 from typing import Any
 
 import numpy as np
+from pydantic import ValidationError
 
-from fedtune.core.messages import ClientEval, ClientUpdate, EvalInstruction, FitInstruction
+from fedtune.config.schema import ClientConfig
+from fedtune.core.messages import ClientEval, ClientUpdate, EvalInstruction, EvalSums, FitInstruction
 from fedtune.errors import UpdateRejected
 from fedtune.privacy.secagg.messages import HELD
-from fedtune.tasks.base import EvalSums
 from fedtune.transport.codecs import Codec, CodecError, decode_update
 from fedtune.transport.grpc.proto import fedtune_pb2 as pb
 from fedtune.transport.grpc.wire import Payload
@@ -65,7 +66,8 @@ def _take_extras(tensors: dict[str, np.ndarray], who: str) -> dict[str, np.ndarr
 
 def fit_payload(instr: FitInstruction, task_id: str) -> Payload:
     header = _header(pb.FIT, task_id=task_id, round_idx=instr.round, spec_digest=instr.spec_digest)
-    scalars = {"seed": instr.seed, "train": instr.train, "options": instr.options}
+    # the typed client config travels as its JSON form and is validated again on arrival (_client_config)
+    scalars = {"seed": instr.seed, "train": instr.train.model_dump(mode="json"), "options": instr.options}
     return Payload(header, scalars, {"params": instr.params, **_named_extras(instr.extras)})
 
 
@@ -83,6 +85,16 @@ def _params(payload: Payload) -> np.ndarray:
     return params
 
 
+def _client_config(raw: object) -> ClientConfig:
+    """The server's client section, validated once here, at the edge: a bad one is refused with its reason."""
+    if not isinstance(raw, dict):
+        raise UpdateRejected(f"the server's task carries no client config (got {type(raw).__name__})")
+    try:
+        return ClientConfig.model_validate(raw)
+    except ValidationError as err:
+        raise UpdateRejected(f"the server's client config is invalid: {err}") from None
+
+
 def fit_from_payload(payload: Payload, client_id: str) -> FitInstruction:
     s, h = payload.scalars, payload.header
     return FitInstruction(
@@ -91,7 +103,7 @@ def fit_from_payload(payload: Payload, client_id: str) -> FitInstruction:
         params=_params(payload),
         spec_digest=h.spec_digest,
         seed=int(s["seed"]),
-        train=dict(s["train"]),
+        train=_client_config(s.get("train")),
         extras=_take_extras(payload.tensors, "server task"),
         options=dict(s.get("options") or {}),
     )

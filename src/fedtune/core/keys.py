@@ -1,0 +1,18 @@
+"""Names on the wire shared by a strategy's server half and its client half.
+
+They live here, below both, so neither imports the other to agree on a name: the server's plug-ins
+(fedtune.server.strategies) write these keys into FitInstruction.options / .extras, and the client's hooks
+(fedtune.client.hooks) read them.
+"""
+
+from __future__ import annotations
+
+# FitInstruction.options (scalars)
+PROXIMAL_OPTION = "proximal_mu"  # FedProx mu: the client adds mu/2 ||w - w_global||^2
+RANK_OPTION = "lora_rank"  # heterogeneous ranks (flora/hetlora/flexlora): this client trains at rank r_k
+RSLORA_OPTION = "lora_rslora"  # with a rank: the client scales by alpha / sqrt(r_k) (rsLoRA) instead of alpha / r_k
+ROUNDS_OPTION = "federation_rounds"  # the federation's round count: the span of the local lr schedule
+
+# FitInstruction.extras / ClientUpdate.extras (arrays)
+RESIDUAL_PREFIX = "lora/residual/"  # + module name: the exact LoRA modes' dense residual of that layer
+C_KEY, CI_KEY, DC_KEY = "scaffold/c", "scaffold/c_i", "scaffold/dc"  # SCAFFOLD: c, c_i down; dc_i up
