@@ -3,7 +3,7 @@
 Workload "A" of the Flower baseline harness: a ~1.03M-parameter char transformer, 10 clients all sampled,
 5 rounds, 20 local SGD steps of batch 32 (lr 0.05) on synthetic tokens. Both sides train the same examples
 in the same minibatch order (fedtune's seeded shuffle), average with example weights, and must end with the
-same global model (checked). fedtune runs its real coordinator (`fedtune.run.session.serve`: validation,
+same global model (checked). fedtune runs its real coordinator (`fedtune.run.session.coordinate`: validation,
 streaming FedAvg, metrics.jsonl, atomic checkpoint and plot every round). Each variant runs in a fresh
 process; variants alternate, and the ratio is taken per repetition.
 
@@ -36,7 +36,7 @@ def child_fedtune(workload: str, rounds: int, clients: int, steps: int) -> dict:
 
     from fedtune.client.worker import ClientWorker
     from fedtune.config import parse_config
-    from fedtune.run.session import serve
+    from fedtune.run.session import coordinate
     from fedtune.transport.inprocess import InProcessTransport
 
     task = build(workload)
@@ -61,7 +61,7 @@ def child_fedtune(workload: str, rounds: int, clients: int, steps: int) -> dict:
             }
         )
         started = time.perf_counter()
-        result = serve(
+        result = coordinate(
             config,
             InProcessTransport(worker),
             init=(worker.current_params(), worker.view.spec),

@@ -8,11 +8,11 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from fedtune.aggregation.fedavg import WeightedMean, client_weights, fold_weighted_mean
-from fedtune.config.schema import ServerConfig
+from fedtune.aggregation.server_opt import ServerSGD
 from fedtune.core.messages import ClientUpdate
 from fedtune.core.params import ParamSpec
 from fedtune.core.state import ServerState
-from fedtune.server.strategy import FedAvg
+from fedtune.server.strategies import FedOpt
 
 
 def _deltas(rng: np.random.Generator, k: int, n: int) -> list[np.ndarray]:
@@ -90,7 +90,7 @@ def test_fedavg_server_learning_rate(eta: float) -> None:
     deltas = _deltas(rng, 3, 20)
     counts = [5, 1, 20]
     state = _state(params.copy())
-    new, metrics = FedAvg(ServerConfig(lr=eta)).aggregate(
+    new, metrics = FedOpt(optimizer=ServerSGD(lr=eta)).aggregate(
         state, (_update(f"c{i}", d, n) for i, (d, n) in enumerate(zip(deltas, counts, strict=True)))
     )
     want = params + eta * np.average(np.stack(deltas), axis=0, weights=counts)

@@ -120,13 +120,13 @@ def test_serve_resumes_from_the_previous_checkpoint_when_the_latest_is_corrupt(t
     )
     init = (np.linspace(-1, 1, NUMEL, dtype=np.float32), SMALL)
     quiet = Console(quiet=True)
-    whole = session.serve(config, Network(4), init=init, accuracy=False, console=quiet, show_progress=False)
+    whole = session.coordinate(config, Network(4), init=init, accuracy=False, console=quiet, show_progress=False)
     # the same run, stopped after round 2, then its latest checkpoint corrupted on disk
     two = config.model_copy(update={"federation": config.federation.model_copy(update={"rounds": 2})})
-    part = session.serve(two, Network(4), init=init, accuracy=False, console=quiet, show_progress=False)
+    part = session.coordinate(two, Network(4), init=init, accuracy=False, console=quiet, show_progress=False)
     _flip_tensor_byte(part.run_dir / rundir.CHECKPOINT)
     console = Console(record=True, width=200)
-    resumed = session.serve(
+    resumed = session.coordinate(
         config, Network(4), init=init, accuracy=False, console=console, resume_dir=part.run_dir, show_progress=False
     )
     text = " ".join(console.export_text().split())

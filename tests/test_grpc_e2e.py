@@ -30,7 +30,7 @@ from _models import DIGITS_CNN
 from fedtune.config import parse_config
 from fedtune.core.messages import ClientEval, ClientFailure, ClientUpdate, EvalInstruction, FitInstruction
 from fedtune.core.state import load_state
-from fedtune.run.session import prepare, serve, simulate
+from fedtune.run.session import coordinate, prepare, simulate
 from fedtune.transport.base import Transport
 from fedtune.transport.inprocess import InProcessTransport
 
@@ -108,7 +108,7 @@ def _oracle(shared: tuple[dict, np.ndarray], run_dir: Path, tmp: Path) -> np.nda
     transport = _SameParticipation(InProcessTransport(prepared.worker), accepted)
     init = (prepared.worker.current_params(), prepared.worker.view.spec)
     accuracy = prepared.task.reports_accuracy
-    return serve(config, transport, init=init, accuracy=accuracy, show_progress=False).state.params
+    return coordinate(config, transport, init=init, accuracy=accuracy, show_progress=False).state.params
 
 
 @pytest.fixture(scope="module")

@@ -192,7 +192,7 @@ def test_a_failed_client_is_not_sent_evaluation() -> None:
 def _serve(tmp_path, network: Network, config, **kw):
     cfg = config.model_copy(update={"run": config.run.model_copy(update={"out_dir": str(tmp_path), "plot": False})})
     params = np.linspace(-1, 1, NUMEL, dtype=np.float32)
-    return session.serve(
+    return session.coordinate(
         cfg, network, init=(params, SPEC), accuracy=False, console=Console(quiet=True), show_progress=False, **kw
     )
 

@@ -12,7 +12,7 @@ from fedtune.core.messages import ClientEval, ClientFailure, ClientUpdate, EvalI
 from fedtune.core.params import ParamSpec
 from fedtune.core.state import ServerState
 from fedtune.server.loop import run_round, run_rounds
-from fedtune.server.strategy import FedAvg
+from fedtune.server.strategies import FedOpt
 from fedtune.tasks.base import EvalSums
 
 SPEC = ParamSpec(names=("w",), shapes=((4,),), dtypes=("float32",))
@@ -70,7 +70,7 @@ def test_every_bad_reply_is_rejected_with_a_reason_and_the_round_continues() -> 
     faults = {0: "nan", 1: "shape", 2: "digest", 3: "stale", 4: "crash", 5: "duplicate", 6: "impostor"}
     transport = Scripted(8, faults)
     state = ServerState(0, np.zeros(4, np.float32), SPEC)
-    new, report = run_round(_config(), FedAvg(parse_config({}).server), transport, state)
+    new, report = run_round(_config(), FedOpt(), transport, state)
     reasons = {f.client_id: f.reason for f in report.failures}
     assert "NaN" in reasons["c0"]
     assert "5 values" in reasons["c1"]
@@ -89,7 +89,7 @@ def test_run_rounds_advances_and_calls_back() -> None:
     seen = []
     final = run_rounds(
         _config(clients_per_round=2),
-        FedAvg(parse_config({}).server),
+        FedOpt(),
         transport,
         ServerState(0, np.zeros(4, np.float32), SPEC),
         on_round=lambda s, r: seen.append((s.round, r.round, r.eval_pooled is not None)),

@@ -4,32 +4,29 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-import torch
 
-from fedtune.core.params import ParamSpec, check_vector, flatten, unflatten
+from fedtune.core.params import ParamSpec, check_vector
 from fedtune.core.state import ServerState, load_state, save_state
 from fedtune.errors import CheckpointError, UpdateRejected
 
-
-def _state_dict() -> dict[str, torch.Tensor]:
-    g = torch.Generator().manual_seed(0)
-    return {"a.weight": torch.randn(3, 4, generator=g), "b.bias": torch.randn(5, generator=g)}
+SPEC = ParamSpec(names=("a.weight", "b.bias"), shapes=((3, 4), (5,)), dtypes=("float32", "float32"))
 
 
-def test_flatten_round_trip_and_digest() -> None:
-    sd = _state_dict()
-    flat, spec = flatten(sd)
-    assert flat.dtype == np.float32 and flat.size == 17
-    back = unflatten(flat, spec)
-    for k in sd:
-        torch.testing.assert_close(back[k], sd[k])
+def _flat() -> np.ndarray:
+    return np.random.default_rng(0).standard_normal(SPEC.numel).astype(np.float32)
+
+
+def test_spec_offsets_digest_and_mismatch() -> None:
+    spec = SPEC
+    assert spec.numel == 17
+    assert [(n, a, b) for n, a, b, _ in spec.offsets()] == [("a.weight", 0, 12), ("b.bias", 12, 17)]
     other = ParamSpec(names=("a.weight", "b.bias"), shapes=((4, 3), (5,)), dtypes=("float32", "float32"))
     assert other.digest != spec.digest
     assert "a.weight" in spec.describe_mismatch(other) and "[4, 3]" in spec.describe_mismatch(other)
 
 
 def test_check_vector_rejects_lies() -> None:
-    _, spec = flatten(_state_dict())
+    spec = SPEC
     with pytest.raises(UpdateRejected, match="16 values"):
         check_vector(np.zeros(16, np.float32), spec)
     with pytest.raises(UpdateRejected, match="float64"):
@@ -41,7 +38,7 @@ def test_check_vector_rejects_lies() -> None:
 
 
 def test_state_checkpoint_round_trip(tmp_path: Path) -> None:
-    flat, spec = flatten(_state_dict())
+    flat, spec = _flat(), SPEC
     state = ServerState(round=3, params=flat, spec=spec, arrays={"m": flat * 2}, extra={"eps": [1.5]})
     path = tmp_path / "ckpt.safetensors"
     save_state(state, path, config_digest="abc")

@@ -8,7 +8,8 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 from hypothesis.extra.numpy import arrays
 
-from fedtune.privacy.clipping import clip_l2, l2_norm
+from fedtune.aggregation.clip import clip_l2
+from fedtune.core.params import l2_norm
 
 finite = st.floats(min_value=-(2.0**60), max_value=2.0**60, allow_nan=False, allow_infinity=False, width=32)
 

@@ -107,10 +107,11 @@ def test_valid_private_configs_build_wrapped_strategies() -> None:
 
 
 def test_secagg_is_refused_over_a_transport_that_would_see_plaintext() -> None:
-    from fedtune.privacy.build import check_secagg_transport
+    from fedtune.server.summing import check_secagg_transport
+    from fedtune.transport.base import Capabilities
 
-    class GrpcServerTransport:  # stands in for the networked transport
-        pass
+    class GrpcServerTransport:  # stands in for a networked transport not started for SecAgg
+        capabilities = Capabilities()
 
     with pytest.raises(ConfigError, match="plaintext"):
         check_secagg_transport(cfg({"secure_aggregation": True}), GrpcServerTransport())

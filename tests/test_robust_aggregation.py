@@ -12,7 +12,6 @@ from hypothesis import strategies as st
 from hypothesis.extra.numpy import arrays
 
 from fedtune.aggregation.robust import (
-    clip_to_norm,
     coordinate_median,
     krum_scores,
     krum_select,
@@ -73,11 +72,14 @@ def test_krum_scores_against_a_brute_force_oracle():
         krum_scores(deltas[:6], 2)
 
 
-def test_clip_to_norm_guards_zero_and_scales_to_the_bound():
-    zero, clipped = clip_to_norm(np.zeros(3, np.float32), 1.0)
-    assert not clipped and not zero.any()
-    big, clipped = clip_to_norm(np.array([3, 4], np.float32), 1.0)
-    assert clipped and np.linalg.norm(big) == pytest.approx(1.0, rel=1e-6)
+def test_norm_bounded_mean_clips_with_the_one_l2_clip():
+    """norm_bounded_mean clips by clip_l2 (the safety margin keeps the norm at or below the bound)."""
+    fold = make_aggregator("norm_bounded_mean", norm_bound=1.0).fold(2)
+    fold.add(np.array([3, 4], np.float32), 1.0)
+    fold.add(np.zeros(2, np.float32), 1.0)
+    mean, metrics = fold.result()
+    assert metrics == {"clipped": 1}
+    assert np.linalg.norm(mean * 2) <= 1.0 and np.linalg.norm(mean * 2) == pytest.approx(1.0, rel=1e-5)
 
 
 # --------------------------------------------------------------------------------------------- attacks

@@ -30,11 +30,12 @@ from _grpc_support import (
 )
 from _models import DIGITS_CNN
 from fedtune.config import parse_config
-from fedtune.core.messages import ClientUpdate
+from fedtune.core.messages import ClientUpdate, HeldUpdate
 from fedtune.core.state import load_state
 from fedtune.errors import ConfigError, UpdateRejected
-from fedtune.privacy.build import check_secagg_transport
 from fedtune.run.session import initial_params, simulate
+from fedtune.server.summing import check_secagg_transport
+from fedtune.transport.base import Capabilities
 from fedtune.transport.codecs import build_codec
 from fedtune.transport.grpc import protocol, wire
 from fedtune.transport.grpc.proto import fedtune_pb2 as pb
@@ -240,15 +241,15 @@ def _update(n: int = 6) -> ClientUpdate:
     return ClientUpdate("c", 1, 5, np.linspace(-1, 1, n, dtype=np.float32), "digest", {"train_loss": 0.5})
 
 
-def test_a_plaintext_update_is_refused_under_secagg_and_a_held_one_becomes_a_placeholder() -> None:
+def test_a_plaintext_update_is_refused_under_secagg_and_a_held_one_carries_no_delta() -> None:
     plain, _ = protocol.update_payload(_update(), task_id="t", session="s", codec=build_codec("none"), residual=None)
     with pytest.raises(UpdateRejected, match="must stay on the client"):
         protocol.held_update_from_payload(plain, client_id="c", numel=6, spec_digest="digest")
     held = protocol.held_update_payload(_update(), task_id="t", session="s")
     assert held.tensors == {}
     update = protocol.held_update_from_payload(held, client_id="c", numel=6, spec_digest="digest")
-    assert update.metrics == {"train_loss": 0.5, "secagg_held": 1.0} and update.num_examples == 5
-    assert update.delta.shape == (6,) and not update.delta.any() and update.delta.strides == (0,)
+    assert isinstance(update, HeldUpdate) and not hasattr(update, "delta")
+    assert update.metrics == {"train_loss": 0.5} and update.num_examples == 5 and update.round == 1
 
 
 def test_secagg_message_payload_round_trips_and_rejects_other_tensors() -> None:
@@ -273,15 +274,15 @@ def test_secagg_over_grpc_refuses_what_cannot_work(overrides, message, tmp_path)
     for section, values in overrides.items():
         cfg[section] = {**cfg[section], **values}
 
-    class GrpcServerTransport:  # what check_secagg_transport looks at
-        secure_aggregation = True
+    class GrpcServerTransport:  # what check_secagg_transport looks at: the declared capabilities
+        capabilities = Capabilities(secure_sum=True)
 
         def secagg_exchange(self, round_idx, stage, messages):
             return {}
 
     with pytest.raises(ConfigError, match=message):
         check_secagg_transport(parse_config(cfg), GrpcServerTransport())
-    GrpcServerTransport.secure_aggregation = False  # not started for SecAgg: would see plaintext
+    GrpcServerTransport.capabilities = Capabilities()  # not started for SecAgg: would see plaintext
     with pytest.raises(ConfigError, match="plaintext"):
         plain = _config(tmp_path, tmp_path, 1, num_clients=3, rounds=1)
         check_secagg_transport(parse_config(plain), GrpcServerTransport())

@@ -16,6 +16,7 @@ from fedtune.privacy.secagg.driver import SecureSummer
 from fedtune.privacy.secagg.quantize import step
 from fedtune.privacy.secagg.strategy import SecureAggregation
 from fedtune.privacy.sums import SumPlan, plain_sum
+from fedtune.server.loop import aggregate_round
 from fedtune.server.strategies import FedOpt
 
 D = 300
@@ -44,11 +45,9 @@ def test_secure_sum_matches_plain_sum_within_quantisation() -> None:
 def test_secure_aggregation_wrapper_gives_fedavgs_weighted_mean() -> None:
     ups = updates(6)
     cfg = SecAggConfig(weight_cap=1000, value_bits=20)
-    wrapped = SecureAggregation(
-        FedOpt(weighting="examples"), cfg, weighting="examples", summer=SecureSummer(cfg, seed=1)
-    )
+    wrapped = SecureAggregation(FedOpt(weighting="examples"), cfg, weighting="examples")
     state = wrapped.init_state(np.zeros(D, np.float32), SPEC)
-    secure_state, metrics = wrapped.aggregate(state, ups)
+    secure_state, metrics = aggregate_round(wrapped, state, iter(ups), SecureSummer(cfg, seed=1))
     plain_state, _ = FedOpt(weighting="examples").aggregate(state, ups)
     np.testing.assert_allclose(secure_state.params, plain_state.params, atol=1e-4)
     assert metrics["aggregated"] == 6 and metrics["secagg_survivors"] == 6
@@ -71,23 +70,15 @@ def test_dp_with_secagg_agrees_with_dp_without_and_survives_dropouts() -> None:
     cfg = parse_config({**base, "privacy": {"dp": {"clip": 1.0, "noise_multiplier": 1.0}}})
     secagg = SecAggConfig(simulate_dropout=0.0)
     plain = DPFedAvg(FedOpt(weighting="uniform"), cfg.privacy.dp, cfg.federation, seed=4)
-    secure = DPFedAvg(
-        FedOpt(weighting="uniform"), cfg.privacy.dp, cfg.federation, seed=4, summer=SecureSummer(secagg, seed=4)
-    )
+    secure = DPFedAvg(FedOpt(weighting="uniform"), cfg.privacy.dp, cfg.federation, seed=4)
     state = plain.begin_round(plain.init_state(np.zeros(D, np.float32), SPEC), population=40)
     ups = updates(8)
     a, _ = plain.aggregate(state, ups)
-    b, metrics = secure.aggregate(state, ups)
+    b, metrics = aggregate_round(secure, state, iter(ups), SecureSummer(secagg, seed=4))
     np.testing.assert_allclose(a.params, b.params, atol=1e-6)  # same noise (seeded), sums agree
     assert metrics["epsilon"] > 0 and metrics["secagg_survivors"] == 8
-    dropping = DPFedAvg(
-        FedOpt(weighting="uniform"),
-        cfg.privacy.dp,
-        cfg.federation,
-        seed=4,
-        summer=SecureSummer(SecAggConfig(simulate_dropout=0.3, neighbours=6), seed=4),
-    )
-    _, metrics = dropping.aggregate(state, updates(12))
+    dropping = SecureSummer(SecAggConfig(simulate_dropout=0.3, neighbours=6), seed=4)
+    _, metrics = aggregate_round(secure, state, iter(updates(12)), dropping)
     assert metrics.get("secagg_dropped", 0) > 0 or "secagg_abort" in metrics
 
 
@@ -101,11 +92,10 @@ def test_an_aborted_secagg_round_keeps_the_model_and_is_not_charged() -> None:
             "privacy": {"dp": {"noise_multiplier": 1.0}},
         }
     )
-    dp = DPFedAvg(
-        FedOpt(weighting="uniform"), cfg.privacy.dp, cfg.federation, seed=0, summer=SecureSummer(SecAggConfig(), seed=0)
-    )
+    dp = DPFedAvg(FedOpt(weighting="uniform"), cfg.privacy.dp, cfg.federation, seed=0)
     state = dp.begin_round(dp.init_state(np.zeros(D, np.float32), SPEC), population=10)
-    new_state, metrics = dp.aggregate(state, updates(2))  # two clients: below SecAgg's minimum of three
+    summer = SecureSummer(SecAggConfig(), seed=0)
+    new_state, metrics = aggregate_round(dp, state, iter(updates(2)), summer)  # two: below SecAgg's minimum of 3
     assert "aborted" in metrics["secagg_abort"] and metrics["aggregated"] == 0
     assert np.array_equal(new_state.params, state.params) and new_state.round == 1
     assert new_state.extra["dp"]["ledger"] == [] and metrics["epsilon"] == 0.0 and metrics["dp_charged"] == 0
@@ -125,5 +115,4 @@ def test_secure_aggregation_refuses_krum() -> None:
             FedOpt(aggregator=make_aggregator("krum", num_byzantine=1)),
             SecAggConfig(),
             weighting="uniform",
-            summer=plain_sum,
         )

@@ -17,7 +17,6 @@ from fedtune.aggregation.server_opt import ServerAdaptive, ServerMomentum, Serve
 from fedtune.core.messages import ClientUpdate
 from fedtune.core.params import ParamSpec
 from fedtune.server.strategies import FedOpt
-from fedtune.server.strategy import FedAvg
 
 RNG = np.random.default_rng(0)
 DELTAS = [RNG.normal(size=7).astype(np.float32) for _ in range(5)]  # one pseudo-gradient per round
@@ -124,15 +123,11 @@ def updates(round_idx=1):
 
 
 def test_fedopt_with_sgd_and_mean_is_fedavg_against_np_average():
-    from fedtune.config.schema import ServerConfig
-
     x0 = np.ones(4, np.float32)
     ups = updates()
     state, metrics = FedOpt(optimizer=ServerSGD(lr=0.5)).aggregate(FedOpt().init_state(x0, SPEC), ups)
     oracle = x0 + 0.5 * np.average([u.delta for u in ups], axis=0, weights=[u.num_examples for u in ups])
     np.testing.assert_allclose(state.params, oracle, rtol=1e-6)
-    reference, _ = FedAvg(ServerConfig(lr=0.5)).aggregate(FedAvg(ServerConfig()).init_state(x0, SPEC), ups)
-    np.testing.assert_allclose(state.params, reference.params, rtol=1e-6)
     assert metrics["aggregated"] == 3 and state.round == 1
 
 

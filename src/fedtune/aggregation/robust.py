@@ -26,6 +26,7 @@ from typing import Protocol
 
 import numpy as np
 
+from fedtune.aggregation.clip import clip_l2
 from fedtune.aggregation.fedavg import WeightedMean
 
 AGGREGATORS = ("mean", "median", "trimmed_mean", "krum", "multi_krum", "norm_bounded_mean")
@@ -93,14 +94,6 @@ def krum_select(deltas: Sequence[np.ndarray], num_byzantine: int, num_selected: 
     return [int(i) for i in np.argsort(scores, kind="stable")[:num_selected]]
 
 
-def clip_to_norm(delta: np.ndarray, bound: float) -> tuple[np.ndarray, bool]:
-    """(delta scaled to L2 norm <= bound, whether it was scaled). A zero update is returned as is."""
-    norm = float(np.linalg.norm(delta.astype(np.float64)))
-    if norm <= bound or norm == 0.0:
-        return np.array(delta, dtype=np.float32, copy=True), False
-    return (delta.astype(np.float64) * (bound / norm)).astype(np.float32), True
-
-
 # --------------------------------------------------------------------------------------------- folds
 
 
@@ -118,6 +111,7 @@ class Fold(Protocol):
 class Aggregator(Protocol):
     name: str
     streaming: bool  # False: keeps every update of the round in memory
+    linear: bool  # True: the result depends on the updates only through their weighted sum
 
     def fold(self, numel: int) -> Fold: ...
 
@@ -138,8 +132,8 @@ class _MeanFold:
 
     def add(self, delta: np.ndarray, weight: float) -> None:
         if self.bound is not None:
-            delta, was_clipped = clip_to_norm(delta, self.bound)
-            self.clipped += int(was_clipped)
+            delta, norm = clip_l2(delta, self.bound)
+            self.clipped += int(norm > self.bound)
         self._mean.add(delta, weight)
 
     def result(self) -> tuple[np.ndarray, dict]:
@@ -176,6 +170,7 @@ class Mean:
 
     name: str = "mean"
     streaming: bool = True
+    linear: bool = True
 
     def fold(self, numel: int) -> Fold:
         return _MeanFold(numel)
@@ -188,6 +183,7 @@ class NormBoundedMean:
     bound: float
     name: str = "norm_bounded_mean"
     streaming: bool = True
+    linear: bool = False  # each update is clipped by its own norm
 
     def fold(self, numel: int) -> Fold:
         return _MeanFold(numel, bound=self.bound)
@@ -202,6 +198,7 @@ class RobustRule:
     num_byzantine: int = 0  # f, the number of attackers Krum must tolerate
     num_selected: int | None = None  # multi_krum's m (default K - f)
     streaming: bool = False
+    linear: bool = False
 
     def fold(self, numel: int) -> Fold:
         return _StackFold(numel, self)

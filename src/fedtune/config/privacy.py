@@ -167,63 +167,6 @@ def check_dpsgd_data_parallel(privacy: PrivacyConfig, nproc: int, *, nproc_key: 
         )
 
 
-NEEDS_INDIVIDUAL_UPDATES = ("fedex", "svd", "flora", "flexlora", "hetlora")  # non-linear (hetlora: untested there)
-
-
-def check_privacy_rules(config: object) -> None:
-    """Cross-section rules of the privacy section, called from ``Config._check`` (errors name the key)."""
-    privacy: PrivacyConfig = config.privacy  # type: ignore[attr-defined]
-    server, client, data, model = config.server, config.client, config.data, config.model  # type: ignore[attr-defined]
-    try:
-        check_dpsgd_data_parallel(privacy, config.simulation.client_nproc, nproc_key="simulation.client_nproc")  # type: ignore[attr-defined]
-    except ConfigError as err:
-        raise ValueError(str(err)) from None  # inside a pydantic validator: reported by key like the others
-    if privacy.dp is not None and server.weighting != "uniform":
-        raise ValueError(
-            "server.weighting must be 'uniform' under privacy.dp: weighting by example count lets one "
-            "client count for more than the clip norm C and breaks the sensitivity bound"
-        )
-    for key, on in (
-        ("privacy.dp", privacy.dp is not None),
-        ("privacy.secure_aggregation", privacy.secure_aggregation is not None),
-    ):
-        if not on:
-            continue
-        aggregator = getattr(server, "aggregator", "mean")
-        if aggregator != "mean":
-            raise ValueError(
-                f"server.aggregator {aggregator!r} needs individual updates, which {key} does not give the "
-                "server (it sees only a noised or masked sum); use aggregator 'mean'"
-            )
-        if getattr(server, "scaffold", False):
-            raise ValueError(f"server.scaffold needs each client's control variate, which {key} does not reveal")
-        lora_mode = getattr(server, "lora_aggregation", "naive")
-        if lora_mode in NEEDS_INDIVIDUAL_UPDATES:
-            raise ValueError(
-                f"server.lora_aggregation {lora_mode!r} needs individual adapters, incompatible with {key}"
-            )
-    if privacy.dp is not None and privacy.dp.distributed:
-        check_distributed_dp(privacy, config.federation.clients_per_round)  # type: ignore[attr-defined]
-    if privacy.secure_aggregation is not None:
-        check_secagg_availability(privacy.secure_aggregation, config.federation.clients_per_round)  # type: ignore[attr-defined]
-    if privacy.dpsgd is not None:
-        if client.full_batch != (privacy.dpsgd.sample_rate is not None):
-            raise ValueError(
-                "privacy.dpsgd.sample_rate is required with client.full_batch (Poisson-sampled steps) and not "
-                "allowed without it (shuffled minibatches are accounted without amplification)"
-            )
-        if model.kind == "causal_lm" and data.source == "instruct":
-            raise ValueError(
-                "privacy.dpsgd with data.source 'instruct' is not supported: prompt tokens are masked out of the "
-                "loss, so the per-example normalisation DP-SGD needs cannot be read from the batch"
-            )
-        if getattr(server, "proximal_mu", 0.0) > 0:
-            raise ValueError(
-                "server.proximal_mu > 0 with privacy.dpsgd: DP-SGD replaces each step's gradient by the private "
-                "one, which would silently drop FedProx's proximal term"
-            )
-
-
 def check_secagg_availability(secagg: SecAggConfig, clients: int | None) -> None:
     """Refuse an explicit threshold / neighbour count whose rounds of ``clients`` would abort more often than
     ``failure_probability`` at ``expected_dropout``, and more often than the automatic choice. Checkable only

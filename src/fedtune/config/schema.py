@@ -1,8 +1,8 @@
 """The configuration tree. Every field has a comment; unknown keys and wrong types are errors.
 
 Sections: ``model`` (what is trained), ``data`` (who holds what), ``federation`` (rounds and sampling),
-``client`` (local training), ``server`` (aggregation), ``eval`` and ``run`` (outputs). Cross-field rules live
-in one validator per section that owns them, plus ``Config._check`` for rules that span sections.
+``client`` (local training), ``server`` (aggregation), ``eval`` and ``run`` (outputs). Rules within a section
+live in its validator; rules that span sections are one table, ``fedtune.config.rules``, run by ``Config._check``.
 """
 
 from __future__ import annotations
@@ -11,12 +11,13 @@ from typing import Annotated, Literal
 
 from pydantic import Field, model_validator
 
-from fedtune.config.asynchronous import FedBuffConfig, check_async_rules
+from fedtune.config.asynchronous import FedBuffConfig
 from fedtune.config.base import PositiveFloat, PositiveInt, Section
 from fedtune.config.deployment import DeploymentConfig
 from fedtune.config.lora_ranks import ClientRanks
-from fedtune.config.personalization import PersonalizationConfig, check_personalization_rules
-from fedtune.config.privacy import PrivacyConfig, check_privacy_rules
+from fedtune.config.personalization import PersonalizationConfig
+from fedtune.config.privacy import PrivacyConfig
+from fedtune.config.rules import check_rules
 from fedtune.config.simulation import SimulationConfig
 
 PYTHON_MODEL_PREFIX = "python:"  # model.name of a model object given to fedtune.simulate
@@ -306,45 +307,5 @@ class Config(Section):
 
     @model_validator(mode="after")
     def _check(self) -> Config:
-        classification_sources = {"classification", "bbc_news", "python"}
-        if self.model.kind == "classification" and self.data.source not in classification_sources:
-            raise ValueError(f"model.kind 'classification' needs a labelled data.source, got {self.data.source!r}")
-        if self.model.kind == "causal_lm" and self.data.source not in {"shakespeare", "text", "instruct", "python"}:
-            raise ValueError(f"model.kind 'causal_lm' needs a text data.source, got {self.data.source!r}")
-        if self.data.partition.kind == "dirichlet_labels" and self.data.source not in (
-            classification_sources | {"digits"}
-        ):
-            raise ValueError("data.partition.kind 'dirichlet_labels' needs labelled data")
-        # your files (text, instruct, classification) have natural clients when data.path is a folder; python: a
-        # dict of datasets is one client per entry (one dataset to partition is refused at build)
-        if self.data.partition.kind == "natural" and self.data.source in {"bbc_news", "digits"}:
-            raise ValueError(f"data.source {self.data.source!r} has no natural clients: set data.partition.kind")
-        if self.client.gradient_checkpointing and self.model.kind == "module":
-            raise ValueError(
-                "client.gradient_checkpointing needs a Hugging Face model (model.kind causal_lm or classification)"
-            )
-        in_loop = {
-            "server.proximal_mu (FedProx)": self.server.proximal_mu > 0,
-            "server.scaffold": self.server.scaffold,
-            "privacy.dpsgd": self.privacy.dpsgd is not None,
-            "client.straggler_fraction": self.client.straggler_fraction > 0,
-            "server.lora_aggregation flora/hetlora/flexlora (client ranks)": self.server.lora_aggregation
-            in ("flora", "hetlora", "flexlora"),
-        }
-        if self.client.trainer == "hf" and self.simulation.client_nproc > 1:
-            raise ValueError("client.trainer 'hf' trains in one process: simulation.client_nproc must be 1")
-        needs_loop = [key for key, on in in_loop.items() if on]
-        if self.client.trainer == "hf" and needs_loop:
-            raise ValueError(
-                f"client.trainer 'hf' runs transformers.Trainer's own loop, but {', '.join(needs_loop)} acts inside "
-                "fedtune's built-in loop: use client.trainer 'builtin'"
-            )
-        if self.privacy.dpsgd is not None and self.client.gradient_accumulation_steps > 1:
-            raise ValueError(
-                "privacy.dpsgd clips and noises each step's per-example gradients of one batch: "
-                "use a larger client.batch_size instead of client.gradient_accumulation_steps"
-            )
-        check_async_rules(self)  # what FedBuff refuses, and why
-        check_privacy_rules(self)  # DP needs uniform weights; SecAgg/DP need a linear aggregator; DP-SGD batching
-        check_personalization_rules(self)  # fedsa needs LoRA and naive averaging; no DP-SGD; the built-in loop
+        check_rules(self)  # every cross-section rule, from one table (fedtune.config.rules)
         return self

@@ -42,6 +42,23 @@ class ClientUpdate:
 
 
 @dataclass(frozen=True)
+class HeldUpdate:
+    """A client's reply under networked secure aggregation: it trained and keeps its update, which only the
+    SecAgg protocol's sum will contain. No delta travels, so none is made up here."""
+
+    client_id: str
+    round: int
+    num_examples: int
+    spec_digest: str
+    metrics: dict[str, float] = field(default_factory=dict)
+    bytes_down: int = 0
+    bytes_up: int = 0
+
+
+Reply = ClientUpdate | HeldUpdate  # what a fit task may answer besides a ClientFailure
+
+
+@dataclass(frozen=True)
 class EvalInstruction:
     """Evaluate the global model (``params`` plus ``extras``) on one client's test data."""
 

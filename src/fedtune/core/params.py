@@ -13,7 +13,6 @@ from collections.abc import Mapping
 from dataclasses import dataclass
 
 import numpy as np
-import torch
 
 from fedtune.errors import UpdateRejected
 
@@ -77,33 +76,6 @@ class ParamSpec:
         if self.names != other.names:
             return "tensor order differs"
         return "dtypes differ"
-
-
-def spec_of(state: Mapping[str, torch.Tensor]) -> ParamSpec:
-    """The spec of a state dict, in its iteration order."""
-    return ParamSpec(
-        names=tuple(state),
-        shapes=tuple(tuple(t.shape) for t in state.values()),
-        dtypes=tuple(str(t.dtype).removeprefix("torch.") for t in state.values()),
-    )
-
-
-def flatten(state: Mapping[str, torch.Tensor]) -> tuple[np.ndarray, ParamSpec]:
-    """One contiguous float32 vector (a new array) and its spec."""
-    spec = spec_of(state)
-    flat = np.empty(spec.numel, dtype=np.float32)
-    for (_, start, stop, _), tensor in zip(spec.offsets(), state.values(), strict=True):
-        flat[start:stop] = tensor.detach().to("cpu", torch.float32).reshape(-1).numpy()
-    return flat, spec
-
-
-def unflatten(flat: np.ndarray, spec: ParamSpec) -> dict[str, torch.Tensor]:
-    """Tensors (float32 copies, shaped per spec) from a flat vector; checks the length first."""
-    check_vector(flat, spec)
-    return {
-        name: torch.from_numpy(np.array(flat[start:stop], dtype=np.float32).reshape(shape))
-        for name, start, stop, shape in spec.offsets()
-    }
 
 
 def check_vector(flat: np.ndarray, spec: ParamSpec, *, who: str = "update") -> None:

@@ -2,7 +2,7 @@
 
 The server holds no data. It builds the model from the config (same seed, so the same initial adapter
 every participant builds) only to learn the initial vector and its spec, then hands a
-GrpcServerTransport to the transport-agnostic coordinator ``fedtune.run.session.serve``, which owns the
+GrpcServerTransport to the transport-agnostic coordinator ``fedtune.run.session.coordinate``, which owns the
 run directory, checkpoints and resume.
 """
 
@@ -23,7 +23,7 @@ from fedtune.data.cache import default_cache_dir
 from fedtune.errors import ConfigError, FedtuneError
 from fedtune.run import rundir
 from fedtune.run.board import Refusal
-from fedtune.run.session import RunResult, serve
+from fedtune.run.session import RunResult, coordinate
 from fedtune.run.sinks import RoundSink
 from fedtune.run.trackers import require_trackers
 from fedtune.tasks.build import build_run_task
@@ -123,7 +123,7 @@ def run_server(
         f"waiting for {dep.min_clients} clients"
     )
     try:
-        result = serve(
+        result = coordinate(
             config,
             transport,
             init=(params, spec),

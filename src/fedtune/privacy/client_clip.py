@@ -11,8 +11,8 @@ from dataclasses import replace
 
 import numpy as np
 
+from fedtune.aggregation.clip import clip_l2
 from fedtune.core.messages import ClientUpdate, FitInstruction
-from fedtune.privacy.clipping import clip_l2
 from fedtune.privacy.dp_fedavg import UNCLIPPED
 from fedtune.privacy.errors import PrivacyError
 

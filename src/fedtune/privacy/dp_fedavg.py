@@ -33,20 +33,15 @@ from fedtune.core.messages import ClientUpdate
 from fedtune.core.params import ParamSpec
 from fedtune.core.sampling import num_sampled, sampling_rate
 from fedtune.core.state import ServerState
+from fedtune.core.strategy import Needs, Outcome, Payload
+from fedtune.core.sums import LinearSum, SumPlan
 from fedtune.privacy import accountant, adaptive, distributed
 from fedtune.privacy.ddp_client import config_plan
 from fedtune.privacy.distributed import SkellamPlan
-from fedtune.privacy.errors import PrivacyError, SecAggAbort
+from fedtune.privacy.errors import PrivacyError
 from fedtune.privacy.noise import gaussian
-from fedtune.privacy.sums import LinearSum, Summer, SumPlan, plain_sum
-from fedtune.privacy.wrapping import (
-    forward_begin_round,
-    forward_eval_payload,
-    forward_should_stop,
-    inner_step,
-    require_linear,
-    skip_round,
-)
+from fedtune.privacy.sums import plain_sum
+from fedtune.privacy.wrapping import LinearStrategy, require_linear, skip_round
 
 KEY = "dp"  # state.extra[KEY]
 UNCLIPPED = "dp_unclipped"  # the client's adaptive-clipping bit (update.extras), 1 if norm <= C
@@ -63,25 +58,25 @@ def round_mechanism(dp_state: dict, federation: FederationConfig, sampling: str)
 
 
 class DPFedAvg:
-    """Wraps a linear strategy; holds configuration only (the round state is in ServerState)."""
+    """Wraps a linear strategy into a sum strategy; holds configuration only (the round state is in
+    ServerState). The loop forms the planned sum (in the clear, or by SecAgg) and calls ``apply_sum``."""
 
     def __init__(
         self,
-        inner: Any,
+        inner: LinearStrategy,
         dp: DPConfig,
         federation: FederationConfig,
         *,
         seed: int,
-        summer: Summer = plain_sum,
         expected_dropout: float = 0.0,
     ) -> None:
         require_linear(inner, what="privacy.dp (DP-FedAvg)")
-        self.inner, self.dp, self.federation, self.seed, self.summer = inner, dp, federation, seed, summer
+        self.inner, self.dp, self.federation, self.seed = inner, dp, federation, seed
         self.expected_dropout = expected_dropout  # distributed DP: the survivors the noise is split among
-        if dp.distributed and summer is plain_sum:
-            raise PrivacyError(
-                "privacy.dp.distributed needs secure aggregation: the clients' noise is split among them"
-            )
+
+    @property
+    def needs(self) -> Needs:
+        return self.inner.needs + Needs(extras=(UNCLIPPED,) if self.dp.adaptive is not None else ())
 
     # ----- state -------------------------------------------------------------------------------------------
 
@@ -100,7 +95,7 @@ class DPFedAvg:
 
     def begin_round(self, state: ServerState, *, population: int) -> ServerState:
         """Record the population the sampling rate refers to; calibrate z from target_epsilon once."""
-        state = forward_begin_round(self.inner, state, population)
+        state = self.inner.begin_round(state, population=population)
         dp_state = dict(self._dp(state), population=int(population))
         if self.dp.distributed:
             dp_state["z"] = self._skellam(state.spec.numel).noise_multiplier
@@ -163,7 +158,7 @@ class DPFedAvg:
 
     def should_stop(self, state: ServerState) -> str | None:
         """A reason to stop before the next round, if it would take epsilon past the budget."""
-        reason = forward_should_stop(self.inner, state)
+        reason = self.inner.should_stop(state)
         if reason is not None or self.dp.epsilon_budget is None:
             return reason
         dp_state = self._dp(state)
@@ -183,31 +178,46 @@ class DPFedAvg:
 
     # ----- a round -----------------------------------------------------------------------------------------
 
-    def fit_payload(self, state: ServerState, client_id: str) -> tuple[dict[str, np.ndarray], dict[str, Any]]:
+    def fit_payload(self, state: ServerState, client_id: str) -> Payload:
         arrays, options = self.inner.fit_payload(state, client_id)
         clip = float(self._dp(state)["clip"])
         return arrays, {**options, "dp_clip": clip, "dp_adaptive": self.dp.adaptive is not None}
 
     def eval_payload(self, state: ServerState) -> dict[str, np.ndarray]:
-        return forward_eval_payload(self.inner, state)
+        return self.inner.eval_payload(state)
 
-    def aggregate(self, state: ServerState, updates: Iterable[ClientUpdate]) -> tuple[ServerState, dict]:
+    def sum_plan(self, state: ServerState) -> SumPlan:
+        """Uniform weights, every summand clipped to C (re-clipped by the plain sum), the clip bit summed too
+        under adaptive clipping."""
         dp_state = self._dp(state)
         if dp_state["population"] is None or dp_state["z"] is None:
             raise PrivacyError("DP-FedAvg needs begin_round (the population) before aggregate")
-        round_idx, clip, z = state.round + 1, float(dp_state["clip"]), float(dp_state["z"])
-        entry, expected = round_mechanism(dp_state, self.federation, self.dp.sampling)
-        z_update, count_noise = self._noise_split(dp_state)
-        skellam = self._skellam(state.spec.numel) if self.dp.distributed else None
-        plan = SumPlan(
-            round=round_idx,
+        clip = float(dp_state["clip"])
+        _, count_noise = self._noise_split(dp_state)
+        return SumPlan(
+            round=state.round + 1,
             numel=state.spec.numel,
             weighting="uniform",
             l2_bound=clip,
             coord_bound=clip,
             channels=(UNCLIPPED,) if count_noise else (),
-            integers=skellam,
+            integers=self._skellam(state.spec.numel) if self.dp.distributed else None,
         )
+
+    def aggregate(self, state: ServerState, updates: Iterable[ClientUpdate]) -> Outcome:
+        """The round from the clients' updates summed in the clear (the loop forms the sum itself)."""
+        if self.dp.distributed:
+            raise PrivacyError(
+                "privacy.dp.distributed needs secure aggregation: the clients' noise is split among them"
+            )
+        return self.apply_sum(state, plain_sum(updates, self.sum_plan(state)))
+
+    def apply_sum(self, state: ServerState, total: LinearSum) -> Outcome:
+        dp_state = self._dp(state)
+        round_idx, clip, z = state.round + 1, float(dp_state["clip"]), float(dp_state["z"])
+        entry, expected = round_mechanism(dp_state, self.federation, self.dp.sampling)
+        z_update, count_noise = self._noise_split(dp_state)
+        skellam = self._skellam(state.spec.numel) if self.dp.distributed else None
         metrics: dict[str, Any] = {
             "dp_delta": self.dp.delta,
             "dp_noise_multiplier": z,
@@ -215,18 +225,16 @@ class DPFedAvg:
             "dp_noise_std": z_update * clip,
             "dp_expected_clients": expected,
         }
-        try:
-            total = self.summer(updates, plan)
-        except SecAggAbort as err:
+        if total.aborted is not None:
             # An aborted SecAgg round releases nothing: the server never unmasks a sum (every abort comes
             # before the last mask is removed, server.py), adds no noise and keeps the model. Whether it
             # aborts depends on dropouts only (assumption 6 of docs/PRIVACY.md), so it is not charged.
             eps = accountant.epsilon(dp_state["ledger"], self.dp.delta, accountant=self.dp.accountant)
-            abort = {"epsilon": eps, "dp_charged": 0, "aggregated": 0, "secagg_abort": str(err)}
+            abort = {"epsilon": eps, "dp_charged": 0, "aggregated": 0, "secagg_abort": total.aborted}
             return self._with(skip_round(state), dp_state), {**metrics, **abort}
         # From here the round releases a noised sum whatever else happens: it is charged.
         if skellam is not None and total.count == 0:  # nobody's data in a zero sum: nothing to charge
-            return self._with(inner_step(self.inner, state, np.zeros(plan.numel))[0], dp_state), {
+            return self._with(self.inner.step_mean(state, np.zeros(state.spec.numel))[0], dp_state), {
                 **metrics,
                 "epsilon": self.epsilon(state),
                 "dp_charged": 0,
@@ -234,17 +242,21 @@ class DPFedAvg:
             }
         if skellam is not None:  # the clients' noise is in the sum already, its shares from the survivors alone
             entry = distributed.entry(skellam, total.count)
-            noise = np.zeros(plan.numel)
+            noise = np.zeros(state.spec.numel)
             metrics.update(dp_noise_std=skellam.noise_std(total.count), ddp_noise_shares=total.count)
             metrics["dp_epsilon_round"] = accountant.epsilon([entry], self.dp.delta)
         else:
             noise = gaussian(
-                plan.numel, z_update * clip, seed=self.seed, scope=("dp-noise", round_idx), secure=self.dp.secure_rng
+                state.spec.numel,
+                z_update * clip,
+                seed=self.seed,
+                scope=("dp-noise", round_idx),
+                secure=self.dp.secure_rng,
             )
         ledger = accountant.append(dp_state["ledger"], entry)
         metrics.update(epsilon=accountant.epsilon(ledger, self.dp.delta, accountant=self.dp.accountant), dp_charged=1)
         mean = (total.total + noise) / expected
-        new_state, inner_metrics = inner_step(self.inner, state, mean)
+        new_state, inner_metrics = self.inner.step_mean(state, mean)
         new_dp = {**dp_state, "ledger": ledger}
         if count_noise:
             new_dp["clip"], adaptive_metrics = self._adapt(total, clip, count_noise, expected, round_idx)

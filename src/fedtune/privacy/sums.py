@@ -8,45 +8,21 @@ summer in ``fedtune.privacy.secagg.driver`` runs the SecAgg protocol and sees on
 from __future__ import annotations
 
 from collections.abc import Callable, Iterable
-from dataclasses import dataclass, field
-from typing import Any
 
 import numpy as np
-import torch
 
-from fedtune.core.messages import ClientUpdate
-from fedtune.privacy.clipping import clip_l2
+from fedtune.aggregation.clip import clip_l2
+from fedtune.aggregation.fedavg import WeightedSum, client_weight
+from fedtune.core.messages import ClientUpdate, HeldUpdate, Reply
+from fedtune.core.sums import LinearSum, SumPlan
+from fedtune.privacy.errors import PrivacyError
 
 # an update may come back a rounding error above C after a float32 round trip; beyond this it was not
 # clipped by the client and the server clips it (and counts it)
 RECLIP_TOLERANCE = 1e-5
 
 
-@dataclass(frozen=True)
-class SumPlan:
-    """What to sum in one round, and under which bounds."""
-
-    round: int
-    numel: int
-    weighting: str = "uniform"  # "uniform": w_k = 1; "examples": w_k from the client's example count
-    l2_bound: float | None = None  # DP's C: every summand has L2 norm <= C (enforced)
-    coord_bound: float = 1.0  # SecAgg quantisation range [-b, b] per coordinate (C under DP)
-    channels: tuple[str, ...] = ()  # per-client scalars in [0, 1], read from update.extras, summed too
-    weight_cap: int = 1000  # SecAgg example weighting: w_k = min(n_k, cap) / cap
-    # distributed DP: the clients send noised integers (fedtune.privacy.distributed), decoded with this plan
-    integers: Any = None  # a distributed.SkellamPlan, or None
-
-
-@dataclass(frozen=True)
-class LinearSum:
-    total: np.ndarray  # float64, sum_k w_k x_k
-    weight: float  # sum_k w_k
-    count: int  # clients in the sum
-    channels: dict[str, float] = field(default_factory=dict)  # sum_k of each channel
-    metrics: dict[str, Any] = field(default_factory=dict)  # how the sum was formed (re-clips, SecAgg stats)
-
-
-Summer = Callable[[Iterable[ClientUpdate], SumPlan], LinearSum]
+Summer = Callable[[Iterable[Reply], SumPlan], LinearSum]  # Reply: a ClientUpdate, or a HeldUpdate under SecAgg
 
 
 def channel_value(update: ClientUpdate, name: str) -> float:
@@ -59,12 +35,14 @@ def channel_value(update: ClientUpdate, name: str) -> float:
     return float(arr[0])
 
 
-def plain_sum(updates: Iterable[ClientUpdate], plan: SumPlan) -> LinearSum:
+def plain_sum(updates: Iterable[Reply], plan: SumPlan) -> LinearSum:
     """Fold the updates into one float64 accumulator; never mutates them."""
-    acc = np.zeros(plan.numel, dtype=np.float64)
-    weight, count, reclipped, rejected = 0.0, 0, 0, 0
+    folded = WeightedSum(plan.numel, dtype=np.float64)
+    reclipped, rejected = 0, 0
     channels = dict.fromkeys(plan.channels, 0.0)
     for update in updates:
+        if isinstance(update, HeldUpdate):  # its client keeps it: only SecAgg can sum it
+            raise PrivacyError(f"client {update.client_id} keeps its update, but the sum is formed in the clear")
         try:
             values = {name: channel_value(update, name) for name in plan.channels}
         except ValueError:
@@ -74,13 +52,10 @@ def plain_sum(updates: Iterable[ClientUpdate], plan: SumPlan) -> LinearSum:
         if plan.l2_bound is not None:
             delta, norm = clip_l2(delta, plan.l2_bound)
             reclipped += int(norm > plan.l2_bound * (1 + RECLIP_TOLERANCE))
-        w = float(update.num_examples) if plan.weighting == "examples" else 1.0
-        torch.from_numpy(acc).add_(torch.from_numpy(delta), alpha=w)
-        weight += w
-        count += 1
+        folded.add(delta, client_weight(update.num_examples, plan.weighting))
         for name, value in values.items():
             channels[name] += value
     metrics = {"dp_server_reclipped": reclipped} if plan.l2_bound is not None else {}
     if rejected:
         metrics["rejected_no_channel"] = rejected
-    return LinearSum(total=acc, weight=weight, count=count, channels=channels, metrics=metrics)
+    return LinearSum(folded.acc, folded.total_weight, folded.count, channels=channels, metrics=metrics)

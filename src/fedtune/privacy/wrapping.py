@@ -1,46 +1,34 @@
-"""What privacy wrappers share: the linearity check, forwarding optional strategy hooks, and the
-synthetic single update through which a wrapper hands its (noised, or securely summed) mean to the inner
-strategy.
+"""What privacy wrappers share: the linearity check and the inner strategy they step.
 
-A linear strategy (FedAvg, FedOpt with the mean aggregator and any server optimiser) computes
-``x <- optimiser(x, sum_k w_k d_k / sum_k w_k)``. Given a single update whose delta is the mean, its
-aggregate is exactly that step, so a wrapper can replace "the clients' updates" by "their mean" without
-knowing the inner strategy's internals.
+A linear strategy (FedOpt with the mean aggregator, any server optimiser and plug-ins that declare
+themselves linear) computes ``x <- optimiser(x, sum_k w_k d_k / sum_k w_k)``; its ``step_mean`` takes that
+mean directly. A wrapper (DP-FedAvg, secure aggregation) turns it into a sum strategy: it plans the round's
+sum, the loop forms it, and the wrapper steps the inner strategy with the (noised, or securely summed) mean.
 """
 
 from __future__ import annotations
 
-from collections.abc import Iterable
-from typing import Any
+from typing import Protocol
 
 import numpy as np
 
-from fedtune.core.messages import ClientUpdate
 from fedtune.core.state import ServerState
+from fedtune.core.strategy import Outcome, Strategy
 from fedtune.errors import ConfigError
 
-# FedOpt plug-ins whose per-round fold reads nothing client-specific (only options, or a fixed mask)
-LINEAR_PLUGINS = frozenset({"fedprox", "options", "ffa"})
-AGGREGATE_ID = "aggregate"  # client id of the synthetic mean update
+
+class LinearStrategy(Strategy, Protocol):
+    """A strategy that can step with the round's mean change (FedOpt, when ``needs.linear``)."""
+
+    def step_mean(self, state: ServerState, mean: np.ndarray, *, count: int = 1) -> Outcome: ...
 
 
-def nonlinear_parts(strategy: Any) -> list[str]:
-    """What in ``strategy`` needs individual client updates (empty when its aggregation is linear)."""
-    declared = getattr(strategy, "linear_aggregation", None)
-    if declared is not None:
-        return [] if declared else [type(strategy).__name__]
-    parts = []
-    aggregator = getattr(strategy, "aggregator", None)
-    name = getattr(aggregator, "name", "mean") if aggregator is not None else "mean"
-    if name != "mean":
-        parts.append(f"server.aggregator {name!r}")
-    for plugin in getattr(strategy, "plugins", ()):
-        if getattr(plugin, "name", "?") not in LINEAR_PLUGINS:
-            parts.append(f"the {getattr(plugin, 'name', type(plugin).__name__)!r} plug-in")
-    return parts
+def nonlinear_parts(strategy: Strategy) -> list[str]:
+    """What in ``strategy`` needs individual client updates, as its parts declare (empty: it is linear)."""
+    return list(strategy.needs.individual)
 
 
-def require_linear(strategy: Any, *, what: str) -> None:
+def require_linear(strategy: Strategy, *, what: str) -> None:
     parts = nonlinear_parts(strategy)
     if parts:
         raise ConfigError(
@@ -49,43 +37,6 @@ def require_linear(strategy: Any, *, what: str) -> None:
         )
 
 
-def mean_update(state: ServerState, mean: np.ndarray) -> ClientUpdate:
-    """One synthetic update carrying the round's mean change (weight 1, uniform or not)."""
-    return ClientUpdate(
-        client_id=AGGREGATE_ID,
-        round=state.round + 1,
-        num_examples=1,
-        delta=np.asarray(mean, dtype=np.float32),
-        spec_digest=state.spec.digest,
-    )
-
-
-def inner_step(inner: Any, state: ServerState, mean: np.ndarray) -> tuple[ServerState, dict]:
-    """The inner strategy's aggregate applied to the mean as its only update."""
-    return inner.aggregate(state, [mean_update(state, mean)])
-
-
 def skip_round(state: ServerState) -> ServerState:
     """Keep the model, advance the round (so sampling moves on)."""
     return state.evolve(round=state.round + 1)
-
-
-def forward_begin_round(inner: Any, state: ServerState, population: int) -> ServerState:
-    begin = getattr(inner, "begin_round", None)
-    return begin(state, population=population) if begin is not None else state
-
-
-def forward_should_stop(inner: Any, state: ServerState) -> str | None:
-    stop = getattr(inner, "should_stop", None)
-    return stop(state) if stop is not None else None
-
-
-def forward_eval_payload(inner: Any, state: ServerState) -> dict[str, np.ndarray]:
-    payload = getattr(inner, "eval_payload", None)
-    return payload(state) if payload is not None else {}
-
-
-def drain(updates: Iterable[ClientUpdate]) -> None:
-    """Consume an update stream (the loop records replies as they are pulled)."""
-    for _ in updates:
-        pass

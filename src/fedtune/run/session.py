@@ -23,12 +23,13 @@ from fedtune.config.schema import PYTHON_MODEL_PREFIX, Config
 from fedtune.config.simulation import with_client_state
 from fedtune.core.params import ParamSpec
 from fedtune.core.state import ServerState, load_latest, load_state, save_state
+from fedtune.core.strategy import Strategy
 from fedtune.data.cache import default_cache_dir
 from fedtune.data.screen import name_labels, screen_clients
 from fedtune.data.sources import load_federated
 from fedtune.data.types import FederatedData
 from fedtune.errors import CheckpointError, ConfigError, NoRoundCompleted
-from fedtune.privacy.build import carry_secagg, check_secagg_transport
+from fedtune.privacy.sums import Summer, plain_sum
 from fedtune.run import rundir
 from fedtune.run.board import ActivityTransport, ClientBoard, ClientDirectory, StaticDirectory, StatusSink
 from fedtune.run.interrupt import RunInterrupted
@@ -50,7 +51,7 @@ from fedtune.run.sinks import (
 from fedtune.run.trackers import build_trackers, require_trackers
 from fedtune.server.build import build_strategy
 from fedtune.server.loop import RoundReport, eval_clients, evaluate_global, run_rounds
-from fedtune.server.strategy import Strategy
+from fedtune.server.summing import summer_for
 from fedtune.tasks.base import EvalSums, Task
 from fedtune.tasks.build import build_run_task
 from fedtune.transport.base import Transport
@@ -235,17 +236,21 @@ def default_sinks(
     return sinks
 
 
-def coordinate(
-    config: Config,
+def serve(
     strategy: Strategy,
     transport: Transport,
     state: ServerState,
     sinks: Sinks,
     *,
+    config: Config,
     accuracy: bool,
     baseline: bool,
+    summer: Summer = plain_sum,
 ) -> tuple[ServerState, RunEnd]:
-    """The baseline evaluation (if ``baseline``) and the rounds, every event handed to ``sinks``."""
+    """Serve ``strategy``'s rounds over ``transport`` from ``state``: the baseline evaluation (if ``baseline``)
+    and the rounds, every event handed to ``sinks`` (metrics, checkpoint, console, plot, status, trackers,
+    report: whatever the caller composed). ``summer`` forms a sum strategy's sum (``summer_for``). Builds
+    nothing: ``coordinate`` composes the strategy, the summer, the run directory and the sinks from a config."""
     if baseline:
         started = time.perf_counter()
         _, pooled, _ = evaluate_global(config, strategy, transport, state, eval_clients(config, transport.client_ids()))
@@ -273,10 +278,12 @@ def coordinate(
         sinks.on_stop(at, reason)
 
     first = state.round
-    loop = run_rounds
     if config.server.mode == "async":  # FedBuff: buffered steps on a simulated clock instead of rounds
-        from fedtune.server.async_loop import run_async as loop  # type: ignore[assignment]
-    state = loop(config, strategy, transport, state, on_round=on_round, on_stop=on_stop)
+        from fedtune.server.async_loop import run_async
+
+        state = run_async(config, strategy, transport, state, on_round=on_round, on_stop=on_stop)
+    else:
+        state = run_rounds(config, strategy, transport, state, on_round=on_round, on_stop=on_stop, summer=summer)
     if rejected and all(why is not None for why in rejected):
         raise NoRoundCompleted(
             f"none of rounds {first + 1}-{state.round} could be completed (last reason: {rejected[-1]}); "
@@ -285,7 +292,7 @@ def coordinate(
     return state, RunEnd("stopped", state, stopped[0]) if stopped else RunEnd("finished", state)
 
 
-def serve(
+def coordinate(
     config: Config,
     transport: Transport,
     *,
@@ -314,7 +321,7 @@ def serve(
     """
     console = console or Console()
     require_trackers(config.run.trackers)  # a tracker that is not installed fails before anything starts
-    check_secagg_transport(config, transport)  # privacy: refuse SecAgg where the server would see plaintext
+    summer = summer_for(config, transport)  # SecAgg over what the transport can carry; refused where it cannot
     if config.server.mode == "async":
         from fedtune.server.async_loop import build_fedbuff
 
@@ -323,7 +330,6 @@ def serve(
         if num_clients == "transport":  # a simulation's population is fixed; a deployment's caller says (or None)
             num_clients = len(transport.client_ids())
         strategy = build_strategy(config, num_clients=num_clients)  # SCAFFOLD needs N
-        strategy = carry_secagg(strategy, transport)  # privacy: SecAgg's message rounds over a networked transport
     run_dir, state, log = _open_run(config, strategy, init, resume_dir, console, fresh_dir)
     if extra_state and state.round == 0:
         state = state.evolve(extra={**state.extra, **extra_state})
@@ -340,7 +346,9 @@ def serve(
     end = RunEnd("failed", state)
     try:  # every sink is closed however the run ends, even if one fails to start (sinks close unstarted)
         fanout.on_start(RunInfo(run_dir, config, accuracy, state.round, history, init[1].numel))
-        state, end = coordinate(config, strategy, shown, state, fanout, accuracy=accuracy, baseline=baseline)
+        state, end = serve(
+            strategy, shown, state, fanout, config=config, accuracy=accuracy, baseline=baseline, summer=summer
+        )
     except KeyboardInterrupt:
         end = RunEnd("interrupted", fanout.last_state or state, "interrupted (Ctrl-C)")
         raise
@@ -422,7 +430,7 @@ def simulate(
         write_label_names(fresh_dir, prepared.label_names)  # for `fedtune predict`
     prepared.worker.on_step = steps  # in-process clients report every local step (Ray actors: their own)
     try:
-        result = serve(
+        result = coordinate(
             config,
             transport,
             init=(prepared.worker.current_params(), prepared.worker.view.spec),

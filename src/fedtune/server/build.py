@@ -2,19 +2,16 @@
 
 Every strategy is one FedOpt: an aggregator (``server.aggregator``), a server optimiser
 (``server.optimizer``) and plug-ins (FedProx options, SCAFFOLD, a LoRA mode); the ``privacy`` section then
-wraps it (DP-FedAvg, secure aggregation). Rules that span config sections and are not yet in
-``Config._check`` are checked here and raise ConfigError naming the keys.
+wraps it (DP-FedAvg, secure aggregation). The config's cross-section rules were checked when it was loaded
+(``fedtune.config.rules``).
 """
 
 from __future__ import annotations
 
-from typing import Any
-
 from fedtune.aggregation.robust import make_aggregator
 from fedtune.aggregation.server_opt import make_server_optimizer
-from fedtune.config.lora_ranks import largest_rank
 from fedtune.config.schema import Config
-from fedtune.errors import ConfigError
+from fedtune.core.strategy import Strategy
 from fedtune.privacy.build import wrap_strategy
 from fedtune.server.strategies import (
     ClientOptions,
@@ -29,17 +26,6 @@ from fedtune.server.strategies import (
     Scaffold,
     SvdLora,
 )
-
-
-def check_cross_section(config: Config) -> None:
-    server, client = config.server, config.client
-    if server.scaffold and client.optimizer != "sgd":
-        raise ConfigError("server.scaffold assumes plain local SGD: set client.optimizer to 'sgd'")
-    if server.lora_aggregation != "naive" and config.model.lora is None:
-        raise ConfigError(f"server.lora_aggregation {server.lora_aggregation!r} needs model.lora (LoRA adapters)")
-    ranks = server.lora_client_ranks
-    if ranks is not None and config.model.lora and largest_rank(ranks) > config.model.lora.r:
-        raise ConfigError(f"server.lora_client_ranks may not exceed model.lora.r = {config.model.lora.r}")
 
 
 def build_plugins(config: Config, *, num_clients: int | None) -> list[Plugin]:
@@ -64,9 +50,8 @@ def build_plugins(config: Config, *, num_clients: int | None) -> list[Plugin]:
     return plugins
 
 
-def build_strategy(config: Config, *, num_clients: int | None = None) -> Any:
+def build_strategy(config: Config, *, num_clients: int | None = None) -> Strategy:
     """``num_clients``: the population size, when the caller knows it (SCAFFOLD's N)."""
-    check_cross_section(config)
     server = config.server
     strategy = FedOpt(
         aggregator=make_aggregator(

@@ -24,10 +24,9 @@ import statistics
 from collections.abc import Mapping
 from dataclasses import dataclass, replace
 
-import numpy as np
-
+from fedtune.aggregation.clip import clip_l2
 from fedtune.config.schema import Config
-from fedtune.core.messages import ClientUpdate
+from fedtune.core.messages import HeldUpdate, Reply
 from fedtune.core.params import all_finite, l2_norm
 from fedtune.core.state import ServerState
 from fedtune.errors import UpdateRejected
@@ -69,7 +68,7 @@ class Bounds:
             refuse_over=dep.over_declared == "refuse",
         )
 
-    def admit(self, update: ClientUpdate) -> None:
+    def admit(self, update: Reply) -> None:
         """Raise UpdateRejected when the update's example count breaks what its client declared at enrolment:
         none declared, or more than declared with ``over_declared: refuse``."""
         if self.declared is None:
@@ -82,8 +81,9 @@ class Bounds:
                 f"claims {update.num_examples} training examples, more than the {most} declared at enrolment"
             )
 
-    def apply(self, update: ClientUpdate) -> tuple[ClientUpdate, dict]:
-        """(the update as it is folded, what was changed: for the client's metrics line). Never mutates."""
+    def apply(self, update: Reply) -> tuple[Reply, dict]:
+        """(the update as it is folded, what was changed: for the client's metrics line). Never mutates. A
+        HeldUpdate has only its example count capped: its norm is bounded inside SecAgg (clip_range)."""
         info: dict = {}
         n = update.num_examples
         most = self.declared.get(update.client_id) if self.declared is not None else None
@@ -99,13 +99,14 @@ class Bounds:
             n = self.max_examples
         if n != update.num_examples:
             info["examples_capped_from"] = update.num_examples
+        if isinstance(update, HeldUpdate):
+            return (update if n == update.num_examples else replace(update, num_examples=n)), info
         delta = update.delta
         if self.measure or self.norm_bound is not None:
             norm = l2_norm(delta)
             info["update_norm"] = norm
             if self.norm_bound is not None and norm > self.norm_bound:
-                scale = self.norm_bound / norm
-                delta = (delta.astype(np.float64) * scale).astype(np.float32)
+                delta, _ = clip_l2(delta, self.norm_bound, norm=norm)
                 info["update_clipped"] = 1
         if n == update.num_examples and delta is update.delta:
             return update, info

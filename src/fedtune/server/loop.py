@@ -18,13 +18,24 @@ from dataclasses import dataclass, field
 
 from fedtune.config.schema import Config
 from fedtune.core.keys import ROUNDS_OPTION
-from fedtune.core.messages import ClientEval, ClientFailure, ClientUpdate, EvalInstruction, FitInstruction
+from fedtune.core.messages import (
+    ClientEval,
+    ClientFailure,
+    ClientUpdate,
+    EvalInstruction,
+    FitInstruction,
+    HeldUpdate,
+    Reply,
+)
 from fedtune.core.params import check_vector
 from fedtune.core.sampling import poisson_sample, sample_clients, sampling_rate
 from fedtune.core.state import ServerState
+from fedtune.core.strategy import Strategy
+from fedtune.core.sums import LinearSum
 from fedtune.errors import UpdateRejected
+from fedtune.privacy.errors import PrivacyError, SecAggAbort
+from fedtune.privacy.sums import Summer, plain_sum
 from fedtune.server.influence import Bounds, rejection, with_round_median
-from fedtune.server.strategy import Strategy
 from fedtune.tasks.base import EvalSums
 from fedtune.transport.base import Transport
 
@@ -63,7 +74,7 @@ class RoundReport:
         return sum(c["train_loss"] * c["num_examples"] for c in reported) / total
 
 
-def validate_update(update: ClientUpdate, state: ServerState, expected: set[str], seen: set[str]) -> None:
+def validate_update(update: Reply, state: ServerState, expected: set[str], seen: set[str]) -> None:
     """Raise UpdateRejected with the reason a reply cannot be aggregated."""
     if update.round != state.round + 1:
         raise UpdateRejected(f"update is for round {update.round}, the server is in round {state.round + 1}")
@@ -75,12 +86,13 @@ def validate_update(update: ClientUpdate, state: ServerState, expected: set[str]
         raise UpdateRejected(f"spec digest {update.spec_digest} does not match the server's {state.spec.digest}")
     if update.num_examples <= 0:
         raise UpdateRejected(f"client reports {update.num_examples} training examples")
-    check_vector(update.delta, state.spec, who=f"update from {update.client_id}")
+    if isinstance(update, ClientUpdate):  # a HeldUpdate has no vector: its client keeps it for SecAgg
+        check_vector(update.delta, state.spec, who=f"update from {update.client_id}")
 
 
 def _accepted(
-    replies: Iterator[ClientUpdate | ClientFailure], state: ServerState, report: RoundReport, bounds: Bounds
-) -> Iterator[ClientUpdate]:
+    replies: Iterator[Reply | ClientFailure], state: ServerState, report: RoundReport, bounds: Bounds
+) -> Iterator[Reply]:
     """Yield valid updates one at a time (for the strategy's streaming fold), recording the rest.
 
     Replies are validated as they arrive, but yielded in the order the clients were sampled: an update that
@@ -90,7 +102,7 @@ def _accepted(
     """
     expected, seen = set(report.sampled), set()
     order = iter(report.sampled)
-    waiting: dict[str, ClientUpdate] = {}
+    waiting: dict[str, Reply] = {}
     resolved: set[str] = set()
     head = next(order, None)
     for reply in replies:
@@ -118,7 +130,7 @@ def _accepted(
             yield _bounded(waiting.pop(cid), report, bounds)
 
 
-def _bounded(update: ClientUpdate, report: RoundReport, bounds: Bounds) -> ClientUpdate:
+def _bounded(update: Reply, report: RoundReport, bounds: Bounds) -> Reply:
     """The update with its influence bounded (server/influence.py), recorded in the report."""
     report.counts.append(update.num_examples)  # as declared: the adaptive cap's median
     update, info = bounds.apply(update)
@@ -204,10 +216,30 @@ def sample_round(config: Config, population: list[str], round_idx: int) -> list[
     )
 
 
-def begin_round(strategy: Strategy, state: ServerState, population: list[str]) -> ServerState:
-    """A strategy that accounts per round (DP) records the population size before sampling; idempotent."""
-    begin = getattr(strategy, "begin_round", None)
-    return begin(state, population=len(population)) if begin is not None else state
+def aggregate_round(
+    strategy: Strategy, state: ServerState, updates: Iterator[Reply], summer: Summer
+) -> tuple[ServerState, dict]:
+    """The round's aggregation step, owned by the loop: a strategy without a sum plan folds the updates
+    itself; for one with a plan the loop forms that sum (``summer``: in the clear or by SecAgg) and hands the
+    strategy the result, or the reason it could not be formed."""
+    plan = strategy.sum_plan(state)
+    if plan is None:
+        return strategy.aggregate(state, in_the_clear(updates))
+    try:
+        total = summer(updates, plan)
+    except SecAggAbort as err:
+        total = LinearSum.abort(plan, str(err))
+    return strategy.apply_sum(state, total)
+
+
+def in_the_clear(updates: Iterator[Reply]) -> Iterator[ClientUpdate]:
+    """The updates of a strategy that folds each one; a HeldUpdate here means SecAgg was started for a
+    strategy that reads individual updates (the config rules refuse that combination at load)."""
+    for update in updates:
+        if isinstance(update, HeldUpdate):
+            raise PrivacyError(f"client {update.client_id} keeps its update for SecAgg; the strategy folds each one")
+        yield update
+        del update  # not alive while the transport produces the next one
 
 
 def _log_stop(state: ServerState, reason: str) -> None:
@@ -215,13 +247,21 @@ def _log_stop(state: ServerState, reason: str) -> None:
 
 
 def run_round(
-    config: Config, strategy: Strategy, transport: Transport, state: ServerState
+    config: Config,
+    strategy: Strategy,
+    transport: Transport,
+    state: ServerState,
+    *,
+    summer: Summer = plain_sum,
+    begun: bool = False,
 ) -> tuple[ServerState, RoundReport]:
-    """One communication round; returns the new state and what happened."""
+    """One communication round; returns the new state and what happened. ``begun``: the caller has already
+    called ``strategy.begin_round`` for it (``run_rounds`` does, to ask ``should_stop`` first)."""
     started = time.perf_counter()
     round_idx = state.round + 1
     population = transport.client_ids()
-    state = begin_round(strategy, state, population)
+    if not begun:
+        state = strategy.begin_round(state, population=len(population))
     sampled = sample_round(config, population, round_idx)
     train_cfg = config.client
     instructions = []
@@ -242,7 +282,7 @@ def run_round(
     report = RoundReport(round=round_idx, sampled=sampled)
     bounds = Bounds.for_round(config, state)
     replies = _accepted(transport.fit(instructions), state, report, bounds)
-    new_state, report.aggregate = strategy.aggregate(state, replies)
+    new_state, report.aggregate = aggregate_round(strategy, state, replies, summer)
     new_state = _checked(config, state, new_state, report)
     if round_idx % config.eval.every == 0 or round_idx == config.federation.rounds:
         # a client that failed this round (a straggler still training, a rejected update) is not asked to
@@ -280,22 +320,23 @@ def run_rounds(
     *,
     on_round: Callable[[ServerState, RoundReport], None] = lambda s, r: None,
     on_stop: Callable[[ServerState, str], None] | None = None,
+    summer: Summer = plain_sum,
 ) -> ServerState:
     """Run from ``state.round + 1`` to ``config.federation.rounds``; ``on_round`` persists each round.
 
     A strategy may stop the run early (``should_stop(state) -> reason``, e.g. an exhausted privacy
     budget): ``on_stop(state, reason)`` reports it (default: a warning on the ``fedtune`` logger).
+    ``summer`` forms a sum strategy's sum (``fedtune.server.summing.summer_for``: SecAgg when configured).
     """
     on_stop = on_stop or _log_stop
     while state.round < config.federation.rounds:
-        # optional strategy hooks (DP-FedAvg): record the population, then stop cleanly before a round
-        # that would overspend the privacy budget
-        state = begin_round(strategy, state, transport.client_ids())
-        should_stop = getattr(strategy, "should_stop", None)
-        reason = should_stop(state) if should_stop is not None else None
+        # once a round: the strategy records the population (DP-FedAvg), then may stop cleanly before a
+        # round that would overspend the privacy budget
+        state = strategy.begin_round(state, population=len(transport.client_ids()))
+        reason = strategy.should_stop(state)
         if reason is not None:
             on_stop(state, reason)
             break
-        state, report = run_round(config, strategy, transport, state)
+        state, report = run_round(config, strategy, transport, state, summer=summer, begun=True)
         on_round(state, report)
     return state

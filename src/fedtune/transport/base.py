@@ -7,17 +7,40 @@ A client that fails yields a ClientFailure with a reason; the round goes on with
 from __future__ import annotations
 
 from collections.abc import Iterator, Sequence
+from dataclasses import dataclass
 from typing import Protocol
 
-from fedtune.core.messages import ClientEval, ClientFailure, ClientUpdate, EvalInstruction, FitInstruction
+from fedtune.core.messages import ClientEval, ClientFailure, EvalInstruction, FitInstruction, Reply
+
+
+@dataclass(frozen=True)
+class Capabilities:
+    """What a transport can offer beyond fit and evaluate, declared (never guessed from its class name).
+
+    ``simulated``: every client runs under this process's control and its update reaches this process, so
+    secure aggregation can only be simulated here, over those updates (in-process, Ray). ``secure_sum``: the
+    transport carries SecAgg's message rounds (``secagg_exchange``, the SecAggNetwork seam of
+    ``fedtune.privacy.secagg.driver``) and its clients keep their updates, so the server sees only the sum.
+    """
+
+    simulated: bool = False
+    secure_sum: bool = False
+
+
+SIMULATED = Capabilities(simulated=True)
 
 
 class Transport(Protocol):
+    capabilities: Capabilities
+
     def client_ids(self) -> list[str]:
         """The population the server may sample from, in a fixed order."""
         ...
 
-    def fit(self, instructions: Sequence[FitInstruction]) -> Iterator[ClientUpdate | ClientFailure]: ...
+    def fit(self, instructions: Sequence[FitInstruction]) -> Iterator[Reply | ClientFailure]:
+        """Replies as they complete: a ClientUpdate, a HeldUpdate (SecAgg over the network: the client keeps
+        its update), or a ClientFailure with the reason."""
+        ...
 
     def evaluate(self, instructions: Sequence[EvalInstruction]) -> Iterator[ClientEval | ClientFailure]: ...
 

@@ -7,9 +7,12 @@ from collections.abc import Iterator, Sequence
 from fedtune.client.worker import ClientWorker
 from fedtune.core.messages import ClientEval, ClientFailure, ClientUpdate, EvalInstruction, FitInstruction
 from fedtune.errors import FedtuneError
+from fedtune.transport.base import SIMULATED
 
 
 class InProcessTransport:
+    capabilities = SIMULATED
+
     def __init__(self, worker: ClientWorker) -> None:
         self.worker = worker
 

@@ -41,6 +41,7 @@ import numpy as np
 from fedtune.config.simulation import SimulationConfig
 from fedtune.core.messages import ClientEval, ClientFailure, ClientUpdate, EvalInstruction, FitInstruction
 from fedtune.errors import ConfigError, FedtuneError
+from fedtune.transport.base import SIMULATED
 from fedtune.transport.inprocess import with_bytes
 
 # () -> an object with ``fit(FitInstruction) -> ClientUpdate``, ``evaluate(EvalInstruction) -> ClientEval``
@@ -135,6 +136,8 @@ def start_ray(cfg: SimulationConfig) -> bool:
 
 class RayTransport:
     """The Transport protocol over a pool of Ray actors (see the module docstring)."""
+
+    capabilities = SIMULATED
 
     def __init__(
         self,

@@ -11,7 +11,7 @@ ended, and treats everyone else as dropped. Two carriers implement the seam:
 * the gRPC server transport (deployment, ``GrpcServerTransport.secagg_exchange``): each message is a task
   for a remote participant, whose ``SecAggPeer`` holds its own update; a stage ends at its deadline.
 
-``SecureSummer`` plugs either into DP-FedAvg and SecureAggregation.
+``SecureSummer`` is the summer the round loop forms a sum strategy's sum with (``server.summing.summer_for``).
 """
 
 from __future__ import annotations
@@ -26,7 +26,7 @@ from typing import Protocol
 import numpy as np
 
 from fedtune.config.privacy import SecAggConfig
-from fedtune.core.messages import ClientUpdate
+from fedtune.core.messages import ClientUpdate, HeldUpdate, Reply
 from fedtune.core.rng import derive_rng
 from fedtune.privacy.distributed import SkellamPlan, lift
 from fedtune.privacy.errors import PrivacyError, SecAggAbort, TamperingDetected
@@ -34,7 +34,6 @@ from fedtune.privacy.secagg.availability import secagg_plan
 from fedtune.privacy.secagg.client import SecAggClient
 from fedtune.privacy.secagg.identity import CaTrust, Ed25519Signer, Registry, Trust
 from fedtune.privacy.secagg.messages import (
-    HELD,
     AdvertiseKeys,
     ConsistencySig,
     MaskedInput,
@@ -214,8 +213,8 @@ class SecureSummer:
     """A Summer (see fedtune.privacy.sums) that forms the round's sum with SecAgg.
 
     Without a ``network`` the clients' protocol objects run here, on the updates the (simulation)
-    transport handed over. With one (``over(network)``), the updates are placeholders marked ``HELD``:
-    each client keeps its own update and answers the protocol's messages over the network.
+    transport handed over. With one (``over(network)``), the replies are HeldUpdates: each client keeps its
+    own update and answers the protocol's messages over the network. The loop, not a strategy, holds it.
     """
 
     def __init__(
@@ -255,14 +254,16 @@ class SecureSummer:
             weight_cap=plan.weight_cap,
         )
 
-    def __call__(self, updates: Iterable[ClientUpdate], plan: SumPlan) -> LinearSum:
-        updates = list(updates)  # the protocol's rounds need every participant before round 0
+    def __call__(self, updates: Iterable[Reply], plan: SumPlan) -> LinearSum:
+        replies = list(updates)  # the protocol's rounds need every participant before round 0
         if self.network is not None:
-            return self._remote(updates, plan, self.network)
-        if any(u.metrics.get(HELD) for u in updates):  # placeholders: summing them would sum zeros
-            raise PrivacyError("the clients keep their updates, but no SecAgg network carries the protocol")
+            return self._remote(replies, plan, self.network)
+        held = [u.client_id for u in replies if isinstance(u, HeldUpdate)]
+        if held:
+            raise PrivacyError(f"clients {held} keep their updates, but no SecAgg network carries the protocol")
         inputs, rejected = {}, 0
-        for u in updates:
+        for u in replies:
+            assert isinstance(u, ClientUpdate)
             try:
                 for name in plan.channels:
                     channel_value(u, name)  # a summand without its channel (e.g. DP's clip bit) is left out
@@ -289,8 +290,8 @@ class SecureSummer:
             result, params, traffic=traffic, invited=len(inputs), rejected=rejected, integers=plan.integers
         )
 
-    def _remote(self, updates: list[ClientUpdate], plan: SumPlan, network: SecAggNetwork) -> LinearSum:
-        plain = [u.client_id for u in updates if not u.metrics.get(HELD)]
+    def _remote(self, updates: list[Reply], plan: SumPlan, network: SecAggNetwork) -> LinearSum:
+        plain = [u.client_id for u in updates if not isinstance(u, HeldUpdate)]
         if plain:  # a transport bug, not a client's: a networked SecAgg round must never see a plaintext update
             raise PrivacyError(f"secure aggregation over the network received plaintext updates from {plain}")
         if not updates:

@@ -21,14 +21,16 @@ from typing import Any, Protocol
 
 import numpy as np
 
+from fedtune.aggregation.fedavg import client_weight
 from fedtune.aggregation.robust import Aggregator, Mean
 from fedtune.aggregation.server_opt import ServerOptimizer, ServerSGD
 from fedtune.core.messages import ClientUpdate
 from fedtune.core.params import ParamSpec, l2_norm
 from fedtune.core.state import ServerState
+from fedtune.core.strategy import LINEAR, Needs, Outcome, Payload
+from fedtune.core.sums import LinearSum, SumPlan
 
 OPT_PREFIX = "opt/"
-Payload = tuple[dict[str, np.ndarray], dict[str, Any]]
 
 
 class PluginFold(Protocol):
@@ -47,6 +49,11 @@ class PluginFold(Protocol):
 
 class Plugin(Protocol):
     name: str
+
+    @property
+    def needs(self) -> Needs:
+        """What this plug-in's fold reads (``LINEAR``: nothing client-specific, only options or a fixed mask)."""
+        ...
 
     def init_arrays(self, params: np.ndarray, spec: ParamSpec) -> dict[str, np.ndarray]: ...
 
@@ -78,6 +85,7 @@ class ClientOptions:
 
     options: Mapping[str, Any]
     name: str = "options"
+    needs: Needs = LINEAR
 
     def init_arrays(self, params: np.ndarray, spec: ParamSpec) -> dict[str, np.ndarray]:
         return {}
@@ -102,8 +110,15 @@ class FedOpt:
 
     aggregator: Aggregator = field(default_factory=Mean)
     optimizer: ServerOptimizer = field(default_factory=ServerSGD)
-    weighting: str = "examples"  # "examples": w_k = n_k; "uniform": w_k = 1
+    weighting: str = "examples"  # "examples": w_k = n_k; "uniform": w_k = 1 (see client_weight)
     plugins: Sequence[Plugin] = ()
+
+    @property
+    def needs(self) -> Needs:
+        own = Needs() if self.aggregator.linear else Needs(individual=(f"server.aggregator {self.aggregator.name!r}",))
+        for plugin in self.plugins:
+            own = own + plugin.needs
+        return own
 
     def init_state(self, params: np.ndarray, spec: ParamSpec) -> ServerState:
         params = np.array(params, dtype=np.float32, copy=True)
@@ -111,6 +126,12 @@ class FedOpt:
         for plugin in self.plugins:
             arrays.update(plugin.init_arrays(params, spec))
         return ServerState(round=0, params=params, spec=spec, arrays=arrays)
+
+    def begin_round(self, state: ServerState, *, population: int) -> ServerState:
+        return state  # nothing is accounted per round
+
+    def should_stop(self, state: ServerState) -> str | None:
+        return None
 
     def fit_payload(self, state: ServerState, client_id: str) -> Payload:
         arrays: dict[str, np.ndarray] = {}
@@ -128,14 +149,14 @@ class FedOpt:
             arrays.update(plugin.eval_payload(state))
         return arrays
 
-    def weight(self, update: ClientUpdate) -> float:
-        return float(update.num_examples) if self.weighting == "examples" else 1.0
+    def sum_plan(self, state: ServerState) -> SumPlan | None:
+        return None  # the fold reads every update (a privacy wrapper turns a linear FedOpt into a sum strategy)
 
-    def aggregate(self, state: ServerState, updates: Iterable[ClientUpdate]) -> tuple[ServerState, dict]:
+    def aggregate(self, state: ServerState, updates: Iterable[ClientUpdate]) -> Outcome:
         fold = self.aggregator.fold(state.spec.numel)
         plugin_folds = [plugin.begin(state) for plugin in self.plugins]
         for update in updates:  # one at a time: a streaming aggregator keeps no update after this
-            weight = self.weight(update)
+            weight = client_weight(update.num_examples, self.weighting)
             fold.add(update.delta, weight)
             for plugin_fold in plugin_folds:
                 plugin_fold.add(update, weight)
@@ -144,6 +165,27 @@ class FedOpt:
             # No usable reply: keep the model and every array, still advance the round so sampling moves on.
             return state.evolve(round=state.round + 1), {"aggregated": 0}
         delta, metrics = fold.result()
+        return self._step(state, delta, plugin_folds, count=fold.count, metrics=metrics)
+
+    def apply_sum(self, state: ServerState, total: LinearSum) -> Outcome:
+        """The step from the weighted mean ``total.total / total.weight`` (a linear FedOpt only)."""
+        if not self.needs.linear:
+            raise TypeError(f"{', '.join(self.needs.individual)} needs individual updates, not their sum")
+        if total.aborted is not None or total.count == 0 or total.weight <= 0:
+            return state.evolve(round=state.round + 1), {"aggregated": 0}
+        return self.step_mean(state, total.total / total.weight, count=total.count)
+
+    def step_mean(self, state: ServerState, mean: np.ndarray, *, count: int = 1) -> Outcome:
+        """The server step with ``mean`` as the round's aggregated change (a linear FedOpt: its plug-ins read
+        nothing client-specific, so their folds see no update). What DP-FedAvg and SecAgg step with."""
+        if not self.needs.linear:
+            raise TypeError(f"{', '.join(self.needs.individual)} needs individual updates, not their mean")
+        delta = np.asarray(mean, dtype=np.float32)
+        return self._step(state, delta, [plugin.begin(state) for plugin in self.plugins], count=count, metrics={})
+
+    def _step(
+        self, state: ServerState, delta: np.ndarray, plugin_folds: list[PluginFold], *, count: int, metrics: dict
+    ) -> Outcome:
         arrays = dict(state.arrays)  # a new dict: the caller's state is never modified
         for plugin_fold in plugin_folds:
             delta, new_arrays, more = plugin_fold.finish(delta)
@@ -153,5 +195,6 @@ class FedOpt:
         for plugin_fold in plugin_folds:
             params = plugin_fold.after_step(params)
         arrays.update({OPT_PREFIX + k: v for k, v in slots.items()})
-        metrics = {"aggregated": fold.count, "update_norm": l2_norm(delta), **metrics}
+        metrics = {"aggregated": count, "update_norm": l2_norm(delta), **metrics}
         return state.evolve(round=state.round + 1, params=params, arrays=arrays), metrics
+

@@ -21,6 +21,7 @@ import numpy as np
 
 from fedtune.core.params import ParamSpec
 from fedtune.core.state import ServerState
+from fedtune.core.strategy import Needs
 from fedtune.server.strategies.fedopt import NoFold, Payload, PluginFold
 from fedtune.server.strategies.lora import _pairs_or_raise, check_ranks, full_rank
 from fedtune.server.strategies.lora_ranks import RankAssignment
@@ -30,6 +31,11 @@ from fedtune.server.strategies.lora_ranks import RankAssignment
 class HetLora:
     ranks: RankAssignment = field(default_factory=RankAssignment)
     name: str = "hetlora"
+
+    @property
+    def needs(self) -> Needs:
+        # the fold counts only each reply's first r_k components (its announced rank): individual replies
+        return Needs(individual=(f"the {self.name!r} plug-in",))
 
     def init_arrays(self, params: np.ndarray, spec: ParamSpec) -> dict[str, np.ndarray]:
         _pairs_or_raise(spec, self.name)

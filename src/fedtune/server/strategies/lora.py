@@ -34,7 +34,8 @@ from fedtune.core.messages import ClientUpdate
 from fedtune.core.params import ParamSpec
 from fedtune.core.rng import derive_rng
 from fedtune.core.state import ServerState
-from fedtune.server.strategies.fedopt import NoFold, Payload, PluginFold
+from fedtune.core.strategy import LINEAR, Needs, Payload
+from fedtune.server.strategies.fedopt import NoFold, PluginFold
 from fedtune.server.strategies.lora_ranks import RankAssignment
 
 __all__ = ["RANK_OPTION", "RESIDUAL_PREFIX", "FLoRA", "FedExLora", "FfaLora", "SvdLora", "full_rank", "residual_key"]
@@ -69,6 +70,7 @@ class FfaLora:
     """FFA-LoRA needs nothing from the server but a spec without lora_A (A is frozen at build time)."""
 
     name: str = "ffa"
+    needs: Needs = LINEAR  # a fixed mask: plain FedOpt over B is exact
 
     def init_arrays(self, params: np.ndarray, spec: ParamSpec) -> dict[str, np.ndarray]:
         lora_b_only(spec)  # raises when A is exchanged: the model was built without freezing it
@@ -93,6 +95,10 @@ class _ResidualMode:
     """Shared by fedex / svd / flora: the dense residual arrays and their payload."""
 
     name: str
+
+    @property
+    def needs(self) -> Needs:
+        return Needs(individual=(f"the {self.name!r} plug-in",))  # it combines each client's factors
 
     def init_arrays(self, params: np.ndarray, spec: ParamSpec) -> dict[str, np.ndarray]:
         return {

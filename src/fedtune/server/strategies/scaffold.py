@@ -24,7 +24,8 @@ from fedtune.core.keys import C_KEY, CI_KEY, DC_KEY
 from fedtune.core.messages import ClientUpdate
 from fedtune.core.params import ParamSpec
 from fedtune.core.state import ServerState
-from fedtune.server.strategies.fedopt import Payload, PluginFold
+from fedtune.core.strategy import Needs, Payload
+from fedtune.server.strategies.fedopt import PluginFold
 
 SUM_KEY = "scaffold/sum"
 CLIENT_PREFIX = "scaffold/c/"
@@ -42,6 +43,10 @@ def known_clients(arrays: dict[str, np.ndarray]) -> int:
 class Scaffold:
     num_clients: int | None = None  # N; None: the clients seen so far
     name: str = "scaffold"
+
+    @property
+    def needs(self) -> Needs:
+        return Needs(individual=(f"the {self.name!r} plug-in",), extras=(DC_KEY,))  # each client's own control
 
     def init_arrays(self, params: np.ndarray, spec: ParamSpec) -> dict[str, np.ndarray]:
         return {SUM_KEY: np.zeros(spec.numel, np.float32)}

@@ -6,7 +6,7 @@ SCAFFOLD control variates, in their own dtype), ``delta/<part>`` (the update as 
 options, metrics, evaluation sums) travel as one JSON object.
 
 Under secure aggregation a fit result carries no tensors at all (``held_update_payload``): the client
-keeps its update and answers the SecAgg tasks; the server gets a placeholder (``held_update_from_payload``).
+keeps its update and answers the SecAgg tasks; the server gets a ``HeldUpdate`` (``held_update_from_payload``).
 
 The server calls the ``*_from_payload`` functions on what a client sent; every one of them raises
 UpdateRejected (or CodecError) naming what is wrong, so the client can be told why.
@@ -22,7 +22,7 @@ import numpy as np
 from pydantic import ValidationError
 
 from fedtune.config.schema import ClientConfig
-from fedtune.core.messages import ClientEval, ClientUpdate, EvalInstruction, EvalSums, FitInstruction
+from fedtune.core.messages import ClientEval, ClientUpdate, EvalInstruction, EvalSums, FitInstruction, HeldUpdate
 from fedtune.errors import UpdateRejected
 from fedtune.privacy.secagg.messages import HELD
 from fedtune.transport.codecs import Codec, CodecError, decode_update
@@ -275,10 +275,10 @@ def held_update_payload(update: ClientUpdate, *, task_id: str, session: str) -> 
     return Payload(header, {"num_examples": update.num_examples, "metrics": update.metrics, HELD: True})
 
 
-def held_update_from_payload(payload: Payload, *, client_id: str, numel: int, spec_digest: str) -> ClientUpdate:
-    """The server's placeholder for an update its client keeps: a read-only zero view (no memory) marked
-    ``HELD`` in its metrics, for the round loop's bookkeeping; SecAgg sums the real ones without seeing them.
-    A result that carries any tensor is refused: under SecAgg no update may reach the server in the clear."""
+def held_update_from_payload(payload: Payload, *, client_id: str, numel: int, spec_digest: str) -> HeldUpdate:
+    """What a fit result under secure aggregation says: the client trained on ``num_examples`` examples and
+    keeps its update (a HeldUpdate: no delta, none made up); SecAgg sums the real ones without seeing them. A
+    result that carries any tensor is refused: under SecAgg no update may reach the server in the clear."""
     who, h = f"update from {client_id}", payload.header
     if h.spec_digest != spec_digest:
         raise UpdateRejected(f"{who}: spec digest {h.spec_digest!r} does not match the server's {spec_digest}")
@@ -291,12 +291,10 @@ def held_update_from_payload(payload: Payload, *, client_id: str, numel: int, sp
     num_examples = _int(payload.scalars, "num_examples", who)
     if num_examples <= 0:
         raise UpdateRejected(f"{who}: reports {num_examples} training examples")
-    metrics = _metrics(payload.scalars.get("metrics", {}), who)
-    return ClientUpdate(
+    return HeldUpdate(
         client_id=client_id,
         round=h.round,
         num_examples=num_examples,
-        delta=np.broadcast_to(np.zeros(1, np.float32), (numel,)),
         spec_digest=h.spec_digest,
-        metrics={**metrics, HELD: 1.0},
+        metrics=_metrics(payload.scalars.get("metrics", {}), who),
     )

@@ -29,8 +29,9 @@ from pathlib import Path
 import grpc
 
 from fedtune.config.deployment import TIME_BUDGET_OPTION, DeploymentConfig
-from fedtune.core.messages import ClientEval, ClientFailure, ClientUpdate, EvalInstruction, FitInstruction
+from fedtune.core.messages import ClientEval, ClientFailure, EvalInstruction, FitInstruction, Reply
 from fedtune.errors import ConfigError, FedtuneError
+from fedtune.transport.base import Capabilities
 from fedtune.transport.grpc import protocol, wire
 from fedtune.transport.grpc.auth import Authenticator
 from fedtune.transport.grpc.limits import server_options
@@ -90,6 +91,8 @@ class GrpcServerTransport:
         secure_aggregation: bool = False,
     ):
         self.dep, self.secure_aggregation = dep, secure_aggregation
+        # started for SecAgg, it carries the protocol's message rounds and its clients keep their updates
+        self.capabilities = Capabilities(secure_sum=secure_aggregation)
         self.limits = wire.Limits(dep.max_payload_bytes, dep.chunk_kb * 1024)
         self.registry = Registry(dead_after_s=dep.dead_after_s, max_clients=dep.max_clients)
         auth = Authenticator(
@@ -156,7 +159,7 @@ class GrpcServerTransport:
             live = self.registry.wait_for(need, min(10.0, self.dep.quorum_timeout_s - waited))
         return self.registry.enrolled()
 
-    def fit(self, instructions: Sequence[FitInstruction]) -> Iterator[ClientUpdate | ClientFailure]:
+    def fit(self, instructions: Sequence[FitInstruction]) -> Iterator[Reply | ClientFailure]:
         shared = _SharedPrepare()
         tasks, inbox = [], queue.Queue()
         for instr in instructions:

@@ -257,7 +257,7 @@ class Servicer:
         return pb.PushReply(accepted=False, reason=reason)
 
     def _reply(self, task: Task, payload: wire.Payload, cid: str, nbytes: int):
-        """The ClientUpdate / ClientEval / ClientFailure a checked result stands for."""
+        """The ClientUpdate (HeldUpdate under SecAgg) / ClientEval / ClientFailure a checked result stands for."""
         h = payload.header
         if h.round != task.round:
             raise UpdateRejected(f"result is for round {h.round}, the task was for round {task.round}")

@@ -1,4 +1,6 @@
-"""L2 clipping of a whole update (the sensitivity bound of client-level DP). Pure; inputs are not mutated."""
+"""L2 clipping of a whole update, written once: DP's sensitivity bound (client and server side), the server's
+influence bound (``server.update_norm_bound``) and ``norm_bounded_mean`` all clip with ``clip_l2``. Pure;
+inputs are never mutated."""
 
 from __future__ import annotations
 
@@ -6,21 +8,18 @@ import math
 
 import numpy as np
 
+from fedtune.core.params import l2_norm
+
 # Scaling by C / norm and rounding back to float32 can land a hair above C; shrinking the factor by this
 # relative margin (far above float32's 2^-24 rounding) keeps the clipped norm <= C without a retry loop.
 _MARGIN = 2.0**-20
 
 
-def l2_norm(vec: np.ndarray) -> float:
-    """The L2 norm, accumulated in float64 (float32 accumulation drifts on long vectors)."""
-    return math.sqrt(float(np.dot(vec.astype(np.float64, copy=False), vec.astype(np.float64, copy=False))))
-
-
-def clip_l2(vec: np.ndarray, bound: float) -> tuple[np.ndarray, float]:
+def clip_l2(vec: np.ndarray, bound: float, *, norm: float | None = None) -> tuple[np.ndarray, float]:
     """(a float32 copy of ``vec`` scaled to L2 norm <= ``bound``, the norm before clipping).
 
     A zero update stays zero (no division by its norm); a non-finite one is an error, since its norm
-    cannot bound anything.
+    cannot bound anything. ``norm``: ``l2_norm(vec)`` when the caller has measured it already.
 
     >>> out, norm = clip_l2(np.array([3.0, 4.0], np.float32), 1.0)
     >>> norm, bool(l2_norm(out) <= 1.0)
@@ -30,7 +29,7 @@ def clip_l2(vec: np.ndarray, bound: float) -> tuple[np.ndarray, float]:
     """
     if not bound > 0:
         raise ValueError(f"clip bound must be positive, got {bound}")
-    norm = l2_norm(vec)
+    norm = l2_norm(vec) if norm is None else norm
     if not math.isfinite(norm):
         raise ValueError("cannot clip an update with NaN or Inf values")
     if norm <= bound:
