@@ -11,12 +11,12 @@ from dp_accounting import rdp
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
+from fedtune.aggregation.clip import clip_l2
 from fedtune.aggregation.fedbuff import BufferFold, StalenessWeight, buffered_step
 from fedtune.aggregation.server_opt import make_server_optimizer
 from fedtune.config.privacy import DPConfig
 from fedtune.core.messages import ClientUpdate
 from fedtune.core.params import ParamSpec
-from fedtune.privacy.clipping import clip_l2
 from fedtune.privacy.noise import gaussian
 from fedtune.server.fedbuff import Arrival, FedBuff
 

@@ -28,6 +28,7 @@ from typing import Any
 
 import numpy as np
 
+from fedtune.aggregation.clip import clip_l2
 from fedtune.aggregation.fedbuff import BufferFold, StalenessWeight
 from fedtune.aggregation.server_opt import ServerOptimizer, ServerSGD
 from fedtune.config.privacy import DPConfig
@@ -35,7 +36,6 @@ from fedtune.core.messages import ClientUpdate
 from fedtune.core.params import ParamSpec
 from fedtune.core.state import ServerState
 from fedtune.privacy import accountant
-from fedtune.privacy.clipping import clip_l2
 from fedtune.privacy.noise import gaussian
 from fedtune.server.strategies.fedopt import OPT_PREFIX, optimizer_slots
 
