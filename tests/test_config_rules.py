@@ -136,6 +136,11 @@ CASES: dict[str, tuple[dict, str, dict]] = {
         "proximal term",
         {"privacy": {"dpsgd": True}},
     ),
+    "async_mode": (
+        {"server": {"fedbuff": {"buffer_size": 2}}},
+        "only applies to server.mode 'async'",
+        {},
+    ),
 }
 
 

@@ -193,3 +193,28 @@ def test_actor_step_reports_are_throttled_but_the_last_step_always_goes() -> Non
     for step in range(1, 6):
         forward(StepProgress("c", 1, step, 5, step * 4, step * 0.1))
     assert [r.step for r in queue.items] == [1, 5]
+
+
+@pytest.mark.slow  # a second pair of runs on the shared Ray session (~30 s); the FedBuff loop is in-process tested
+def test_fedbuff_async_on_ray_equals_in_process(ray_session, tmp_path) -> None:
+    """server.mode async: the K arrivals of a buffered step train on Ray actors, each on its own model version."""
+    asynchronous = {"mode": "async", "fedbuff": {"concurrency": 5, "buffer_size": 3}}
+
+    def config(**simulation):
+        cfg = tiny_config(tmp_path, **simulation).model_dump()
+        speed = {"client_speed": {"slow_fraction": 0.25, "jitter_sigma": 0.3}}
+        return parse_config(
+            {
+                **cfg,
+                "server": {**cfg["server"], **asynchronous},
+                "federation": {"rounds": 4},
+                "simulation": {**cfg["simulation"], **speed},
+            }
+        )
+
+    local = simulate(config(), show_progress=False)
+    on_ray = simulate(config(backend="ray", num_workers=2), show_progress=False)
+    assert np.array_equal(on_ray.state.params, local.state.params)
+    assert on_ray.state.extra["fedbuff"] == local.state.extra["fedbuff"]
+    assert comparable(on_ray.rounds) == comparable(local.rounds)
+    assert max(r["agg_staleness_max"] for r in local.rounds[1:]) > 0  # stale versions were really trained on

@@ -13,7 +13,7 @@ from __future__ import annotations
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
-from fedtune.client import hooks
+from fedtune.client import hooks, partial
 from fedtune.client.lora_ranks import LoraRanks
 from fedtune.client.personal import Personalizer
 from fedtune.client.worker import HookFactory
@@ -43,6 +43,7 @@ def strategy_extensions(*, own_rank: int | None = None, own_rslora: bool = False
             hooks.proximal_term,
             hooks.scaffold_correction,
             hooks.stragglers,
+            partial.time_budget,  # deployment.partial_work: stop at the server's time budget, weight by steps
         ],
         # run after the fit's own finishes, so the straggler's partial delta and step count are final when
         # SCAFFOLD reads them

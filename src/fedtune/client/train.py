@@ -155,6 +155,8 @@ def local_train(
         if on_step is not None:
             elapsed = time.perf_counter() - started
             on_step(StepProgress(client_id, round_idx, len(losses), total_steps, seen, elapsed))
+        if any(check() for check in hooks.stop_checks):  # e.g. the round's deadline: send the partial work
+            break
     task.module.eval()
     elapsed = time.perf_counter() - started
     return LocalResult(

@@ -12,6 +12,8 @@ from pydantic import Field, model_validator
 
 from fedtune.config.base import PositiveFloat, PositiveInt, Section
 
+TIME_BUDGET_OPTION = "time_budget_s"  # FitInstruction.options: seconds a fit may train (deployment.partial_work)
+
 
 class DeploymentConfig(Section):
     address: str = "127.0.0.1"  # interface the server listens on ("0.0.0.0" for every interface)
@@ -30,6 +32,10 @@ class DeploymentConfig(Section):
     min_clients: PositiveInt = 2  # quorum: a round starts only when at least this many clients are connected
     quorum_timeout_s: PositiveFloat = 600.0  # give up (exit non-zero) if the quorum is not reached in time
     round_timeout_s: PositiveFloat = 600.0  # training deadline per round; later replies are dropped
+    # stragglers send partial work instead of being dropped: each fit may train for partial_work_share x
+    # round_timeout_s seconds, then the client sends the steps it finished, weighted by steps done / planned
+    partial_work: bool = False
+    partial_work_share: Annotated[float, Field(gt=0, lt=1)] = 0.8  # the rest of the deadline is for the upload
     eval_timeout_s: PositiveFloat | None = None  # evaluation deadline per round (default: round_timeout_s)
     heartbeat_s: PositiveFloat = 5.0  # clients send a heartbeat this often
     missed_heartbeats: PositiveInt = 3  # a client silent for this many intervals is presumed dead

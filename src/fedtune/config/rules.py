@@ -13,6 +13,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
+from fedtune.config.asynchronous import async_violation
 from fedtune.config.lora_ranks import largest_rank
 from fedtune.config.personalization import check_personalization_rules
 from fedtune.config.privacy import check_distributed_dp, check_dpsgd_data_parallel, check_secagg_availability
@@ -268,6 +269,7 @@ RULES: dict[str, Rule] = {
     "personalization": Rule(
         ("personalization", "model.lora", "server.lora_aggregation", "privacy.dpsgd", "client.*"), _personalization
     ),
+    "async_mode": Rule(("server.mode", "server.fedbuff", "simulation.client_speed", "privacy.*"), async_violation),
 }
 
 

@@ -11,6 +11,7 @@ from typing import Annotated, Literal
 
 from pydantic import Field, model_validator
 
+from fedtune.config.asynchronous import FedBuffConfig
 from fedtune.config.base import PositiveFloat, PositiveInt, Section
 from fedtune.config.deployment import DeploymentConfig
 from fedtune.config.lora_ranks import ClientRanks
@@ -227,6 +228,10 @@ class ServerConfig(Section):
     lora_aggregation: Literal["naive", "ffa", "fedex", "flora", "svd", "hetlora", "flexlora"] = "naive"
     # flora/hetlora/flexlora: each client's rank, <= model.lora.r (a list, a mapping or tiers: config/lora_ranks.py)
     lora_client_ranks: ClientRanks | None = None
+    # sync: rounds with a barrier; async: FedBuff buffered asynchronous steps (server.fedbuff, see
+    # fedtune.config.asynchronous); federation.rounds then counts buffered steps
+    mode: Literal["sync", "async"] = "sync"
+    fedbuff: FedBuffConfig | None = None  # async: concurrency, buffer size, staleness (null: the defaults)
     # bounded influence of one client (docs/THREATS.md): the example count an update is weighted by is capped:
     # a number; "adaptive" (adaptive_examples_multiple x the median count of the previous round; round 1
     # uncapped); "off"; or "auto" (off in a simulation, adaptive in a deployment)

@@ -17,6 +17,7 @@ from typing import TYPE_CHECKING, Literal
 
 from pydantic import model_validator
 
+from fedtune.config.asynchronous import ClientSpeedConfig
 from fedtune.config.base import PositiveFloat, PositiveInt, Section
 
 if TYPE_CHECKING:
@@ -54,6 +55,8 @@ class SimulationConfig(Section):
     # with the run, so resuming needs "disk"); or an explicit "disk:<dir>", "ray:<name>", "memory:<name>"
     # (memory: this process only, backend inprocess with client_nproc 1)
     client_state: str = "disk"
+    # server.mode async: the simulated clock's client speeds (lognormal, a slow tail; null: the defaults)
+    client_speed: ClientSpeedConfig | None = None
 
     @model_validator(mode="after")
     def _check(self) -> SimulationConfig:

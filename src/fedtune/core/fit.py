@@ -36,10 +36,13 @@ class LocalHooks:
     grad_hooks: list[GradHook] = field(default_factory=list)
     finish: list[Finish] = field(default_factory=list)
     cleanup: list[Cleanup] = field(default_factory=list)
+    # asked after every step: True ends local training there (deployment.partial_work's deadline)
+    stop_checks: list[Callable[[], bool]] = field(default_factory=list)
 
     def extend(self, other: LocalHooks) -> None:
         self.loss_terms += other.loss_terms
         self.grad_hooks += other.grad_hooks
+        self.stop_checks += other.stop_checks
         self.finish += other.finish
         self.cleanup += other.cleanup
 

@@ -105,6 +105,11 @@ def run_server(
     console = console or Console()
     config = deployment_defaults(config)
     require_trackers(config.run.trackers)  # before the model is built or the port opened
+    if config.server.mode == "async":
+        raise ConfigError(
+            "server.mode 'async' (FedBuff) runs in simulation only (simulation.backend inprocess or ray): the gRPC "
+            "server dispatches whole rounds and has no per-client dispatch of model versions yet"
+        )
     params, spec, accuracy = initial_model(config)
     extra = {"num_labels": config.model.num_labels} if config.model.num_labels is not None else {}
     transport = GrpcServerTransport(

@@ -43,10 +43,16 @@ def config_digest(config: Config) -> str:
     data["federation"].pop("rounds", None)
     dep = data["deployment"]
     codec = {k: dep[k] for k in ("codec", "codec_block", "topk_fraction")} if dep.get("codec", "none") != "none" else {}
+    speeds = data["simulation"].get("client_speed")  # async mode's simulated clock decides who arrives when
     for section in ("run", "eval", "simulation", "deployment"):
         data[section] = {}
     if codec:
         data["deployment"] = codec
+    if data["server"].get("mode") == "sync":  # keys added with FedBuff: a sync run's digest is as before them
+        data["server"].pop("mode")
+        data["server"].pop("fedbuff", None)
+    elif speeds is not None:
+        data["simulation"] = {"client_speed": speeds}
     return hashlib.sha256(json.dumps(data, sort_keys=True).encode()).hexdigest()[:16]
 
 

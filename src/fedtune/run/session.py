@@ -278,7 +278,12 @@ def serve(
         sinks.on_stop(at, reason)
 
     first = state.round
-    state = run_rounds(config, strategy, transport, state, on_round=on_round, on_stop=on_stop, summer=summer)
+    if config.server.mode == "async":  # FedBuff: buffered steps on a simulated clock instead of rounds
+        from fedtune.server.async_loop import run_async
+
+        state = run_async(config, strategy, transport, state, on_round=on_round, on_stop=on_stop)
+    else:
+        state = run_rounds(config, strategy, transport, state, on_round=on_round, on_stop=on_stop, summer=summer)
     if rejected and all(why is not None for why in rejected):
         raise NoRoundCompleted(
             f"none of rounds {first + 1}-{state.round} could be completed (last reason: {rejected[-1]}); "
@@ -317,9 +322,14 @@ def coordinate(
     console = console or Console()
     require_trackers(config.run.trackers)  # a tracker that is not installed fails before anything starts
     summer = summer_for(config, transport)  # SecAgg over what the transport can carry; refused where it cannot
-    if num_clients == "transport":  # a simulation's population is fixed; a deployment's caller says (or None)
-        num_clients = len(transport.client_ids())
-    strategy = build_strategy(config, num_clients=num_clients)  # SCAFFOLD needs N
+    if config.server.mode == "async":
+        from fedtune.server.async_loop import build_fedbuff
+
+        strategy = build_fedbuff(config)
+    else:
+        if num_clients == "transport":  # a simulation's population is fixed; a deployment's caller says (or None)
+            num_clients = len(transport.client_ids())
+        strategy = build_strategy(config, num_clients=num_clients)  # SCAFFOLD needs N
     run_dir, state, log = _open_run(config, strategy, init, resume_dir, console, fresh_dir)
     if extra_state and state.round == 0:
         state = state.evolve(extra={**state.extra, **extra_state})

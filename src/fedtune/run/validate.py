@@ -78,4 +78,13 @@ def show(config: Config, result: Validation, console: Console, *, max_rows: int 
         f"of {result.total_params:,} ({share:.2%})" + (f"; {result.num_labels} labels" if result.num_labels else ""),
         soft_wrap=True,
     )
-    console.print(f"{fed.rounds} rounds, {per_round} clients per round; nothing was trained", soft_wrap=True)
+    schedule = f"{fed.rounds} rounds, {per_round} clients per round"
+    if config.server.mode == "async":  # FedBuff: no rounds, buffered steps (docs/ASYNC.md)
+        from fedtune.config.asynchronous import FedBuffConfig
+
+        fb = config.server.fedbuff or FedBuffConfig()
+        schedule = (
+            f"{fed.rounds} buffered steps (async: {fb.concurrency} clients training at once, "
+            f"a step every {fb.buffer_size} arrivals)"
+        )
+    console.print(f"{schedule}; nothing was trained", soft_wrap=True)

@@ -23,12 +23,12 @@ import queue
 import time
 from collections.abc import Iterator, Mapping, Sequence
 from concurrent import futures
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 import grpc
 
-from fedtune.config.deployment import DeploymentConfig
+from fedtune.config.deployment import TIME_BUDGET_OPTION, DeploymentConfig
 from fedtune.core.messages import ClientEval, ClientFailure, EvalInstruction, FitInstruction, Reply
 from fedtune.errors import ConfigError, FedtuneError
 from fedtune.transport.base import Capabilities
@@ -164,6 +164,9 @@ class GrpcServerTransport:
         tasks, inbox = [], queue.Queue()
         for instr in instructions:
             task_id = Task.new_id()
+            if self.dep.partial_work:  # the client stops in time and sends what it has (client/partial.py)
+                budget = self.dep.partial_work_share * self.dep.round_timeout_s
+                instr = replace(instr, options={**instr.options, TIME_BUDGET_OPTION: budget})
             payload = protocol.fit_payload(instr, task_id)
             if self.secure_aggregation:
                 payload.scalars["secure_aggregation"] = True  # keep the update: SecAgg's tasks follow

@@ -1,0 +1,244 @@
+"""The asynchronous (FedBuff) loop over any transport: dispatch, wait for K arrivals, step, report.
+
+    repeat until federation.rounds buffered steps:
+        arrivals = the next K clients to finish on the simulated clock (server.clock), each with the model
+                   version it was dispatched with; freed slots are refilled at once (concurrency M)
+        train them: one transport.fit over the K instructions (the in-process worker in turn, or Ray actors
+                   in parallel), each instruction carrying its own version's vector
+        state = FedBuff.step(state, arrivals)          staleness-weighted fold + server optimiser (+ DP)
+        evaluate every eval.every steps; hand (state, report) to on_round (the run's sinks)
+
+Training is lazy: a client's update is computed when it arrives, from the vector of the version it was
+dispatched with. That vector is kept in ``state.arrays["fedbuff/version/<v>"]`` while any in-flight client
+still needs it, and the schedule (clock, dispatch counter, in-flight clients) in ``state.extra["fedbuff"]``,
+so the checkpoint written after a step is everything a resumed run needs to continue bit for bit.
+Within a step, updates are influence-bounded and the step checked exactly as in a synchronous round
+(``server.influence``), and folded in arrival order whatever order the transport answers in, hence
+bit-identical results for the same seed on every backend.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections.abc import Callable, Iterator
+
+import numpy as np
+
+from fedtune.aggregation.fedbuff import StalenessWeight
+from fedtune.aggregation.server_opt import make_server_optimizer
+from fedtune.config.asynchronous import ClientSpeedConfig, FedBuffConfig
+from fedtune.config.schema import Config
+from fedtune.core.keys import ROUNDS_OPTION
+from fedtune.core.messages import ClientFailure, ClientUpdate, FitInstruction
+from fedtune.core.params import check_vector
+from fedtune.core.state import ServerState
+from fedtune.errors import CheckpointError, ConfigError, UpdateRejected
+from fedtune.server.clock import Clock, InFlight, Schedule, client_speeds
+from fedtune.server.fedbuff import Arrival, FedBuff
+from fedtune.server.influence import Bounds
+from fedtune.server.loop import RoundReport, _bounded, _checked, eval_clients, evaluate_global
+from fedtune.transport.base import Transport
+
+SCHEDULE_KEY = "fedbuff"  # state.extra[SCHEDULE_KEY]: the Schedule
+VERSION_PREFIX = "fedbuff/version/"  # state.arrays: vectors of older versions still being trained on
+
+
+def build_fedbuff(config: Config) -> FedBuff:
+    """The FedBuff server of an async config (the optimiser from ``server``, as for a synchronous FedOpt)."""
+    server, fb = config.server, config.server.fedbuff or FedBuffConfig()
+    options = {"proximal_mu": server.proximal_mu} if server.proximal_mu > 0 else {}
+    return FedBuff(
+        optimizer=make_server_optimizer(
+            server.optimizer,
+            lr=server.lr,
+            momentum=server.momentum,
+            beta1=server.beta1,
+            beta2=server.beta2,
+            tau=server.tau,
+        ),
+        staleness=StalenessWeight(fb.staleness, a=fb.staleness_a, b=fb.staleness_b),
+        buffer_size=fb.buffer_size,
+        weighting=server.weighting,
+        client_options=options,
+        dp=config.privacy.dp,
+        seed=config.seed,
+    )
+
+
+def build_clock(config: Config, population: list[str]) -> Clock:
+    fb = config.server.fedbuff or FedBuffConfig()
+    if len(population) < fb.buffer_size:
+        raise ConfigError(
+            f"server.fedbuff.buffer_size ({fb.buffer_size}) exceeds the population ({len(population)} clients): "
+            "a client contributes at most once per buffered step"
+        )
+    speed = config.simulation.client_speed or ClientSpeedConfig()
+    assert config.client.local_steps is not None  # async mode requires it (config.asynchronous)
+    speeds = client_speeds(speed, population, seed=config.seed)
+    return Clock(speeds, speed, config.client.local_steps, config.seed, tuple(population))
+
+
+def schedule_of(state: ServerState) -> Schedule:
+    data = state.extra.get(SCHEDULE_KEY)
+    return Schedule() if data is None else Schedule.from_json(data)
+
+
+def version_params(state: ServerState, version: int) -> np.ndarray:
+    if version == state.round:
+        return state.params
+    key = f"{VERSION_PREFIX}{version}"
+    if key not in state.arrays:
+        raise CheckpointError(f"the vector of model version {version} (a client in flight trains on it) is missing")
+    return state.arrays[key]
+
+
+def with_schedule(new: ServerState, old: ServerState, sched: Schedule) -> ServerState:
+    """``new`` holding ``sched`` and the vectors of exactly the versions its in-flight clients train on."""
+    needed = {f.version for f in sched.in_flight} - {new.round}
+    arrays = {k: v for k, v in new.arrays.items() if not k.startswith(VERSION_PREFIX)}
+    arrays.update({f"{VERSION_PREFIX}{v}": version_params(old, v) for v in sorted(needed)})
+    return new.evolve(arrays=arrays, extra={**new.extra, SCHEDULE_KEY: sched.to_json()})
+
+
+def _instruction(config: Config, server: FedBuff, state: ServerState, flight: InFlight) -> FitInstruction:
+    arrays, options = server.fit_payload(state, flight.client_id)
+    return FitInstruction(
+        client_id=flight.client_id,
+        round=flight.dispatch,  # the client's random streams: one per dispatch, as one per round in sync mode
+        params=version_params(state, flight.version),
+        spec_digest=state.spec.digest,
+        seed=config.seed,
+        train=config.client,
+        extras=arrays,
+        options={**options, ROUNDS_OPTION: config.federation.rounds},
+    )
+
+
+def _check(update: ClientUpdate, flight: InFlight | None, state: ServerState, seen: set[str]) -> InFlight:
+    if flight is None:
+        raise UpdateRejected(f"client {update.client_id!r} is not in this buffer")
+    if update.round != flight.dispatch:
+        raise UpdateRejected(f"update is for dispatch {update.round}, the client was dispatched as {flight.dispatch}")
+    if update.client_id in seen:
+        raise UpdateRejected(f"duplicate update from client {update.client_id!r}")
+    if update.spec_digest != state.spec.digest:
+        raise UpdateRejected(f"spec digest {update.spec_digest} does not match the server's {state.spec.digest}")
+    if update.num_examples <= 0:
+        raise UpdateRejected(f"client reports {update.num_examples} training examples")
+    check_vector(update.delta, state.spec, who=f"update from {update.client_id}")
+    return flight
+
+
+def _accepted(
+    replies: Iterator[ClientUpdate | ClientFailure],
+    buffer: list[InFlight],
+    state: ServerState,
+    report: RoundReport,
+    bounds: Bounds,
+) -> Iterator[Arrival]:
+    """Valid updates as Arrivals, influence-bounded as in a synchronous round (``server.influence``), yielded
+    in arrival order whatever order the transport answers in (so the fold is bit-identical on Ray with
+    ``ordered: false``); the rest become report failures. Only updates that overtake an earlier arrival wait."""
+    by_id, seen = {f.client_id: f for f in buffer}, set()
+    waiting: dict[str, ClientUpdate] = {}
+    resolved: set[str] = set()
+    order = iter(buffer)
+    head = next(order, None)
+    for reply in replies:
+        resolved.add(reply.client_id)
+        if isinstance(reply, ClientFailure):
+            report.failures.append(reply)
+        else:
+            try:
+                _check(reply, by_id.get(reply.client_id), state, seen)
+            except UpdateRejected as err:
+                report.failures.append(ClientFailure(reply.client_id, reply.round, f"rejected: {err}"))
+            else:
+                seen.add(reply.client_id)
+                waiting[reply.client_id] = reply
+        del reply  # not alive while the transport produces the next one
+        while head is not None and head.client_id in resolved:
+            if head.client_id in waiting:
+                yield _arrival(waiting.pop(head.client_id), head, state, report, bounds)
+            head = next(order, None)
+    for flight in buffer:  # the transport ended with some arrivals unresolved: the rest, in order
+        if flight.client_id in waiting:
+            yield _arrival(waiting.pop(flight.client_id), flight, state, report, bounds)
+
+
+def _arrival(
+    update: ClientUpdate, flight: InFlight, state: ServerState, report: RoundReport, bounds: Bounds
+) -> Arrival:
+    update = _bounded(update, report, bounds)  # appends the client's metrics line
+    staleness = state.round - flight.version
+    report.clients[-1].update(staleness=staleness, dispatch=flight.dispatch, sim_seconds=flight.finish - flight.start)
+    return Arrival(update, staleness)
+
+
+def async_step(
+    config: Config, server: FedBuff, clock: Clock, transport: Transport, state: ServerState
+) -> tuple[ServerState, RoundReport]:
+    """One buffered step: the next K arrivals trained and folded; returns the new state and what happened."""
+    started = time.perf_counter()
+    fb = config.server.fedbuff or FedBuffConfig()
+    buffer, dropped, sched = clock.next_buffer(
+        schedule_of(state),
+        version=state.round,
+        slots=fb.concurrency,
+        size=fb.buffer_size,
+        max_staleness=fb.max_staleness,
+    )
+    report = RoundReport(round=state.round + 1, sampled=[f.client_id for f in dropped + buffer])
+    report.failures += [
+        ClientFailure(f.client_id, f.dispatch, f"dropped: staleness {state.round - f.version} > max_staleness")
+        for f in dropped
+    ]
+    instructions = [_instruction(config, server, state, f) for f in buffer]
+    replies = _accepted(transport.fit(instructions), buffer, state, report, Bounds.for_round(config, state))
+    new_state, report.aggregate = server.step(state, replies)
+    new_state = _checked(config, state, new_state, report)  # a non-finite or exploding step is rejected
+    new_state = with_schedule(new_state, state, sched)
+    report.aggregate.update(
+        sim_time=sched.clock,
+        dispatches=sched.dispatches,
+        dropped_stale=len(dropped),
+        versions_kept=sum(k.startswith(VERSION_PREFIX) for k in new_state.arrays),
+    )
+    if new_state.round % config.eval.every == 0 or new_state.round == config.federation.rounds:
+        per_client, pooled, failures = evaluate_global(
+            config,
+            server,
+            transport,
+            new_state,
+            eval_clients(config, transport.client_ids()),  # type: ignore[arg-type]
+        )
+        report.eval_clients, report.eval_pooled = per_client, pooled
+        report.failures += failures
+    report.seconds = time.perf_counter() - started
+    return new_state, report
+
+
+def run_async(
+    config: Config,
+    server: FedBuff,
+    transport: Transport,
+    state: ServerState,
+    *,
+    on_round: Callable[[ServerState, RoundReport], None] = lambda s, r: None,
+    on_stop: Callable[[ServerState, str], None] | None = None,
+) -> ServerState:
+    """Buffered steps from ``state.round + 1`` to ``config.federation.rounds`` (``run_rounds``' contract)."""
+    clock = build_clock(config, transport.client_ids())
+    while state.round < config.federation.rounds:
+        reason = server.should_stop(state)
+        if reason is not None:
+            (on_stop or _log_stop)(state, reason)
+            break
+        state, report = async_step(config, server, clock, transport, state)
+        on_round(state, report)
+    return state
+
+
+def _log_stop(state: ServerState, reason: str) -> None:
+    logging.getLogger("fedtune").warning("stopping after buffered step %d: %s", state.round, reason)
