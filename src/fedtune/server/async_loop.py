@@ -26,18 +26,17 @@ from collections.abc import Callable, Iterator
 import numpy as np
 
 from fedtune.aggregation.fedbuff import StalenessWeight
-from fedtune.aggregation.server_opt import make_server_optimizer
 from fedtune.config.asynchronous import ClientSpeedConfig, FedBuffConfig
 from fedtune.config.schema import Config
 from fedtune.core.keys import ROUNDS_OPTION
 from fedtune.core.messages import ClientFailure, ClientUpdate, FitInstruction
-from fedtune.core.params import check_vector
 from fedtune.core.state import ServerState
 from fedtune.errors import CheckpointError, ConfigError, UpdateRejected
+from fedtune.server.build import server_optimizer
 from fedtune.server.clock import Clock, InFlight, Schedule, client_speeds
 from fedtune.server.fedbuff import Arrival, FedBuff
 from fedtune.server.influence import Bounds
-from fedtune.server.loop import RoundReport, _bounded, _checked, eval_clients, evaluate_global
+from fedtune.server.loop import RoundReport, _bounded, _checked, check_reply, eval_clients, evaluate_global
 from fedtune.transport.base import Transport
 
 SCHEDULE_KEY = "fedbuff"  # state.extra[SCHEDULE_KEY]: the Schedule
@@ -49,14 +48,7 @@ def build_fedbuff(config: Config) -> FedBuff:
     server, fb = config.server, config.server.fedbuff or FedBuffConfig()
     options = {"proximal_mu": server.proximal_mu} if server.proximal_mu > 0 else {}
     return FedBuff(
-        optimizer=make_server_optimizer(
-            server.optimizer,
-            lr=server.lr,
-            momentum=server.momentum,
-            beta1=server.beta1,
-            beta2=server.beta2,
-            tau=server.tau,
-        ),
+        optimizer=server_optimizer(config),
         staleness=StalenessWeight(fb.staleness, a=fb.staleness_a, b=fb.staleness_b),
         buffer_size=fb.buffer_size,
         weighting=server.weighting,
@@ -120,13 +112,7 @@ def _check(update: ClientUpdate, flight: InFlight | None, state: ServerState, se
         raise UpdateRejected(f"client {update.client_id!r} is not in this buffer")
     if update.round != flight.dispatch:
         raise UpdateRejected(f"update is for dispatch {update.round}, the client was dispatched as {flight.dispatch}")
-    if update.client_id in seen:
-        raise UpdateRejected(f"duplicate update from client {update.client_id!r}")
-    if update.spec_digest != state.spec.digest:
-        raise UpdateRejected(f"spec digest {update.spec_digest} does not match the server's {state.spec.digest}")
-    if update.num_examples <= 0:
-        raise UpdateRejected(f"client reports {update.num_examples} training examples")
-    check_vector(update.delta, state.spec, who=f"update from {update.client_id}")
+    check_reply(update, state, seen)  # the checks every reply gets, in a round or a buffer
     return flight
 
 

@@ -9,7 +9,7 @@ wraps it (DP-FedAvg, secure aggregation). The config's cross-section rules were 
 from __future__ import annotations
 
 from fedtune.aggregation.robust import make_aggregator
-from fedtune.aggregation.server_opt import make_server_optimizer
+from fedtune.aggregation.server_opt import ServerOptimizer, make_server_optimizer
 from fedtune.config.schema import Config
 from fedtune.core.strategy import Strategy
 from fedtune.privacy.build import wrap_strategy
@@ -26,6 +26,14 @@ from fedtune.server.strategies import (
     Scaffold,
     SvdLora,
 )
+
+
+def server_optimizer(config: Config) -> ServerOptimizer:
+    """``server.optimizer`` with its settings: the step a synchronous round and a FedBuff buffer both take."""
+    server = config.server
+    return make_server_optimizer(
+        server.optimizer, lr=server.lr, momentum=server.momentum, beta1=server.beta1, beta2=server.beta2, tau=server.tau
+    )
 
 
 def build_plugins(config: Config, *, num_clients: int | None) -> list[Plugin]:
@@ -61,14 +69,7 @@ def build_strategy(config: Config, *, num_clients: int | None = None) -> Strateg
             num_selected=server.multi_krum_m,
             norm_bound=server.norm_bound,
         ),
-        optimizer=make_server_optimizer(
-            server.optimizer,
-            lr=server.lr,
-            momentum=server.momentum,
-            beta1=server.beta1,
-            beta2=server.beta2,
-            tau=server.tau,
-        ),
+        optimizer=server_optimizer(config),
         weighting=server.weighting,
         plugins=build_plugins(config, num_clients=num_clients),
     )

@@ -80,6 +80,13 @@ def validate_update(update: Reply, state: ServerState, expected: set[str], seen:
         raise UpdateRejected(f"update is for round {update.round}, the server is in round {state.round + 1}")
     if update.client_id not in expected:
         raise UpdateRejected(f"client {update.client_id!r} was not sampled this round")
+    check_reply(update, state, seen)
+
+
+def check_reply(update: Reply, state: ServerState, seen: set[str]) -> None:
+    """What any reply must be, whichever round or buffer it belongs to: the first from its client, built on
+    the server's parameter layout, from at least one example, and (unless held for SecAgg) a finite vector of
+    the right size."""
     if update.client_id in seen:
         raise UpdateRejected(f"duplicate update from client {update.client_id!r}")
     if update.spec_digest != state.spec.digest:
