@@ -193,6 +193,7 @@ def test_an_aborted_distributed_dp_round_is_not_charged_and_the_next_is_charged_
     from fedtune.privacy.ddp_client import DistributedNoise
     from fedtune.privacy.dp_fedavg import DPFedAvg
     from fedtune.privacy.secagg.driver import SecureSummer
+    from fedtune.server.loop import aggregate_round
     from fedtune.server.strategies import FedOpt
 
     d = 64
@@ -210,9 +211,9 @@ def test_an_aborted_distributed_dp_round_is_not_charged_and_the_next_is_charged_
         cfg.privacy.dp,
         cfg.federation,
         seed=0,
-        summer=SecureSummer(sa, seed=0),
         expected_dropout=sa.expected_dropout,
     )
+    summer = SecureSummer(sa, seed=0)  # the loop forms the sum (round contract); the strategy applies it
     noise = DistributedNoise(cfg.privacy.dp, rounds=3, clients_per_round=4, expected_dropout=sa.expected_dropout)
     rng = np.random.default_rng(0)
 
@@ -221,10 +222,10 @@ def test_an_aborted_distributed_dp_round_is_not_charged_and_the_next_is_charged_
         return [noise(u, FitInstruction(u.client_id, 1, np.zeros(d, np.float32), spec.digest, 0, {})) for u in ups]
 
     state = dp.begin_round(dp.init_state(np.zeros(d, np.float32), spec), population=8)
-    after, metrics = dp.aggregate(state, noised(2))  # two clients: below SecAgg's minimum of three
+    after, metrics = aggregate_round(dp, state, iter(noised(2)), summer)  # two clients: below SecAgg's minimum of three
     assert "secagg_abort" in metrics and metrics["dp_charged"] == 0 and metrics["epsilon"] == 0.0
     assert after.extra["dp"]["ledger"] == [] and np.array_equal(after.params, state.params)
-    final, metrics = dp.aggregate(dp.begin_round(after, population=8), noised(4))
+    final, metrics = aggregate_round(dp, dp.begin_round(after, population=8), iter(noised(4)), summer)
     plan = config_plan(cfg.privacy.dp, rounds=3, clients_per_round=4, expected_dropout=sa.expected_dropout, dim=d)
     assert metrics["dp_charged"] == 1 and metrics["ddp_noise_shares"] == 4
     assert final.extra["dp"]["ledger"] == [distributed.entry(plan, 4)]
