@@ -117,7 +117,7 @@ def main() -> None:
         return
     rows = []
     for rep in range(args.reps):
-        for path in PATHS:
+        for path in PATHS[rep % 3 :] + PATHS[: rep % 3]:  # the order rotates: no path is always first or last
             res = run_child([__file__, "--child", path, "--steps", str(args.steps), "--batch", str(args.batch),
                              "--length", str(args.length)])  # fmt: skip
             rows.append({"rep": rep, **res})
@@ -142,7 +142,8 @@ def main() -> None:
         f"{args.batch} --length {args.length} --reps {args.reps}`. One client's local round on {MODEL} with LoRA "
         f"r=8 on q/v, AdamW, clipping 1.0, {args.steps} timed steps of {args.batch} x {args.length} random tokens "
         "(the same seeded batches for every path) after a 1-step warmup; each path in a fresh process (its own peak "
-        "RSS), the three alternating within a repetition. `builtin` is fedtune's loop (`client.trainer: builtin`), "
+        "RSS), the three alternating within a repetition in an order that rotates between repetitions. "
+        "`builtin` is fedtune's loop (`client.trainer: builtin`), "
         "`hf` the Trainer path (`client.trainer: hf`: transformers.Trainer, its setup included in the round), `bare` "
         "a hand-written PyTorch + peft loop.\n\n"
         + "\n".join(table)
