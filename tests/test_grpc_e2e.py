@@ -17,13 +17,11 @@ import yaml
 
 from _grpc_support import (
     REPO,
-    Procs,
     client_args,
     deployment_section,
     digits_data,
     find_run_dir,
     free_port,
-    make_pki,
     wait_until,
 )
 from _models import DIGITS_CNN
@@ -109,18 +107,6 @@ def _oracle(shared: tuple[dict, np.ndarray], run_dir: Path, tmp: Path) -> np.nda
     init = (prepared.worker.current_params(), prepared.worker.view.spec)
     accuracy = prepared.task.reports_accuracy
     return coordinate(config, transport, init=init, accuracy=accuracy, show_progress=False).state.params
-
-
-@pytest.fixture(scope="module")
-def pki(tmp_path_factory):
-    return make_pki(tmp_path_factory.mktemp("pki"))
-
-
-@pytest.fixture
-def procs(tmp_path):
-    p = Procs(tmp_path)
-    yield p
-    p.kill_all()
 
 
 ROUNDS = 4

@@ -11,24 +11,12 @@ import numpy as np
 import pytest
 import yaml
 
-from _grpc_support import REPO, Procs, client_args, deployment_section, digits_data, find_run_dir, free_port, make_pki
+from _grpc_support import REPO, client_args, deployment_section, digits_data, find_run_dir, free_port
 from _models import DIGITS_CNN
 from fedtune.core.state import load_state
 
 pytestmark = pytest.mark.timeout(900)  # an upper bound for a loaded machine, not a speed test
 FAULT_CLIENT = str(REPO / "tests" / "grpc_fault_client.py")
-
-
-@pytest.fixture(scope="module")
-def pki(tmp_path_factory):
-    return make_pki(tmp_path_factory.mktemp("pki"))
-
-
-@pytest.fixture
-def procs(tmp_path):
-    p = Procs(tmp_path)
-    yield p
-    p.kill_all()
 
 
 def _config(tmp: Path, pki: Path, port: int, *, clients: int, rounds: int) -> Path:

@@ -14,7 +14,6 @@ import pytest
 import yaml
 from rich.console import Console
 
-from _grpc_support import make_pki
 from fedtune.config import parse_config
 from fedtune.config.deployment import DeploymentConfig
 from fedtune.core.messages import FitInstruction
@@ -27,11 +26,6 @@ from fedtune.transport.grpc.server import GrpcServerTransport, ServerTLS
 pytestmark = pytest.mark.timeout(120)
 CNN = {"kind": "module", "factory": "fedtune.models.cnn:digits_cnn", "lora": None}
 DATA = {"source": "digits", "partition": {"kind": "iid", "num_clients": 2}}
-
-
-@pytest.fixture(scope="module")
-def pki(tmp_path_factory):
-    return make_pki(tmp_path_factory.mktemp("hostile"))
 
 
 def _rogue(marker) -> dict:

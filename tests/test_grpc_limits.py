@@ -16,7 +16,7 @@ import grpc
 import numpy as np
 import pytest
 
-from _grpc_support import Heartbeats, RawClient, make_pki, wait_until
+from _grpc_support import Heartbeats, RawClient, wait_until
 from fedtune.config.deployment import DeploymentConfig
 from fedtune.config.schema import ClientConfig
 from fedtune.core.messages import ClientFailure, ClientUpdate, FitInstruction
@@ -28,11 +28,6 @@ from fedtune.transport.grpc.server import GrpcServerTransport, ServerTLS
 pytestmark = pytest.mark.timeout(180)
 DIGEST = "0123456789abcdef"
 N = 1000
-
-
-@pytest.fixture(scope="module")
-def pki(tmp_path_factory):
-    return make_pki(tmp_path_factory.mktemp("limits"))
 
 
 @pytest.fixture

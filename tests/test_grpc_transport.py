@@ -14,7 +14,7 @@ import grpc
 import numpy as np
 import pytest
 
-from _grpc_support import Heartbeats, RawClient, make_pki
+from _grpc_support import Heartbeats, RawClient
 from fedtune.config.deployment import DeploymentConfig
 from fedtune.config.schema import ClientConfig
 from fedtune.core.messages import ClientFailure, ClientUpdate, EvalInstruction, FitInstruction
@@ -26,11 +26,6 @@ from fedtune.transport.grpc.server import GrpcServerTransport, QuorumError, Serv
 pytestmark = pytest.mark.timeout(60)
 DIGEST = "0123456789abcdef"
 N = 1000
-
-
-@pytest.fixture(scope="module")
-def pki(tmp_path_factory):
-    return make_pki(tmp_path_factory.mktemp("grpc"))
 
 
 @pytest.fixture

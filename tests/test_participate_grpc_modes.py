@@ -22,7 +22,7 @@ from rich.console import Console
 
 import fedtune
 from _grpc_support import DP_ADAPTIVE_SECAGG as SECAGG_DP
-from _grpc_support import deployment_section, free_port, make_pki
+from _grpc_support import deployment_section, free_port
 from _models import DIGITS_CNN
 from fedtune.client.hooks import base_weight
 from fedtune.client.weights import TrainableView
@@ -145,11 +145,6 @@ def participate_in_simulation(cfg: dict, tmp: Path, names=NAMES) -> tuple[fedtun
 
 def assert_same(actual: np.ndarray, expected: np.ndarray) -> None:
     np.testing.assert_allclose(actual, expected, rtol=1e-4, atol=2e-5)  # as tests/test_grpc_e2e.py
-
-
-@pytest.fixture(scope="module")
-def pki(tmp_path_factory) -> Path:
-    return make_pki(tmp_path_factory.mktemp("pki"))
 
 
 @pytest.mark.slow  # ~40 s each on an idle machine (the default suite keeps the DP test of this file)

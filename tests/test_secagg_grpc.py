@@ -26,7 +26,6 @@ from _grpc_support import (
     digits_data,
     find_run_dir,
     free_port,
-    make_pki,
 )
 from _models import DIGITS_CNN
 from fedtune.config import parse_config
@@ -82,18 +81,6 @@ def _assert_same_model(actual: np.ndarray, expected: np.ndarray, initial: np.nda
     # and the next round trains from that slightly different model. 1e-5 is far below what one round moves.
     np.testing.assert_allclose(actual, expected, rtol=0, atol=1e-5)
     assert np.abs(expected - initial).max() > 1e-3  # the bound is tight enough to tell models apart
-
-
-@pytest.fixture(scope="module")
-def pki(tmp_path_factory):
-    return make_pki(tmp_path_factory.mktemp("pki"))
-
-
-@pytest.fixture
-def procs(tmp_path):
-    p = Procs(tmp_path)
-    yield p
-    p.kill_all()
 
 
 class _WireSpy:
