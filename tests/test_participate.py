@@ -99,6 +99,31 @@ def test_misuse_is_named(tmp_path: Path) -> None:
         fedtune.participate(sim_config(tmp_path, server={"proximal_mu": 0.1}), model=net(), clients=2)
     with pytest.raises(ConfigError, match="SCAFFOLD"):
         fedtune.participate(sim_config(tmp_path, server={"scaffold": True}), model=net(), clients=2)
+
+
+def test_your_own_loop_refuses_what_only_the_built_in_loop_does() -> None:
+    """The check both paths run (simulation, and over gRPC on the config the server sends): each mode that acts
+    inside fedtune's local loop is named, the heterogeneous-rank LoRA modes included."""
+    from fedtune.client.external import check_external
+    from fedtune.config import parse_config
+
+    lora = {"model": {"lora": {"r": 4, "alpha": 8.0}}}
+    for server, named in (
+        ({"proximal_mu": 0.1}, "FedProx"),
+        ({"scaffold": True}, "SCAFFOLD"),
+        ({"lora_aggregation": "flora"}, "'flora'"),
+        ({"lora_aggregation": "hetlora"}, "'hetlora'"),
+        ({"lora_aggregation": "flexlora"}, "'flexlora'"),
+    ):
+        extra = lora if "lora_aggregation" in server else {}
+        if server.get("scaffold"):
+            extra = {"client": {"optimizer": "sgd"}}
+        with pytest.raises(ConfigError, match=named):
+            check_external(parse_config({"server": server, **extra}))
+    check_external(parse_config({"server": {"lora_aggregation": "fedex"}, **lora}))  # exact modes: fine
+
+
+def test_misuse_of_a_participation_is_named(tmp_path: Path) -> None:
     run = fedtune.participate(sim_config(tmp_path), model=net(), clients=2, quiet=True)
     with pytest.raises(FedtuneError, match=r"without job\.send"):
         for _job in run:

@@ -43,7 +43,9 @@ def check_external(config: Config) -> None:
         "server.scaffold (SCAFFOLD corrects every local gradient)": s.scaffold,
         "privacy.dpsgd (DP-SGD clips and noises every step's per-example gradients)": p.dpsgd is not None,
         "client.straggler_fraction > 0 (stragglers stop the local loop early)": config.client.straggler_fraction > 0,
-        "server.lora_aggregation 'flora' (client ranks mask the adapter in local steps)": s.lora_aggregation == "flora",
+        f"server.lora_aggregation {s.lora_aggregation!r} (each client trains at its own LoRA rank in local steps)": (
+            s.lora_aggregation in ("flora", "hetlora", "flexlora")
+        ),
         "personalization (each client's own parameters and models are kept by fedtune's worker)": (
             config.personalization.active
         ),
