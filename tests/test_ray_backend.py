@@ -21,6 +21,7 @@ from _models import DIGITS_CNN  # noqa: E402
 from fedtune.config.load import parse_config  # noqa: E402
 from fedtune.config.simulation import SimulationConfig  # noqa: E402
 from fedtune.core.messages import ClientFailure, ClientUpdate, EvalInstruction, FitInstruction  # noqa: E402
+from fedtune.errors import FedtuneError  # noqa: E402
 from fedtune.run.session import initial_params, prepare, simulate, worker_from_config  # noqa: E402
 from fedtune.transport.inprocess import InProcessTransport  # noqa: E402
 from fedtune.transport.ray_backend import RayTransport, start_ray  # noqa: E402
@@ -195,6 +196,13 @@ def test_actor_step_reports_are_throttled_but_the_last_step_always_goes() -> Non
     assert [r.step for r in queue.items] == [1, 5]
 
 
+def test_more_workers_than_the_cluster_has_cpus_is_an_error_not_a_hang(ray_session, tmp_path) -> None:
+    """Ray queues an actor that can never fit and waits for it forever; the transport refuses instead."""
+    needs = r"num_workers=3 x cpus_per_worker=1 needs 3 CPUs, but the Ray cluster has 2"
+    with pytest.raises(FedtuneError, match=needs):
+        simulate(tiny_config(tmp_path, backend="ray", num_workers=3), show_progress=False)
+
+
 @pytest.mark.slow  # a second pair of runs on the shared Ray session (~30 s); the FedBuff loop is in-process tested
 def test_fedbuff_async_on_ray_equals_in_process(ray_session, tmp_path) -> None:
     """server.mode async: the K arrivals of a buffered step train on Ray actors, each on its own model version."""
@@ -213,7 +221,8 @@ def test_fedbuff_async_on_ray_equals_in_process(ray_session, tmp_path) -> None:
         )
 
     local = simulate(config(), show_progress=False)
-    on_ray = simulate(config(backend="ray", num_workers=2), show_progress=False)
+    # one actor: the module's `pool` fixture may still hold the session's other CPU
+    on_ray = simulate(config(backend="ray", num_workers=1), show_progress=False)
     assert np.array_equal(on_ray.state.params, local.state.params)
     assert on_ray.state.extra["fedbuff"] == local.state.extra["fedbuff"]
     assert comparable(on_ray.rounds) == comparable(local.rounds)

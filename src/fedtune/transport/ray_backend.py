@@ -161,6 +161,13 @@ class RayTransport:
                 self._progress = Queue(maxsize=1000, actor_options={"num_cpus": 0})
             cpus = ray.cluster_resources().get("CPU", 1.0)
             count = cfg.num_workers or max(1, int(cpus // cfg.cpus_per_worker))
+            if count * cfg.cpus_per_worker > cpus + 1e-9:
+                # Ray would queue the actors that can never fit and wait for them forever: say so instead
+                raise FedtuneError(
+                    f"simulation.num_workers={count} x cpus_per_worker={cfg.cpus_per_worker:g} needs "
+                    f"{count * cfg.cpus_per_worker:g} CPUs, but the Ray cluster has {cpus:g}: lower "
+                    "simulation.num_workers or cpus_per_worker"
+                )
             # max_restarts: an actor that dies (OOM, segfault) is rebuilt for the next request; the request it
             # was serving becomes a ClientFailure and the round goes on.
             actor_cls = ray.remote(num_cpus=cfg.cpus_per_worker, max_restarts=2, max_task_retries=0)(_Worker)
