@@ -10,7 +10,8 @@ import subprocess
 import sys
 import threading
 import time
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
 import grpc
@@ -31,6 +32,30 @@ def make_pki(root: Path) -> Path:
     (root / "pki" / "revoked.txt").write_text("# test list\nrevoked\n")
     create_pki(root / "other", ["intruder"])  # a different CA: the server must not accept it
     return root / "pki"
+
+
+@contextmanager
+def server_starter(pki: Path, **defaults: object) -> Iterator[Callable[..., object]]:
+    """``make(**overrides)`` starts a GrpcServerTransport on a free port with this PKI's server certificate,
+    ``defaults`` and then ``overrides`` as its deployment section; every server started is stopped at the end."""
+    from fedtune.config.deployment import DeploymentConfig
+    from fedtune.transport.grpc.server import GrpcServerTransport, ServerTLS
+
+    started: list[GrpcServerTransport] = []
+
+    def make(**overrides: object) -> GrpcServerTransport:
+        tls = {"tls_ca": str(pki / "ca.pem"), "tls_cert": str(pki / "server.pem"), "tls_key": str(pki / "server.key")}
+        dep = DeploymentConfig(**{"port": 0, **tls, **defaults, **overrides})
+        transport = GrpcServerTransport(dep, tls=ServerTLS.from_config(dep), config_yaml="seed: 0\n")
+        transport.start()
+        started.append(transport)
+        return transport
+
+    try:
+        yield make
+    finally:
+        for transport in started:
+            transport.stop()
 
 
 def free_port() -> int:

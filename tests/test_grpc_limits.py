@@ -16,14 +16,12 @@ import grpc
 import numpy as np
 import pytest
 
-from _grpc_support import Heartbeats, RawClient, wait_until
-from fedtune.config.deployment import DeploymentConfig
+from _grpc_support import Heartbeats, RawClient, server_starter, wait_until
 from fedtune.config.schema import ClientConfig
 from fedtune.core.messages import ClientFailure, ClientUpdate, FitInstruction
 from fedtune.transport.codecs import build_codec
 from fedtune.transport.grpc import protocol, wire
 from fedtune.transport.grpc.proto import fedtune_pb2 as pb
-from fedtune.transport.grpc.server import GrpcServerTransport, ServerTLS
 
 pytestmark = pytest.mark.timeout(180)
 DIGEST = "0123456789abcdef"
@@ -32,31 +30,17 @@ N = 1000
 
 @pytest.fixture
 def start(pki):
-    started = []
-
-    def make(**overrides) -> GrpcServerTransport:
-        settings = {
-            "port": 0,
-            "tls_ca": str(pki / "ca.pem"),
-            "tls_cert": str(pki / "server.pem"),
-            "tls_key": str(pki / "server.key"),
-            "min_clients": 1,
-            "max_clients": 16,
-            "poll_s": 0.3,
-            "heartbeat_s": 0.5,
-            "missed_heartbeats": 60,  # nobody is presumed dead because the machine is loaded
-            "round_timeout_s": 120,
-            "shutdown_grace_s": 0.5,
-        }
-        dep = DeploymentConfig(**{**settings, **overrides})
-        transport = GrpcServerTransport(dep, tls=ServerTLS.from_config(dep), config_yaml="seed: 0\n")
-        transport.start()
-        started.append(transport)
-        return transport
-
-    yield make
-    for transport in started:
-        transport.stop()
+    with server_starter(
+        pki,
+        min_clients=1,
+        max_clients=16,
+        poll_s=0.3,
+        heartbeat_s=0.5,
+        missed_heartbeats=60,  # nobody is presumed dead because the machine is loaded
+        round_timeout_s=120,
+        shutdown_grace_s=0.5,
+    ) as make:
+        yield make
 
 
 def _fit(cid: str, round_idx: int = 1) -> FitInstruction:

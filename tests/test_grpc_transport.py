@@ -14,46 +14,31 @@ import grpc
 import numpy as np
 import pytest
 
-from _grpc_support import Heartbeats, RawClient
-from fedtune.config.deployment import DeploymentConfig
+from _grpc_support import Heartbeats, RawClient, server_starter
 from fedtune.config.schema import ClientConfig
 from fedtune.core.messages import ClientFailure, ClientUpdate, EvalInstruction, FitInstruction
 from fedtune.transport.codecs import build_codec
 from fedtune.transport.grpc import protocol, wire
 from fedtune.transport.grpc.proto import fedtune_pb2 as pb
-from fedtune.transport.grpc.server import GrpcServerTransport, QuorumError, ServerTLS
+from fedtune.transport.grpc.server import QuorumError
 
-pytestmark = pytest.mark.timeout(60)
+pytestmark = pytest.mark.timeout(600)  # a guard against a hang, not a speed test
 DIGEST = "0123456789abcdef"
 N = 1000
 
 
 @pytest.fixture
 def start(pki):
-    started = []
-
-    def make(**overrides) -> GrpcServerTransport:
-        settings = {
-            "port": 0,
-            "tls_ca": str(pki / "ca.pem"),
-            "tls_cert": str(pki / "server.pem"),
-            "tls_key": str(pki / "server.key"),
-            "revocation_list": str(pki / "revoked.txt"),
-            "min_clients": 1,
-            "poll_s": 0.3,
-            "heartbeat_s": 0.5,
-            "round_timeout_s": 20,
-            "shutdown_grace_s": 0.5,
-        }
-        dep = DeploymentConfig(**{**settings, **overrides})
-        transport = GrpcServerTransport(dep, tls=ServerTLS.from_config(dep), config_yaml="seed: 0\n")
-        transport.start()
-        started.append(transport)
-        return transport
-
-    yield make
-    for transport in started:
-        transport.stop()
+    with server_starter(
+        pki,
+        revocation_list=str(pki / "revoked.txt"),
+        min_clients=1,
+        poll_s=0.3,
+        heartbeat_s=0.5,
+        round_timeout_s=20,
+        shutdown_grace_s=0.5,
+    ) as make:
+        yield make
 
 
 def _client(transport, pki, name) -> RawClient:
