@@ -146,9 +146,11 @@ class LoraResidual:
 
     * ``separate=False`` (fp32 compute, export): W0 + s R is written into the frozen base weight (W0 is
       remembered the first time a layer is changed, so a new R replaces the old one instead of accumulating).
-    * ``separate=True`` (bf16 autocast): W0 stays; a forward hook adds x (s R)^T computed in float32 with
-      autocast off. Folded into W0, s R is cast to bf16 with it, and every entry of s R below half of W0's
-      bf16 ulp there is rounded away (tests/test_lora_exact_bf16.py).
+    * ``separate=True`` (bf16 autocast): W0 stays; a forward hook makes the layer compute W0 x in bf16 plus
+      the whole change s (B A + R) x in float32 with autocast off. Folded into W0, s R is cast to bf16 with
+      it, and every entry of s R below half of W0's bf16 ulp there is rounded away; added after peft's
+      forward, the adapter's s B A x is still rounded to bf16, so fedex and svd (one product, split two
+      ways) differ by more than float32 rounding (tests/test_lora_exact_bf16.py).
     """
 
     separate: bool = False
@@ -206,16 +208,39 @@ class LoraResidual:
                 self._hooked.add(key)
 
     def _forward_hook(self, key: tuple[int, str]):
-        def add_residual(layer: torch.nn.Module, args: tuple, output: torch.Tensor) -> torch.Tensor:
+        def exact_delta(layer: torch.nn.Module, args: tuple, output: torch.Tensor) -> torch.Tensor:
             delta = self._delta.get(key)
             if delta is None:
                 return output
             x = args[0]
+            # peft rounds W0 x + s B A x to bf16 at the end of its forward, so adding s R x after it still
+            # rounds the adapter's part: fedex and svd (the same s (R + B A), split differently) would differ.
+            # The layer's output is recomputed as bf16 W0 x (identical in every mode) plus the whole change
+            # s (B A + R) x in float32, so only float32 rounding separates two splits of the same product.
+            base = layer.base_layer(x) if hasattr(layer, "base_layer") else torch.nn.functional.linear(x, layer.weight)
             with torch.autocast(device_type=x.device.type, enabled=False):
-                extra = torch.nn.functional.linear(x.float(), delta)  # float32, outside the autocast
-            return output.float() + extra  # stays float32: rounding it to bf16 would undo the point
+                x32 = x.float()
+                change = torch.nn.functional.linear(x32, delta)  # s R x
+                change = change + adapter_change(layer, x32)  # s B A x
+            return base.float() + change  # stays float32: rounding it to bf16 would undo the point
 
-        return add_residual
+        return exact_delta
+
+
+def adapter_change(layer: torch.nn.Module, x: torch.Tensor) -> torch.Tensor | float:
+    """s B A x of a peft LoRA layer's active adapters, in the dtype of ``x`` (0.0 for a plain layer)."""
+    if not hasattr(layer, "lora_A"):
+        return 0.0
+    if getattr(layer, "merged", False):
+        raise ValueError("exact LoRA aggregation under bf16 needs unmerged adapters (the residual hook adds B A)")
+    total: torch.Tensor | float = 0.0
+    for name in layer.active_adapters:
+        if name not in layer.lora_A:
+            continue
+        a, b = layer.lora_A[name], layer.lora_B[name]
+        h = torch.nn.functional.linear(layer.lora_dropout[name](x), a.weight.float())
+        total = total + torch.nn.functional.linear(h, b.weight.float()) * layer.scaling[name]
+    return total
 
 
 def base_weight(layer: torch.nn.Module) -> torch.Tensor:
