@@ -9,12 +9,16 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from fedtune.aggregation.lora import (
+    factored_is_smaller,
+    fedex_increment_factors,
+    fedex_residual,
     lora_b_only,
     lora_pairs,
     naive_product,
     product_mean,
     stack_adapters,
     svd_reproject,
+    svd_tail_factors,
 )
 from fedtune.core.messages import ClientUpdate, FitInstruction
 from fedtune.core.params import ParamSpec
@@ -69,6 +73,52 @@ def test_svd_reprojection_is_exact_up_to_the_rank_and_optimal_beyond():
     b, a, err = svd_reproject(full, 2)
     s = np.linalg.svd(full, compute_uv=False)  # Eckart-Young: the error is the tail of the spectrum
     assert err == pytest.approx(np.sqrt((s[2:] ** 2).sum() / (s**2).sum()), rel=1e-9)
+
+
+@settings(max_examples=40, deadline=None)
+@given(st.integers(1, 6), st.integers(1, 3), st.integers(0, 10_000))
+def test_fedex_increment_factors_multiply_to_the_residual_at_rank_k_minus_1_times_r(k, r, seed):
+    rng = np.random.default_rng(seed)
+    factors = [(rng.normal(size=(9, r)), rng.normal(size=(r, 7))) for _ in range(k)]
+    weights = list(rng.uniform(0.1, 5.0, size=k))
+    b_d, a_d = fedex_increment_factors(factors, weights)
+    assert b_d.shape == (9, (k - 1) * r) and a_d.shape == ((k - 1) * r, 7)
+    oracle = sum(w * b @ a for w, (b, a) in zip(np.array(weights) / sum(weights), factors, strict=True))
+    oracle = oracle - naive_product(factors, weights)  # the dense residual the server adds today
+    np.testing.assert_allclose(b_d @ a_d, oracle, rtol=1e-10, atol=1e-12)
+    np.testing.assert_allclose(b_d @ a_d, fedex_residual(factors, weights), rtol=1e-10, atol=1e-12)
+
+
+def test_svd_tail_factors_are_what_the_reprojection_leaves_out():
+    rng = np.random.default_rng(4)
+    factors = [(rng.normal(size=(12, 2)), rng.normal(size=(2, 10))) for _ in range(3)]
+    product = product_mean(factors, [1.0, 2.0, 3.0])  # rank 6 = K r
+    b, a, _ = svd_reproject(product, 2, a_row_norm=0.7)
+    b_d, a_d = svd_tail_factors(product, 2, bound=6)
+    assert b_d.shape == (12, 4) and a_d.shape == (4, 10)  # (K - 1) r components
+    np.testing.assert_allclose(b_d @ a_d, product - b @ a, atol=1e-10)
+    assert factored_is_smaller(4, 12, 10) and not factored_is_smaller(6, 12, 10)
+
+
+@pytest.mark.parametrize("plugin", [FedExLora(), SvdLora()], ids=["fedex", "svd"])
+def test_a_participant_accumulating_factored_increments_holds_the_servers_residual(plugin):
+    """Over three rounds, R_t = R_(t-1) + B_d A_d kept by a participant (float32, rounded as the server
+    rounds) equals the dense residual in the server's state to float32 rounding."""
+    strategy = FedOpt(plugins=[plugin])
+    state = strategy.init_state(np.random.default_rng(0).normal(size=SPEC.numel).astype(np.float32), SPEC)
+    (pair,) = lora_pairs(SPEC)
+    held = np.zeros((D_OUT, D_IN), np.float32)
+    for round_idx in (1, 2, 3):
+        ups = client_updates(state.params, seed=round_idx)
+        factors = [pair.factors(state.params + u.delta) for u in ups]
+        weights = [float(u.num_examples) for u in ups]
+        if plugin.name == "fedex":
+            b_d, a_d = fedex_increment_factors(factors, weights)
+        else:
+            b_d, a_d = svd_tail_factors(product_mean(factors, weights), R, bound=len(ups) * R)
+        state, _ = strategy.aggregate(state, ups)
+        held = (held.astype(np.float64) + b_d.astype(np.float32) @ a_d.astype(np.float32)).astype(np.float32)
+        np.testing.assert_allclose(held, state.arrays[residual_key(pair.module)], rtol=1e-5, atol=1e-5)
 
 
 def test_lora_pairs_find_factors_and_reject_orphans():

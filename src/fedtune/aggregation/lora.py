@@ -174,3 +174,58 @@ def svd_reproject(
 def truncate_rank(b: np.ndarray, a: np.ndarray, rank: int) -> tuple[np.ndarray, np.ndarray]:
     """The first ``rank`` components of a client's adapter (heterogeneous-rank clients train only these)."""
     return b[:, :rank], a[:rank]
+
+
+# ------------------------------------------------------------------ the residual's increment, in factored form
+#
+# A participant that holds last round's residual R needs only this round's increment dR to hold the new one.
+# dR has low rank, so it can travel as two thin factors instead of an (out, in) matrix:
+#
+#   fedex: dR = sum_k p_k B_k A_k - mean(B) mean(A) = sum_k p_k (B_k - mean(B)) (A_k - c)   for any c,
+#          since sum_k p_k (B_k - mean(B)) = 0; with c = A_K the K-th term vanishes: rank <= (K - 1) r.
+#   svd:   dR = P - (best rank-r part of P), the tail of P's SVD; P = sum_k p_k B_k A_k has rank <= K r,
+#          so the tail has rank <= (K - 1) r.
+#
+# Neither can be smaller in general: a generic rank-m (out, in) matrix has m (out + in - m) degrees of freedom,
+# and the participant knows none of the other clients' factors. So an exact downlink costs about K times the
+# adapter itself a round (K clients a round), and the dense (out, in) matrix is cheaper once
+# (K - 1) r (out + in) > out * in: ``factored_is_smaller`` decides per module.
+
+
+def fedex_increment_factors(
+    factors: Sequence[tuple[np.ndarray, np.ndarray]], weights: Sequence[float]
+) -> tuple[np.ndarray, np.ndarray]:
+    """(B_d (out, (K-1) r), A_d ((K-1) r, in)) with B_d @ A_d = ``fedex_residual(factors, weights)``.
+
+    >>> rng = np.random.default_rng(0)
+    >>> f = [(rng.normal(size=(5, 2)), rng.normal(size=(2, 4))) for _ in range(3)]
+    >>> b, a = fedex_increment_factors(f, [1, 2, 3]); b.shape, a.shape
+    ((5, 4), (4, 4))
+    >>> bool(np.allclose(b @ a, fedex_residual(f, [1, 2, 3])))
+    True
+    """
+    p = _normalised(weights)
+    b_mean = sum(pk * b.astype(np.float64) for pk, (b, _) in zip(p, factors, strict=True))
+    a_last = factors[-1][1].astype(np.float64)
+    out, inner = factors[0][0].shape[0], factors[0][1].shape[1]
+    if len(factors) == 1:
+        return np.zeros((out, 0)), np.zeros((0, inner))
+    rest = zip(p[:-1], factors[:-1], strict=True)
+    b_d = np.concatenate([pk * (b.astype(np.float64) - b_mean) for pk, (b, _) in rest], axis=1)
+    a_d = np.concatenate([a.astype(np.float64) - a_last for _, a in factors[:-1]], axis=0)
+    return b_d, a_d
+
+
+def svd_tail_factors(product: np.ndarray, rank: int, bound: int) -> tuple[np.ndarray, np.ndarray]:
+    """(B_d, A_d) with B_d @ A_d = ``product`` minus its best rank-``rank`` part, keeping the singular
+    components rank .. ``bound`` (``bound`` = K r: the product's rank cannot exceed it, so the rest is zero up
+    to rounding). The same split as ``svd_reproject``: exact where that one is."""
+    u, s, vt = np.linalg.svd(np.asarray(product, dtype=np.float64), full_matrices=False)
+    stop = min(bound, s.size)
+    start = min(rank, stop)
+    return u[:, start:stop] * s[start:stop], vt[start:stop]
+
+
+def factored_is_smaller(increment_rank: int, out_features: int, in_features: int) -> bool:
+    """Whether (out, k) and (k, in) factors hold fewer numbers than the (out, in) matrix they multiply to."""
+    return increment_rank * (out_features + in_features) < out_features * in_features
