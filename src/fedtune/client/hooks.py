@@ -217,7 +217,9 @@ class LoraResidual:
             # rounds the adapter's part: fedex and svd (the same s (R + B A), split differently) would differ.
             # The layer's output is recomputed as bf16 W0 x (identical in every mode) plus the whole change
             # s (B A + R) x in float32, so only float32 rounding separates two splits of the same product.
-            base = layer.base_layer(x) if hasattr(layer, "base_layer") else torch.nn.functional.linear(x, layer.weight)
+            # (a peft layer's W0 x is computed a second time here: the price of one extra base matmul per
+            # adapted layer, only in the exact modes under bf16; a plain layer's output is W0 x already)
+            base = layer.base_layer(x) if hasattr(layer, "base_layer") else output
             with torch.autocast(device_type=x.device.type, enabled=False):
                 x32 = x.float()
                 change = torch.nn.functional.linear(x32, delta)  # s R x
