@@ -2,8 +2,7 @@
 functions included: a lazy import is still a dependency.
 
 ``core`` is the bottom layer (messages, keys on the wire, the fit contract, state): it imports nothing of
-fedtune but ``config`` and ``errors``. A few edges outside the client side of the round contract still close
-cycles; they are named in ``KNOWN_EDGES`` so that any other cycle fails here."""
+fedtune but ``config`` and ``errors``. No edge is excused: any cycle fails here."""
 
 from __future__ import annotations
 
@@ -13,15 +12,6 @@ from pathlib import Path
 import fedtune
 
 SRC = Path(fedtune.__file__).resolve().parent
-
-# edges that close a cycle, still to remove (not the client side of the round contract's; each named so a new
-# cycle fails here, and test_known_edges_still_exist asks for an entry to go once its edge is gone):
-KNOWN_EDGES = {
-    ("data", "tasks"): "data/screen.py checks examples with a task; tasks read data's record types",
-    ("run", "api"): "run/federate_hf.py calls api.participate; api, deploy and dashboard all import run",
-    ("config", "privacy"): "config/privacy.py checks SecAgg availability at load with privacy.secagg (server side)",
-}
-
 
 def package_edges() -> dict[str, dict[str, list[str]]]:
     """{package: {imported package: ["file:line", ...]}} between top-level packages of fedtune."""
@@ -82,21 +72,13 @@ def test_cycles_finds_a_cycle_and_only_a_cycle() -> None:
     assert cycles({"a": {"b": []}, "b": {}}) == []
 
 
-def test_no_new_cycles_between_packages() -> None:
+def test_no_cycles_between_packages() -> None:
     edges = package_edges()
-    pruned = {a: {b: w for b, w in out.items() if (a, b) not in KNOWN_EDGES} for a, out in edges.items()}
-    found = cycles(pruned)
+    found = cycles(edges)
     where = {
-        tuple(sorted(c)): {f"{a}->{b}": pruned[a][b][:3] for a in c for b in pruned.get(a, {}) if b in c}
-        for c in found
+        tuple(sorted(c)): {f"{a}->{b}": edges[a][b][:3] for a in c for b in edges.get(a, {}) if b in c} for c in found
     }
     assert not found, f"package cycles: {where}"
-
-
-def test_known_edges_still_exist() -> None:
-    edges = package_edges()
-    gone = [edge for edge in KNOWN_EDGES if edge[1] not in edges.get(edge[0], {})]
-    assert not gone, f"remove {gone} from KNOWN_EDGES: the edge is gone"
 
 
 def test_core_is_the_bottom_layer() -> None:
@@ -104,9 +86,13 @@ def test_core_is_the_bottom_layer() -> None:
     assert imported <= {"config", "errors"}, f"core imports {sorted(imported - {'config', 'errors'})}"
 
 
-def test_the_client_side_edges_of_the_round_contract_are_gone() -> None:
+def test_the_edges_that_closed_cycles_are_gone() -> None:
     """client <- server, privacy <- client, core -> tasks: the wire keys, the fit contract, EvalSums and the
-    client state store live in core instead."""
+    client state store live in core instead. data -> tasks: screening counts examples, the classifier names
+    its labels (tasks.classification). run -> api: ``fedtune.federate`` composes participate in api.
+    config -> privacy: the SecAgg availability bounds the config is checked with live in config."""
     edges = package_edges()
-    for a, b in [("client", "server"), ("privacy", "client"), ("core", "tasks"), ("server", "client")]:
+    gone = [("client", "server"), ("privacy", "client"), ("core", "tasks"), ("server", "client")]
+    gone += [("data", "tasks"), ("run", "api"), ("config", "privacy")]
+    for a, b in gone:
         assert b not in edges.get(a, {}), f"{a} imports {b}: {edges[a][b]}"

@@ -25,7 +25,7 @@ from fedtune.core.params import ParamSpec
 from fedtune.core.state import ServerState, load_latest, load_state, save_state
 from fedtune.core.strategy import Strategy
 from fedtune.data.cache import default_cache_dir
-from fedtune.data.screen import name_labels, screen_clients
+from fedtune.data.screen import screen_clients
 from fedtune.data.sources import load_federated
 from fedtune.data.types import FederatedData
 from fedtune.errors import CheckpointError, ConfigError, NoRoundCompleted
@@ -54,6 +54,7 @@ from fedtune.server.loop import RoundReport, eval_clients, evaluate_global, run_
 from fedtune.server.summing import summer_for
 from fedtune.tasks.base import EvalSums, Task
 from fedtune.tasks.build import build_run_task
+from fedtune.tasks.classification import name_labels
 from fedtune.transport.base import Transport
 from fedtune.transport.inprocess import InProcessTransport
 

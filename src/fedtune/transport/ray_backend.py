@@ -44,8 +44,8 @@ from fedtune.errors import ConfigError, FedtuneError
 from fedtune.transport.base import SIMULATED
 from fedtune.transport.inprocess import with_bytes
 
-# () -> an object with ``fit(FitInstruction) -> ClientUpdate``, ``evaluate(EvalInstruction) -> ClientEval``
-# and ``records`` (client id -> data); a ClientWorker. Must be picklable: it is shipped to every actor.
+# () -> an object with ``fit(FitInstruction) -> ClientUpdate``, ``evaluate(EvalInstruction) -> ClientEval``,
+# ``close()`` and ``records`` (client id -> data); a ClientWorker. Must be picklable: it is shipped to every actor.
 WorkerFactory = Callable[[], Any]
 
 DEFAULT_TEMP_DIR = "/tmp/fedtune-ray"  # short on purpose: Ray's socket paths must stay under 107 bytes
@@ -83,9 +83,7 @@ class _Worker:
         return self.worker.view.spec.digest, list(self.worker.records)
 
     def close(self) -> None:
-        close = getattr(self.worker, "close", None)  # a data-parallel worker stops its ranks
-        if close is not None:
-            close()
+        self.worker.close()  # a data-parallel worker stops its ranks
 
     def fit(self, instr: FitInstruction, params: np.ndarray, extras: dict) -> ClientUpdate | ClientFailure:
         try:
@@ -154,6 +152,7 @@ class RayTransport:
         self._ids = list(client_ids)
         self._owns_ray = start_ray(cfg)
         self.steps, self._progress = steps, None
+        self._actors: list[Any] = []
         try:
             if steps is not None:
                 from ray.util.queue import Queue
@@ -203,10 +202,9 @@ class RayTransport:
 
     def close(self) -> None:
         ray = _ray()
-        actors = getattr(self, "_actors", [])
         with contextlib.suppress(Exception):  # best effort: a dead actor has nothing left to close
-            ray.get([a.close.remote() for a in actors], timeout=30)
-        for actor in actors:
+            ray.get([a.close.remote() for a in self._actors], timeout=30)
+        for actor in self._actors:
             ray.kill(actor)
         self._actors = []
         if self._progress is not None:
