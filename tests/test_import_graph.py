@@ -2,7 +2,8 @@
 functions included: a lazy import is still a dependency.
 
 ``core`` is the bottom layer (messages, keys on the wire, the fit contract, state): it imports nothing of
-fedtune but ``config`` and ``errors``. No edge is excused: any cycle fails here."""
+fedtune but ``config`` and ``errors``. No edge is excused: any cycle fails here, and so does any import
+upward through ``LAYERS`` (the list docs/DESIGN.md draws)."""
 
 from __future__ import annotations
 
@@ -12,6 +13,25 @@ from pathlib import Path
 import fedtune
 
 SRC = Path(fedtune.__file__).resolve().parent
+
+# lowest first; a package imports only packages of lower layers (docs/DESIGN.md). "__init__": fedtune itself
+LAYERS = [
+    {"errors"},
+    {"config"},
+    {"core"},
+    {"models", "aggregation", "data"},
+    {"tasks"},
+    {"privacy"},
+    {"client"},
+    {"transport"},
+    {"server"},
+    {"run"},
+    {"dashboard"},
+    {"deploy"},
+    {"api"},
+    {"cli"},
+    {"__init__"},
+]
 
 def package_edges() -> dict[str, dict[str, list[str]]]:
     """{package: {imported package: ["file:line", ...]}} between top-level packages of fedtune."""
@@ -96,3 +116,11 @@ def test_the_edges_that_closed_cycles_are_gone() -> None:
     gone += [("data", "tasks"), ("run", "api"), ("config", "privacy")]
     for a, b in gone:
         assert b not in edges.get(a, {}), f"{a} imports {b}: {edges[a][b]}"
+
+
+def test_every_package_imports_only_lower_layers() -> None:
+    edges = package_edges()
+    layer = {pkg: i for i, names in enumerate(LAYERS) for pkg in names}
+    assert set(edges) | {b for out in edges.values() for b in out} <= set(layer), "a package missing from LAYERS"
+    upward = {f"{a}->{b}": where[:3] for a, out in edges.items() for b, where in out.items() if layer[b] >= layer[a]}
+    assert not upward, f"imports at or above their own layer: {upward}"

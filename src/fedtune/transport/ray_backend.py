@@ -39,6 +39,7 @@ from typing import Any
 import numpy as np
 
 from fedtune.config.simulation import SimulationConfig
+from fedtune.core.events import StepProgress
 from fedtune.core.messages import ClientEval, ClientFailure, ClientUpdate, EvalInstruction, FitInstruction
 from fedtune.errors import ConfigError, FedtuneError
 from fedtune.transport.base import SIMULATED
@@ -51,7 +52,7 @@ WorkerFactory = Callable[[], Any]
 DEFAULT_TEMP_DIR = "/tmp/fedtune-ray"  # short on purpose: Ray's socket paths must stay under 107 bytes
 _NO_PARAMS = np.empty(0, dtype=np.float32)  # placeholder: the real vector travels as a shared object ref
 STEP_REPORT_EVERY_S = 0.25  # an actor's step reports, at most this often (plus every round's last step)
-StepListener = Callable[[Any], None]  # told a client's StepProgress (fedtune.client.train)
+StepListener = Callable[[StepProgress], None]  # told each local step of a client (the run's EventRelay)
 
 
 class StepForwarder:
@@ -61,7 +62,7 @@ class StepForwarder:
         self.queue, self.every_s = queue, every_s
         self.last = -float("inf")
 
-    def __call__(self, report: Any) -> None:
+    def __call__(self, report: StepProgress) -> None:
         now = time.monotonic()
         if report.step < report.total_steps and now - self.last < self.every_s:
             return
