@@ -6,6 +6,7 @@ from __future__ import annotations
 import io
 import itertools
 import json
+import math
 import os
 import re
 import signal
@@ -13,6 +14,7 @@ import subprocess
 import sys
 import time
 from collections.abc import Iterator, Sequence
+from dataclasses import replace
 from pathlib import Path
 
 import pytest
@@ -208,6 +210,9 @@ def test_observed_tells_dispatch_each_answer_and_the_end_and_passes_replies_thro
     assert heard == [Dispatched("train", 1, ("a", "b")), Answered("train", 1, "a", steps=3, examples_per_s=2.5)]
     assert list(replies) == [failure]
     assert heard[2:] == [Answered("train", 1, "b", failure="presumed dead"), Collected("train", 1)]
+    hostile = replace(update, metrics={"steps": math.inf, "examples_per_s": math.nan})  # any JSON number
+    list(observed(heard.append, "train", 1, ["a"], iter([hostile])))
+    assert heard[-2] == Answered("train", 1, "a")
 
 
 # ------------------------------------------------------------------------------------------------- Ctrl-C

@@ -33,6 +33,7 @@ LAYERS = [
     {"__init__"},
 ]
 
+
 def package_edges() -> dict[str, dict[str, list[str]]]:
     """{package: {imported package: ["file:line", ...]}} between top-level packages of fedtune."""
     edges: dict[str, dict[str, list[str]]] = {}
@@ -124,3 +125,21 @@ def test_every_package_imports_only_lower_layers() -> None:
     assert set(edges) | {b for out in edges.values() for b in out} <= set(layer), "a package missing from LAYERS"
     upward = {f"{a}->{b}": where[:3] for a, out in edges.items() for b, where in out.items() if layer[b] >= layer[a]}
     assert not upward, f"imports at or above their own layer: {upward}"
+
+
+ROUND_PATH = ["core", "server", "aggregation", "client/worker.py", "transport/base.py", "transport/inprocess.py"]
+
+
+def test_the_round_path_finds_no_method_or_attribute_by_name() -> None:
+    """Typed messages and protocols, no optional attribute found with getattr/hasattr (docs/DESIGN.md)."""
+    found = []
+    for part in ROUND_PATH:
+        for path in sorted((SRC / part).rglob("*.py")) if (SRC / part).is_dir() else [SRC / part]:
+            for node in ast.walk(ast.parse(path.read_text())):
+                if (
+                    isinstance(node, ast.Call)
+                    and isinstance(node.func, ast.Name)
+                    and node.func.id in ("getattr", "hasattr")
+                ):
+                    found.append(f"{path.relative_to(SRC)}:{node.lineno}")
+    assert not found, f"getattr/hasattr in the round path: {found}"

@@ -12,6 +12,7 @@ in a round depends on who listens, and a listener must not raise.
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass
 from typing import Literal, TypeVar
@@ -78,14 +79,13 @@ def answered(phase: Phase, round_idx: int, reply: ClientUpdate | HeldUpdate | Cl
         return Answered(phase, round_idx, reply.client_id, failure=reply.reason)
     if isinstance(reply, ClientEval):
         return Answered(phase, round_idx, reply.client_id)
-    steps, rate = reply.metrics.get("steps"), reply.metrics.get("examples_per_s")
-    return Answered(
-        phase,
-        round_idx,
-        reply.client_id,
-        steps=None if steps is None else int(steps),
-        examples_per_s=None if rate is None else float(rate),
-    )
+    steps, rate = _finite(reply.metrics.get("steps")), _finite(reply.metrics.get("examples_per_s"))
+    return Answered(phase, round_idx, reply.client_id, steps=None if steps is None else int(steps), examples_per_s=rate)
+
+
+def _finite(value: float | None) -> float | None:
+    """A figure a client reported, or None: a remote client's metrics are any JSON numbers (NaN, Infinity)."""
+    return float(value) if value is not None and math.isfinite(value) else None
 
 
 def observed(
