@@ -75,6 +75,7 @@ class Mlp(nn.Module):
 class Task:
     kind = "module"
     reports_accuracy = True
+    compute_dtype = "float32"
 
     def __init__(self, module: nn.Module) -> None:
         self.module = module

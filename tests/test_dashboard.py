@@ -16,9 +16,8 @@ from rich.console import Console
 from _models import DIGITS_CNN
 from _runs import CLIENTS, FakeRun
 from fedtune.config.load import parse_config
-from fedtune.config.schema import ClientConfig
 from fedtune.dashboard.server import Dashboard
-from fedtune.run.board import STATUS, ActivityTransport, ClientBoard, failure_state
+from fedtune.run.board import STATUS, ClientBoard, StatusSink, failure_state
 from fedtune.run.report import REPORT
 from fedtune.run.rundir import METRICS
 from fedtune.run.runview import RunView
@@ -98,26 +97,26 @@ def test_failure_reasons_map_to_states() -> None:
     assert failure_state("RuntimeError: out of memory") == "failed"
 
 
-def test_activity_transport_marks_clients_as_they_are_instructed_and_reply() -> None:
-    from fedtune.core.messages import ClientFailure, FitInstruction
+def test_the_status_sink_marks_clients_as_the_loop_instructs_them_and_they_reply() -> None:
+    from fedtune.core.events import observed
+    from fedtune.core.messages import ClientEval, ClientFailure
+    from fedtune.tasks.base import EvalSums
 
     board = ClientBoard()
+    sink = StatusSink(board)
     seen = []
 
-    class Inner:
-        def client_ids(self):
-            return ["a", "b"]
+    def fit():
+        seen.append(board.snapshot())  # while the clients train
+        yield ClientFailure("b", 1, "no heartbeat for 9s (presumed dead)")
 
-        def fit(self, instructions):
-            seen.append(board.snapshot())  # while the clients train
-            yield ClientFailure("b", 1, "no heartbeat for 9s (presumed dead)")
-
-    instr = [FitInstruction(c, 1, None, "d", 0, ClientConfig()) for c in ("a", "b")]
-    list(ActivityTransport(Inner(), board).fit(instr))
+    list(observed(sink.on_event, "train", 1, ["a", "b"], fit()))
     assert {c: s["state"] for c, s in seen[0].items()} == {"a": "training", "b": "training"}
     after = board.snapshot()
     assert after["a"]["state"] == "training" and after["b"]["state"] == "dead"
     assert after["b"]["reason"] == "no heartbeat for 9s (presumed dead)"
+    list(observed(sink.on_event, "eval", 1, ["a"], iter([ClientEval("a", 1, EvalSums())])))
+    assert board.snapshot()["a"]["state"] == "idle" and board.snapshot()["a"]["round"] == 1
 
 
 def test_a_run_writes_status_json_and_a_self_contained_report(tmp_path) -> None:

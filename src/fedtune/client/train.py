@@ -19,24 +19,12 @@ import torch
 
 from fedtune.client.schedule import round_schedule
 from fedtune.config.schema import ClientConfig
+from fedtune.core.events import StepProgress
 from fedtune.core.fit import LocalHooks
 from fedtune.core.rng import derive_seed, derive_torch_generator, seed_device_stream
 from fedtune.tasks.base import Example, Task
 
-
-@dataclass(frozen=True)
-class StepProgress:
-    """Where one client's local training is, reported after every optimizer step (for progress displays)."""
-
-    client_id: str
-    round: int
-    step: int  # steps done
-    total_steps: int
-    examples: int  # training examples processed so far this round
-    seconds: float  # since local training started
-
-
-StepCallback = Callable[[StepProgress], None]
+StepCallback = Callable[[StepProgress], None]  # told after every optimizer step (progress displays)
 
 
 class BatchLoss(Protocol):

@@ -71,7 +71,7 @@ class ClientWorker:
         self._encoded: dict[tuple[str, bool], list[Example]] = {}
         # inert unless a request carries "lora/residual/<module>" arrays; under bf16 autocast the residual is
         # applied in float32 beside the base weight instead of folded into it (where bf16 would round it away)
-        bf16 = getattr(task, "compute_dtype", "float32") != "float32"
+        bf16 = task.compute_dtype != "float32"
         self.residual = LoraResidual(separate=bf16)
         self.on_step: StepCallback | None = None  # told after every local step (the simulation's progress bar)
 
@@ -197,3 +197,6 @@ class ClientWorker:
 
     def current_params(self) -> np.ndarray:
         return self.view.read()
+
+    def close(self) -> None:
+        """Nothing to release (a data-parallel worker stops its ranks here): every worker can be closed."""

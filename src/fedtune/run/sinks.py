@@ -1,14 +1,16 @@
 """Round sinks: everything the coordinator does with a finished round, one small protocol.
 
-``serve`` runs the rounds and hands each event to a list of sinks, in order: the metrics log first (a crash
-before the checkpoint replays the round), then the checkpoint, the console table, the plot, ``status.json``,
-the trackers (TensorBoard, MLflow, W&B) and, at the end, ``report.html`` and ``summary.json``. A sink is
-anything with these four methods; ``Sinks`` fans the events out.
+``serve`` runs the rounds and hands each event to a list of sinks, in order: the progress bars, the metrics
+log (a crash before the checkpoint replays the round), then the checkpoint, the console table, the plot,
+``status.json``, the trackers (TensorBoard, MLflow, W&B) and, at the end, ``report.html`` and
+``summary.json``. A sink is anything with these five methods; ``Sinks`` fans the events out.
 
 Events: ``on_start`` once the run directory is open (with the records already in it, for a resumed run);
-``on_round`` with the new state and the round's metrics.jsonl lines (round 0 is the baseline evaluation);
-``on_stop`` when a strategy ends the run early (e.g. the privacy budget); ``close`` once, however the run
-ends (finished, stopped, failed, interrupted).
+``on_event`` while a round runs, for each client instructed, answering or training a step
+(``fedtune.core.events``: the progress bars and the client board draw from them); ``on_round`` with the new
+state and the round's metrics.jsonl lines (round 0 is the baseline evaluation); ``on_stop`` when a strategy
+ends the run early (e.g. the privacy budget); ``close`` once, however the run ends (finished, stopped,
+failed, interrupted).
 """
 
 from __future__ import annotations
@@ -24,9 +26,10 @@ from typing import Literal, Protocol
 from rich.console import Console
 
 from fedtune.config.schema import Config
+from fedtune.core.events import Event
 from fedtune.core.state import ServerState, save_state
 from fedtune.run import rundir
-from fedtune.run.progress import RoundTable
+from fedtune.run.table import RoundTable
 
 PLOT_EVERY_S = 30.0  # metrics.png is redrawn at most this often while a run is going
 
@@ -62,6 +65,8 @@ class RunEnd:
 class RoundSink(Protocol):
     def on_start(self, run: RunInfo) -> None: ...
 
+    def on_event(self, event: Event) -> None: ...
+
     def on_round(self, state: ServerState, records: list[dict]) -> None: ...
 
     def on_stop(self, state: ServerState, reason: str) -> None: ...
@@ -79,6 +84,10 @@ class Sinks:
     def on_start(self, run: RunInfo) -> None:
         for sink in self.sinks:
             sink.on_start(run)
+
+    def on_event(self, event: Event) -> None:
+        for sink in self.sinks:
+            sink.on_event(event)
 
     def on_round(self, state: ServerState, records: list[dict]) -> None:
         self.last_state = state
@@ -105,6 +114,9 @@ class BaseSink:
     """No-op defaults, so a sink writes only the events it cares about."""
 
     def on_start(self, run: RunInfo) -> None:
+        pass
+
+    def on_event(self, event: Event) -> None:
         pass
 
     def on_round(self, state: ServerState, records: list[dict]) -> None:

@@ -28,6 +28,7 @@ import numpy as np
 from fedtune.aggregation.fedbuff import StalenessWeight
 from fedtune.config.asynchronous import ClientSpeedConfig, FedBuffConfig
 from fedtune.config.schema import Config
+from fedtune.core.events import EventListener, ignore, observed
 from fedtune.core.keys import ROUNDS_OPTION
 from fedtune.core.messages import ClientFailure, ClientUpdate, FitInstruction
 from fedtune.core.state import ServerState
@@ -163,9 +164,16 @@ def _arrival(
 
 
 def async_step(
-    config: Config, server: FedBuff, clock: Clock, transport: Transport, state: ServerState
+    config: Config,
+    server: FedBuff,
+    clock: Clock,
+    transport: Transport,
+    state: ServerState,
+    *,
+    events: EventListener = ignore,
 ) -> tuple[ServerState, RoundReport]:
-    """One buffered step: the next K arrivals trained and folded; returns the new state and what happened."""
+    """One buffered step: the next K arrivals trained and folded; returns the new state and what happened
+    (``events``: the step's arrivals instructed and answering, as a round's clients)."""
     started = time.perf_counter()
     fb = config.server.fedbuff or FedBuffConfig()
     buffer, dropped, sched = clock.next_buffer(
@@ -181,7 +189,8 @@ def async_step(
         for f in dropped
     ]
     instructions = [_instruction(config, server, state, f) for f in buffer]
-    replies = _accepted(transport.fit(instructions), buffer, state, report, Bounds.for_round(config, state))
+    fitted = observed(events, "train", report.round, [f.client_id for f in buffer], transport.fit(instructions))
+    replies = _accepted(fitted, buffer, state, report, Bounds.for_round(config, state))
     new_state, report.aggregate = server.step(state, replies)
     new_state = _checked(config, state, new_state, report)  # a non-finite or exploding step is rejected
     new_state = with_schedule(new_state, state, sched)
@@ -198,6 +207,7 @@ def async_step(
             transport,
             new_state,
             eval_clients(config, transport.client_ids()),  # type: ignore[arg-type]
+            events=events,
         )
         report.eval_clients, report.eval_pooled = per_client, pooled
         report.failures += failures
@@ -213,6 +223,7 @@ def run_async(
     *,
     on_round: Callable[[ServerState, RoundReport], None] = lambda s, r: None,
     on_stop: Callable[[ServerState, str], None] | None = None,
+    events: EventListener = ignore,
 ) -> ServerState:
     """Buffered steps from ``state.round + 1`` to ``config.federation.rounds`` (``run_rounds``' contract)."""
     clock = build_clock(config, transport.client_ids())
@@ -221,7 +232,7 @@ def run_async(
         if reason is not None:
             (on_stop or _log_stop)(state, reason)
             break
-        state, report = async_step(config, server, clock, transport, state)
+        state, report = async_step(config, server, clock, transport, state, events=events)
         on_round(state, report)
     return state
 
