@@ -30,9 +30,11 @@ class TrainableView:
     def read(self) -> np.ndarray:
         """The current trainable values as a new flat float32 vector."""
         out = np.empty(self.spec.numel, dtype=np.float32)
+        dst = torch.from_numpy(out)  # shares memory with ``out``
         with torch.no_grad():
             for p, (start, stop) in zip(self.params, self._offsets, strict=True):
-                out[start:stop] = p.detach().reshape(-1).to(torch.float32).cpu().numpy()
+                # one copy_ casts to float32 and moves to the CPU: no intermediate tensor or NumPy array
+                dst[start:stop].copy_(p.detach().reshape(-1))
         return out
 
     def write(self, flat: np.ndarray) -> None:
