@@ -15,9 +15,9 @@ from __future__ import annotations
 
 import json
 import logging
+import threading
 import time
-from collections.abc import Sequence
-from concurrent.futures import Future, ThreadPoolExecutor
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Literal, Protocol
@@ -144,29 +144,35 @@ class CheckpointSink(BaseSink):
 
     def __init__(self, path: Path, config_digest: str) -> None:
         self.path, self.digest = path, config_digest
-        self._writer: ThreadPoolExecutor | None = None
-        self._pending: Future[None] | None = None
+        self._thread: threading.Thread | None = None  # the write in flight
+        self._error: BaseException | None = None  # what stopped it
 
     def on_round(self, state: ServerState, records: list[dict]) -> None:
         if state.round > 0:
             write = state_writer(state, self.path, config_digest=self.digest)  # reads the state's extras now
             self.wait()
-            if self._writer is None:
-                self._writer = ThreadPoolExecutor(max_workers=1, thread_name_prefix="fedtune-checkpoint")
-            self._pending = self._writer.submit(write)
+            self._thread = threading.Thread(target=self._write, args=(write,), name="fedtune-checkpoint")
+            self._thread.start()
+
+    def _write(self, write: Callable[[], None]) -> None:
+        try:
+            write()
+        except BaseException as err:  # handed to the coordinator thread by wait()
+            self._error = err
 
     def wait(self) -> None:
-        """Block until the last checkpoint is on disk (raising the error that stopped it, if any)."""
-        pending, self._pending = self._pending, None
-        if pending is not None:
-            pending.result()
+        """Block until the last checkpoint is on disk (raising the error that stopped it, if any). Interrupted
+        (Ctrl-C), the write stays pending, so ``close`` still waits for it before the run reports its last
+        checkpoint."""
+        if self._thread is not None:
+            self._thread.join()
+            self._thread = None
+        error, self._error = self._error, None
+        if error is not None:
+            raise error
 
     def close(self, end: RunEnd) -> None:
-        try:
-            self.wait()
-        finally:
-            if self._writer is not None:
-                self._writer.shutdown()
+        self.wait()
 
 
 class ConsoleSink(BaseSink):
