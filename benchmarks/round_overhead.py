@@ -78,10 +78,12 @@ def child_fedtune(clients: int, rounds: int, out: str) -> None:
 
 
 def _wrapped(cmd: list[str]) -> list[str]:
-    """``cmd`` run by a tiny Python wrapper that prints the child's own peak RSS (os.wait4) on stderr last."""
+    """``cmd`` run by a tiny Python wrapper that prints the child's own peak RSS and CPU time (user + system, from
+    os.wait4) on stderr last."""
     code = (
         "import os,subprocess,sys;p=subprocess.Popen(sys.argv[1:]);_,s,u=os.wait4(p.pid,0);"
-        "sys.stderr.write(f'\\nPEAK_RSS_KB {u.ru_maxrss}\\n');sys.exit(os.waitstatus_to_exitcode(s))"
+        "sys.stderr.write(f'\\nPEAK_RSS_KB {u.ru_maxrss} CPU_S {u.ru_utime+u.ru_stime}\\n');"
+        "sys.exit(os.waitstatus_to_exitcode(s))"
     )
     return [sys.executable, "-c", code, *cmd]
 
@@ -92,8 +94,8 @@ def run_variant(cmd: list[str]) -> dict:
     wall = time.perf_counter() - started
     if proc.returncode != 0:
         raise SystemExit(f"{' '.join(cmd[:4])} failed:\n{proc.stderr[-3000:]}")
-    rss = [line for line in proc.stderr.splitlines() if line.startswith("PEAK_RSS_KB ")][-1]
-    return {"wall_s": wall, "peak_rss_mb": int(rss.split()[1]) / 1024, "stdout": proc.stdout}
+    rss = [line for line in proc.stderr.splitlines() if line.startswith("PEAK_RSS_KB ")][-1].split()
+    return {"wall_s": wall, "peak_rss_mb": int(rss[1]) / 1024, "cpu_s": float(rss[3]), "stdout": proc.stdout}
 
 
 def plain(workload: str, scratch: Path, python: str) -> dict:
@@ -165,7 +167,8 @@ def main() -> None:
 
 
 def _line(name: str, r: dict) -> str:
-    return f"{name} wall {r['wall_s']:.2f}s rss {r['peak_rss_mb']:.0f}MB steady {r['steady_s']:.3f}s"
+    rss, steady = r["peak_rss_mb"], r["steady_s"]
+    return f"{name} wall {r['wall_s']:.2f}s cpu {r['cpu_s']:.2f}s rss {rss:.0f}MB steady {steady:.3f}s"
 
 
 def _ratio(rows: list[tuple[dict, dict]], key: str) -> tuple[float, float, float]:
@@ -190,6 +193,7 @@ def report(rows: dict[str, list[tuple[dict, dict]]], reps: int, load: list[float
         )
 
     add("D", "process wall time (launch to exit)", "wall_s", "s", "<= 1.3")
+    add("D", "process CPU time (user + system)", "cpu_s", "s", "")
     add("D", "peak RSS", "peak_rss_mb", "MB", "")
     add("C100", "steady round", "steady_s", "s", "<= 1.1")
     add("C1000", "steady round", "steady_s", "s", "<= 1.1")
