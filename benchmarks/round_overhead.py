@@ -204,7 +204,7 @@ def _ratio(rows: list[tuple[dict, dict]], key: str) -> tuple[float, float, float
 
 
 def report(rows: dict[str, list[tuple[dict, dict]]], reps: int, load: list[float]) -> str:
-    order = ",".join(rows)
+    order, plural = ",".join(rows), "s" if reps != 1 else ""
     lines = [
         "| workload | measure | plain (median) | fedtune (median) | ratio min / median / max | goal |",
         "| --- | --- | --- | --- | --- | --- |",
@@ -233,7 +233,7 @@ Command: `{threads}nice -n 10 .venv/bin/python benchmarks/round_overhead.py --re
 `../shared/tools/flower-baseline`; its `bench/` is copied to a scratch directory and its `plain.py` run as is).
 Plain: the harness' one-process PyTorch FedAvg loop (model rebuilt per client, weighted state-dict average).
 fedtune: `fedtune.simulate` with the same micro MLP (9.6k parameters), 1 local SGD step of batch 32, every
-client sampled, `run.plot: false`. {reps} repetitions, variants interleaved; ratios taken per repetition.
+client sampled, `run.plot: false`. {reps} repetition{plural}, variants interleaved; ratios taken per repetition.
 Steady round: plain's median of rounds 2..R; fedtune's from the start of round 2 to the start of round 3, so it
 includes what the run writes after the round (metrics.jsonl, status.json, the checkpoint). Wall time and
 process CPU time (user + system, all threads; plain's read at the same instants as its own `time.time()`
