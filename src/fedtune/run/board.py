@@ -98,13 +98,14 @@ class ClientBoard:
             self._clients[client_id] = Activity(state, round_idx, time.time(), reason)
 
     def snapshot(self) -> dict[str, dict]:
-        with self._lock:
-            return {cid: asdict(a) for cid, a in sorted(self._clients.items())}
+        with self._lock:  # the fields are scalars: a shallow copy is asdict's result without its deep copy
+            return {cid: dict(vars(a)) for cid, a in sorted(self._clients.items())}
 
 
 def write_json_atomic(path: Path, data: dict) -> None:
     tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    tmp.write_text(json.dumps(clean_json(data), indent=1, default=str))
+    # no indent: json's C encoder only runs without one (status.json lists every client, every second)
+    tmp.write_text(json.dumps(clean_json(data), default=str))
     os.replace(tmp, path)
 
 

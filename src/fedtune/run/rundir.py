@@ -92,9 +92,9 @@ class MetricsLog:
         self.path = Path(run_dir) / METRICS
 
     def append(self, records: list[dict]) -> None:
+        text = "".join(json.dumps(clean_json(rec)) + "\n" for rec in records)  # one write for the round
         with open(self.path, "a") as fh:
-            for rec in records:
-                fh.write(json.dumps(clean_json(rec)) + "\n")
+            fh.write(text)
             fh.flush()
             os.fsync(fh.fileno())
 
