@@ -35,9 +35,10 @@ def make_pki(root: Path) -> Path:
 
 
 @contextmanager
-def server_starter(pki: Path, **defaults: object) -> Iterator[Callable[..., object]]:
+def server_starter(pki: Path, *, config_yaml: str = "seed: 0\n", **defaults: object) -> Iterator[Callable[..., object]]:
     """``make(**overrides)`` starts a GrpcServerTransport on a free port with this PKI's server certificate,
-    ``defaults`` and then ``overrides`` as its deployment section; every server started is stopped at the end."""
+    ``defaults`` and then ``overrides`` as its deployment section, sending ``config_yaml`` to the clients that
+    join; every server started is stopped at the end."""
     from fedtune.config.deployment import DeploymentConfig
     from fedtune.transport.grpc.server import GrpcServerTransport, ServerTLS
 
@@ -46,7 +47,7 @@ def server_starter(pki: Path, **defaults: object) -> Iterator[Callable[..., obje
     def make(**overrides: object) -> GrpcServerTransport:
         tls = {"tls_ca": str(pki / "ca.pem"), "tls_cert": str(pki / "server.pem"), "tls_key": str(pki / "server.key")}
         dep = DeploymentConfig(**{"port": 0, **tls, **defaults, **overrides})
-        transport = GrpcServerTransport(dep, tls=ServerTLS.from_config(dep), config_yaml="seed: 0\n")
+        transport = GrpcServerTransport(dep, tls=ServerTLS.from_config(dep), config_yaml=config_yaml)
         transport.start()
         started.append(transport)
         return transport
