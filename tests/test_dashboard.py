@@ -120,16 +120,21 @@ def test_activity_transport_marks_clients_as_they_are_instructed_and_reply() -> 
     assert after["b"]["reason"] == "no heartbeat for 9s (presumed dead)"
 
 
-def test_a_run_writes_status_json_and_a_self_contained_report(tmp_path) -> None:
+def digits_run(tmp_path: Path, name: str, *, clients: int, rounds: int):
+    """A real tiny simulation (digits CNN, 2 clients a round, 2 local steps each) in ``tmp_path/runs/name``."""
     cfg = {
         "seed": 5,
         "model": DIGITS_CNN,
-        "data": {"source": "digits", "partition": {"kind": "iid", "num_clients": 3}},
-        "federation": {"rounds": 2, "clients_per_round": 2},
+        "data": {"source": "digits", "partition": {"kind": "iid", "num_clients": clients}},
+        "federation": {"rounds": rounds, "clients_per_round": 2},
         "client": {"local_steps": 2, "batch_size": 16, "lr": 0.1, "optimizer": "sgd"},
-        "run": {"out_dir": str(tmp_path / "runs"), "name": "reported", "plot": False},
+        "run": {"out_dir": str(tmp_path / "runs"), "name": name, "plot": False},
     }
-    result = simulate(parse_config(cfg), console=Console(file=io.StringIO()), show_progress=False)
+    return simulate(parse_config(cfg), console=Console(file=io.StringIO()), show_progress=False)
+
+
+def test_a_run_writes_status_json_and_a_self_contained_report(tmp_path) -> None:
+    result = digits_run(tmp_path, "reported", clients=3, rounds=2)
     status = json.loads((result.run_dir / STATUS).read_text())
     assert status["state"] == "finished" and status["round"] == 2 and status["total_rounds"] == 2
     assert sorted(status["connected"]) == sorted(status["enrolled"]) == ["client_000", "client_001", "client_002"]
@@ -333,15 +338,7 @@ def page_client_table(snapshot: dict) -> list[dict[str, str]]:
 def test_the_client_tables_show_each_clients_training_throughput(tmp_path) -> None:
     """examples/s of local training (the clients' own figure, in their replies) reaches the dashboard's client
     table and report.html's, beside fit seconds."""
-    cfg = {
-        "seed": 5,
-        "model": DIGITS_CNN,
-        "data": {"source": "digits", "partition": {"kind": "iid", "num_clients": 2}},
-        "federation": {"rounds": 1, "clients_per_round": 2},
-        "client": {"local_steps": 2, "batch_size": 16, "lr": 0.1, "optimizer": "sgd"},
-        "run": {"out_dir": str(tmp_path / "runs"), "name": "throughput", "plot": False},
-    }
-    result = simulate(parse_config(cfg), console=Console(file=io.StringIO()), show_progress=False)
+    result = digits_run(tmp_path, "throughput", clients=2, rounds=1)
     records = {r["client_id"]: r for r in json_lines(result.run_dir) if r["kind"] == "client"}
     snap = RunView(result.run_dir).snapshot()
     rows = {c["client_id"]: c for c in snap["clients"]}

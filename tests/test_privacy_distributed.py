@@ -22,6 +22,12 @@ from fedtune.privacy.ddp_client import DDP_KEY, config_plan
 from fedtune.run.session import simulate
 
 pytestmark = pytest.mark.filterwarnings("ignore:Full backward hook is firing")
+# the unit tests' federation: 3 rounds of 4 clients with distributed DP (their updates: 64 values)
+UNIT_DDP = {
+    "server": {"weighting": "uniform"},
+    "federation": {"rounds": 3, "clients_per_round": 4},
+    "privacy": {"dp": {"clip": 0.5, "noise_multiplier": 1.0, "distributed": True}, "secure_aggregation": True},
+}
 
 
 def test_skellam_noise_has_the_skellam_distribution() -> None:
@@ -198,13 +204,7 @@ def test_an_aborted_distributed_dp_round_is_not_charged_and_the_next_is_charged_
 
     d = 64
     spec = ParamSpec(names=("w",), shapes=((d,),), dtypes=("float32",))
-    cfg = parse_config(
-        {
-            "server": {"weighting": "uniform"},
-            "federation": {"rounds": 3, "clients_per_round": 4},
-            "privacy": {"dp": {"clip": 0.5, "noise_multiplier": 1.0, "distributed": True}, "secure_aggregation": True},
-        }
-    )
+    cfg = parse_config(UNIT_DDP)
     sa = cfg.privacy.secure_aggregation
     dp = DPFedAvg(
         FedOpt(weighting="uniform"),
@@ -245,13 +245,7 @@ def test_the_participant_logs_its_worst_case_epsilon_with_its_noise_share_alone(
 
     d = 64
     spec = ParamSpec(names=("w",), shapes=((d,),), dtypes=("float32",))
-    cfg = parse_config(
-        {
-            "server": {"weighting": "uniform"},
-            "federation": {"rounds": 3, "clients_per_round": 4},
-            "privacy": {"dp": {"clip": 0.5, "noise_multiplier": 1.0, "distributed": True}, "secure_aggregation": True},
-        }
-    )
+    cfg = parse_config(UNIT_DDP)
     dropout = cfg.privacy.secure_aggregation.expected_dropout
     plan = config_plan(cfg.privacy.dp, rounds=3, clients_per_round=4, expected_dropout=dropout, dim=d)
     noise = DistributedNoise(cfg.privacy.dp, rounds=3, clients_per_round=4, expected_dropout=dropout)
