@@ -165,22 +165,25 @@ class RawClient:
     def heartbeat(self) -> None:
         self.stub.Heartbeat(pb.HeartbeatRequest(session=self.session), timeout=5)
 
-    def pull(self) -> wire.Payload:
-        return wire.decode(self.stub.Pull(pb.PullRequest(session=self.session), timeout=30), self.limits)
+    # ``timeout`` None: no deadline, for transfers whose time grows with their size and the machine's load
+    # (gigabytes); the test's own timeout is then the hang guard.
 
-    def pull_task(self, timeout: float = 10.0) -> wire.Payload:
-        deadline = time.monotonic() + timeout
-        while time.monotonic() < deadline:
-            payload = self.pull()
+    def pull(self, timeout: float | None = 30.0) -> wire.Payload:
+        return wire.decode(self.stub.Pull(pb.PullRequest(session=self.session), timeout=timeout), self.limits)
+
+    def pull_task(self, timeout: float | None = 10.0) -> wire.Payload:
+        deadline = None if timeout is None else time.monotonic() + timeout
+        while deadline is None or time.monotonic() < deadline:
+            payload = self.pull(timeout=None if deadline is None else 30.0)
             if payload.header.kind in (pb.FIT, pb.EVALUATE):
                 return payload
         raise AssertionError("no task arrived")
 
-    def push(self, payload: wire.Payload, chunk_bytes: int = 1 << 20) -> pb.PushReply:
+    def push(self, payload: wire.Payload, chunk_bytes: int = 1 << 20, timeout: float | None = 60.0) -> pb.PushReply:
         """Push ``payload``; a header naming no session is bound to this client's (as the real client does)."""
         if not payload.header.session:
             payload.header.session = self.session
-        return self.stub.Push(wire.encode(payload, chunk_bytes=chunk_bytes), timeout=60)
+        return self.stub.Push(wire.encode(payload, chunk_bytes=chunk_bytes), timeout=timeout)
 
     def push_raw(self, messages: Iterable[bytes]) -> pb.PushReply:
         return self.raw_push(iter(messages), timeout=30)
