@@ -21,7 +21,7 @@ import pytest
 import yaml
 from rich.console import Console
 
-from fedtune.client.train import local_train
+from fedtune.client.train import LocalRun, local_train
 from fedtune.config import parse_config
 from fedtune.config.schema import ClientConfig
 from fedtune.core.events import Answered, Collected, Dispatched, EventRelay, StepProgress, observed
@@ -41,9 +41,7 @@ def test_local_train_reports_every_step() -> None:
         task,
         examples,
         ClientConfig(local_epochs=2, batch_size=4),
-        seed=0,
-        round_idx=3,
-        client_id="c7",
+        LocalRun(0, 3, "c7"),
         on_step=seen.append,
     )
     assert result.steps == 6  # 2 epochs of ceil(10 / 4) batches
@@ -273,9 +271,8 @@ def test_local_training_measures_examples_per_second(monkeypatch) -> None:
     monkeypatch.setattr(train.time, "perf_counter", lambda: float(next(ticks)))  # each reading: one second later
     task = ModuleTask(digits_cnn(channels=2, hidden=8))
     result = local_train(
-        task, task.encode(_records(10), train=True), ClientConfig(local_epochs=2, batch_size=4), seed=0,
-        round_idx=1, client_id="c",
-    )  # fmt: skip
+        task, task.encode(_records(10), train=True), ClientConfig(local_epochs=2, batch_size=4), LocalRun(0, 1, "c")
+    )
     assert result.examples_per_s == 20.0  # 20 examples (2 epochs of 10) between two readings one second apart
 
 

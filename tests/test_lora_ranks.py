@@ -12,7 +12,7 @@ import torch
 from pydantic import ValidationError
 
 from fedtune.aggregation.lora import lora_pairs
-from fedtune.client.train import LocalHooks, local_train
+from fedtune.client.train import LocalHooks, LocalRun, local_train
 from fedtune.config import parse_config
 from fedtune.config.schema import ClientConfig
 from fedtune.server.build import build_strategy
@@ -69,9 +69,7 @@ def oracle_client(base, global_model, cid, r, rslora, worker, config):
             layer(model, name).lora_A["default"].weight.copy_(torch.from_numpy(a[:r]))
     task = ArrayTask(model)
     cfg = ClientConfig.model_validate(config.client.model_dump())
-    result = local_train(
-        task, worker.examples(cid, train=True), cfg, seed=config.seed, round_idx=1, client_id=cid, hooks=LocalHooks()
-    )
+    result = local_train(task, worker.examples(cid, train=True), cfg, LocalRun(config.seed, 1, cid), hooks=LocalHooks())
     return {name: factors(model, name) for name in ("q_proj", "v_proj")}, result.num_examples
 
 

@@ -22,7 +22,7 @@ import torch
 
 from fedtune.client.hooks import LoraResidual
 from fedtune.client.personal import Personalizer
-from fedtune.client.train import WHOLE_BATCH, BatchLoss, LocalResult, StepCallback, local_train
+from fedtune.client.train import WHOLE_BATCH, BatchLoss, LocalResult, LocalRun, StepCallback, local_train
 from fedtune.client.weights import TrainableView
 from fedtune.core.fit import FitContext, LocalHooks
 from fedtune.core.keys import ROUNDS_OPTION
@@ -140,13 +140,7 @@ class ClientWorker:
     def train(self, fit: FitContext, *, batch_loss: BatchLoss = WHOLE_BATCH) -> LocalResult:
         """The local training of the fit's client on its examples (data-parallel ranks pass their batch loss)."""
         instr, cfg = fit.instr, fit.instr.train
-        common = dict(  # what both trainers take: the client's examples, its round and its random stream
-            seed=instr.seed,
-            round_idx=instr.round,
-            client_id=instr.client_id,
-            hooks=fit.hooks,
-            rounds=instr.options.get(ROUNDS_OPTION),
-        )
+        run = LocalRun(instr.seed, instr.round, instr.client_id, rounds=instr.options.get(ROUNDS_OPTION))
         examples = self.examples(instr.client_id, train=True)
         if cfg.trainer == "hf":
             from fedtune.client.hf_trainer import hf_local_train
@@ -156,8 +150,8 @@ class ClientWorker:
                     "client.trainer 'hf' trains in one process: data-parallel local training (client_nproc / "
                     "--nproc > 1) needs client.trainer 'builtin'"
                 )
-            return hf_local_train(self.task, examples, cfg, **common)
-        return local_train(self.task, examples, cfg, batch_loss=batch_loss, on_step=self.on_step, **common)
+            return hf_local_train(self.task, examples, cfg, run, hooks=fit.hooks)
+        return local_train(self.task, examples, cfg, run, hooks=fit.hooks, batch_loss=batch_loss, on_step=self.on_step)
 
     def fit(self, instr: FitInstruction) -> ClientUpdate:
         started = time.perf_counter()

@@ -92,7 +92,8 @@ def render_report(run_dir: Path, config: Config | None = None) -> str:
             ("state", lambda c: c["state"] + (f" ({c['reason']})" if c.get("reason") else "")),
             ("rounds", _get("rounds")), ("examples", _get("num_examples")), ("train loss", _get("train_loss")),
             ("held-out loss", _get("eval_loss")), (q.removeprefix("eval_"), _get(q)), ("MB down", _mb("bytes_down")),
-            ("MB up", _mb("bytes_up")), ("fit seconds", _get("fit_seconds")), ("failures", _get("failures", 0)),
+            ("MB up", _mb("bytes_up")), ("fit seconds", _get("fit_seconds")),
+            ("examples/s", _get("examples_per_s")), ("failures", _get("failures", 0)),
         ]  # fmt: skip
         parts.append(_column_table(columns, clients))
     priv = snap["privacy"]

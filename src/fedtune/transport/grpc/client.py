@@ -163,8 +163,8 @@ class Participant:
                 try:
                     self._ensure_worker(joined)
                     finished = self._serve(joined, beat)
-                except FedtuneError:
-                    self._leave(joined)  # so the server stops sampling us now, not after missed heartbeats
+                except FedtuneError as err:
+                    self._leave(joined, str(err))  # so the server stops sampling us now, and knows why
                     raise
                 finally:
                     beat.end()
@@ -181,9 +181,9 @@ class Participant:
         finally:
             self.channel.close()
 
-    def _leave(self, joined: Joined) -> None:
+    def _leave(self, joined: Joined, reason: str) -> None:
         with contextlib.suppress(grpc.RpcError):  # best effort: the server also notices missing heartbeats
-            self.stub.Leave(pb.LeaveRequest(session=joined.session), timeout=5)
+            self.stub.Leave(pb.LeaveRequest(session=joined.session, reason=reason[: protocol.MAX_REASON]), timeout=15)
 
     def _refused(self, err: grpc.RpcError) -> ParticipantError:
         return ParticipantError(f"the server at {self.target} refused this client: {err.details()}", 3)

@@ -152,9 +152,12 @@ def eval_result_payload(result: ClientEval, *, task_id: str, session: str) -> Pa
     return Payload(_header(pb.EVAL_RESULT, task_id=task_id, round_idx=result.round, session=session), scalars)
 
 
+MAX_REASON = 2000  # characters of a client's reason (a failed task, leaving) that travel and are logged
+
+
 def failure_payload(reason: str, *, task_id: str, round_idx: int, session: str) -> Payload:
     header = _header(pb.FAILURE, task_id=task_id, round_idx=round_idx, session=session)
-    return Payload(header, {"reason": reason[:2000]})
+    return Payload(header, {"reason": reason[:MAX_REASON]})
 
 
 RESULT_SLACK = 64 * 1024  # small extras (DP's clipping bit), int8 scales, codec headroom

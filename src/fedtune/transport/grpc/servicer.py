@@ -129,8 +129,12 @@ class Servicer:
 
     def Leave(self, request: pb.LeaveRequest, context: grpc.ServicerContext) -> pb.LeaveReply:
         cid = self._who(context)
-        self.registry.leave(cid, request.session)
-        log.info("client %s left", cid)
+        reason = request.reason[: protocol.MAX_REASON]  # the client's own words: bounded before they are logged
+        self.registry.leave(cid, request.session, reason)
+        if reason:
+            log.warning("client %s left: %s", cid, reason)
+        else:
+            log.info("client %s left", cid)
         return pb.LeaveReply()
 
     def Pull(self, request: pb.PullRequest, context: grpc.ServicerContext) -> Iterator[pb.Chunk]:
