@@ -145,3 +145,16 @@ def test_the_config_digest_covers_the_codec_but_not_addresses_or_limits() -> Non
     assert _digest(codec="none", codec_block=64) == plain  # no codec: its options change nothing
     assert _digest(codec="int8") != plain
     assert _digest(codec="int8", codec_block=64) != _digest(codec="int8")
+
+
+def test_the_config_digest_covers_the_influence_bounds() -> None:
+    """Declared example counts and what happens above them change how much an update weighs: a checkpoint
+    of a run with other bounds must not be resumed as if it were this one's."""
+    plain = _digest()
+    assert _digest(over_declared="cap", require_declared_examples=False) == plain  # the defaults: as before
+    declared = _digest(declared_examples={"a": 10, "b": 20})
+    assert declared != plain
+    assert _digest(declared_examples={"a": 10, "b": 21}) != declared
+    assert _digest(declared_examples={"a": 10, "b": 20}, over_declared="refuse") != declared
+    assert _digest(over_declared="refuse") != plain  # it also governs counts declared at Join
+    assert _digest(require_declared_examples=True) != plain

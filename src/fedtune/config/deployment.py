@@ -27,7 +27,10 @@ class DeploymentConfig(Section):
     # client may claim. A reply claiming more is weighted by the declared count ("cap") or refused ("refuse"),
     # the reason logged; a reply from a client with no declared count is refused.
     declared_examples: dict[str, PositiveInt] | None = None
+    # a participant also declares its own count when it joins (its training examples, from its own data); a
+    # later reply claiming more than that is likewise weighted as declared ("cap") or refused ("refuse")
     over_declared: Literal["cap", "refuse"] = "cap"
+    require_declared_examples: bool = False  # refuse updates from a participant that declared no count at Join
     max_clients: PositiveInt = 256  # most concurrent sessions (the server's thread pool is sized from it)
     min_clients: PositiveInt = 2  # quorum: a round starts only when at least this many clients are connected
     quorum_timeout_s: PositiveFloat = 600.0  # give up (exit non-zero) if the quorum is not reached in time
