@@ -164,7 +164,7 @@ class Participant:
                 beat = self._start_heartbeat(joined)
                 try:
                     self._ensure_worker(joined)
-                    if not joined.declared_examples:
+                    if not joined.declared_examples and self._declared_examples():
                         # enrolment declares the count of training examples, known once the worker has read
                         # this participant's own data: join again, before any task was taken, to declare it
                         beat.end()
