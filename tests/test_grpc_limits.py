@@ -11,7 +11,6 @@ import resource
 import subprocess
 import sys
 import threading
-from types import SimpleNamespace
 
 import grpc
 import numpy as np
@@ -307,7 +306,7 @@ def test_a_participant_waits_out_a_server_at_its_call_limit(start, pki):
     participant = Participant(
         f"127.0.0.1:{transport.port}",
         tls,
-        make_worker=lambda joined: SimpleNamespace(examples=lambda cid, train: []),  # never asked to train
+        make_worker=lambda joined: object(),
         reconnect_timeout_s=120,
         console=console,
     )

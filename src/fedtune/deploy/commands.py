@@ -96,7 +96,7 @@ def client_cmd(
 ) -> None:
     """Join a federation as a participant that trains on its local data only."""
     from fedtune.config import load_config
-    from fedtune.deploy.participant import worker_factory
+    from fedtune.deploy.participant import count_examples, worker_factory
     from fedtune.transport.grpc.client import ClientTLS, Participant
 
     _logging(verbose)
@@ -107,6 +107,7 @@ def client_cmd(
             server,
             tls,
             make_worker=worker_factory(data, local_config=local, console=console, nproc=nproc),
+            count_examples=count_examples,  # declared at Join: the server bounds later claims by it
             reconnect_timeout_s=reconnect_timeout,
             console=console,
         )

@@ -131,11 +131,15 @@ class Participant:
         make_worker: Callable[[Joined], ClientWorker],
         reconnect_timeout_s: float = 300.0,
         console: Console | None = None,
+        count_examples: Callable[[ClientWorker, str], int] | None = None,
     ) -> None:
+        """``count_examples(worker, client_id)``: the training examples this participant declares when it
+        joins (its replies then claim at most these; deploy.participant.count_examples). None: none declared."""
         self.target, self.tls, self.make_worker = target, tls, make_worker
         self.reconnect_timeout_s = reconnect_timeout_s
         self.console = console or Console(stderr=True)
         self.worker: ClientWorker | None = None
+        self.count_examples = count_examples
         self.joined_as: str | None = None  # the client id (certificate CN) the server read, once joined
         self._config_yaml: str | None = None
         self._residuals: dict[str, np.ndarray] = {}  # top-k error feedback, per client id (kept across rounds)
@@ -197,11 +201,11 @@ class Participant:
         return ParticipantError(f"the server at {self.target} refused this client: {err.details()}", 3)
 
     def _declared_examples(self) -> int:
-        """The training examples this participant holds (its fits claim at most these); 0 before its worker
-        has read the local data."""
-        if self.worker is None or self.joined_as is None:
+        """The training examples this participant declares at Join (its fits claim at most these); 0 before
+        its worker has read the local data, or when it has no ``count_examples``."""
+        if self.count_examples is None or self.worker is None or self.joined_as is None:
             return 0
-        return len(self.worker.examples(self.joined_as, train=True))
+        return self.count_examples(self.worker, self.joined_as)
 
     def _join(self) -> Joined:
         delay, started, closed = 0.5, time.monotonic(), 0

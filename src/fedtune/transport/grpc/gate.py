@@ -71,6 +71,7 @@ class ConnectionGate:
         self._listener: socket.socket | None = None
         self._backend: tuple[str, int] | None = None
         self._stop = threading.Event()
+        self._closing = threading.Event()  # no new connections; ends once the open ones have closed
         self._thread: threading.Thread | None = None
         self._last_warned: dict[str, int] = {}
 
@@ -114,9 +115,13 @@ class ConnectionGate:
                 refused_by_address=dict(self._refused),
             )
 
-    def stop(self) -> None:
-        self._stop.set()
+    def stop(self, drain_s: float = 5.0) -> None:
+        """Stop accepting; relay what is in flight until every connection has closed (the server behind has
+        stopped: it closes them) or ``drain_s`` has passed; then close whatever is left."""
+        self._closing.set()
         if self._thread is not None:
+            self._thread.join(drain_s)
+            self._stop.set()
             self._thread.join(10.0)
             self._thread = None
 
@@ -125,6 +130,14 @@ class ConnectionGate:
     def _loop(self) -> None:
         try:
             while not self._stop.is_set():
+                if self._closing.is_set():
+                    if self._listener is not None:
+                        self._selector.unregister(self._listener)
+                        self._listener.close()
+                        self._listener = None
+                    with self._lock:
+                        if not self._by_back_port:
+                            return
                 for key, mask in self._selector.select(_SELECT_S):
                     if key.data is None:
                         self._accept()

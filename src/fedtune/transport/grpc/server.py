@@ -269,9 +269,9 @@ class GrpcServerTransport:
     def stop(self) -> None:
         """Stop listening without telling clients (they keep reconnecting: for a server that will restart)."""
         if self._server is not None:
-            if self.gate is not None:
-                self.gate.stop()  # no new connections; open ones are closed with the server
             self._server.stop(grace=1.0).wait(5.0)
+            if self.gate is not None:  # after the server: what it sent last (a SHUTDOWN) is relayed first
+                self.gate.stop()
             self._server = None
 
 
