@@ -74,6 +74,7 @@ class ConnectionGate:
         self._closing = threading.Event()  # no new connections; ends once the open ones have closed
         self._thread: threading.Thread | None = None
         self._last_warned: dict[str, int] = {}
+        self._accept_failures = 0
 
     # ------------------------------------------------------------------------------------ public
 
@@ -159,8 +160,10 @@ class ConnectionGate:
                 front, addr = self._listener.accept()
             except (BlockingIOError, InterruptedError):
                 return
-            except OSError as err:  # out of descriptors: shed what is waiting rather than spin
-                log.warning("connection gate: accept failed (%s)", err.strerror)
+            except OSError as err:  # out of descriptors (ulimit -n): retried at the next turn of the loop
+                self._accept_failures += 1
+                if self._accept_failures in (1, 10, 100, 1000) or self._accept_failures % 10000 == 0:
+                    log.warning("connection gate: accept failed %d time(s) (%s)", self._accept_failures, err.strerror)
                 return
             address = addr[0]
             if not self._admit(address):
