@@ -16,6 +16,10 @@ handshake. Authenticated connections are not counted (gRPC's own connection cap 
 pending connection ends when the backend closes it: gRPC's ``handshake_timeout_s`` (TLS not finished) or
 ``idle_timeout_s`` (no call).
 
+Bytes are copied through one thread, at most one read (1 MiB) buffered per direction and connection: a
+destination that does not read stops the gate reading its source (backpressure), so a slow peer holds at
+most 2 MiB.
+
 Not defended here (docs/THREATS.md): a flood from many addresses (more than max_unauthenticated /
 max_unauthenticated_per_address of them) fills the total and keeps *new* connections out while it is
 renewed; clients already authenticated are not affected. Each IPv6 address counts on its own.
@@ -33,7 +37,7 @@ from dataclasses import dataclass, field
 
 log = logging.getLogger("fedtune.server")
 
-_CHUNK = 1 << 16  # bytes read from a socket at a time
+_CHUNK = 1 << 20  # bytes read from a socket at a time (large: one GIL turn moves more, for big updates)
 _SELECT_S = 0.25  # how often the loop looks at the stop flag when nothing happens
 
 
