@@ -155,9 +155,9 @@ class RawClient:
         self.joined: pb.JoinReply | None = None
         self.limits = wire.Limits(1 << 34, 1 << 20)
 
-    def join(self, *, wait: bool = False) -> pb.JoinReply:
-        """Join; ``wait`` keeps trying (up to 120s) until the server listens."""
-        request = pb.JoinRequest(protocol=wire.PROTOCOL)
+    def join(self, *, wait: bool = False, declared_examples: int = 0) -> pb.JoinReply:
+        """Join (declaring ``declared_examples``); ``wait`` keeps trying (up to 120s) until the server listens."""
+        request = pb.JoinRequest(protocol=wire.PROTOCOL, declared_examples=declared_examples)
         self.joined = self.stub.Join(request, timeout=120 if wait else 10, wait_for_ready=wait)
         self.session = self.joined.session
         return self.joined

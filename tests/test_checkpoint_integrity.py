@@ -185,3 +185,16 @@ def test_the_checkpoint_keeps_the_extras_of_its_round_and_a_failed_write_is_rais
     bad.on_round(_state(3), [{}])
     with pytest.raises(OSError):
         bad.close(RunEnd("finished", _state(3)))
+
+
+def test_the_config_digest_covers_the_influence_bounds() -> None:
+    """Declared example counts and what happens above them change how much an update weighs: a checkpoint
+    of a run with other bounds must not be resumed as if it were this one's."""
+    plain = _digest()
+    assert _digest(over_declared="cap", require_declared_examples=False) == plain  # the defaults: as before
+    declared = _digest(declared_examples={"a": 10, "b": 20})
+    assert declared != plain
+    assert _digest(declared_examples={"a": 10, "b": 21}) != declared
+    assert _digest(declared_examples={"a": 10, "b": 20}, over_declared="refuse") != declared
+    assert _digest(over_declared="refuse") != plain  # it also governs counts declared at Join
+    assert _digest(require_declared_examples=True) != plain
