@@ -48,7 +48,7 @@ from fedtune.server.loop import (
     eval_clients,
     evaluate_global,
 )
-from fedtune.transport.base import Transport
+from fedtune.transport.base import Dispatch, Transport
 
 SCHEDULE_KEY = "fedbuff"  # state.extra[SCHEDULE_KEY]: the Schedule
 VERSION_PREFIX = "fedbuff/version/"  # state.arrays: vectors of older versions still being trained on
@@ -239,8 +239,16 @@ def run_async(
     on_round: Callable[[ServerState, RoundReport], None] = lambda s, r: None,
     on_stop: Callable[[ServerState, str], None] | None = None,
     summer: Summer = plain_sum,
+    dispatch: Dispatch | None = None,
 ) -> ServerState:
-    """Buffered steps from ``state.round + 1`` to ``config.federation.rounds`` (``run_rounds``' contract)."""
+    """Buffered steps from ``state.round + 1`` to ``config.federation.rounds`` (``run_rounds``' contract): on
+    the simulated clock, or, given a transport's ``dispatch`` (``Capabilities.asynchronous``), over real clients
+    arriving when they finish (``fedtune.server.async_live``)."""
+    if dispatch is not None:
+        from fedtune.server.async_live import run_live  # it builds on this module's checks
+
+        stop = on_stop or _log_stop
+        return run_live(config, server, transport, dispatch, state, on_round=on_round, on_stop=stop, summer=summer)
     population = transport.client_ids()
     clock = build_clock(config, population)
     while state.round < config.federation.rounds:
