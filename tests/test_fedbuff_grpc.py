@@ -155,3 +155,37 @@ def test_m_clients_train_at_once_a_straggler_arrives_stale_and_a_failure_frees_i
 def _steps_of(reports):
     """(dispatch, staleness, the server version it arrived at) of every folded arrival."""
     return [(c["dispatch"], c["staleness"], r.round - 1) for r in reports for c in r.clients]
+
+
+@pytest.mark.slow  # `fedtune server` in a thread, three `fedtune.participate` threads, and the simulation (~40 s)
+def test_fedtune_server_runs_async_with_participants_and_equals_the_simulation(tmp_path, pki):
+    """The whole deployed path: run_server -> coordinate -> the transport's Dispatch, participants running their
+    own loop (fedtune.participate), M = K = 1 so the order is forced; the simulated run of the same loop is the
+    oracle, bit for bit, and the run directory records versions and staleness per step."""
+    from _grpc_support import free_port
+    from _models import DIGITS_CNN
+    from fedtune.run import rundir
+    from test_participate_grpc_modes import federation, participate_in_simulation, participate_over_grpc
+
+    names, port, steps = ["client_000", "client_001", "client_002"], free_port(), 5
+    server = {
+        "mode": "async",
+        "fedbuff": {"concurrency": 1, "buffer_size": 1},
+        "optimizer": "momentum",
+        "lr": 0.5,
+        "update_norm_bound": "off",  # `fedtune server` would make "auto" adaptive; the simulation keeps it off
+        "max_examples_per_client": "off",
+    }
+    cfg = federation(tmp_path, pki, port, steps, len(names), model=DIGITS_CNN, server=server)
+    cfg["client"] = {"local_steps": 2}
+    cfg["deployment"] = {**cfg["deployment"], **LENIENT}
+    run_dir, _ = participate_over_grpc(cfg, tmp_path, pki, port, names)
+    result, _ = participate_in_simulation(cfg, tmp_path, names)
+    state = load_state(run_dir / rundir.CHECKPOINT)
+    assert state.round == steps and state.params.tobytes() == result.state.params.tobytes()
+    records = rundir.MetricsLog(run_dir).read()
+    arrivals = [r for r in records if r["kind"] == "client"]
+    assert [r["dispatch"] for r in arrivals] == list(range(1, steps + 1))
+    assert all(r["staleness"] == 0 and r["seconds"] >= 0 for r in arrivals)
+    steps_logged = [r for r in records if r["kind"] == "round" and r["round"] > 0]
+    assert [r["agg_dispatches"] for r in steps_logged] == list(range(1, steps + 1))
