@@ -189,3 +189,41 @@ def test_fedtune_server_runs_async_with_participants_and_equals_the_simulation(t
     assert all(r["staleness"] == 0 and r["seconds"] >= 0 for r in arrivals)
     steps_logged = [r for r in records if r["kind"] == "round" and r["round"] > 0]
     assert [r["agg_dispatches"] for r in steps_logged] == list(range(1, steps + 1))
+
+
+def test_the_version_travels_with_the_task_and_the_result_and_a_wrong_echo_is_rejected():
+    from fedtune.config.schema import ClientConfig
+    from fedtune.core.messages import ClientUpdate, FitInstruction
+    from fedtune.errors import UpdateRejected
+    from fedtune.transport.codecs import build_codec
+    from fedtune.transport.grpc import protocol
+
+    spec = _spec()
+    instr = FitInstruction("c", 7, np.zeros(DIM, np.float32), spec.digest, 0, ClientConfig(), version=3)
+    assert protocol.fit_from_payload(protocol.fit_payload(instr, "t"), "c").version == 3
+    sync = replace(instr, version=None)  # a synchronous round's task names no version
+    assert "version" not in protocol.fit_payload(sync, "t").scalars
+    update = ClientUpdate("c", 7, 5, np.ones(DIM, np.float32), spec.digest, version=3)
+    payload, _ = protocol.update_payload(update, task_id="t", session="s", codec=build_codec("none"), residual=None)
+    decoded = protocol.update_from_payload(payload, client_id="c", numel=DIM, spec_digest=spec.digest)
+    assert decoded.version == 3
+    payload.scalars["version"] = -1
+    with pytest.raises(UpdateRejected, match="version -1 is negative"):
+        protocol.update_from_payload(payload, client_id="c", numel=DIM, spec_digest=spec.digest)
+
+    class WrongEcho(TargetClients):  # answers every dispatch claiming it trained on version 99
+        def fit(self, instructions):
+            return (replace(u, version=99) for u in super().fit(instructions))
+
+    config = async_config(federation={"rounds": 2})
+    server = build_fedbuff(config)
+    reports = []
+    run_async(
+        config,
+        server,
+        WrongEcho(20),
+        server.init_state(np.zeros(DIM, np.float32), _spec()),
+        on_round=lambda s, r: reports.append(r),
+    )
+    assert all(r.rejected and not r.clients for r in reports)
+    assert all("trained on model version 99" in f.reason for r in reports for f in r.failures)
