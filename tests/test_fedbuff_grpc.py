@@ -27,17 +27,16 @@ LENIENT = {"heartbeat_s": 1.0, "missed_heartbeats": 600, "round_timeout_s": 600,
 
 class TargetWorker:
     """One participant's worker: TargetClients' rule (move halfway to its own target), the version echoed.
-    ``gates``: dispatch number -> an event its fit waits for (a forced straggler); ``fail``: dispatch numbers
+    ``hold(dispatch)`` runs before each fit and may block it (a forced straggler); ``fail``: dispatch numbers
     whose fit raises (the participant reports the failure, the server frees the slot)."""
 
-    def __init__(self, cid: str, clients: TargetClients, gates: dict, fail: set[int]) -> None:
-        self.cid, self.clients, self.gates, self.fail = cid, clients, gates, fail
+    def __init__(self, cid: str, clients: TargetClients, hold, fail: set[int]) -> None:
+        self.cid, self.clients, self.hold, self.fail = cid, clients, hold, fail
         self.fits: list[tuple[int, int | None]] = []  # (dispatch, version) of every task received
 
     def fit(self, instr):
         self.fits.append((instr.round, instr.version))
-        if instr.round in self.gates:
-            self.gates[instr.round].wait()
+        self.hold(instr.round)
         if instr.round in self.fail:
             raise RuntimeError(f"dispatch {instr.round} breaks down")
         (update,) = list(self.clients.fit([replace(instr, client_id=self.cid)]))
@@ -47,10 +46,10 @@ class TargetWorker:
         return ClientEval(self.cid, instr.round, EvalSums(1.0, 1, 0, 1))
 
 
-def _participants(pki, port, clients, gates, fail):
+def _participants(pki, port, clients, hold, fail):
     workers, threads, parts = {}, [], {}
     for cid in IDS:
-        workers[cid] = TargetWorker(cid, clients, gates, fail)
+        workers[cid] = TargetWorker(cid, clients, hold, fail)
         tls = ClientTLS.from_paths(pki / "ca.pem", pki / f"clients/{cid}.pem", pki / f"clients/{cid}.key")
         parts[cid] = Participant(
             f"127.0.0.1:{port}", tls, make_worker=lambda joined, w=workers[cid]: w, reconnect_timeout_s=60
@@ -66,14 +65,14 @@ def _grpc_config(**over):
     return async_config(**{"federation": {"rounds": 6}, "eval": {"every": 3}, **over})
 
 
-def _run_over_grpc(pki, config, state=None, gates=None, fail=(), on_round=None):
+def _run_over_grpc(pki, config, state=None, hold=lambda dispatch: None, fail=(), on_round=None, watch=None):
     clients = TargetClients(0)
     clients.targets = {cid: t for cid, t in zip(IDS, TargetClients(len(IDS)).targets.values(), strict=True)}
     clients.sizes = {cid: 2 + i for i, cid in enumerate(IDS)}
     reports = []
     with server_starter(pki, min_clients=len(IDS), **LENIENT) as make:
         transport = make()
-        workers, threads = _participants(pki, transport.port, clients, gates or {}, set(fail))
+        workers, threads = _participants(pki, transport.port, clients, hold, set(fail))
         server = build_fedbuff(config)
         state = state or server.init_state(np.zeros(DIM, np.float32), _spec())
 
@@ -83,7 +82,8 @@ def _run_over_grpc(pki, config, state=None, gates=None, fail=(), on_round=None):
                 on_round(new, report)
 
         try:
-            final = run_async(config, server, transport, state, on_round=record, dispatch=transport)
+            dispatch = transport if watch is None else watch(transport)
+            final = run_async(config, server, transport, state, on_round=record, dispatch=dispatch)
         finally:
             transport.close(reason="test over")
             for t in threads:
@@ -130,16 +130,42 @@ def test_a_forced_arrival_order_equals_the_simulated_run_and_resumes_exactly(pki
 
 
 def test_m_clients_train_at_once_a_straggler_arrives_stale_and_a_failure_frees_its_slot(pki):
-    """M = 3, K = 2: the first dispatch is held until step 2 has been taken, so it arrives at least 2 versions
-    stale; dispatch 2 fails on its participant, and the step waits for another arrival instead."""
-    gate = threading.Event()
+    """M = 3, K = 2: the first dispatch is held until step 2 has been taken, and every fit started after that
+    waits until the server has dispatch 1's reply, so dispatch 1 is folded at least 2 versions stale (by step 4
+    at the latest); dispatch 2 fails on its participant, and the step waits for another arrival instead."""
+    released, first_in = threading.Event(), threading.Event()
     config = _grpc_config(server={"optimizer": "sgd", "lr": 1.0, "fedbuff": {"concurrency": 3, "buffer_size": 2}})
+
+    def hold(dispatch):
+        if dispatch == 1:
+            released.wait()
+        elif released.is_set():
+            first_in.wait()
+
+    class Watch:  # the transport's Dispatch, noting when dispatch 1's reply reaches the server
+        def __init__(self, inner):
+            self.inner = inner
+
+        def connected(self):
+            return self.inner.connected()
+
+        def dispatch(self, instruction):
+            self.inner.dispatch(instruction)
+
+        def next_reply(self, timeout):
+            reply = self.inner.next_reply(timeout)
+            if reply is not None and reply.round == 1:
+                first_in.set()
+            return reply
+
+        def abandon(self):
+            self.inner.abandon()
 
     def release_after_two(state, report):
         if state.round == 2:
-            gate.set()
+            released.set()
 
-    final, reports, workers = _run_over_grpc(pki, config, gates={1: gate}, fail={2}, on_round=release_after_two)
+    final, reports, workers = _run_over_grpc(pki, config, hold=hold, fail={2}, on_round=release_after_two, watch=Watch)
     assert final.round == 6 and all(len(r.clients) == 2 for r in reports)
     staleness = {c["dispatch"]: c["staleness"] for r in reports for c in r.clients}
     assert staleness[1] >= 2 and 2 not in staleness
