@@ -134,6 +134,7 @@ class ClientWorker:
             num_examples=result.num_examples,
             delta=np.subtract(params, instr.params, out=params),
             spec_digest=self.view.spec.digest,
+            version=instr.version,  # async mode: the model version it trained on, echoed
             metrics={"train_loss": result.train_loss, "steps": float(result.steps), **_throughput(result), **metrics},
         )
 

@@ -11,7 +11,7 @@ import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Literal
+from typing import Literal, cast
 
 import numpy as np
 import torch
@@ -56,7 +56,7 @@ from fedtune.server.summing import summer_for
 from fedtune.tasks.base import EvalSums, Task
 from fedtune.tasks.build import build_run_task
 from fedtune.tasks.classification import name_labels
-from fedtune.transport.base import Transport
+from fedtune.transport.base import Dispatch, Transport
 from fedtune.transport.inprocess import InProcessTransport
 
 INITIAL = "initial.safetensors"
@@ -248,6 +248,7 @@ def serve(
     accuracy: bool,
     baseline: bool,
     summer: Summer = plain_sum,
+    dispatch: Dispatch | None = None,
 ) -> tuple[ServerState, RunEnd]:
     """Serve ``strategy``'s rounds over ``transport`` from ``state``: the baseline evaluation (if ``baseline``)
     and the rounds, every event handed to ``sinks`` (progress, metrics, checkpoint, console, plot, status,
@@ -286,7 +287,18 @@ def serve(
     if config.server.mode == "async":  # FedBuff: buffered steps on a simulated clock instead of rounds
         from fedtune.server.async_loop import run_async
 
-        state = run_async(config, strategy, transport, state, on_round=on_round, on_stop=on_stop, events=events)
+        # dispatch: real clients arriving when they finish (gRPC); None: the simulated clock
+        state = run_async(
+            config,
+            strategy,
+            transport,
+            state,
+            on_round=on_round,
+            on_stop=on_stop,
+            summer=summer,
+            dispatch=dispatch,
+            events=events,
+        )
     else:
         state = run_rounds(
             config, strategy, transport, state, on_round=on_round, on_stop=on_stop, summer=summer, events=events
@@ -330,6 +342,7 @@ def coordinate(
     console = console or Console()
     require_trackers(config.run.trackers)  # a tracker that is not installed fails before anything starts
     summer = summer_for(config, transport)  # SecAgg over what the transport can carry; refused where it cannot
+    dispatch = async_dispatch(config, transport)  # FedBuff over real clients, where the transport can
     if config.server.mode == "async":
         from fedtune.server.async_loop import build_fedbuff
 
@@ -353,7 +366,15 @@ def coordinate(
         if steps is not None:
             steps.listener = fanout.on_event
         state, end = serve(
-            strategy, transport, state, fanout, config=config, accuracy=accuracy, baseline=baseline, summer=summer
+            strategy,
+            transport,
+            state,
+            fanout,
+            config=config,
+            accuracy=accuracy,
+            baseline=baseline,
+            summer=summer,
+            dispatch=dispatch,
         )
     except KeyboardInterrupt:
         end = RunEnd("interrupted", fanout.last_state or state, "interrupted (Ctrl-C)")
@@ -368,6 +389,21 @@ def coordinate(
     rounds = log.rounds()
     baseline = next((r for r in rounds if r["round"] == 0), {})
     return RunResult(run_dir=run_dir, state=state, rounds=rounds, baseline=baseline)
+
+
+def async_dispatch(config: Config, transport: Transport) -> Dispatch | None:
+    """What FedBuff dispatches through: None in sync mode or in simulation (the simulated clock decides who
+    arrives when); the transport itself where it declares ``asynchronous``; an error naming the transport
+    where it can do neither."""
+    capabilities = transport.capabilities
+    if config.server.mode != "async" or capabilities.simulated:
+        return None
+    if not capabilities.asynchronous:
+        raise ConfigError(
+            f"server.mode 'async' (FedBuff) cannot run over this transport ({type(transport).__name__}): it does "
+            "not dispatch fits one client at a time (Capabilities.asynchronous)"
+        )
+    return cast(Dispatch, transport)
 
 
 def worker_from_config(config: Config) -> ClientWorker:

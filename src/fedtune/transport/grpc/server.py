@@ -34,6 +34,7 @@ from fedtune.errors import ConfigError, FedtuneError
 from fedtune.transport.base import Capabilities
 from fedtune.transport.grpc import protocol, wire
 from fedtune.transport.grpc.auth import Authenticator
+from fedtune.transport.grpc.dispatch import LiveFit
 from fedtune.transport.grpc.gate import ConnectionGate
 from fedtune.transport.grpc.limits import server_options
 from fedtune.transport.grpc.proto import fedtune_pb2 as pb
@@ -92,8 +93,9 @@ class GrpcServerTransport:
         secure_aggregation: bool = False,
     ):
         self.dep, self.secure_aggregation = dep, secure_aggregation
-        # started for SecAgg, it carries the protocol's message rounds and its clients keep their updates
-        self.capabilities = Capabilities(secure_sum=secure_aggregation)
+        # started for SecAgg, it carries the protocol's message rounds and its clients keep their updates;
+        # otherwise it also dispatches fits one at a time (FedBuff: ``Dispatch``, through ``self.live``)
+        self.capabilities = Capabilities(secure_sum=secure_aggregation, asynchronous=not secure_aggregation)
         self.limits = wire.Limits(dep.max_payload_bytes, dep.chunk_kb * 1024)
         self.registry = Registry(dead_after_s=dep.dead_after_s, max_clients=dep.max_clients)
         # caps connections that have not authenticated, per source address and in all (gate.py)
@@ -116,6 +118,7 @@ class GrpcServerTransport:
             extra=extra or {},
             secure_aggregation=secure_aggregation,
         )
+        self.live = LiveFit(self.registry, dep)  # asynchronous fit: fedtune.transport.base.Dispatch
         self.tls = tls
         self.port: int | None = None
         self._server: grpc.Server | None = None
@@ -257,6 +260,20 @@ class GrpcServerTransport:
                 yield ClientFailure(task.client_id, task.round, reason)
         finally:
             self.registry.expire(list(open_.values()))  # the caller stopped early: close what is left
+
+    # ------------------------------------------------------------------------------------ Dispatch (async)
+
+    def connected(self) -> list[str]:
+        return self.live.connected()
+
+    def dispatch(self, instruction: FitInstruction) -> None:
+        self.live.dispatch(instruction)
+
+    def next_reply(self, timeout: float) -> Reply | ClientFailure | None:
+        return self.live.next_reply(timeout)
+
+    def abandon(self) -> None:
+        self.live.abandon()
 
     def close(self, *, ok: bool = True, reason: str = "the federation finished") -> None:
         """Tell every client to exit (with ``reason``), wait up to shutdown_grace_s, stop listening."""
