@@ -57,9 +57,10 @@ def factors(model: torch.nn.Module, name: str) -> tuple[np.ndarray, np.ndarray]:
     return b, a
 
 
-def oracle_client(base, global_model, cid, r, rslora, worker, config):
+def oracle_client(base, global_model, cid, r, rslora, worker, config, *, mu=0.0):
     """Client ``cid`` as a real rank-r peft adapter: it starts from the global adapter's first r components
-    (B scaled by s / s_r, so s_r B_r A_r = s B[:, :r] A[:r]) and trains with the same data, seed and loop."""
+    (B scaled by s / s_r, so s_r B_r A_r = s B[:, :r] A[:r]) and trains with the same data, seed and loop
+    (plus FedProx's mu/2 ||w - w_start||^2 over its own rank-r factors when ``mu``)."""
     model = peft_net(base, r, rslora)
     ratio = scaling(FULL, rslora) / scaling(r, rslora)
     with torch.no_grad():
@@ -69,16 +70,36 @@ def oracle_client(base, global_model, cid, r, rslora, worker, config):
             layer(model, name).lora_A["default"].weight.copy_(torch.from_numpy(a[:r]))
     task = ArrayTask(model)
     cfg = ClientConfig.model_validate(config.client.model_dump())
+    params = [p for p in model.parameters() if p.requires_grad]
+    start = [p.detach().clone() for p in params]
+    hooks = LocalHooks(
+        loss_terms=[lambda: 0.5 * mu * sum(((p - w) ** 2).sum() for p, w in zip(params, start, strict=True))]
+    )
     result = local_train(
-        task, worker.examples(cid, train=True), cfg, seed=config.seed, round_idx=1, client_id=cid, hooks=LocalHooks()
+        task,
+        worker.examples(cid, train=True),
+        cfg,
+        seed=config.seed,
+        round_idx=1,
+        client_id=cid,
+        hooks=hooks if mu else LocalHooks(),
     )
     return {name: factors(model, name) for name in ("q_proj", "v_proj")}, result.num_examples
 
 
 @pytest.mark.parametrize(
-    ("mode", "rslora"), [("flora", False), ("flexlora", False), ("hetlora", False), ("flexlora", True)]
+    ("mode", "rslora", "mu"),
+    [
+        ("flora", False, 0.0),
+        ("flexlora", False, 0.0),
+        ("hetlora", False, 0.0),
+        ("flexlora", True, 0.0),
+        # FedProx: each client's proximal term pulls its rank-r_k factors toward the ones it started from
+        ("flexlora", False, 2.0),
+        ("hetlora", False, 2.0),
+    ],
 )
-def test_ranks_4_8_16_merge_to_the_sum_of_alpha_over_r_k_products(mode, rslora):
+def test_ranks_4_8_16_merge_to_the_sum_of_alpha_over_r_k_products(mode, rslora, mu):
     torch.manual_seed(0)
     base = Net()
     model = peft_net(base, FULL, rslora)
@@ -88,7 +109,7 @@ def test_ranks_4_8_16_merge_to_the_sum_of_alpha_over_r_k_products(mode, rslora):
     global_start = copy.deepcopy(model)
     records = classification_records(3, dim=D_IN)
     config = make_config(
-        server={"lora_aggregation": mode, "lora_client_ranks": RANKS},
+        server={"lora_aggregation": mode, "lora_client_ranks": RANKS, "proximal_mu": mu},
         model={"lora": {"r": FULL, "alpha": ALPHA, "use_rslora": rslora}},
         federation={"rounds": 1, "clients_per_round": 3},
         client={"optimizer": "adamw", "lr": 0.05, "local_steps": 4},
@@ -99,7 +120,9 @@ def test_ranks_4_8_16_merge_to_the_sum_of_alpha_over_r_k_products(mode, rslora):
     state, report = run_round(config, strategy, InProcessTransport(worker), state)
     assert len(report.clients) == 3 and not report.failures
 
-    trained = {cid: oracle_client(base, global_start, cid, r, rslora, worker, config) for cid, r in RANKS.items()}
+    trained = {
+        cid: oracle_client(base, global_start, cid, r, rslora, worker, config, mu=mu) for cid, r in RANKS.items()
+    }
     total = sum(n for _, n in trained.values())
     s = scaling(FULL, rslora)
     for pair in lora_pairs(state.spec):
