@@ -237,7 +237,10 @@ def smollm2_main(args: argparse.Namespace) -> None:
     for name, res in results.items():
         if not res:
             continue
-        cells = " | ".join(f"{r['loss']:.4f} / {r['acc']:.1f}" for r in res)
+        by_seed = {r["seed"]: r for r in res}
+        cells = " | ".join(
+            f"{by_seed[s]['loss']:.4f} / {by_seed[s]['acc']:.1f}" if s in by_seed else "-" for s in seeds
+        )
         mean_loss = statistics.mean(r["loss"] for r in res)
         rows.append(
             f"| {name} | {cells} | {mean_loss:.4f} | {statistics.mean(r['acc'] for r in res):.1f} | "

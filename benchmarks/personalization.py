@@ -219,18 +219,19 @@ def render_smollm2(results: dict[str, list[dict]], args: argparse.Namespace) -> 
     """Client-mean held-out loss (and the perplexity of that mean) per method and variant; per seed; per client."""
     seeds = sorted({r["seed"] for recs in results.values() for r in recs})
     head = "| method | " + " | ".join(f"{v}, client-mean loss (ppl)" for v in VARIANTS)
-    rows = [head + " | clients better than global | bytes up / round | s / run |", "| --- " * 7 + "|"]
+    rows = [head + " | clients better than naive's global model | bytes up / round | s / run |", "| --- " * 7 + "|"]
     for method, recs in results.items():
         cells = []
         for prefix in VARIANTS.values():
             means = [statistics.mean(c.values()) for r in recs if (c := _client_losses(r, prefix))]
             cells.append(f"{_mean_sd(means)} ({math.exp(statistics.mean(means)):.1f})" if means else "-")
+        naive = {r["seed"]: _client_losses(r, "") for r in results.get("naive", [])}  # the plain global model
         better = [
-            (own[c] < glob[c])
+            (own[c] < naive[r["seed"]][c])
             for r in recs
-            if (own := _client_losses(r, "personal_") or _client_losses(r, "finetuned_"))
-            for glob in [_client_losses(r, "")]
+            if (own := _client_losses(r, "personal_") or _client_losses(r, "finetuned_")) and r["seed"] in naive
             for c in own
+            if c in naive[r["seed"]]
         ]
         wins = f"{sum(better)} of {len(better)}" if better else "-"
         bytes_up = statistics.mean(r["bytes_up"] for r in recs)
@@ -274,8 +275,8 @@ def render_smollm2(results: dict[str, list[dict]], args: argparse.Namespace) -> 
         "perplexity in brackets is exp of that mean). Global, personalised and fine-tuned columns are measured on "
         "the same held-out blocks in the same run. fedsa's 'global' model holds B = 0 (it is the base model: "
         "only A is shared), so fedsa is compared with the naive and ffa global models. 'clients better than "
-        "global': (seed, client) pairs where the client's personalised (naive: fine-tuned) loss is below the "
-        "same run's global loss."
+        "naive's global model': (seed, client) pairs where the client's personalised (naive: fine-tuned) loss is "
+        "below the loss of naive averaging's global model of the same seed (Ditto's global model is that model)."
     )
     return (
         f"{setup}\n\n```\n{command}\n```\n\n"
