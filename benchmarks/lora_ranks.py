@@ -250,8 +250,10 @@ def smollm2_main(args: argparse.Namespace) -> None:
     print(table)
     if args.write:
         command = (
-            "PYTHONPATH=src HF_HUB_OFFLINE=1 nice -n 10 .venv/bin/python benchmarks/lora_ranks.py --workload smollm2 "
-            f"--seeds {' '.join(map(str, seeds))} --write"
+            "PYTHONPATH=src HF_HUB_OFFLINE=1 .venv/bin/python benchmarks/lora_ranks.py --workload smollm2 "
+            f"--seeds {' '.join(map(str, seeds))} --write` (run here one process per seed and mode group with "
+            "`--out`; the records are in `benchmarks/lora_ranks_smollm2.results.jsonl`, rendered with `--table-from "
+            "benchmarks/lora_ranks_smollm2.results.jsonl --write`"
         )
         doc = (__doc__ or "").split("\n\n")[3]
         write_section(

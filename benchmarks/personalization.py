@@ -17,6 +17,10 @@ held-out examples:
     # or one process per seed (--out), then: --table-from seed0.jsonl seed1.jsonl --write
 
 Needs ../shared (not part of the default tests).
+
+``--workload smollm2``: SmolLM2-135M-Instruct on the Shakespeare role split instead (the issue's "SmolLM2 role
+split"; no ../shared needed): the per-client held-out loss of each method's global, personalised and
+fine-tuned models, with per-seed and per-client tables (``SMOLLM2_METHODS``; FedPer keeps the top block's LoRA).
 """
 
 from __future__ import annotations
@@ -263,7 +267,9 @@ def render_smollm2(results: dict[str, list[dict]], args: argparse.Namespace) -> 
     command = (
         "PYTHONPATH=src HF_HUB_OFFLINE=1 python benchmarks/personalization.py --workload smollm2 --seeds "
         f"{' '.join(map(str, seeds))} --methods {' '.join(results)} --clients {args.clients} --rounds {args.rounds} "
-        f"--steps {args.steps} --eval-examples {args.eval_examples} --write"
+        f"--steps {args.steps} --eval-examples {args.eval_examples} --write\n"
+        "# run here one process per seed (--out); the records: benchmarks/personalization_smollm2.results.jsonl\n"
+        "# rendered with --table-from benchmarks/personalization_smollm2.results.jsonl (and the same options)"
     )
     setup = (
         f"SmolLM2-135M-Instruct, LoRA r=4 (alpha 8) on q_proj/v_proj of the top 2 blocks; Shakespeare role split "
