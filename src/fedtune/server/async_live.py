@@ -33,11 +33,11 @@ from fedtune.core.rng import derive_rng
 from fedtune.core.state import ServerState
 from fedtune.errors import FedtuneError, UpdateRejected
 from fedtune.privacy.sums import Summer, plain_sum
-from fedtune.server.async_loop import SCHEDULE_KEY, _arrival, _check, _instruction, schedule_of
+from fedtune.server.async_loop import SCHEDULE_KEY, _arrival, _check, _instruction, evaluate_step, schedule_of
 from fedtune.server.clock import InFlight, Schedule
 from fedtune.server.fedbuff import FedBuff, staleness_metrics
 from fedtune.server.influence import Bounds
-from fedtune.server.loop import RoundReport, _checked, aggregate_round, eval_clients, evaluate_global
+from fedtune.server.loop import RoundReport, _checked, aggregate_round
 from fedtune.transport.base import Dispatch, Transport
 
 log = logging.getLogger("fedtune")
@@ -143,11 +143,7 @@ def live_step(
     report.aggregate.update(wall_time=sched.clock, dispatches=sched.dispatches, in_flight=len(sched.in_flight))
     for line in report.clients:  # real seconds on the network, not a simulated duration
         line["seconds"] = line.pop("sim_seconds")
-    if new_state.round % config.eval.every == 0 or new_state.round == config.federation.rounds:
-        askees = eval_clients(config, transport.client_ids())
-        per_client, pooled, failures = evaluate_global(config, server, transport, new_state, askees, events=live.events)
-        report.eval_clients, report.eval_pooled = per_client, pooled
-        report.failures += failures
+    evaluate_step(config, server, transport, new_state, report, live.events)
     report.seconds = time.perf_counter() - started
     return new_state, report
 

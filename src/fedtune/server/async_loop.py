@@ -220,19 +220,25 @@ def async_step(
         dropped_stale=len(dropped),
         versions_kept=sum(k.startswith(VERSION_PREFIX) for k in new_state.arrays),
     )
-    if new_state.round % config.eval.every == 0 or new_state.round == config.federation.rounds:
-        per_client, pooled, failures = evaluate_global(
-            config,
-            server,
-            transport,
-            new_state,
-            eval_clients(config, transport.client_ids()),  # type: ignore[arg-type]
-            events=events,
-        )
-        report.eval_clients, report.eval_pooled = per_client, pooled
-        report.failures += failures
+    evaluate_step(config, server, transport, new_state, report, events)
     report.seconds = time.perf_counter() - started
     return new_state, report
+
+
+def evaluate_step(
+    config: Config,
+    server: FedBuff,
+    transport: Transport,
+    state: ServerState,
+    report: RoundReport,
+    events: EventListener,
+) -> None:
+    """Evaluate ``state``'s global model into ``report`` when ``config.eval.every`` (or the last step) says so."""
+    if state.round % config.eval.every == 0 or state.round == config.federation.rounds:
+        askees = eval_clients(config, transport.client_ids())  # type: ignore[arg-type]
+        per_client, pooled, failures = evaluate_global(config, server, transport, state, askees, events=events)
+        report.eval_clients, report.eval_pooled = per_client, pooled
+        report.failures += failures
 
 
 def run_async(

@@ -197,4 +197,3 @@ class FedOpt:
         arrays.update({OPT_PREFIX + k: v for k, v in slots.items()})
         metrics = {"aggregated": count, "update_norm": l2_norm(delta), **metrics}
         return state.evolve(round=state.round + 1, params=params, arrays=arrays), metrics
-

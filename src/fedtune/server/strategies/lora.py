@@ -40,6 +40,7 @@ from fedtune.server.strategies.lora_ranks import RankAssignment
 
 __all__ = ["RANK_OPTION", "RESIDUAL_PREFIX", "FLoRA", "FedExLora", "FfaLora", "SvdLora", "full_rank", "residual_key"]
 
+
 def residual_key(module: str) -> str:
     return RESIDUAL_PREFIX + module
 

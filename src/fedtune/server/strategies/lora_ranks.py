@@ -22,7 +22,6 @@ from fedtune.core.rng import derive_rng
 log = logging.getLogger(__name__)
 
 
-
 @dataclass(frozen=True)
 class RankAssignment:
     """A pure function of (seed, client id): every client's rank, the same in every round and on resume."""
