@@ -13,6 +13,7 @@ import numpy as np
 import pytest
 
 from _grpc_support import server_starter
+from fedtune.core.events import Collected, Dispatched
 from fedtune.core.messages import ClientEval, EvalSums
 from fedtune.core.state import load_state, save_state
 from fedtune.server.async_loop import SCHEDULE_KEY, build_fedbuff, run_async
@@ -65,7 +66,9 @@ def _grpc_config(**over):
     return async_config(**{"federation": {"rounds": 6}, "eval": {"every": 3}, **over})
 
 
-def _run_over_grpc(pki, config, state=None, hold=lambda dispatch: None, fail=(), on_round=None, watch=None):
+def _run_over_grpc(
+    pki, config, state=None, hold=lambda dispatch: None, fail=(), on_round=None, watch=None, events=lambda e: None
+):
     clients = TargetClients(0)
     clients.targets = {cid: t for cid, t in zip(IDS, TargetClients(len(IDS)).targets.values(), strict=True)}
     clients.sizes = {cid: 2 + i for i, cid in enumerate(IDS)}
@@ -83,7 +86,7 @@ def _run_over_grpc(pki, config, state=None, hold=lambda dispatch: None, fail=(),
 
         try:
             dispatch = transport if watch is None else watch(transport)
-            final = run_async(config, server, transport, state, on_round=record, dispatch=dispatch)
+            final = run_async(config, server, transport, state, on_round=record, dispatch=dispatch, events=events)
         finally:
             transport.close(reason="test over")
             for t in threads:
@@ -105,8 +108,17 @@ def _run_simulated(config):
 def test_a_forced_arrival_order_equals_the_simulated_run_and_resumes_exactly(pki, tmp_path):
     config = _grpc_config(server={"optimizer": "adam", "fedbuff": {"concurrency": 1, "buffer_size": 1}})
     simulated = _run_simulated(config)
-    networked, reports, workers = _run_over_grpc(pki, config)
+    told = []
+    networked, reports, workers = _run_over_grpc(pki, config, events=told.append)
     assert networked.params.tobytes() == simulated.params.tobytes()
+    # the sinks hear the live loop as they hear a round: each dispatch, its reply, each step's end, evaluations
+    trained = [e for e in told if e.phase == "train"]
+    assert [type(e).__name__ for e in trained] == ["Dispatched", "Answered", "Collected"] * 6
+    assert [e.client_ids for e in trained if isinstance(e, Dispatched)] == [
+        (c["client_id"],) for r in reports for c in r.clients
+    ]
+    assert [e.round for e in trained if isinstance(e, Collected)] == list(range(1, 7))
+    assert sum(isinstance(e, Collected) and e.phase == "eval" for e in told) == 2  # eval.every 3, 6 steps
     # the same dispatches: each client trained on the version it was sent, and said so
     assert all(not r.failures and [c["staleness"] for c in r.clients] == [0] for r in reports)
     assert sorted(d for w in workers.values() for d, _ in w.fits) == list(range(1, 7))
