@@ -21,6 +21,7 @@ import pytest
 import yaml
 from rich.console import Console
 
+from _process import interruptible
 from fedtune.client.train import LocalRun, local_train
 from fedtune.config import parse_config
 from fedtune.config.schema import ClientConfig
@@ -238,6 +239,7 @@ def test_ctrl_c_says_how_to_resume_and_exits_130(tmp_path: Path) -> None:
         stderr=subprocess.STDOUT,
         text=True,
         env=env,
+        preexec_fn=interruptible,  # Ctrl-C reaches it even when pytest runs in the background
     )
     runs = tmp_path / "runs"
 

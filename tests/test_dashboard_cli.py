@@ -16,6 +16,7 @@ import yaml
 from typer.testing import CliRunner
 
 from _models import DIGITS_CNN
+from _process import interruptible
 from _runs import FakeRun
 from fedtune.cli import app
 
@@ -51,6 +52,7 @@ def test_dashboard_command_serves_a_run_dir_until_interrupted(tmp_path) -> None:
         stderr=subprocess.STDOUT,
         text=True,
         env={**env, "COLUMNS": "300"},
+        preexec_fn=interruptible,  # Ctrl-C reaches it even when pytest runs in the background
     )
     seen, match = [], None
     try:

@@ -395,10 +395,9 @@ def async_dispatch(config: Config, transport: Transport) -> Dispatch | None:
     """What FedBuff dispatches through: None in sync mode or in simulation (the simulated clock decides who
     arrives when); the transport itself where it declares ``asynchronous``; an error naming the transport
     where it can do neither."""
-    capabilities = transport.capabilities
-    if config.server.mode != "async" or capabilities.simulated:
+    if config.server.mode != "async" or transport.capabilities.simulated:
         return None
-    if not capabilities.asynchronous:
+    if not transport.capabilities.asynchronous:
         raise ConfigError(
             f"server.mode 'async' (FedBuff) cannot run over this transport ({type(transport).__name__}): it does "
             "not dispatch fits one client at a time (Capabilities.asynchronous)"
