@@ -29,6 +29,7 @@ _stores = itertools.count()
 # round -> the clients that reply: c5 joins late, c0 skips rounds 3-4 and c1 is away longer than the history
 SCHEDULE = {1: "c0 c1 c2", 2: "c0 c2 c3", 3: "c2 c3", 4: "c1 c4", 5: "c0 c5", 6: "c0 c2 c5", 7: "c3 c4 c5"}
 SCHEDULE |= {8 + i: "c2 c3" for i in range(HISTORY)} | {8 + HISTORY: "c0 c1 c2"}
+POPULATION = [f"c{i}" for i in range(7)]  # c6 never fits: its evaluations get the dense residual
 
 
 def updates(state, clients, seed):
@@ -48,7 +49,7 @@ def test_every_clients_copy_is_the_servers_residual(plugin, tmp_path):
     strategy = FedOpt(plugins=[plugin])
     state = strategy.init_state(np.random.default_rng(0).normal(0, 0.3, SPEC.numel).astype(np.float32), SPEC)
     copy = ResidualCopy(f"memory:wire-{next(_stores)}")
-    factored = dense = 0
+    factored = dense = evals_factored = 0
     for round_idx, clients in SCHEDULE.items():
         if round_idx == 5:  # resume: the history and what each client holds come back from the checkpoint
             save_state(state, tmp_path / "ckpt.safetensors", config_digest="x")
@@ -72,7 +73,15 @@ def test_every_clients_copy_is_the_servers_residual(plugin, tmp_path):
             else:
                 dense += 1
         state, _ = strategy.aggregate(state, updates(state, clients.split(), seed=round_idx))
+        for cid in POPULATION:  # the evaluation after the round: every client, fitted or not
+            arrays = strategy.eval_payload(state, client_id=cid)
+            got = copy.resolve(cid, arrays, round=state.round + 1, keep=False)  # read, never saved
+            for m in ("l.q", "l.k"):
+                np.testing.assert_array_equal(got[RESIDUAL_PREFIX + m], state.arrays[RESIDUAL_PREFIX + m])
+            evals_factored += RESIDUAL_BASE in arrays
     assert factored >= 10 and dense >= 7  # both paths ran (first contacts, the long absence: dense)
+    assert evals_factored >= 20
+    assert set(strategy.eval_payload(state)) == {RESIDUAL_PREFIX + "l.q", RESIDUAL_PREFIX + "l.k"}  # export's
 
 
 def test_first_contact_and_a_long_absence_get_the_dense_residual():

@@ -156,7 +156,8 @@ class ExternalWorker:
             return ClientEval(instr.client_id, instr.round, EvalSums())
         self.view.write(instr.params)
         module = self.task.module
-        with self.residual.applied(module, instr.extras), torch.no_grad():
+        extras = self.residual_copy.resolve(instr.client_id, instr.extras, round=instr.round + 1, keep=False)
+        with self.residual.applied(module, extras), torch.no_grad():
             was_training = module.training
             module.eval()
             try:

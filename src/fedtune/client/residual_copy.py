@@ -7,7 +7,7 @@ which version the result is (``lora/version``). ``ResidualCopy.resolve`` turns s
 rule (``add_increment``), and keeps the result in the client state store (namespace ``lora-residual``):
 the simulation's store, the same store from Ray actors, a participant's own cache over gRPC.
 
-Extras without ``lora/version`` (an evaluation, another strategy) pass through unchanged.
+Extras without ``lora/version`` (the dense global model, another strategy) pass through unchanged.
 """
 
 from __future__ import annotations
@@ -60,8 +60,12 @@ class ResidualCopy:
     def store(self) -> ClientStateStore:
         return open_state_store(self.state)
 
-    def resolve(self, client_id: str, extras: Mapping[str, np.ndarray], *, round: int) -> dict[str, np.ndarray]:
-        """``extras`` with the residual as dense ``lora/residual/<module>`` arrays (and no increments)."""
+    def resolve(
+        self, client_id: str, extras: Mapping[str, np.ndarray], *, round: int, keep: bool = True
+    ) -> dict[str, np.ndarray]:
+        """``extras`` with the residual as dense ``lora/residual/<module>`` arrays (and no increments), from
+        the copy saved before ``round``; ``keep``: save the result as the copy of ``round`` (a fit does; an
+        evaluation does not: the server learns what a client holds from its fit replies only)."""
         if RESIDUAL_VERSION not in extras:
             return dict(extras)
         version = _scalar(extras, RESIDUAL_VERSION)
@@ -81,7 +85,7 @@ class ResidualCopy:
                     "leaves the server's history"
                 )
         residual = self._advance(saved, held, dense, increments)
-        if held != version or dense:
+        if keep and (held != version or dense):
             self.store.save(client_id, NS_RESIDUAL, ClientState(residual, {"version": version}), round=round)
         return rest | {RESIDUAL_PREFIX + module: value for module, value in residual.items()}
 

@@ -187,7 +187,9 @@ class ClientWorker:
             )
             examples = [examples[i] for i in sorted(keep.tolist())]
         personal: dict[str, EvalSums] = {}
-        with self.residual.applied(self.task.module, instr.extras):  # W0 restored afterwards
+        # the copy this client's fit of round ``instr.round`` kept (if it fitted then), advanced, not saved
+        extras = self.residual_copy.resolve(instr.client_id, instr.extras, round=instr.round + 1, keep=False)
+        with self.residual.applied(self.task.module, extras):  # W0 restored afterwards
             sums = evaluate_examples(self.task, examples, instr.batch_size)
             if self.personal is not None:  # the client's own models on the same examples
                 personal = self.personal.evaluate(

@@ -19,8 +19,9 @@ HetLoRA and FlexLoRA (heterogeneous ranks without stacking) are in ``hetlora.py`
 For fedex, svd and flora the global model is W0 + s (R + B @ A) per LoRA module. R (``lora/residual/<module>``,
 (out, in) float32, in B @ A units) lives in the server state. A fit carries it as the increments since the
 version the client holds, in factored form, where that is smaller (fedtune.server.strategies.lora_wire; the
-client keeps its copy, fedtune.client.residual_copy), else dense; ``eval_payload`` sends the dense arrays with
-every EvalInstruction. ClientWorker writes W0 + s R into the frozen base weights (``LoraResidual``) for fits
+client keeps its copy, fedtune.client.residual_copy), else dense; ``eval_payload`` does the same for an
+evaluating client (the dense arrays where no client is named: export, generate). ClientWorker writes
+W0 + s R into the frozen base weights (``LoraResidual``) for fits
 and evaluations alike; ``fedtune export`` merges s R too.
 """
 
@@ -90,7 +91,7 @@ class FfaLora:
     def payload(self, state: ServerState, client_id: str) -> Payload:
         return {}, {}
 
-    def eval_payload(self, state: ServerState) -> dict[str, np.ndarray]:
+    def eval_payload(self, state: ServerState, *, client_id: str | None = None) -> dict[str, np.ndarray]:
         return {}
 
     def begin(self, state: ServerState) -> PluginFold:
@@ -117,7 +118,9 @@ class _ResidualMode:
             for p in _pairs_or_raise(spec, self.name)
         }
 
-    def eval_payload(self, state: ServerState) -> dict[str, np.ndarray]:
+    def eval_payload(self, state: ServerState, *, client_id: str | None = None) -> dict[str, np.ndarray]:
+        if client_id is not None:  # the increments since the version the client holds, where smaller
+            return residual_payload(state, client_id, lora_pairs(state.spec))
         return {k: v for k, v in state.arrays.items() if k.startswith(RESIDUAL_PREFIX)}
 
     def payload(self, state: ServerState, client_id: str) -> Payload:

@@ -25,6 +25,7 @@ that fit with a clear error; it receives the dense residual again once its versi
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Iterable, Mapping, Sequence
 
 import numpy as np
@@ -55,8 +56,13 @@ def _versions_key(slot: int) -> str:
     return f"{HISTORY_PREFIX}{slot}/versions"
 
 
+@functools.lru_cache(maxsize=64)
 def _version(value: int) -> np.ndarray:
-    return np.array([value], dtype=np.int64)
+    """One read-only array per value: payloads with the same arrays share them (the Ray transport puts a set
+    of equal arrays in its object store once, not once per client)."""
+    out = np.array([value], dtype=np.int64)
+    out.flags.writeable = False
+    return out
 
 
 def record_round(
