@@ -131,3 +131,19 @@ def test_malformed_increments_are_refused():
         copy.resolve("a", bad | {INCREMENT_PREFIX + "x/m/B": np.zeros((3, 2))}, round=2)
     with pytest.raises(UpdateRejected, match="one integer"):
         copy.resolve("a", {RESIDUAL_VERSION: np.array([0.5])}, round=2)
+
+
+def test_a_client_whose_reply_was_not_folded_skips_the_increments_it_already_holds():
+    """A client that received round 2's payload but whose update the server never folded (rejected, late)
+    holds version 1 while the server's record says 0: round 3 sends increments 1..2 and it adds only 2."""
+    strategy = FedOpt(plugins=[FedExLora()])
+    state = strategy.init_state(np.random.default_rng(4).normal(0, 0.3, SPEC.numel).astype(np.float32), SPEC)
+    copy = ResidualCopy(f"memory:wire-{next(_stores)}")
+    copy.resolve("a", strategy.fit_payload(state, "a")[0], round=1)
+    state, _ = strategy.aggregate(state, updates(state, ["a", "b"], seed=1))  # a holds version 0
+    copy.resolve("a", strategy.fit_payload(state, "a")[0], round=2)  # a now holds version 1 ...
+    state, _ = strategy.aggregate(state, updates(state, ["b", "c"], seed=2))  # ... but its reply was not folded
+    arrays, _ = strategy.fit_payload(state, "a")
+    assert int(arrays[RESIDUAL_BASE][0]) == 0 and any(k.startswith(INCREMENT_PREFIX + "1/") for k in arrays)
+    got = copy.resolve("a", arrays, round=3)
+    np.testing.assert_array_equal(got[RESIDUAL_PREFIX + "l.q"], state.arrays[RESIDUAL_PREFIX + "l.q"])
