@@ -8,7 +8,7 @@ each run reports (the adapter vector and strategy arrays of every fit, as the in
 what a network would carry), per fitting client. "dense (before)" is what the same fits carried before the
 residual travelled as increments: the adapter plus every module's dense (out, in) residual.
 
-    nice -n 10 .venv/bin/python benchmarks/lora_downlink_run.py --runs 4/4 20/20 4/20 --rounds 4
+    nice -n 10 .venv/bin/python benchmarks/lora_downlink_run.py --runs 4/4/4 20/20/3 4/20/12
 """
 
 from __future__ import annotations
@@ -93,10 +93,19 @@ def one_run(model: Path, data: Path, out: Path, mode: str, k: int, rounds: int) 
     ]
 
 
+def _row(who: str, round_label: str, naive: float, fedex: dict) -> str:
+    before = fedex["adapter"] + fedex["dense"]
+    return (
+        f"| {who} | {round_label} | {naive / MB:.3f} | {before / MB:.2f} ({before / naive:.1f}x) "
+        f"| {fedex['per_client'] / MB:.2f} ({fedex['per_client'] / naive:.1f}x) |"
+    )
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--runs", nargs="+", default=["4/4", "20/20", "4/20"], help="K/N: K of N clients a round")
-    parser.add_argument("--rounds", type=int, default=4)
+    parser.add_argument(
+        "--runs", nargs="+", default=["4/4/4", "20/20/3", "4/20/12"], help="K/N/R: K of N clients a round, R rounds"
+    )
     parser.add_argument("--write", action="store_true", help="replace the docs/BENCHMARKS.md section")
     args = parser.parse_args()
     torch.set_num_threads(1)
@@ -108,17 +117,23 @@ def main() -> None:
     with tempfile.TemporaryDirectory() as tmp:
         model = smollm2_shaped(Path(tmp) / "model")
         for spec in args.runs:
-            k, population = map(int, spec.split("/"))
+            k, population, rounds = map(int, spec.split("/"))
             data = corpus(Path(tmp) / f"corpus-{k}-of-{population}", population)
-            naive = one_run(model, data, Path(tmp), "naive", k, args.rounds)
-            fedex = one_run(model, data, Path(tmp), "fedex", k, args.rounds)
+            naive = one_run(model, data, Path(tmp), "naive", k, rounds)
+            fedex = one_run(model, data, Path(tmp), "fedex", k, rounds)
             load.append(os.getloadavg()[0])
             for n, f in zip(naive, fedex, strict=True):
-                before = f["adapter"] + f["dense"]
+                rows.append(_row(f"{k} of {population}", str(f["round"]), n["per_client"], f))
+            later = fedex[1:]  # rounds 2..R together: every round's fits, all bytes over all fitting clients
+            if len(later) > 1:
+                mean = sum(f["per_client"] for f in later) / len(later)
                 rows.append(
-                    f"| {k} of {population} | {f['round']} | {n['per_client'] / MB:.3f} | {before / MB:.2f} "
-                    f"({before / n['per_client']:.1f}x) | {f['per_client'] / MB:.2f} "
-                    f"({f['per_client'] / n['per_client']:.1f}x) |"
+                    _row(
+                        f"{k} of {population}",
+                        f"2-{rounds} mean",
+                        naive[-1]["per_client"],
+                        {**later[0], "per_client": mean},
+                    )
                 )
     table = "\n".join(rows)
     print(table)
@@ -127,7 +142,7 @@ def main() -> None:
         stamp = time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime())
         body = (
             f"Command: `nice -n 10 .venv/bin/python benchmarks/lora_downlink_run.py --runs "
-            f"{' '.join(args.runs)} --rounds {args.rounds} --write`.\n\n{intro}\n\n{table}\n\n"
+            f"{' '.join(args.runs)} --write`.\n\n{intro}\n\n{table}\n\n"
             f"Measured {stamp} (bytes do not depend on load; load average {min(load):.1f}-{max(load):.1f})."
         )
         write_section("Downlink of the exact LoRA modes in simulate runs", body)
