@@ -129,6 +129,10 @@ def test_malformed_increments_are_refused():
         )
     with pytest.raises(UpdateRejected, match="malformed"):
         copy.resolve("a", bad | {INCREMENT_PREFIX + "x/m/B": np.zeros((3, 2))}, round=2)
+    with pytest.raises(UpdateRejected, match="without 'lora/base'"):
+        copy.resolve(
+            "a", {RESIDUAL_VERSION: np.array([1], np.int64), INCREMENT_PREFIX + "1/m/B": np.zeros((3, 2))}, round=2
+        )
     with pytest.raises(UpdateRejected, match="one integer"):
         copy.resolve("a", {RESIDUAL_VERSION: np.array([0.5])}, round=2)
 

@@ -73,10 +73,13 @@ class ResidualCopy:
         dense = {k.removeprefix(RESIDUAL_PREFIX): v for k, v in rest.items() if k.startswith(RESIDUAL_PREFIX)}
         increments = _increments(rest)
         rest = {k: v for k, v in rest.items() if not k.startswith(INCREMENT_PREFIX)}
-        saved = self.store.load(client_id, NS_RESIDUAL, round=round)
-        held = None if saved is None else int(saved.meta["version"])
+        saved = held = None  # all dense: nothing of the copy is needed (nor a module it has and R lost)
+        if RESIDUAL_BASE not in extras and increments:
+            raise UpdateRejected(f"the server sent LoRA residual increments without {RESIDUAL_BASE!r}")
         if RESIDUAL_BASE in extras:
             base = _scalar(extras, RESIDUAL_BASE)
+            saved = self.store.load(client_id, NS_RESIDUAL, round=round)
+            held = None if saved is None else int(saved.meta["version"])
             if held is None or not base <= held <= version:
                 raise UpdateRejected(
                     f"client {client_id!r}: the server sent the LoRA residual as increments since version {base}, "
