@@ -59,6 +59,7 @@ class CharTask:
     module: nn.Module
     kind: str = "module"
     reports_accuracy: bool = True
+    compute_dtype: str = "float32"
 
     def encode(self, records: Sequence[str], *, train: bool) -> list[Example]:
         out = []

@@ -42,6 +42,7 @@ class SyntheticTask:
 
     kind = "module"
     reports_accuracy = False
+    compute_dtype = "float32"
 
     def __init__(self, module: nn.Module, *, sequence: bool) -> None:
         self.module = module

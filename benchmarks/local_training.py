@@ -61,7 +61,7 @@ def _client_cfg(steps: int, batch: int, trainer: str) -> object:
 def child(path: str, steps: int, batch: int, length: int) -> dict:
     import torch
 
-    from fedtune.client.train import LocalHooks, local_train
+    from fedtune.client.train import LocalHooks, LocalRun, local_train
 
     task, examples = _setup(batch, length)
 
@@ -69,10 +69,11 @@ def child(path: str, steps: int, batch: int, length: int) -> dict:
         if path == "hf":
             from fedtune.client.hf_trainer import hf_local_train
 
-            hf_local_train(task, examples, _client_cfg(n, batch, "hf"), seed=0, round_idx=1, client_id="a",
-                           hooks=LocalHooks(), rounds=1)  # fmt: skip
+            hf_local_train(
+                task, examples, _client_cfg(n, batch, "hf"), LocalRun(0, 1, "a", rounds=1), hooks=LocalHooks()
+            )
         else:
-            local_train(task, examples, _client_cfg(n, batch, "builtin"), seed=0, round_idx=1, client_id="a")
+            local_train(task, examples, _client_cfg(n, batch, "builtin"), LocalRun(0, 1, "a"))
 
     def bare_round(n: int) -> None:
         model = task.module

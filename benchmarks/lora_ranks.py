@@ -10,14 +10,25 @@ fraction: 0.5}]}``). Reported: the global model's pooled held-out loss and accur
 client worker (rank hook, alpha/r_k scaling) and round loop run; only the model and data are synthetic.
 
     nice -n 10 .venv/bin/python benchmarks/lora_ranks.py --seeds 0 1 2     # writes the docs/BENCHMARKS.md section
+
+``--workload smollm2`` runs the same four modes on SmolLM2-135M-Instruct and the Shakespeare role split through
+the whole simulation (``fedtune.run.session.simulate``): 8 roles of three plays, every role every round, LoRA
+r = 8 (alpha 16, q_proj/v_proj of the top 2 blocks), ranks drawn from the same two tiers (r = 2 or 8), 2 rounds
+of 3 local AdamW steps of 4 x 32 tokens, at most 8 held-out blocks per role. Reported: the global model's pooled
+held-out loss and perplexity after the last round. ``--out`` appends each run as a JSON line and
+``--table-from`` renders saved runs (one process per seed on a shared machine).
 """
 
 from __future__ import annotations
 
 import argparse
 import dataclasses
+import io
+import json
+import math
 import statistics
 import sys
+import tempfile
 import time
 from pathlib import Path
 
@@ -75,6 +86,7 @@ class Mlp(nn.Module):
 class Task:
     kind = "module"
     reports_accuracy = True
+    compute_dtype = "float32"
 
     def __init__(self, module: nn.Module) -> None:
         self.module = module
@@ -157,13 +169,114 @@ def run(mode: dict, seed: int) -> dict:
     }
 
 
+def smollm2_config(mode: dict, seed: int, out: Path) -> dict:
+    return {
+        "seed": seed,
+        "model": {
+            "kind": "causal_lm",
+            "name": "smollm2-135m-instruct",
+            "max_length": 32,
+            "lora": {"r": 8, "alpha": 16, "target_modules": ["q_proj", "v_proj"], "top_layers": 2},
+        },
+        "data": {
+            "source": "shakespeare",
+            "plays": ["hamlet", "macbeth", "othello"],
+            "max_clients": 8,
+            "min_train_examples": 8,
+            "max_examples_per_client": 48,
+        },
+        "federation": {"rounds": 2, "clients_per_round": 8},
+        "client": {"local_steps": 3, "batch_size": 4, "lr": 5e-3},
+        "server": mode,
+        "eval": {"baseline": False, "every": 2, "max_examples_per_client": 8},
+        "run": {"out_dir": str(out), "plot": False, "threads": 1},
+    }
+
+
+def run_smollm2(name: str, mode: dict, seed: int) -> dict:
+    from rich.console import Console
+
+    from fedtune.config.load import parse_config
+    from fedtune.run.session import simulate
+
+    started = time.perf_counter()
+    with tempfile.TemporaryDirectory() as tmp:
+        cfg = parse_config(smollm2_config(mode, seed, Path(tmp)))
+        result = simulate(cfg, console=Console(file=io.StringIO()), show_progress=False)
+        lines = [json.loads(x) for x in (result.run_dir / "metrics.jsonl").read_text().splitlines()]
+    rounds = [r for r in lines if r["kind"] == "round"]
+    last = rounds[-1]
+    return {
+        "mode": name,
+        "seed": seed,
+        "loss": last["eval_loss"],
+        "acc": math.exp(last["eval_loss"]),  # perplexity, in the column the MLP workload gives accuracy
+        "kb_down": statistics.mean(r["bytes_down"] for r in rounds) / 1e3,
+        "seconds": time.perf_counter() - started,
+    }
+
+
+def smollm2_main(args: argparse.Namespace) -> None:
+    if args.table_from:
+        recs = [json.loads(x) for p in args.table_from for x in p.read_text().splitlines()]
+    else:
+        recs = []
+        for seed in args.seeds:
+            for name, mode in MODES.items():
+                if args.modes and name.split(" ")[0].rstrip(":") not in args.modes:
+                    continue
+                rec = run_smollm2(name, mode, seed)
+                print(json.dumps(rec), flush=True)
+                recs.append(rec)
+                if args.out is not None:
+                    with args.out.open("a") as fh:
+                        fh.write(json.dumps(rec) + "\n")
+    seeds = sorted({r["seed"] for r in recs})
+    results = {name: sorted((r for r in recs if r["mode"] == name), key=lambda r: r["seed"]) for name in MODES}
+    head = "| mode | " + " | ".join(f"seed {s} loss / ppl" for s in seeds)
+    rows = [head + " | mean loss | mean ppl | kB down a round | s / run |", "| --- " * (len(seeds) + 5) + "|"]
+    for name, res in results.items():
+        if not res:
+            continue
+        by_seed = {r["seed"]: r for r in res}
+        cells = " | ".join(
+            f"{by_seed[s]['loss']:.4f} / {by_seed[s]['acc']:.1f}" if s in by_seed else "-" for s in seeds
+        )
+        mean_loss = statistics.mean(r["loss"] for r in res)
+        rows.append(
+            f"| {name} | {cells} | {mean_loss:.4f} | {statistics.mean(r['acc'] for r in res):.1f} | "
+            f"{statistics.mean(r['kb_down'] for r in res):.1f} | {statistics.mean(r['seconds'] for r in res):.0f} |"
+        )
+    table = "\n".join(rows)
+    print(table)
+    if args.write:
+        command = (
+            "PYTHONPATH=src HF_HUB_OFFLINE=1 .venv/bin/python benchmarks/lora_ranks.py --workload smollm2 "
+            f"--seeds {' '.join(map(str, seeds))} --write` (run here one process per seed and mode group with "
+            "`--out`; the records are in `benchmarks/lora_ranks_smollm2.results.jsonl`, rendered with `--table-from "
+            "benchmarks/lora_ranks_smollm2.results.jsonl --write`"
+        )
+        doc = (__doc__ or "").split("\n\n")[3]
+        write_section(
+            "Heterogeneous LoRA ranks on the SmolLM2 role split", f"Command: `{command}`.\n\n{doc}\n\n{table}\n"
+        )
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
     parser.add_argument("--no-write", action="store_true", help="print only; leave docs/BENCHMARKS.md alone")
     parser.add_argument("--study", choices=["ranks", "svd"], default="ranks")
+    parser.add_argument("--workload", choices=["mlp", "smollm2"], default="mlp")
+    parser.add_argument("--out", type=Path, help="smollm2: append each run (a JSON line) to this file")
+    parser.add_argument("--table-from", type=Path, nargs="+", help="smollm2: only render saved runs")
+    parser.add_argument("--write", action="store_true", help="smollm2: write the docs/BENCHMARKS.md section")
+    parser.add_argument("--modes", nargs="+", help="smollm2: only these (hetlora flexlora flora reference)")
     args = parser.parse_args()
     torch.set_num_threads(1)
+    if args.workload == "smollm2":
+        smollm2_main(args)
+        return
     modes = MODES if args.study == "ranks" else SVD_MODES
     results = {name: [run(mode, s) for s in args.seeds] for name, mode in modes.items()}
     head = "| mode | " + " | ".join(f"seed {s} loss / acc" for s in args.seeds)

@@ -17,6 +17,10 @@ held-out examples:
     # or one process per seed (--out), then: --table-from seed0.jsonl seed1.jsonl --write
 
 Needs ../shared (not part of the default tests).
+
+``--workload smollm2``: SmolLM2-135M-Instruct on the Shakespeare role split instead (the issue's "SmolLM2 role
+split"; no ../shared needed): the per-client held-out loss of each method's global, personalised and
+fine-tuned models, with per-seed and per-client tables (``SMOLLM2_METHODS``; FedPer keeps the top block's LoRA).
 """
 
 from __future__ import annotations
@@ -25,6 +29,7 @@ import argparse
 import csv
 import io
 import json
+import math
 import statistics
 import sys
 import tempfile
@@ -66,7 +71,48 @@ def write_subset(out: Path, rows: int) -> Path:
     return path
 
 
+# --workload smollm2: SmolLM2-135M-Instruct on the Shakespeare role split (one client per (play, role), each
+# role's last 20% of speeches held out): the issue's "SmolLM2 role split", sized for a shared 2-core CPU.
+# No classifier head, so FedPer keeps the top block's LoRA (layer 29) on each client instead.
+SMOLLM2_METHODS = {
+    "naive": {"server": {"lora_aggregation": "naive"}, "personalization": {"finetune_steps": 4}},
+    "ffa": {"server": {"lora_aggregation": "ffa"}},
+    "fedsa": {"personalization": {"method": "fedsa"}},
+    "fedper": {"personalization": {"method": "fedper", "local_params": ["*layers.29.*"]}},
+    "ditto": {"personalization": {"method": "ditto", "ditto_lambda": 0.1}},
+}
+SMOLLM2_PLAYS = ["hamlet", "macbeth", "othello"]
+
+
+def smollm2_config(out: Path, method: str, seed: int, args: argparse.Namespace) -> dict:
+    spec = SMOLLM2_METHODS[method]
+    return {
+        "seed": seed,
+        "model": {
+            "kind": "causal_lm",
+            "name": "smollm2-135m-instruct",
+            "max_length": 32,
+            "lora": {"r": 4, "alpha": 8, "target_modules": ["q_proj", "v_proj"], "top_layers": 2},
+        },
+        "data": {
+            "source": "shakespeare",
+            "plays": SMOLLM2_PLAYS,
+            "max_clients": args.clients,
+            "min_train_examples": 8,
+            "max_examples_per_client": 48,
+        },
+        "federation": {"rounds": args.rounds, "clients_per_round": args.clients},
+        "client": {"local_steps": args.steps, "batch_size": 4, "lr": 5e-3},
+        "server": spec.get("server", {}),
+        "eval": {"baseline": False, "every": args.rounds, "max_examples_per_client": args.eval_examples},
+        "personalization": spec.get("personalization", {}),
+        "run": {"out_dir": str(out), "plot": False, "threads": 1},
+    }
+
+
 def config(data: Path, out: Path, method: str, seed: int, args: argparse.Namespace) -> dict:
+    if args.workload == "smollm2":
+        return smollm2_config(out, method, seed, args)
     spec = METHODS[method]
     return {
         "seed": seed,
@@ -92,14 +138,18 @@ def config(data: Path, out: Path, method: str, seed: int, args: argparse.Namespa
 
 
 def final_round(run_dir: Path) -> dict:
+    """The last round line, with that round's per-client evaluation lines under ``clients``."""
     lines = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
-    return [r for r in lines if r["kind"] == "round"][-1]
+    last = [r for r in lines if r["kind"] == "round"][-1]
+    clients = [r for r in lines if r["kind"] == "eval_client" and r.get("round") == last["round"]]
+    return {**last, "clients": clients}
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--workload", choices=["agnews", "smollm2"], default="agnews")
     parser.add_argument("--seeds", type=int, nargs="+", default=[0])
-    parser.add_argument("--methods", nargs="+", default=list(METHODS))
+    parser.add_argument("--methods", nargs="+", help="default: every method of the workload")
     parser.add_argument("--alpha", type=float, default=0.3)
     parser.add_argument("--clients", type=int, default=4)
     parser.add_argument("--rounds", type=int, default=3)
@@ -110,6 +160,7 @@ def main() -> None:
     parser.add_argument("--out", type=Path, help="append each run's final round (a JSON line) to this file")
     parser.add_argument("--table-from", type=Path, nargs="+", help="only render (and --write) the table of saved runs")
     args = parser.parse_args()
+    args.methods = args.methods or list(SMOLLM2_METHODS if args.workload == "smollm2" else METHODS)
     if args.table_from:
         results: dict[str, list[dict]] = {}
         for path in args.table_from:
@@ -125,7 +176,7 @@ def main() -> None:
 
     results: dict[str, list[dict]] = {m: [] for m in args.methods}
     with tempfile.TemporaryDirectory() as tmp:
-        data = write_subset(Path(tmp), args.rows)
+        data = write_subset(Path(tmp), args.rows) if args.workload == "agnews" else Path(tmp)
         for seed in args.seeds:
             for method in args.methods:
                 started = time.perf_counter()
@@ -141,11 +192,106 @@ def main() -> None:
     publish(results, args)
 
 
+SMOLLM2_TITLE = "Personalisation on the SmolLM2 role split (FedSA-LoRA, Ditto, local fine-tuning)"
+
+
 def publish(results: dict[str, list[dict]], args: argparse.Namespace) -> None:
-    table = render(results, args)
+    results = {m: recs for m, recs in results.items() if recs}
+    table = render_smollm2(results, args) if args.workload == "smollm2" else render(results, args)
     print(table)
     if args.write:
-        write_section("Personalisation (FedSA-LoRA, FedPer, Ditto, local fine-tuning) on label-skewed AG News", table)
+        title = "Personalisation (FedSA-LoRA, FedPer, Ditto, local fine-tuning) on label-skewed AG News"
+        write_section(SMOLLM2_TITLE if args.workload == "smollm2" else title, table)
+
+
+VARIANTS = {"global": "", "personalised": "personal_", "fine-tuned": "finetuned_"}  # eval_client line prefixes
+
+
+def _client_losses(rec: dict, prefix: str) -> dict[str, float]:
+    """Each evaluated client's held-out loss (mean over its tokens) for one variant of one run."""
+    return {c["client_id"]: c[f"{prefix}loss"] for c in rec["clients"] if f"{prefix}loss" in c}
+
+
+def _mean_sd(values: list[float], digits: int = 3) -> str:
+    if not values:
+        return "-"
+    spread = f" ± {statistics.stdev(values):.{digits}f}" if len(values) > 1 else ""
+    return f"{statistics.mean(values):.{digits}f}{spread}"
+
+
+def render_smollm2(results: dict[str, list[dict]], args: argparse.Namespace) -> str:
+    """Client-mean held-out loss (and the perplexity of that mean) per method and variant; per seed; per client."""
+    seeds = sorted({r["seed"] for recs in results.values() for r in recs})
+    head = "| method | " + " | ".join(f"{v}, client-mean loss (ppl)" for v in VARIANTS)
+    rows = [head + " | clients better than naive's global model | bytes up / round | s / run |", "| --- " * 7 + "|"]
+    for method, recs in results.items():
+        cells = []
+        for prefix in VARIANTS.values():
+            means = [statistics.mean(c.values()) for r in recs if (c := _client_losses(r, prefix))]
+            cells.append(f"{_mean_sd(means)} ({math.exp(statistics.mean(means)):.1f})" if means else "-")
+        naive = {r["seed"]: _client_losses(r, "") for r in results.get("naive", [])}  # the plain global model
+        better = [
+            (own[c] < naive[r["seed"]][c])
+            for r in recs
+            if (own := _client_losses(r, "personal_") or _client_losses(r, "finetuned_")) and r["seed"] in naive
+            for c in own
+            if c in naive[r["seed"]]
+        ]
+        wins = f"{sum(better)} of {len(better)}" if better else "-"
+        bytes_up = statistics.mean(r["bytes_up"] for r in recs)
+        wall = statistics.mean(r["wall_s"] for r in recs)
+        rows.append(f"| {method} | {' | '.join(cells)} | {wins} | {bytes_up:,.0f} | {wall:.0f} |")
+    per_seed = [
+        "| method, variant | " + " | ".join(f"seed {s}" for s in seeds) + " |",
+        "| --- " * (len(seeds) + 1) + "|",
+    ]
+    for method, recs in results.items():
+        by_seed = {r["seed"]: r for r in recs}
+        for variant, prefix in VARIANTS.items():
+            vals = [_client_losses(by_seed[s], prefix) if s in by_seed else {} for s in seeds]
+            if any(vals):
+                cells = [f"{statistics.mean(v.values()):.4f}" if v else "-" for v in vals]
+                per_seed.append(f"| {method}, {variant} | {' | '.join(cells)} |")
+    columns = [(m, v, p) for m in results for v, p in VARIANTS.items() if any(_client_losses(r, p) for r in results[m])]
+    clients = sorted({c for recs in results.values() for r in recs for c in _client_losses(r, "")})
+    per_client = [
+        "| client | " + " | ".join(f"{m} {v}" for m, v, _ in columns) + " |",
+        "| --- " * (len(columns) + 1) + "|",
+    ]
+    for client in clients:
+        cells = []
+        for method, _, prefix in columns:
+            vals = [x[client] for r in results[method] if client in (x := _client_losses(r, prefix))]
+            cells.append(f"{statistics.mean(vals):.3f}" if vals else "-")
+        per_client.append(f"| {client} | {' | '.join(cells)} |")
+    command = (
+        "PYTHONPATH=src HF_HUB_OFFLINE=1 python benchmarks/personalization.py --workload smollm2 --seeds "
+        f"{' '.join(map(str, seeds))} --methods {' '.join(results)} --clients {args.clients} --rounds {args.rounds} "
+        f"--steps {args.steps} --eval-examples {args.eval_examples} --write\n"
+        "# run here one process per seed (--out); the records: benchmarks/personalization_smollm2.results.jsonl\n"
+        "# rendered with --table-from benchmarks/personalization_smollm2.results.jsonl (and the same options)"
+    )
+    setup = (
+        f"SmolLM2-135M-Instruct, LoRA r=4 (alpha 8) on q_proj/v_proj of the top 2 blocks; Shakespeare role split "
+        f"({', '.join(SMOLLM2_PLAYS)}; the {args.clients} roles with most text, one client per (play, role), each "
+        "role's last 20% of speeches held out, at most 48 training blocks of 32 tokens a role); every role every "
+        f"round, {args.rounds} rounds x {args.steps} local AdamW steps of 4 blocks (lr 5e-3); at most "
+        f"{args.eval_examples} held-out blocks per role. {len(seeds)} seed(s). Loss: held-out cross-entropy per "
+        "token (nats), mean over clients of each client's own loss (mean ± standard deviation over seeds; the "
+        "perplexity in brackets is exp of that mean). Global, personalised and fine-tuned columns are measured on "
+        "the same held-out blocks in the same run. fedsa's 'global' model holds B = 0 (it is the base model: "
+        "only A is shared), so fedsa is compared with the naive and ffa global models. 'clients better than "
+        "naive's global model': (seed, client) pairs where the client's personalised (naive: fine-tuned) loss is "
+        "below the loss of naive averaging's global model of the same seed (Ditto's global model is that model)."
+    )
+    return (
+        f"{setup}\n\n```\n{command}\n```\n\n"
+        + "\n".join(rows)
+        + "\n\nPer seed (client-mean loss):\n\n"
+        + "\n".join(per_seed)
+        + "\n\nPer client (held-out loss, mean over seeds):\n\n"
+        + "\n".join(per_client)
+    )
 
 
 def _mean(values: list[float]) -> str:

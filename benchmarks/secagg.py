@@ -25,6 +25,7 @@ from pathlib import Path
 
 import numpy as np
 
+from fedtune.config import secagg_bounds
 from fedtune.privacy.errors import SecAggAbort
 from fedtune.privacy.secagg import availability
 from fedtune.privacy.secagg.client import SecAggClient
@@ -239,10 +240,10 @@ def availability_rows(n: int, dropout: float, target: float, rounds: int, real_r
     ``rounds`` simulated rounds (the real graph and checks, availability.simulate_aborts) and, for the chosen
     ones, ``real_rounds`` rounds of the real protocol (d = 16, each client dropping with probability
     ``dropout`` before a uniformly chosen stage)."""
-    chosen = availability.plan(n, dropout=dropout, failure_probability=target)
-    wary = availability.plan(n, dropout=dropout, failure_probability=target, corrupt=0.05)
-    wary_k = availability.degree(n, wary.neighbours)
-    margin = 2 * availability.shares_needed(wary.threshold, wary_k) - wary_k  # colluders the round withstands - 1
+    chosen = secagg_bounds.plan(n, dropout=dropout, failure_probability=target)
+    wary = secagg_bounds.plan(n, dropout=dropout, failure_probability=target, corrupt=0.05)
+    wary_k = secagg_bounds.degree(n, wary.neighbours)
+    margin = 2 * secagg_bounds.shares_needed(wary.threshold, wary_k) - wary_k  # colluders the round withstands - 1
     settings = [
         (
             f"chosen for {target:g} (k = {chosen.neighbours or 'complete'}, t just above k/2)",
@@ -263,7 +264,7 @@ def availability_rows(n: int, dropout: float, target: float, rounds: int, real_r
     for i, (name, k, threshold) in enumerate(settings):
         rate = availability.simulate_aborts(n, k, threshold, dropout, rounds, np.random.default_rng([n, i]))
         real = real_aborts(n, k, threshold, dropout, real_rounds) if i == 0 and real_rounds else None
-        t = availability.shares_needed(threshold, availability.degree(n, k))
+        t = secagg_bounds.shares_needed(threshold, secagg_bounds.degree(n, k))
         rows.append(
             {
                 "n": n,
@@ -272,7 +273,7 @@ def availability_rows(n: int, dropout: float, target: float, rounds: int, real_r
                 "rate": rate,
                 "rounds": rounds,
                 "real": real,
-                "bound": availability.abort_bound(n, k, threshold, dropout),
+                "bound": secagg_bounds.abort_bound(n, k, threshold, dropout),
             }
         )
         print(

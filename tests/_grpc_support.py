@@ -35,9 +35,10 @@ def make_pki(root: Path) -> Path:
 
 
 @contextmanager
-def server_starter(pki: Path, **defaults: object) -> Iterator[Callable[..., object]]:
+def server_starter(pki: Path, *, config_yaml: str = "seed: 0\n", **defaults: object) -> Iterator[Callable[..., object]]:
     """``make(**overrides)`` starts a GrpcServerTransport on a free port with this PKI's server certificate,
-    ``defaults`` and then ``overrides`` as its deployment section; every server started is stopped at the end."""
+    ``defaults`` and then ``overrides`` as its deployment section, sending ``config_yaml`` to the clients that
+    join; every server started is stopped at the end."""
     from fedtune.config.deployment import DeploymentConfig
     from fedtune.transport.grpc.server import GrpcServerTransport, ServerTLS
 
@@ -46,7 +47,7 @@ def server_starter(pki: Path, **defaults: object) -> Iterator[Callable[..., obje
     def make(**overrides: object) -> GrpcServerTransport:
         tls = {"tls_ca": str(pki / "ca.pem"), "tls_cert": str(pki / "server.pem"), "tls_key": str(pki / "server.key")}
         dep = DeploymentConfig(**{"port": 0, **tls, **defaults, **overrides})
-        transport = GrpcServerTransport(dep, tls=ServerTLS.from_config(dep), config_yaml="seed: 0\n")
+        transport = GrpcServerTransport(dep, tls=ServerTLS.from_config(dep), config_yaml=config_yaml)
         transport.start()
         started.append(transport)
         return transport
@@ -154,9 +155,9 @@ class RawClient:
         self.joined: pb.JoinReply | None = None
         self.limits = wire.Limits(1 << 34, 1 << 20)
 
-    def join(self, *, wait: bool = False) -> pb.JoinReply:
-        """Join; ``wait`` keeps trying (up to 120s) until the server listens."""
-        request = pb.JoinRequest(protocol=wire.PROTOCOL)
+    def join(self, *, wait: bool = False, declared_examples: int = 0) -> pb.JoinReply:
+        """Join (declaring ``declared_examples``); ``wait`` keeps trying (up to 120s) until the server listens."""
+        request = pb.JoinRequest(protocol=wire.PROTOCOL, declared_examples=declared_examples)
         self.joined = self.stub.Join(request, timeout=120 if wait else 10, wait_for_ready=wait)
         self.session = self.joined.session
         return self.joined
@@ -164,22 +165,25 @@ class RawClient:
     def heartbeat(self) -> None:
         self.stub.Heartbeat(pb.HeartbeatRequest(session=self.session), timeout=5)
 
-    def pull(self) -> wire.Payload:
-        return wire.decode(self.stub.Pull(pb.PullRequest(session=self.session), timeout=30), self.limits)
+    # ``timeout`` None: no deadline, for transfers whose time grows with their size and the machine's load
+    # (gigabytes); the test's own timeout is then the hang guard.
 
-    def pull_task(self, timeout: float = 10.0) -> wire.Payload:
-        deadline = time.monotonic() + timeout
-        while time.monotonic() < deadline:
-            payload = self.pull()
+    def pull(self, timeout: float | None = 30.0) -> wire.Payload:
+        return wire.decode(self.stub.Pull(pb.PullRequest(session=self.session), timeout=timeout), self.limits)
+
+    def pull_task(self, timeout: float | None = 10.0) -> wire.Payload:
+        deadline = None if timeout is None else time.monotonic() + timeout
+        while deadline is None or time.monotonic() < deadline:
+            payload = self.pull(timeout=None if deadline is None else 30.0)
             if payload.header.kind in (pb.FIT, pb.EVALUATE):
                 return payload
         raise AssertionError("no task arrived")
 
-    def push(self, payload: wire.Payload, chunk_bytes: int = 1 << 20) -> pb.PushReply:
+    def push(self, payload: wire.Payload, chunk_bytes: int = 1 << 20, timeout: float | None = 60.0) -> pb.PushReply:
         """Push ``payload``; a header naming no session is bound to this client's (as the real client does)."""
         if not payload.header.session:
             payload.header.session = self.session
-        return self.stub.Push(wire.encode(payload, chunk_bytes=chunk_bytes), timeout=60)
+        return self.stub.Push(wire.encode(payload, chunk_bytes=chunk_bytes), timeout=timeout)
 
     def push_raw(self, messages: Iterable[bytes]) -> pb.PushReply:
         return self.raw_push(iter(messages), timeout=30)

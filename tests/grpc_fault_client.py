@@ -6,7 +6,8 @@ evil  speaks the protocol by hand and answers each round with a different bad re
       1 garbage bytes, 2 NaN values, 3 wrong shape, 4 a valid update sent twice, 5 an oversized payload;
       prints the server's reply for each (REPLY ...) so the test can check the client was told why
 inflate  enrolled but hostile: answers every round with a finite update of 1e30s claiming 10^12 examples (the
-      attack of issue #13 item 2), and refuses to evaluate
+      attack of issue #13 item 2), and refuses to evaluate; with --declare N it declares N examples at Join
+      (a lie: its replies claim 10^12)
 """
 
 from __future__ import annotations
@@ -76,7 +77,7 @@ def evil(args: argparse.Namespace) -> int:
     if args.mode == "inflate":
         attacks = {}
     client = RawClient(int(args.server.rsplit(":", 1)[1]), Path(args.cert).parents[1], Path(args.cert).stem)
-    client.join(wait=True)
+    client.join(wait=True, declared_examples=args.declare)
     beats = Heartbeats(client, 0.3)
     deadline = time.monotonic() + 300
     while time.monotonic() < deadline:
@@ -116,6 +117,7 @@ def main() -> int:
     parser.add_argument("--cert", required=True)
     parser.add_argument("--key", required=True)
     parser.add_argument("--slow-round", type=int, default=0)
+    parser.add_argument("--declare", type=int, default=0)
     args = parser.parse_args()
     return slow(args) if args.mode == "slow" else evil(args)
 

@@ -145,3 +145,56 @@ def test_the_config_digest_covers_the_codec_but_not_addresses_or_limits() -> Non
     assert _digest(codec="none", codec_block=64) == plain  # no codec: its options change nothing
     assert _digest(codec="int8") != plain
     assert _digest(codec="int8", codec_block=64) != _digest(codec="int8")
+
+
+def test_the_checkpoint_sink_writes_in_the_background_one_at_a_time_and_close_waits(tmp_path: Path) -> None:
+    """CheckpointSink writes while the next round trains: after close the file is the last round's state, the
+    one before it is kept, and the bytes are what save_state writes (the metadata included)."""
+    from fedtune.run.sinks import CheckpointSink, RunEnd
+
+    path = tmp_path / "checkpoint.safetensors"
+    sink = CheckpointSink(path, "d")
+    for r in (1, 2, 3):
+        sink.on_round(_state(r), [{}])
+    sink.close(RunEnd("finished", _state(3)))
+    assert load_state(path, config_digest="d").round == 3 and load_state(previous_path(path)).round == 2
+    direct = tmp_path / "direct" / "checkpoint.safetensors"
+    save_state(_state(3), direct, config_digest="d")
+    assert path.read_bytes() == direct.read_bytes()
+
+
+def test_the_checkpoint_keeps_the_extras_of_its_round_and_a_failed_write_is_raised(tmp_path: Path) -> None:
+    """The state's JSON extras are read when the round is handed over (a later change to that dict does not
+    reach the file); a write that fails is raised by the next round's checkpoint or by close, not lost."""
+    from fedtune.run.sinks import CheckpointSink, RunEnd
+
+    path = tmp_path / "checkpoint.safetensors"
+    sink = CheckpointSink(path, "d")
+    state = _state(1)
+    sink.on_round(state, [{}])
+    state.extra["r"] = 99  # what a careless strategy might do after the round
+    sink.wait()
+    assert load_state(path).extra == {"r": 1}
+
+    blocked = tmp_path / "file"
+    blocked.write_text("not a folder")
+    bad = CheckpointSink(blocked / "checkpoint.safetensors", "d")
+    bad.on_round(_state(1), [{}])
+    with pytest.raises(OSError):
+        bad.on_round(_state(2), [{}])  # round 1's write failed: raised before round 2's starts
+    bad.on_round(_state(3), [{}])
+    with pytest.raises(OSError):
+        bad.close(RunEnd("finished", _state(3)))
+
+
+def test_the_config_digest_covers_the_influence_bounds() -> None:
+    """Declared example counts and what happens above them change how much an update weighs: a checkpoint
+    of a run with other bounds must not be resumed as if it were this one's."""
+    plain = _digest()
+    assert _digest(over_declared="cap", require_declared_examples=False) == plain  # the defaults: as before
+    declared = _digest(declared_examples={"a": 10, "b": 20})
+    assert declared != plain
+    assert _digest(declared_examples={"a": 10, "b": 21}) != declared
+    assert _digest(declared_examples={"a": 10, "b": 20}, over_declared="refuse") != declared
+    assert _digest(over_declared="refuse") != plain  # it also governs counts declared at Join
+    assert _digest(require_declared_examples=True) != plain

@@ -1,10 +1,12 @@
-"""Progress while a run goes (local steps, round x/N, ETA) and Ctrl-C during `fedtune run`."""
+"""Progress while a run goes (local steps, round x/N, ETA), drawn by a sink from the loop's events, and Ctrl-C
+during `fedtune run`."""
 
 from __future__ import annotations
 
 import io
 import itertools
 import json
+import math
 import os
 import re
 import signal
@@ -12,17 +14,20 @@ import subprocess
 import sys
 import time
 from collections.abc import Iterator, Sequence
+from dataclasses import replace
 from pathlib import Path
 
 import pytest
 import yaml
 from rich.console import Console
 
-from fedtune.client.train import StepProgress, local_train
+from fedtune.client.train import LocalRun, local_train
 from fedtune.config import parse_config
 from fedtune.config.schema import ClientConfig
-from fedtune.core.messages import ClientUpdate, FitInstruction
-from fedtune.run.progress import ProgressTransport, RoundClock, StepRelay
+from fedtune.core.events import Answered, Collected, Dispatched, EventRelay, StepProgress, observed
+from fedtune.core.messages import ClientFailure, ClientUpdate, FitInstruction
+from fedtune.run.progress import ProgressSink, RoundClock
+from fedtune.run.sinks import RunEnd, RunInfo
 from fedtune.tasks.module import ModuleTask
 
 
@@ -36,9 +41,7 @@ def test_local_train_reports_every_step() -> None:
         task,
         examples,
         ClientConfig(local_epochs=2, batch_size=4),
-        seed=0,
-        round_idx=3,
-        client_id="c7",
+        LocalRun(0, 3, "c7"),
         on_step=seen.append,
     )
     assert result.steps == 6  # 2 epochs of ceil(10 / 4) batches
@@ -100,16 +103,59 @@ def _terminal() -> tuple[Console, io.StringIO]:
     return Console(file=buf, force_terminal=True, width=150), buf
 
 
+def _progress(console: Console, rounds: int) -> ProgressSink:
+    sink = ProgressSink(console)
+    config = parse_config({"federation": {"rounds": rounds, "clients_per_round": 2}})
+    sink.on_start(RunInfo(Path("unused"), config, accuracy=True, start_round=0))
+    return sink
+
+
 def test_per_client_progress_without_step_reports() -> None:
     import numpy as np
 
     console, buf = _terminal()
-    shown = ProgressTransport(_NetworkLike(["a", "b", "c"]), console, total_rounds=4)
+    sink = _progress(console, rounds=4)
     instr = [FitInstruction(c, 2, np.zeros(1, np.float32), "d", 0, ClientConfig()) for c in "abc"]
-    assert [u.client_id for u in shown.fit(instr)] == ["a", "b", "c"]
+    replies = observed(sink.on_event, "train", 2, "abc", _NetworkLike(["a", "b", "c"]).fit(instr))
+    assert [u.client_id for u in replies] == ["a", "b", "c"]
+    assert sink.phase is None  # collected: the bar is gone
     out = buf.getvalue()
     assert "round 2/4 train" in out and "3/3" in out and "ETA" in out
     assert "last c: 40 steps, 12.5 examples/s" in out  # the summary a networked reply carries
+
+
+def test_the_sink_draws_a_bar_per_phase_with_a_row_per_client_in_training() -> None:
+    console, _ = _terminal()
+    sink = _progress(console, rounds=3)
+    sink.on_event(StepProgress("a", 1, 1, 2, 4, 0.5))  # outside a phase: nothing to draw on
+    assert sink.phase is None
+    sink.on_event(Dispatched("train", 1, ("a", "b")))
+    phase = sink.phase
+    assert phase is not None and [t.description for t in phase.bar.tasks] == ["round 1/3 train"]
+    sink.on_event(StepProgress("a", 1, 1, 2, 4, 0.5))
+    sink.on_event(StepProgress("b", 1, 1, 2, 4, 0.25))  # Ray: two clients in training at once
+    assert [(t.description, t.completed, t.fields["info"]) for t in phase.bar.tasks[1:]] == [
+        ("  client a", 1, "8.0 examples/s"),
+        ("  client b", 1, "16.0 examples/s"),
+    ]
+    sink.on_event(StepProgress("a", 1, 2, 2, 8, 1.0))
+    sink.on_event(Answered("train", 1, "a"))
+    sink.on_event(StepProgress("c", 1, 1, 2, 4, 0.5))  # the next client: a's finished row goes
+    assert [t.description for t in phase.bar.tasks] == ["round 1/3 train", "  client b", "  client c"]
+    assert phase.bar.tasks[0].completed == 1
+    sink.on_event(Answered("train", 1, "b", failure="connection lost"))  # a failure is answered too
+    assert phase.bar.tasks[0].completed == 2
+    sink.on_event(Collected("train", 1))
+    assert sink.phase is None and not phase.bar.live.is_started
+    sink.on_event(Dispatched("eval", 0, ("a",)))
+    assert sink.phase is not None and sink.phase.bar.tasks[0].description == "baseline eval"
+    sink.on_event(Dispatched("eval", 1, ("a",)))  # a new phase ends the one before, collected or not
+    assert sink.phase.bar.tasks[0].description == "round 1/3 eval"
+    sink.on_event(Dispatched("eval", 2, ()))  # nobody to ask: no bar
+    assert sink.phase is None
+    sink.on_event(Dispatched("train", 3, ("a",)))
+    sink.close(RunEnd("failed", None))  # a run that fails mid-phase leaves no live bar
+    assert sink.phase is None
 
 
 def _tiny_text_config(tmp_path: Path, rounds: int, **client: object) -> dict:
@@ -141,13 +187,30 @@ def test_the_simulation_shows_local_steps_round_of_n_and_eta(tmp_path: Path) -> 
     assert re.search(r"ETA \d+", out)
 
 
-def test_step_relay_forwards_only_while_a_listener_is_attached() -> None:
-    relay, heard = StepRelay(), []
+def test_the_event_relay_forwards_only_while_a_listener_is_attached() -> None:
+    relay, heard = EventRelay(), []
     report = StepProgress("c", 1, 1, 2, 4, 0.5)
     relay(report)  # nobody listening: dropped
     relay.listener = heard.append
     relay(report)
     assert heard == [report]
+
+
+def test_observed_tells_dispatch_each_answer_and_the_end_and_passes_replies_through() -> None:
+    import numpy as np
+
+    heard: list = []
+    update = ClientUpdate("a", 1, 5, np.zeros(1, np.float32), "d", metrics={"steps": 3.0, "examples_per_s": 2.5})
+    failure = ClientFailure("b", 1, "presumed dead")
+    replies = observed(heard.append, "train", 1, ["a", "b"], iter([update, failure]))
+    assert heard == []  # nothing until the loop asks for the first reply
+    assert next(replies) is update
+    assert heard == [Dispatched("train", 1, ("a", "b")), Answered("train", 1, "a", steps=3, examples_per_s=2.5)]
+    assert list(replies) == [failure]
+    assert heard[2:] == [Answered("train", 1, "b", failure="presumed dead"), Collected("train", 1)]
+    hostile = replace(update, metrics={"steps": math.inf, "examples_per_s": math.nan})  # any JSON number
+    list(observed(heard.append, "train", 1, ["a"], iter([hostile])))
+    assert heard[-2] == Answered("train", 1, "a")
 
 
 # ------------------------------------------------------------------------------------------------- Ctrl-C
@@ -208,9 +271,8 @@ def test_local_training_measures_examples_per_second(monkeypatch) -> None:
     monkeypatch.setattr(train.time, "perf_counter", lambda: float(next(ticks)))  # each reading: one second later
     task = ModuleTask(digits_cnn(channels=2, hidden=8))
     result = local_train(
-        task, task.encode(_records(10), train=True), ClientConfig(local_epochs=2, batch_size=4), seed=0,
-        round_idx=1, client_id="c",
-    )  # fmt: skip
+        task, task.encode(_records(10), train=True), ClientConfig(local_epochs=2, batch_size=4), LocalRun(0, 1, "c")
+    )
     assert result.examples_per_s == 20.0  # 20 examples (2 epochs of 10) between two readings one second apart
 
 

@@ -16,9 +16,8 @@ from rich.console import Console
 from _models import DIGITS_CNN
 from _runs import CLIENTS, FakeRun
 from fedtune.config.load import parse_config
-from fedtune.config.schema import ClientConfig
 from fedtune.dashboard.server import Dashboard
-from fedtune.run.board import STATUS, ActivityTransport, ClientBoard, failure_state
+from fedtune.run.board import STATUS, ClientBoard, StatusSink, failure_state
 from fedtune.run.report import REPORT
 from fedtune.run.rundir import METRICS
 from fedtune.run.runview import RunView
@@ -98,38 +97,43 @@ def test_failure_reasons_map_to_states() -> None:
     assert failure_state("RuntimeError: out of memory") == "failed"
 
 
-def test_activity_transport_marks_clients_as_they_are_instructed_and_reply() -> None:
-    from fedtune.core.messages import ClientFailure, FitInstruction
+def test_the_status_sink_marks_clients_as_the_loop_instructs_them_and_they_reply() -> None:
+    from fedtune.core.events import observed
+    from fedtune.core.messages import ClientEval, ClientFailure
+    from fedtune.tasks.base import EvalSums
 
     board = ClientBoard()
+    sink = StatusSink(board)
     seen = []
 
-    class Inner:
-        def client_ids(self):
-            return ["a", "b"]
+    def fit():
+        seen.append(board.snapshot())  # while the clients train
+        yield ClientFailure("b", 1, "no heartbeat for 9s (presumed dead)")
 
-        def fit(self, instructions):
-            seen.append(board.snapshot())  # while the clients train
-            yield ClientFailure("b", 1, "no heartbeat for 9s (presumed dead)")
-
-    instr = [FitInstruction(c, 1, None, "d", 0, ClientConfig()) for c in ("a", "b")]
-    list(ActivityTransport(Inner(), board).fit(instr))
+    list(observed(sink.on_event, "train", 1, ["a", "b"], fit()))
     assert {c: s["state"] for c, s in seen[0].items()} == {"a": "training", "b": "training"}
     after = board.snapshot()
     assert after["a"]["state"] == "training" and after["b"]["state"] == "dead"
     assert after["b"]["reason"] == "no heartbeat for 9s (presumed dead)"
+    list(observed(sink.on_event, "eval", 1, ["a"], iter([ClientEval("a", 1, EvalSums())])))
+    assert board.snapshot()["a"]["state"] == "idle" and board.snapshot()["a"]["round"] == 1
 
 
-def test_a_run_writes_status_json_and_a_self_contained_report(tmp_path) -> None:
+def digits_run(tmp_path: Path, name: str, *, clients: int, rounds: int):
+    """A real tiny simulation (digits CNN, 2 clients a round, 2 local steps each) in ``tmp_path/runs/name``."""
     cfg = {
         "seed": 5,
         "model": DIGITS_CNN,
-        "data": {"source": "digits", "partition": {"kind": "iid", "num_clients": 3}},
-        "federation": {"rounds": 2, "clients_per_round": 2},
+        "data": {"source": "digits", "partition": {"kind": "iid", "num_clients": clients}},
+        "federation": {"rounds": rounds, "clients_per_round": 2},
         "client": {"local_steps": 2, "batch_size": 16, "lr": 0.1, "optimizer": "sgd"},
-        "run": {"out_dir": str(tmp_path / "runs"), "name": "reported", "plot": False},
+        "run": {"out_dir": str(tmp_path / "runs"), "name": name, "plot": False},
     }
-    result = simulate(parse_config(cfg), console=Console(file=io.StringIO()), show_progress=False)
+    return simulate(parse_config(cfg), console=Console(file=io.StringIO()), show_progress=False)
+
+
+def test_a_run_writes_status_json_and_a_self_contained_report(tmp_path) -> None:
+    result = digits_run(tmp_path, "reported", clients=3, rounds=2)
     status = json.loads((result.run_dir / STATUS).read_text())
     assert status["state"] == "finished" and status["round"] == 2 and status["total_rounds"] == 2
     assert sorted(status["connected"]) == sorted(status["enrolled"]) == ["client_000", "client_001", "client_002"]
@@ -285,3 +289,66 @@ def test_a_busy_dashboard_port_is_a_clear_error_before_round_one(tmp_path) -> No
     (run_dir,) = (tmp_path / "runs").iterdir()
     assert json.loads((run_dir / STATUS).read_text())["state"] == "failed"
     assert not (run_dir / "checkpoint.safetensors").exists()  # no round ran
+
+
+def page_client_table(snapshot: dict) -> list[dict[str, str]]:
+    """The dashboard page's client table as drawn by its app.js (in node, on a minimal DOM), keyed by the
+    page's own column headers."""
+    import shutil
+    import subprocess
+    from html.parser import HTMLParser
+    from importlib import resources
+
+    node = shutil.which("node")
+    if node is None:
+        pytest.skip("node is not installed: the page's script cannot be run")
+    static = resources.files("fedtune.dashboard").joinpath("static")
+
+    class Headers(HTMLParser):
+        def __init__(self) -> None:
+            super().__init__()
+            self.table, self.in_th, self.names = None, False, []
+
+        def handle_starttag(self, tag: str, attrs: list) -> None:
+            self.table = dict(attrs).get("id", self.table) if tag == "table" else self.table
+            self.in_th = tag == "th" and self.table == "clients"
+            if self.in_th:
+                self.names.append("")
+
+        def handle_endtag(self, tag: str) -> None:
+            self.in_th = False if tag == "th" else self.in_th
+
+        def handle_data(self, data: str) -> None:
+            if self.in_th:
+                self.names[-1] += data
+
+    headers = Headers()
+    headers.feed(static.joinpath("index.html").read_text())
+    script = Path(__file__).with_name("_dashboard_dom.js")
+    out = subprocess.run(
+        [node, str(script), str(static.joinpath("app.js"))],
+        input=json.dumps(snapshot), capture_output=True, text=True, timeout=120, check=True,
+    )  # fmt: skip
+    rows = json.loads(out.stdout)
+    assert rows and all(len(row) == len(headers.names) for row in rows), (headers.names, rows)
+    return [dict(zip(headers.names, row, strict=True)) for row in rows]
+
+
+def test_the_client_tables_show_each_clients_training_throughput(tmp_path) -> None:
+    """examples/s of local training (the clients' own figure, in their replies) reaches the dashboard's client
+    table and report.html's, beside fit seconds."""
+    result = digits_run(tmp_path, "throughput", clients=2, rounds=1)
+    records = {r["client_id"]: r for r in json_lines(result.run_dir) if r["kind"] == "client"}
+    snap = RunView(result.run_dir).snapshot()
+    rows = {c["client_id"]: c for c in snap["clients"]}
+    assert set(rows) == set(records) == {"client_000", "client_001"}
+    for cid, rec in records.items():
+        # 2 steps of 16 examples in a positive time
+        assert rec["examples_per_s"] > 0 and rows[cid]["examples_per_s"] == rec["examples_per_s"]
+    drawn = {row["client"]: row for row in page_client_table(snap)}
+    for cid, rec in records.items():
+        assert float(drawn[cid]["examples/s"]) == pytest.approx(rec["examples_per_s"], rel=1e-3)  # 4 digits shown
+        assert drawn[cid]["fit s"] != "-" and drawn[cid]["examples"] == str(rec["num_examples"])
+    html = (result.run_dir / REPORT).read_text()
+    assert "<th>examples/s</th>" in html
+    assert all(f"{rec['examples_per_s']:.4g}" in html for rec in records.values())

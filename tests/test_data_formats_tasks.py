@@ -154,8 +154,7 @@ def test_without_a_chat_template_turns_get_role_headers(task: CausalLMTask) -> N
 
 
 def test_name_labels_checks_the_count(model_cache: Path) -> None:
-    from fedtune.data.screen import name_labels
-    from fedtune.tasks.classification import ClassificationTask
+    from fedtune.tasks.classification import ClassificationTask, name_labels
 
     cfg = ModelConfig(kind="classification", name="all-minilm-l6-v2", max_length=8)
     clf = build_task(cfg, num_labels=3, cache_dir=model_cache, seed=0)

@@ -379,11 +379,27 @@ def test_clock_invariants_hold_for_any_sizes(k, extra_m, extra_n, max_stale, see
         assert arrivals[-1] == buffer[-1] and sched.clock == buffer[-1].finish
 
 
-def test_the_grpc_server_refuses_async_mode_with_the_reason(tmp_path):
+def test_the_grpc_server_refuses_async_dp_with_the_reason(tmp_path):
     from fedtune.deploy.serve import run_server
     from fedtune.errors import ConfigError
 
-    config = Config.model_validate({**_digits_config(tmp_path, 2), "run": {"out_dir": str(tmp_path)}})
-    with pytest.raises(ConfigError, match="runs in simulation only"):
+    raw = {**_digits_config(tmp_path, 2), "run": {"out_dir": str(tmp_path)}}
+    raw["server"] = {**raw["server"], "weighting": "uniform"}
+    config = Config.model_validate({**raw, "privacy": {"dp": {"clip": 0.5, "noise_multiplier": 1.0}}})
+    with pytest.raises(ConfigError, match=r"privacy\.dp with server\.mode 'async' runs in simulation only"):
         run_server(config)
     assert not any(tmp_path.iterdir())  # refused before anything was built or written
+
+
+def test_a_transport_that_cannot_dispatch_asynchronously_is_refused_by_name(tmp_path):
+    from fedtune.errors import ConfigError
+    from fedtune.run.session import async_dispatch
+    from fedtune.transport.base import Capabilities
+
+    class RoundsOnly(TargetClients):
+        capabilities = Capabilities()
+
+    config = async_config()
+    with pytest.raises(ConfigError, match=r"RoundsOnly\): it does not dispatch"):
+        async_dispatch(config, RoundsOnly(3))
+    assert async_dispatch(config, InProcessTransport.__new__(InProcessTransport)) is None  # simulated: the clock

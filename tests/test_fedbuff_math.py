@@ -12,7 +12,8 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from fedtune.aggregation.clip import clip_l2
-from fedtune.aggregation.fedbuff import BufferFold, StalenessWeight, buffered_step
+from fedtune.aggregation.fedavg import WeightedSum
+from fedtune.aggregation.fedbuff import StalenessWeight, buffered_step
 from fedtune.aggregation.server_opt import make_server_optimizer
 from fedtune.config.privacy import DPConfig
 from fedtune.core.messages import ClientUpdate
@@ -93,13 +94,13 @@ def test_fold_matches_numpy_and_leaves_inputs_alone(items, rule):
 
 
 def test_fold_refuses_bad_weights_and_shapes():
-    fold = BufferFold(2)
+    fold = WeightedSum(2, dtype=np.float64)  # the one weighted fold, with the staleness discount as its scale
     with pytest.raises(ValueError, match="shape"):
-        fold.add(np.zeros(3, np.float32), weight=1.0, staleness_weight=1.0)
-    with pytest.raises(ValueError, match="staleness weight"):
-        fold.add(np.zeros(2, np.float32), weight=1.0, staleness_weight=1.5)
+        fold.add(np.zeros(3, np.float32), 1.0, scale=1.0)
+    with pytest.raises(ValueError, match="discount"):
+        fold.add(np.zeros(2, np.float32), 1.0, scale=1.5)
     with pytest.raises(ValueError, match="no updates"):
-        fold.result()
+        buffered_step([], StalenessWeight(), 2)
 
 
 def _spec() -> ParamSpec:
@@ -173,3 +174,30 @@ def test_dp_budget_stops_before_overspending():
         state, _ = server.step(state, [])
         steps += 1
     assert steps > 0 and server.epsilon(state) <= 3.0 < _oracle_epsilon(8.0, steps + 1, dp.delta)
+
+
+def test_the_buffered_step_goes_through_the_round_contract():
+    """FedBuff is a sum strategy: the loop's aggregate_round forms its plan's sum (every summand discounted by
+    its staleness, the weights not) with the same plain summer as a synchronous round, and apply_sum steps
+    with FedOpt's step; the result equals the hand-computed buffered step."""
+    from dataclasses import replace
+
+    from fedtune.core.sums import Staleness
+    from fedtune.privacy.sums import plain_sum
+    from fedtune.server.loop import aggregate_round
+
+    opt = make_server_optimizer("momentum", lr=0.5)
+    server = FedBuff(optimizer=opt, staleness=StalenessWeight("polynomial", a=1.0), buffer_size=3)
+    state = server.init_state(np.array([1.0, -1.0], np.float32), _spec()).evolve(round=4)
+    assert server.needs.linear and server.sum_plan(state).staleness == Staleness(4, server.staleness)
+    trained_on = {"a": 4, "b": 2, "c": 1}  # staleness 0, 2, 3: s = 1, 1/3, 1/4
+    sent = [_update("a", [3.0, 0.0], 2), _update("b", [6.0, 3.0], 1), _update("c", [-8.0, 4.0], 4)]
+    stamped = [replace(u, version=trained_on[u.client_id]) for u in sent]
+    new, metrics = aggregate_round(server, state, iter(stamped), plain_sum)
+    # sum s w d = [6, 0] + (1/3)[6, 3] + (1/4) 4 [-8, 4] = [0, 5]; over sum w = 7
+    direction = np.array([0.0, 5 / 7], np.float32)
+    slots = {k.removeprefix("opt/"): v for k, v in state.arrays.items()}
+    np.testing.assert_array_equal(new.params, opt.step(state.params, direction, slots)[0])
+    assert new.round == 5 and metrics["aggregated"] == 3
+    with pytest.raises(ValueError, match="which model version"):  # a summand that cannot be discounted
+        aggregate_round(server, state, iter(sent), plain_sum)

@@ -126,6 +126,8 @@ def test_pinned_config_refuses_a_different_server():
         ({"max_clients": 8, "max_connections": 4}, "max_connections is below deployment.max_clients"),
         ({"max_streams_per_client": 0}, "deployment.max_streams_per_client"),
         ({"upload_timeout_s": 0}, "deployment.upload_timeout_s"),
+        ({"max_unauthenticated": 4, "max_unauthenticated_per_address": 5}, "per_address exceeds"),
+        ({"max_unauthenticated_per_address": 0}, "deployment.max_unauthenticated_per_address"),
     ],
 )
 def test_deployment_config_errors_name_the_key(deployment, message):

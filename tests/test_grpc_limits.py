@@ -200,17 +200,37 @@ def test_stalled_uploads_of_one_client_do_not_stop_the_honest_ones(start, pki, c
 _FLOODER = """
 import resource, socket, sys
 n, port = int(sys.argv[1]), int(sys.argv[2])
+sources = sys.argv[3].split(",") if len(sys.argv) > 3 else ["127.0.0.1"]  # the flood's source addresses
 hard = resource.getrlimit(resource.RLIMIT_NOFILE)[1]
 resource.setrlimit(resource.RLIMIT_NOFILE, (min(hard, n + 256), hard))
 held, failed = [], 0
-for _ in range(n):
-    try:
-        held.append(socket.create_connection(("127.0.0.1", port), timeout=10))  # TCP only: no TLS, no certificate
+for i in range(n):
+    try:  # TCP only: no TLS, no certificate
+        source = (sources[i % len(sources)], 0)
+        held.append(socket.create_connection(("127.0.0.1", port), timeout=10, source_address=source))
     except OSError:
         failed += 1
 print(f"OPEN {len(held)} FAILED {failed}", flush=True)
 sys.stdin.read()  # hold every socket until the test is done
 """
+
+
+def _flood(port: int, n: int, sources: list[str]) -> tuple[subprocess.Popen, int]:
+    """A process holding ``n`` idle TCP connections from ``sources`` (round robin); (it, how many opened)."""
+    flood = subprocess.Popen(
+        [sys.executable, "-c", _FLOODER, str(n), str(port), ",".join(sources)],
+        stdin=subprocess.PIPE,
+        stdout=subprocess.PIPE,
+        text=True,
+    )
+    opened = flood.stdout.readline()
+    assert opened.startswith("OPEN "), opened
+    return flood, int(opened.split()[1])
+
+
+def _end(flood: subprocess.Popen) -> None:
+    flood.kill()
+    flood.wait(10)
 
 
 @contextlib.contextmanager
@@ -231,18 +251,12 @@ def test_a_flood_of_idle_connections_does_not_keep_honest_clients_out(start, pki
     caps connections (deployment.max_connections) and closes those that do not finish the handshake within
     deployment.handshake_timeout_s, so honest clients join and complete a round while the flood is held."""
     with _fd_limit(400):
-        transport = start(max_connections=100, handshake_timeout_s=2)
+        # gRPC's own limits, as when deployment.connection_gate is off (the gate's tests follow)
+        transport = start(max_connections=100, handshake_timeout_s=2, connection_gate=False)
         # certificates read now: under the flood, a descriptor for a file would be as scarce as for a socket
         honest = {n: RawClient(transport.port, pki, n) for n in ("client_000", "client_001")}
-        flood = subprocess.Popen(
-            [sys.executable, "-c", _FLOODER, "1500", str(transport.port)],
-            stdin=subprocess.PIPE,
-            stdout=subprocess.PIPE,
-            text=True,
-        )
+        flood, _ = _flood(transport.port, 1500, ["127.0.0.1"])
         try:
-            opened = flood.stdout.readline()
-            assert opened.startswith("OPEN "), opened
             for client in honest.values():
                 client.join(wait=True)  # retried by gRPC until the server has shed the flood
             rnd = Round(transport.fit, [_fit(n) for n in honest])
@@ -254,8 +268,7 @@ def test_a_flood_of_idle_connections_does_not_keep_honest_clients_out(start, pki
             for client in honest.values():
                 client.close()
         finally:
-            flood.kill()
-            flood.wait(10)
+            _end(flood)
 
 
 def test_a_participant_waits_out_a_server_at_its_call_limit(start, pki):
@@ -309,3 +322,77 @@ def test_a_participant_waits_out_a_server_at_its_call_limit(start, pki):
     release.set()
     assert codes == [0], out.getvalue()
     assert "retrying" in out.getvalue() and "refused" not in out.getvalue()
+
+
+def test_the_gate_caps_unauthenticated_connections_per_address_and_honest_clients_complete_rounds(start, pki):
+    """3,000 idle TCP connections from one address (127.0.0.2), held for the whole test, against a server
+    with 400 spare descriptors whose handshake timeout (600 s) never sheds them: the connection gate keeps
+    deployment.max_unauthenticated_per_address of them and closes the rest at accept, so honest clients
+    (127.0.0.1) join and complete a round while the flood is held."""
+    with _fd_limit(400):
+        transport = start(handshake_timeout_s=600, max_unauthenticated_per_address=8, max_unauthenticated=64)
+        honest = {n: RawClient(transport.port, pki, n) for n in ("client_000", "client_001")}
+        flood, opened = _flood(transport.port, 3000, ["127.0.0.2"])
+        try:
+            assert opened > 400  # more than the server's spare descriptors: without the gate they would run out
+
+            def accounted() -> bool:  # every connection the flood opened has been kept or refused by the gate
+                stats = transport.gate.stats()
+                return (
+                    stats.pending_by_address.get("127.0.0.2", 0) + stats.refused_by_address.get("127.0.0.2", 0)
+                    >= opened
+                )
+
+            wait_until(accounted, 300, "the gate to take in the whole flood")
+            assert transport.gate.stats().pending_by_address == {"127.0.0.2": 8}
+            for client in honest.values():
+                client.join(wait=True)
+            rnd = Round(transport.fit, [_fit(n) for n in honest])
+            for name, client in honest.items():
+                assert client.push(_update(client.pull_task(), name)).accepted
+            replies = rnd.result()
+            assert all(isinstance(replies[n], ClientUpdate) for n in honest)
+            stats = transport.gate.stats()
+            assert flood.poll() is None and stats.pending_by_address.get("127.0.0.2") == 8  # still held
+            assert stats.authenticated >= 2 and "127.0.0.1" not in stats.refused_by_address
+            for client in honest.values():
+                client.close()
+        finally:
+            _end(flood)
+
+
+def test_a_flood_from_many_addresses_fills_only_the_total_and_authenticated_clients_go_on(start, pki):
+    """What the gate does not stop (docs/THREATS.md): 400 connections from 10 addresses fill the total of
+    unauthenticated connections (32), so a *new* client is refused while the flood is held; a client that
+    authenticated before keeps completing rounds, and once the flood ends new clients get in."""
+    transport = start(handshake_timeout_s=600, max_unauthenticated_per_address=8, max_unauthenticated=32)
+    early = RawClient(transport.port, pki, "client_000")
+    early.join(wait=True)
+    beats = Heartbeats(early, 0.5)
+    sources = [f"127.0.0.{i}" for i in range(2, 12)]
+    flood, opened = _flood(transport.port, 400, sources)
+    try:
+
+        def accounted() -> bool:
+            stats = transport.gate.stats()
+            return (
+                sum(stats.pending_by_address.get(a, 0) + stats.refused_by_address.get(a, 0) for a in sources) >= opened
+            )
+
+        wait_until(accounted, 300, "the gate to take in the whole flood")
+        stats = transport.gate.stats()
+        assert stats.pending == 32 and max(stats.pending_by_address.values()) <= 8
+        late = RawClient(transport.port, pki, "client_001")
+        with pytest.raises(grpc.RpcError) as refused:
+            late.join()  # closed at accept: the total is full
+        assert refused.value.code() == grpc.StatusCode.UNAVAILABLE
+        rnd = Round(transport.fit, [_fit("client_000")])  # the authenticated client is not affected
+        assert early.push(_update(early.pull_task(), "client_000")).accepted
+        assert isinstance(rnd.result()["client_000"], ClientUpdate)
+    finally:
+        _end(flood)
+    wait_until(lambda: transport.gate.stats().pending == 0, 300, "the flood's connections to close")
+    late.join(wait=True)
+    beats.end()
+    for client in (early, late):
+        client.close()

@@ -9,7 +9,7 @@ import pytest
 import torch
 
 from fedtune.client.hf_trainer import hf_local_train
-from fedtune.client.train import LocalHooks, local_train
+from fedtune.client.train import LocalHooks, LocalRun, local_train
 from fedtune.config import parse_config
 from fedtune.config.schema import ClientConfig
 from fedtune.errors import ConfigError
@@ -25,7 +25,7 @@ def _trained(train, **client: object) -> tuple[torch.Tensor, object]:
     task = PythonTask(torch.nn.Linear(3, 3))
     cfg = ClientConfig(**{"local_steps": 5, "lr": 0.2, "lr_scheduler_type": "cosine", "warmup_steps": 3, **client})
     examples = task.encode(list(zip(x, y, strict=True)), train=True)
-    result = train(task, examples, cfg, seed=0, round_idx=2, client_id="a", hooks=LocalHooks(), rounds=3)
+    result = train(task, examples, cfg, LocalRun(0, 2, "a", rounds=3), hooks=LocalHooks())
     return torch.cat([p.detach().flatten() for p in task.module.parameters()]), result
 
 

@@ -2,8 +2,8 @@
 functions included: a lazy import is still a dependency.
 
 ``core`` is the bottom layer (messages, keys on the wire, the fit contract, state): it imports nothing of
-fedtune but ``config`` and ``errors``. A few edges outside the client side of the round contract still close
-cycles; they are named in ``KNOWN_EDGES`` so that any other cycle fails here."""
+fedtune but ``config`` and ``errors``. No edge is excused: any cycle fails here, and so does any import
+upward through ``LAYERS`` (the list docs/DESIGN.md draws)."""
 
 from __future__ import annotations
 
@@ -14,13 +14,24 @@ import fedtune
 
 SRC = Path(fedtune.__file__).resolve().parent
 
-# edges that close a cycle, still to remove (not the client side of the round contract's; each named so a new
-# cycle fails here, and test_known_edges_still_exist asks for an entry to go once its edge is gone):
-KNOWN_EDGES = {
-    ("data", "tasks"): "data/screen.py checks examples with a task; tasks read data's record types",
-    ("run", "api"): "run/federate_hf.py calls api.participate; api, deploy and dashboard all import run",
-    ("config", "privacy"): "config/privacy.py checks SecAgg availability at load with privacy.secagg (server side)",
-}
+# lowest first; a package imports only packages of lower layers (docs/DESIGN.md). "__init__": fedtune itself
+LAYERS = [
+    {"errors"},
+    {"config"},
+    {"core"},
+    {"models", "aggregation", "data"},
+    {"tasks"},
+    {"privacy"},
+    {"client"},
+    {"transport"},
+    {"server"},
+    {"run"},
+    {"dashboard"},
+    {"deploy"},
+    {"api"},
+    {"cli"},
+    {"__init__"},
+]
 
 
 def package_edges() -> dict[str, dict[str, list[str]]]:
@@ -82,21 +93,13 @@ def test_cycles_finds_a_cycle_and_only_a_cycle() -> None:
     assert cycles({"a": {"b": []}, "b": {}}) == []
 
 
-def test_no_new_cycles_between_packages() -> None:
+def test_no_cycles_between_packages() -> None:
     edges = package_edges()
-    pruned = {a: {b: w for b, w in out.items() if (a, b) not in KNOWN_EDGES} for a, out in edges.items()}
-    found = cycles(pruned)
+    found = cycles(edges)
     where = {
-        tuple(sorted(c)): {f"{a}->{b}": pruned[a][b][:3] for a in c for b in pruned.get(a, {}) if b in c}
-        for c in found
+        tuple(sorted(c)): {f"{a}->{b}": edges[a][b][:3] for a in c for b in edges.get(a, {}) if b in c} for c in found
     }
     assert not found, f"package cycles: {where}"
-
-
-def test_known_edges_still_exist() -> None:
-    edges = package_edges()
-    gone = [edge for edge in KNOWN_EDGES if edge[1] not in edges.get(edge[0], {})]
-    assert not gone, f"remove {gone} from KNOWN_EDGES: the edge is gone"
 
 
 def test_core_is_the_bottom_layer() -> None:
@@ -104,9 +107,39 @@ def test_core_is_the_bottom_layer() -> None:
     assert imported <= {"config", "errors"}, f"core imports {sorted(imported - {'config', 'errors'})}"
 
 
-def test_the_client_side_edges_of_the_round_contract_are_gone() -> None:
+def test_the_edges_that_closed_cycles_are_gone() -> None:
     """client <- server, privacy <- client, core -> tasks: the wire keys, the fit contract, EvalSums and the
-    client state store live in core instead."""
+    client state store live in core instead. data -> tasks: screening counts examples, the classifier names
+    its labels (tasks.classification). run -> api: ``fedtune.federate`` composes participate in api.
+    config -> privacy: the SecAgg availability bounds the config is checked with live in config."""
     edges = package_edges()
-    for a, b in [("client", "server"), ("privacy", "client"), ("core", "tasks"), ("server", "client")]:
+    gone = [("client", "server"), ("privacy", "client"), ("core", "tasks"), ("server", "client")]
+    gone += [("data", "tasks"), ("run", "api"), ("config", "privacy")]
+    for a, b in gone:
         assert b not in edges.get(a, {}), f"{a} imports {b}: {edges[a][b]}"
+
+
+def test_every_package_imports_only_lower_layers() -> None:
+    edges = package_edges()
+    layer = {pkg: i for i, names in enumerate(LAYERS) for pkg in names}
+    assert set(edges) | {b for out in edges.values() for b in out} <= set(layer), "a package missing from LAYERS"
+    upward = {f"{a}->{b}": where[:3] for a, out in edges.items() for b, where in out.items() if layer[b] >= layer[a]}
+    assert not upward, f"imports at or above their own layer: {upward}"
+
+
+ROUND_PATH = ["core", "server", "aggregation", "client/worker.py", "transport/base.py", "transport/inprocess.py"]
+
+
+def test_the_round_path_finds_no_method_or_attribute_by_name() -> None:
+    """Typed messages and protocols, no optional attribute found with getattr/hasattr (docs/DESIGN.md)."""
+    found = []
+    for part in ROUND_PATH:
+        for path in sorted((SRC / part).rglob("*.py")) if (SRC / part).is_dir() else [SRC / part]:
+            for node in ast.walk(ast.parse(path.read_text())):
+                if (
+                    isinstance(node, ast.Call)
+                    and isinstance(node.func, ast.Name)
+                    and node.func.id in ("getattr", "hasattr")
+                ):
+                    found.append(f"{path.relative_to(SRC)}:{node.lineno}")
+    assert not found, f"getattr/hasattr in the round path: {found}"

@@ -12,7 +12,7 @@ import torch
 
 import fedtune
 from fedtune.client.schedule import lr_factor, round_schedule
-from fedtune.client.train import local_train
+from fedtune.client.train import LocalRun, local_train
 from fedtune.config import parse_config
 from fedtune.config.schema import ClientConfig
 from fedtune.errors import ConfigError
@@ -69,12 +69,12 @@ def test_the_loop_applies_the_schedule_at_the_rounds_position() -> None:
     )
     for round_idx in (1, 2, 3):
         task.module.w.data.zero_()
-        local_train(task, examples, cfg, seed=0, round_idx=round_idx, client_id="a", rounds=3)
+        local_train(task, examples, cfg, LocalRun(0, round_idx, "a", rounds=3))
         steps = range((round_idx - 1) * 3, round_idx * 3)
         moved = -0.1 * sum(lr_factor("linear", s, 2, 9) for s in steps)
         assert task.module.w.detach().numpy() == pytest.approx(np.full(3, moved), abs=1e-6)
     with pytest.raises(ConfigError, match="how many rounds"):
-        local_train(task, examples, cfg, seed=0, round_idx=1, client_id="a")
+        local_train(task, examples, cfg, LocalRun(0, 1, "a"))
 
 
 def test_gradient_accumulation_equals_the_larger_batch() -> None:
@@ -85,9 +85,7 @@ def test_gradient_accumulation_equals_the_larger_batch() -> None:
         torch.manual_seed(1)
         task = PythonTask(torch.nn.Linear(3, 3))
         cfg = ClientConfig(local_steps=6, batch_size=batch_size, gradient_accumulation_steps=accumulate, lr=0.05)
-        result = local_train(
-            task, task.encode(list(zip(x, y, strict=True)), train=True), cfg, seed=0, round_idx=1, client_id="a"
-        )
+        result = local_train(task, task.encode(list(zip(x, y, strict=True)), train=True), cfg, LocalRun(0, 1, "a"))
         assert result.steps == 6
         return torch.cat([p.detach().flatten() for p in task.module.parameters()])
 
@@ -102,7 +100,7 @@ def test_accumulation_over_epochs_counts_optimizer_steps() -> None:
     examples = task.encode([(torch.randn(3), i % 2) for i in range(10)], train=True)
     cfg = ClientConfig(local_epochs=2, batch_size=4, gradient_accumulation_steps=2)
     # 2 epochs x 3 batches = 6 minibatches: 3 optimizer steps
-    assert local_train(task, examples, cfg, seed=0, round_idx=1, client_id="a").steps == 3
+    assert local_train(task, examples, cfg, LocalRun(0, 1, "a")).steps == 3
 
 
 def test_config_rules() -> None:
@@ -199,7 +197,7 @@ def test_gradient_checkpointing_gives_the_same_training(tmp_path: Path) -> None:
         )
         task = build_run_task(config, num_labels=None, cache_dir=cache)
         examples = task.encode(["the cat sat on the mat and then it ran away from the dog " * 4], train=True)
-        local_train(task, examples, config.client, seed=0, round_idx=1, client_id="a")
+        local_train(task, examples, config.client, LocalRun(0, 1, "a"))
         flat = torch.cat([p.detach().flatten() for p in task.module.parameters() if p.requires_grad])
         return task.module, flat.numpy()
 

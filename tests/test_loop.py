@@ -96,3 +96,30 @@ def test_run_rounds_advances_and_calls_back() -> None:
     )
     assert final.round == 2 and [s[:2] for s in seen] == [(1, 1), (2, 2)] and all(s[2] for s in seen)
     assert transport.seen_rounds == [1, 1, 2, 2]
+
+
+def test_the_loop_tells_its_events_whom_it_instructed_and_who_answered() -> None:
+    from fedtune.core.events import Answered, Collected, Dispatched
+
+    heard: list = []
+    run_rounds(
+        _config(rounds=1, clients_per_round=2),
+        FedOpt(),
+        Scripted(3, faults={0: "crash", 1: "crash", 2: "crash"}),
+        ServerState(0, np.zeros(4, np.float32), SPEC),
+        events=heard.append,
+    )
+    (sampled,) = [e.client_ids for e in heard if isinstance(e, Dispatched) and e.phase == "train"]
+    first, second = sampled
+    assert heard[:4] == [
+        Dispatched("train", 1, sampled),
+        Answered("train", 1, first, failure="connection lost"),
+        Answered("train", 1, second, failure="connection lost"),
+        Collected("train", 1),
+    ]  # every client failed: the round is rejected, and the model of round 1 (the old one) evaluated
+    everyone = ("c0", "c1", "c2")
+    assert heard[4:] == [
+        Dispatched("eval", 1, tuple(c for c in everyone if c not in sampled)),  # not the failed ones
+        *[Answered("eval", 1, c) for c in everyone if c not in sampled],
+        Collected("eval", 1),
+    ]

@@ -12,7 +12,7 @@ import torch
 from pydantic import ValidationError
 
 from fedtune.aggregation.lora import lora_pairs
-from fedtune.client.train import LocalHooks, local_train
+from fedtune.client.train import LocalHooks, LocalRun, local_train
 from fedtune.config import parse_config
 from fedtune.config.schema import ClientConfig
 from fedtune.server.build import build_strategy
@@ -57,9 +57,10 @@ def factors(model: torch.nn.Module, name: str) -> tuple[np.ndarray, np.ndarray]:
     return b, a
 
 
-def oracle_client(base, global_model, cid, r, rslora, worker, config):
+def oracle_client(base, global_model, cid, r, rslora, worker, config, *, mu=0.0):
     """Client ``cid`` as a real rank-r peft adapter: it starts from the global adapter's first r components
-    (B scaled by s / s_r, so s_r B_r A_r = s B[:, :r] A[:r]) and trains with the same data, seed and loop."""
+    (B scaled by s / s_r, so s_r B_r A_r = s B[:, :r] A[:r]) and trains with the same data, seed and loop
+    (plus FedProx's mu/2 ||w - w_start||^2 over its own rank-r factors when ``mu``)."""
     model = peft_net(base, r, rslora)
     ratio = scaling(FULL, rslora) / scaling(r, rslora)
     with torch.no_grad():
@@ -69,16 +70,30 @@ def oracle_client(base, global_model, cid, r, rslora, worker, config):
             layer(model, name).lora_A["default"].weight.copy_(torch.from_numpy(a[:r]))
     task = ArrayTask(model)
     cfg = ClientConfig.model_validate(config.client.model_dump())
+    params = [p for p in model.parameters() if p.requires_grad]
+    start = [p.detach().clone() for p in params]
+    hooks = LocalHooks(
+        loss_terms=[lambda: 0.5 * mu * sum(((p - w) ** 2).sum() for p, w in zip(params, start, strict=True))]
+    )
     result = local_train(
-        task, worker.examples(cid, train=True), cfg, seed=config.seed, round_idx=1, client_id=cid, hooks=LocalHooks()
+        task, worker.examples(cid, train=True), cfg, LocalRun(config.seed, 1, cid), hooks=hooks if mu else LocalHooks()
     )
     return {name: factors(model, name) for name in ("q_proj", "v_proj")}, result.num_examples
 
 
 @pytest.mark.parametrize(
-    ("mode", "rslora"), [("flora", False), ("flexlora", False), ("hetlora", False), ("flexlora", True)]
+    ("mode", "rslora", "mu"),
+    [
+        ("flora", False, 0.0),
+        ("flexlora", False, 0.0),
+        ("hetlora", False, 0.0),
+        ("flexlora", True, 0.0),
+        # FedProx: each client's proximal term pulls its rank-r_k factors toward the ones it started from
+        ("flexlora", False, 2.0),
+        ("hetlora", False, 2.0),
+    ],
 )
-def test_ranks_4_8_16_merge_to_the_sum_of_alpha_over_r_k_products(mode, rslora):
+def test_ranks_4_8_16_merge_to_the_sum_of_alpha_over_r_k_products(mode, rslora, mu):
     torch.manual_seed(0)
     base = Net()
     model = peft_net(base, FULL, rslora)
@@ -88,7 +103,7 @@ def test_ranks_4_8_16_merge_to_the_sum_of_alpha_over_r_k_products(mode, rslora):
     global_start = copy.deepcopy(model)
     records = classification_records(3, dim=D_IN)
     config = make_config(
-        server={"lora_aggregation": mode, "lora_client_ranks": RANKS},
+        server={"lora_aggregation": mode, "lora_client_ranks": RANKS, "proximal_mu": mu},
         model={"lora": {"r": FULL, "alpha": ALPHA, "use_rslora": rslora}},
         federation={"rounds": 1, "clients_per_round": 3},
         client={"optimizer": "adamw", "lr": 0.05, "local_steps": 4},
@@ -99,7 +114,9 @@ def test_ranks_4_8_16_merge_to_the_sum_of_alpha_over_r_k_products(mode, rslora):
     state, report = run_round(config, strategy, InProcessTransport(worker), state)
     assert len(report.clients) == 3 and not report.failures
 
-    trained = {cid: oracle_client(base, global_start, cid, r, rslora, worker, config) for cid, r in RANKS.items()}
+    trained = {
+        cid: oracle_client(base, global_start, cid, r, rslora, worker, config, mu=mu) for cid, r in RANKS.items()
+    }
     total = sum(n for _, n in trained.values())
     s = scaling(FULL, rslora)
     for pair in lora_pairs(state.spec):
@@ -307,3 +324,84 @@ def test_a_participant_trains_at_the_rank_of_its_own_config():
     for pair in lora_pairs(worker.view.spec):
         b, a = pair.factors(sent)
         assert not b[:, 2:].any() and not a[2:].any() and b[:, :2].any()
+
+
+# --------------------------------------------------------------------------------------------- DP-SGD
+
+
+@pytest.mark.filterwarnings("ignore:Full backward hook is firing")
+def test_dpsgd_at_a_lower_rank_is_the_private_step_of_the_rank_r_k_adapter():
+    """A rank-2 client of a rank-4 adapter under local DP-SGD: each example's gradient clipped over the whole
+    vector (the components beyond r_k have zero gradient, so the clip is the rank-r_k adapter's), summed,
+    noised with the run's noise stream, the noise beyond r_k masked off, one SGD step, sent in global units.
+    Oracle: test_privacy_dpsgd's per-example loop, run on the client's starting point at scaling alpha / r_k."""
+    import uuid
+
+    from fedtune.aggregation.lora_ranks import from_client_rank, to_client_rank
+    from fedtune.client.build import strategy_extensions
+    from fedtune.client.weights import TrainableView
+    from fedtune.client.worker import ClientWorker
+    from fedtune.config.privacy import DpSgdConfig
+    from fedtune.core.messages import FitInstruction
+    from fedtune.privacy.dpsgd import DpSgd
+    from test_privacy_dpsgd import oracle
+
+    cfg = DpSgdConfig(noise_multiplier=0.8, max_grad_norm=0.05)
+    task = ArrayTask(seeded(lambda: TinyLoraNet(r=4)))
+    records = classification_records(1)
+    n = len(records["c0"][0])
+    ext = strategy_extensions()
+    dpsgd = DpSgd(cfg, state=f"memory:{uuid.uuid4().hex}")
+    worker = ClientWorker(  # DP-SGD's hook first, as build_client_extensions orders them
+        task, records, hook_factories=[dpsgd.hooks, *ext.hook_factories], update_transforms=ext.update_transforms
+    )
+    start = worker.current_params()
+    spec, pairs = worker.view.spec, lora_pairs(worker.view.spec)
+    oracle_task = ArrayTask(copy.deepcopy(task.module))
+    train = ClientConfig(local_steps=1, batch_size=n, lr=0.5, optimizer="sgd", max_grad_norm=None)
+    instr = FitInstruction("c0", 2, start, spec.digest, 5, train, options={"lora_rank": 2, "lora_rslora": False})
+    update = worker.fit(instr)
+    assert update.metrics["lora_rank"] == 2.0 and update.metrics["dpsgd_epsilon"] > 0
+
+    view = TrainableView(oracle_task.module)
+    view.write(to_client_rank(start, pairs, 2))
+    for name in ("q_proj", "v_proj"):  # s_k = alpha / r_k = 4 / 2
+        oracle_task.module.get_submodule(name).scaling["default"] = 2.0
+    examples = worker.examples("c0", train=True)
+    grads = oracle(
+        oracle_task,
+        examples,
+        lambda ex: torch.nn.functional.cross_entropy(oracle_task.module(ex["x"][None]), ex["y"][None]),
+        cfg,
+        instr,
+    )
+    with torch.no_grad():
+        trainable = [(name, p) for name, p in oracle_task.module.named_parameters() if p.requires_grad]
+        for (name, p), g in zip(trainable, grads, strict=True):
+            g = g / n
+            if name.endswith("lora_A.default.weight"):
+                g[2:] = 0.0  # the noise beyond r_k is masked off
+            else:
+                g[:, 2:] = 0.0
+            p.sub_(0.5 * g.to(p.dtype))
+    expected = from_client_rank(view.read(), pairs, 2) - start
+    np.testing.assert_allclose(update.delta, expected, rtol=1e-4, atol=1e-6)
+    assert any(np.abs(update.delta[p.b[0] : p.b[1]]).max() > 1e-3 for p in pairs)  # the step moved B
+
+
+# --------------------------------------------------------------------------------------------- personalisation
+
+
+@pytest.mark.parametrize("mode", ["flora", "hetlora", "flexlora"])
+def test_personalisation_with_client_ranks_is_refused_at_load_naming_the_keys(mode):
+    """FedSA keeps B local (nothing pairs the clients' A and B on the server), FedPer and Ditto run with naive
+    or ffa only; fine-tuning after federation has no rank hook (a rank-r_k client would train all r)."""
+    ranks = {"lora_aggregation": mode, "lora_client_ranks": [2, 4]}
+    lora = {"lora": {"r": 4}}
+    methods = [{"method": "fedsa"}, {"method": "fedper", "local_params": ["*v_proj*"]}, {"method": "ditto"}]
+    for method in methods:
+        with pytest.raises(ValidationError, match=rf"runs with server\.lora_aggregation .* not '{mode}'"):
+            make_config(server=ranks, model=lora, personalization=method)
+    with pytest.raises(ValidationError, match=rf"finetune_steps cannot run under lora_aggregation '{mode}'"):
+        make_config(server=ranks, model=lora, personalization={"finetune_steps": 2})
+    make_config(server={"lora_aggregation": "naive"}, model=lora, personalization={"finetune_steps": 2})  # fine

@@ -313,3 +313,58 @@ def test_federate_a_trainer_over_grpc_in_the_exact_fedex_mode(tmp_path: Path, pk
     assert sorted(net_extras) == sorted(sim_extras) and net_extras
     for key in sim_extras:
         assert_same(net_extras[key], sim_extras[key])
+
+
+@pytest.mark.parametrize(
+    ("sections", "named"),
+    [
+        ({"model": DIGITS_CNN, "privacy": {"dpsgd": {"noise_multiplier": 1.0, "max_grad_norm": 1.0}}}, "privacy.dpsgd"),
+        (
+            {"model": {**TINY_LORA, "lora": {"r": 4, "alpha": 8.0}}, "server": {"lora_aggregation": "hetlora"}},
+            "'hetlora'",
+        ),
+    ],
+    ids=["dpsgd", "hetlora"],
+)
+def test_your_own_loop_refuses_a_server_that_asks_for_the_built_in_loop(
+    sections: dict, named: str, tmp_path: Path, pki: Path, caplog
+) -> None:
+    """A real mTLS server whose config needs fedtune's own local loop: the participant with its own loop
+    refuses at once, naming what it cannot do (the user's loop gets the error, no job, no hang), and leaves
+    with that reason, which the server logs and gives the client's open tasks."""
+    import logging
+
+    import yaml
+
+    from _grpc_support import server_starter
+    from fedtune.errors import ConfigError
+
+    cfg = federation(tmp_path, pki, free_port(), rounds=2, **sections)
+    parse_config(cfg)  # a valid federation: only a loop that is not fedtune's cannot run it
+    with server_starter(pki, config_yaml=yaml.safe_dump(cfg), min_clients=1, poll_s=0.3) as start:
+        server = start()
+        run = fedtune.participate(
+            server=f"127.0.0.1:{server.port}", reconnect_timeout_s=60, quiet=True, **tls(pki, "client_000")
+        )
+        outcome: dict = {}
+
+        def loop() -> None:
+            try:
+                for job in run:
+                    outcome.setdefault("jobs", []).append(job)
+                    job.send(1)
+            except BaseException as err:  # the user's loop sees it
+                outcome["error"] = err
+
+        with caplog.at_level(logging.INFO, logger="fedtune.server"):
+            user = threading.Thread(target=loop, daemon=True)
+            user.start()
+            user.join(120)  # a hang guard: it ends as soon as the participant has refused
+            assert not user.is_alive(), "the participant did not stop"
+        # the participant stopped after the server answered its Leave, which the server logs before answering
+        left = [r.getMessage() for r in caplog.records if "left:" in r.getMessage()]
+        assert "jobs" not in outcome
+        assert isinstance(outcome.get("error"), ConfigError) and named in str(outcome["error"])
+        assert "your own training loop cannot apply" in str(outcome["error"])
+        assert len(left) == 1 and left[0].startswith("client client_000 left: ") and named in left[0]
+        assert "client_000" not in server.registry.live()

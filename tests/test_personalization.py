@@ -17,7 +17,7 @@ import torch
 
 from fedtune.client.build import strategy_extensions
 from fedtune.client.personal import FINETUNED, NS_DITTO, NS_LOCAL, PERSONAL, Personalizer
-from fedtune.client.train import LocalHooks, local_train
+from fedtune.client.train import LocalHooks, LocalRun, local_train
 from fedtune.client.weights import TrainableView
 from fedtune.config.schema import Config
 from fedtune.core.messages import ClientEval
@@ -110,11 +110,8 @@ def oracle_train(config: Config, records, cid: str, round_idx: int, start: dict[
         task,
         examples,
         config.client,
-        seed=config.seed if seed is None else seed,
-        round_idx=round_idx,
-        client_id=cid,
+        LocalRun(config.seed if seed is None else seed, round_idx, cid, rounds=config.federation.rounds),
         hooks=LocalHooks(),
-        rounds=config.federation.rounds,
     )
     return {n: p.detach().clone() for n, p in trainable_parameters(task.module).items()}
 
@@ -244,9 +241,7 @@ def test_finetuning_after_the_last_round_is_reported_and_matches_an_oracle() -> 
             tuned,
             tuned.encode(records[cid][0], train=True),
             steps,
-            seed=derive_seed(config.seed, "finetune"),
-            round_idx=2,
-            client_id=cid,
+            LocalRun(derive_seed(config.seed, "finetune"), 2, cid),
         )
         held_out = tuned.collate(tuned.encode(records[cid][1], train=False))
         assert last[cid] == tuned.eval_batch(held_out)

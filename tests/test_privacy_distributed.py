@@ -22,6 +22,12 @@ from fedtune.privacy.ddp_client import DDP_KEY, config_plan
 from fedtune.run.session import simulate
 
 pytestmark = pytest.mark.filterwarnings("ignore:Full backward hook is firing")
+# the unit tests' federation: 3 rounds of 4 clients with distributed DP (their updates: 64 values)
+UNIT_DDP = {
+    "server": {"weighting": "uniform"},
+    "federation": {"rounds": 3, "clients_per_round": 4},
+    "privacy": {"dp": {"clip": 0.5, "noise_multiplier": 1.0, "distributed": True}, "secure_aggregation": True},
+}
 
 
 def test_skellam_noise_has_the_skellam_distribution() -> None:
@@ -198,13 +204,7 @@ def test_an_aborted_distributed_dp_round_is_not_charged_and_the_next_is_charged_
 
     d = 64
     spec = ParamSpec(names=("w",), shapes=((d,),), dtypes=("float32",))
-    cfg = parse_config(
-        {
-            "server": {"weighting": "uniform"},
-            "federation": {"rounds": 3, "clients_per_round": 4},
-            "privacy": {"dp": {"clip": 0.5, "noise_multiplier": 1.0, "distributed": True}, "secure_aggregation": True},
-        }
-    )
+    cfg = parse_config(UNIT_DDP)
     sa = cfg.privacy.secure_aggregation
     dp = DPFedAvg(
         FedOpt(weighting="uniform"),
@@ -230,6 +230,55 @@ def test_an_aborted_distributed_dp_round_is_not_charged_and_the_next_is_charged_
     assert metrics["dp_charged"] == 1 and metrics["ddp_noise_shares"] == 4
     assert final.extra["dp"]["ledger"] == [distributed.entry(plan, 4)]
     assert metrics["epsilon"] == pytest.approx(accountant.epsilon([distributed.entry(plan, 4)], 1e-5), rel=1e-12)
+
+
+def test_the_participant_logs_its_worst_case_epsilon_with_its_noise_share_alone(caplog) -> None:
+    """The run's epsilon trusts the other clients to add their Skellam shares; each participant logs what its
+    own updates would cost if they did not: once for the whole run (a warning) and, after each round it
+    trains, over the rounds it has noised so far. Oracle: the server's own ledger charged at one share."""
+    import logging
+    import re
+
+    from fedtune.core.messages import ClientUpdate, FitInstruction
+    from fedtune.core.params import ParamSpec
+    from fedtune.privacy.ddp_client import DistributedNoise
+
+    d = 64
+    spec = ParamSpec(names=("w",), shapes=((d,),), dtypes=("float32",))
+    cfg = parse_config(UNIT_DDP)
+    dropout = cfg.privacy.secure_aggregation.expected_dropout
+    plan = config_plan(cfg.privacy.dp, rounds=3, clients_per_round=4, expected_dropout=dropout, dim=d)
+    noise = DistributedNoise(cfg.privacy.dp, rounds=3, clients_per_round=4, expected_dropout=dropout)
+    rng = np.random.default_rng(0)
+    with caplog.at_level(logging.INFO, logger="fedtune.privacy"):
+        for rnd, cid in [(1, "c1"), (2, "c1"), (2, "c1"), (2, "c2")]:  # round 2 of c1 sent twice (a rejoin)
+            update = ClientUpdate(cid, rnd, 5, rng.normal(size=d).astype(np.float32) * 0.01, spec.digest)
+            noise(update, FitInstruction(cid, rnd, np.zeros(d, np.float32), spec.digest, 0, {}))
+
+    def charged(shares: int, rounds: int) -> float:
+        ledger: list = []
+        for _ in range(rounds):
+            ledger = accountant.append(ledger, distributed.entry(plan, shares))
+        return accountant.epsilon(ledger, 1e-5)
+
+    warnings = [r.getMessage() for r in caplog.records if r.levelno == logging.WARNING]
+    assert len(warnings) == 1 and f"1/{plan.planned_clients} of the noise" in warnings[0]
+    whole, planned = re.search(r"epsilon (\S+) at delta \S+ \((\S+) with the", warnings[0]).groups()
+    assert float(whole) == pytest.approx(charged(1, 3), rel=1e-3)
+    assert float(planned) == pytest.approx(charged(plan.planned_clients, 3), rel=1e-3)
+    assert float(whole) > 2 * float(planned)  # one share of three: much less noise
+    pattern = re.compile(r"client (\S+) after round (\d+): epsilon <= (\S+) at delta \S+ over its (\d+) noised")
+    running = [
+        m.groups() for r in caplog.records if r.levelno == logging.INFO and (m := pattern.search(r.getMessage()))
+    ]
+    assert [(c, rnd, n) for c, rnd, _, n in running] == [
+        ("c1", "1", "1"),
+        ("c1", "2", "2"),
+        ("c1", "2", "2"),
+        ("c2", "2", "1"),
+    ]
+    for _, _, eps, n in running:
+        assert float(eps) == pytest.approx(charged(1, int(n)), rel=1e-3)
 
 
 def test_a_participant_refuses_a_server_that_changes_what_its_noise_share_is_sized_by() -> None:

@@ -187,7 +187,7 @@ def test_epochs_are_counted_exactly_whatever_the_last_batch(train: dict, epochs:
     and the accounting must say so (not the one epoch the last batch's size suggests)."""
     from dp_accounting import rdp
 
-    from fedtune.client.train import local_train
+    from fedtune.client.train import LocalRun, local_train
     from fedtune.data.types import ArrayExample
 
     torch.manual_seed(0)
@@ -199,7 +199,7 @@ def test_epochs_are_counted_exactly_whatever_the_last_batch(train: dict, epochs:
     dpsgd = DpSgd(cfg, state=f"memory:{uuid.uuid4().hex}")
     instr = instruction(view, batch_size=10, **train)
     hooks = dpsgd.hooks(task, instr, view)
-    result = local_train(task, examples, instr.train, seed=5, round_idx=2, client_id="c1", hooks=hooks)
+    result = local_train(task, examples, instr.train, LocalRun(5, 2, "c1"), hooks=hooks)
     update = ClientUpdate("c1", 2, result.num_examples, np.zeros(3, np.float32), "x")
     (finish,) = hooks.finish  # the fit's own finish books its cost
     out = finish(update)

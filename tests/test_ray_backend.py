@@ -185,7 +185,7 @@ def test_ray_actor_with_two_data_parallel_processes_per_client(ray_session, tmp_
 
 
 def test_actor_step_reports_are_throttled_but_the_last_step_always_goes() -> None:
-    from fedtune.client.train import StepProgress
+    from fedtune.core.events import StepProgress
     from fedtune.transport.ray_backend import StepForwarder
 
     class Queue:

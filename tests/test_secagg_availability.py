@@ -8,7 +8,7 @@ from dataclasses import replace
 import numpy as np
 import pytest
 
-from fedtune.config import parse_config
+from fedtune.config import parse_config, secagg_bounds
 from fedtune.config.privacy import SecAggConfig
 from fedtune.errors import ConfigError
 from fedtune.privacy.errors import SecAggAbort
@@ -38,7 +38,7 @@ def test_at_30_percent_dropout_100_clients_fewer_than_1_round_in_100_aborts() ->
 )
 def test_the_bound_holds_against_the_simulation(n: int, k: int, threshold: float, dropout: float) -> None:
     rate = availability.simulate_aborts(n, k, threshold, dropout, 300, np.random.default_rng(2))
-    bound = availability.abort_bound(n, k, threshold, dropout)
+    bound = secagg_bounds.abort_bound(n, k, threshold, dropout)
     assert rate <= bound + 4 * np.sqrt(bound * (1 - bound) / 300) + 1e-9, (rate, bound)
 
 
@@ -66,13 +66,13 @@ def test_the_simulation_predicts_each_real_protocol_round() -> None:
 
 
 def test_plan_is_the_smallest_degree_meeting_the_target() -> None:
-    p = availability.plan(100, dropout=0.3, failure_probability=0.01)
+    p = secagg_bounds.plan(100, dropout=0.3, failure_probability=0.01)
     assert p.abort_bound <= 0.01 and p.split_bound <= 0.01 and p.chosen
-    smaller = availability.plan(100, dropout=0.3, failure_probability=0.01, neighbours=p.neighbours - 2)
+    smaller = secagg_bounds.plan(100, dropout=0.3, failure_probability=0.01, neighbours=p.neighbours - 2)
     assert smaller.abort_bound > 0.01
     # no dropout: the sparsest ring; few clients: the complete graph
-    assert availability.plan(50, dropout=0.0, failure_probability=0.01).neighbours == 2
-    assert availability.plan(8, dropout=0.2, failure_probability=0.01).neighbours == 0
+    assert secagg_bounds.plan(50, dropout=0.0, failure_probability=0.01).neighbours == 2
+    assert secagg_bounds.plan(8, dropout=0.2, failure_probability=0.01).neighbours == 0
 
 
 def _config(**secagg) -> object:
@@ -106,7 +106,7 @@ def test_clients_accept_the_automatic_plan_and_refuse_a_weaker_graph(dropout: fl
         policy.check_params(params, "a")
         for roster in {invited, max(3, invited - 3), max(3, int(invited * (1 - dropout)))}:
             policy.check_roster(params, roster, "a")
-            need = availability.secure_degree(roster, dropout, 0.01)
+            need = secagg_bounds.secure_degree(roster, dropout, 0.01)
             if need > 2 and params.neighbours:  # a SecAgg+ graph: one step weaker is refused
                 weaker = replace(params, neighbours=need - 2)
                 with pytest.raises(SecAggAbort, match="survivor graph could split"):
@@ -130,13 +130,13 @@ def test_the_collusion_bound_holds_against_random_corruption_of_the_real_graph()
     n, k, gamma = 60, 20, 0.1
     ids = [f"c{i:02d}" for i in range(n)]
     for threshold in (0.55, 0.7):
-        t = availability.shares_needed(threshold, k)
+        t = secagg_bounds.shares_needed(threshold, k)
         rng, hits = np.random.default_rng(3), 0
         for r in range(400):
             graph = neighbour_graph(ids, k=k, seed=r.to_bytes(8, "little"))
             bad = {c for c in ids if rng.random() < gamma}
             hits += any(len(graph[c] & bad) >= 2 * t - k for c in ids)
-        bound = availability.collusion_bound(n, k, threshold, gamma)
+        bound = secagg_bounds.collusion_bound(n, k, threshold, gamma)
         assert hits / 400 <= bound + 4 * np.sqrt(max(bound, 1e-3) / 400), (threshold, hits, bound)
         if threshold == 0.55:
             assert hits > 0  # t just above k/2: corrupted neighbourhoods do occur (the test can fail)
@@ -145,9 +145,9 @@ def test_the_collusion_bound_holds_against_random_corruption_of_the_real_graph()
 def test_expected_corrupt_raises_the_threshold_and_clients_refuse_a_lower_one() -> None:
     safe = SecAggConfig(expected_dropout=0.3, failure_probability=0.01, expected_corrupt=0.05)
     params = SecureSummer(safe, seed=7).params(SumPlan(round=1, numel=4), 100)
-    k = availability.degree(100, params.neighbours)
-    t = availability.shares_needed(params.threshold, k)
-    assert 2 * t - k > 4 and availability.collusion_bound(100, params.neighbours, params.threshold, 0.05) <= 0.01
+    k = secagg_bounds.degree(100, params.neighbours)
+    t = secagg_bounds.shares_needed(params.threshold, k)
+    assert 2 * t - k > 4 and secagg_bounds.collusion_bound(100, params.neighbours, params.threshold, 0.05) <= 0.01
     wary = ClientPolicy.from_config(safe, seed=7, round_idx=1)
     wary.check_params(params, "a")
     wary.check_roster(params, 100, "a")  # the server's own choice passes the client's recomputation

@@ -321,6 +321,8 @@ def test_distributed_dp_over_grpc_reports_epsilon_and_sends_no_plaintext(tmp_pat
         assert r["agg_ddp_noise_shares"] == r["agg_secagg_survivors"] == 4
         assert r["agg_epsilon"] == pytest.approx(accountant.epsilon(ledger, 1e-5))
     assert np.isfinite(result.state.params).all()
+    for name in CLIENTS[:4]:  # each participant says what its updates cost with its noise share alone
+        assert "if the other clients' noise shares were missing" in procs.log(name), procs.log(name)[-3000:]
     for kind, tensors in spy.seen:
         assert not any(name.startswith("delta/") for name in tensors)
         if kind == pb.FIT_RESULT:

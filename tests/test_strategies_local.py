@@ -43,10 +43,11 @@ def test_proximal_term_gradient_is_mu_times_distance_to_the_global_model():
     worker = make_worker(task, classification_records(1, dim=3))
     config = make_config()
     instr = instruction(worker, config, options={"proximal_mu": 0.7})
+    worker.view.write(instr.params)  # as the worker does before the hooks are made: the anchor is this point
+    (term,) = proximal_term(task, instr, worker.view).loss_terms
     with torch.no_grad():
         for p in worker.view.params:
-            p.add_(1.5)  # move away from the anchor
-    (term,) = proximal_term(task, instr, worker.view).loss_terms
+            p.add_(1.5)  # training moves away from the anchor
     for p in worker.view.params:
         p.grad = None
     term().backward()

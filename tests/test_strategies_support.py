@@ -31,6 +31,7 @@ class ArrayTask:
     loss_kind: str = "ce"
     kind: str = "module"
     reports_accuracy: bool = True
+    compute_dtype: str = "float32"
 
     def encode(self, records: Sequence[tuple[np.ndarray, float]], *, train: bool) -> list[Example]:
         dtype = torch.long if self.loss_kind == "ce" else torch.float32

@@ -13,7 +13,7 @@ from __future__ import annotations
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, Unpack
 
 import torch
 from rich.console import Console
@@ -29,6 +29,7 @@ from fedtune.data.sources import client_ids
 from fedtune.errors import FedtuneError
 from fedtune.run import rundir
 from fedtune.run.artifacts import global_extras
+from fedtune.run.federate_hf import ServerConnection
 from fedtune.run.objects import Objects, check_objects, object_config, object_task, prepare_objects, raw_config
 from fedtune.run.participation import Participation
 from fedtune.run.session import Prepared, RunResult
@@ -254,8 +255,33 @@ def _networked(
     return participation
 
 
-def federate(trainer: Any, config: str | Path | Mapping | Config | None = None, **kwargs: Any) -> Any:
-    """Federate a ``transformers.Trainer`` / TRL ``SFTTrainer`` (see ``fedtune.run.federate_hf.federate``)."""
-    from fedtune.run.federate_hf import federate as federate_trainer
+def federate(
+    trainer: Any,
+    config: str | Path | Mapping | Config | None = None,
+    *,
+    datasets: Mapping[str, Any] | None = None,
+    quiet: bool = False,
+    **connection: Unpack[ServerConnection],
+) -> Any:
+    """Federate a ``transformers.Trainer`` / TRL ``SFTTrainer`` (``fedtune.run.federate_hf``): in simulation
+    (``config`` and one trainer per client, or ``datasets=``) it returns the ``SimulationResult``; with
+    ``server=`` (and ``ca``, ``cert``, ``key``, optionally ``server_name`` and ``reconnect_timeout_s``:
+    ``participate``'s connection arguments) it joins that ``fedtune server`` as a participant training on
+    ``trainer.train_dataset`` (held-out: ``trainer.eval_dataset``) and returns 0 when the federation finished."""
+    from fedtune.run import federate_hf as hf
 
-    return federate_trainer(trainer, config, **kwargs)
+    hf.check_connection(connection)
+    if connection.get("server") is not None:
+        run = participate(
+            config, model=trainer.model, evaluate=hf.own_evaluator(trainer), quiet=quiet, _as_is=True, **connection
+        )
+        return hf.drive(run, lambda client_id: trainer)
+    if config is None:
+        raise TypeError("federate() in simulation needs the federation's config (rounds, clients per round, ...)")
+    trainers = hf.per_client(trainer, datasets)
+    model = next(iter(trainers.values())).model
+    hf.check_naive_lora(config)
+    run = participate(
+        config, model=model, clients=list(trainers), evaluate=hf.evaluator(trainers), quiet=quiet, _as_is=True
+    )
+    return hf.drive(run, trainers.__getitem__)

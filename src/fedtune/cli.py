@@ -19,7 +19,7 @@ from fedtune.dashboard.options import (
     OptionalValueCommand,
     dashboard_port,
 )
-from fedtune.errors import FedtuneError
+from fedtune.errors import FedtuneError, exit_status
 
 app = typer.Typer(add_completion=False, no_args_is_help=True, help="Federated fine-tuning of language models.")
 console = Console()
@@ -37,9 +37,9 @@ def dashboard_sinks(console: Console, port: int | None, host: str = "127.0.0.1")
     return [DashboardSink(console, host=host, port=port)]
 
 
-def _fail(err: Exception) -> None:
+def _fail(err: FedtuneError) -> None:
     console.print(f"[bold red]error:[/bold red] {err}", soft_wrap=True)
-    raise typer.Exit(code=2)
+    raise typer.Exit(code=exit_status(err))
 
 
 def _summary(result) -> None:

@@ -27,7 +27,20 @@ class CheckpointError(FedtuneError):
 
 class NoRoundCompleted(FedtuneError):
     """A run ran rounds and none of them changed the model (every client failed, or every aggregate was
-    rejected): the command exits non-zero."""
+    rejected): the command exits with EXIT_NO_ROUND, not the configuration error's status."""
+
+
+# Exit statuses of the commands (docs/DEPLOYMENT.md): 0 success, 1 a participant's federation ended in error,
+# 2 bad configuration, data or certificates, 3 a participant that cannot connect or is refused, 4 a run that
+# started but in which no round could be completed (a script can tell "fix the config" from "the federation
+# ran and failed").
+EXIT_CONFIG = 2
+EXIT_NO_ROUND = 4
+
+
+def exit_status(err: FedtuneError) -> int:
+    """The command's exit status for an error that ends it."""
+    return EXIT_NO_ROUND if isinstance(err, NoRoundCompleted) else EXIT_CONFIG
 
 
 class DataWarning(UserWarning):

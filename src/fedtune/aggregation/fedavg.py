@@ -32,14 +32,18 @@ class WeightedSum:
     def __post_init__(self) -> None:
         self.acc = np.zeros(self.numel, dtype=self.dtype)
 
-    def add(self, delta: np.ndarray, weight: float) -> None:
+    def add(self, delta: np.ndarray, weight: float, *, scale: float = 1.0) -> None:
+        """Fold ``scale * weight * delta`` into the sum and ``weight`` into the total weight: ``scale`` is a
+        discount of the summand alone (FedBuff's staleness weight, in (0, 1]; 1 everywhere else)."""
         if delta.shape != (self.numel,):
             raise ValueError(f"update has shape {delta.shape}, expected ({self.numel},)")
         if not weight > 0:
             raise ValueError(f"client weight must be positive, got {weight}")
+        if not 0 < scale <= 1:
+            raise ValueError(f"a summand's discount must lie in (0, 1], got {scale}")
         # torch's fused axpy reads the float32 input once and is multi-threaded; from_numpy shares memory
-        # with our accumulator only, never with the caller's array.
-        torch.from_numpy(self.acc).add_(torch.from_numpy(delta), alpha=float(weight))
+        # with our accumulator only, never with the caller's array. (weight * 1.0 is weight exactly.)
+        torch.from_numpy(self.acc).add_(torch.from_numpy(delta), alpha=float(weight) * float(scale))
         self.total_weight += float(weight)
         self.count += 1
 

@@ -20,16 +20,20 @@ Staleness weights (tau >= 0):
     polynomial   s = (1 + tau) ** -a                             FedAsync (Xie et al. 2019)
     hinge        s = 1 if tau <= b else 1 / (a (tau - b) + 1)    FedAsync's hinge
 
-All functions are pure and never mutate their inputs; the fold accumulates in float64 in arrival order and
-rounds to float32 once.
+The fold is the one weighted fold of the repository (``aggregation.fedavg.WeightedSum``, float64 here, the
+staleness weight a discount of the summand): what a synchronous round's sum uses, and what the loop forms for
+a FedBuff step (``privacy.sums.plain_sum`` with ``SumPlan.staleness``). Nothing here mutates its inputs; the
+fold accumulates in float64 in arrival order and rounds to float32 once.
 """
 
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 import numpy as np
+
+from fedtune.aggregation.fedavg import WeightedSum
 
 STALENESS_RULES = ("sqrt", "constant", "polynomial", "hinge")
 
@@ -66,52 +70,18 @@ class StalenessWeight:
         return 1.0 if tau <= self.b else 1.0 / (self.a * (tau - self.b) + 1.0)
 
 
-@dataclass
-class BufferFold:
-    """The buffer of one FedBuff step: ``add`` each arrival, then ``result`` = sum s_k w_k d_k / sum w_k.
-
-    >>> f = BufferFold(2)
-    >>> f.add(np.array([2, 4], np.float32), weight=1.0, staleness_weight=1.0)
-    >>> f.add(np.array([4, 0], np.float32), weight=3.0, staleness_weight=0.5)
-    >>> f.result().tolist()
-    [2.0, 1.0]
-    """
-
-    numel: int
-    count: int = 0
-    total_weight: float = 0.0  # sum w_k: the paper's denominator (K with uniform weights)
-    staleness_sum: float = 0.0  # sum s_k, for the metrics
-    _acc: np.ndarray = field(init=False, repr=False)
-
-    def __post_init__(self) -> None:
-        self._acc = np.zeros(self.numel, dtype=np.float64)
-
-    def add(self, delta: np.ndarray, *, weight: float, staleness_weight: float) -> None:
-        if delta.shape != (self.numel,):
-            raise ValueError(f"update has shape {delta.shape}, expected ({self.numel},)")
-        if not weight > 0 or not 0 < staleness_weight <= 1:
-            raise ValueError(f"need weight > 0 and 0 < staleness weight <= 1, got {weight}, {staleness_weight}")
-        self._acc += (float(weight) * float(staleness_weight)) * delta.astype(np.float64, copy=False)
-        self.total_weight += float(weight)
-        self.staleness_sum += float(staleness_weight)
-        self.count += 1
-
-    def weighted_sum(self) -> np.ndarray:
-        """sum s_k w_k d_k in float64 (a copy): what DP noises before dividing by the public K."""
-        return self._acc.copy()
-
-    def result(self) -> np.ndarray:
-        """The buffered step direction, float32 (one rounding)."""
-        if self.count == 0:
-            raise ValueError("no updates were folded")
-        return (self._acc / self.total_weight).astype(np.float32)
-
-
 def buffered_step(
     arrivals: list[tuple[np.ndarray, float, int]], weight_rule: StalenessWeight, numel: int
 ) -> np.ndarray:
-    """The step of a buffer given as (delta, example weight, staleness) triples, folded in the given order."""
-    fold = BufferFold(numel)
+    """The step of a buffer given as (delta, example weight, staleness) triples, folded in the given order.
+
+    >>> buffered_step([(np.array([2, 4], np.float32), 1.0, 0), (np.array([4, 0], np.float32), 3.0, 3)],
+    ...               StalenessWeight("sqrt"), 2).tolist()
+    [2.0, 1.0]
+    """
+    fold = WeightedSum(numel, dtype=np.float64)
     for delta, weight, tau in arrivals:
-        fold.add(delta, weight=weight, staleness_weight=weight_rule(tau))
-    return fold.result()
+        fold.add(delta, weight, scale=weight_rule(tau))
+    if fold.count == 0:
+        raise ValueError("no updates were folded")
+    return (fold.acc / fold.total_weight).astype(np.float32)

@@ -306,6 +306,7 @@ class DistributedClientWorker:
             raise FedtuneError("the data-parallel ranks built a different model than this process")
         self.records = local.records
         self.view = local.view
+        self.examples = local.examples  # what the participant declares at Join is counted from it
         # the transports have no hook to close a worker: stop the ranks when this object goes away
         weakref.finalize(self, self.fitter.close)
 

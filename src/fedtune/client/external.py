@@ -144,6 +144,7 @@ class ExternalWorker:
             delta=self.view.read() - instr.params,
             spec_digest=self.view.spec.digest,
             metrics={"fit_seconds": seconds, **job.metrics},
+            version=instr.version,
         )
         for transform in self.update_transforms:
             update = transform(update, instr)

@@ -16,7 +16,7 @@ from collections.abc import Sequence
 import torch
 
 from fedtune.client.schedule import round_schedule
-from fedtune.client.train import LocalHooks, LocalResult, make_optimizer, micro_batches_per_round
+from fedtune.client.train import LocalHooks, LocalResult, LocalRun, make_optimizer, micro_batches_per_round
 from fedtune.config.schema import ClientConfig
 from fedtune.core.rng import derive_seed
 from fedtune.errors import ConfigError
@@ -43,17 +43,9 @@ class TaskLoss(torch.nn.Module):
 
 
 def hf_local_train(
-    task: Task,
-    examples: Sequence[Example],
-    cfg: ClientConfig,
-    *,
-    seed: int,
-    round_idx: int,
-    client_id: str,
-    hooks: LocalHooks,
-    rounds: int | None,
+    task: Task, examples: Sequence[Example], cfg: ClientConfig, run: LocalRun, *, hooks: LocalHooks
 ) -> LocalResult:
-    """One round of local training with ``transformers.Trainer``."""
+    """One round of local training with ``transformers.Trainer`` (the built-in loop's arguments)."""
     from transformers import PrinterCallback, Trainer, TrainingArguments
 
     if hooks.loss_terms or hooks.grad_hooks:
@@ -62,14 +54,14 @@ def hf_local_train(
             "FLoRA's ranks act inside fedtune's built-in loop (client.trainer: builtin)"
         )
     if not examples:
-        raise ValueError(f"client {client_id} has no training examples")
+        raise ValueError(f"client {run.client_id} has no training examples")
     batch_size = len(examples) if cfg.full_batch else cfg.batch_size
     steps = -(-micro_batches_per_round(cfg, len(examples), batch_size) // cfg.gradient_accumulation_steps)
     params = [p for p in task.module.parameters() if p.requires_grad]
     optimizer = make_optimizer(params, cfg)
-    schedule = round_schedule(cfg, steps_per_round=steps, round_idx=round_idx, rounds=rounds)
+    schedule = round_schedule(cfg, steps_per_round=steps, round_idx=run.round_idx, rounds=run.rounds)
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, schedule.factor)
-    run_seed = derive_seed(seed, "shuffle", round_idx, client_id) % 2**31
+    trainer_seed = derive_seed(run.seed, "shuffle", run.round_idx, run.client_id) % 2**31
     with tempfile.TemporaryDirectory(prefix="fedtune-hf-") as out:
         args = TrainingArguments(
             output_dir=out,
@@ -77,8 +69,8 @@ def hf_local_train(
             max_steps=steps,
             gradient_accumulation_steps=cfg.gradient_accumulation_steps,
             max_grad_norm=cfg.max_grad_norm or 0.0,
-            seed=run_seed,
-            data_seed=run_seed,
+            seed=trainer_seed,
+            data_seed=trainer_seed,
             use_cpu=not torch.cuda.is_available(),
             report_to=[],
             save_strategy="no",

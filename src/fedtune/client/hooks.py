@@ -48,11 +48,15 @@ def _slices(flat: np.ndarray, view: TrainableView) -> list[torch.Tensor]:
 
 
 def proximal_term(task: Task, instr: FitInstruction, view: TrainableView) -> LocalHooks:
-    """FedProx (Li et al. 2020): add mu/2 ||w - w_t||^2 over the trainable parameters to every step's loss."""
+    """FedProx (Li et al. 2020): add mu/2 ||w - w_t||^2 over the trainable parameters to every step's loss.
+
+    w_t is the point this fit starts from: the received vector, or, for a client of heterogeneous LoRA rank,
+    its rank-r_k rewrite of it (the rank hook runs first and rewrites the model; ``instr.params`` would hold
+    B in global units and the components beyond r_k, pulling the client toward a model it never held)."""
     mu = float(instr.options.get(PROXIMAL_OPTION, 0.0))
     if mu <= 0:
         return LocalHooks()
-    anchors = _slices(instr.params, view)
+    anchors = _slices(view.read(), view)
 
     def term() -> torch.Tensor:
         return 0.5 * mu * sum(((p - w0) ** 2).sum() for p, w0 in zip(view.params, anchors, strict=True))

@@ -27,7 +27,7 @@ from contextlib import contextmanager
 import numpy as np
 import torch
 
-from fedtune.client.train import LocalHooks, LocalResult, local_train
+from fedtune.client.train import LocalHooks, LocalResult, LocalRun, local_train
 from fedtune.client.weights import TrainableView
 from fedtune.config.personalization import PersonalizationConfig
 from fedtune.config.schema import ClientConfig
@@ -149,16 +149,9 @@ class Personalizer:
             hooks.loss_terms.append(pull)
         if self.cfg.ditto_steps is not None:
             cfg = cfg.model_copy(update={"local_steps": self.cfg.ditto_steps, "local_epochs": None})
-        result = local_train(
-            task,
-            examples,
-            cfg,
-            seed=derive_seed(instr.seed, "ditto"),  # its own minibatch and dropout streams
-            round_idx=instr.round,
-            client_id=instr.client_id,
-            hooks=hooks,
-            rounds=instr.options.get(ROUNDS_OPTION),
-        )
+        # its own minibatch and dropout streams
+        run = LocalRun(derive_seed(instr.seed, "ditto"), instr.round, instr.client_id, instr.options.get(ROUNDS_OPTION))
+        result = local_train(task, examples, cfg, run, hooks=hooks)
         state = ClientState({"params": view.read()}, {"steps": result.steps})
         self.store.save(instr.client_id, NS_DITTO, state, round=instr.round)
         return result
@@ -212,14 +205,8 @@ class Personalizer:
             }
         )
         with self.own_local(task.module, instr.client_id, before=instr.round + 1, train=True) as local:
-            local_train(
-                task,
-                train_examples,
-                cfg,
-                seed=derive_seed(self.seed, "finetune"),
-                round_idx=instr.round,
-                client_id=instr.client_id,
-            )
+            run = LocalRun(derive_seed(self.seed, "finetune"), instr.round, instr.client_id)
+            local_train(task, train_examples, cfg, run)
             sums = evaluate(examples)
             arrays = {"params": view.read()} | {
                 LOCAL_PREFIX + n: p.detach().to("cpu", torch.float32).numpy().copy() for n, p in local.items()

@@ -19,24 +19,12 @@ import torch
 
 from fedtune.client.schedule import round_schedule
 from fedtune.config.schema import ClientConfig
+from fedtune.core.events import StepProgress
 from fedtune.core.fit import LocalHooks
 from fedtune.core.rng import derive_seed, derive_torch_generator, seed_device_stream
 from fedtune.tasks.base import Example, Task
 
-
-@dataclass(frozen=True)
-class StepProgress:
-    """Where one client's local training is, reported after every optimizer step (for progress displays)."""
-
-    client_id: str
-    round: int
-    step: int  # steps done
-    total_steps: int
-    examples: int  # training examples processed so far this round
-    seconds: float  # since local training started
-
-
-StepCallback = Callable[[StepProgress], None]
+StepCallback = Callable[[StepProgress], None]  # told after every optimizer step (progress displays)
 
 
 class BatchLoss(Protocol):
@@ -70,6 +58,17 @@ class LocalResult:
     examples_per_s: float = 0.0  # training examples processed per second of local training (0: not measured)
 
 
+@dataclass(frozen=True)
+class LocalRun:
+    """Which client's round a local training is: what every local trainer (this loop, the Trainer path in
+    fedtune.client.hf_trainer) takes besides the task, the examples and the client config."""
+
+    seed: int  # the run's seed: shuffling and dropout derive from (seed, round_idx, client_id)
+    round_idx: int
+    client_id: str
+    rounds: int | None = None  # the federation's rounds: the learning-rate schedule's horizon (None: one round)
+
+
 def _batches(examples: Sequence[Example], batch_size: int, generator: torch.Generator) -> Iterator[list[Example]]:
     """Shuffled minibatches, epoch after epoch; the last partial batch of an epoch is kept (small clients
     matter)."""
@@ -96,22 +95,20 @@ def local_train(
     task: Task,
     examples: Sequence[Example],
     cfg: ClientConfig,
+    run: LocalRun,
     *,
-    seed: int,
-    round_idx: int,
-    client_id: str,
     hooks: LocalHooks | None = None,
     batch_loss: BatchLoss = WHOLE_BATCH,
-    rounds: int | None = None,
     on_step: StepCallback | None = None,
 ) -> LocalResult:
     """Train ``task.module``'s trainable parameters in place on ``examples``.
 
     An optimizer step accumulates ``cfg.gradient_accumulation_steps`` minibatches (each one's loss divided
     by their count, as transformers.Trainer does); the learning rate follows ``cfg.lr_scheduler_type`` over
-    the federation's ``rounds`` (see fedtune.client.schedule). ``task.module`` may be a wrapper while this
+    the federation's ``run.rounds`` (see fedtune.client.schedule). ``task.module`` may be a wrapper while this
     runs (DDP): the parameters are read from it, and its forward is what ``task.loss`` calls. ``on_step``
     hears about every finished step (a progress bar)."""
+    seed, round_idx, client_id = run.seed, run.round_idx, run.client_id
     if not examples:
         raise ValueError(f"client {client_id} has no training examples")
     hooks = hooks or LocalHooks()
@@ -126,7 +123,7 @@ def local_train(
     micro_total = micro_batches_per_round(cfg, len(examples), batch_size)
     accumulate = cfg.gradient_accumulation_steps
     total_steps = math.ceil(micro_total / accumulate)
-    schedule = round_schedule(cfg, steps_per_round=total_steps, round_idx=round_idx, rounds=rounds)
+    schedule = round_schedule(cfg, steps_per_round=total_steps, round_idx=round_idx, rounds=run.rounds)
 
     task.module.train()
     batches = _batches(examples, batch_size, shuffle)

@@ -23,7 +23,7 @@ import torch
 from fedtune.client.hooks import LoraResidual
 from fedtune.client.personal import Personalizer
 from fedtune.client.residual_copy import ResidualCopy
-from fedtune.client.train import WHOLE_BATCH, BatchLoss, LocalResult, StepCallback, local_train
+from fedtune.client.train import WHOLE_BATCH, BatchLoss, LocalResult, LocalRun, StepCallback, local_train
 from fedtune.client.weights import TrainableView
 from fedtune.core.fit import FitContext, LocalHooks
 from fedtune.core.keys import ROUNDS_OPTION
@@ -74,7 +74,7 @@ class ClientWorker:
         self._encoded: dict[tuple[str, bool], list[Example]] = {}
         # inert unless a request carries "lora/residual/<module>" arrays; under bf16 autocast the residual is
         # applied in float32 beside the base weight instead of folded into it (where bf16 would round it away)
-        bf16 = getattr(task, "compute_dtype", "float32") != "float32"
+        bf16 = task.compute_dtype != "float32"
         self.residual = LoraResidual(separate=bf16)
         self.residual_copy = ResidualCopy(residual_state)  # the client's residual, advanced by increments
         self.on_step: StepCallback | None = None  # told after every local step (the simulation's progress bar)
@@ -139,19 +139,14 @@ class ClientWorker:
             num_examples=result.num_examples,
             delta=np.subtract(params, instr.params, out=params),
             spec_digest=self.view.spec.digest,
+            version=instr.version,  # async mode: the model version it trained on, echoed
             metrics={"train_loss": result.train_loss, "steps": float(result.steps), **_throughput(result), **metrics},
         )
 
     def train(self, fit: FitContext, *, batch_loss: BatchLoss = WHOLE_BATCH) -> LocalResult:
         """The local training of the fit's client on its examples (data-parallel ranks pass their batch loss)."""
         instr, cfg = fit.instr, fit.instr.train
-        common = dict(  # what both trainers take: the client's examples, its round and its random stream
-            seed=instr.seed,
-            round_idx=instr.round,
-            client_id=instr.client_id,
-            hooks=fit.hooks,
-            rounds=instr.options.get(ROUNDS_OPTION),
-        )
+        run = LocalRun(instr.seed, instr.round, instr.client_id, rounds=instr.options.get(ROUNDS_OPTION))
         examples = self.examples(instr.client_id, train=True)
         if cfg.trainer == "hf":
             from fedtune.client.hf_trainer import hf_local_train
@@ -161,8 +156,8 @@ class ClientWorker:
                     "client.trainer 'hf' trains in one process: data-parallel local training (client_nproc / "
                     "--nproc > 1) needs client.trainer 'builtin'"
                 )
-            return hf_local_train(self.task, examples, cfg, **common)
-        return local_train(self.task, examples, cfg, batch_loss=batch_loss, on_step=self.on_step, **common)
+            return hf_local_train(self.task, examples, cfg, run, hooks=fit.hooks)
+        return local_train(self.task, examples, cfg, run, hooks=fit.hooks, batch_loss=batch_loss, on_step=self.on_step)
 
     def fit(self, instr: FitInstruction) -> ClientUpdate:
         started = time.perf_counter()
@@ -204,3 +199,6 @@ class ClientWorker:
 
     def current_params(self) -> np.ndarray:
         return self.view.read()
+
+    def close(self) -> None:
+        """Nothing to release (a data-parallel worker stops its ranks here): every worker can be closed."""

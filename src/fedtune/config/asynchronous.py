@@ -4,8 +4,9 @@
 clients train at once, each on the model version it was dispatched with, and the server steps after every
 ``buffer_size`` arrivals. ``federation.rounds`` then counts buffered steps. In simulation the arrivals follow
 a simulated clock: each client has a speed drawn once from ``simulation.client_speed`` (seeded), so a
-1,000-client run is fast and deterministic. ``check_async_rules`` is the table of what async mode refuses,
-each with the reason; it runs when the config is loaded.
+1,000-client run is fast and deterministic; over gRPC (``fedtune server``) they are the real participants'.
+``check_async_rules`` is the table of what async mode refuses, each with the reason; it runs when the config
+is loaded.
 """
 
 from __future__ import annotations

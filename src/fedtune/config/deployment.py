@@ -27,7 +27,10 @@ class DeploymentConfig(Section):
     # client may claim. A reply claiming more is weighted by the declared count ("cap") or refused ("refuse"),
     # the reason logged; a reply from a client with no declared count is refused.
     declared_examples: dict[str, PositiveInt] | None = None
+    # a participant also declares its own count when it joins (its training examples, from its own data); a
+    # later reply claiming more than that is likewise weighted as declared ("cap") or refused ("refuse")
     over_declared: Literal["cap", "refuse"] = "cap"
+    require_declared_examples: bool = False  # refuse updates from a participant that declared no count at Join
     max_clients: PositiveInt = 256  # most concurrent sessions (the server's thread pool is sized from it)
     min_clients: PositiveInt = 2  # quorum: a round starts only when at least this many clients are connected
     quorum_timeout_s: PositiveFloat = 600.0  # give up (exit non-zero) if the quorum is not reached in time
@@ -52,6 +55,12 @@ class DeploymentConfig(Section):
     max_concurrent_rpcs: PositiveInt | None = None  # all calls at once (default max_clients*(streams+1)+16)
     upload_timeout_s: PositiveFloat = 600.0  # a result upload not complete within this is cancelled by the server
     max_connections: PositiveInt | None = None  # open connections, authenticated or not (default 4*max_clients+64)
+    # the connection gate (transport/grpc/gate.py): a front end on the public port that keeps at most this many
+    # connections which have not yet made an authenticated call, per source address and in all; more are closed
+    # at accept. Off: gRPC accepts directly (max_connections is then the only cap, shared with honest clients).
+    connection_gate: bool = True
+    max_unauthenticated: PositiveInt = 128
+    max_unauthenticated_per_address: PositiveInt = 8
     handshake_timeout_s: PositiveFloat = 10.0  # a connection that has not finished TLS by then is closed
     idle_timeout_s: PositiveFloat = 600.0  # a connection with no call for this long is closed
     keepalive_s: PositiveFloat = 30.0  # the server pings each connection this often and drops it after no answer
@@ -86,6 +95,8 @@ class DeploymentConfig(Section):
             )
         if self.max_connections is not None and self.max_connections < self.max_clients:
             raise ValueError("deployment.max_connections is below deployment.max_clients")
+        if self.max_unauthenticated_per_address > self.max_unauthenticated:
+            raise ValueError("deployment.max_unauthenticated_per_address exceeds deployment.max_unauthenticated")
         return self
 
     @property

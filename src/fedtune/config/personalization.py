@@ -19,6 +19,10 @@ Privacy: nothing local ever leaves the client, so secure aggregation (which sums
 DP-FedAvg (which clips and noises the shared part; its guarantee covers the released global model) apply
 unchanged. Local DP-SGD is refused: the local parameters and Ditto's personal model would be trained
 outside its accounting, and the shared update is computed through them.
+
+Heterogeneous client ranks (lora_aggregation flora / hetlora / flexlora) are refused with every method and
+with ``finetune_steps``: the methods' compatible modes are listed below, and the fine-tuning loop after
+federation has no rank hook (a rank-r_k client would fine-tune the adapter's full rank).
 """
 
 from __future__ import annotations
@@ -95,5 +99,9 @@ def check_personalization_rules(config: Config) -> None:
             f"{what} with client.straggler_fraction: a straggler's shared part stops early while its local part "
             "would train on; set client.straggler_fraction 0"
         )
-    if config.server.lora_aggregation == "flora" and p.finetune_steps:
-        raise ValueError("personalization.finetune_steps cannot run under lora_aggregation 'flora' (masked ranks)")
+    if config.server.lora_aggregation in ("flora", "hetlora", "flexlora") and p.finetune_steps:
+        # the fine-tuning loop has no rank hook: a client of rank r_k would fine-tune all r components
+        raise ValueError(
+            f"personalization.finetune_steps cannot run under lora_aggregation {mode!r}: clients train at their "
+            "own ranks, and fine-tuning after federation would train the adapter's full rank model.lora.r"
+        )

@@ -173,9 +173,9 @@ def check_secagg_availability(secagg: SecAggConfig, clients: int | None) -> None
     when clients_per_round fixes n; with a sampling fraction the bound is computed each round (and logged)."""
     if clients is None or (secagg.threshold is None and secagg.neighbours is None):
         return
-    from fedtune.privacy.secagg import availability
+    from fedtune.config import secagg_bounds  # scipy: only for a config that fixes k or t
 
-    given = availability.plan(
+    given = secagg_bounds.plan(
         clients,
         dropout=secagg.expected_dropout,
         failure_probability=secagg.failure_probability,
@@ -183,7 +183,7 @@ def check_secagg_availability(secagg: SecAggConfig, clients: int | None) -> None
         neighbours=secagg.neighbours,
         corrupt=secagg.expected_corrupt,
     )
-    auto = availability.plan(
+    auto = secagg_bounds.plan(
         clients,
         dropout=secagg.expected_dropout,
         failure_probability=secagg.failure_probability,

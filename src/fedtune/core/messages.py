@@ -24,6 +24,8 @@ class FitInstruction:
     train: ClientConfig
     extras: dict[str, np.ndarray] = field(default_factory=dict)  # strategy payloads (e.g. control variates)
     options: dict[str, Any] = field(default_factory=dict)  # strategy scalars (e.g. proximal mu)
+    # async mode (FedBuff): the server's model version ``params`` is; the reply echoes it (None: a sync round)
+    version: int | None = None
 
 
 @dataclass(frozen=True)
@@ -39,6 +41,7 @@ class ClientUpdate:
     extras: dict[str, np.ndarray] = field(default_factory=dict)
     bytes_down: int = 0  # bytes the client received for this round (filled by the transport)
     bytes_up: int = 0  # bytes the client sent
+    version: int | None = None  # async mode: the model version it trained on (FitInstruction.version)
 
 
 @dataclass(frozen=True)

@@ -11,6 +11,7 @@ import json
 import math
 from collections.abc import Mapping
 from dataclasses import dataclass
+from functools import cached_property
 
 import numpy as np
 
@@ -19,21 +20,25 @@ from fedtune.errors import UpdateRejected
 
 @dataclass(frozen=True)
 class ParamSpec:
-    """Names, shapes and dtypes of the exchanged tensors, in a fixed order."""
+    """Names, shapes and dtypes of the exchanged tensors, in a fixed order.
+
+    Frozen, so its derived figures are computed once and cached on the instance: every reply checks its
+    length and digest, and recomputing them (a NumPy product per tensor, a JSON dump and a SHA-256) cost
+    about 0.2 ms per client per round. The cache is not a field: equality and the JSON form are unchanged."""
 
     names: tuple[str, ...]
     shapes: tuple[tuple[int, ...], ...]
     dtypes: tuple[str, ...]
 
-    @property
+    @cached_property
     def sizes(self) -> tuple[int, ...]:
-        return tuple(int(np.prod(s, dtype=np.int64)) for s in self.shapes)
+        return tuple(int(math.prod(s)) for s in self.shapes)
 
-    @property
+    @cached_property
     def numel(self) -> int:
-        return int(sum(self.sizes))
+        return sum(self.sizes)
 
-    @property
+    @cached_property
     def digest(self) -> str:
         """A short hash of the spec; equal digests mean the flat layouts agree."""
         payload = json.dumps([self.names, self.shapes, self.dtypes]).encode()
@@ -97,7 +102,9 @@ _FINITE_BLOCK = 1 << 16  # values per block: a 64 KiB boolean mask, whatever the
 def all_finite(flat: np.ndarray) -> bool:
     """``np.isfinite(flat).all()`` for a 1-D array, without its model-sized boolean mask (validating an
     update must not cost a quarter of another buffer); stops at the first bad block."""
-    mask = np.empty(min(flat.size, _FINITE_BLOCK), dtype=bool)
+    if flat.size <= _FINITE_BLOCK:  # one block: no loop (a small model's reply, checked per client)
+        return bool(np.isfinite(flat).all())
+    mask = np.empty(_FINITE_BLOCK, dtype=bool)
     for start in range(0, flat.size, _FINITE_BLOCK):
         block = flat[start : start + _FINITE_BLOCK]
         out = mask[: block.size]

@@ -18,6 +18,7 @@ import json
 import logging
 import os
 import tempfile
+from collections.abc import Callable
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
@@ -96,30 +97,41 @@ class ServerState:
 
 def save_state(state: ServerState, path: Path, *, config_digest: str) -> None:
     """Write the state to ``path`` atomically (temp file, fsync, rename): a crash leaves the old file."""
+    state_writer(state, path, config_digest=config_digest)()
+
+
+def state_writer(state: ServerState, path: Path, *, config_digest: str) -> Callable[[], None]:
+    """``save_state`` in two parts: what reads the state's mutable part (its JSON ``extra``) is done now; the
+    returned function does the rest (checksum, file, fsyncs, rename) and may run in another thread, since the
+    state's arrays are values, never modified once in a state."""
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
     tensors = {"params": np.ascontiguousarray(state.params)}
     tensors.update({f"arrays/{k}": np.ascontiguousarray(v) for k, v in state.arrays.items()})
     meta = {
         "format": FORMAT_VERSION,
         "round": state.round,
         "spec": state.spec.to_json(),
-        "extra": state.extra,
+        "extra": json.loads(json.dumps(state.extra)),  # a copy, and a non-JSON value fails here, not later
         "config_digest": config_digest,
-        "sha256": tensors_sha256(tensors),
     }
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=path.name, suffix=".tmp")
-    os.close(fd)
-    try:
-        save_file(tensors, tmp, metadata={"fedtune": json.dumps(meta)})
-        with open(tmp, "rb") as fh:
-            os.fsync(fh.fileno())
-        _keep_previous(path)
-        os.replace(tmp, path)
-        _fsync_dir(path.parent)
-    finally:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
+
+    def write() -> None:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        meta["sha256"] = tensors_sha256(tensors)
+        fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=path.name, suffix=".tmp")
+        os.close(fd)
+        try:
+            save_file(tensors, tmp, metadata={"fedtune": json.dumps(meta)})
+            with open(tmp, "rb") as fh:
+                os.fsync(fh.fileno())
+            _keep_previous(path)
+            os.replace(tmp, path)
+            _fsync_dir(path.parent)
+        finally:
+            if os.path.exists(tmp):
+                os.unlink(tmp)
+
+    return write
 
 
 def load_state(path: Path, *, config_digest: str | None = None) -> ServerState:

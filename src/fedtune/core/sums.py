@@ -6,10 +6,26 @@ config asks for it and the transport can carry it) and hands the result to the s
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
 import numpy as np
+
+
+@dataclass(frozen=True)
+class Staleness:
+    """FedBuff's discount (Nguyen et al. 2022): a summand trained on model version v, summed for a server at
+    version ``version``, is multiplied by ``weight(version - v)`` in (0, 1] after any clipping; its weight in
+    the denominator is not, so a stale buffer moves the model less (``fedtune.aggregation.fedbuff``)."""
+
+    version: int  # the server's model version the sum is for
+    weight: Callable[[int], float]  # s(tau), e.g. fedtune.aggregation.fedbuff.StalenessWeight
+
+    def of(self, client_id: str, trained_on: int | None) -> float:
+        if trained_on is None:
+            raise ValueError(f"the update from {client_id} does not say which model version it trained on")
+        return self.weight(self.version - trained_on)
 
 
 @dataclass(frozen=True)
@@ -25,6 +41,8 @@ class SumPlan:
     weight_cap: int = 1000  # SecAgg example weighting: w_k = min(n_k, cap) / cap
     # distributed DP: the clients send noised integers (fedtune.privacy.distributed), decoded with this plan
     integers: Any = None  # a distributed.SkellamPlan, or None
+    # async mode: each summand discounted by its staleness (x_k -> s_k x_k; the weights w_k unchanged)
+    staleness: Staleness | None = None
 
 
 @dataclass(frozen=True)

@@ -1,15 +1,13 @@
 """After encoding: which clients can train and be evaluated, said out loud (DataWarning with counts, or a
-DataError when nothing is left), and the class names put on a classifier for its export."""
+DataError when nothing is left). Knows no task: the worker's encoded examples are only counted."""
 
 from __future__ import annotations
 
 import warnings
-from collections.abc import Sequence
+from collections.abc import Sequence, Sized
 from typing import Any, Protocol
 
 from fedtune.errors import DataError, DataWarning
-from fedtune.tasks.base import Example, Task
-from fedtune.tasks.classification import ClassificationTask
 
 SHOWN_IDS = 8  # client ids a message lists before "..."
 
@@ -17,7 +15,7 @@ SHOWN_IDS = 8  # client ids a message lists before "..."
 class EncodedClients(Protocol):
     records: dict[str, tuple[Sequence[Any], Sequence[Any]]]
 
-    def examples(self, client_id: str, *, train: bool) -> list[Example]: ...
+    def examples(self, client_id: str, *, train: bool) -> Sized: ...  # a client's encoded examples
 
 
 def _shown(ids: list[str]) -> str:
@@ -59,17 +57,3 @@ def screen_clients(
             stacklevel=2,
         )
     return kept
-
-
-def name_labels(task: Task, names: Sequence[str]) -> list[str]:
-    """Put the data's class names on a classifier (its export's ``id2label``); the names it now holds."""
-    if not isinstance(task, ClassificationTask) or not names:
-        return []
-    if len(names) != task.num_labels and list(names) == [str(i) for i in range(len(names))]:
-        return []  # integer labels below a larger model.num_labels: nothing to name, keep the model's defaults
-    if len(names) != task.num_labels:
-        raise DataError(
-            f"the data has {len(names)} classes {list(names)[:10]} but model.num_labels is {task.num_labels}"
-        )
-    task.set_label_names(names)
-    return list(names)

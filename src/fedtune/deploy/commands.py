@@ -1,8 +1,9 @@
 """The networked commands: ``fedtune server``, ``fedtune client`` and ``fedtune certs``.
 
 Registered in ``fedtune.cli``; heavy imports (torch, grpc) happen inside the commands so ``fedtune --help``
-stays fast. Exit status: 0 success, 1 the federation ended in error (client), 2 bad configuration, data
-or certificates, 3 a client that cannot connect or is refused.
+stays fast. Exit status (fedtune.errors): 0 success, 1 the federation ended in error (client), 2 bad
+configuration, data or certificates, 3 a client that cannot connect or is refused, 4 a server whose run
+started but completed no round.
 """
 
 from __future__ import annotations
@@ -16,15 +17,15 @@ import typer
 from rich.console import Console
 
 from fedtune.dashboard.options import DashboardOpt, DashboardPortOpt, dashboard_port
-from fedtune.errors import FedtuneError
+from fedtune.errors import FedtuneError, exit_status
 
 console = Console()
 SetOpt = Annotated[list[str] | None, typer.Option("--set", help="Override a config key: a.b.c=value.")]
 
 
-def _fail(err: Exception, code: int = 2) -> None:
+def _fail(err: FedtuneError, code: int | None = None) -> None:
     console.print(f"[bold red]error:[/bold red] {err}")
-    raise typer.Exit(code=code)
+    raise typer.Exit(code=exit_status(err) if code is None else code)
 
 
 def _logging(verbose: bool) -> None:
@@ -95,7 +96,7 @@ def client_cmd(
 ) -> None:
     """Join a federation as a participant that trains on its local data only."""
     from fedtune.config import load_config
-    from fedtune.deploy.participant import worker_factory
+    from fedtune.deploy.participant import count_examples, worker_factory
     from fedtune.transport.grpc.client import ClientTLS, Participant
 
     _logging(verbose)
@@ -106,6 +107,7 @@ def client_cmd(
             server,
             tls,
             make_worker=worker_factory(data, local_config=local, console=console, nproc=nproc),
+            count_examples=count_examples,  # declared at Join: the server bounds later claims by it
             reconnect_timeout_s=reconnect_timeout,
             console=console,
         )

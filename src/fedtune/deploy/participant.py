@@ -212,6 +212,12 @@ def build_participant_worker(
     return worker
 
 
+def count_examples(worker: ClientWorker, client_id: str) -> int:
+    """The training examples a participant declares at Join: its own encoded training data, the count each of
+    its fit replies claims (partial work claims fewer)."""
+    return len(worker.examples(client_id, train=True))
+
+
 def worker_factory(
     data: str, *, local_config: Config | None = None, console: Console | None = None, nproc: int = 1
 ) -> Callable[[Joined], ClientWorker]:

@@ -30,6 +30,12 @@ from fedtune.tasks.build import build_run_task
 from fedtune.transport.grpc.server import GrpcServerTransport, ServerTLS
 
 SERVER_RECORD = "server.json"  # in the run directory: the port this run's server bound
+ASYNC_DP_REFUSED = (
+    "privacy.dp with server.mode 'async' runs in simulation only: its accounting relies on an arrival schedule "
+    "that is a function of the seed alone (each staleness weight public), but over the network who arrives when "
+    "depends on the clients' real training times, which may depend on their data, so one client could change "
+    "other clients' weights outside the 2C sensitivity bound (docs/ASYNC.md)"
+)
 
 
 def initial_model(config: Config) -> tuple[np.ndarray, ParamSpec, bool]:
@@ -105,11 +111,8 @@ def run_server(
     console = console or Console()
     config = deployment_defaults(config)
     require_trackers(config.run.trackers)  # before the model is built or the port opened
-    if config.server.mode == "async":
-        raise ConfigError(
-            "server.mode 'async' (FedBuff) runs in simulation only (simulation.backend inprocess or ray): the gRPC "
-            "server dispatches whole rounds and has no per-client dispatch of model versions yet"
-        )
+    if config.server.mode == "async" and config.privacy.dp is not None:
+        raise ConfigError(ASYNC_DP_REFUSED)
     params, spec, accuracy = initial_model(config)
     extra = {"num_labels": config.model.num_labels} if config.model.num_labels is not None else {}
     transport = GrpcServerTransport(

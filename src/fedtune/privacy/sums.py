@@ -36,7 +36,8 @@ def channel_value(update: ClientUpdate, name: str) -> float:
 
 
 def plain_sum(updates: Iterable[Reply], plan: SumPlan) -> LinearSum:
-    """Fold the updates into one float64 accumulator; never mutates them."""
+    """Fold the updates into one float64 accumulator; never mutates them. Each summand is clipped to the
+    plan's L2 bound, then discounted by its staleness (async mode), then weighted."""
     folded = WeightedSum(plan.numel, dtype=np.float64)
     reclipped, rejected = 0, 0
     channels = dict.fromkeys(plan.channels, 0.0)
@@ -52,7 +53,8 @@ def plain_sum(updates: Iterable[Reply], plan: SumPlan) -> LinearSum:
         if plan.l2_bound is not None:
             delta, norm = clip_l2(delta, plan.l2_bound)
             reclipped += int(norm > plan.l2_bound * (1 + RECLIP_TOLERANCE))
-        folded.add(delta, client_weight(update.num_examples, plan.weighting))
+        discount = 1.0 if plan.staleness is None else plan.staleness.of(update.client_id, update.version)
+        folded.add(delta, client_weight(update.num_examples, plan.weighting), scale=discount)
         for name, value in values.items():
             channels[name] += value
     metrics = {"dp_server_reclipped": reclipped} if plan.l2_bound is not None else {}

@@ -17,12 +17,12 @@ from fedtune.config.schema import PYTHON_MODEL_PREFIX, Config
 from fedtune.core.state import ServerState, load_state
 from fedtune.data.cache import default_cache_dir
 from fedtune.data.local import configured_label_names
-from fedtune.data.screen import name_labels
 from fedtune.errors import CheckpointError
 from fedtune.run import rundir
 from fedtune.server.build import build_strategy
 from fedtune.tasks.base import Task
 from fedtune.tasks.build import build_run_task
+from fedtune.tasks.classification import name_labels
 
 
 def load_trained_task(run_dir: Path) -> tuple[Task, ServerState]:

@@ -1,9 +1,10 @@
 """What each client is doing right now, and ``status.json``, which the dashboard reads.
 
-``ActivityTransport`` wraps any transport (composition, like ProgressTransport) and marks a client
-``training`` or ``evaluating`` when it is instructed and ``idle`` (or ``straggling``, ``dead``, ``failed``, with
-the reason) when its reply or failure arrives. A ``ClientDirectory`` says who is enrolled, connected and
-refused: everyone, always, in a simulation; the gRPC server's registry in a deployment.
+The ``ClientBoard`` marks a client ``training`` or ``evaluating`` when the loop instructs it and ``idle`` (or
+``straggling``, ``dead``, ``failed``, with the reason) when its reply or failure arrives: ``StatusSink`` marks
+it from the loop's events (``fedtune.core.events``), as the progress bars are drawn. A ``ClientDirectory`` says
+who is enrolled, connected and refused: everyone, always, in a simulation; the gRPC server's registry in a
+deployment.
 
 ``StatusSink`` writes ``status.json`` atomically: on every round event, and from a small background thread
 every ``every_s`` seconds (clients connect, train and reply between rounds), so a dashboard in another
@@ -17,12 +18,11 @@ import logging
 import os
 import threading
 import time
-from collections.abc import Iterator, Sequence
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Protocol
 
-from fedtune.core.messages import ClientEval, ClientFailure, ClientUpdate, EvalInstruction, FitInstruction
+from fedtune.core.events import Answered, Dispatched, Event
 from fedtune.core.state import ServerState
 from fedtune.run.rundir import clean_json
 from fedtune.run.sinks import BaseSink, RunEnd, RunInfo
@@ -98,44 +98,14 @@ class ClientBoard:
             self._clients[client_id] = Activity(state, round_idx, time.time(), reason)
 
     def snapshot(self) -> dict[str, dict]:
-        with self._lock:
-            return {cid: asdict(a) for cid, a in sorted(self._clients.items())}
-
-
-class ActivityTransport:
-    """Wraps a transport and records on a ClientBoard what each instructed client is doing."""
-
-    def __init__(self, inner: Transport, board: ClientBoard) -> None:
-        self.inner, self.board = inner, board
-
-    def client_ids(self) -> list[str]:
-        return self.inner.client_ids()
-
-    def _watch(self, replies: Iterator) -> Iterator:
-        for reply in replies:
-            if isinstance(reply, ClientFailure):
-                self.board.mark(reply.client_id, failure_state(reply.reason), reply.round, reply.reason)
-            elif isinstance(reply, ClientUpdate | ClientEval):
-                self.board.mark(reply.client_id, "idle", reply.round)
-            yield reply
-
-    def fit(self, instructions: Sequence[FitInstruction]) -> Iterator[ClientUpdate | ClientFailure]:
-        for instr in instructions:
-            self.board.mark(instr.client_id, "training", instr.round)
-        return self._watch(self.inner.fit(instructions))
-
-    def evaluate(self, instructions: Sequence[EvalInstruction]) -> Iterator[ClientEval | ClientFailure]:
-        for instr in instructions:
-            self.board.mark(instr.client_id, "evaluating", instr.round)
-        return self._watch(self.inner.evaluate(instructions))
-
-    def close(self) -> None:
-        self.inner.close()
+        with self._lock:  # the fields are scalars: a shallow copy is asdict's result without its deep copy
+            return {cid: dict(vars(a)) for cid, a in sorted(self._clients.items())}
 
 
 def write_json_atomic(path: Path, data: dict) -> None:
     tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    tmp.write_text(json.dumps(clean_json(data), indent=1, default=str))
+    # no indent: json's C encoder only runs without one (status.json lists every client, every second)
+    tmp.write_text(json.dumps(clean_json(data), default=str))
     os.replace(tmp, path)
 
 
@@ -205,6 +175,17 @@ class StatusSink(BaseSink):
                 doc["connected"] = self.directory.connected()
                 doc["refused"] = [asdict(r) for r in self.directory.refused()]
             write_json_atomic(self.path, doc)
+
+    def on_event(self, event: Event) -> None:
+        """What each client is doing: instructed (training, evaluating), then idle or why it failed."""
+        if isinstance(event, Dispatched):
+            doing = "training" if event.phase == "train" else "evaluating"
+            for cid in event.client_ids:
+                self.board.mark(cid, doing, event.round)
+        elif isinstance(event, Answered) and event.failure is None:
+            self.board.mark(event.client_id, "idle", event.round)
+        elif isinstance(event, Answered):
+            self.board.mark(event.client_id, failure_state(event.failure), event.round, event.failure)
 
     def on_round(self, state: ServerState, records: list[dict]) -> None:
         now = time.time()

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import io
 from pathlib import Path
 
 import matplotlib
@@ -21,16 +20,6 @@ def plot_rounds(rounds: list[dict], out: Path, *, title: str) -> None:
     fig.savefig(tmp, dpi=90)
     plt.close(fig)
     tmp.replace(out)
-
-
-def rounds_svg(rounds: list[dict], *, title: str) -> str:
-    """The same figure as inline SVG text (for report.html)."""
-    fig = draw_rounds(rounds, title=title)
-    buf = io.StringIO()
-    fig.savefig(buf, format="svg")
-    plt.close(fig)
-    text = buf.getvalue()
-    return text[text.index("<svg") :]  # drop the XML prolog and doctype: the SVG sits inside HTML
 
 
 def draw_rounds(rounds: list[dict], *, title: str) -> Figure:

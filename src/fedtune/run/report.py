@@ -17,6 +17,7 @@ from fedtune.config.schema import Config
 from fedtune.run import rundir
 from fedtune.run.runview import RunView
 from fedtune.run.sinks import BaseSink, RunEnd, RunInfo
+from fedtune.run.svgchart import rounds_svg
 
 REPORT = "report.html"
 
@@ -75,8 +76,6 @@ def render_report(run_dir: Path, config: Config | None = None) -> str:
         + f"<br><span class='muted'>written {datetime.datetime.now().isoformat(timespec='seconds')}</span></p>"
     )
     if rounds:
-        from fedtune.run.plot import rounds_svg  # matplotlib only once there is something to draw
-
         parts += ["<h2>Rounds</h2>", rounds_svg(rounds, title=snap["name"])]
         columns = [
             ("round", _get("round")), ("clients ok", _get("clients_ok")), ("sampled", _get("clients_sampled")),
@@ -93,7 +92,8 @@ def render_report(run_dir: Path, config: Config | None = None) -> str:
             ("state", lambda c: c["state"] + (f" ({c['reason']})" if c.get("reason") else "")),
             ("rounds", _get("rounds")), ("examples", _get("num_examples")), ("train loss", _get("train_loss")),
             ("held-out loss", _get("eval_loss")), (q.removeprefix("eval_"), _get(q)), ("MB down", _mb("bytes_down")),
-            ("MB up", _mb("bytes_up")), ("fit seconds", _get("fit_seconds")), ("failures", _get("failures", 0)),
+            ("MB up", _mb("bytes_up")), ("fit seconds", _get("fit_seconds")),
+            ("examples/s", _get("examples_per_s")), ("failures", _get("failures", 0)),
         ]  # fmt: skip
         parts.append(_column_table(columns, clients))
     priv = snap["privacy"]

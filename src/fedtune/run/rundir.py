@@ -34,20 +34,28 @@ PLOT = "metrics.png"
 SUMMARY = "summary.json"
 
 
+# deployment keys that bound one client's influence (how much an update weighs): they change results, so each
+# is in the digest when it differs from its default (a run that leaves them alone keeps its earlier digest)
+INFLUENCE_KEYS = ("declared_examples", "over_declared", "require_declared_examples")
+
+
 def config_digest(config: Config) -> str:
     """Identity of what a run computes. Left out: the round count (a finished run can be extended), and
     settings that change where or how it runs but not its results (outputs, evaluation, the simulation
     backend, which matches in-process exactly, and the deployment's addresses, credentials, limits and
-    timeouts). The deployment's update codec does change the results: it is kept when one is set."""
+    timeouts). The deployment's update codec does change the results: it is kept when one is set; so do its
+    influence bounds (INFLUENCE_KEYS), kept when not at their defaults."""
     data = config.model_dump(mode="json")
     data["federation"].pop("rounds", None)
     dep = data["deployment"]
-    codec = {k: dep[k] for k in ("codec", "codec_block", "topk_fraction")} if dep.get("codec", "none") != "none" else {}
+    kept = {k: dep[k] for k in ("codec", "codec_block", "topk_fraction")} if dep.get("codec", "none") != "none" else {}
+    fields = type(config.deployment).model_fields
+    kept |= {k: dep[k] for k in INFLUENCE_KEYS if dep[k] != fields[k].get_default()}
     speeds = data["simulation"].get("client_speed")  # async mode's simulated clock decides who arrives when
     for section in ("run", "eval", "simulation", "deployment"):
         data[section] = {}
-    if codec:
-        data["deployment"] = codec
+    if kept:
+        data["deployment"] = kept
     if data["server"].get("mode") == "sync":  # keys added with FedBuff: a sync run's digest is as before them
         data["server"].pop("mode")
         data["server"].pop("fedbuff", None)
@@ -92,9 +100,9 @@ class MetricsLog:
         self.path = Path(run_dir) / METRICS
 
     def append(self, records: list[dict]) -> None:
+        text = "".join(json.dumps(clean_json(rec)) + "\n" for rec in records)  # one write for the round
         with open(self.path, "a") as fh:
-            for rec in records:
-                fh.write(json.dumps(clean_json(rec)) + "\n")
+            fh.write(text)
             fh.flush()
             os.fsync(fh.fileno())
 

@@ -16,7 +16,7 @@ from fedtune.run import rundir
 from fedtune.run.board import STATUS
 
 MAX_FAILURES = 200  # the most recent failures kept in a snapshot
-CLIENT_KEYS = ("num_examples", "train_loss", "bytes_down", "bytes_up", "fit_seconds")
+CLIENT_KEYS = ("num_examples", "train_loss", "bytes_down", "bytes_up", "fit_seconds", "examples_per_s")
 
 
 class RunView:

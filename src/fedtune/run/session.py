@@ -11,7 +11,7 @@ import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Literal
+from typing import Literal, cast
 
 import numpy as np
 import torch
@@ -21,21 +21,22 @@ from fedtune.client.build import build_client_extensions
 from fedtune.client.worker import ClientWorker
 from fedtune.config.schema import PYTHON_MODEL_PREFIX, Config
 from fedtune.config.simulation import with_client_state
+from fedtune.core.events import EventRelay
 from fedtune.core.params import ParamSpec
 from fedtune.core.state import ServerState, load_latest, load_state, save_state
 from fedtune.core.strategy import Strategy
 from fedtune.data.cache import default_cache_dir
-from fedtune.data.screen import name_labels, screen_clients
+from fedtune.data.screen import screen_clients
 from fedtune.data.sources import load_federated
 from fedtune.data.types import FederatedData
 from fedtune.errors import CheckpointError, ConfigError, NoRoundCompleted
 from fedtune.privacy.sums import Summer, plain_sum
 from fedtune.run import rundir
-from fedtune.run.board import ActivityTransport, ClientBoard, ClientDirectory, StaticDirectory, StatusSink
+from fedtune.run.board import ClientBoard, ClientDirectory, StaticDirectory, StatusSink
 from fedtune.run.interrupt import RunInterrupted
 from fedtune.run.personal_metrics import personal_client, personal_summary
 from fedtune.run.predict import write_label_names
-from fedtune.run.progress import ProgressTransport, StepRelay
+from fedtune.run.progress import ProgressSink
 from fedtune.run.report import ReportSink
 from fedtune.run.sinks import (
     CheckpointSink,
@@ -54,7 +55,8 @@ from fedtune.server.loop import RoundReport, eval_clients, evaluate_global, run_
 from fedtune.server.summing import summer_for
 from fedtune.tasks.base import EvalSums, Task
 from fedtune.tasks.build import build_run_task
-from fedtune.transport.base import Transport
+from fedtune.tasks.classification import name_labels
+from fedtune.transport.base import Dispatch, Transport
 from fedtune.transport.inprocess import InProcessTransport
 
 INITIAL = "initial.safetensors"
@@ -251,14 +253,18 @@ def serve(
     accuracy: bool,
     baseline: bool,
     summer: Summer = plain_sum,
+    dispatch: Dispatch | None = None,
 ) -> tuple[ServerState, RunEnd]:
     """Serve ``strategy``'s rounds over ``transport`` from ``state``: the baseline evaluation (if ``baseline``)
-    and the rounds, every event handed to ``sinks`` (metrics, checkpoint, console, plot, status, trackers,
-    report: whatever the caller composed). ``summer`` forms a sum strategy's sum (``summer_for``). Builds
-    nothing: ``coordinate`` composes the strategy, the summer, the run directory and the sinks from a config."""
+    and the rounds, every event handed to ``sinks`` (progress, metrics, checkpoint, console, plot, status,
+    trackers, report: whatever the caller composed), the clients' as the loop sees them (``on_event``) and the
+    rounds' as they end. ``summer`` forms a sum strategy's sum (``summer_for``). Builds nothing: ``coordinate``
+    composes the strategy, the summer, the run directory and the sinks from a config."""
+    events = sinks.on_event
     if baseline:
         started = time.perf_counter()
-        _, pooled, _ = evaluate_global(config, strategy, transport, state, eval_clients(config, transport.client_ids()))
+        askees = eval_clients(config, transport.client_ids())
+        _, pooled, _ = evaluate_global(config, strategy, transport, state, askees, events=events)
         rec = {
             "kind": "round",
             "round": 0,
@@ -286,9 +292,22 @@ def serve(
     if config.server.mode == "async":  # FedBuff: buffered steps on a simulated clock instead of rounds
         from fedtune.server.async_loop import run_async
 
-        state = run_async(config, strategy, transport, state, on_round=on_round, on_stop=on_stop)
+        # dispatch: real clients arriving when they finish (gRPC); None: the simulated clock
+        state = run_async(
+            config,
+            strategy,
+            transport,
+            state,
+            on_round=on_round,
+            on_stop=on_stop,
+            summer=summer,
+            dispatch=dispatch,
+            events=events,
+        )
     else:
-        state = run_rounds(config, strategy, transport, state, on_round=on_round, on_stop=on_stop, summer=summer)
+        state = run_rounds(
+            config, strategy, transport, state, on_round=on_round, on_stop=on_stop, summer=summer, events=events
+        )
     if rejected and all(why is not None for why in rejected):
         raise NoRoundCompleted(
             f"none of rounds {first + 1}-{state.round} could be completed (last reason: {rejected[-1]}); "
@@ -310,23 +329,25 @@ def coordinate(
     fresh_dir: Path | None = None,
     sinks: Sequence[RoundSink] = (),
     directory: ClientDirectory | None = None,
-    steps: StepRelay | None = None,
+    steps: EventRelay | None = None,
     num_clients: int | Literal["transport"] | None = "transport",
 ) -> RunResult:
     """The coordinator, whatever the transport: open or resume the run, evaluate the baseline, run the
-    rounds; the default sinks persist metrics, checkpoint, plot, status, trackers and report, then ``sinks``.
+    rounds; the progress bars (``show_progress``) and the default sinks show and persist progress, metrics,
+    checkpoint, plot, status, trackers and report, then ``sinks``.
 
     ``init`` is the initial trainable vector and its spec (the server builds the model once to get them);
     ``accuracy`` says whether evaluation reports accuracy (classifiers) or perplexity; ``fresh_dir`` is a new
     run directory the caller already made (``rundir.new_run_dir``), for a run that is not resumed;
     ``directory`` says who is enrolled, connected and refused (default: every client of the transport);
-    ``steps`` relays local-step progress from an in-process worker to the progress bars; ``num_clients`` is
+    ``steps`` relays local-step progress from the workers (in-process or Ray) to the sinks; ``num_clients`` is
     the population size SCAFFOLD divides by (None: the clients that have taken part). Raises NoRoundCompleted
     when rounds were run and none of them changed the model.
     """
     console = console or Console()
     require_trackers(config.run.trackers)  # a tracker that is not installed fails before anything starts
     summer = summer_for(config, transport)  # SecAgg over what the transport can carry; refused where it cannot
+    dispatch = async_dispatch(config, transport)  # FedBuff over real clients, where the transport can
     if config.server.mode == "async":
         from fedtune.server.async_loop import build_fedbuff
 
@@ -338,21 +359,27 @@ def coordinate(
     run_dir, state, log = _open_run(config, strategy, init, resume_dir, console, fresh_dir)
     if extra_state and state.round == 0:
         state = state.evolve(extra={**state.extra, **extra_state})
-    board = ClientBoard()
-    progress = ProgressTransport(
-        transport, console, enabled=show_progress, total_rounds=config.federation.rounds, steps=steps
-    )
-    shown = ActivityTransport(progress, board)
     directory = directory or StaticDirectory(transport)
-    fanout = Sinks([*default_sinks(config, run_dir, log, console, board, directory), *sinks])
+    progress: list[RoundSink] = [ProgressSink(console)] if show_progress else []
+    fanout = Sinks([*progress, *default_sinks(config, run_dir, log, console, ClientBoard(), directory), *sinks])
     history = log.read()
     # a resumed run that crashed after its baseline does not evaluate it again
     baseline = state.round == 0 and config.eval.baseline and not any(r.get("kind") == "round" for r in history)
     end = RunEnd("failed", state)
     try:  # every sink is closed however the run ends, even if one fails to start (sinks close unstarted)
         fanout.on_start(RunInfo(run_dir, config, accuracy, state.round, history, init[1].numel))
+        if steps is not None:
+            steps.listener = fanout.on_event
         state, end = serve(
-            strategy, shown, state, fanout, config=config, accuracy=accuracy, baseline=baseline, summer=summer
+            strategy,
+            transport,
+            state,
+            fanout,
+            config=config,
+            accuracy=accuracy,
+            baseline=baseline,
+            summer=summer,
+            dispatch=dispatch,
         )
     except KeyboardInterrupt:
         end = RunEnd("interrupted", fanout.last_state or state, "interrupted (Ctrl-C)")
@@ -361,10 +388,27 @@ def coordinate(
         end = RunEnd("failed", fanout.last_state or state, f"{type(err).__name__}: {err}")
         raise
     finally:
+        if steps is not None:
+            steps.listener = None
         fanout.close(end)
     rounds = log.rounds()
     baseline = next((r for r in rounds if r["round"] == 0), {})
     return RunResult(run_dir=run_dir, state=state, rounds=rounds, baseline=baseline)
+
+
+def async_dispatch(config: Config, transport: Transport) -> Dispatch | None:
+    """What FedBuff dispatches through: None in sync mode or in simulation (the simulated clock decides who
+    arrives when); the transport itself where it declares ``asynchronous``; an error naming the transport
+    where it can do neither."""
+    capabilities = transport.capabilities
+    if config.server.mode != "async" or capabilities.simulated:
+        return None
+    if not capabilities.asynchronous:
+        raise ConfigError(
+            f"server.mode 'async' (FedBuff) cannot run over this transport ({type(transport).__name__}): it does "
+            "not dispatch fits one client at a time (Capabilities.asynchronous)"
+        )
+    return cast(Dispatch, transport)
 
 
 def worker_from_config(config: Config) -> ClientWorker:
@@ -373,7 +417,7 @@ def worker_from_config(config: Config) -> ClientWorker:
     return prepare(config).worker
 
 
-def simulation_transport(config: Config, prepared: Prepared, steps: StepRelay | None = None) -> Transport:
+def simulation_transport(config: Config, prepared: Prepared, steps: EventRelay | None = None) -> Transport:
     """The transport ``config.simulation`` asks for: this process's worker, or a pool of Ray actors (whose
     local steps go to ``steps``)."""
     import functools
@@ -415,7 +459,7 @@ def simulate(
     # the run directory first: the simulated clients keep their state between rounds in it (or in the store
     # simulation.client_state names), and every worker is built knowing where
     fresh_dir = rundir.new_run_dir(config) if resume_dir is None else None
-    steps = StepRelay()  # local steps, for the progress bar: from this process's worker or the Ray actors
+    steps = EventRelay()  # local steps, for the progress bars: from this process's worker or the Ray actors
     try:
         workers = with_client_state(config, config.simulation.client_state_address(fresh_dir or Path(resume_dir)))
         if prepare_fn is not None:
@@ -433,7 +477,8 @@ def simulate(
         extra["label_names"] = prepared.label_names  # for the export's id2label
     if fresh_dir is not None:
         write_label_names(fresh_dir, prepared.label_names)  # for `fedtune predict`
-    prepared.worker.on_step = steps  # in-process clients report every local step (Ray actors: their own)
+    if show_progress:  # in-process clients report every local step, for the bars (Ray actors: their own)
+        prepared.worker.on_step = steps
     try:
         result = coordinate(
             config,

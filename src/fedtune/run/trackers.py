@@ -30,6 +30,7 @@ from pathlib import Path
 
 from fedtune.config.load import dump_config
 from fedtune.config.schema import Config
+from fedtune.core.events import Event
 from fedtune.core.state import ServerState
 from fedtune.errors import ConfigError
 from fedtune.run.sinks import BaseSink, RoundSink, RunEnd, RunInfo
@@ -83,6 +84,9 @@ class Guarded:
 
     def on_start(self, run: RunInfo) -> None:
         self._call("on_start", self.inner.on_start, run)
+
+    def on_event(self, event: Event) -> None:
+        self._call("on_event", self.inner.on_event, event)
 
     def on_round(self, state: ServerState, records: list[dict]) -> None:
         self._call("on_round", self.inner.on_round, state, records)

@@ -5,7 +5,8 @@
                    version it was dispatched with; freed slots are refilled at once (concurrency M)
         train them: one transport.fit over the K instructions (the in-process worker in turn, or Ray actors
                    in parallel), each instruction carrying its own version's vector
-        state = FedBuff.step(state, arrivals)          staleness-weighted fold + server optimiser (+ DP)
+        state = aggregate_round(FedBuff, state, ...)    the loop's summer forms the staleness-discounted sum
+                                                        (FedBuff.sum_plan); FedBuff.apply_sum steps (+ DP)
         evaluate every eval.every steps; hand (state, report) to on_round (the run's sinks)
 
 Training is lazy: a client's update is computed when it arrives, from the vector of the version it was
@@ -22,22 +23,33 @@ from __future__ import annotations
 import logging
 import time
 from collections.abc import Callable, Iterator
+from dataclasses import replace
 
 import numpy as np
 
 from fedtune.aggregation.fedbuff import StalenessWeight
 from fedtune.config.asynchronous import ClientSpeedConfig, FedBuffConfig
 from fedtune.config.schema import Config
+from fedtune.core.events import EventListener, ignore, observed
 from fedtune.core.keys import ROUNDS_OPTION
 from fedtune.core.messages import ClientFailure, ClientUpdate, FitInstruction
 from fedtune.core.state import ServerState
 from fedtune.errors import CheckpointError, ConfigError, UpdateRejected
+from fedtune.privacy.sums import Summer, plain_sum
 from fedtune.server.build import server_optimizer
 from fedtune.server.clock import Clock, InFlight, Schedule, client_speeds
-from fedtune.server.fedbuff import Arrival, FedBuff
+from fedtune.server.fedbuff import FedBuff, staleness_metrics
 from fedtune.server.influence import Bounds
-from fedtune.server.loop import RoundReport, _bounded, _checked, check_reply, eval_clients, evaluate_global
-from fedtune.transport.base import Transport
+from fedtune.server.loop import (
+    RoundReport,
+    _bounded,
+    _checked,
+    aggregate_round,
+    check_reply,
+    eval_clients,
+    evaluate_global,
+)
+from fedtune.transport.base import Dispatch, Transport
 
 SCHEDULE_KEY = "fedbuff"  # state.extra[SCHEDULE_KEY]: the Schedule
 VERSION_PREFIX = "fedbuff/version/"  # state.arrays: vectors of older versions still being trained on
@@ -104,6 +116,7 @@ def _instruction(config: Config, server: FedBuff, state: ServerState, flight: In
         train=config.client,
         extras=arrays,
         options={**options, ROUNDS_OPTION: config.federation.rounds},
+        version=flight.version,
     )
 
 
@@ -112,6 +125,11 @@ def _check(update: ClientUpdate, flight: InFlight | None, state: ServerState, se
         raise UpdateRejected(f"client {update.client_id!r} is not in this buffer")
     if update.round != flight.dispatch:
         raise UpdateRejected(f"update is for dispatch {update.round}, the client was dispatched as {flight.dispatch}")
+    # the dispatch decides the version; a transport that echoes it (gRPC) must echo the one it was sent
+    if update.version is not None and update.version != flight.version:
+        raise UpdateRejected(
+            f"update trained on model version {update.version}, the client was dispatched with {flight.version}"
+        )
     check_reply(update, state, seen)  # the checks every reply gets, in a round or a buffer
     return flight
 
@@ -122,10 +140,11 @@ def _accepted(
     state: ServerState,
     report: RoundReport,
     bounds: Bounds,
-) -> Iterator[Arrival]:
-    """Valid updates as Arrivals, influence-bounded as in a synchronous round (``server.influence``), yielded
-    in arrival order whatever order the transport answers in (so the fold is bit-identical on Ray with
-    ``ordered: false``); the rest become report failures. Only updates that overtake an earlier arrival wait."""
+) -> Iterator[ClientUpdate]:
+    """Valid updates stamped with the version they trained on, influence-bounded as in a synchronous round
+    (``server.influence``), yielded in arrival order whatever order the transport answers in (so the fold is
+    bit-identical on Ray with ``ordered: false``); the rest become report failures. Only updates that
+    overtake an earlier arrival wait."""
     by_id, seen = {f.client_id: f for f in buffer}, set()
     waiting: dict[str, ClientUpdate] = {}
     resolved: set[str] = set()
@@ -155,17 +174,25 @@ def _accepted(
 
 def _arrival(
     update: ClientUpdate, flight: InFlight, state: ServerState, report: RoundReport, bounds: Bounds
-) -> Arrival:
-    update = _bounded(update, report, bounds)  # appends the client's metrics line
+) -> ClientUpdate:
+    update = _bounded(replace(update, version=flight.version), report, bounds)  # appends its metrics line
     staleness = state.round - flight.version
     report.clients[-1].update(staleness=staleness, dispatch=flight.dispatch, sim_seconds=flight.finish - flight.start)
-    return Arrival(update, staleness)
+    return update
 
 
 def async_step(
-    config: Config, server: FedBuff, clock: Clock, transport: Transport, state: ServerState
+    config: Config,
+    server: FedBuff,
+    clock: Clock,
+    transport: Transport,
+    state: ServerState,
+    *,
+    summer: Summer = plain_sum,
+    events: EventListener = ignore,
 ) -> tuple[ServerState, RoundReport]:
-    """One buffered step: the next K arrivals trained and folded; returns the new state and what happened."""
+    """One buffered step: the next K arrivals trained and folded; returns the new state and what happened
+    (``events``: the step's arrivals instructed and answering, as a round's clients)."""
     started = time.perf_counter()
     fb = config.server.fedbuff or FedBuffConfig()
     buffer, dropped, sched = clock.next_buffer(
@@ -181,8 +208,10 @@ def async_step(
         for f in dropped
     ]
     instructions = [_instruction(config, server, state, f) for f in buffer]
-    replies = _accepted(transport.fit(instructions), buffer, state, report, Bounds.for_round(config, state))
-    new_state, report.aggregate = server.step(state, replies)
+    fitted = observed(events, "train", report.round, [f.client_id for f in buffer], transport.fit(instructions))
+    replies = _accepted(fitted, buffer, state, report, Bounds.for_round(config, state))
+    new_state, report.aggregate = aggregate_round(server, state, replies, summer)
+    report.aggregate.update(staleness_metrics([c["staleness"] for c in report.clients]))
     new_state = _checked(config, state, new_state, report)  # a non-finite or exploding step is rejected
     new_state = with_schedule(new_state, state, sched)
     report.aggregate.update(
@@ -198,6 +227,7 @@ def async_step(
             transport,
             new_state,
             eval_clients(config, transport.client_ids()),  # type: ignore[arg-type]
+            events=events,
         )
         report.eval_clients, report.eval_pooled = per_client, pooled
         report.failures += failures
@@ -213,15 +243,29 @@ def run_async(
     *,
     on_round: Callable[[ServerState, RoundReport], None] = lambda s, r: None,
     on_stop: Callable[[ServerState, str], None] | None = None,
+    summer: Summer = plain_sum,
+    dispatch: Dispatch | None = None,
+    events: EventListener = ignore,
 ) -> ServerState:
-    """Buffered steps from ``state.round + 1`` to ``config.federation.rounds`` (``run_rounds``' contract)."""
-    clock = build_clock(config, transport.client_ids())
+    """Buffered steps from ``state.round + 1`` to ``config.federation.rounds`` (``run_rounds``' contract): on
+    the simulated clock, or, given a transport's ``dispatch`` (``Capabilities.asynchronous``), over real clients
+    arriving when they finish (``fedtune.server.async_live``)."""
+    if dispatch is not None:
+        from fedtune.server.async_live import run_live  # it builds on this module's checks
+
+        stop = on_stop or _log_stop
+        return run_live(
+            config, server, transport, dispatch, state, on_round=on_round, on_stop=stop, summer=summer, events=events
+        )
+    population = transport.client_ids()
+    clock = build_clock(config, population)
     while state.round < config.federation.rounds:
+        state = server.begin_round(state, population=len(population))
         reason = server.should_stop(state)
         if reason is not None:
             (on_stop or _log_stop)(state, reason)
             break
-        state, report = async_step(config, server, clock, transport, state)
+        state, report = async_step(config, server, clock, transport, state, summer=summer, events=events)
         on_round(state, report)
     return state
 

@@ -1,4 +1,9 @@
-"""The FedBuff server: one buffered step as a state transition, ``step(state, arrivals) -> (state, metrics)``.
+"""The FedBuff server: a Strategy (``fedtune.core.strategy``) whose round is one buffered step.
+
+It is a sum strategy: ``sum_plan`` asks the loop for the buffer's sum with every summand discounted by its
+staleness (``SumPlan.staleness``; the loop forms it with the same summer as a synchronous round, in the clear),
+and ``apply_sum`` takes the step with the same FedOpt step a synchronous round takes (``FedOpt.step_mean``):
+one contract, one weighted fold and one server-optimiser step for both modes.
 
     step t:  d = sum_k s(tau_k) w_k delta_k / sum_k w_k          (aggregation.fedbuff, the paper's normalisation)
              x = server_optimizer.step(x, d, moments)             sgd (FedAvg) / momentum / adagrad / adam / yogi
@@ -23,21 +28,23 @@ ledger under ``extra["dp"]``; the objects are immutable.
 from __future__ import annotations
 
 from collections.abc import Iterable, Mapping
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Any
 
 import numpy as np
 
-from fedtune.aggregation.clip import clip_l2
-from fedtune.aggregation.fedbuff import BufferFold, StalenessWeight
+from fedtune.aggregation.fedbuff import StalenessWeight
 from fedtune.aggregation.server_opt import ServerOptimizer, ServerSGD
 from fedtune.config.privacy import DPConfig
 from fedtune.core.messages import ClientUpdate
 from fedtune.core.params import ParamSpec
 from fedtune.core.state import ServerState
+from fedtune.core.strategy import LINEAR, Needs, Outcome, Payload
+from fedtune.core.sums import LinearSum, Staleness, SumPlan
 from fedtune.privacy import accountant
 from fedtune.privacy.noise import gaussian
-from fedtune.server.strategies.fedopt import OPT_PREFIX, optimizer_slots
+from fedtune.privacy.sums import plain_sum
+from fedtune.server.strategies.fedopt import FedOpt
 
 DP_KEY = "dp"
 
@@ -60,13 +67,23 @@ class FedBuff:
     dp: DPConfig | None = None
     seed: int = 0
 
-    def init_state(self, params: np.ndarray, spec: ParamSpec) -> ServerState:
-        params = np.array(params, dtype=np.float32, copy=True)
-        arrays = {OPT_PREFIX + k: v for k, v in self.optimizer.init(spec.numel).items()}
-        extra = {DP_KEY: {"ledger": []}} if self.dp is not None else {}
-        return ServerState(round=0, params=params, spec=spec, arrays=arrays, extra=extra)
+    @property
+    def needs(self) -> Needs:
+        return LINEAR  # the step reads the buffer's discounted sum only
 
-    def fit_payload(self, state: ServerState, client_id: str) -> tuple[dict[str, np.ndarray], dict[str, Any]]:
+    @property
+    def stepper(self) -> FedOpt:
+        """The server-optimiser step a synchronous FedAvg/FedOpt round takes (mean aggregator, no plug-ins)."""
+        return FedOpt(optimizer=self.optimizer, weighting=self.weighting)
+
+    def init_state(self, params: np.ndarray, spec: ParamSpec) -> ServerState:
+        state = self.stepper.init_state(params, spec)
+        return state.evolve(extra={DP_KEY: {"ledger": []}}) if self.dp is not None else state
+
+    def begin_round(self, state: ServerState, *, population: int) -> ServerState:
+        return state  # nothing depends on the population: arrivals are not sampled
+
+    def fit_payload(self, state: ServerState, client_id: str) -> Payload:
         """(arrays, scalar options) sent with a dispatch, as the synchronous Strategy's ``fit_payload``."""
         dp = {"dp_clip": self.dp.clip, "dp_adaptive": False} if self.dp is not None else {}
         return {}, {**self.client_options, **dp}
@@ -93,44 +110,56 @@ class FedBuff:
         assert self.dp is not None and self.dp.noise_multiplier is not None  # async refuses target_epsilon
         return accountant.gaussian_replace_entry(self.dp.noise_multiplier)
 
-    def step(self, state: ServerState, arrivals: Iterable[Arrival]) -> tuple[ServerState, dict]:
-        """One buffered step from the arrivals (folded in the order given); ``state.round`` counts steps."""
-        fold = BufferFold(state.spec.numel)
+    def sum_plan(self, state: ServerState) -> SumPlan:
+        """The buffer's sum: sum_k s(tau_k) w_k clip(delta_k) over sum_k w_k, tau_k = state.round - v_k."""
+        clip = self.dp.clip if self.dp is not None else None
+        return SumPlan(
+            round=state.round + 1,
+            numel=state.spec.numel,
+            weighting=self.weighting,
+            l2_bound=clip,
+            coord_bound=clip or 1.0,
+            staleness=Staleness(version=state.round, weight=self.staleness),
+        )
+
+    def aggregate(self, state: ServerState, updates: Iterable[ClientUpdate]) -> Outcome:
+        """The step from the buffer's updates summed in the clear (what the loop forms itself)."""
+        return self.apply_sum(state, plain_sum(updates, self.sum_plan(state)))
+
+    def apply_sum(self, state: ServerState, total: LinearSum) -> Outcome:
+        """One buffered step from the discounted sum; ``state.round`` counts steps."""
+        if self.dp is not None:  # charged whatever arrived: the noised sum is released anyway
+            direction, metrics, extra = self._private(state, total)
+            new, more = self.stepper.step_mean(state.evolve(extra=extra), direction, count=total.count)
+            return new, {**more, **metrics, **total.metrics, "aggregated": total.count}
+        if total.count == 0 or total.weight <= 0:  # nothing usable arrived: keep the model, still count the step
+            return state.evolve(round=state.round + 1), {"aggregated": 0}
+        direction = (total.total / total.weight).astype(np.float32)  # the paper's normalisation: sum w_k
+        new, more = self.stepper.step_mean(state, direction, count=total.count)
+        return new, {**more, **total.metrics}
+
+    def step(self, state: ServerState, arrivals: Iterable[Arrival]) -> Outcome:
+        """One buffered step from (update, staleness) pairs, folded in the order given: ``aggregate`` over the
+        updates stamped with the version they trained on (what the async loop hands the summer)."""
         staleness: list[int] = []
-        for arrival in arrivals:
-            delta, weight = arrival.update.delta, self._weight(arrival.update)
-            if self.dp is not None:
-                delta, _ = clip_l2(delta, self.dp.clip)
-            fold.add(delta, weight=weight, staleness_weight=self.staleness(arrival.staleness))
-            staleness.append(arrival.staleness)
-            del arrival, delta  # no update is kept after it is folded
-        metrics: dict[str, Any] = {"aggregated": fold.count}
-        if staleness:
-            metrics.update(staleness_mean=float(np.mean(staleness)), staleness_max=max(staleness))
-        if self.dp is not None:
-            direction, dp_metrics, extra = self._private(state, fold)
-            metrics.update(dp_metrics)
-        elif fold.count == 0:  # nothing usable arrived: keep the model, still count the step
-            return state.evolve(round=state.round + 1), metrics
-        else:
-            direction, extra = fold.result(), state.extra
-        params, slots = self.optimizer.step(state.params, direction, optimizer_slots(state))
-        arrays = {**state.arrays, **{OPT_PREFIX + k: v for k, v in slots.items()}}
-        metrics["update_norm"] = float(np.linalg.norm(direction))
-        return state.evolve(round=state.round + 1, params=params, arrays=arrays, extra=extra), metrics
 
-    def _weight(self, update: ClientUpdate) -> float:
-        return float(update.num_examples) if self.weighting == "examples" else 1.0
+        def stamped() -> Iterable[ClientUpdate]:
+            for arrival in arrivals:
+                staleness.append(arrival.staleness)
+                yield replace(arrival.update, version=state.round - arrival.staleness)
 
-    def _private(self, state: ServerState, fold: BufferFold) -> tuple[np.ndarray, dict, dict]:
-        """(noised step, metrics, new extra): the step is charged to the ledger whatever arrived."""
+        new, metrics = self.aggregate(state, stamped())
+        return new, {**metrics, **staleness_metrics(staleness)}
+
+    def _private(self, state: ServerState, total: LinearSum) -> tuple[np.ndarray, dict, dict]:
+        """(noised step, metrics, new extra): (sum_k s_k clip(delta_k) + N(0, (zC)^2)) / K, K public."""
         assert self.dp is not None and self.dp.noise_multiplier is not None
         z, clip, step_idx = self.dp.noise_multiplier, self.dp.clip, state.round + 1
         ledger = accountant.append(state.extra[DP_KEY]["ledger"], self._entry())
         noise = gaussian(
             state.spec.numel, z * clip, seed=self.seed, scope=("fedbuff-dp-noise", step_idx), secure=self.dp.secure_rng
         )
-        direction = ((fold.weighted_sum() + noise) / self.buffer_size).astype(np.float32)
+        direction = ((total.total + noise) / self.buffer_size).astype(np.float32)
         metrics = {
             "epsilon": accountant.epsilon(ledger, self.dp.delta, accountant=self.dp.accountant),
             "dp_delta": self.dp.delta,
@@ -139,3 +168,8 @@ class FedBuff:
             "dp_noise_std": z * clip,
         }
         return direction, metrics, {**state.extra, DP_KEY: {**state.extra[DP_KEY], "ledger": ledger}}
+
+
+def staleness_metrics(staleness: list[int]) -> dict[str, Any]:
+    """The buffer's mean and largest staleness (none: no metrics)."""
+    return {"staleness_mean": float(np.mean(staleness)), "staleness_max": max(staleness)} if staleness else {}

@@ -17,6 +17,7 @@ from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 
 from fedtune.config.schema import Config
+from fedtune.core.events import EventListener, ignore, observed
 from fedtune.core.keys import ROUNDS_OPTION
 from fedtune.core.messages import (
     ClientEval,
@@ -165,18 +166,30 @@ def eval_clients(config: Config, population: list[str]) -> list[str]:
 
 
 def evaluate_global(
-    config: Config, strategy: Strategy, transport: Transport, state: ServerState, clients: list[str]
+    config: Config,
+    strategy: Strategy,
+    transport: Transport,
+    state: ServerState,
+    clients: list[str],
+    *,
+    events: EventListener = ignore,
 ) -> tuple[dict[str, EvalSums], EvalSums, list[ClientFailure]]:
     """Evaluate the global model of ``state``: its vector and what the strategy adds (LoRA residuals)."""
-    per_client, pooled, _, failures = evaluate_models(config, strategy, transport, state, clients)
+    per_client, pooled, _, failures = evaluate_models(config, strategy, transport, state, clients, events=events)
     return per_client, pooled, failures
 
 
 def evaluate_models(
-    config: Config, strategy: Strategy, transport: Transport, state: ServerState, clients: list[str]
+    config: Config,
+    strategy: Strategy,
+    transport: Transport,
+    state: ServerState,
+    clients: list[str],
+    *,
+    events: EventListener = ignore,
 ) -> tuple[dict[str, EvalSums], EvalSums, dict[str, dict[str, EvalSums]], list[ClientFailure]]:
     """``evaluate_global``, plus what clients report for their own models on the same held-out data
-    (personalisation: {variant: {client: sums}})."""
+    (personalisation: {variant: {client: sums}}). ``events`` hears who was asked and who answered."""
     instructions = [
         EvalInstruction(
             client_id=cid,
@@ -194,7 +207,7 @@ def evaluate_models(
     per_client: dict[str, EvalSums] = {}
     personal: dict[str, dict[str, EvalSums]] = {}
     failures: list[ClientFailure] = []
-    for reply in transport.evaluate(instructions):
+    for reply in observed(events, "eval", state.round, clients, transport.evaluate(instructions)):
         if isinstance(reply, ClientEval):
             per_client[reply.client_id] = reply.sums
             for variant, sums in reply.personal.items():
@@ -262,9 +275,11 @@ def run_round(
     *,
     summer: Summer = plain_sum,
     begun: bool = False,
+    events: EventListener = ignore,
 ) -> tuple[ServerState, RoundReport]:
     """One communication round; returns the new state and what happened. ``begun``: the caller has already
-    called ``strategy.begin_round`` for it (``run_rounds`` does, to ask ``should_stop`` first)."""
+    called ``strategy.begin_round`` for it (``run_rounds`` does, to ask ``should_stop`` first). ``events``
+    hears whom the round instructed and who answered (``fedtune.core.events``)."""
     started = time.perf_counter()
     round_idx = state.round + 1
     population = transport.client_ids()
@@ -289,7 +304,8 @@ def run_round(
         )
     report = RoundReport(round=round_idx, sampled=sampled)
     bounds = Bounds.for_round(config, state)
-    replies = _accepted(transport.fit(instructions), state, report, bounds)
+    fitted = observed(events, "train", round_idx, sampled, transport.fit(instructions))
+    replies = _accepted(fitted, state, report, bounds)
     new_state, report.aggregate = aggregate_round(strategy, state, replies, summer)
     new_state = _checked(config, state, new_state, report)
     if round_idx % config.eval.every == 0 or round_idx == config.federation.rounds:
@@ -297,7 +313,9 @@ def run_round(
         # evaluate: its evaluation task would queue behind the training it has not finished
         failed = {f.client_id for f in report.failures}
         askees = [cid for cid in eval_clients(config, population) if cid not in failed]
-        per_client, pooled, personal, failures = evaluate_models(config, strategy, transport, new_state, askees)
+        per_client, pooled, personal, failures = evaluate_models(
+            config, strategy, transport, new_state, askees, events=events
+        )
         report.eval_clients, report.eval_pooled, report.eval_personal = per_client, pooled, personal
         report.failures += failures
     report.seconds = time.perf_counter() - started
@@ -329,8 +347,10 @@ def run_rounds(
     on_round: Callable[[ServerState, RoundReport], None] = lambda s, r: None,
     on_stop: Callable[[ServerState, str], None] | None = None,
     summer: Summer = plain_sum,
+    events: EventListener = ignore,
 ) -> ServerState:
-    """Run from ``state.round + 1`` to ``config.federation.rounds``; ``on_round`` persists each round.
+    """Run from ``state.round + 1`` to ``config.federation.rounds``; ``on_round`` persists each round and
+    ``events`` hears each client being instructed and answering (the progress bars, the client board).
 
     A strategy may stop the run early (``should_stop(state) -> reason``, e.g. an exhausted privacy
     budget): ``on_stop(state, reason)`` reports it (default: a warning on the ``fedtune`` logger).
@@ -345,6 +365,6 @@ def run_rounds(
         if reason is not None:
             on_stop(state, reason)
             break
-        state, report = run_round(config, strategy, transport, state, summer=summer, begun=True)
+        state, report = run_round(config, strategy, transport, state, summer=summer, begun=True, events=events)
         on_round(state, report)
     return state

@@ -24,6 +24,7 @@ class Task(Protocol):
     kind: str  # "causal_lm" | "classification" | "module"
     module: torch.nn.Module  # the whole model; parameters with requires_grad=True are trained and exchanged
     reports_accuracy: bool  # True: metrics report accuracy; False: perplexity
+    compute_dtype: str  # autocast dtype of forward and backward: "float32" (none) or "bfloat16"
 
     def encode(self, records: Sequence[Any], *, train: bool) -> list[Example]:
         """Records of one client into examples (tokenise, chunk, mask prompts)."""

@@ -10,7 +10,7 @@ import torch.nn.functional as F
 
 from fedtune.data.types import LabelledText
 from fedtune.errors import DataError
-from fedtune.tasks.base import Batch, EvalSums, Example
+from fedtune.tasks.base import Batch, EvalSums, Example, Task
 from fedtune.tasks.module import classification_sums, compute_context, eval_mode
 
 
@@ -92,3 +92,17 @@ class ClassificationTask:
     def eval_batch(self, batch: Batch) -> EvalSums:
         with eval_mode(self.module):
             return classification_sums(self._logits(batch), batch["labels"])
+
+
+def name_labels(task: Task, names: Sequence[str]) -> list[str]:
+    """Put the data's class names on a classifier (its export's ``id2label``); the names it now holds."""
+    if not isinstance(task, ClassificationTask) or not names:
+        return []
+    if len(names) != task.num_labels and list(names) == [str(i) for i in range(len(names))]:
+        return []  # integer labels below a larger model.num_labels: nothing to name, keep the model's defaults
+    if len(names) != task.num_labels:
+        raise DataError(
+            f"the data has {len(names)} classes {list(names)[:10]} but model.num_labels is {task.num_labels}"
+        )
+    task.set_label_names(names)
+    return list(names)

@@ -53,6 +53,7 @@ def classification_sums(logits: torch.Tensor, labels: torch.Tensor) -> EvalSums:
 class ModuleTask:
     kind = "module"
     reports_accuracy = True
+    compute_dtype = "float32"
 
     def __init__(self, module: torch.nn.Module) -> None:
         self.module = module

@@ -80,6 +80,7 @@ def _inputs_and_labels(batch: Any) -> tuple[Any, torch.Tensor]:
 
 class PythonTask:
     kind = "module"
+    compute_dtype = "float32"  # your module runs as you built it
 
     def __init__(self, module: torch.nn.Module, loss: LossFn | None = None, evaluate: EvalFn | None = None) -> None:
         self.module = module

@@ -39,19 +39,20 @@ from typing import Any
 import numpy as np
 
 from fedtune.config.simulation import SimulationConfig
+from fedtune.core.events import StepProgress
 from fedtune.core.messages import ClientEval, ClientFailure, ClientUpdate, EvalInstruction, FitInstruction
 from fedtune.errors import ConfigError, FedtuneError
 from fedtune.transport.base import SIMULATED
 from fedtune.transport.inprocess import with_bytes
 
-# () -> an object with ``fit(FitInstruction) -> ClientUpdate``, ``evaluate(EvalInstruction) -> ClientEval``
-# and ``records`` (client id -> data); a ClientWorker. Must be picklable: it is shipped to every actor.
+# () -> an object with ``fit(FitInstruction) -> ClientUpdate``, ``evaluate(EvalInstruction) -> ClientEval``,
+# ``close()`` and ``records`` (client id -> data); a ClientWorker. Must be picklable: it is shipped to every actor.
 WorkerFactory = Callable[[], Any]
 
 DEFAULT_TEMP_DIR = "/tmp/fedtune-ray"  # short on purpose: Ray's socket paths must stay under 107 bytes
 _NO_PARAMS = np.empty(0, dtype=np.float32)  # placeholder: the real vector travels as a shared object ref
 STEP_REPORT_EVERY_S = 0.25  # an actor's step reports, at most this often (plus every round's last step)
-StepListener = Callable[[Any], None]  # told a client's StepProgress (fedtune.client.train)
+StepListener = Callable[[StepProgress], None]  # told each local step of a client (the run's EventRelay)
 
 
 class StepForwarder:
@@ -61,7 +62,7 @@ class StepForwarder:
         self.queue, self.every_s = queue, every_s
         self.last = -float("inf")
 
-    def __call__(self, report: Any) -> None:
+    def __call__(self, report: StepProgress) -> None:
         now = time.monotonic()
         if report.step < report.total_steps and now - self.last < self.every_s:
             return
@@ -83,9 +84,7 @@ class _Worker:
         return self.worker.view.spec.digest, list(self.worker.records)
 
     def close(self) -> None:
-        close = getattr(self.worker, "close", None)  # a data-parallel worker stops its ranks
-        if close is not None:
-            close()
+        self.worker.close()  # a data-parallel worker stops its ranks
 
     def fit(self, instr: FitInstruction, params: np.ndarray, extras: dict) -> ClientUpdate | ClientFailure:
         try:
@@ -154,6 +153,7 @@ class RayTransport:
         self._ids = list(client_ids)
         self._owns_ray = start_ray(cfg)
         self.steps, self._progress = steps, None
+        self._actors: list[Any] = []
         try:
             if steps is not None:
                 from ray.util.queue import Queue
@@ -203,10 +203,9 @@ class RayTransport:
 
     def close(self) -> None:
         ray = _ray()
-        actors = getattr(self, "_actors", [])
         with contextlib.suppress(Exception):  # best effort: a dead actor has nothing left to close
-            ray.get([a.close.remote() for a in actors], timeout=30)
-        for actor in actors:
+            ray.get([a.close.remote() for a in self._actors], timeout=30)
+        for actor in self._actors:
             ray.kill(actor)
         self._actors = []
         if self._progress is not None:

@@ -139,7 +139,7 @@ function render(run) {
   fillTable($("clients").tBodies[0], clients.map((c) => [
     c.client_id, el("span", c.state, "state " + c.state), el("span", c.reason || ""), c.rounds, c.num_examples,
     c.train_loss, c.eval_loss, c[quality], c.bytes_down === undefined ? null : c.bytes_down / 1e6,
-    c.bytes_up === undefined ? null : c.bytes_up / 1e6, c.fit_seconds, c.failures || 0,
+    c.bytes_up === undefined ? null : c.bytes_up / 1e6, c.fit_seconds, c.examples_per_s, c.failures || 0,
   ]));
   const refused = st.refused || [];
   $("refused-section").hidden = !refused.length;

@@ -237,6 +237,8 @@ class SecureSummer:
         return SecureSummer(self.cfg, seed=self.seed, network=network, trust=trust, ca_path=self.ca_path)
 
     def params(self, plan: SumPlan, num_clients: int) -> PublicParams:
+        if plan.staleness is not None:  # the config refuses async SecAgg; this guards the sum itself
+            raise PrivacyError("secure aggregation cannot discount each masked input by its staleness (FedBuff)")
         spec = field_for(num_clients, value_bits=self.cfg.value_bits)
         graph = secagg_plan(self.cfg, num_clients)  # k and t chosen for availability (availability.py)
         return PublicParams(

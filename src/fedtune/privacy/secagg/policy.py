@@ -8,12 +8,12 @@ anything, and refuses (SecAggAbort, with the reason) when one falls short:
 * threshold: at least ``min_threshold`` and above 1/2 (two disjoint halves can never both reconstruct);
 * neighbours: a graph of at least ``min_neighbours`` (0, the complete graph, always passes); and, when
   the client knows its own ``expected_dropout`` / ``failure_probability`` (from_config), at least the k
-  Bell et al. 2020's security bound asks of the roster it is shown (availability.secure_degree: the
+  Bell et al. 2020's security bound asks of the roster it is shown (secagg_bounds.secure_degree: the
   survivor graph must not split, or the server learns partial sums). The server chooses its k with the
-  same bound (availability.plan), so an honest server always passes; only a weaker graph is refused.
+  same bound (secagg_bounds.plan), so an honest server always passes; only a weaker graph is refused.
   The threshold need only be above 1/2 for the secrets (2t > k), which the automatic 1/2 + 1/(4n) is;
   with the client's own ``expected_corrupt`` (gamma) > 0, t must also keep every neighbourhood below
-  2t - k corrupted clients within its ``failure_probability`` (availability.collusion_bound), the
+  2t - k corrupted clients within its ``failure_probability`` (secagg_bounds.collusion_bound), the
   consistency round's condition; the server raises t by the same rule;
 * number of clients: at least ``min_clients`` in the roster, and no more than the field can sum unwrapped;
 * field: at most 32 bits, levels that fit; bounds finite and positive (the clip range the client expects);
@@ -26,9 +26,9 @@ import hashlib
 import math
 from dataclasses import dataclass
 
+from fedtune.config.secagg_bounds import collusion_bound, secure_degree
 from fedtune.core.rng import derive_seed
 from fedtune.privacy.errors import SecAggAbort
-from fedtune.privacy.secagg.availability import collusion_bound, secure_degree
 from fedtune.privacy.secagg.messages import PublicParams
 from fedtune.privacy.secagg.quantize import MAX_FIELD_BITS
 

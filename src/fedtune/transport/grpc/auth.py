@@ -12,7 +12,7 @@ from __future__ import annotations
 import logging
 import os
 import threading
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -89,8 +89,17 @@ class _Revoked:
 class Authenticator:
     """Maps a call's TLS peer to a client id, or raises AuthError saying why not."""
 
-    def __init__(self, *, allowed: Iterable[str] | None, revocation_list: Path | None) -> None:
+    def __init__(
+        self,
+        *,
+        allowed: Iterable[str] | None,
+        revocation_list: Path | None,
+        on_identified: Callable[[str], None] | None = None,
+    ) -> None:
         self.allowed = None if allowed is None else frozenset(allowed)
+        # told the peer (gRPC's name for the connection) of every call that passed: the connection gate
+        # stops counting that connection as unauthenticated (gate.py)
+        self.on_identified = on_identified
         self.revocation_list = None if revocation_list is None else Path(revocation_list)
         self._revoked = _Revoked()
         self._bad_mtime: float | None = None  # a malformed version already refused (not re-read on every call)
@@ -143,4 +152,6 @@ class Authenticator:
                 serial = x509.load_pem_x509_certificate(pem).serial_number if pem else None
                 if serial in revoked.serials:
                     raise AuthError(f"certificate serial {serial:x} of client {cid!r} has been revoked", client_id=cid)
+        if self.on_identified is not None:
+            self.on_identified(context.peer())
         return cid

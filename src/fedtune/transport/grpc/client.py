@@ -105,6 +105,7 @@ class Joined:
     codec: Codec
     extra: dict
     secure_aggregation: bool = False  # the server's configuration has privacy.secure_aggregation
+    declared_examples: int = 0  # the training examples this session declared at Join (0: none)
 
 
 @dataclass
@@ -130,11 +131,16 @@ class Participant:
         make_worker: Callable[[Joined], ClientWorker],
         reconnect_timeout_s: float = 300.0,
         console: Console | None = None,
+        count_examples: Callable[[ClientWorker, str], int] | None = None,
     ) -> None:
+        """``count_examples(worker, client_id)``: the training examples this participant declares when it
+        joins (its replies then claim at most these; deploy.participant.count_examples). None: none declared."""
         self.target, self.tls, self.make_worker = target, tls, make_worker
         self.reconnect_timeout_s = reconnect_timeout_s
         self.console = console or Console(stderr=True)
         self.worker: ClientWorker | None = None
+        self.count_examples = count_examples
+        self.joined_as: str | None = None  # the client id (certificate CN) the server read, once joined
         self._config_yaml: str | None = None
         self._residuals: dict[str, np.ndarray] = {}  # top-k error feedback, per client id (kept across rounds)
         self._secagg: tuple[int, SecAggPeer] | None = None  # (round, the peer holding this round's update)
@@ -162,9 +168,15 @@ class Participant:
                 beat = self._start_heartbeat(joined)
                 try:
                     self._ensure_worker(joined)
+                    if not joined.declared_examples and self._declared_examples():
+                        # enrolment declares the count of training examples, known once the worker has read
+                        # this participant's own data: join again, before any task was taken, to declare it
+                        beat.end()
+                        joined = self._join()
+                        beat = self._start_heartbeat(joined)
                     finished = self._serve(joined, beat)
-                except FedtuneError:
-                    self._leave(joined)  # so the server stops sampling us now, not after missed heartbeats
+                except FedtuneError as err:
+                    self._leave(joined, str(err))  # so the server stops sampling us now, and knows why
                     raise
                 finally:
                     beat.end()
@@ -181,18 +193,27 @@ class Participant:
         finally:
             self.channel.close()
 
-    def _leave(self, joined: Joined) -> None:
+    def _leave(self, joined: Joined, reason: str) -> None:
         with contextlib.suppress(grpc.RpcError):  # best effort: the server also notices missing heartbeats
-            self.stub.Leave(pb.LeaveRequest(session=joined.session), timeout=5)
+            self.stub.Leave(pb.LeaveRequest(session=joined.session, reason=reason[: protocol.MAX_REASON]), timeout=15)
 
     def _refused(self, err: grpc.RpcError) -> ParticipantError:
         return ParticipantError(f"the server at {self.target} refused this client: {err.details()}", 3)
 
+    def _declared_examples(self) -> int:
+        """The training examples this participant declares at Join (its fits claim at most these); 0 before
+        its worker has read the local data, or when it has no ``count_examples``."""
+        if self.count_examples is None or self.worker is None or self.joined_as is None:
+            return 0
+        return self.count_examples(self.worker, self.joined_as)
+
     def _join(self) -> Joined:
         delay, started, closed = 0.5, time.monotonic(), 0
+        declared = self._declared_examples()
         while True:
             try:
-                reply = self.stub.Join(pb.JoinRequest(protocol=wire.PROTOCOL, software="fedtune"), timeout=15)
+                request = pb.JoinRequest(protocol=wire.PROTOCOL, software="fedtune", declared_examples=declared)
+                reply = self.stub.Join(request, timeout=15)
                 break
             except grpc.RpcError as err:
                 details = (err.details() or "").lower()
@@ -221,6 +242,7 @@ class Participant:
         limits = wire.Limits(reply.max_payload_bytes or 1, reply.chunk_bytes or 1 << 20)
         codec = build_codec(reply.codec or "none", **json.loads(reply.codec_params_json or "{}"))
         self.console.print(f"joined {self.target} as [bold]{reply.client_id}[/bold] (codec {codec.name})")
+        self.joined_as = reply.client_id
         # after a server restart, retry about as often as the server expects heartbeats
         self._max_backoff_s = min(10.0, max(1.0, 2 * (reply.heartbeat_s or 5.0)))
         return Joined(
@@ -233,6 +255,7 @@ class Participant:
             codec,
             json.loads(reply.extra_json or "{}"),
             _secagg_configured(reply.config_yaml),
+            declared,
         )
 
     def _ensure_worker(self, joined: Joined) -> None:

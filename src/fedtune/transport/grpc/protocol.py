@@ -5,6 +5,9 @@ SCAFFOLD control variates, in their own dtype), ``delta/<part>`` (the update as 
 ``secagg/message`` (one encoded secure-aggregation message, uint8). Scalars (training config, strategy
 options, metrics, evaluation sums) travel as one JSON object.
 
+In async mode (FedBuff) a fit task names the model version its ``params`` are and the result echoes it
+(scalar ``version``); the server's loop checks the echo against what it dispatched.
+
 Under secure aggregation a fit result carries no tensors at all (``held_update_payload``): the client
 keeps its update and answers the SecAgg tasks; the server gets a ``HeldUpdate`` (``held_update_from_payload``).
 
@@ -30,6 +33,7 @@ from fedtune.transport.grpc.proto import fedtune_pb2 as pb
 from fedtune.transport.grpc.wire import Payload
 
 EXTRAS, DELTA = "extras/", "delta/"
+VERSION = "version"  # async mode: the model version a fit task carries and its result echoes (scalars)
 SECAGG = "secagg/message"
 # SecAgg task kind per stage (stages are named by what the client sends back: see privacy.secagg.driver)
 SECAGG_KINDS = {
@@ -68,6 +72,8 @@ def fit_payload(instr: FitInstruction, task_id: str) -> Payload:
     header = _header(pb.FIT, task_id=task_id, round_idx=instr.round, spec_digest=instr.spec_digest)
     # the typed client config travels as its JSON form and is validated again on arrival (_client_config)
     scalars = {"seed": instr.seed, "train": instr.train.model_dump(mode="json"), "options": instr.options}
+    if instr.version is not None:  # async mode: the model version ``params`` is; the reply echoes it
+        scalars[VERSION] = instr.version
     return Payload(header, scalars, {"params": instr.params, **_named_extras(instr.extras)})
 
 
@@ -106,6 +112,7 @@ def fit_from_payload(payload: Payload, client_id: str) -> FitInstruction:
         train=_client_config(s.get("train")),
         extras=_take_extras(payload.tensors, "server task"),
         options=dict(s.get("options") or {}),
+        version=_version(s, "the server's task"),
     )
 
 
@@ -137,6 +144,8 @@ def update_payload(
     header.codec = encoded.codec
     header.codec_params_json = json.dumps(encoded.params)
     scalars = {"num_examples": update.num_examples, "metrics": update.metrics}
+    if update.version is not None:
+        scalars[VERSION] = update.version
     tensors = {DELTA + k: v for k, v in encoded.arrays.items()} | _named_extras(update.extras)
     return Payload(header, scalars, tensors), residual
 
@@ -152,9 +161,12 @@ def eval_result_payload(result: ClientEval, *, task_id: str, session: str) -> Pa
     return Payload(_header(pb.EVAL_RESULT, task_id=task_id, round_idx=result.round, session=session), scalars)
 
 
+MAX_REASON = 2000  # characters of a client's reason (a failed task, leaving) that travel and are logged
+
+
 def failure_payload(reason: str, *, task_id: str, round_idx: int, session: str) -> Payload:
     header = _header(pb.FAILURE, task_id=task_id, round_idx=round_idx, session=session)
-    return Payload(header, {"reason": reason[:2000]})
+    return Payload(header, {"reason": reason[:MAX_REASON]})
 
 
 RESULT_SLACK = 64 * 1024  # small extras (DP's clipping bit), int8 scales, codec headroom
@@ -178,6 +190,16 @@ def _int(scalars: dict[str, Any], key: str, who: str) -> int:
     if not isinstance(value, int) or isinstance(value, bool):
         raise UpdateRejected(f"{who}: {key!r} must be an integer, got {value!r}")
     return value
+
+
+def _version(scalars: dict[str, Any], who: str) -> int | None:
+    """The model version a task or result names (async mode), or None (a synchronous round)."""
+    if VERSION not in scalars:
+        return None
+    version = _int(scalars, VERSION, who)
+    if version < 0:
+        raise UpdateRejected(f"{who}: model version {version} is negative")
+    return version
 
 
 def _metrics(raw: Any, who: str) -> dict[str, float]:
@@ -221,6 +243,7 @@ def update_from_payload(payload: Payload, *, client_id: str, numel: int, spec_di
         spec_digest=h.spec_digest,
         metrics=_metrics(payload.scalars.get("metrics", {}), who),
         extras=_take_extras(payload.tensors, who),
+        version=_version(payload.scalars, who),
     )
 
 

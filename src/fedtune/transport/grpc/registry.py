@@ -112,11 +112,11 @@ class Registry:
             session.last_seen = self.clock()
             return session
 
-    def leave(self, client_id: str, token: str) -> None:
+    def leave(self, client_id: str, token: str, reason: str = "") -> None:
         with self._cond:
             session = self._sessions.get(client_id)
             if session is not None and session.token == token:
-                self._end(session, "client left the federation")
+                self._end(session, "client left the federation" + (f": {reason}" if reason else ""))
 
     def _end(self, session: Session, reason: str) -> None:
         """Remove a session and fail its open tasks (lock held)."""

@@ -34,6 +34,8 @@ from fedtune.errors import ConfigError, FedtuneError
 from fedtune.transport.base import Capabilities
 from fedtune.transport.grpc import protocol, wire
 from fedtune.transport.grpc.auth import Authenticator
+from fedtune.transport.grpc.dispatch import LiveFit
+from fedtune.transport.grpc.gate import ConnectionGate
 from fedtune.transport.grpc.limits import server_options
 from fedtune.transport.grpc.proto import fedtune_pb2 as pb
 from fedtune.transport.grpc.registry import Registry, Task
@@ -91,13 +93,21 @@ class GrpcServerTransport:
         secure_aggregation: bool = False,
     ):
         self.dep, self.secure_aggregation = dep, secure_aggregation
-        # started for SecAgg, it carries the protocol's message rounds and its clients keep their updates
-        self.capabilities = Capabilities(secure_sum=secure_aggregation)
+        # started for SecAgg, it carries the protocol's message rounds and its clients keep their updates;
+        # otherwise it also dispatches fits one at a time (FedBuff: ``Dispatch``, through ``self.live``)
+        self.capabilities = Capabilities(secure_sum=secure_aggregation, asynchronous=not secure_aggregation)
         self.limits = wire.Limits(dep.max_payload_bytes, dep.chunk_kb * 1024)
         self.registry = Registry(dead_after_s=dep.dead_after_s, max_clients=dep.max_clients)
+        # caps connections that have not authenticated, per source address and in all (gate.py)
+        self.gate = (
+            ConnectionGate(per_address=dep.max_unauthenticated_per_address, total=dep.max_unauthenticated)
+            if dep.connection_gate
+            else None
+        )
         auth = Authenticator(
             allowed=dep.allowed_clients,
             revocation_list=Path(dep.revocation_list).expanduser() if dep.revocation_list else None,
+            on_identified=self.gate.authenticated if self.gate is not None else None,
         )
         self.servicer = Servicer(
             self.registry,
@@ -108,6 +118,7 @@ class GrpcServerTransport:
             extra=extra or {},
             secure_aggregation=secure_aggregation,
         )
+        self.live = LiveFit(self.registry, dep)  # asynchronous fit: fedtune.transport.base.Dispatch
         self.tls = tls
         self.port: int | None = None
         self._server: grpc.Server | None = None
@@ -130,13 +141,21 @@ class GrpcServerTransport:
             [(self.tls.key, self.tls.cert)], root_certificates=self.tls.ca, require_client_auth=True
         )
         address = f"{self.dep.address}:{self.dep.port}"
+        # behind the gate, gRPC listens on loopback only and the gate owns the public address
+        listen = "127.0.0.1:0" if self.gate is not None else address
         try:
-            port = server.add_secure_port(address, creds)
+            port = server.add_secure_port(listen, creds)
         except RuntimeError as err:
-            raise FedtuneError(f"cannot listen on {address}: {err} (port in use?)") from None
+            raise FedtuneError(f"cannot listen on {listen}: {err} (port in use?)") from None
         if not port:
-            raise FedtuneError(f"cannot listen on {address} (port in use, or not an address of this machine?)")
+            raise FedtuneError(f"cannot listen on {listen} (port in use, or not an address of this machine?)")
         server.start()
+        if self.gate is not None:
+            try:
+                port = self.gate.start(self.dep.address, self.dep.port, port)
+            except OSError as err:
+                server.stop(None)
+                raise FedtuneError(f"{err} (port in use, or not an address of this machine?)") from None
         self._server, self.port = server, port
         log.info("listening on %s:%d (TLS, client certificates required)", self.dep.address, port)
         return port
@@ -242,6 +261,20 @@ class GrpcServerTransport:
         finally:
             self.registry.expire(list(open_.values()))  # the caller stopped early: close what is left
 
+    # ------------------------------------------------------------------------------------ Dispatch (async)
+
+    def connected(self) -> list[str]:
+        return self.live.connected()
+
+    def dispatch(self, instruction: FitInstruction) -> None:
+        self.live.dispatch(instruction)
+
+    def next_reply(self, timeout: float) -> Reply | ClientFailure | None:
+        return self.live.next_reply(timeout)
+
+    def abandon(self) -> None:
+        self.live.abandon()
+
     def close(self, *, ok: bool = True, reason: str = "the federation finished") -> None:
         """Tell every client to exit (with ``reason``), wait up to shutdown_grace_s, stop listening."""
         if self._server is None:
@@ -254,6 +287,8 @@ class GrpcServerTransport:
         """Stop listening without telling clients (they keep reconnecting: for a server that will restart)."""
         if self._server is not None:
             self._server.stop(grace=1.0).wait(5.0)
+            if self.gate is not None:  # after the server: what it sent last (a SHUTDOWN) is relayed first
+                self.gate.stop()
             self._server = None
 
 

@@ -28,6 +28,7 @@ from fedtune.core.messages import ClientFailure
 from fedtune.errors import UpdateRejected
 from fedtune.transport.grpc import protocol, wire
 from fedtune.transport.grpc.auth import Authenticator, AuthError
+from fedtune.transport.grpc.declared import Declarations
 from fedtune.transport.grpc.limits import StreamSlots
 from fedtune.transport.grpc.proto import fedtune_pb2 as pb
 from fedtune.transport.grpc.registry import SHUTDOWN, Registry, SecAggReply, SessionError, Task
@@ -68,6 +69,10 @@ class Servicer:
         self.config_yaml, self.extra = config_yaml, extra
         self.secure_aggregation = secure_aggregation  # fit results must then carry no update
         self.slots = StreamSlots(dep.max_streams_per_client)
+        # example counts declared at Join bound later fit results (declared.py)
+        self.declarations = Declarations(
+            refuse_over=dep.over_declared == "refuse", required=dep.require_declared_examples
+        )
 
     def _busy(self, cid: str) -> str:
         return (
@@ -108,6 +113,9 @@ class Servicer:
             context.abort(grpc.StatusCode.RESOURCE_EXHAUSTED, str(err))
             raise
         log.info("client %s %s from %s", cid, "rejoined" if rejoined else "joined", context.peer())
+        declared = self.declarations.record(cid, request.declared_examples)
+        if declared is not None:
+            log.info("client %s: at most %d training examples (declared at Join)", cid, declared)
         dep = self.dep
         codec_params = {"int8": {"block": dep.codec_block}, "topk": {"fraction": dep.topk_fraction}}
         return pb.JoinReply(
@@ -129,8 +137,12 @@ class Servicer:
 
     def Leave(self, request: pb.LeaveRequest, context: grpc.ServicerContext) -> pb.LeaveReply:
         cid = self._who(context)
-        self.registry.leave(cid, request.session)
-        log.info("client %s left", cid)
+        reason = request.reason[: protocol.MAX_REASON]  # the client's own words: bounded before they are logged
+        self.registry.leave(cid, request.session, reason)
+        if reason:
+            log.warning("client %s left: %s", cid, reason)
+        else:
+            log.info("client %s left", cid)
         return pb.LeaveReply()
 
     def Pull(self, request: pb.PullRequest, context: grpc.ServicerContext) -> Iterator[pb.Chunk]:
@@ -278,6 +290,7 @@ class Servicer:
         # under SecAgg the update stays on the client: nothing here ever decodes a "delta/..." tensor
         decode = protocol.held_update_from_payload if self.secure_aggregation else protocol.update_from_payload
         update = decode(payload, client_id=cid, numel=params.size, spec_digest=task.payload.header.spec_digest)
+        update = self.declarations.bound(update)  # capped by, or refused above, the count declared at Join
         log.info(
             "round %d client %s: down %.1f kB, up %.1f kB (codec %s)",
             task.round,

@@ -21,7 +21,7 @@ _sym_db = _symbol_database.Default()
 
 
 DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(
-    b'\n*fedtune/transport/grpc/proto/fedtune.proto\x12\nfedtune.v1"1\n\x0bJoinRequest\x12\x10\n\x08protocol\x18\x01 \x01(\r\x12\x10\n\x08software\x18\x02 \x01(\t"\xd7\x01\n\tJoinReply\x12\x0f\n\x07session\x18\x01 \x01(\t\x12\x11\n\tclient_id\x18\x02 \x01(\t\x12\x13\n\x0b\x63onfig_yaml\x18\x03 \x01(\t\x12\x13\n\x0bheartbeat_s\x18\x04 \x01(\x01\x12\x0e\n\x06poll_s\x18\x05 \x01(\x01\x12\x19\n\x11max_payload_bytes\x18\x06 \x01(\x04\x12\x13\n\x0b\x63hunk_bytes\x18\x07 \x01(\r\x12\r\n\x05\x63odec\x18\x08 \x01(\t\x12\x19\n\x11\x63odec_params_json\x18\t \x01(\t\x12\x12\n\nextra_json\x18\n \x01(\t"#\n\x10HeartbeatRequest\x12\x0f\n\x07session\x18\x01 \x01(\t"\x1c\n\x0eHeartbeatReply\x12\n\n\x02ok\x18\x01 \x01(\x08"\x1e\n\x0bPullRequest\x12\x0f\n\x07session\x18\x01 \x01(\t"\x1f\n\x0cLeaveRequest\x12\x0f\n\x07session\x18\x01 \x01(\t"\x0c\n\nLeaveReply"K\n\nTensorMeta\x12\x0c\n\x04name\x18\x01 \x01(\t\x12 \n\x05\x64type\x18\x02 \x01(\x0e\x32\x11.fedtune.v1.DType\x12\r\n\x05shape\x18\x03 \x03(\x04"\x98\x02\n\x06Header\x12\x10\n\x08protocol\x18\x01 \x01(\r\x12\x1e\n\x04kind\x18\x02 \x01(\x0e\x32\x10.fedtune.v1.Kind\x12\x0f\n\x07session\x18\x03 \x01(\t\x12\x0f\n\x07task_id\x18\x04 \x01(\t\x12\r\n\x05round\x18\x05 \x01(\x03\x12\x13\n\x0bspec_digest\x18\x06 \x01(\t\x12\x14\n\x0cscalars_json\x18\x07 \x01(\t\x12\'\n\x07tensors\x18\x08 \x03(\x0b\x32\x16.fedtune.v1.TensorMeta\x12\x15\n\rpayload_bytes\x18\t \x01(\x04\x12\x16\n\x0epayload_sha256\x18\n \x01(\t\x12\r\n\x05\x63odec\x18\x0b \x01(\t\x12\x19\n\x11\x63odec_params_json\x18\x0c \x01(\t"E\n\x05\x43hunk\x12$\n\x06header\x18\x01 \x01(\x0b\x32\x12.fedtune.v1.HeaderH\x00\x12\x0e\n\x04\x64\x61ta\x18\x02 \x01(\x0cH\x00\x42\x06\n\x04part"-\n\tPushReply\x12\x10\n\x08\x61\x63\x63\x65pted\x18\x01 \x01(\x08\x12\x0e\n\x06reason\x18\x02 \x01(\t*\xf8\x01\n\x04Kind\x12\x14\n\x10KIND_UNSPECIFIED\x10\x00\x12\x08\n\x04IDLE\x10\x01\x12\x0c\n\x08SHUTDOWN\x10\x02\x12\x07\n\x03\x46IT\x10\x03\x12\x0c\n\x08\x45VALUATE\x10\x04\x12\x0e\n\nFIT_RESULT\x10\x05\x12\x0f\n\x0b\x45VAL_RESULT\x10\x06\x12\x0b\n\x07\x46\x41ILURE\x10\x07\x12\x14\n\x10SECAGG_ADVERTISE\x10\x10\x12\x10\n\x0cSECAGG_SHARE\x10\x11\x12\x11\n\rSECAGG_MASKED\x10\x12\x12\x11\n\rSECAGG_UNMASK\x10\x13\x12\x11\n\rSECAGG_RESULT\x10\x14\x12\x16\n\x12SECAGG_CONSISTENCY\x10\x15"\x04\x08\x16\x10\x1f*\x88\x01\n\x05\x44Type\x12\x15\n\x11\x44TYPE_UNSPECIFIED\x10\x00\x12\x0b\n\x07\x46LOAT32\x10\x01\x12\x0b\n\x07\x46LOAT16\x10\x02\x12\n\n\x06UINT16\x10\x03\x12\x08\n\x04INT8\x10\x04\x12\t\n\x05UINT8\x10\x05\x12\t\n\x05INT32\x10\x06\x12\t\n\x05INT64\x10\x07\x12\n\n\x06UINT32\x10\x08\x12\x0b\n\x07\x46LOAT64\x10\t2\xb0\x02\n\nFederation\x12\x36\n\x04Join\x12\x17.fedtune.v1.JoinRequest\x1a\x15.fedtune.v1.JoinReply\x12\x45\n\tHeartbeat\x12\x1c.fedtune.v1.HeartbeatRequest\x1a\x1a.fedtune.v1.HeartbeatReply\x12\x34\n\x04Pull\x12\x17.fedtune.v1.PullRequest\x1a\x11.fedtune.v1.Chunk0\x01\x12\x32\n\x04Push\x12\x11.fedtune.v1.Chunk\x1a\x15.fedtune.v1.PushReply(\x01\x12\x39\n\x05Leave\x12\x18.fedtune.v1.LeaveRequest\x1a\x16.fedtune.v1.LeaveReplyb\x06proto3'
+    b'\n*fedtune/transport/grpc/proto/fedtune.proto\x12\nfedtune.v1"L\n\x0bJoinRequest\x12\x10\n\x08protocol\x18\x01 \x01(\r\x12\x10\n\x08software\x18\x02 \x01(\t\x12\x19\n\x11\x64\x65\x63lared_examples\x18\x03 \x01(\x04"\xd7\x01\n\tJoinReply\x12\x0f\n\x07session\x18\x01 \x01(\t\x12\x11\n\tclient_id\x18\x02 \x01(\t\x12\x13\n\x0b\x63onfig_yaml\x18\x03 \x01(\t\x12\x13\n\x0bheartbeat_s\x18\x04 \x01(\x01\x12\x0e\n\x06poll_s\x18\x05 \x01(\x01\x12\x19\n\x11max_payload_bytes\x18\x06 \x01(\x04\x12\x13\n\x0b\x63hunk_bytes\x18\x07 \x01(\r\x12\r\n\x05\x63odec\x18\x08 \x01(\t\x12\x19\n\x11\x63odec_params_json\x18\t \x01(\t\x12\x12\n\nextra_json\x18\n \x01(\t"#\n\x10HeartbeatRequest\x12\x0f\n\x07session\x18\x01 \x01(\t"\x1c\n\x0eHeartbeatReply\x12\n\n\x02ok\x18\x01 \x01(\x08"\x1e\n\x0bPullRequest\x12\x0f\n\x07session\x18\x01 \x01(\t"/\n\x0cLeaveRequest\x12\x0f\n\x07session\x18\x01 \x01(\t\x12\x0e\n\x06reason\x18\x02 \x01(\t"\x0c\n\nLeaveReply"K\n\nTensorMeta\x12\x0c\n\x04name\x18\x01 \x01(\t\x12 \n\x05\x64type\x18\x02 \x01(\x0e\x32\x11.fedtune.v1.DType\x12\r\n\x05shape\x18\x03 \x03(\x04"\x98\x02\n\x06Header\x12\x10\n\x08protocol\x18\x01 \x01(\r\x12\x1e\n\x04kind\x18\x02 \x01(\x0e\x32\x10.fedtune.v1.Kind\x12\x0f\n\x07session\x18\x03 \x01(\t\x12\x0f\n\x07task_id\x18\x04 \x01(\t\x12\r\n\x05round\x18\x05 \x01(\x03\x12\x13\n\x0bspec_digest\x18\x06 \x01(\t\x12\x14\n\x0cscalars_json\x18\x07 \x01(\t\x12\'\n\x07tensors\x18\x08 \x03(\x0b\x32\x16.fedtune.v1.TensorMeta\x12\x15\n\rpayload_bytes\x18\t \x01(\x04\x12\x16\n\x0epayload_sha256\x18\n \x01(\t\x12\r\n\x05\x63odec\x18\x0b \x01(\t\x12\x19\n\x11\x63odec_params_json\x18\x0c \x01(\t"E\n\x05\x43hunk\x12$\n\x06header\x18\x01 \x01(\x0b\x32\x12.fedtune.v1.HeaderH\x00\x12\x0e\n\x04\x64\x61ta\x18\x02 \x01(\x0cH\x00\x42\x06\n\x04part"-\n\tPushReply\x12\x10\n\x08\x61\x63\x63\x65pted\x18\x01 \x01(\x08\x12\x0e\n\x06reason\x18\x02 \x01(\t*\xf8\x01\n\x04Kind\x12\x14\n\x10KIND_UNSPECIFIED\x10\x00\x12\x08\n\x04IDLE\x10\x01\x12\x0c\n\x08SHUTDOWN\x10\x02\x12\x07\n\x03\x46IT\x10\x03\x12\x0c\n\x08\x45VALUATE\x10\x04\x12\x0e\n\nFIT_RESULT\x10\x05\x12\x0f\n\x0b\x45VAL_RESULT\x10\x06\x12\x0b\n\x07\x46\x41ILURE\x10\x07\x12\x14\n\x10SECAGG_ADVERTISE\x10\x10\x12\x10\n\x0cSECAGG_SHARE\x10\x11\x12\x11\n\rSECAGG_MASKED\x10\x12\x12\x11\n\rSECAGG_UNMASK\x10\x13\x12\x11\n\rSECAGG_RESULT\x10\x14\x12\x16\n\x12SECAGG_CONSISTENCY\x10\x15"\x04\x08\x16\x10\x1f*\x88\x01\n\x05\x44Type\x12\x15\n\x11\x44TYPE_UNSPECIFIED\x10\x00\x12\x0b\n\x07\x46LOAT32\x10\x01\x12\x0b\n\x07\x46LOAT16\x10\x02\x12\n\n\x06UINT16\x10\x03\x12\x08\n\x04INT8\x10\x04\x12\t\n\x05UINT8\x10\x05\x12\t\n\x05INT32\x10\x06\x12\t\n\x05INT64\x10\x07\x12\n\n\x06UINT32\x10\x08\x12\x0b\n\x07\x46LOAT64\x10\t2\xb0\x02\n\nFederation\x12\x36\n\x04Join\x12\x17.fedtune.v1.JoinRequest\x1a\x15.fedtune.v1.JoinReply\x12\x45\n\tHeartbeat\x12\x1c.fedtune.v1.HeartbeatRequest\x1a\x1a.fedtune.v1.HeartbeatReply\x12\x34\n\x04Pull\x12\x17.fedtune.v1.PullRequest\x1a\x11.fedtune.v1.Chunk0\x01\x12\x32\n\x04Push\x12\x11.fedtune.v1.Chunk\x1a\x15.fedtune.v1.PushReply(\x01\x12\x39\n\x05Leave\x12\x18.fedtune.v1.LeaveRequest\x1a\x16.fedtune.v1.LeaveReplyb\x06proto3'
 )
 
 _globals = globals()
@@ -29,32 +29,32 @@ _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
 _builder.BuildTopDescriptorsAndMessages(DESCRIPTOR, "fedtune.transport.grpc.proto.fedtune_pb2", _globals)
 if not _descriptor._USE_C_DESCRIPTORS:
     DESCRIPTOR._loaded_options = None
-    _globals["_KIND"]._serialized_start = 952
-    _globals["_KIND"]._serialized_end = 1200
-    _globals["_DTYPE"]._serialized_start = 1203
-    _globals["_DTYPE"]._serialized_end = 1339
+    _globals["_KIND"]._serialized_start = 995
+    _globals["_KIND"]._serialized_end = 1243
+    _globals["_DTYPE"]._serialized_start = 1246
+    _globals["_DTYPE"]._serialized_end = 1382
     _globals["_JOINREQUEST"]._serialized_start = 58
-    _globals["_JOINREQUEST"]._serialized_end = 107
-    _globals["_JOINREPLY"]._serialized_start = 110
-    _globals["_JOINREPLY"]._serialized_end = 325
-    _globals["_HEARTBEATREQUEST"]._serialized_start = 327
-    _globals["_HEARTBEATREQUEST"]._serialized_end = 362
-    _globals["_HEARTBEATREPLY"]._serialized_start = 364
-    _globals["_HEARTBEATREPLY"]._serialized_end = 392
-    _globals["_PULLREQUEST"]._serialized_start = 394
-    _globals["_PULLREQUEST"]._serialized_end = 424
-    _globals["_LEAVEREQUEST"]._serialized_start = 426
-    _globals["_LEAVEREQUEST"]._serialized_end = 457
-    _globals["_LEAVEREPLY"]._serialized_start = 459
-    _globals["_LEAVEREPLY"]._serialized_end = 471
-    _globals["_TENSORMETA"]._serialized_start = 473
-    _globals["_TENSORMETA"]._serialized_end = 548
-    _globals["_HEADER"]._serialized_start = 551
-    _globals["_HEADER"]._serialized_end = 831
-    _globals["_CHUNK"]._serialized_start = 833
-    _globals["_CHUNK"]._serialized_end = 902
-    _globals["_PUSHREPLY"]._serialized_start = 904
-    _globals["_PUSHREPLY"]._serialized_end = 949
-    _globals["_FEDERATION"]._serialized_start = 1342
-    _globals["_FEDERATION"]._serialized_end = 1646
+    _globals["_JOINREQUEST"]._serialized_end = 134
+    _globals["_JOINREPLY"]._serialized_start = 137
+    _globals["_JOINREPLY"]._serialized_end = 352
+    _globals["_HEARTBEATREQUEST"]._serialized_start = 354
+    _globals["_HEARTBEATREQUEST"]._serialized_end = 389
+    _globals["_HEARTBEATREPLY"]._serialized_start = 391
+    _globals["_HEARTBEATREPLY"]._serialized_end = 419
+    _globals["_PULLREQUEST"]._serialized_start = 421
+    _globals["_PULLREQUEST"]._serialized_end = 451
+    _globals["_LEAVEREQUEST"]._serialized_start = 453
+    _globals["_LEAVEREQUEST"]._serialized_end = 500
+    _globals["_LEAVEREPLY"]._serialized_start = 502
+    _globals["_LEAVEREPLY"]._serialized_end = 514
+    _globals["_TENSORMETA"]._serialized_start = 516
+    _globals["_TENSORMETA"]._serialized_end = 591
+    _globals["_HEADER"]._serialized_start = 594
+    _globals["_HEADER"]._serialized_end = 874
+    _globals["_CHUNK"]._serialized_start = 876
+    _globals["_CHUNK"]._serialized_end = 945
+    _globals["_PUSHREPLY"]._serialized_start = 947
+    _globals["_PUSHREPLY"]._serialized_end = 992
+    _globals["_FEDERATION"]._serialized_start = 1385
+    _globals["_FEDERATION"]._serialized_end = 1689
 # @@protoc_insertion_point(module_scope)

@@ -64,12 +64,16 @@ UINT32: DType
 FLOAT64: DType
 
 class JoinRequest(_message.Message):
-    __slots__ = ("protocol", "software")
+    __slots__ = ("protocol", "software", "declared_examples")
     PROTOCOL_FIELD_NUMBER: _ClassVar[int]
     SOFTWARE_FIELD_NUMBER: _ClassVar[int]
+    DECLARED_EXAMPLES_FIELD_NUMBER: _ClassVar[int]
     protocol: int
     software: str
-    def __init__(self, protocol: _Optional[int] = ..., software: _Optional[str] = ...) -> None: ...
+    declared_examples: int
+    def __init__(
+        self, protocol: _Optional[int] = ..., software: _Optional[str] = ..., declared_examples: _Optional[int] = ...
+    ) -> None: ...
 
 class JoinReply(_message.Message):
     __slots__ = (
@@ -137,10 +141,12 @@ class PullRequest(_message.Message):
     def __init__(self, session: _Optional[str] = ...) -> None: ...
 
 class LeaveRequest(_message.Message):
-    __slots__ = ("session",)
+    __slots__ = ("session", "reason")
     SESSION_FIELD_NUMBER: _ClassVar[int]
+    REASON_FIELD_NUMBER: _ClassVar[int]
     session: str
-    def __init__(self, session: _Optional[str] = ...) -> None: ...
+    reason: str
+    def __init__(self, session: _Optional[str] = ..., reason: _Optional[str] = ...) -> None: ...
 
 class LeaveReply(_message.Message):
     __slots__ = ()
