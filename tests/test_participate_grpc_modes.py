@@ -169,6 +169,11 @@ def test_exact_lora_modes_over_grpc_equal_the_simulation(mode: str, tmp_path: Pa
     w0, w2 = seen_net[(1, NAMES[0])], seen_net[(2, NAMES[0])]
     assert not torch.allclose(w0, w2, atol=1e-6), "the residual did not reach the participant"
     assert torch.equal(seen_net[(2, NAMES[0])], seen_net[(2, NAMES[1])])  # both got the same global model
+    # rounds 2 and 3 sent each participant the increments since the version it held, not the dense residual
+    # (fedtune.server.strategies.lora_wire): the download falls by more than half the dense matrices
+    dense = sum(v.nbytes for v in net_extras.values())
+    sent = [r["bytes_down"] for r in rundir.MetricsLog(run_dir).rounds() if r["round"] > 0]
+    assert len(sent) == rounds and all(sent[0] - later > len(NAMES) * dense / 2 for later in sent[1:]), (sent, dense)
 
 
 DP_ADAPTIVE = {  # the DP-FedAvg of the SecAgg deployment test, with and without SecAgg

@@ -273,8 +273,11 @@ def test_evaluation_and_export_see_the_residual(mode, tmp_path):
 
 
 def test_bytes_down_count_the_residual(tmp_path):
-    """FedEx-LoRA sends a dense residual with every fit: the reported download includes it (params plus one
-    out x in float32 matrix per adapted layer), not just the adapter vector."""
+    """FedEx-LoRA's fit carries the residual: dense (one out x in float32 matrix per adapted layer) to a
+    client that holds none, then only the last round's increment as its factors, rank (K-1) r, to a client
+    that holds the previous version (fedtune.server.strategies.lora_wire). The reported download counts what
+    was sent: the adapter vector, the residual in whichever form, and the version numbers (8 bytes each)."""
+    from fedtune.aggregation.lora import lora_pairs
     from fedtune.server.strategies.lora import RESIDUAL_PREFIX
 
     raw = llama_config(tmp_path, lora_aggregation="fedex")
@@ -285,6 +288,9 @@ def test_bytes_down_count_the_residual(tmp_path):
     assert residual > 4 * spec.numel  # dense out x in per layer, against rank-r adapters
     trained = [row for row in result.rounds if row["round"] > 0]  # round 0 is the baseline evaluation
     assert len(trained) == 2
-    for row in trained:
-        assert row["clients_ok"] > 0
-        assert row["bytes_down"] == row["clients_ok"] * (4 * spec.numel + residual)
+    first, second = trained
+    assert first["clients_ok"] == second["clients_ok"] == 3  # every client, both rounds
+    assert first["bytes_down"] == 3 * (4 * spec.numel + residual + 8)  # first contact: dense, and its version
+    increment = sum(4 * 2 * p.rank * (p.out_features + p.in_features) for p in lora_pairs(spec))  # (K-1) r = 2 r
+    assert increment < residual  # 32 x 32 layers, r 4, K 3: half the dense bytes
+    assert second["bytes_down"] == 3 * (4 * spec.numel + increment + 16)  # the factors, version and base

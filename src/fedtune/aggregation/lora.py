@@ -229,3 +229,13 @@ def svd_tail_factors(product: np.ndarray, rank: int, bound: int) -> tuple[np.nda
 def factored_is_smaller(increment_rank: int, out_features: int, in_features: int) -> bool:
     """Whether (out, k) and (k, in) factors hold fewer numbers than the (out, in) matrix they multiply to."""
     return increment_rank * (out_features + in_features) < out_features * in_features
+
+
+def add_increment(residual: np.ndarray, b: np.ndarray, a: np.ndarray) -> np.ndarray:
+    """``residual`` + ``b`` @ ``a`` in float64, rounded once to float32 (a new array).
+
+    The one rule by which the server and every participant advance a residual: applied to the same float32
+    factors, their copies agree to float rounding round after round (there is no drift to correct).
+    """
+    product = np.asarray(b, dtype=np.float64) @ np.asarray(a, dtype=np.float64)
+    return (np.asarray(residual, dtype=np.float64) + product).astype(np.float32)

@@ -29,6 +29,7 @@ class ClientExtensions:
     hook_factories: list[HookFactory] = field(default_factory=list)
     update_transforms: list[UpdateTransform] = field(default_factory=list)
     personal: Personalizer | None = None  # what each client keeps for itself (config.personalization)
+    residual_state: str | None = None  # the store of each client's LoRA residual copy (fedtune.client.residual_copy)
 
 
 def strategy_extensions(*, own_rank: int | None = None, own_rslora: bool = False) -> ClientExtensions:
@@ -61,6 +62,8 @@ def build_client_extensions(config: Config, *, own_rank: int | None = None) -> C
         hook_factories=private_hooks + ext.hook_factories,
         update_transforms=ext.update_transforms + private_transforms,
         personal=personalizer(config),
+        # an address the run resolved (``with_client_state``); a bare "disk"/"ray" was not: this worker's memory
+        residual_state=config.simulation.client_state if ":" in config.simulation.client_state else None,
     )
 
 

@@ -20,6 +20,7 @@ from typing import Any
 import torch
 
 from fedtune.client.hooks import LoraResidual
+from fedtune.client.residual_copy import ResidualCopy
 from fedtune.client.weights import TrainableView
 from fedtune.config.schema import ClientConfig, Config
 from fedtune.core.messages import ClientEval, ClientUpdate, EvalInstruction, FitInstruction
@@ -110,6 +111,7 @@ class ExternalWorker:
         self.evaluate_fn = evaluate
         self.jobs = jobs
         self.residual = LoraResidual()
+        self.residual_copy = ResidualCopy()  # each client's residual, advanced by the server's increments
         self._closed = closed
 
     def _check_digest(self, digest: str) -> None:
@@ -124,7 +126,9 @@ class ExternalWorker:
             raise Abandoned
         self._check_digest(instr.spec_digest)
         self.view.write(instr.params)
-        self.residual.load(self.task.module, instr.extras)
+        self.residual.load(
+            self.task.module, self.residual_copy.resolve(instr.client_id, instr.extras, round=instr.round)
+        )
         self.task.module.train()
         job = Job(instr.client_id, instr.round, self.task.module, instr.train)
         started = time.perf_counter()
@@ -153,7 +157,8 @@ class ExternalWorker:
             return ClientEval(instr.client_id, instr.round, EvalSums())
         self.view.write(instr.params)
         module = self.task.module
-        with self.residual.applied(module, instr.extras), torch.no_grad():
+        extras = self.residual_copy.resolve(instr.client_id, instr.extras, round=instr.round + 1, keep=False)
+        with self.residual.applied(module, extras), torch.no_grad():
             was_training = module.training
             module.eval()
             try:

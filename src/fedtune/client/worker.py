@@ -22,6 +22,7 @@ import torch
 
 from fedtune.client.hooks import LoraResidual
 from fedtune.client.personal import Personalizer
+from fedtune.client.residual_copy import ResidualCopy
 from fedtune.client.train import WHOLE_BATCH, BatchLoss, LocalResult, LocalRun, StepCallback, local_train
 from fedtune.client.weights import TrainableView
 from fedtune.core.fit import FitContext, LocalHooks
@@ -59,9 +60,11 @@ class ClientWorker:
         hook_factories: Sequence[HookFactory] = (),
         update_transforms: Sequence[Callable[[ClientUpdate, FitInstruction], ClientUpdate]] = (),
         personal: Personalizer | None = None,
+        residual_state: str | None = None,
     ) -> None:
         """``records`` maps client id -> (train records, test records); ``personal``: what each client keeps
-        for itself (fedtune.client.personal), None without personalisation."""
+        for itself (fedtune.client.personal), None without personalisation; ``residual_state``: the client
+        state store where each client keeps its copy of the LoRA residual (None: in this worker's memory)."""
         self.task = task
         self.view = TrainableView(task.module)
         self.records = records
@@ -73,6 +76,7 @@ class ClientWorker:
         # applied in float32 beside the base weight instead of folded into it (where bf16 would round it away)
         bf16 = task.compute_dtype != "float32"
         self.residual = LoraResidual(separate=bf16)
+        self.residual_copy = ResidualCopy(residual_state)  # the client's residual, advanced by increments
         self.on_step: StepCallback | None = None  # told after every local step (the simulation's progress bar)
 
     def examples(self, client_id: str, *, train: bool) -> list[Example]:
@@ -97,7 +101,8 @@ class ClientWorker:
         context when the fit ends (``ClientWorker.fitting`` does), whether it succeeded or not."""
         self._check_digest(instr.spec_digest)
         self.view.write(instr.params)
-        self.residual.load(self.task.module, instr.extras)  # base weights before any hook looks at the model
+        extras = self.residual_copy.resolve(instr.client_id, instr.extras, round=instr.round)
+        self.residual.load(self.task.module, extras)  # base weights before any hook looks at the model
         fit = FitContext(instr)
         try:
             for factory in self.hook_factories:
@@ -177,7 +182,9 @@ class ClientWorker:
             )
             examples = [examples[i] for i in sorted(keep.tolist())]
         personal: dict[str, EvalSums] = {}
-        with self.residual.applied(self.task.module, instr.extras):  # W0 restored afterwards
+        # the copy this client's fit of round ``instr.round`` kept (if it fitted then), advanced, not saved
+        extras = self.residual_copy.resolve(instr.client_id, instr.extras, round=instr.round + 1, keep=False)
+        with self.residual.applied(self.task.module, extras):  # W0 restored afterwards
             sums = evaluate_examples(self.task, examples, instr.batch_size)
             if self.personal is not None:  # the client's own models on the same examples
                 personal = self.personal.evaluate(

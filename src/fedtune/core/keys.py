@@ -15,4 +15,8 @@ ROUNDS_OPTION = "federation_rounds"  # the federation's round count: the span of
 
 # FitInstruction.extras / ClientUpdate.extras (arrays)
 RESIDUAL_PREFIX = "lora/residual/"  # + module name: the exact LoRA modes' dense residual of that layer
+# the exact LoRA modes' residual sent as increments (fedtune.server.strategies.lora_wire): int64 (1,) arrays
+RESIDUAL_VERSION = "lora/version"  # the residual version (server rounds completed) this payload describes
+RESIDUAL_BASE = "lora/base"  # the version the increments start from (the client must hold it, or newer)
+INCREMENT_PREFIX = "lora/increment/"  # + "<version>/<module>/B" or "/A": that round's increment in factors
 C_KEY, CI_KEY, DC_KEY = "scaffold/c", "scaffold/c_i", "scaffold/dc"  # SCAFFOLD: c, c_i down; dc_i up

@@ -13,7 +13,7 @@ once per round and in this order::
     else:                                                 # it needs only a sum: the LOOP forms it, in the
         total = summer(updates, plan)                     # clear or by secure aggregation (the transport's
         state, metrics = strategy.apply_sum(state, total) # capability), and hands the strategy the result
-    extras = strategy.eval_payload(state)                 # what evaluating the global model needs
+    extras = strategy.eval_payload(state, client_id=cid)  # what evaluating the global model needs
 
 ``needs`` declares what the strategy needs from its clients (individual updates or only their sum, and
 which update extras), composed from what each of its parts declares; the privacy layer reads it instead of
@@ -86,8 +86,9 @@ class Strategy(Protocol):
         """(arrays, scalar options) sent to one sampled client alongside the global vector."""
         ...
 
-    def eval_payload(self, state: ServerState) -> dict[str, np.ndarray]:
-        """Arrays that, with ``state.params``, make up the global model (EvalInstruction.extras); often none."""
+    def eval_payload(self, state: ServerState, *, client_id: str | None = None) -> dict[str, np.ndarray]:
+        """Arrays that, with ``state.params``, make up the global model (EvalInstruction.extras); often none.
+        With ``client_id``: what that client needs to make it, which may be less (it may hold part already)."""
         ...
 
     def sum_plan(self, state: ServerState) -> SumPlan | None:

@@ -205,6 +205,7 @@ def build_participant_worker(
         hook_factories=ext.hook_factories,
         update_transforms=ext.update_transforms,
         personal=ext.personal,  # its state: this participant's own store (above)
+        residual_state=ext.residual_state,  # its copy of the LoRA residual: the same store
     )
     if not worker.examples(client_id, train=True):
         raise DataError(f"--data {data}: no training examples after encoding (model.max_length too large?)")

@@ -183,8 +183,8 @@ class DPFedAvg:
         clip = float(self._dp(state)["clip"])
         return arrays, {**options, "dp_clip": clip, "dp_adaptive": self.dp.adaptive is not None}
 
-    def eval_payload(self, state: ServerState) -> dict[str, np.ndarray]:
-        return self.inner.eval_payload(state)
+    def eval_payload(self, state: ServerState, *, client_id: str | None = None) -> dict[str, np.ndarray]:
+        return self.inner.eval_payload(state, client_id=client_id)
 
     def sum_plan(self, state: ServerState) -> SumPlan:
         """Uniform weights, every summand clipped to C (re-clipped by the plain sum), the clip bit summed too

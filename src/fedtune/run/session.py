@@ -113,7 +113,12 @@ def prepare_worker(
     records = {cid: (split.train, split.test) for cid, split in fed.clients.items()}
     ext = build_client_extensions(config)
     worker = ClientWorker(
-        task, records, hook_factories=ext.hook_factories, update_transforms=ext.update_transforms, personal=ext.personal
+        task,
+        records,
+        hook_factories=ext.hook_factories,
+        update_transforms=ext.update_transforms,
+        personal=ext.personal,
+        residual_state=ext.residual_state,
     )
     # Encode every client once up front: clients whose text is too short for one training example are
     # dropped here (a DataWarning with their ids), instead of failing in the middle of a round.

@@ -88,7 +88,7 @@ class FedBuff:
         dp = {"dp_clip": self.dp.clip, "dp_adaptive": False} if self.dp is not None else {}
         return {}, {**self.client_options, **dp}
 
-    def eval_payload(self, state: ServerState) -> dict[str, np.ndarray]:
+    def eval_payload(self, state: ServerState, *, client_id: str | None = None) -> dict[str, np.ndarray]:
         return {}
 
     def epsilon(self, state: ServerState) -> float:

@@ -190,7 +190,6 @@ def evaluate_models(
 ) -> tuple[dict[str, EvalSums], EvalSums, dict[str, dict[str, EvalSums]], list[ClientFailure]]:
     """``evaluate_global``, plus what clients report for their own models on the same held-out data
     (personalisation: {variant: {client: sums}}). ``events`` hears who was asked and who answered."""
-    extras = strategy.eval_payload(state)  # one dict shared by every instruction (transports send it once)
     instructions = [
         EvalInstruction(
             client_id=cid,
@@ -199,7 +198,9 @@ def evaluate_models(
             spec_digest=state.spec.digest,
             batch_size=config.eval.batch_size,
             max_examples=config.eval.max_examples_per_client,
-            extras=extras,
+            # per client: the LoRA residual's increments depend on the version it holds (the dense arrays are
+            # the state's own, so a transport that shares equal arrays still sends them once)
+            extras=strategy.eval_payload(state, client_id=cid),
         )
         for cid in clients
     ]

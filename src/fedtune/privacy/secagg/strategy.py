@@ -43,8 +43,8 @@ class SecureAggregation:
     def fit_payload(self, state: ServerState, client_id: str) -> Payload:
         return self.inner.fit_payload(state, client_id)
 
-    def eval_payload(self, state: ServerState) -> dict[str, np.ndarray]:
-        return self.inner.eval_payload(state)
+    def eval_payload(self, state: ServerState, *, client_id: str | None = None) -> dict[str, np.ndarray]:
+        return self.inner.eval_payload(state, client_id=client_id)
 
     def sum_plan(self, state: ServerState) -> SumPlan:
         return SumPlan(

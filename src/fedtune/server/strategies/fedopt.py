@@ -59,8 +59,9 @@ class Plugin(Protocol):
 
     def payload(self, state: ServerState, client_id: str) -> Payload: ...
 
-    def eval_payload(self, state: ServerState) -> dict[str, np.ndarray]:
-        """Arrays a client needs to evaluate the global model (e.g. LoRA residuals); usually none."""
+    def eval_payload(self, state: ServerState, *, client_id: str | None = None) -> dict[str, np.ndarray]:
+        """Arrays a client needs to evaluate the global model (e.g. LoRA residuals); usually none. With
+        ``client_id``: what that client needs, given what it holds (the LoRA residual's increments)."""
         ...
 
     def begin(self, state: ServerState) -> PluginFold: ...
@@ -93,7 +94,7 @@ class ClientOptions:
     def payload(self, state: ServerState, client_id: str) -> Payload:
         return {}, dict(self.options)
 
-    def eval_payload(self, state: ServerState) -> dict[str, np.ndarray]:
+    def eval_payload(self, state: ServerState, *, client_id: str | None = None) -> dict[str, np.ndarray]:
         return {}
 
     def begin(self, state: ServerState) -> PluginFold:
@@ -142,11 +143,11 @@ class FedOpt:
             options.update(more_options)
         return arrays, options
 
-    def eval_payload(self, state: ServerState) -> dict[str, np.ndarray]:
+    def eval_payload(self, state: ServerState, *, client_id: str | None = None) -> dict[str, np.ndarray]:
         """What evaluating the global model needs besides ``state.params`` (see docs/STRATEGIES.md)."""
         arrays: dict[str, np.ndarray] = {}
         for plugin in self.plugins:
-            arrays.update(plugin.eval_payload(state))
+            arrays.update(plugin.eval_payload(state, client_id=client_id))
         return arrays
 
     def sum_plan(self, state: ServerState) -> SumPlan | None:

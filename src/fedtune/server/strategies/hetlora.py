@@ -45,7 +45,7 @@ class HetLora:
     def payload(self, state: ServerState, client_id: str) -> Payload:
         return {}, self.ranks.options(client_id, full_rank(state.spec))
 
-    def eval_payload(self, state: ServerState) -> dict[str, np.ndarray]:
+    def eval_payload(self, state: ServerState, *, client_id: str | None = None) -> dict[str, np.ndarray]:
         return {}
 
     def begin(self, state: ServerState) -> PluginFold:

@@ -17,9 +17,12 @@
 HetLoRA and FlexLoRA (heterogeneous ranks without stacking) are in ``hetlora.py`` and ``flexlora.py``.
 
 For fedex, svd and flora the global model is W0 + s (R + B @ A) per LoRA module. R (``lora/residual/<module>``,
-(out, in) float32, in B @ A units) lives in the server state and reaches clients in FitInstruction.extras;
-``eval_payload`` sends the same arrays with every EvalInstruction, and ClientWorker writes W0 + s R into the
-frozen base weights (``LoraResidual``) for fits and evaluations alike; ``fedtune export`` merges s R too.
+(out, in) float32, in B @ A units) lives in the server state. A fit carries it as the increments since the
+version the client holds, in factored form, where that is smaller (fedtune.server.strategies.lora_wire; the
+client keeps its copy, fedtune.client.residual_copy), else dense; ``eval_payload`` does the same for an
+evaluating client (the dense arrays where no client is named: export, generate). ClientWorker writes
+W0 + s R into the frozen base weights (``LoraResidual``) for fits
+and evaluations alike; ``fedtune export`` merges s R too.
 """
 
 from __future__ import annotations
@@ -28,7 +31,18 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
-from fedtune.aggregation.lora import LoraPair, lora_b_only, lora_pairs, stack_adapters, svd_reproject, truncate_rank
+from fedtune.aggregation.lora import (
+    LoraPair,
+    add_increment,
+    factored_is_smaller,
+    fedex_increment_factors,
+    lora_b_only,
+    lora_pairs,
+    stack_adapters,
+    svd_reproject,
+    svd_tail_factors,
+    truncate_rank,
+)
 from fedtune.core.keys import RANK_OPTION, RESIDUAL_PREFIX
 from fedtune.core.messages import ClientUpdate
 from fedtune.core.params import ParamSpec
@@ -37,12 +51,9 @@ from fedtune.core.state import ServerState
 from fedtune.core.strategy import LINEAR, Needs, Payload
 from fedtune.server.strategies.fedopt import NoFold, PluginFold
 from fedtune.server.strategies.lora_ranks import RankAssignment
+from fedtune.server.strategies.lora_wire import record_round, residual_key, residual_payload
 
 __all__ = ["RANK_OPTION", "RESIDUAL_PREFIX", "FLoRA", "FedExLora", "FfaLora", "SvdLora", "full_rank", "residual_key"]
-
-
-def residual_key(module: str) -> str:
-    return RESIDUAL_PREFIX + module
 
 
 def full_rank(spec: ParamSpec) -> int:
@@ -80,7 +91,7 @@ class FfaLora:
     def payload(self, state: ServerState, client_id: str) -> Payload:
         return {}, {}
 
-    def eval_payload(self, state: ServerState) -> dict[str, np.ndarray]:
+    def eval_payload(self, state: ServerState, *, client_id: str | None = None) -> dict[str, np.ndarray]:
         return {}
 
     def begin(self, state: ServerState) -> PluginFold:
@@ -107,15 +118,30 @@ class _ResidualMode:
             for p in _pairs_or_raise(spec, self.name)
         }
 
-    def eval_payload(self, state: ServerState) -> dict[str, np.ndarray]:
+    def eval_payload(self, state: ServerState, *, client_id: str | None = None) -> dict[str, np.ndarray]:
+        if client_id is not None:  # the increments since the version the client holds, where smaller
+            return residual_payload(state, client_id, lora_pairs(state.spec))
         return {k: v for k, v in state.arrays.items() if k.startswith(RESIDUAL_PREFIX)}
 
     def payload(self, state: ServerState, client_id: str) -> Payload:
-        return self.eval_payload(state), {}
+        return residual_payload(state, client_id, lora_pairs(state.spec)), {}
 
 
 def _add_residual(state: ServerState, pair: LoraPair, increment: np.ndarray) -> np.ndarray:
     return (state.arrays[residual_key(pair.module)].astype(np.float64) + increment).astype(np.float32)
+
+
+def _advance(
+    state: ServerState, pair: LoraPair, exact: np.ndarray, factors: tuple[np.ndarray, np.ndarray], sent: dict
+) -> np.ndarray:
+    """The module's new residual. Where the increment's factors are smaller than the dense matrix it is
+    advanced by exactly their float32 values (what clients receive and add: ``add_increment``), recorded in
+    ``sent``; else by the float64 ``exact`` increment, and clients get the dense result."""
+    b, a = (np.asarray(f, dtype=np.float32) for f in factors)
+    if not factored_is_smaller(a.shape[0], pair.out_features, pair.in_features):
+        return _add_residual(state, pair, exact)
+    sent[pair.module] = (b, a)
+    return add_increment(state.arrays[residual_key(pair.module)], b, a)
 
 
 @dataclass
@@ -129,6 +155,10 @@ class _ProductFold(NoFold):
     total: float = 0.0
     sums: dict[str, list[np.ndarray]] = field(default_factory=dict)
     factors: dict[str, tuple[np.ndarray, np.ndarray]] = field(default_factory=dict)
+    # fedex: each client's (B_k, A_k) and weight, for the increment's factors (K adapters: its own size)
+    local: dict[str, list[tuple[np.ndarray, np.ndarray]]] = field(default_factory=dict)
+    weights: list[float] = field(default_factory=list)
+    clients: list[str] = field(default_factory=list)
 
     def __post_init__(self) -> None:
         self.pairs = lora_pairs(self.state.spec)
@@ -140,22 +170,29 @@ class _ProductFold(NoFold):
             terms = [weight * b, weight * a, weight * (b @ a)]
             acc = self.sums.get(pair.module)
             self.sums[pair.module] = terms if acc is None else [x + y for x, y in zip(acc, terms, strict=True)]
+            if self.mode == "fedex":
+                self.local.setdefault(pair.module, []).append((b, a))
         self.total += weight
+        self.weights.append(weight)
+        self.clients.append(update.client_id)
 
     def finish(self, delta: np.ndarray) -> tuple[np.ndarray, dict[str, np.ndarray], dict]:
         if self.total == 0:
             return delta, {}, {}
-        arrays, worst = {}, 0.0
+        arrays, worst, sent = {}, 0.0, {}
         for pair in self.pairs:
             b_mean, a_mean, product = (x / self.total for x in self.sums[pair.module])
             if self.mode == "fedex":
                 b_new, a_new, error = b_mean, a_mean, 0.0
+                increment = fedex_increment_factors(self.local[pair.module], self.weights)
             else:
                 scale = _mean_row_norm(a_mean) if self.keep_a_scale else None
                 b_new, a_new, error = svd_reproject(product, pair.rank, a_row_norm=scale)
-            arrays[residual_key(pair.module)] = _add_residual(self.state, pair, product - b_new @ a_new)
+                increment = svd_tail_factors(product, pair.rank, len(self.weights) * pair.rank)
+            arrays[residual_key(pair.module)] = _advance(self.state, pair, product - b_new @ a_new, increment, sent)
             self.factors[pair.module] = (b_new, a_new)
             worst = max(worst, error)
+        arrays.update(record_round(self.state, self.pairs, sent, self.clients))
         return delta, arrays, ({"svd_max_rel_error": worst} if self.mode == "svd" else {})
 
     def after_step(self, params: np.ndarray) -> np.ndarray:
@@ -206,7 +243,8 @@ class FLoRA(_ResidualMode):
         return arrays
 
     def payload(self, state: ServerState, client_id: str) -> Payload:
-        return self.eval_payload(state), self.ranks.options(client_id, full_rank(state.spec))
+        arrays = residual_payload(state, client_id, lora_pairs(state.spec))
+        return arrays, self.ranks.options(client_id, full_rank(state.spec))
 
     def begin(self, state: ServerState) -> PluginFold:
         return _StackFold(self, state)
@@ -219,6 +257,7 @@ class _StackFold(NoFold):
     pairs: list[LoraPair] = field(init=False)
     weights: list[float] = field(default_factory=list)
     factors: dict[str, list[tuple[np.ndarray, np.ndarray]]] = field(default_factory=dict)
+    clients: list[str] = field(default_factory=list)
 
     def __post_init__(self) -> None:
         self.pairs = lora_pairs(self.state.spec)
@@ -229,15 +268,17 @@ class _StackFold(NoFold):
         for pair in self.pairs:  # only the reply's first r_k components count (and keep the stack small)
             self.factors.setdefault(pair.module, []).append(truncate_rank(*pair.factors(local), min(rank, pair.rank)))
         self.weights.append(weight)
+        self.clients.append(update.client_id)
 
     def finish(self, delta: np.ndarray) -> tuple[np.ndarray, dict[str, np.ndarray], dict]:
         if not self.weights:
             return delta, {}, {}
-        arrays, stacked_rank = {}, 0
+        arrays, stacked_rank, sent = {}, 0, {}
         for pair in self.pairs:
             b_stack, a_stack = stack_adapters(self.factors[pair.module], self.weights)
-            arrays[residual_key(pair.module)] = _add_residual(self.state, pair, b_stack @ a_stack)
+            arrays[residual_key(pair.module)] = _advance(self.state, pair, b_stack @ a_stack, (b_stack, a_stack), sent)
             stacked_rank = max(stacked_rank, a_stack.shape[0])
+        arrays.update(record_round(self.state, self.pairs, sent, self.clients))
         return delta, arrays, {"flora_stacked_rank": stacked_rank}
 
     def after_step(self, params: np.ndarray) -> np.ndarray:

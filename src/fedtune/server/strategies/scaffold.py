@@ -61,7 +61,7 @@ class Scaffold:
             c_i = np.zeros(state.spec.numel, np.float32)
         return {C_KEY: self.server_control(state.arrays), CI_KEY: c_i}, {}
 
-    def eval_payload(self, state: ServerState) -> dict[str, np.ndarray]:
+    def eval_payload(self, state: ServerState, *, client_id: str | None = None) -> dict[str, np.ndarray]:
         return {}
 
     def begin(self, state: ServerState) -> PluginFold:

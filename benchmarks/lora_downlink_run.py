@@ -1,0 +1,152 @@
+"""Downlink bytes per client and round in real ``fedtune.simulate`` runs: naive averaging against fedex.
+
+A random-weight Llama of SmolLM2-135M's shape cut to 8 blocks (hidden 576, 9 query / 3 key-value heads of 64,
+vocab 49,152, SmolLM2's tokenizer) with the demo's adapter (r = 8 on q/k/v/o of the top 8 blocks: 245,760
+float32 values, the demo's SmolLM2 adapter exactly; the blocks below carry no adapter, so they change no byte
+sent). N clients with a few lines of text each, K of them a round, one local step. The figures are the ``bytes_down``
+each run reports (the adapter vector and strategy arrays of every fit, as the in-process transport counts
+what a network would carry), per fitting client. "dense (before)" is what the same fits carried before the
+residual travelled as increments: the adapter plus every module's dense (out, in) residual.
+
+    nice -n 10 .venv/bin/python benchmarks/lora_downlink_run.py --runs 4/4/4 20/20/3 4/20/12
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+from _common import write_section
+from rich.console import Console
+
+from fedtune.config import parse_config
+from fedtune.data.cache import default_cache_dir
+from fedtune.models.hub import resolve_model
+from fedtune.run.session import simulate
+from fedtune.server.strategies.lora import RESIDUAL_PREFIX
+
+MB = 1e6
+LINES = ["To be, or not to be, that is the question.", "All the world's a stage, and all the men merely players."]
+
+
+def smollm2_shaped(folder: Path) -> Path:
+    """A random 8-block SmolLM2-135M-shaped Llama with SmolLM2's tokenizer (that of ``tiny-llama``)."""
+    from transformers import AutoTokenizer, LlamaConfig, LlamaForCausalLM
+
+    tokenizer = AutoTokenizer.from_pretrained(resolve_model("tiny-llama", default_cache_dir(None)))
+    config = LlamaConfig(
+        hidden_size=576,
+        intermediate_size=1536,
+        num_hidden_layers=8,
+        num_attention_heads=9,
+        num_key_value_heads=3,
+        vocab_size=len(tokenizer),
+        tie_word_embeddings=True,
+        pad_token_id=tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id,
+    )
+    torch.manual_seed(0)
+    LlamaForCausalLM(config).save_pretrained(folder)
+    tokenizer.save_pretrained(folder)
+    return folder
+
+
+def corpus(folder: Path, population: int) -> Path:
+    folder.mkdir(parents=True)
+    for c in range(population):
+        text = "\n\n".join(" ".join(LINES[(c + i) % 2] for _ in range(3)) for i in range(6))
+        (folder / f"speaker_{c:02d}.txt").write_text(text)
+    return folder
+
+
+def one_run(model: Path, data: Path, out: Path, mode: str, k: int, rounds: int) -> list[dict]:
+    """Per trained round: bytes sent down per fitting client, and the adapter's and dense residual's bytes."""
+    raw = {
+        "seed": 1,
+        "model": {
+            "name": str(model),
+            "max_length": 32,
+            "lora": {"r": 8, "alpha": 16, "target_modules": ["q_proj", "k_proj", "v_proj", "o_proj"], "top_layers": 8},
+        },
+        "data": {"source": "text", "path": str(data)},
+        "federation": {"rounds": rounds, "clients_per_round": k},
+        "client": {"local_steps": 1, "batch_size": 2, "lr": 0.01},
+        "eval": {"baseline": False, "every": 1000, "max_clients": 1, "max_examples_per_client": 2},
+        "server": {"lora_aggregation": mode},
+        "simulation": {"client_state": f"memory:downlink-{mode}-{data.name}"},
+        "run": {"out_dir": str(out / f"{mode}-{data.name}"), "plot": False, "threads": 1},
+    }
+    result = simulate(parse_config(raw), console=Console(quiet=True), show_progress=False)
+    adapter = result.state.params.nbytes
+    dense = sum(v.nbytes for key, v in result.state.arrays.items() if key.startswith(RESIDUAL_PREFIX))
+    return [
+        {"round": r["round"], "per_client": r["bytes_down"] / r["clients_ok"], "adapter": adapter, "dense": dense}
+        for r in result.rounds
+        if r["round"] > 0 and r["clients_ok"]
+    ]
+
+
+def _row(who: str, round_label: str, naive: float, fedex: dict) -> str:
+    before = fedex["adapter"] + fedex["dense"]
+    return (
+        f"| {who} | {round_label} | {naive / MB:.3f} | {before / MB:.2f} ({before / naive:.1f}x) "
+        f"| {fedex['per_client'] / MB:.2f} ({fedex['per_client'] / naive:.1f}x) |"
+    )
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument(
+        "--runs", nargs="+", default=["4/4/4", "20/20/3", "4/20/12"], help="K/N/R: K of N clients a round, R rounds"
+    )
+    parser.add_argument("--write", action="store_true", help="replace the docs/BENCHMARKS.md section")
+    args = parser.parse_args()
+    torch.set_num_threads(1)
+    load = [os.getloadavg()[0]]
+    rows = [
+        "| K of N | round | naive MB | fedex dense residual, before (x naive) | fedex now (x naive) |",
+        "| --- | --- | --- | --- | --- |",
+    ]
+    with tempfile.TemporaryDirectory() as tmp:
+        model = smollm2_shaped(Path(tmp) / "model")
+        for spec in args.runs:
+            k, population, rounds = map(int, spec.split("/"))
+            data = corpus(Path(tmp) / f"corpus-{k}-of-{population}", population)
+            naive = one_run(model, data, Path(tmp), "naive", k, rounds)
+            fedex = one_run(model, data, Path(tmp), "fedex", k, rounds)
+            load.append(os.getloadavg()[0])
+            for n, f in zip(naive, fedex, strict=True):
+                rows.append(_row(f"{k} of {population}", str(f["round"]), n["per_client"], f))
+            later = fedex[1:]  # rounds 2..R together: every round's fits, all bytes over all fitting clients
+            if len(later) > 1:
+                mean = sum(f["per_client"] for f in later) / len(later)
+                rows.append(
+                    _row(
+                        f"{k} of {population}",
+                        f"2-{rounds} mean",
+                        naive[-1]["per_client"],
+                        {**later[0], "per_client": mean},
+                    )
+                )
+    table = "\n".join(rows)
+    print(table)
+    if args.write:
+        intro = (__doc__ or "").split("\n\n")[1]
+        stamp = time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime())
+        body = (
+            f"Command: `nice -n 10 .venv/bin/python benchmarks/lora_downlink_run.py --runs "
+            f"{' '.join(args.runs)} --write`.\n\n{intro}\n\n{table}\n\n"
+            f"Measured {stamp} (bytes do not depend on load; load average {min(load):.1f}-{max(load):.1f})."
+        )
+        write_section("Downlink of the exact LoRA modes in simulate runs", body)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,86 @@
+"""FedEx-LoRA over real ``fedtune server`` / ``fedtune client`` processes: after the first round each
+participant receives the residual's increments in factored form and adds them to the copy in its own cache
+(fedtune.client.residual_copy), and the networked run equals the in-process simulation of the same
+configuration at the tolerance of the other gRPC-vs-simulation tests."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+import yaml
+
+from _grpc_support import Procs, client_args, deployment_section, find_run_dir, free_port, make_pki
+from fedtune.config import parse_config
+from fedtune.core.state import load_state
+from fedtune.run.artifacts import global_extras
+from fedtune.run.session import simulate
+
+pytestmark = [pytest.mark.timeout(900), pytest.mark.slow]  # three processes training on a loaded machine
+CLIENTS = ("client_000", "client_001")
+LINES = ["To be, or not to be, that is the question.", "All the world's a stage, and all the men merely players."]
+
+
+def _config(tmp: Path, pki: Path, port: int) -> dict:
+    corpus = tmp / "corpus"
+    corpus.mkdir()
+    for c, name in enumerate(CLIENTS):  # one file per client, named as its certificate: --data partition:<name>
+        (corpus / f"{name}.txt").write_text(
+            "\n\n".join(" ".join(LINES[(c + i) % 2] for _ in range(3)) for i in range(8))
+        )
+    return {
+        "seed": 2,
+        "model": {"name": "tiny-llama", "max_length": 32, "lora": {"r": 2, "alpha": 4}},
+        "data": {"source": "text", "path": str(corpus)},
+        "federation": {"rounds": 3, "clients_per_round": 2},
+        "client": {"local_steps": 2, "batch_size": 4, "lr": 0.3},
+        "eval": {"every": 1, "baseline": False},
+        "server": {"lora_aggregation": "fedex"},
+        "run": {"out_dir": str(tmp / "runs"), "plot": False, "threads": 1},
+        # a first fit imports and builds the model: minutes on a loaded machine, and a dropped round 1 sends round 2
+        # the dense residual again (what this test must see is rounds 2 and 3 with increments)
+        "deployment": deployment_section(pki, port, min_clients=2, round_timeout_s=400),
+    }
+
+
+def test_fedex_over_grpc_sends_increments_and_equals_the_simulation(tmp_path: Path) -> None:
+    pki = make_pki(tmp_path / "pki-root")
+    port = free_port()
+    cfg = _config(tmp_path, pki, port)
+    (tmp_path / "config.yaml").write_text(yaml.safe_dump(cfg))
+    procs = Procs(tmp_path)
+    try:
+        procs.cli("server", "server", str(tmp_path / "config.yaml"))
+        for name in CLIENTS:
+            procs.env["FEDTUNE_CACHE"] = str(tmp_path / f"cache-{name}")  # each participant's own disk
+            procs.cli(name, "client", *client_args(port, pki, name))
+        assert procs.wait("server", 400) == 0, procs.log("server")[-3000:]
+        for name in CLIENTS:
+            assert procs.wait(name, 60) == 0, procs.log(name)[-3000:]
+    finally:
+        procs.kill_all()
+    run_dir = find_run_dir(tmp_path)
+    state = load_state(run_dir / "checkpoint.safetensors")
+    dense = sum(v.nbytes for v in global_extras(parse_config(cfg), state).values())
+    rounds = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+    sent = [r["bytes_down"] for r in rounds if r["kind"] == "round" and r["round"] > 0]
+    # rounds 2 and 3: increments of rank (K - 1) r = 2 instead of the dense 32 x 32 matrices (and framing)
+    assert len(sent) == 3 and all(sent[0] - later > len(CLIENTS) * dense / 2 for later in sent[1:]), (sent, dense)
+    for name in CLIENTS:  # each participant's copy lives in its own cache
+        copies = list((tmp_path / f"cache-{name}" / "client_state").glob("*/lora-residual/*/r*.safetensors"))
+        assert copies, f"{name} kept no copy of the residual in its cache"
+
+    sim = parse_config({**cfg, "run": {**cfg["run"], "out_dir": str(tmp_path / "sim")}})
+    expected = simulate(sim, show_progress=False)
+    tolerance = {"rtol": 1e-4, "atol": 2e-5}  # arrival order vs sampled order: the last float bits may differ
+    np.testing.assert_allclose(state.params, expected.state.params, **tolerance)
+    want = global_extras(sim, expected.state)
+    got = global_extras(parse_config(cfg), state)
+    assert sorted(got) == sorted(want) and got
+    for key in want:
+        np.testing.assert_allclose(got[key], want[key], **tolerance)
+    net_loss = [r["eval_loss"] for r in rounds if r["kind"] == "round" and r["round"] > 0]
+    sim_loss = [r["eval_loss"] for r in expected.rounds if r["round"] > 0]
+    np.testing.assert_allclose(net_loss, sim_loss, rtol=1e-4)  # evaluations saw the same global model
