@@ -10,11 +10,12 @@ import subprocess
 import sys
 import threading
 import time
-from collections.abc import Callable, Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from contextlib import contextmanager
 from pathlib import Path
 
 import grpc
+import yaml
 
 from fedtune.deploy.certs import create_pki
 from fedtune.transport.grpc import wire
@@ -135,6 +136,25 @@ def find_run_dir(tmp: Path) -> Path:
     # generous: on a loaded machine a server process takes a minute or more to import torch and build the model
     found = wait_until(lambda: glob.glob(str(tmp / "runs" / "run-*")), 300, "the run directory")
     return Path(sorted(found)[0])
+
+
+def run_deployment(tmp: Path, config: dict, clients: Sequence[str], port: int, pki: Path, server_s: float) -> Path:
+    """``fedtune server`` with ``config`` (written to ``tmp/config.yaml``) and a ``fedtune client`` per name in
+    ``clients``, each with its own cache folder (``tmp/cache-<name>``, its own disk); waits for all to exit 0
+    (the server within ``server_s``) and returns the run directory."""
+    (tmp / "config.yaml").write_text(yaml.safe_dump(config))
+    procs = Procs(tmp)
+    try:
+        procs.cli("server", "server", str(tmp / "config.yaml"))
+        for name in clients:
+            procs.env["FEDTUNE_CACHE"] = str(tmp / f"cache-{name}")
+            procs.cli(name, "client", *client_args(port, pki, name))
+        assert procs.wait("server", server_s) == 0, procs.log("server")[-3000:]
+        for name in clients:
+            assert procs.wait(name, 60) == 0, procs.log(name)[-3000:]
+    finally:
+        procs.kill_all()
+    return find_run_dir(tmp)
 
 
 class RawClient:

@@ -10,9 +10,8 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-import yaml
 
-from _grpc_support import Procs, client_args, deployment_section, find_run_dir, free_port, make_pki
+from _grpc_support import deployment_section, free_port, make_pki, run_deployment
 from fedtune.config import parse_config
 from fedtune.core.state import load_state
 from fedtune.run.artifacts import global_extras
@@ -49,19 +48,7 @@ def test_fedex_over_grpc_sends_increments_and_equals_the_simulation(tmp_path: Pa
     pki = make_pki(tmp_path / "pki-root")
     port = free_port()
     cfg = _config(tmp_path, pki, port)
-    (tmp_path / "config.yaml").write_text(yaml.safe_dump(cfg))
-    procs = Procs(tmp_path)
-    try:
-        procs.cli("server", "server", str(tmp_path / "config.yaml"))
-        for name in CLIENTS:
-            procs.env["FEDTUNE_CACHE"] = str(tmp_path / f"cache-{name}")  # each participant's own disk
-            procs.cli(name, "client", *client_args(port, pki, name))
-        assert procs.wait("server", 400) == 0, procs.log("server")[-3000:]
-        for name in CLIENTS:
-            assert procs.wait(name, 60) == 0, procs.log(name)[-3000:]
-    finally:
-        procs.kill_all()
-    run_dir = find_run_dir(tmp_path)
+    run_dir = run_deployment(tmp_path, cfg, CLIENTS, port, pki, server_s=400)
     state = load_state(run_dir / "checkpoint.safetensors")
     dense = sum(v.nbytes for v in global_extras(parse_config(cfg), state).values())
     rounds = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]

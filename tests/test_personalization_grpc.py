@@ -9,9 +9,14 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-import yaml
 
-from _grpc_support import Procs, client_args, deployment_section, digits_data, find_run_dir, free_port, make_pki
+from _grpc_support import (
+    deployment_section,
+    digits_data,
+    free_port,
+    make_pki,
+    run_deployment,
+)
 from _models import DIGITS_CNN
 from fedtune.config import parse_config
 from fedtune.core.state import load_state
@@ -39,19 +44,7 @@ def test_fedper_over_grpc_keeps_heads_in_each_participants_cache(tmp_path: Path)
     pki = make_pki(tmp_path / "pki-root")
     port = free_port()
     cfg = _config(tmp_path, pki, port)
-    (tmp_path / "config.yaml").write_text(yaml.safe_dump(cfg))
-    procs = Procs(tmp_path)
-    try:
-        procs.cli("server", "server", str(tmp_path / "config.yaml"))
-        for name in CLIENTS:
-            procs.env["FEDTUNE_CACHE"] = str(tmp_path / f"cache-{name}")  # each participant's own disk
-            procs.cli(name, "client", *client_args(port, pki, name))
-        assert procs.wait("server", 300) == 0, procs.log("server")[-3000:]
-        for name in CLIENTS:
-            assert procs.wait(name, 60) == 0, procs.log(name)[-3000:]
-    finally:
-        procs.kill_all()
-    run_dir = find_run_dir(tmp_path)
+    run_dir = run_deployment(tmp_path, cfg, CLIENTS, port, pki, server_s=300)
     lines = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
     last = [r for r in lines if r["kind"] == "round"][-1]
     assert "eval_personal_accuracy" in last and "eval_client_mean_accuracy" in last
