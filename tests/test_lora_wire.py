@@ -14,6 +14,7 @@ from fedtune.core.keys import INCREMENT_PREFIX, RESIDUAL_BASE, RESIDUAL_PREFIX, 
 from fedtune.core.messages import ClientUpdate
 from fedtune.core.params import ParamSpec
 from fedtune.core.state import load_state, save_state
+from fedtune.core.state_store import participant_address
 from fedtune.errors import UpdateRejected
 from fedtune.server.strategies import FedExLora, FedOpt, FLoRA, SvdLora
 from fedtune.server.strategies.lora_wire import HISTORY
@@ -151,3 +152,21 @@ def test_a_client_whose_reply_was_not_folded_skips_the_increments_it_already_hol
     assert int(arrays[RESIDUAL_BASE][0]) == 0 and any(k.startswith(INCREMENT_PREFIX + "1/") for k in arrays)
     got = copy.resolve("a", arrays, round=3)
     np.testing.assert_array_equal(got[RESIDUAL_PREFIX + "l.q"], state.arrays[RESIDUAL_PREFIX + "l.q"])
+
+
+def test_a_copy_on_disk_survives_a_restarted_participant(tmp_path):
+    """A participant's copy in its own disk store (what ``fedtune client`` and ``fedtune.participate(server=...)``
+    use) is there for a new process: the increments after a restart apply; in memory they would be refused."""
+    strategy = FedOpt(plugins=[FedExLora()])
+    state = strategy.init_state(np.random.default_rng(4).normal(0, 0.3, SPEC.numel).astype(np.float32), SPEC)
+    address = participant_address(tmp_path, "federation")
+    ResidualCopy(address).resolve("a", strategy.fit_payload(state, "a")[0], round=1)
+    assert any(p.is_file() for p in tmp_path.rglob("*")), "the copy is on disk"
+    state, _ = strategy.aggregate(state, updates(state, ["a", "b"], seed=4))
+    arrays, _ = strategy.fit_payload(state, "a")
+    assert RESIDUAL_BASE in arrays  # increments, not the dense residual
+    restarted = ResidualCopy(address).resolve("a", arrays, round=2)  # a new process, the same disk
+    expected = {k: v for k, v in state.arrays.items() if k.startswith(RESIDUAL_PREFIX)}
+    assert sorted(k for k in restarted if k.startswith(RESIDUAL_PREFIX)) == sorted(expected)
+    for key, value in expected.items():
+        np.testing.assert_array_equal(restarted[key], value)

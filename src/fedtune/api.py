@@ -24,6 +24,7 @@ from fedtune.client.hooks import LoraResidual
 from fedtune.config.load import parse_config
 from fedtune.config.schema import Config
 from fedtune.core.state import ServerState
+from fedtune.core.state_store import participant_address
 from fedtune.data.cache import default_cache_dir
 from fedtune.data.sources import client_ids
 from fedtune.errors import FedtuneError
@@ -223,6 +224,9 @@ def _networked(
             cache_dir = default_cache_dir(cfg.data.cache_dir)
             num_labels = cfg.model.num_labels or joined.extra.get("num_labels")
             task = object_task(cfg, Objects(model=model), num_labels, cache_dir, in_place=True, as_is=as_is)
+            # the residual copy stays on this participant's own disk (never a folder the server names), so a
+            # restarted process still holds the version the server sends increments from
+            own_cache = default_cache_dir(local.data.cache_dir if local is not None else None)
             return ExternalWorker(
                 task,
                 [joined.client_id],
@@ -230,6 +234,7 @@ def _networked(
                 evaluate=evaluate,
                 jobs=participation.jobs,
                 closed=participation.closed,
+                residual_state=participant_address(own_cache, rundir.config_digest(cfg)),
             )
         except BaseException as err:
             failed.append(err)  # the participant prints it and stops; the user's loop re-raises it

@@ -102,8 +102,11 @@ class ExternalWorker:
         evaluate: ExternalEval | None = None,
         jobs: queue.Queue[Job | None],
         closed: threading.Event,
+        residual_state: str | None = None,
     ) -> None:
-        """``jobs`` is where fits hand their Job to the user's loop; once ``closed`` is set no job is taken."""
+        """``jobs`` is where fits hand their Job to the user's loop; once ``closed`` is set no job is taken.
+        ``residual_state``: the store address where each client keeps its copy of the exact LoRA modes' residual
+        (a deployed participant's own disk, so a restarted process keeps it); None: in memory."""
         self.task = task
         self.view = TrainableView(task.module)
         self.records: dict[str, tuple[list[Any], list[Any]]] = {cid: ([], []) for cid in client_ids}
@@ -111,7 +114,7 @@ class ExternalWorker:
         self.evaluate_fn = evaluate
         self.jobs = jobs
         self.residual = LoraResidual()
-        self.residual_copy = ResidualCopy()  # each client's residual, advanced by the server's increments
+        self.residual_copy = ResidualCopy(residual_state)  # each client's residual, advanced by increments
         self._closed = closed
 
     def _check_digest(self, digest: str) -> None:
