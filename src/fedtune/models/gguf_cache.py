@@ -17,6 +17,7 @@ from collections.abc import Callable
 from pathlib import Path
 
 from fedtune.errors import ModelError
+from fedtune.models.loading import HF_LOADING
 
 log = logging.getLogger(__name__)
 
@@ -75,6 +76,11 @@ def convert_gguf(gguf_path: Path, target: Path) -> Path:
 
 
 def _write_converted(gguf_path: Path, out: Path) -> None:
+    with HF_LOADING:  # transformers' loading contexts are process-global (models/loading.py)
+        _convert(gguf_path, out)
+
+
+def _convert(gguf_path: Path, out: Path) -> None:
     import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer
 

@@ -20,6 +20,7 @@ import torch
 
 from fedtune.errors import ModelError
 from fedtune.models.gguf_cache import convert_gguf, package_dir
+from fedtune.models.loading import HF_LOADING
 from fedtune.models.tiny import build_tiny_llama
 
 log = logging.getLogger(__name__)
@@ -94,7 +95,8 @@ def resolve_model(name: str, cache_dir: Path) -> Path | str:
 def _from_pretrained(loader: Any, source: Path | str, name: str, **kwargs: Any) -> Any:
     """Call ``loader.from_pretrained`` and turn its many failure types into one ModelError naming ``name``."""
     try:
-        return loader.from_pretrained(str(source), **kwargs)
+        with HF_LOADING:  # transformers' loading contexts are process-global (models/loading.py)
+            return loader.from_pretrained(str(source), **kwargs)
     except (OSError, ValueError, KeyError) as err:
         if isinstance(source, Path):
             raise ModelError(f"could not load model {name!r} from folder {source}: {err}") from err

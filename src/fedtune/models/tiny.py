@@ -12,6 +12,7 @@ from pathlib import Path
 import torch
 
 from fedtune.models.gguf_cache import is_complete, write_folder_atomically
+from fedtune.models.loading import HF_LOADING
 
 TINY_SEED = 1234
 TINY_SHAPE = {
@@ -44,7 +45,7 @@ def _write_tiny(tokenizer_dir: Path, out: Path) -> None:
         **TINY_SHAPE,
     )
     # fork_rng: the fixed seed must not reset the caller's global random stream
-    with torch.random.fork_rng(devices=[]):
+    with HF_LOADING, torch.random.fork_rng(devices=[]):  # HF_LOADING: models/loading.py
         torch.manual_seed(TINY_SEED)
         model = LlamaForCausalLM(config)
     model.save_pretrained(out, safe_serialization=True)

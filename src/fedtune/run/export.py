@@ -28,6 +28,7 @@ from fedtune.client.hooks import base_weight
 from fedtune.core.keys import RESIDUAL_PREFIX
 from fedtune.errors import ModelError
 from fedtune.models.gguf_cache import write_folder_atomically
+from fedtune.models.loading import HF_LOADING
 from fedtune.tasks.base import Task
 
 ADAPTER_DIR = "adapter"
@@ -134,7 +135,8 @@ def load_adapter_export(base: torch.nn.Module, adapter_dir: Path) -> torch.nn.Mo
                         f"{BASE_WEIGHTS}: {name} is {tuple(value.shape)}, the base model's is {tuple(param.shape)}"
                     )
                 param.copy_(value.to(param.dtype))
-    return PeftModel.from_pretrained(base, adapter_dir)
+    with HF_LOADING:  # transformers' loading contexts are process-global (models/loading.py)
+        return PeftModel.from_pretrained(base, adapter_dir)
 
 
 def _is_peft(module: torch.nn.Module) -> bool:
