@@ -7,6 +7,7 @@ import re
 import resource
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -36,3 +37,15 @@ def write_section(title: str, body: str) -> None:
     pattern = re.compile(rf"^## {re.escape(title)}\n.*?(?=^## |\Z)", re.S | re.M)
     text = pattern.sub(lambda _: block + "\n", text) if pattern.search(text) else text.rstrip() + "\n\n" + block
     BENCHMARKS_MD.write_text(text)
+
+
+def write_bytes_section(title: str, command: str, doc: str | None, table: str, load: list[float]) -> None:
+    """``write_section`` for a table of bytes: the command, the script's docstring's second paragraph (what it
+    measures), the table and when it was measured (bytes do not depend on load, which is stated anyway)."""
+    intro = (doc or "").split("\n\n")[1]
+    stamp = time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime())
+    body = (
+        f"Command: `{command}`.\n\n{intro}\n\n{table}\n\n"
+        f"Measured {stamp} (bytes do not depend on load; load average {min(load):.1f}-{max(load):.1f})."
+    )
+    write_section(title, body)

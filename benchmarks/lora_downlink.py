@@ -21,7 +21,6 @@ from __future__ import annotations
 import argparse
 import os
 import sys
-import time
 from pathlib import Path
 
 import numpy as np
@@ -29,7 +28,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from _common import write_section
+from _common import write_bytes_section
 
 from fedtune.aggregation.lora import (
     factored_is_smaller,
@@ -80,7 +79,7 @@ def one_round(plugin, params, spec, k: int) -> dict[str, float]:
         for i in range(k)
     ]
     new_state, _ = strategy.aggregate(state, updates)
-    extras, _ = strategy.fit_payload(new_state, "c0")
+    dense_arrays = strategy.eval_payload(new_state)  # no client named: the dense residual, as sent before increments
     adapter = new_state.params.nbytes
     factored = bound = 0
     for pair in lora_pairs(spec):
@@ -94,7 +93,7 @@ def one_round(plugin, params, spec, k: int) -> dict[str, float]:
         thin = factored_is_smaller(m, pair.out_features, pair.in_features)
         factored += 4 * (b_d.size + a_d.size if thin else dense)
         bound += 4 * min(dense, m * (pair.out_features + pair.in_features - m))
-    dense_residual = sum(v.nbytes for v in extras.values())
+    dense_residual = sum(v.nbytes for v in dense_arrays.values())
     return {
         "naive": adapter,
         "dense": adapter + dense_residual,
@@ -124,14 +123,9 @@ def main() -> None:
     table = "\n".join(rows)
     print(table)
     if args.write:
-        intro = (__doc__ or "").split("\n\n")[1]
-        stamp = time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime())
-        body = (
-            f"Command: `nice -n 10 .venv/bin/python benchmarks/lora_downlink.py --clients "
-            f"{' '.join(map(str, args.clients))} --write`.\n\n{intro}\n\n{table}\n\n"
-            f"Measured {stamp} (bytes do not depend on load; load average {min(load):.1f}-{max(load):.1f})."
-        )
-        write_section("Downlink of the exact LoRA modes", body)
+        clients = " ".join(map(str, args.clients))
+        command = f"nice -n 10 .venv/bin/python benchmarks/lora_downlink.py --clients {clients} --write"
+        write_bytes_section("Downlink of the exact LoRA modes", command, __doc__, table, load)
 
 
 if __name__ == "__main__":

@@ -17,14 +17,13 @@ import argparse
 import os
 import sys
 import tempfile
-import time
 from pathlib import Path
 
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from _common import write_section
+from _common import write_bytes_section
 from rich.console import Console
 
 from fedtune.config import parse_config
@@ -138,14 +137,8 @@ def main() -> None:
     table = "\n".join(rows)
     print(table)
     if args.write:
-        intro = (__doc__ or "").split("\n\n")[1]
-        stamp = time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime())
-        body = (
-            f"Command: `nice -n 10 .venv/bin/python benchmarks/lora_downlink_run.py --runs "
-            f"{' '.join(args.runs)} --write`.\n\n{intro}\n\n{table}\n\n"
-            f"Measured {stamp} (bytes do not depend on load; load average {min(load):.1f}-{max(load):.1f})."
-        )
-        write_section("Downlink of the exact LoRA modes in simulate runs", body)
+        command = f"nice -n 10 .venv/bin/python benchmarks/lora_downlink_run.py --runs {' '.join(args.runs)} --write"
+        write_bytes_section("Downlink of the exact LoRA modes in simulate runs", command, __doc__, table, load)
 
 
 if __name__ == "__main__":
