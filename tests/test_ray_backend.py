@@ -26,7 +26,8 @@ from fedtune.run.session import initial_params, prepare, simulate, worker_from_c
 from fedtune.transport.inprocess import InProcessTransport  # noqa: E402
 from fedtune.transport.ray_backend import RayTransport, start_ray  # noqa: E402
 
-pytestmark = pytest.mark.timeout(180)
+# a hang guard, not a margin: the LoRA residual test took over 180 s with both cores kept busy
+pytestmark = pytest.mark.timeout(600)
 
 
 def tiny_config(tmp_path, **simulation):
