@@ -65,6 +65,11 @@ CASES: dict[str, tuple[dict, str, dict]] = {
         "may not exceed model.lora.r = 4",
         {"model": {"lora": {"r": 4}}, "server": {"lora_aggregation": "flora", "lora_client_ranks": [2, 4]}},
     ),
+    "hetlora_options": (
+        {"server": {"lora_aggregation": "flexlora", "hetlora": {"prune_gamma": 0.5}}},
+        "server.hetlora only applies to lora_aggregation 'hetlora'",
+        {"server": {"lora_aggregation": "hetlora", "hetlora": {"prune_gamma": 0.5}}},
+    ),
     "dpsgd_accumulation": (
         {"privacy": {"dpsgd": True}, "client": {"gradient_accumulation_steps": 2}},
         "gradient_accumulation_steps",

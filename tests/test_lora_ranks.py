@@ -393,15 +393,14 @@ def test_dpsgd_at_a_lower_rank_is_the_private_step_of_the_rank_r_k_adapter():
 
 
 @pytest.mark.parametrize("mode", ["flora", "hetlora", "flexlora"])
-def test_personalisation_with_client_ranks_is_refused_at_load_naming_the_keys(mode):
+def test_personalisation_methods_with_client_ranks_are_refused_at_load_naming_the_keys(mode):
     """FedSA keeps B local (nothing pairs the clients' A and B on the server), FedPer and Ditto run with naive
-    or ffa only; fine-tuning after federation has no rank hook (a rank-r_k client would train all r)."""
+    or ffa only; fine-tuning after federation runs at each client's rank (tests/test_hetlora.py)."""
     ranks = {"lora_aggregation": mode, "lora_client_ranks": [2, 4]}
     lora = {"lora": {"r": 4}}
     methods = [{"method": "fedsa"}, {"method": "fedper", "local_params": ["*v_proj*"]}, {"method": "ditto"}]
     for method in methods:
         with pytest.raises(ValidationError, match=rf"runs with server\.lora_aggregation .* not '{mode}'"):
             make_config(server=ranks, model=lora, personalization=method)
-    with pytest.raises(ValidationError, match=rf"finetune_steps cannot run under lora_aggregation '{mode}'"):
-        make_config(server=ranks, model=lora, personalization={"finetune_steps": 2})
+    make_config(server=ranks, model=lora, personalization={"finetune_steps": 2})  # the rank hook composes
     make_config(server={"lora_aggregation": "naive"}, model=lora, personalization={"finetune_steps": 2})  # fine

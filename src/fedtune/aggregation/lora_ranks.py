@@ -17,6 +17,7 @@ Pure functions over flat float32 vectors; inputs are never modified.
 
 from __future__ import annotations
 
+import math
 from collections.abc import Sequence
 
 import numpy as np
@@ -60,3 +61,56 @@ def to_client_rank(flat: np.ndarray, pairs: Sequence[LoraPair], rank: int, *, rs
 def from_client_rank(flat: np.ndarray, pairs: Sequence[LoraPair], rank: int, *, rslora: bool = False) -> np.ndarray:
     """A rank-``rank`` client's vector in global units (B scaled by s_k / s, zeros beyond the rank)."""
     return _rewrite(flat, pairs, rank, rslora, to_client=False)
+
+
+# --------------------------------------------------------------------------------------------- HetLoRA
+# Cho et al. 2024 (fedtune.server.strategies.hetlora): rank self-pruning on the client, sparsity-weighted
+# aggregation on the server. ``rank`` is the client's rank r_k; a layer of smaller rank keeps its own.
+
+
+def kept_rank(rank: int, gamma: float) -> int:
+    """floor(gamma r_k): the components a client keeps when it prunes (the tail gamma r_k : r_k goes).
+    (A hair added before the floor: 0.29 * 100 is 28.999... in floating point, and means 29.)"""
+    return math.floor(gamma * rank + 1e-9)
+
+
+def tail_norm(flat: np.ndarray, pairs: Sequence[LoraPair], rank: int, gamma: float) -> float:
+    """P_k = sum_layers ||B_k[:, g:r_k]||_F ||A_k[g:r_k]||_F with g = floor(gamma r_k): the size of the
+    components self-pruning would remove (the paper's regulariser, evaluated). ``flat`` in client units.
+
+    >>> from fedtune.core.params import ParamSpec
+    >>> from fedtune.aggregation.lora import lora_pairs
+    >>> spec = ParamSpec(("m.lora_A.weight", "m.lora_B.weight"), ((2, 1), (1, 2)), ("float32",) * 2)
+    >>> tail_norm(np.array([1, 2, 3, 4], np.float32), lora_pairs(spec), 2, 0.5)  # |A[1]| |B[:, 1]| = 2 * 4
+    8.0
+    """
+    total = 0.0
+    for pair in pairs:
+        r = min(rank, pair.rank)
+        g = kept_rank(r, gamma)
+        b, a = pair.factors(flat)
+        total += float(np.linalg.norm(b[:, g:r]) * np.linalg.norm(a[g:r]))
+    return total
+
+
+def product_norm(flat: np.ndarray, pairs: Sequence[LoraPair], rank: int) -> float:
+    """||Delta W_k||_F over all layers, Delta W_k = B~_k[:, :r_k] A~_k[:r_k] (global units): the weight of a
+    reply in HetLoRA's sparsity-weighted aggregation, up to the common factor s = alpha / r."""
+    total = 0.0
+    for pair in pairs:
+        r = min(rank, pair.rank)
+        b, a = pair.factors(flat)
+        total += float(np.sum((b[:, :r] @ a[:r]) ** 2))
+    return math.sqrt(total)
+
+
+def zero_beyond(flat: np.ndarray, pairs: Sequence[LoraPair], rank: int) -> np.ndarray:
+    """A copy of ``flat`` whose LoRA components beyond ``rank`` are zero (what a rank-r_k reply may hold)."""
+    out = np.array(flat, dtype=np.float32, copy=True)
+    for pair in pairs:
+        r = min(rank, pair.rank)
+        b, a = pair.factors(out)
+        b[:, r:] = 0.0
+        a[r:] = 0.0
+        out = pair.write(out, b, a)
+    return out

@@ -30,6 +30,7 @@ class ClientExtensions:
     update_transforms: list[UpdateTransform] = field(default_factory=list)
     personal: Personalizer | None = None  # what each client keeps for itself (config.personalization)
     residual_state: str | None = None  # the store of each client's LoRA residual copy (fedtune.client.residual_copy)
+    ranks: LoraRanks | None = None  # the rank hook of the fits (fine-tuning after federation composes it too)
 
 
 def strategy_extensions(*, own_rank: int | None = None, own_rslora: bool = False) -> ClientExtensions:
@@ -46,6 +47,7 @@ def strategy_extensions(*, own_rank: int | None = None, own_rslora: bool = False
             hooks.stragglers,
             partial.time_budget,  # deployment.partial_work: stop at the server's time budget, weight by steps
         ],
+        ranks=ranks,
         # run after the fit's own finishes, so the straggler's partial delta and step count are final when
         # SCAFFOLD reads them
         update_transforms=[hooks.scaffold_control_delta],
@@ -61,14 +63,15 @@ def build_client_extensions(config: Config, *, own_rank: int | None = None) -> C
     return ClientExtensions(
         hook_factories=private_hooks + ext.hook_factories,
         update_transforms=ext.update_transforms + private_transforms,
-        personal=personalizer(config),
+        personal=personalizer(config, ranks=ext.ranks),
         # an address the run resolved (``with_client_state``); a bare "disk"/"ray" was not: this worker's memory
         residual_state=config.simulation.client_state if ":" in config.simulation.client_state else None,
     )
 
 
-def personalizer(config: Config) -> Personalizer | None:
-    """The client half of ``config.personalization``; its state goes where the DP-SGD ledger goes."""
+def personalizer(config: Config, *, ranks: LoraRanks | None = None) -> Personalizer | None:
+    """The client half of ``config.personalization``; its state goes where the DP-SGD ledger goes.
+    ``ranks``: the fits' rank hook, which fine-tuning after federation composes (its own rank hook if None)."""
     if not config.personalization.active:
         return None
     return Personalizer(
@@ -77,4 +80,5 @@ def personalizer(config: Config) -> Personalizer | None:
         state=config.simulation.client_state,
         seed=config.seed,
         rounds=config.federation.rounds,
+        ranks=ranks,
     )

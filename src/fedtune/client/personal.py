@@ -8,7 +8,9 @@
                     model v_k (first: the global model it received) trains for ditto_steps with
                     loss + lambda/2 ||v_k - w||^2, w the received global model (Li et al. 2021, Algorithm 1)
     finetune_steps  at the evaluation after the last round, the client fine-tunes the final global model (with
-                    its own local parameters) for that many steps and is evaluated again
+                    its own local parameters) for that many steps and is evaluated again; under client ranks
+                    (flora / hetlora / flexlora) at its own rank r_k, through the same rank hook its fits use
+                    (``LoraRanks.at_rank``: the first r_k components, scaling alpha / r_k, the rest masked)
 
 Every client's values live in the client state store (``fedtune.core.state_store``) under the namespaces
 below, versioned by round: a fit of round r reads what rounds < r saved, so a round replayed after a crash
@@ -27,11 +29,14 @@ from contextlib import contextmanager
 import numpy as np
 import torch
 
+from fedtune.aggregation.lora import lora_pairs
+from fedtune.aggregation.lora_ranks import from_client_rank
+from fedtune.client.lora_ranks import LoraRanks
 from fedtune.client.train import LocalHooks, LocalResult, LocalRun, local_train
 from fedtune.client.weights import TrainableView
 from fedtune.config.personalization import PersonalizationConfig
 from fedtune.config.schema import ClientConfig
-from fedtune.core.keys import ROUNDS_OPTION
+from fedtune.core.keys import CLIENT_RANK_EXTRA, CLIENT_RSLORA_EXTRA, ROUNDS_OPTION
 from fedtune.core.messages import EvalInstruction, FitInstruction
 from fedtune.core.rng import derive_seed
 from fedtune.core.state_store import ClientState, ClientStateStore, open_state_store
@@ -41,7 +46,9 @@ from fedtune.tasks.base import EvalSums, Example, Task
 
 NS_LOCAL = "personal-local"  # fedsa / fedper: {parameter name: value}
 NS_DITTO = "personal-ditto"  # ditto: {"params": the personal model's exchanged vector}
-NS_FINETUNED = "personal-finetuned"  # after the last round: {"params": vector, "local/<name>": value}
+# after the last round: {"params": vector, "local/<name>": value}; meta "lora_rank" / "lora_rslora" when the
+# client fine-tuned at a rank below the adapter's (the vector is then in global units, zero beyond that rank)
+NS_FINETUNED = "personal-finetuned"
 PERSONAL, FINETUNED = "personal", "finetuned"  # keys of ClientEval.personal
 LOCAL_PREFIX = "local/"
 
@@ -50,10 +57,21 @@ Evaluate = Callable[[Sequence[Example]], EvalSums]  # held-out sums of the modul
 
 class Personalizer:
     """Built once per worker from the config; ``state`` is the store's address (opened on first use in
-    whichever process built this object: a Ray actor, a participant)."""
+    whichever process built this object: a Ray actor, a participant). ``ranks``: the worker's rank hook
+    (the one its fits use, so a participant's own and pruned ranks hold for fine-tuning too)."""
 
-    def __init__(self, cfg: PersonalizationConfig, client: ClientConfig, *, state: str, seed: int, rounds: int) -> None:
+    def __init__(
+        self,
+        cfg: PersonalizationConfig,
+        client: ClientConfig,
+        *,
+        state: str,
+        seed: int,
+        rounds: int,
+        ranks: LoraRanks | None = None,
+    ) -> None:
         self.cfg = cfg
+        self.ranks = ranks if ranks is not None else LoraRanks()
         self.client = client  # for fine-tuning after the last round (an evaluation carries no train section)
         self.state = state
         self.seed = seed
@@ -193,7 +211,8 @@ class Personalizer:
         train_examples: Sequence[Example],
     ) -> EvalSums:
         """Local fine-tuning after federation: finetune_steps from the final global model (with the client's
-        own local parameters), constant learning rate; saved, so ``fedtune export --finetuned`` can write it."""
+        own local parameters), constant learning rate, at the client's rank (``_rank_hooks``); saved in global
+        units, so ``fedtune export --finetuned`` can write it."""
         cfg = self.client.model_copy(
             update={
                 "local_steps": self.cfg.finetune_steps,
@@ -204,16 +223,37 @@ class Personalizer:
                 "straggler_fraction": 0.0,
             }
         )
-        with self.own_local(task.module, instr.client_id, before=instr.round + 1, train=True) as local:
-            run = LocalRun(derive_seed(self.seed, "finetune"), instr.round, instr.client_id)
-            local_train(task, train_examples, cfg, run)
-            sums = evaluate(examples)
-            arrays = {"params": view.read()} | {
-                LOCAL_PREFIX + n: p.detach().to("cpu", torch.float32).numpy().copy() for n, p in local.items()
-            }
-        self.store.save(instr.client_id, NS_FINETUNED, ClientState(arrays), round=instr.round)
+        rank, rslora = self._rank(instr)
+        hooks = LocalHooks() if rank is None else self.ranks.at_rank(task, view, instr.params, rank, rslora=rslora)
+        meta: dict = {}
+        try:
+            with self.own_local(task.module, instr.client_id, before=instr.round + 1, train=True) as local:
+                run = LocalRun(derive_seed(self.seed, "finetune"), instr.round, instr.client_id)
+                local_train(task, train_examples, cfg, run, hooks=LocalHooks(grad_hooks=hooks.grad_hooks))
+                sums = evaluate(examples)  # the rank-r_k model, scaled by alpha / r_k
+                params = view.read()
+                if hooks.finish:  # a rank below the adapter's: back to global units (zero beyond r_k)
+                    params = from_client_rank(params, lora_pairs(view.spec), rank, rslora=rslora)
+                    meta = {"lora_rank": rank, "lora_rslora": rslora}
+                arrays = {"params": params} | {
+                    LOCAL_PREFIX + n: p.detach().to("cpu", torch.float32).numpy().copy() for n, p in local.items()
+                }
+        finally:
+            for cleanup in hooks.cleanup:  # the layers' global scaling back
+                cleanup()
+        self.store.save(instr.client_id, NS_FINETUNED, ClientState(arrays, meta), round=instr.round)
         view.write(instr.params)
         return sums
+
+    def _rank(self, instr: EvalInstruction) -> tuple[int | None, bool]:
+        """The rank this client fine-tunes at: the server's (``lora/client_rank``), its own, its pruned one."""
+        offered, rslora = _int_extra(instr, CLIENT_RANK_EXTRA), _int_extra(instr, CLIENT_RSLORA_EXTRA)
+        return self.ranks.rank_for(instr.client_id, offered), self.ranks.own_rslora if rslora is None else bool(rslora)
+
+
+def _int_extra(instr: EvalInstruction, key: str) -> int | None:
+    value = instr.extras.get(key)
+    return None if value is None else int(np.asarray(value).reshape(-1)[0])
 
 
 def _write(params: dict[str, torch.nn.Parameter], values: dict[str, torch.Tensor]) -> None:

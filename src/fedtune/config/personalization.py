@@ -20,9 +20,11 @@ DP-FedAvg (which clips and noises the shared part; its guarantee covers the rele
 unchanged. Local DP-SGD is refused: the local parameters and Ditto's personal model would be trained
 outside its accounting, and the shared update is computed through them.
 
-Heterogeneous client ranks (lora_aggregation flora / hetlora / flexlora) are refused with every method and
-with ``finetune_steps``: the methods' compatible modes are listed below, and the fine-tuning loop after
-federation has no rank hook (a rank-r_k client would fine-tune the adapter's full rank).
+Heterogeneous client ranks (lora_aggregation flora / hetlora / flexlora) are refused with every method (the
+methods' compatible modes are listed below). ``finetune_steps`` runs with them: each client fine-tunes at its
+own rank r_k (the server sends it with the evaluation after the last round), through the rank hook of its
+fits (``fedtune.client.lora_ranks.LoraRanks.at_rank``): the first r_k components, scaling alpha / r_k, the
+components beyond r_k masked.
 """
 
 from __future__ import annotations
@@ -98,10 +100,4 @@ def check_personalization_rules(config: Config) -> None:
         raise ValueError(
             f"{what} with client.straggler_fraction: a straggler's shared part stops early while its local part "
             "would train on; set client.straggler_fraction 0"
-        )
-    if config.server.lora_aggregation in ("flora", "hetlora", "flexlora") and p.finetune_steps:
-        # the fine-tuning loop has no rank hook: a client of rank r_k would fine-tune all r components
-        raise ValueError(
-            f"personalization.finetune_steps cannot run under lora_aggregation {mode!r}: clients train at their "
-            "own ranks, and fine-tuning after federation would train the adapter's full rank model.lora.r"
         )

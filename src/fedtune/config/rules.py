@@ -114,6 +114,20 @@ def _lora_client_ranks(c: Config) -> str | None:
     return None
 
 
+def _hetlora_options(c: Config) -> str | None:
+    het = c.server.hetlora
+    if het is None:
+        return None
+    if c.server.lora_aggregation != "hetlora":
+        return f"server.hetlora only applies to lora_aggregation 'hetlora', not {c.server.lora_aggregation!r}"
+    if het.aggregation == "sparsity" and c.server.aggregator != "mean":
+        return (
+            "server.hetlora.aggregation 'sparsity' is a weighted mean of the padded replies: it needs "
+            f"server.aggregator 'mean', not {c.server.aggregator!r}"
+        )
+    return None
+
+
 def _dpsgd_accumulation(c: Config) -> str | None:
     if c.privacy.dpsgd is not None and c.client.gradient_accumulation_steps > 1:
         return (
@@ -250,6 +264,7 @@ RULES: dict[str, Rule] = {
     "scaffold_needs_sgd": Rule(("server.scaffold", "client.optimizer"), _scaffold_needs_sgd),
     "lora_mode_needs_lora": Rule(("server.lora_aggregation", "model.lora"), _lora_mode_needs_lora),
     "lora_client_ranks": Rule(("server.lora_client_ranks", "model.lora.r"), _lora_client_ranks),
+    "hetlora_options": Rule(("server.hetlora", "server.lora_aggregation", "server.aggregator"), _hetlora_options),
     "dpsgd_accumulation": Rule(("privacy.dpsgd", "client.gradient_accumulation_steps"), _dpsgd_accumulation),
     "dpsgd_data_parallel": Rule(("privacy.dpsgd", "simulation.client_nproc"), _dpsgd_data_parallel),
     "dp_uniform_weights": Rule(("privacy.dp", "server.weighting"), _dp_uniform_weights),

@@ -14,7 +14,7 @@ from pydantic import Field, model_validator
 from fedtune.config.asynchronous import FedBuffConfig
 from fedtune.config.base import PositiveFloat, PositiveInt, Section
 from fedtune.config.deployment import DeploymentConfig
-from fedtune.config.lora_ranks import ClientRanks
+from fedtune.config.lora_ranks import ClientRanks, HetLoraConfig
 from fedtune.config.personalization import PersonalizationConfig
 from fedtune.config.privacy import PrivacyConfig
 from fedtune.config.rules import check_rules
@@ -228,6 +228,8 @@ class ServerConfig(Section):
     lora_aggregation: Literal["naive", "ffa", "fedex", "flora", "svd", "hetlora", "flexlora"] = "naive"
     # flora/hetlora/flexlora: each client's rank, <= model.lora.r (a list, a mapping or tiers: config/lora_ranks.py)
     lora_client_ranks: ClientRanks | None = None
+    # hetlora: rank self-pruning and sparsity-weighted aggregation (config/lora_ranks.py); null: zero-padding only
+    hetlora: HetLoraConfig | None = None
     # sync: rounds with a barrier; async: FedBuff buffered asynchronous steps (server.fedbuff, see
     # fedtune.config.asynchronous); federation.rounds then counts buffered steps
     mode: Literal["sync", "async"] = "sync"

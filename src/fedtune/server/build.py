@@ -10,11 +10,13 @@ from __future__ import annotations
 
 from fedtune.aggregation.robust import make_aggregator
 from fedtune.aggregation.server_opt import ServerOptimizer, make_server_optimizer
+from fedtune.config.lora_ranks import HetLoraConfig
 from fedtune.config.schema import Config
 from fedtune.core.strategy import Strategy
 from fedtune.privacy.build import wrap_strategy
 from fedtune.server.strategies import (
     ClientOptions,
+    ClientRankExtras,
     FedExLora,
     FedOpt,
     FfaLora,
@@ -50,11 +52,13 @@ def build_plugins(config: Config, *, num_clients: int | None) -> list[Plugin]:
         "fedex": lambda: FedExLora(),
         "svd": lambda: SvdLora(),
         "flora": lambda: FLoRA(seed=config.seed, ranks=ranks),
-        "hetlora": lambda: HetLora(ranks=ranks),
+        "hetlora": lambda: HetLora(ranks=ranks, options=server.hetlora or HetLoraConfig()),
         "flexlora": lambda: FlexLora(ranks=ranks),
     }
     if server.lora_aggregation in lora_modes:
         plugins.append(lora_modes[server.lora_aggregation]())
+    if server.lora_aggregation in ("flora", "hetlora", "flexlora") and config.personalization.finetune_steps:
+        plugins.append(ClientRankExtras(ranks))  # each client fine-tunes at its own rank after the last round
     return plugins
 
 

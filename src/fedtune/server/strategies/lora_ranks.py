@@ -10,14 +10,22 @@ seed); the client receives it as option ``lora_rank`` (only when it is below the
 from __future__ import annotations
 
 import logging
+import math
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
+import numpy as np
+
+from fedtune.aggregation.lora import lora_pairs
 from fedtune.config.lora_ranks import ClientRanks, RankTiers
-from fedtune.core.keys import RANK_OPTION, RSLORA_OPTION
+from fedtune.core.keys import CLIENT_RANK_EXTRA, CLIENT_RSLORA_EXTRA, RANK_OPTION, RSLORA_OPTION
 from fedtune.core.messages import ClientUpdate
+from fedtune.core.params import ParamSpec
 from fedtune.core.rng import derive_rng
+from fedtune.core.state import ServerState
+from fedtune.core.strategy import LINEAR, Needs, Payload
+from fedtune.server.strategies.fedopt import NoFold
 
 log = logging.getLogger(__name__)
 
@@ -95,3 +103,67 @@ class RankAssignment:
             )  # fmt: skip
             return assigned
         return rank
+
+
+# ------------------------------------------------------------------------------ ranks a client lowered itself
+# HetLoRA's self-pruning (fedtune.server.strategies.hetlora): each client's current rank and its tail norm at
+# its last fit, kept in the server state (so they survive resume) as a float64 (2,) array [rank, norm] under
+# this prefix + the client id; norm NaN: nothing to compare the next fit with (none yet, or it just pruned).
+PRUNED_PREFIX = "hetlora/client/"
+
+
+@dataclass(frozen=True)
+class RankRecord:
+    rank: int
+    previous_norm: float | None
+
+    def array(self) -> np.ndarray:
+        return np.array([self.rank, math.nan if self.previous_norm is None else self.previous_norm], np.float64)
+
+
+def rank_record(state: ServerState, client_id: str) -> RankRecord | None:
+    arr = state.arrays.get(PRUNED_PREFIX + client_id)
+    if arr is None:
+        return None
+    norm = float(arr[1])
+    return RankRecord(int(arr[0]), None if math.isnan(norm) else norm)
+
+
+def current_rank(ranks: RankAssignment, state: ServerState, client_id: str, full_rank: int) -> int:
+    """min(assigned, the rank the client pruned itself to): what it trains (and fine-tunes) at now."""
+    assigned = ranks.rank(client_id, full_rank)
+    record = rank_record(state, client_id)
+    return assigned if record is None else min(assigned, record.rank)
+
+
+@dataclass(frozen=True)
+class ClientRankExtras:
+    """Tells each evaluated client its current rank (``lora/client_rank``, ``lora/client_rslora``), so that
+    personalization.finetune_steps fine-tunes at that rank after the last round. Composed beside the rank mode
+    (flora / hetlora / flexlora) only when fine-tuning is on: it sends nothing with fits and folds nothing."""
+
+    ranks: RankAssignment
+    name: str = "client-rank"
+
+    @property
+    def needs(self) -> Needs:
+        return LINEAR
+
+    def init_arrays(self, params: np.ndarray, spec: ParamSpec) -> dict[str, np.ndarray]:
+        return {}
+
+    def payload(self, state: ServerState, client_id: str) -> Payload:
+        return {}, {}
+
+    def eval_payload(self, state: ServerState, *, client_id: str | None = None) -> dict[str, np.ndarray]:
+        if client_id is None:  # the global model (server-side evaluation, export): no client's rank
+            return {}
+        full = max(p.rank for p in lora_pairs(state.spec))
+        rank = current_rank(self.ranks, state, client_id, full)
+        return {
+            CLIENT_RANK_EXTRA: np.array([rank], np.int64),
+            CLIENT_RSLORA_EXTRA: np.array([int(self.ranks.rslora)], np.int64),
+        }
+
+    def begin(self, state: ServerState) -> NoFold:
+        return NoFold()
