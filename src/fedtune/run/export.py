@@ -10,6 +10,10 @@
   names). ``load_adapter_export(base, out_dir / "adapter")`` replaces those weights and puts the adapter
   on; ``PeftModel.from_pretrained`` alone would give W0 + s B A, which is not the federated model.
 * for ``model.kind: module``: ``out_dir/model/model.safetensors`` holding the module's state dict.
+* ``--client ID --finetuned`` of a client that fine-tuned at its own rank r_k below the adapter's (flora /
+  hetlora / flexlora): the adapter is written at rank r_k (``r: r_k`` in adapter_config.json, A (r_k, in),
+  B (out, r_k) in the client's units, scaled by alpha / r_k as it trained), so plain peft loads exactly the
+  model the client evaluated; the merged folder is that model too.
 
 Each folder is written next to its destination and renamed into place, so a failed export never leaves
 a folder that looks complete.
@@ -56,20 +60,22 @@ def export_run(
     from fedtune.run.artifacts import global_extras, load_trained_task
     from fedtune.run.rundir import load_run_config
 
+    adapter_rank = None
     if client is not None:
         from fedtune.core.state import load_state
-        from fedtune.run.personal_export import personal_task
+        from fedtune.run.personal_export import finetuned_rank, personal_task
         from fedtune.run.rundir import CHECKPOINT
 
         task = personal_task(run_dir, client, finetuned=finetuned, state=client_state)
         state = load_state(Path(run_dir) / CHECKPOINT)
+        adapter_rank = finetuned_rank(run_dir, client, state=client_state) if finetuned else None
     elif finetuned or client_state is not None:
         raise ModelError("--finetuned and --client-state need --client (whose model to export)")
     else:
         task, state = load_trained_task(run_dir)
     extras = global_extras(load_run_config(run_dir), state)
     changed = [k.removeprefix(RESIDUAL_PREFIX) for k in extras if k.startswith(RESIDUAL_PREFIX)]
-    return export_model(task, out_dir, merged=merged, changed_base=changed, dtype=dtype)
+    return export_model(task, out_dir, merged=merged, changed_base=changed, dtype=dtype, adapter_rank=adapter_rank)
 
 
 def load_state_of(run_dir: Path):
@@ -86,12 +92,14 @@ def export_model(
     merged: bool = True,
     changed_base: Collection[str] = (),
     dtype: str | None = None,
+    adapter_rank: tuple[int, bool] | None = None,
 ) -> dict[str, Path]:
     """Write the adapter and (``merged``) the merged model under ``out_dir``; returns what was written.
 
     ``changed_base``: the LoRA layers (names as in ``lora/residual/<module>``) whose base weights in ``task``
     hold a federated residual; their base weights are written next to the adapter. ``dtype``: cast the
-    floating-point weights of every written folder (the task itself is left as it is).
+    floating-point weights of every written folder (the task itself is left as it is). ``adapter_rank``:
+    (r_k, rsLoRA) to write the adapter at a client's rank r_k (its vector holds zeros beyond r_k).
     """
     if dtype is not None and dtype not in DTYPES:
         raise ModelError(f"export dtype must be one of {', '.join(DTYPES)}, got {dtype!r}")
@@ -107,7 +115,7 @@ def export_model(
     if _is_peft(module):
         base_weights = _base_weights(module, changed_base)
         written[ADAPTER_DIR] = _replace(
-            out_dir / ADAPTER_DIR, lambda tmp: _save_adapter(module, base_weights, tmp, cast)
+            out_dir / ADAPTER_DIR, lambda tmp: _save_adapter(module, base_weights, tmp, cast, adapter_rank)
         )
         if merged:
             written[MODEL_DIR] = _replace(out_dir / MODEL_DIR, lambda tmp: _save_merged(module, tokenizer, tmp, cast))
@@ -170,16 +178,53 @@ def _cast(tensors: dict[str, torch.Tensor], dtype: torch.dtype | None) -> dict[s
 
 
 def _save_adapter(
-    module: torch.nn.Module, base_weights: dict[str, torch.Tensor], out: Path, dtype: torch.dtype | None
+    module: torch.nn.Module,
+    base_weights: dict[str, torch.Tensor],
+    out: Path,
+    dtype: torch.dtype | None,
+    rank: tuple[int, bool] | None = None,
 ) -> None:
     from safetensors.torch import load_file, save_file
 
     module.save_pretrained(out, safe_serialization=True)
+    if rank is not None:
+        _to_client_rank(out, *rank)
     if dtype is not None:  # peft writes the live (float32) adapter; cast the file rather than the model
         for path in out.rglob("*.safetensors"):
             save_file(_cast(load_file(str(path)), dtype), str(path), metadata={"format": "pt"})
     if base_weights:
         save_file(_cast(base_weights, dtype), str(out / BASE_WEIGHTS), metadata={"format": "pt"})
+
+
+def _to_client_rank(out: Path, rank: int, rslora: bool) -> None:
+    """Rewrite a saved rank-r adapter (global units, zero beyond ``rank``) as the rank-``rank`` adapter it is:
+    A[:r_k], B[:, :r_k] s / s_k (``fedtune.aggregation.lora_ranks``), ``r: r_k`` (alpha unchanged)."""
+    import json
+
+    from safetensors.torch import load_file, save_file
+
+    from fedtune.aggregation.lora_ranks import scale_ratio
+
+    config_path = out / "adapter_config.json"
+    config = json.loads(config_path.read_text())
+    full = int(config["r"])
+    if config.get("rank_pattern"):
+        raise ModelError("an adapter with a peft rank_pattern cannot be written at a client's rank")
+    if rank >= full:
+        return
+    ratio = scale_ratio(rank, full, rslora=rslora)
+    for path in out.rglob("adapter_model.safetensors"):
+        tensors = load_file(str(path))
+        for name, value in list(tensors.items()):
+            if name.endswith("lora_A.weight"):
+                tensors[name] = value[:rank].contiguous()
+            elif name.endswith("lora_B.weight"):
+                tensors[name] = (value[:, :rank] / ratio).contiguous()
+            elif "lora_" in name:
+                raise ModelError(f"cannot write {name} at a client's rank (only lora_A / lora_B)")
+        save_file(tensors, str(path), metadata={"format": "pt"})
+    config["r"] = rank
+    config_path.write_text(json.dumps(config, indent=2, sort_keys=True))
 
 
 def _save_merged(module: torch.nn.Module, tokenizer: object, out: Path, dtype: torch.dtype | None) -> None:

@@ -68,6 +68,14 @@ def personal_task(run_dir: Path, client_id: str, *, finetuned: bool = False, sta
     return task
 
 
+def finetuned_rank(run_dir: Path, client_id: str, *, state: str | None = None) -> tuple[int, bool] | None:
+    """(r_k, rsLoRA) when the client fine-tuned at a rank below the adapter's (client ranks), else None."""
+    saved = open_state_store(state or run_state_address(run_dir)).load(client_id, NS_FINETUNED, round=LATEST)
+    if saved is None or "lora_rank" not in saved.meta:
+        return None
+    return int(saved.meta["lora_rank"]), bool(saved.meta.get("lora_rslora", False))
+
+
 def _apply(task: Task, saved: ClientState, namespace: str) -> None:
     view = TrainableView(task.module)
     if "params" in saved.arrays:  # ditto / finetuned: the whole exchanged vector

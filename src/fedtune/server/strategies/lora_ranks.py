@@ -10,7 +10,6 @@ seed); the client receives it as option ``lora_rank`` (only when it is below the
 from __future__ import annotations
 
 import logging
-import math
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Any
@@ -108,7 +107,8 @@ class RankAssignment:
 # ------------------------------------------------------------------------------ ranks a client lowered itself
 # HetLoRA's self-pruning (fedtune.server.strategies.hetlora): each client's current rank and its tail norm at
 # its last fit, kept in the server state (so they survive resume) as a float64 (2,) array [rank, norm] under
-# this prefix + the client id; norm NaN: nothing to compare the next fit with (none yet, or it just pruned).
+# this prefix + the client id; norm -1 (a norm is never negative; the state's arrays must be finite): nothing
+# to compare the next fit with (none yet, or it just pruned).
 PRUNED_PREFIX = "hetlora/client/"
 
 
@@ -118,7 +118,7 @@ class RankRecord:
     previous_norm: float | None
 
     def array(self) -> np.ndarray:
-        return np.array([self.rank, math.nan if self.previous_norm is None else self.previous_norm], np.float64)
+        return np.array([self.rank, -1.0 if self.previous_norm is None else self.previous_norm], np.float64)
 
 
 def rank_record(state: ServerState, client_id: str) -> RankRecord | None:
@@ -126,7 +126,7 @@ def rank_record(state: ServerState, client_id: str) -> RankRecord | None:
     if arr is None:
         return None
     norm = float(arr[1])
-    return RankRecord(int(arr[0]), None if math.isnan(norm) else norm)
+    return RankRecord(int(arr[0]), None if norm < 0 else norm)
 
 
 def current_rank(ranks: RankAssignment, state: ServerState, client_id: str, full_rank: int) -> int:
