@@ -46,6 +46,7 @@ from fedtune.config.schema import Config
 from fedtune.server.build import build_strategy
 from fedtune.server.loop import run_round
 from fedtune.server.strategies import SvdLora
+from fedtune.server.strategies.lora_ranks import PRUNED_PREFIX
 from fedtune.tasks.base import EvalSums
 from fedtune.transport.inprocess import InProcessTransport
 
@@ -56,6 +57,25 @@ MODES = {  # name -> server section
     "flexlora (exact, SVD per client)": {"lora_aggregation": "flexlora", "lora_client_ranks": TIERS},
     "flora (exact, stacking)": {"lora_aggregation": "flora", "lora_client_ranks": TIERS},
     "reference: naive, every client r=8": {"lora_aggregation": "naive"},
+}
+# HetLoRA's own mechanisms (server.hetlora), beside plain zero-padding; gamma and lambda chosen before any run
+# (gamma 0.5: a rank-8 client can go 8 -> 4 -> 2 -> 1; lambda 0.01: small beside a cross-entropy near 1)
+HETLORA_MODES = {
+    "hetlora+prune (self-pruning, gamma 0.5, lambda 0.01)": {
+        "lora_aggregation": "hetlora",
+        "lora_client_ranks": TIERS,
+        "hetlora": {"prune_gamma": 0.5, "prune_lambda": 0.01},
+    },
+    "hetlora+sparsity (sparsity-weighted aggregation)": {
+        "lora_aggregation": "hetlora",
+        "lora_client_ranks": TIERS,
+        "hetlora": {"aggregation": "sparsity"},
+    },
+    "hetlora+both (self-pruning and sparsity weighting)": {
+        "lora_aggregation": "hetlora",
+        "lora_client_ranks": TIERS,
+        "hetlora": {"prune_gamma": 0.5, "prune_lambda": 0.01, "aggregation": "sparsity"},
+    },
 }
 # --study svd: every client at r = 8; fedex and svd hold the same global model after every round (both exact)
 # and differ only in how it is split between the adapter (what clients train next) and the residual
@@ -161,11 +181,13 @@ def run(mode: dict, seed: int) -> dict:
         state, report = run_round(config, strategy, transport, state)
         bytes_down += report.bytes_down
     pooled = report.eval_pooled
+    kept = [int(v[0]) for k, v in state.arrays.items() if k.startswith(PRUNED_PREFIX)]
     return {
         "loss": pooled.loss_sum / pooled.count,
         "acc": pooled.correct / pooled.examples,
         "kb_down": bytes_down / config.federation.rounds / 1e3,
         "seconds": time.perf_counter() - started,
+        "ranks": kept,  # self-pruning: each client's rank after the last round (as the server recorded it)
     }
 
 
@@ -229,7 +251,7 @@ def smollm2_main(args: argparse.Namespace) -> None:
     else:
         recs = []
         for seed in args.seeds:
-            for name, mode in MODES.items():
+            for name, mode in (MODES | HETLORA_MODES if args.modes else MODES).items():
                 if args.modes and name.split(" ")[0].rstrip(":") not in args.modes:
                     continue
                 rec = run_smollm2(name, mode, seed, args.rounds)
@@ -239,7 +261,9 @@ def smollm2_main(args: argparse.Namespace) -> None:
                     with args.out.open("a") as fh:
                         fh.write(json.dumps(rec) + "\n")
     seeds = sorted({r["seed"] for r in recs})
-    results = {name: sorted((r for r in recs if r["mode"] == name), key=lambda r: r["seed"]) for name in MODES}
+    results = {
+        name: sorted((r for r in recs if r["mode"] == name), key=lambda r: r["seed"]) for name in MODES | HETLORA_MODES
+    }
     head = "| mode | " + " | ".join(f"seed {s} loss / ppl" for s in seeds)
     rows = [head + " | mean loss | mean ppl | kB down a round | s / run |", "| --- " * (len(seeds) + 5) + "|"]
     for name, res in results.items():
@@ -278,14 +302,16 @@ def main() -> None:
     parser.add_argument("--out", type=Path, help="smollm2: append each run (a JSON line) to this file")
     parser.add_argument("--table-from", type=Path, nargs="+", help="smollm2: only render saved runs")
     parser.add_argument("--write", action="store_true", help="smollm2: write the docs/BENCHMARKS.md section")
-    parser.add_argument("--modes", nargs="+", help="smollm2: only these (hetlora flexlora flora reference)")
+    parser.add_argument(
+        "--modes", nargs="+", help="smollm2: only these (hetlora flexlora flora reference hetlora+prune ...)"
+    )
     parser.add_argument("--rounds", type=int, default=2, help="smollm2: federated rounds (the table above: 2)")
     args = parser.parse_args()
     torch.set_num_threads(1)
     if args.workload == "smollm2":
         smollm2_main(args)
         return
-    modes = MODES if args.study == "ranks" else SVD_MODES
+    modes = MODES | HETLORA_MODES if args.study == "ranks" else SVD_MODES
     results = {name: [run(mode, s) for s in args.seeds] for name, mode in modes.items()}
     head = "| mode | " + " | ".join(f"seed {s} loss / acc" for s in args.seeds)
     rows = [head + " | mean loss | mean acc | kB down a round |", "| --- " * (len(args.seeds) + 4) + "|"]
@@ -296,6 +322,12 @@ def main() -> None:
         kb = statistics.mean(r["kb_down"] for r in res)
         rows.append(f"| {name} | {cells} | {mean_loss:.4f} | {mean_acc:.3f} | {kb:.1f} |")
     table = "\n".join(rows)
+    pruned = {name: [r["ranks"] for r in res] for name, res in results.items() if any(r["ranks"] for r in res)}
+    if pruned:  # where the self-pruning clients ended (they start at 2 or 8)
+        table += "\n\nRanks after the last round (clients at rank 1 / 2 / 4 / 8, summed over seeds): " + "; ".join(
+            f"{name.split(' ')[0]}: " + " / ".join(str(sum(rs.count(r) for rs in ranks)) for r in (1, 2, 4, 8))
+            for name, ranks in pruned.items()
+        )
     print(table)
     if not args.no_write:
         doc = (__doc__ or "").split("\n\n")

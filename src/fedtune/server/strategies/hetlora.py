@@ -19,8 +19,9 @@ B A is not sum_k p_k B~_k A~_k. This is the baseline the exact modes (flora, fle
 
   which drives the last (1 - gamma) r_k components toward zero. After training it evaluates that term's norm
   P_k(t) = sum_layers ||B_k[:, g:r_k]||_F ||A_k[g:r_k]||_F and, when P_k(t) is smaller than P_k at its
-  previous fit at the same rank, prunes: it trains at rank max(1, g) from then on (the paper: "if the
-  regularisation term is smaller than in the previous round, the client prunes its rank by gamma"). The
+  previous fit at the same rank, prunes: it trains at rank max(1, g) from then on (the paper's rule as we
+  read its method section: prune by the decay factor when the regulariser's norm shrank from the previous
+  round; its full text was not at hand here, only summaries and public re-implementations). The
   reply reports P_k (metric ``hetlora_prune_norm``) and the rank it keeps (``lora_rank_next``); the server
   keeps both per client in the state (``hetlora/client/<id>``, so a resumed run continues them) and sends
   min(assigned rank, kept rank) and the previous P_k with the client's next fit. Right after a prune there is
