@@ -232,8 +232,10 @@ def test_self_pruning_client_trains_with_the_papers_regulariser_and_prunes_when_
 # --------------------------------------------------------------------------------------------- fine-tuning
 
 
-@pytest.mark.parametrize("rslora", [False, True])
-def test_finetune_after_federation_trains_the_clients_rank_at_its_own_scaling(rslora):
+@pytest.mark.parametrize(
+    ("mode", "rslora"), [("flexlora", False), ("flexlora", True), ("flora", False), ("hetlora", False)]
+)
+def test_finetune_after_federation_trains_the_clients_rank_at_its_own_scaling(mode, rslora):
     """A client of rank 4 in a rank-16 adapter fine-tunes only its first 4 components, scaled by alpha / 4
     (alpha / 2 under rsLoRA); the finetuned metric is that model's, and the saved vector is it in global
     units. Oracle: a real rank-4 peft adapter started from the truncated global one, trained the same way."""
@@ -241,7 +243,7 @@ def test_finetune_after_federation_trains_the_clients_rank_at_its_own_scaling(rs
     rank, steps = 4, 3
     config = make_config(
         model={"lora": {"r": FULL, "alpha": ALPHA, "use_rslora": rslora}},
-        server={"lora_aggregation": "flexlora", "lora_client_ranks": {"c0": rank, "c1": FULL}},
+        server={"lora_aggregation": mode, "lora_client_ranks": {"c0": rank, "c1": FULL}},
         personalization={"finetune_steps": steps},
         federation={"rounds": 1, "clients_per_round": 2},
         client=CLIENT,
