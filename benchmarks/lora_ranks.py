@@ -279,8 +279,22 @@ def smollm2_main(args: argparse.Namespace) -> None:
             f"{statistics.mean(r['kb_down'] for r in res):.1f} | {statistics.mean(r['seconds'] for r in res):.0f} |"
         )
     table = "\n".join(rows)
+    if args.rounds != 2:
+        table += "\n\n" + curve_table(results, args.rounds)
     print(table)
-    if args.write:
+    if args.write and args.rounds != 2:
+        command = (
+            "PYTHONPATH=src HF_HUB_OFFLINE=1 nice -n 10 .venv/bin/python benchmarks/lora_ranks.py --workload smollm2 "
+            f"--rounds {args.rounds} --seeds {' '.join(map(str, seeds))} --modes MODE --out FILE` (one process per "
+            f"mode), rendered with `--rounds {args.rounds} --table-from "
+            f"benchmarks/lora_ranks_smollm2_r{args.rounds}.results.jsonl --write`"
+        )
+        write_section(
+            f"Heterogeneous LoRA ranks on the SmolLM2 role split: {args.rounds} rounds",
+            f"Command: `{command}`. The workload of the section above with {args.rounds} rounds instead of 2, "
+            f"the global model evaluated after every round.\n\n{table}\n",
+        )
+    elif args.write:
         command = (
             "PYTHONPATH=src HF_HUB_OFFLINE=1 .venv/bin/python benchmarks/lora_ranks.py --workload smollm2 "
             f"--seeds {' '.join(map(str, seeds))} --write` (run here one process per seed and mode group with "
@@ -291,6 +305,17 @@ def smollm2_main(args: argparse.Namespace) -> None:
         write_section(
             "Heterogeneous LoRA ranks on the SmolLM2 role split", f"Command: `{command}`.\n\n{doc}\n\n{table}\n"
         )
+
+
+def curve_table(results: dict[str, list[dict]], rounds: int) -> str:
+    """Held-out loss after each round (mean over the seeds each mode has), one row per mode."""
+    rows = ["| mode | " + " | ".join(f"round {t}" for t in range(1, rounds + 1)) + " |", "| --- " * (rounds + 1) + "|"]
+    for name, res in results.items():
+        curves = [r["curve"] for r in res if len(r.get("curve", [])) == rounds]
+        if curves:
+            means = [statistics.mean(c[t] for c in curves) for t in range(rounds)]
+            rows.append(f"| {name.split(' (')[0]} | " + " | ".join(f"{m:.4f}" for m in means) + " |")
+    return "\n".join(rows)
 
 
 def main() -> None:
