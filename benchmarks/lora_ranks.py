@@ -311,7 +311,7 @@ def smollm2_main(args: argparse.Namespace) -> None:
             "PYTHONPATH=src HF_HUB_OFFLINE=1 nice -n 10 .venv/bin/python benchmarks/lora_ranks.py --workload smollm2 "
             f"--rounds {args.rounds} --seeds {' '.join(map(str, seeds))} --modes MODE --out FILE` (one process per "
             f"mode), rendered with `--rounds {args.rounds} --table-from "
-            f"benchmarks/lora_ranks_smollm2_r{args.rounds}.results.jsonl --write`"
+            f"benchmarks/lora_ranks_smollm2_r{args.rounds}.results.jsonl --write"
         )
         write_section(
             f"Heterogeneous LoRA ranks on the SmolLM2 role split: {args.rounds} rounds",
