@@ -332,13 +332,14 @@ def smollm2_main(args: argparse.Namespace) -> None:
 
 
 def curve_table(results: dict[str, list[dict]], rounds: int) -> str:
-    """Held-out loss after each round (mean over the seeds each mode has), one row per mode."""
-    rows = ["| mode | " + " | ".join(f"round {t}" for t in range(1, rounds + 1)) + " |", "| --- " * (rounds + 1) + "|"]
+    """Held-out loss after each round, one row per mode and seed."""
+    rows = ["| mode | seed | " + " | ".join(f"round {t}" for t in range(1, rounds + 1)) + " |"]
+    rows.append("| --- " * (rounds + 2) + "|")
     for name, res in results.items():
-        curves = [r["curve"] for r in res if len(r.get("curve", [])) == rounds]
-        if curves:
-            means = [statistics.mean(c[t] for c in curves) for t in range(rounds)]
-            rows.append(f"| {name.split(' (')[0]} | " + " | ".join(f"{m:.4f}" for m in means) + " |")
+        for r in res:
+            if len(r.get("curve", [])) == rounds:
+                cells = " | ".join(f"{x:.4f}" for x in r["curve"])
+                rows.append(f"| {name.split(' (')[0]} | {r['seed']} | {cells} |")
     return "\n".join(rows)
 
 
