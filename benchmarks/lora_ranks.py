@@ -246,6 +246,9 @@ def run_smollm2(name: str, mode: dict, seed: int, rounds: int = 2) -> dict:
     if rounds != 2:  # the 2-round records keep their old shape (the table above reads them)
         rec["rounds"] = rounds
         rec["curve"] = [r["eval_loss"] for r in records if r.get("eval_loss") is not None]
+        ranks = [r["agg_hetlora_mean_rank"] for r in records if "agg_hetlora_mean_rank" in r]
+        if ranks:  # self-pruning: the mean rank the round's replies keep, round by round
+            rec["mean_rank_curve"] = ranks
     return rec
 
 
