@@ -8,7 +8,7 @@ under bf16 the layer computes W0 x in bf16 plus the whole change s (B A + R) x i
 (``fedtune.client.hooks.LoraResidual(separate=True)``), which costs one float32 (out, in) matmul per adapted
 layer and call more than naive LoRA. "W0 x computed twice" is that hook as it was before it reused the base
 layer's own output (a second bf16 base matmul per adapted layer). One step = forward and backward of a batch
-of random tokens; the variants run interleaved, in rotating order, and the table gives the median over
+of random tokens, timed in CPU seconds of one torch thread; the variants run interleaved, in rotating order, and the table gives the median over
 repetitions of each variant's time divided by naive bf16's in the same repetition.
 
     nice -n 10 .venv/bin/python benchmarks/lora_bf16_cost.py --reps 5
@@ -72,12 +72,14 @@ def residuals(model: torch.nn.Module) -> dict[str, np.ndarray]:
 
 
 def step(model: torch.nn.Module, batch: torch.Tensor, dtype: torch.dtype | None) -> float:
+    """CPU seconds of one forward + backward (one torch thread: on a shared machine CPU time measures the
+    work, where wall time measures mostly the other processes)."""
     model.zero_grad(set_to_none=True)
-    start = time.perf_counter()
+    start = time.process_time()
     with torch.autocast("cpu", dtype=dtype, enabled=dtype is not None):
         loss = model(input_ids=batch, labels=batch).loss
     loss.backward()
-    return time.perf_counter() - start
+    return time.process_time() - start
 
 
 def main() -> None:
@@ -88,6 +90,7 @@ def main() -> None:
     parser.add_argument("--seq", type=int, default=128)
     parser.add_argument("--no-write", action="store_true")
     args = parser.parse_args()
+    torch.set_num_threads(1)
     torch.manual_seed(1)
     models = {name: build(args.layers) for name in ("naive", "exact", "before")}
     extras = residuals(models["exact"])
@@ -113,7 +116,7 @@ def main() -> None:
         loads.append(os.getloadavg()[0])
         print(f"rep {rep}: " + ", ".join(f"{n} {times[n][-1]:.2f}s" for n in names), flush=True)
     base = times["naive LoRA, bf16"]
-    rows = ["| variant | median s / step | x naive bf16 (median of per-repetition ratios) |", "| --- | --- | --- |"]
+    rows = ["| variant | median CPU s / step | x naive bf16 (median of per-repetition ratios) |", "| --- | --- | --- |"]
     for name in names:
         ratio = statistics.median(t / b for t, b in zip(times[name], base, strict=True))
         rows.append(f"| {name} | {statistics.median(times[name]):.3f} | {ratio:.3f} |")
