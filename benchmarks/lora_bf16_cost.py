@@ -8,8 +8,9 @@ under bf16 the layer computes W0 x in bf16 plus the whole change s (B A + R) x i
 (``fedtune.client.hooks.LoraResidual(separate=True)``), which costs one float32 (out, in) matmul per adapted
 layer and call more than naive LoRA. "W0 x computed twice" is that hook as it was before it reused the base
 layer's own output (a second bf16 base matmul per adapted layer). One step = forward and backward of a batch
-of random tokens, timed in CPU seconds of one torch thread; the variants run interleaved, in rotating order, and the table gives the median over
-repetitions of each variant's time divided by naive bf16's in the same repetition.
+of random tokens, timed in CPU seconds of one torch thread; the variants run interleaved, in rotating order,
+and the table gives the median over repetitions of each variant's time divided by naive bf16's in the same
+repetition.
 
     nice -n 10 .venv/bin/python benchmarks/lora_bf16_cost.py --reps 5
 """
