@@ -226,3 +226,68 @@ def test_a_plugin_refuses_a_rank_that_is_not_a_positive_integer():
     for bad in (0, -2, 1.5, True):
         with pytest.raises(ValueError, match="positive integer"):
             FedExLora(residual_rank=bad)
+
+
+# ------------------------------------------------------------------------------------------- through the worker
+
+
+def test_a_capped_run_through_the_worker_resumes_exactly(tmp_path):
+    """The real worker, transport and loop (TinyLoraNet; 3 clients of rank 2 a round, cap 1): k rounds, a
+    checkpoint, a fresh server and worker (the clients' copies kept in their store, as simulation.client_state
+    keeps them), the rest == an uninterrupted run, bit for bit, and the cap bound (E is not zero)."""
+    import torch  # (the strategy-level tests above need no torch)
+
+    from fedtune.client.build import strategy_extensions
+    from fedtune.client.worker import ClientWorker
+    from fedtune.server.loop import run_rounds
+    from fedtune.transport.inprocess import InProcessTransport
+    from test_strategies_support import ArrayTask, TinyLoraNet, classification_records, make_config, seeded
+
+    config = make_config(
+        server={"lora_aggregation": "fedex", "lora_residual_rank": 1},
+        client={},
+        federation={"rounds": 4, "clients_per_round": 3},
+        eval={"every": 100},
+        model={"lora": {"r": 2}},
+    )
+    records = classification_records(5)
+
+    def run(store: str, state=None, on_round=None):
+        ext = strategy_extensions()
+        worker = ClientWorker(
+            ArrayTask(seeded(TinyLoraNet)),
+            records,
+            hook_factories=ext.hook_factories,
+            update_transforms=ext.update_transforms,
+            residual_state=store,
+        )
+        strategy = build_strategy(config, num_clients=len(records))
+        state = state or strategy.init_state(worker.current_params(), worker.view.spec)
+        def callback(new_state, report):
+            if on_round is not None:
+                on_round(new_state)
+
+        return run_rounds(config, strategy, InProcessTransport(worker), state, on_round=callback)
+
+    torch.manual_seed(0)
+    uninterrupted = run("memory:capped-e2e-a")
+    feedback = [k for k in uninterrupted.arrays if k.startswith(FEEDBACK_PREFIX)]
+    assert len(feedback) == 2 and all(np.abs(uninterrupted.arrays[k]).max() > 0 for k in feedback)
+
+    class Crash(Exception):
+        pass
+
+    def crash_after_two(state):
+        save_state(state, tmp_path / "state.safetensors", config_digest="test")
+        if state.round == 2:
+            raise Crash
+
+    torch.manual_seed(0)
+    with pytest.raises(Crash):
+        run("memory:capped-e2e-b", on_round=crash_after_two)
+    restored = load_state(tmp_path / "state.safetensors", config_digest="test")
+    resumed = run("memory:capped-e2e-b", state=restored)
+    np.testing.assert_array_equal(resumed.params, uninterrupted.params)
+    assert set(resumed.arrays) == set(uninterrupted.arrays)
+    for key, value in uninterrupted.arrays.items():
+        np.testing.assert_array_equal(resumed.arrays[key], value, err_msg=key)
