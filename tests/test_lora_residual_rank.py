@@ -222,6 +222,29 @@ def test_config_errors_name_the_problem(server, federation, fragment):
     assert fragment in str(err.value)
 
 
+@pytest.mark.parametrize(
+    ("extra", "fragment"),
+    [
+        ({"privacy": {"dp": {"noise_multiplier": 1.0}}, "server": {"weighting": "uniform"}}, "privacy.dp"),
+        ({"privacy": {"secure_aggregation": True}}, "privacy.secure_aggregation"),
+        ({"server": {"mode": "async"}}, "only 'naive' LoRA averaging"),
+    ],
+)
+def test_the_cap_inherits_the_exact_modes_privacy_and_async_rules(extra, fragment):
+    raw = {"server": {"lora_aggregation": "fedex", "lora_residual_rank": 8}}
+    for section, values in extra.items():
+        raw[section] = {**raw.get(section, {}), **values}
+    with pytest.raises(ConfigError, match="lora_aggregation") as err:
+        parse_config(raw)
+    assert fragment in str(err.value)
+
+
+def test_the_cap_composes_with_local_dpsgd():  # the server post-processes the privatised updates
+    server = {"lora_aggregation": "fedex", "lora_residual_rank": 8}
+    config = parse_config({"server": server, "privacy": {"dpsgd": True}})
+    assert config.server.lora_residual_rank == 8
+
+
 def test_a_plugin_refuses_a_rank_that_is_not_a_positive_integer():
     for bad in (0, -2, 1.5, True):
         with pytest.raises(ValueError, match="positive integer"):
