@@ -23,6 +23,10 @@ client keeps its copy, fedtune.client.residual_copy), else dense; ``eval_payload
 evaluating client (the dense arrays where no client is named: export, generate). ClientWorker writes
 W0 + s R into the frozen base weights (``LoraResidual``) for fits
 and evaluations alike; ``fedtune export`` merges s R too.
+
+``server.lora_residual_rank`` q (opt-in) caps each round's increment at rank q and holds the rest back on the
+server for later rounds (``lora/feedback/<module>``; error feedback, ``_Advance``): cheaper fits, but the
+global model is no longer the exact average after a round (docs/STRATEGIES.md, "Capping the increment's rank").
 """
 
 from __future__ import annotations
@@ -197,11 +201,12 @@ class _Advance:
         target = exact if held is None else exact + held.astype(np.float64)
         self.target_sq += float(np.square(target).sum())
         nothing_held = np.zeros((pair.out_features, pair.in_features), np.float32)
-        if self.cap is None:  # a capped run resumed without the cap: what was held back goes out now
+        rank = None if self.cap is None else min(self.cap, pair.out_features, pair.in_features)
+        if rank is None or not factored_is_smaller(rank, pair.out_features, pair.in_features):
+            # all of it, densely: a capped run resumed without the cap (what was held back goes out now), or a
+            # module whose rank-q factors would be no smaller than the matrix
             return {key: _add_residual(self.state, pair, target), feedback_key(pair.module): nothing_held}
-        b, a, rest = capped_increment(target, self.cap)
-        if not factored_is_smaller(a.shape[0], pair.out_features, pair.in_features):
-            return {key: _add_residual(self.state, pair, target), feedback_key(pair.module): nothing_held}
+        b, a, rest = capped_increment(target, rank)
         self.sent[pair.module] = (b, a)
         self.held_sq += float(np.square(rest).sum())
         return {key: add_increment(self.state.arrays[key], b, a), feedback_key(pair.module): rest.astype(np.float32)}
