@@ -107,6 +107,13 @@ def _row(who: str, round_label: str, naive: float, fedex: dict) -> str:
     )
 
 
+CAPPED_INTRO = """The runs above (a random-weight SmolLM2-135M-shaped Llama cut to 8 blocks, the demo's adapter:
+r = 8 on q/k/v/o of the top 8 blocks, 245,760 float32 values; N clients, K of them a round, one local step),
+three per shape: naive averaging, exact fedex, and fedex with ``server.lora_residual_rank`` Q (each round's
+increment capped at rank Q, the rest held back on the server). The figures are the ``bytes_down`` each run
+reports per fitting client (the adapter vector and strategy arrays of every fit)."""
+
+
 def _capped_row(who: str, round_label: str, naive: float, exact: float, capped: float) -> str:
     return (
         f"| {who} | {round_label} | {naive / MB:.3f} | {exact / MB:.2f} ({exact / naive:.1f}x) "
@@ -144,7 +151,7 @@ def capped_main(args: argparse.Namespace) -> None:
         script = "nice -n 10 .venv/bin/python benchmarks/lora_downlink_run.py"
         command = f"{script} --runs {runs} --residual-rank {q} --write"
         title = "Downlink of the rank-capped exact LoRA modes in simulate runs"
-        write_bytes_section(title, command, __doc__, table, load)
+        write_bytes_section(title, command, "\n\n" + CAPPED_INTRO, table, load)
 
 
 def main() -> None:
