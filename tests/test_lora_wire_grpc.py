@@ -22,7 +22,7 @@ CLIENTS = ("client_000", "client_001")
 LINES = ["To be, or not to be, that is the question.", "All the world's a stage, and all the men merely players."]
 
 
-def _config(tmp: Path, pki: Path, port: int) -> dict:
+def _config(tmp: Path, pki: Path, port: int, residual_rank: int | None = None) -> dict:
     corpus = tmp / "corpus"
     corpus.mkdir()
     for c, name in enumerate(CLIENTS):  # one file per client, named as its certificate: --data partition:<name>
@@ -36,7 +36,7 @@ def _config(tmp: Path, pki: Path, port: int) -> dict:
         "federation": {"rounds": 3, "clients_per_round": 2},
         "client": {"local_steps": 2, "batch_size": 4, "lr": 0.3},
         "eval": {"every": 1, "baseline": False},
-        "server": {"lora_aggregation": "fedex"},
+        "server": {"lora_aggregation": "fedex", "lora_residual_rank": residual_rank},
         "run": {"out_dir": str(tmp / "runs"), "plot": False, "threads": 1},
         # a first fit imports and builds the model: minutes on a loaded machine, and a dropped round 1 sends round 2
         # the dense residual again (what this test must see is rounds 2 and 3 with increments)
@@ -44,10 +44,13 @@ def _config(tmp: Path, pki: Path, port: int) -> dict:
     }
 
 
-def test_fedex_over_grpc_sends_increments_and_equals_the_simulation(tmp_path: Path) -> None:
+@pytest.mark.parametrize("residual_rank", [None, 1], ids=["exact", "capped"])
+def test_fedex_over_grpc_sends_increments_and_equals_the_simulation(tmp_path: Path, residual_rank) -> None:
+    """``capped``: server.lora_residual_rank 1 (rank-1 increments, the rest held back on the server) crosses
+    the wire as ordinary increments and gives the simulation's model too."""
     pki = make_pki(tmp_path / "pki-root")
     port = free_port()
-    cfg = _config(tmp_path, pki, port)
+    cfg = _config(tmp_path, pki, port, residual_rank)
     run_dir = run_deployment(tmp_path, cfg, CLIENTS, port, pki, server_s=400)
     state = load_state(run_dir / "checkpoint.safetensors")
     dense = sum(v.nbytes for v in global_extras(parse_config(cfg), state).values())
