@@ -1,10 +1,10 @@
 """What a fitting client's copy of the exact LoRA modes' residual costs it: the save of the whole dense copy.
 
 SmolLM2-135M's architecture with random weights and the demo's adapter (r = 8 on q/k/v/o of the top 8 blocks),
-so the residual is 32 dense (out, in) float32 matrices, 28.3 MB. One client's ``ResidualCopy.resolve`` in its
-two steady-state forms, each timed separately, interleaved, ``--repeats`` times: the fit after a round it took
-part in (load its copy, add one increment of rank (K - 1) r in factored form, save the new dense copy; what
-``ClientWorker.begin_fit`` does) and the store's ``save`` alone (the dense copy written, in a disk store: a
+so the residual is 32 dense (out, in) float32 matrices, 28.3 MB. Two timings, interleaved, ``--repeats``
+times: one client's ``ResidualCopy.resolve`` for a fit after a round it took part in (load its copy, add one
+increment of rank (K - 1) r in factored form, save the new dense copy; what ``ClientWorker.begin_fit`` does)
+and the store's ``save`` alone (the dense copy written, in a disk store: a
 safetensors file written and renamed, as on a participant or in a simulation's run directory; in a memory
 store: a copy). Medians, in milliseconds.
 
