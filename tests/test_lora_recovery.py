@@ -18,11 +18,20 @@ from rich.console import Console
 from fedtune.client.residual_copy import ResidualCopy
 from fedtune.config import parse_config
 from fedtune.core.keys import RESIDUAL_BASE, RESIDUAL_PREFIX
-from fedtune.core.messages import Cause, ClientFailure, ClientUpdate, EvalInstruction, failure_of
+from fedtune.core.messages import (
+    Cause,
+    ClientEval,
+    ClientFailure,
+    ClientUpdate,
+    EvalInstruction,
+    EvalSums,
+    failure_of,
+)
 from fedtune.core.params import ParamSpec
 from fedtune.core.state import ServerState, load_state, save_state
 from fedtune.errors import ClientStateLost, UpdateRejected
 from fedtune.run.session import simulate
+from fedtune.server.loop import evaluate_models, run_round
 from fedtune.server.strategies import FedExLora, FedOpt
 from fedtune.server.strategies.lora_wire import HELD_PREFIX
 from fedtune.transport.grpc import protocol, wire
@@ -190,3 +199,65 @@ def test_a_run_whose_copies_are_wiped_equals_the_run_without(tmp_path):
     for key, round_idx in (("bytes_down", 2), ("bytes_down", 3), ("eval_bytes_down", 3)):
         assert rounds[round_idx][key] > plain_rounds[round_idx][key], (key, round_idx)  # the dense residual
     assert rounds[2]["eval_bytes_down"] == plain_rounds[2]["eval_bytes_down"]  # nobody lost a copy there
+
+
+# --------------------------------------------------------------------------------------------- the loop's retry
+
+
+class _Claims:
+    """A scripted transport: "liar" says it lost its state at every fit and evaluation, "honest" at its first fit
+    only, "plain" never; every update is delta = (index + 1) everywhere. Records what each call was asked."""
+
+    ids = ("liar", "honest", "plain")
+
+    def __init__(self) -> None:
+        self.fits: list[list[str]] = []
+        self.evals: list[list[str]] = []
+
+    def client_ids(self) -> list[str]:
+        return list(self.ids)
+
+    def fit(self, instructions):
+        self.fits.append([i.client_id for i in instructions])
+        for instr in reversed(instructions):  # answers in reverse: the loop must still fold in sampled order
+            cid = instr.client_id
+            if cid == "liar" or (cid == "honest" and len(self.fits) == 1):
+                yield failure_of(cid, instr.round, ClientStateLost(f"{cid} holds none"))
+                continue
+            delta = np.full(SPEC.numel, self.ids.index(cid) + 1, np.float32)
+            yield ClientUpdate(cid, instr.round, 10, delta, SPEC.digest)
+
+    def evaluate(self, instructions):
+        self.evals.append([i.client_id for i in instructions])
+        for instr in instructions:
+            if instr.client_id == "liar":
+                yield failure_of(instr.client_id, instr.round, ClientStateLost("lost again"))
+            else:
+                yield ClientEval(instr.client_id, instr.round, EvalSums(loss_sum=1.0, count=1))
+
+    def close(self) -> None:
+        pass
+
+
+def test_the_loop_asks_a_client_that_lost_its_state_once_a_round_and_folds_in_sampled_order():
+    config = parse_config({"federation": {"rounds": 1, "clients_per_round": 3}, "server": {"weighting": "uniform"}})
+    transport = _Claims()
+    state = ServerState(0, np.zeros(SPEC.numel, np.float32), SPEC)
+    new, report = run_round(config, FedOpt(), transport, state)
+    sampled = transport.fits[0]
+    assert sorted(sampled) == sorted(_Claims.ids)
+    # asked again once, in sampled order; the liar's second claim is an ordinary failure, not a third ask
+    assert transport.fits[1:] == [[c for c in sampled if c in ("liar", "honest")]]
+    assert [(f.client_id, f.cause) for f in report.recovered] == [
+        (c, Cause.STATE_LOST) for c in sampled if c in ("liar", "honest")
+    ]
+    assert [(f.client_id, f.cause) for f in report.failures] == [("liar", Cause.STATE_LOST)]
+    folded = [c["client_id"] for c in report.clients]
+    assert folded == [c for c in sampled if c in ("honest", "plain")]  # sampled order, whatever arrived first
+    np.testing.assert_array_equal(new.params, np.full(SPEC.numel, (2 + 3) / 2, np.float32))  # their mean
+    assert transport.evals == [["honest", "plain"]]  # a client that failed the round is not asked to evaluate
+
+    evaluation = evaluate_models(config, FedOpt(), transport, new, ["liar", "plain"])
+    assert transport.evals[1:] == [["liar", "plain"], ["liar"]]  # an evaluation is asked again once too
+    assert [f.client_id for f in evaluation.recovered] == ["liar"] == [f.client_id for f in evaluation.failures]
+    assert list(evaluation.per_client) == ["plain"] and evaluation.pooled.count == 1

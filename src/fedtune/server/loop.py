@@ -175,7 +175,9 @@ def _with_retries(
             continue
         yield reply
         del reply
-    if lost and retry is not None:
+    if lost and retry is not None:  # in sampled order, whatever order they failed in (as every transport)
+        lost.sort(key=report.sampled.index)
+        report.recovered.sort(key=lambda f: report.sampled.index(f.client_id))
         logging.getLogger("fedtune").warning(
             "round %d: %s lost their client state; asking again with what they lost", report.round, ", ".join(lost)
         )
