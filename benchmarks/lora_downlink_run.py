@@ -9,6 +9,10 @@ what a network would carry), per fitting client. "dense (before)" is what the sa
 residual travelled as increments: the adapter plus every module's dense (out, in) residual.
 
     nice -n 10 .venv/bin/python benchmarks/lora_downlink_run.py --runs 4/4/4 20/20/3 4/20/12
+
+``--residual-rank Q`` compares instead exact fedex with fedex under ``server.lora_residual_rank: Q`` (each
+round's increment capped at rank Q, the rest held back on the server: docs/STRATEGIES.md, "Capping the
+increment's rank"), in the same runs' shape, and writes its own section.
 """
 
 from __future__ import annotations
@@ -65,8 +69,11 @@ def corpus(folder: Path, population: int) -> Path:
     return folder
 
 
-def one_run(model: Path, data: Path, out: Path, mode: str, k: int, rounds: int) -> list[dict]:
+def one_run(
+    model: Path, data: Path, out: Path, mode: str, k: int, rounds: int, residual_rank: int | None = None
+) -> list[dict]:
     """Per trained round: bytes sent down per fitting client, and the adapter's and dense residual's bytes."""
+    label = mode if residual_rank is None else f"{mode}-q{residual_rank}"
     raw = {
         "seed": 1,
         "model": {
@@ -78,9 +85,9 @@ def one_run(model: Path, data: Path, out: Path, mode: str, k: int, rounds: int) 
         "federation": {"rounds": rounds, "clients_per_round": k},
         "client": {"local_steps": 1, "batch_size": 2, "lr": 0.01},
         "eval": {"baseline": False, "every": 1000, "max_clients": 1, "max_examples_per_client": 2},
-        "server": {"lora_aggregation": mode},
-        "simulation": {"client_state": f"memory:downlink-{mode}-{data.name}"},
-        "run": {"out_dir": str(out / f"{mode}-{data.name}"), "plot": False, "threads": 1},
+        "server": {"lora_aggregation": mode, "lora_residual_rank": residual_rank},
+        "simulation": {"client_state": f"memory:downlink-{label}-{data.name}"},
+        "run": {"out_dir": str(out / f"{label}-{data.name}"), "plot": False, "threads": 1},
     }
     result = simulate(parse_config(raw), console=Console(quiet=True), show_progress=False)
     adapter = result.state.params.nbytes
@@ -100,14 +107,65 @@ def _row(who: str, round_label: str, naive: float, fedex: dict) -> str:
     )
 
 
+CAPPED_INTRO = """The runs above (a random-weight SmolLM2-135M-shaped Llama cut to 8 blocks, the demo's adapter:
+r = 8 on q/k/v/o of the top 8 blocks, 245,760 float32 values; N clients, K of them a round, one local step),
+three per shape: naive averaging, exact fedex, and fedex with ``server.lora_residual_rank`` Q (each round's
+increment capped at rank Q, the rest held back on the server). The figures are the ``bytes_down`` each run
+reports per fitting client (the adapter vector and strategy arrays of every fit)."""
+
+
+def _capped_row(who: str, round_label: str, naive: float, exact: float, capped: float) -> str:
+    return (
+        f"| {who} | {round_label} | {naive / MB:.3f} | {exact / MB:.2f} ({exact / naive:.1f}x) "
+        f"| {capped / MB:.2f} ({capped / naive:.1f}x) |"
+    )
+
+
+def capped_main(args: argparse.Namespace) -> None:
+    """--residual-rank Q: per run and round, naive against exact fedex against fedex capped at rank Q."""
+    q = args.residual_rank
+    load = [os.getloadavg()[0]]
+    rows = [
+        f"| K of N | round | naive MB | fedex exact (x naive) | fedex, lora_residual_rank {q} (x naive) |",
+        "| --- | --- | --- | --- | --- |",
+    ]
+    with tempfile.TemporaryDirectory() as tmp:
+        model = smollm2_shaped(Path(tmp) / "model")
+        for spec in args.runs:
+            k, population, rounds = map(int, spec.split("/"))
+            data = corpus(Path(tmp) / f"corpus-{k}-of-{population}", population)
+            naive = one_run(model, data, Path(tmp), "naive", k, rounds)
+            exact = one_run(model, data, Path(tmp), "fedex", k, rounds)
+            capped = one_run(model, data, Path(tmp), "fedex", k, rounds, residual_rank=q)
+            load.append(os.getloadavg()[0])
+            who = f"{k} of {population}"
+            for n, e, c in zip(naive, exact, capped, strict=True):
+                rows.append(_capped_row(who, str(c["round"]), n["per_client"], e["per_client"], c["per_client"]))
+            if rounds > 2:  # rounds 2..R together
+                means = [sum(r["per_client"] for r in run[1:]) / (len(run) - 1) for run in (naive, exact, capped)]
+                rows.append(_capped_row(who, f"2-{rounds} mean", *means))
+    table = "\n".join(rows)
+    print(table)
+    if args.write:
+        runs = " ".join(args.runs)
+        script = "nice -n 10 .venv/bin/python benchmarks/lora_downlink_run.py"
+        command = f"{script} --runs {runs} --residual-rank {q} --write"
+        title = "Downlink of the rank-capped exact LoRA modes in simulate runs"
+        write_bytes_section(title, command, "\n\n" + CAPPED_INTRO, table, load)
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument(
         "--runs", nargs="+", default=["4/4/4", "20/20/3", "4/20/12"], help="K/N/R: K of N clients a round, R rounds"
     )
+    parser.add_argument("--residual-rank", type=int, help="compare exact fedex with server.lora_residual_rank Q")
     parser.add_argument("--write", action="store_true", help="replace the docs/BENCHMARKS.md section")
     args = parser.parse_args()
     torch.set_num_threads(1)
+    if args.residual_rank is not None:
+        capped_main(args)
+        return
     load = [os.getloadavg()[0]]
     rows = [
         "| K of N | round | naive MB | fedex dense residual, before (x naive) | fedex now (x naive) |",

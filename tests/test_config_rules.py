@@ -141,6 +141,12 @@ CASES: dict[str, tuple[dict, str, dict]] = {
         "proximal term",
         {"privacy": {"dpsgd": True}},
     ),
+    "lora_residual_rank": (
+        {"federation": {"clients_per_round": 3}, "server": {"lora_aggregation": "fedex", "lora_residual_rank": 16}},
+        "lora_residual_rank 16 never caps anything: a round's exact residual increment under lora_aggregation "
+        "'fedex' has rank at most 16",
+        {"federation": {"clients_per_round": 3}, "server": {"lora_aggregation": "fedex", "lora_residual_rank": 15}},
+    ),
     "async_mode": (
         {"server": {"fedbuff": {"buffer_size": 2}}},
         "only applies to server.mode 'async'",

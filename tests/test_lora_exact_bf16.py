@@ -131,3 +131,38 @@ def test_fedex_and_svd_evaluate_alike_after_a_bf16_round(tmp_path):
             residual = max(float(np.abs(v).max()) for k, v in result.state.arrays.items() if k.startswith(RESIDUAL))
     assert residual > 1e-3, residual
     assert abs(losses["fedex"] - losses["svd"]) < 1e-6, losses
+
+
+def test_the_bf16_residual_hook_reuses_the_base_layers_output_and_matches_recomputing_it():
+    """Under bf16 the hook replaces peft's output by W0 x + s (B A + R) x; W0 x is the one peft's base layer
+    computed in the same forward (one base matmul per call, not two), and the output and gradients equal
+    those of recomputing W0 x in the hook (the earlier hook) exactly."""
+    torch.manual_seed(0)
+    w0 = torch.randn(48, 64)
+    b = np.random.default_rng(1).normal(size=(48, 2)).astype(np.float32)
+    a = np.random.default_rng(2).normal(size=(2, 64)).astype(np.float32)
+    residual = (1e-3 * np.random.default_rng(3).normal(size=(48, 64))).astype(np.float32)
+    x = torch.randn(8, 64)
+
+    def run(hook: LoraResidual) -> tuple[torch.Tensor, torch.Tensor, int]:
+        model = split_model(b, a, w0)
+        base = model.get_submodule("base_model.model.q_proj").base_layer
+        calls = []
+        base.register_forward_hook(lambda *_: calls.append(1))
+        hook.load(model, {KEY: residual})
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            out = model(x)
+        out.float().square().sum().backward()
+        grad = model.get_submodule("base_model.model.q_proj").lora_B["default"].weight.grad
+        return out.detach(), grad.clone(), len(calls)
+
+    class Recomputing(LoraResidual):
+        def _capture_hook(self, key):
+            return lambda *_: None
+
+    out, grad, calls = run(LoraResidual(separate=True))
+    old_out, old_grad, old_calls = run(Recomputing(separate=True))
+    assert (calls, old_calls) == (1, 2)
+    assert out.dtype == torch.float32
+    assert torch.equal(out, old_out)
+    assert torch.equal(grad, old_grad)

@@ -160,6 +160,8 @@ def test_lora_residual_run_on_ray_equals_in_process(ray_session, tmp_path) -> No
     sent = [r["bytes_down"] for r in on_ray.rounds if r["round"] > 0]
     assert sent == [r["bytes_down"] for r in local.rounds if r["round"] > 0]
     assert sent[1] < 0.7 * sent[0]  # 0.6: factors of rank 2 r of 32 x 32 instead of the dense matrices
+    evals = [r["eval_bytes_down"] for r in on_ray.rounds]  # evaluations carry the residual too, counted apart
+    assert evals == [r["eval_bytes_down"] for r in local.rounds] and evals[-1] < 0.7 * evals[0]  # round 0: dense
 
 
 def test_ray_state_store_round_trip(ray_session) -> None:

@@ -294,3 +294,8 @@ def test_bytes_down_count_the_residual(tmp_path):
     increment = sum(4 * 2 * p.rank * (p.out_features + p.in_features) for p in lora_pairs(spec))  # (K-1) r = 2 r
     assert increment < residual  # 32 x 32 layers, r 4, K 3: half the dense bytes
     assert second["bytes_down"] == 3 * (4 * spec.numel + increment + 16)  # the factors, version and base
+    # evaluations carry the residual too, counted apart: the baseline's is dense (nobody holds a copy), the
+    # later ones are the increment since the version each client's fit kept
+    baseline = result.rounds[0]
+    assert baseline["round"] == 0 and baseline["eval_bytes_down"] == 3 * (4 * spec.numel + residual + 8)
+    assert first["eval_bytes_down"] == second["eval_bytes_down"] == 3 * (4 * spec.numel + increment + 16)

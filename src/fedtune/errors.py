@@ -21,6 +21,12 @@ class UpdateRejected(FedtuneError):
     """A client update failed validation (shape, spec digest, non-finite values, size)."""
 
 
+class ClientStateLost(UpdateRejected):
+    """The server's instruction relies on client state this client does not hold (its state store was wiped, or
+    is another run's): e.g. LoRA residual increments from a version it has no copy of. The client's failure
+    says so (``ClientFailure.cause``), so the server can send it what it lost instead of the increments."""
+
+
 class CheckpointError(FedtuneError):
     """A checkpoint or run directory is missing, corrupt, or from an incompatible run."""
 

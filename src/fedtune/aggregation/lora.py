@@ -239,3 +239,39 @@ def add_increment(residual: np.ndarray, b: np.ndarray, a: np.ndarray) -> np.ndar
     """
     product = np.asarray(b, dtype=np.float64) @ np.asarray(a, dtype=np.float64)
     return (np.asarray(residual, dtype=np.float64) + product).astype(np.float32)
+
+
+# ------------------------------------------------------------------ a rank cap on the increment, with error feedback
+#
+# The exact increment costs about K adapters a round (above). ``server.lora_residual_rank`` q sends instead the
+# best rank-q part of (increment + E), E the part not sent in earlier rounds (the server keeps it), and keeps
+# the rest as the new E: error feedback (Seide et al. 2014; Karimireddy et al. 2019, EF-SGD). Nothing is lost,
+# only delayed: after any number of rounds, sum(sent) + E = sum(exact increments), to float rounding. A round is
+# no longer exact: the global model W0 + R + s B A lags the exact product average by s E.
+
+
+def capped_increment(target: np.ndarray, rank: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """(B (out, k), A (k, in), remainder (out, in)) with B, A the float32 factors of ``target``'s best rank-k
+    part (Eckart-Young; k = min(``rank``, out, in)) and remainder = ``target`` - B @ A in float64, computed from
+    the float32 factors, so that whatever rounding they carry is fed back too.
+
+    The split is balanced (B = U sqrt(S), A = sqrt(S) V^T): both factors of one magnitude, the safest for float32.
+
+    >>> t = np.outer([1.0, 2.0], [3.0, 0.0, 1.0]) + np.outer([0.0, 1e-3], [0.0, 1.0, 0.0])
+    >>> b, a, rest = capped_increment(t, 1); b.shape, a.shape, b.dtype.name
+    ((2, 1), (1, 3), 'float32')
+    >>> bool(np.allclose(b @ a + rest, t)), bool(np.abs(rest).max() < 2e-3)
+    (True, True)
+    """
+    if isinstance(rank, bool) or not isinstance(rank, int | np.integer) or rank < 1:
+        raise ValueError(f"the residual's rank cap must be a positive integer, got {rank!r}")
+    target = np.asarray(target, dtype=np.float64)
+    if target.ndim != 2:
+        raise ValueError(f"capped_increment needs an (out, in) matrix, got shape {target.shape}")
+    u, s, vt = np.linalg.svd(target, full_matrices=False)
+    k = min(int(rank), s.size)
+    root = np.sqrt(s[:k])
+    b = (u[:, :k] * root).astype(np.float32)
+    a = (root[:, None] * vt[:k]).astype(np.float32)
+    remainder = target - b.astype(np.float64) @ a.astype(np.float64)
+    return b, a, remainder

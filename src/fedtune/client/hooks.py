@@ -161,6 +161,7 @@ class LoraResidual:
     _base: dict[tuple[int, str], torch.Tensor] = field(default_factory=dict)
     _delta: dict[tuple[int, str], torch.Tensor] = field(default_factory=dict)  # separate: s R (out, in), fp32
     _hooked: set[tuple[int, str]] = field(default_factory=set)
+    _base_out: dict[tuple[int, str], torch.Tensor] = field(default_factory=dict)  # separate: this call's W0 x
 
     def load(self, model: torch.nn.Module, extras: Mapping[str, np.ndarray]) -> None:
         residuals = {k.removeprefix(RESIDUAL_PREFIX): v for k, v in extras.items() if k.startswith(RESIDUAL_PREFIX)}
@@ -200,6 +201,7 @@ class LoraResidual:
     def _load_separate(self, model: torch.nn.Module, residuals: Mapping[str, np.ndarray]) -> None:
         for key in [k for k in self._delta if k[0] == id(model)]:
             del self._delta[key]  # a layer without a residual in this request computes W0 x
+            self._base_out.pop(key, None)
         for module_name, residual in residuals.items():
             key = (id(model), module_name)
             layer = model.get_submodule(module_name)
@@ -208,8 +210,17 @@ class LoraResidual:
                 update = update.T  # back to (out, in) for F.linear
             self._delta[key] = update.to(device=base_weight(layer).device, dtype=torch.float32).contiguous()
             if key not in self._hooked:
+                if hasattr(layer, "base_layer"):
+                    layer.base_layer.register_forward_hook(self._capture_hook(key))
                 layer.register_forward_hook(self._forward_hook(key))
                 self._hooked.add(key)
+
+    def _capture_hook(self, key: tuple[int, str]):
+        def capture(base_layer: torch.nn.Module, args: tuple, output: torch.Tensor) -> None:
+            if key in self._delta:
+                self._base_out[key] = output  # W0 x as peft computed it: the outer hook reuses it
+
+        return capture
 
     def _forward_hook(self, key: tuple[int, str]):
         def exact_delta(layer: torch.nn.Module, args: tuple, output: torch.Tensor) -> torch.Tensor:
@@ -221,9 +232,11 @@ class LoraResidual:
             # rounds the adapter's part: fedex and svd (the same s (R + B A), split differently) would differ.
             # The layer's output is recomputed as bf16 W0 x (identical in every mode) plus the whole change
             # s (B A + R) x in float32, so only float32 rounding separates two splits of the same product.
-            # (a peft layer's W0 x is computed a second time here: the price of one extra base matmul per
-            # adapted layer, only in the exact modes under bf16; a plain layer's output is W0 x already)
-            base = layer.base_layer(x) if hasattr(layer, "base_layer") else output
+            # A peft layer's W0 x is the one its base layer produced inside this forward (captured by a hook
+            # on the base layer, so it is not computed twice); a plain layer's output is W0 x already.
+            base = self._base_out.pop(key, None)
+            if base is None:
+                base = layer.base_layer(x) if hasattr(layer, "base_layer") else output
             with torch.autocast(device_type=x.device.type, enabled=False):
                 x32 = x.float()
                 change = torch.nn.functional.linear(x32, delta)  # s R x

@@ -8,6 +8,10 @@ rule (``add_increment``), and keeps the result in the client state store (namesp
 the simulation's store, the same store from Ray actors, a participant's own cache over gRPC.
 
 Extras without ``lora/version`` (the dense global model, another strategy) pass through unchanged.
+
+Increments from a version this client holds no copy of (a wiped cache, another run's store) raise
+``fedtune.errors.ClientStateLost``: the transports report it as a failure of cause ``STATE_LOST``, and the
+server's loop asks again at once with the dense residual (fedtune.server.loop).
 """
 
 from __future__ import annotations
@@ -21,7 +25,7 @@ import numpy as np
 from fedtune.aggregation.lora import add_increment
 from fedtune.core.keys import INCREMENT_PREFIX, RESIDUAL_BASE, RESIDUAL_PREFIX, RESIDUAL_VERSION
 from fedtune.core.state_store import ClientState, ClientStateStore, open_state_store
-from fedtune.errors import UpdateRejected
+from fedtune.errors import ClientStateLost, UpdateRejected
 
 NS_RESIDUAL = "lora-residual"  # {module: residual (out, in) float32}, meta {"version": v}
 _private = itertools.count()
@@ -81,11 +85,10 @@ class ResidualCopy:
             saved = self.store.load(client_id, NS_RESIDUAL, round=round)
             held = None if saved is None else int(saved.meta["version"])
             if held is None or not base <= held <= version:
-                raise UpdateRejected(
+                raise ClientStateLost(
                     f"client {client_id!r}: the server sent the LoRA residual as increments since version {base}, "
                     f"but this client holds {'none' if held is None else f'version {held}'} (its client state "
-                    "was lost or is from another run); it gets the dense residual again once that version "
-                    "leaves the server's history"
+                    "was lost or is from another run); the server sends it the dense residual instead"
                 )
         residual = self._advance(saved, held, dense, increments)
         if keep and (held != version or dense):

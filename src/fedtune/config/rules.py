@@ -128,6 +128,23 @@ def _hetlora_options(c: Config) -> str | None:
     return None
 
 
+def _lora_residual_rank(c: Config) -> str | None:
+    """A cap at or above the exact increment's largest rank never binds: only its cost (an SVD a module) remains."""
+    q, k, lora = c.server.lora_residual_rank, c.federation.clients_per_round, c.model.lora
+    if q is None or k is None or lora is None or c.server.lora_aggregation not in ("fedex", "svd", "flora"):
+        return None
+    # fedex / svd: rank <= (K - 1) r; flora: the stack of K adapters, rank <= K r (fedtune.aggregation.lora)
+    flora = c.server.lora_aggregation == "flora"
+    bound, how = (k * lora.r, "clients_per_round x") if flora else ((k - 1) * lora.r, "(clients_per_round - 1) x")
+    if q >= bound:
+        return (
+            f"server.lora_residual_rank {q} never caps anything: a round's exact residual increment under "
+            f"lora_aggregation {c.server.lora_aggregation!r} has rank at most {bound} ({how} model.lora.r = "
+            f"{k} clients, r = {lora.r}); set it below {bound}, or leave it unset for the exact mode"
+        )
+    return None
+
+
 def _dpsgd_accumulation(c: Config) -> str | None:
     if c.privacy.dpsgd is not None and c.client.gradient_accumulation_steps > 1:
         return (
@@ -265,6 +282,10 @@ RULES: dict[str, Rule] = {
     "lora_mode_needs_lora": Rule(("server.lora_aggregation", "model.lora"), _lora_mode_needs_lora),
     "lora_client_ranks": Rule(("server.lora_client_ranks", "model.lora.r"), _lora_client_ranks),
     "hetlora_options": Rule(("server.hetlora", "server.lora_aggregation", "server.aggregator"), _hetlora_options),
+    "lora_residual_rank": Rule(
+        ("server.lora_residual_rank", "server.lora_aggregation", "model.lora.r", "federation.clients_per_round"),
+        _lora_residual_rank,
+    ),
     "dpsgd_accumulation": Rule(("privacy.dpsgd", "client.gradient_accumulation_steps"), _dpsgd_accumulation),
     "dpsgd_data_parallel": Rule(("privacy.dpsgd", "simulation.client_nproc"), _dpsgd_data_parallel),
     "dp_uniform_weights": Rule(("privacy.dp", "server.weighting"), _dp_uniform_weights),

@@ -230,6 +230,12 @@ class ServerConfig(Section):
     lora_client_ranks: ClientRanks | None = None
     # hetlora: rank self-pruning and sparsity-weighted aggregation (config/lora_ranks.py); null: zero-padding only
     hetlora: HetLoraConfig | None = None
+    # fedex/svd/flora: a cap q on the rank of the residual's per-round increment (null: exact). Each round the
+    # residual advances by the best rank-q part of (the exact increment + what earlier rounds held back); the
+    # rest is held back on the server for the next round (error feedback). A fit then receives about
+    # (1 + q / r) adapters instead of K, but the global model lags the exact average by what is held back
+    # (docs/STRATEGIES.md, "Capping the increment's rank")
+    lora_residual_rank: PositiveInt | None = None
     # sync: rounds with a barrier; async: FedBuff buffered asynchronous steps (server.fedbuff, see
     # fedtune.config.asynchronous); federation.rounds then counts buffered steps
     mode: Literal["sync", "async"] = "sync"
@@ -264,6 +270,11 @@ class ServerConfig(Section):
             )
         if self.lora_client_ranks is not None and self.lora_aggregation not in ("flora", "hetlora", "flexlora"):
             raise ValueError("server.lora_client_ranks only applies to lora_aggregation flora, hetlora or flexlora")
+        if self.lora_residual_rank is not None and self.lora_aggregation not in ("fedex", "svd", "flora"):
+            raise ValueError(
+                "server.lora_residual_rank caps the residual's increments, which only lora_aggregation fedex, svd "
+                f"and flora keep; {self.lora_aggregation!r} has no residual"
+            )
         return self
 
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import enum
 import math
 from dataclasses import dataclass, field
 from typing import Any
@@ -9,6 +10,7 @@ from typing import Any
 import numpy as np
 
 from fedtune.config.schema import ClientConfig
+from fedtune.errors import ClientStateLost
 
 
 @dataclass(frozen=True)
@@ -113,6 +115,16 @@ class ClientEval:
     # the same held-out examples under the client's own models (fedtune.client.personal): "personal" (its
     # personalised model), "finetuned" (after the last round, locally fine-tuned); empty without personalisation
     personal: dict[str, EvalSums] = field(default_factory=dict)
+    bytes_down: int = 0  # bytes the client received for this evaluation (filled by the transport)
+
+
+class Cause(enum.Enum):
+    """What kind of failure a ClientFailure is, where the server can act on it (the reason is for people)."""
+
+    ERROR = "error"  # anything else: the client's task failed, was rejected, timed out
+    # the instruction relied on client state the client does not hold (fedtune.errors.ClientStateLost): the
+    # server can send what it lost (strategy.client_state_lost) and ask again
+    STATE_LOST = "state-lost"
 
 
 @dataclass(frozen=True)
@@ -122,3 +134,11 @@ class ClientFailure:
     client_id: str
     round: int
     reason: str
+    cause: Cause = Cause.ERROR
+
+
+def failure_of(client_id: str, round: int, err: BaseException, *, reason: str | None = None) -> ClientFailure:
+    """The failure a client's task ended with when it raised ``err`` (``reason``: its text, default str(err)),
+    typed by the error's class, so every transport reports the same cause for the same error."""
+    cause = Cause.STATE_LOST if isinstance(err, ClientStateLost) else Cause.ERROR
+    return ClientFailure(client_id, round, str(err) if reason is None else reason, cause)

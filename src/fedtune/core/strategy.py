@@ -15,6 +15,10 @@ once per round and in this order::
         state, metrics = strategy.apply_sum(state, total) # capability), and hands the strategy the result
     extras = strategy.eval_payload(state, client_id=cid)  # what evaluating the global model needs
 
+and, when a client's fit or evaluation fails with cause STATE_LOST (it lacks client state the strategy
+assumed it keeps, e.g. its copy of the LoRA residual), ``state = strategy.client_state_lost(state, cid)``:
+the loop asks that client once more, in the same round, with the payload of that state.
+
 ``needs`` declares what the strategy needs from its clients (individual updates or only their sum, and
 which update extras), composed from what each of its parts declares; the privacy layer reads it instead of
 guessing from names.
@@ -89,6 +93,12 @@ class Strategy(Protocol):
     def eval_payload(self, state: ServerState, *, client_id: str | None = None) -> dict[str, np.ndarray]:
         """Arrays that, with ``state.params``, make up the global model (EvalInstruction.extras); often none.
         With ``client_id``: what that client needs to make it, which may be less (it may hold part already)."""
+        ...
+
+    def client_state_lost(self, state: ServerState, client_id: str) -> ServerState:
+        """The client lost what the strategy assumed it keeps between rounds (a failure of cause STATE_LOST):
+        the state whose payloads send it that again (LoRA: forget the residual version it holds, so it gets
+        the dense residual). Unchanged when the strategy assumes nothing of its clients."""
         ...
 
     def sum_plan(self, state: ServerState) -> SumPlan | None:

@@ -186,6 +186,9 @@ class DPFedAvg:
     def eval_payload(self, state: ServerState, *, client_id: str | None = None) -> dict[str, np.ndarray]:
         return self.inner.eval_payload(state, client_id=client_id)
 
+    def client_state_lost(self, state: ServerState, client_id: str) -> ServerState:
+        return self.inner.client_state_lost(state, client_id)
+
     def sum_plan(self, state: ServerState) -> SumPlan:
         """Uniform weights, every summand clipped to C (re-clipped by the plain sum), the clip bit summed too
         under adaptive clipping."""

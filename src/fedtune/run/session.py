@@ -22,6 +22,7 @@ from fedtune.client.worker import ClientWorker
 from fedtune.config.schema import PYTHON_MODEL_PREFIX, Config
 from fedtune.config.simulation import with_client_state
 from fedtune.core.events import EventRelay
+from fedtune.core.messages import ClientFailure
 from fedtune.core.params import ParamSpec
 from fedtune.core.state import ServerState, load_latest, load_state, save_state
 from fedtune.core.strategy import Strategy
@@ -51,7 +52,7 @@ from fedtune.run.sinks import (
 )
 from fedtune.run.trackers import build_trackers, require_trackers
 from fedtune.server.build import build_strategy
-from fedtune.server.loop import RoundReport, eval_clients, evaluate_global, run_rounds
+from fedtune.server.loop import RoundReport, eval_clients, evaluate_models, run_rounds
 from fedtune.server.summing import summer_for
 from fedtune.tasks.base import EvalSums, Task
 from fedtune.tasks.build import build_run_task
@@ -153,6 +154,7 @@ def round_records(report: RoundReport, accuracy: bool) -> list[dict]:
         "train_loss": report.train_loss,
         "bytes_down": report.bytes_down,
         "bytes_up": report.bytes_up,
+        "eval_bytes_down": report.eval_bytes_down,
         "seconds": report.seconds,
         **{f"agg_{k}": v for k, v in report.aggregate.items()},
         **_eval_record(report.eval_pooled, accuracy),
@@ -173,10 +175,13 @@ def round_records(report: RoundReport, accuracy: bool) -> list[dict]:
         }
         for cid, s in report.eval_clients.items()
     ]
-    lines += [
-        {"kind": "failure", "round": f.round, "client_id": f.client_id, "reason": f.reason} for f in report.failures
-    ]
+    lines += [_failure(f, "failure") for f in report.failures]
+    lines += [_failure(f, "recovered") for f in report.recovered]  # asked again, the outcome is recorded above
     return lines
+
+
+def _failure(f: ClientFailure, kind: str) -> dict:
+    return {"kind": kind, "round": f.round, "client_id": f.client_id, "reason": f.reason, "cause": f.cause.value}
 
 
 @dataclass
@@ -264,7 +269,7 @@ def serve(
     if baseline:
         started = time.perf_counter()
         askees = eval_clients(config, transport.client_ids())
-        _, pooled, _ = evaluate_global(config, strategy, transport, state, askees, events=events)
+        evaluation = evaluate_models(config, strategy, transport, state, askees, events=events)
         rec = {
             "kind": "round",
             "round": 0,
@@ -272,8 +277,9 @@ def serve(
             "clients_ok": 0,
             "bytes_down": 0,
             "bytes_up": 0,
+            "eval_bytes_down": evaluation.bytes_down,
             "seconds": time.perf_counter() - started,
-            **_eval_record(pooled, accuracy),
+            **_eval_record(evaluation.pooled, accuracy),
         }
         sinks.on_round(state, [rec])
 

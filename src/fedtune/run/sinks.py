@@ -207,6 +207,11 @@ class ConsoleSink(BaseSink):
                 self.console.print(
                     f"[yellow]round {rec['round']}: client {rec['client_id']} failed: {rec['reason']}[/yellow]"
                 )
+            elif rec.get("kind") == "recovered":
+                self.console.print(
+                    f"round {rec['round']}: client {rec['client_id']} had lost its client state and was asked "
+                    "again with it"
+                )
         if records[0].get("status") == "failed":
             self.console.print(f"[yellow]round {records[0]['round']} rejected: {records[0]['reason']}[/yellow]")
         assert self.table is not None

@@ -47,7 +47,7 @@ from fedtune.server.loop import (
     aggregate_round,
     check_reply,
     eval_clients,
-    evaluate_global,
+    evaluate_models,
 )
 from fedtune.transport.base import Dispatch, Transport
 
@@ -236,9 +236,10 @@ def evaluate_step(
     """Evaluate ``state``'s global model into ``report`` when ``config.eval.every`` (or the last step) says so."""
     if state.round % config.eval.every == 0 or state.round == config.federation.rounds:
         askees = eval_clients(config, transport.client_ids())  # type: ignore[arg-type]
-        per_client, pooled, failures = evaluate_global(config, server, transport, state, askees, events=events)
-        report.eval_clients, report.eval_pooled = per_client, pooled
-        report.failures += failures
+        evaluation = evaluate_models(config, server, transport, state, askees, events=events)
+        report.eval_clients, report.eval_pooled = evaluation.per_client, evaluation.pooled
+        report.eval_bytes_down = evaluation.bytes_down
+        report.failures += evaluation.failures
 
 
 def run_async(

@@ -49,9 +49,9 @@ def build_plugins(config: Config, *, num_clients: int | None) -> list[Plugin]:
     ranks = RankAssignment.from_config(server.lora_client_ranks, seed=config.seed, rslora=rslora)
     lora_modes = {
         "ffa": lambda: FfaLora(),
-        "fedex": lambda: FedExLora(),
-        "svd": lambda: SvdLora(),
-        "flora": lambda: FLoRA(seed=config.seed, ranks=ranks),
+        "fedex": lambda: FedExLora(residual_rank=server.lora_residual_rank),
+        "svd": lambda: SvdLora(residual_rank=server.lora_residual_rank),
+        "flora": lambda: FLoRA(seed=config.seed, ranks=ranks, residual_rank=server.lora_residual_rank),
         "hetlora": lambda: HetLora(ranks=ranks, options=server.hetlora or HetLoraConfig()),
         "flexlora": lambda: FlexLora(ranks=ranks),
     }

@@ -91,6 +91,9 @@ class FedBuff:
     def eval_payload(self, state: ServerState, *, client_id: str | None = None) -> dict[str, np.ndarray]:
         return {}
 
+    def client_state_lost(self, state: ServerState, client_id: str) -> ServerState:
+        return state  # it assumes nothing of its clients (the exact LoRA modes are synchronous only)
+
     def epsilon(self, state: ServerState) -> float:
         if self.dp is None:
             return 0.0

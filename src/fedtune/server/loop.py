@@ -1,7 +1,10 @@
 """The round loop, transport-agnostic: sample, instruct, fold replies, evaluate, report.
 
 Each reply is validated (round, sampled, not a duplicate, spec digest, length, finite values) before it
-reaches the strategy; a bad reply becomes a logged failure and the round continues with the others.
+reaches the strategy; a bad reply becomes a logged failure and the round continues with the others. A client
+that fails for lack of client state the strategy assumed it keeps (cause STATE_LOST: a wiped copy of the LoRA
+residual) is asked once more in the same round, with what ``strategy.client_state_lost`` says to send it; the
+retried fit computes what the first would have, so the round's result is the same as without the loss.
 Accepted updates reach the strategy in sampled order, whatever order they arrived in (so the float32 fold
 is bit-identical across transports), with their influence bounded (server/influence.py). A round whose
 aggregate is not finite or explodes, or in which no update was aggregated, is rejected: the model stays as
@@ -20,6 +23,7 @@ from fedtune.config.schema import Config
 from fedtune.core.events import EventListener, ignore, observed
 from fedtune.core.keys import ROUNDS_OPTION
 from fedtune.core.messages import (
+    Cause,
     ClientEval,
     ClientFailure,
     ClientUpdate,
@@ -54,6 +58,10 @@ class RoundReport:
     eval_personal: dict[str, dict[str, EvalSums]] = field(default_factory=dict)
     seconds: float = 0.0
     rejected: str | None = None  # why the round did not change the model (it does not count as completed)
+    # failures of cause STATE_LOST that the round answered by asking the client again (its retry's outcome is
+    # in ``clients`` or ``failures``, as any other reply)
+    recovered: list[ClientFailure] = field(default_factory=list)
+    eval_bytes_down: int = 0  # bytes the evaluation instructions carried (the model and e.g. the LoRA residual)
     norms: list[float] = field(default_factory=list)  # accepted updates' L2 norms, when bounds measure them
     counts: list[int] = field(default_factory=list)  # accepted updates' declared example counts
 
@@ -98,8 +106,15 @@ def check_reply(update: Reply, state: ServerState, seen: set[str]) -> None:
         check_vector(update.delta, state.spec, who=f"update from {update.client_id}")
 
 
+Retry = Callable[[list[str]], Iterator[Reply | ClientFailure]]  # ask these clients again: their replies
+
+
 def _accepted(
-    replies: Iterator[Reply | ClientFailure], state: ServerState, report: RoundReport, bounds: Bounds
+    replies: Iterator[Reply | ClientFailure],
+    state: ServerState,
+    report: RoundReport,
+    bounds: Bounds,
+    retry: Retry | None = None,
 ) -> Iterator[Reply]:
     """Yield valid updates one at a time (for the strategy's streaming fold), recording the rest.
 
@@ -107,13 +122,17 @@ def _accepted(
     arrives before an earlier-sampled client has answered (or failed) waits. The fold, a float32 sum, then
     sees the same order whatever the network did, so the result is bit-identical to the in-process run. Only
     updates that overtake an earlier client are held (in-process: none).
+
+    ``retry``: a client failing with cause STATE_LOST is asked again once, after the transport's first
+    replies are in (the updates sampled after it wait for its retry); its first failure goes to
+    ``report.recovered``. Without ``retry`` it is an ordinary failure.
     """
     expected, seen = set(report.sampled), set()
     order = iter(report.sampled)
     waiting: dict[str, Reply] = {}
     resolved: set[str] = set()
     head = next(order, None)
-    for reply in replies:
+    for reply in _with_retries(replies, report, retry):
         if isinstance(reply, ClientFailure):
             report.failures.append(reply)
             resolved.add(reply.client_id)
@@ -136,6 +155,37 @@ def _accepted(
     for cid in report.sampled:  # the transport ended with some clients unresolved: the rest, in order
         if cid in waiting:
             yield _bounded(waiting.pop(cid), report, bounds)
+
+
+def _with_retries(
+    replies: Iterator[Reply | ClientFailure], report: RoundReport, retry: Retry | None
+) -> Iterator[Reply | ClientFailure]:
+    """``replies``, then (with ``retry``) the replies of the clients that failed with cause STATE_LOST, asked
+    once more; their first failures are kept in ``report.recovered``, not yielded."""
+    lost: list[str] = []
+    for reply in replies:
+        if (
+            _lost_state(reply)
+            and retry is not None
+            and reply.client_id in report.sampled
+            and reply.client_id not in lost
+        ):
+            report.recovered.append(reply)
+            lost.append(reply.client_id)
+            continue
+        yield reply
+        del reply
+    if lost and retry is not None:  # in sampled order, whatever order they failed in (as every transport)
+        lost.sort(key=report.sampled.index)
+        report.recovered.sort(key=lambda f: report.sampled.index(f.client_id))
+        logging.getLogger("fedtune").warning(
+            "round %d: %s lost their client state; asking again with what they lost", report.round, ", ".join(lost)
+        )
+        yield from retry(lost)
+
+
+def _lost_state(reply: Reply | ClientFailure) -> bool:
+    return isinstance(reply, ClientFailure) and reply.cause is Cause.STATE_LOST
 
 
 def _bounded(update: Reply, report: RoundReport, bounds: Bounds) -> Reply:
@@ -165,6 +215,19 @@ def eval_clients(config: Config, population: list[str]) -> list[str]:
     return ids
 
 
+@dataclass
+class Evaluation:
+    """What evaluating a model on some clients gave."""
+
+    per_client: dict[str, EvalSums]  # in the order the clients were asked
+    pooled: EvalSums
+    personal: dict[str, dict[str, EvalSums]]  # personalisation: {variant: {client: sums}}
+    failures: list[ClientFailure]
+    # clients that failed with cause STATE_LOST and were asked again (with the strategy's client_state_lost)
+    recovered: list[ClientFailure] = field(default_factory=list)
+    bytes_down: int = 0  # what the answered evaluations' instructions carried, as the transport counted it
+
+
 def evaluate_global(
     config: Config,
     strategy: Strategy,
@@ -175,8 +238,8 @@ def evaluate_global(
     events: EventListener = ignore,
 ) -> tuple[dict[str, EvalSums], EvalSums, list[ClientFailure]]:
     """Evaluate the global model of ``state``: its vector and what the strategy adds (LoRA residuals)."""
-    per_client, pooled, _, failures = evaluate_models(config, strategy, transport, state, clients, events=events)
-    return per_client, pooled, failures
+    result = evaluate_models(config, strategy, transport, state, clients, events=events)
+    return result.per_client, result.pooled, result.failures
 
 
 def evaluate_models(
@@ -187,11 +250,14 @@ def evaluate_models(
     clients: list[str],
     *,
     events: EventListener = ignore,
-) -> tuple[dict[str, EvalSums], EvalSums, dict[str, dict[str, EvalSums]], list[ClientFailure]]:
+) -> Evaluation:
     """``evaluate_global``, plus what clients report for their own models on the same held-out data
-    (personalisation: {variant: {client: sums}}). ``events`` hears who was asked and who answered."""
-    instructions = [
-        EvalInstruction(
+    (personalisation: {variant: {client: sums}}). ``events`` hears who was asked and who answered. A client
+    that fails with cause STATE_LOST (it lost its copy of the LoRA residual) is asked once more with what
+    ``strategy.client_state_lost`` says to send it (the dense residual); the state itself is not changed here."""
+
+    def instruction(at: ServerState, cid: str) -> EvalInstruction:
+        return EvalInstruction(
             client_id=cid,
             round=state.round,
             params=state.params,
@@ -200,24 +266,38 @@ def evaluate_models(
             max_examples=config.eval.max_examples_per_client,
             # per client: the LoRA residual's increments depend on the version it holds (the dense arrays are
             # the state's own, so a transport that shares equal arrays still sends them once)
-            extras=strategy.eval_payload(state, client_id=cid),
+            extras=strategy.eval_payload(at, client_id=cid),
         )
-        for cid in clients
-    ]
-    per_client: dict[str, EvalSums] = {}
-    personal: dict[str, dict[str, EvalSums]] = {}
-    failures: list[ClientFailure] = []
-    for reply in observed(events, "eval", state.round, clients, transport.evaluate(instructions)):
+
+    answered: dict[str, ClientEval] = {}
+    out = Evaluation({}, EvalSums(), {}, [])
+    lost: list[str] = []
+    replies = transport.evaluate([instruction(state, cid) for cid in clients])
+    for reply in observed(events, "eval", state.round, clients, replies):
         if isinstance(reply, ClientEval):
-            per_client[reply.client_id] = reply.sums
-            for variant, sums in reply.personal.items():
-                personal.setdefault(variant, {})[reply.client_id] = sums
+            answered[reply.client_id] = reply
+        elif reply.cause is Cause.STATE_LOST and reply.client_id in clients and reply.client_id not in lost:
+            out.recovered.append(reply)
+            lost.append(reply.client_id)
         else:
-            failures.append(reply)
+            out.failures.append(reply)
+    if lost:
+        retried = transport.evaluate([instruction(strategy.client_state_lost(state, cid), cid) for cid in lost])
+        for reply in observed(events, "eval", state.round, lost, retried):
+            if isinstance(reply, ClientEval):
+                answered[reply.client_id] = reply
+            else:
+                out.failures.append(reply)
     # summed in the order the clients were asked, not the order they answered: the same floats every run
-    per_client = {cid: per_client[cid] for cid in clients if cid in per_client}
-    pooled = sum(per_client.values(), EvalSums())
-    return per_client, pooled, personal, failures
+    for cid in clients:
+        if cid in answered:
+            reply = answered[cid]
+            out.per_client[cid] = reply.sums
+            out.bytes_down += reply.bytes_down
+            for variant, sums in reply.personal.items():
+                out.personal.setdefault(variant, {})[cid] = sums
+    out.pooled = sum(out.per_client.values(), EvalSums())
+    return out
 
 
 def sample_round(config: Config, population: list[str], round_idx: int) -> list[str]:
@@ -286,38 +366,48 @@ def run_round(
     if not begun:
         state = strategy.begin_round(state, population=len(population))
     sampled = sample_round(config, population, round_idx)
-    train_cfg = config.client
-    instructions = []
-    for cid in sampled:
-        arrays, options = strategy.fit_payload(state, cid)
-        instructions.append(
-            FitInstruction(
-                client_id=cid,
-                round=round_idx,
-                params=state.params,
-                spec_digest=state.spec.digest,
-                seed=config.seed,
-                train=train_cfg,
-                extras=arrays,
-                options={**options, ROUNDS_OPTION: config.federation.rounds},  # the local lr schedule's span
-            )
+
+    def instruction(at: ServerState, cid: str) -> FitInstruction:
+        """``cid``'s instruction, its payload from ``at`` (``state``, or what the strategy makes of it for a
+        client that lost its client state)."""
+        arrays, options = strategy.fit_payload(at, cid)
+        return FitInstruction(
+            client_id=cid,
+            round=round_idx,
+            params=state.params,
+            spec_digest=state.spec.digest,
+            seed=config.seed,
+            train=config.client,
+            extras=arrays,
+            options={**options, ROUNDS_OPTION: config.federation.rounds},  # the local lr schedule's span
         )
+
+    def retry(lost: list[str]) -> Iterator[Reply | ClientFailure]:
+        again = [instruction(strategy.client_state_lost(state, cid), cid) for cid in lost]
+        return observed(events, "train", round_idx, lost, transport.fit(again))
+
     report = RoundReport(round=round_idx, sampled=sampled)
     bounds = Bounds.for_round(config, state)
-    fitted = observed(events, "train", round_idx, sampled, transport.fit(instructions))
-    replies = _accepted(fitted, state, report, bounds)
+    fitted = observed(events, "train", round_idx, sampled, transport.fit([instruction(state, c) for c in sampled]))
+    replies = _accepted(fitted, state, report, bounds, retry)
     new_state, report.aggregate = aggregate_round(strategy, state, replies, summer)
     new_state = _checked(config, state, new_state, report)
+    folded = {c["client_id"] for c in report.clients}
+    for lost in report.recovered:  # a retry that failed too: the next instruction sends what it lost
+        if lost.client_id not in folded:
+            new_state = strategy.client_state_lost(new_state, lost.client_id)
     if round_idx % config.eval.every == 0 or round_idx == config.federation.rounds:
         # a client that failed this round (a straggler still training, a rejected update) is not asked to
         # evaluate: its evaluation task would queue behind the training it has not finished
         failed = {f.client_id for f in report.failures}
         askees = [cid for cid in eval_clients(config, population) if cid not in failed]
-        per_client, pooled, personal, failures = evaluate_models(
-            config, strategy, transport, new_state, askees, events=events
-        )
-        report.eval_clients, report.eval_pooled, report.eval_personal = per_client, pooled, personal
-        report.failures += failures
+        evaluation = evaluate_models(config, strategy, transport, new_state, askees, events=events)
+        report.eval_clients, report.eval_pooled = evaluation.per_client, evaluation.pooled
+        report.eval_personal, report.eval_bytes_down = evaluation.personal, evaluation.bytes_down
+        report.failures += evaluation.failures
+        report.recovered += evaluation.recovered
+        for lost in evaluation.recovered:  # its next fit gets the dense residual at once, not after a failure
+            new_state = strategy.client_state_lost(new_state, lost.client_id)
     report.seconds = time.perf_counter() - started
     return new_state, report
 

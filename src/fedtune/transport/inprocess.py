@@ -3,9 +3,17 @@
 from __future__ import annotations
 
 from collections.abc import Iterator, Sequence
+from dataclasses import replace
 
 from fedtune.client.worker import ClientWorker
-from fedtune.core.messages import ClientEval, ClientFailure, ClientUpdate, EvalInstruction, FitInstruction
+from fedtune.core.messages import (
+    ClientEval,
+    ClientFailure,
+    ClientUpdate,
+    EvalInstruction,
+    FitInstruction,
+    failure_of,
+)
 from fedtune.errors import FedtuneError
 from fedtune.transport.base import SIMULATED
 
@@ -24,7 +32,7 @@ class InProcessTransport:
             try:
                 update = self.worker.fit(instr)
             except (FedtuneError, ValueError) as err:
-                yield ClientFailure(instr.client_id, instr.round, str(err))
+                yield failure_of(instr.client_id, instr.round, err)
                 continue
             # What would cross a network: the global vector and the strategy's payloads down, the delta up.
             update = with_bytes(update, instr)
@@ -34,9 +42,11 @@ class InProcessTransport:
     def evaluate(self, instructions: Sequence[EvalInstruction]) -> Iterator[ClientEval | ClientFailure]:
         for instr in instructions:
             try:
-                yield self.worker.evaluate(instr)
+                result = self.worker.evaluate(instr)
             except (FedtuneError, ValueError) as err:
-                yield ClientFailure(instr.client_id, instr.round, str(err))
+                yield failure_of(instr.client_id, instr.round, err)
+            else:
+                yield eval_with_bytes(result, instr)
 
     def close(self) -> None:
         pass
@@ -44,8 +54,14 @@ class InProcessTransport:
 
 def with_bytes(update: ClientUpdate, instr: FitInstruction) -> ClientUpdate:
     """``update`` with the bytes a network would carry: params and extras down, delta and extras up."""
-    from dataclasses import replace
-
-    down = instr.params.nbytes + sum(v.nbytes for v in instr.extras.values())
     up = update.delta.nbytes + sum(v.nbytes for v in update.extras.values())
-    return replace(update, bytes_down=down, bytes_up=up)
+    return replace(update, bytes_down=_down(instr), bytes_up=up)
+
+
+def eval_with_bytes(result: ClientEval, instr: EvalInstruction) -> ClientEval:
+    """``result`` with the bytes a network would carry down: the params and the extras (a LoRA residual)."""
+    return replace(result, bytes_down=_down(instr))
+
+
+def _down(instr: FitInstruction | EvalInstruction) -> int:
+    return instr.params.nbytes + sum(v.nbytes for v in instr.extras.values())

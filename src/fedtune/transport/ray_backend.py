@@ -40,10 +40,17 @@ import numpy as np
 
 from fedtune.config.simulation import SimulationConfig
 from fedtune.core.events import StepProgress
-from fedtune.core.messages import ClientEval, ClientFailure, ClientUpdate, EvalInstruction, FitInstruction
+from fedtune.core.messages import (
+    ClientEval,
+    ClientFailure,
+    ClientUpdate,
+    EvalInstruction,
+    FitInstruction,
+    failure_of,
+)
 from fedtune.errors import ConfigError, FedtuneError
 from fedtune.transport.base import SIMULATED
-from fedtune.transport.inprocess import with_bytes
+from fedtune.transport.inprocess import eval_with_bytes, with_bytes
 
 # () -> an object with ``fit(FitInstruction) -> ClientUpdate``, ``evaluate(EvalInstruction) -> ClientEval``,
 # ``close()`` and ``records`` (client id -> data); a ClientWorker. Must be picklable: it is shipped to every actor.
@@ -90,13 +97,13 @@ class _Worker:
         try:
             return self.worker.fit(replace(instr, params=params, extras=dict(extras)))
         except (FedtuneError, ValueError) as err:  # the same failures the in-process transport reports
-            return ClientFailure(instr.client_id, instr.round, str(err))
+            return failure_of(instr.client_id, instr.round, err)
 
     def evaluate(self, instr: EvalInstruction, params: np.ndarray, extras: dict) -> ClientEval | ClientFailure:
         try:
             return self.worker.evaluate(replace(instr, params=params, extras=dict(extras)))
         except (FedtuneError, ValueError) as err:
-            return ClientFailure(instr.client_id, instr.round, str(err))
+            return failure_of(instr.client_id, instr.round, err)
 
 
 def _writable(update: ClientUpdate) -> ClientUpdate:
@@ -198,8 +205,8 @@ class RayTransport:
             yield reply
 
     def evaluate(self, instructions: Sequence[EvalInstruction]) -> Iterator[ClientEval | ClientFailure]:
-        for _, reply in self._dispatch("evaluate", instructions):
-            yield reply
+        for instr, reply in self._dispatch("evaluate", instructions):
+            yield eval_with_bytes(reply, instr) if isinstance(reply, ClientEval) else reply
 
     def close(self) -> None:
         ray = _ray()

@@ -29,6 +29,7 @@ from fedtune.core.params import ParamSpec, l2_norm
 from fedtune.core.state import ServerState
 from fedtune.core.strategy import LINEAR, Needs, Outcome, Payload
 from fedtune.core.sums import LinearSum, SumPlan
+from fedtune.server.strategies.lora_wire import forget_client
 
 OPT_PREFIX = "opt/"
 
@@ -149,6 +150,11 @@ class FedOpt:
         for plugin in self.plugins:
             arrays.update(plugin.eval_payload(state, client_id=client_id))
         return arrays
+
+    def client_state_lost(self, state: ServerState, client_id: str) -> ServerState:
+        # the only thing a plug-in assumes a client keeps is its copy of the exact LoRA modes' residual (a
+        # version recorded per client, lora_wire); SCAFFOLD's c_i is kept here and sent with every fit
+        return forget_client(state, client_id)
 
     def sum_plan(self, state: ServerState) -> SumPlan | None:
         return None  # the fold reads every update (a privacy wrapper turns a linear FedOpt into a sum strategy)

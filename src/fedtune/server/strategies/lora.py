@@ -23,10 +23,16 @@ client keeps its copy, fedtune.client.residual_copy), else dense; ``eval_payload
 evaluating client (the dense arrays where no client is named: export, generate). ClientWorker writes
 W0 + s R into the frozen base weights (``LoraResidual``) for fits
 and evaluations alike; ``fedtune export`` merges s R too.
+
+``server.lora_residual_rank`` q (opt-in) caps each round's increment at rank q and holds the rest back on the
+server for later rounds (``lora/feedback/<module>``; error feedback, ``_Advance``): cheaper fits, but the
+global model is no longer the exact average after a round (docs/STRATEGIES.md, "Capping the increment's rank").
 """
 
 from __future__ import annotations
 
+import functools
+from collections.abc import Callable
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -34,6 +40,7 @@ import numpy as np
 from fedtune.aggregation.lora import (
     LoraPair,
     add_increment,
+    capped_increment,
     factored_is_smaller,
     fedex_increment_factors,
     lora_b_only,
@@ -53,7 +60,26 @@ from fedtune.server.strategies.fedopt import NoFold, PluginFold
 from fedtune.server.strategies.lora_ranks import RankAssignment
 from fedtune.server.strategies.lora_wire import record_round, residual_key, residual_payload
 
-__all__ = ["RANK_OPTION", "RESIDUAL_PREFIX", "FLoRA", "FedExLora", "FfaLora", "SvdLora", "full_rank", "residual_key"]
+__all__ = [
+    "FEEDBACK_PREFIX",
+    "RANK_OPTION",
+    "RESIDUAL_PREFIX",
+    "FLoRA",
+    "FedExLora",
+    "FfaLora",
+    "SvdLora",
+    "feedback_key",
+    "full_rank",
+    "residual_key",
+]
+
+# server.lora_residual_rank: per module, the part of the residual's increments not sent yet ((out, in) float32,
+# in B @ A units). Server-only: no payload carries it; the checkpoint does, so a resume continues exactly.
+FEEDBACK_PREFIX = "lora/feedback/"
+
+
+def feedback_key(module: str) -> str:
+    return FEEDBACK_PREFIX + module
 
 
 def full_rank(spec: ParamSpec) -> int:
@@ -104,19 +130,31 @@ class FfaLora:
 
 @dataclass(frozen=True)
 class _ResidualMode:
-    """Shared by fedex / svd / flora: the dense residual arrays and their payload."""
+    """Shared by fedex / svd / flora: the dense residual arrays and their payload.
+
+    ``residual_rank`` (``server.lora_residual_rank``, None: exact): each round the residual advances by only the
+    best rank-``residual_rank`` part of (its exact increment + what earlier rounds held back), and the rest is
+    held back for the next round (error feedback, ``fedtune.aggregation.lora.capped_increment``).
+    """
 
     name: str
+    residual_rank: int | None = None
+
+    def __post_init__(self) -> None:
+        q = self.residual_rank
+        if q is not None and (isinstance(q, bool) or not isinstance(q, int) or q < 1):
+            raise ValueError(f"lora_residual_rank must be a positive integer or None, got {q!r}")
 
     @property
     def needs(self) -> Needs:
         return Needs(individual=(f"the {self.name!r} plug-in",))  # it combines each client's factors
 
     def init_arrays(self, params: np.ndarray, spec: ParamSpec) -> dict[str, np.ndarray]:
-        return {
-            residual_key(p.module): np.zeros((p.out_features, p.in_features), np.float32)
-            for p in _pairs_or_raise(spec, self.name)
-        }
+        pairs = _pairs_or_raise(spec, self.name)
+        arrays = {residual_key(p.module): np.zeros((p.out_features, p.in_features), np.float32) for p in pairs}
+        if self.residual_rank is not None:  # (a resume of a run begun without the cap: absent, read as zero)
+            arrays |= {feedback_key(p.module): np.zeros((p.out_features, p.in_features), np.float32) for p in pairs}
+        return arrays
 
     def eval_payload(self, state: ServerState, *, client_id: str | None = None) -> dict[str, np.ndarray]:
         if client_id is not None:  # the increments since the version the client holds, where smaller
@@ -131,17 +169,53 @@ def _add_residual(state: ServerState, pair: LoraPair, increment: np.ndarray) -> 
     return (state.arrays[residual_key(pair.module)].astype(np.float64) + increment).astype(np.float32)
 
 
-def _advance(
-    state: ServerState, pair: LoraPair, exact: np.ndarray, factors: tuple[np.ndarray, np.ndarray], sent: dict
-) -> np.ndarray:
-    """The module's new residual. Where the increment's factors are smaller than the dense matrix it is
-    advanced by exactly their float32 values (what clients receive and add: ``add_increment``), recorded in
-    ``sent``; else by the float64 ``exact`` increment, and clients get the dense result."""
-    b, a = (np.asarray(f, dtype=np.float32) for f in factors)
-    if not factored_is_smaller(a.shape[0], pair.out_features, pair.in_features):
-        return _add_residual(state, pair, exact)
-    sent[pair.module] = (b, a)
-    return add_increment(state.arrays[residual_key(pair.module)], b, a)
+@dataclass
+class _Advance:
+    """Advances each module's residual by its round's increment; collects what was sent in factors and, under
+    a rank cap, how much was held back."""
+
+    state: ServerState
+    cap: int | None = None  # server.lora_residual_rank
+    sent: dict[str, tuple[np.ndarray, np.ndarray]] = field(default_factory=dict)
+    held_sq: float = 0.0  # sum over modules of ||E'||^2 (what is held back after this round)
+    target_sq: float = 0.0  # sum over modules of ||increment + E||^2
+
+    def __call__(
+        self, pair: LoraPair, exact: np.ndarray, factors: Callable[[], tuple[np.ndarray, np.ndarray]]
+    ) -> dict[str, np.ndarray]:
+        """The module's new state arrays, given its exact float64 increment and a function giving that
+        increment's factors.
+
+        Exact (no cap): where the factors are smaller than the dense matrix the residual is advanced by exactly
+        their float32 values (what clients receive and add: ``add_increment``), recorded in ``sent``; else by
+        the float64 ``exact`` increment, and clients get the dense result. Capped: by the float32 factors of the
+        best rank-``cap`` part of ``exact`` + E, the rest becoming the new E; by all of it, densely, where
+        rank-``cap`` factors are no smaller than the matrix (E is then zero)."""
+        key, held = residual_key(pair.module), self.state.arrays.get(feedback_key(pair.module))
+        if self.cap is None and (held is None or not held.any()):
+            b, a = (np.asarray(f, dtype=np.float32) for f in factors())
+            if not factored_is_smaller(a.shape[0], pair.out_features, pair.in_features):
+                return {key: _add_residual(self.state, pair, exact)}
+            self.sent[pair.module] = (b, a)
+            return {key: add_increment(self.state.arrays[key], b, a)}
+        target = exact if held is None else exact + held.astype(np.float64)
+        self.target_sq += float(np.square(target).sum())
+        nothing_held = np.zeros((pair.out_features, pair.in_features), np.float32)
+        rank = None if self.cap is None else min(self.cap, pair.out_features, pair.in_features)
+        if rank is None or not factored_is_smaller(rank, pair.out_features, pair.in_features):
+            # all of it, densely: a capped run resumed without the cap (what was held back goes out now), or a
+            # module whose rank-q factors would be no smaller than the matrix
+            return {key: _add_residual(self.state, pair, target), feedback_key(pair.module): nothing_held}
+        b, a, rest = capped_increment(target, rank)
+        self.sent[pair.module] = (b, a)
+        self.held_sq += float(np.square(rest).sum())
+        return {key: add_increment(self.state.arrays[key], b, a), feedback_key(pair.module): rest.astype(np.float32)}
+
+    def metrics(self) -> dict[str, float]:
+        """Under a cap: ||E|| / ||increment + E|| over all modules after this round (0: everything was sent)."""
+        if self.cap is None:
+            return {}
+        return {"lora_residual_held_back": float(np.sqrt(self.held_sq / self.target_sq)) if self.target_sq else 0.0}
 
 
 @dataclass
@@ -151,6 +225,7 @@ class _ProductFold(NoFold):
     state: ServerState
     mode: str  # "fedex" | "svd"
     keep_a_scale: bool = True  # svd: A = c V^T with c the mean row norm of mean(A) (False: balanced sqrt(S))
+    cap: int | None = None  # server.lora_residual_rank
     pairs: list[LoraPair] = field(init=False)
     total: float = 0.0
     sums: dict[str, list[np.ndarray]] = field(default_factory=dict)
@@ -179,21 +254,22 @@ class _ProductFold(NoFold):
     def finish(self, delta: np.ndarray) -> tuple[np.ndarray, dict[str, np.ndarray], dict]:
         if self.total == 0:
             return delta, {}, {}
-        arrays, worst, sent = {}, 0.0, {}
+        arrays, worst, advance = {}, 0.0, _Advance(self.state, self.cap)
         for pair in self.pairs:
             b_mean, a_mean, product = (x / self.total for x in self.sums[pair.module])
             if self.mode == "fedex":
                 b_new, a_new, error = b_mean, a_mean, 0.0
-                increment = fedex_increment_factors(self.local[pair.module], self.weights)
+                local = self.local[pair.module]
+                increment = functools.partial(fedex_increment_factors, local, self.weights)
             else:
                 scale = _mean_row_norm(a_mean) if self.keep_a_scale else None
                 b_new, a_new, error = svd_reproject(product, pair.rank, a_row_norm=scale)
-                increment = svd_tail_factors(product, pair.rank, len(self.weights) * pair.rank)
-            arrays[residual_key(pair.module)] = _advance(self.state, pair, product - b_new @ a_new, increment, sent)
+                increment = functools.partial(svd_tail_factors, product, pair.rank, len(self.weights) * pair.rank)
+            arrays.update(advance(pair, product - b_new @ a_new, increment))
             self.factors[pair.module] = (b_new, a_new)
             worst = max(worst, error)
-        arrays.update(record_round(self.state, self.pairs, sent, self.clients))
-        return delta, arrays, ({"svd_max_rel_error": worst} if self.mode == "svd" else {})
+        arrays.update(record_round(self.state, self.pairs, advance.sent, self.clients))
+        return delta, arrays, ({"svd_max_rel_error": worst} if self.mode == "svd" else {}) | advance.metrics()
 
     def after_step(self, params: np.ndarray) -> np.ndarray:
         for pair in self.pairs:
@@ -207,7 +283,7 @@ class FedExLora(_ResidualMode):
     name: str = "fedex"
 
     def begin(self, state: ServerState) -> PluginFold:
-        return _ProductFold(state, "fedex")
+        return _ProductFold(state, "fedex", cap=self.residual_rank)
 
 
 def _mean_row_norm(a: np.ndarray) -> float | None:
@@ -221,7 +297,7 @@ class SvdLora(_ResidualMode):
     keep_a_scale: bool = True  # False: the balanced B = U sqrt(S), A = sqrt(S) V^T of earlier versions
 
     def begin(self, state: ServerState) -> PluginFold:
-        return _ProductFold(state, "svd", self.keep_a_scale)
+        return _ProductFold(state, "svd", self.keep_a_scale, cap=self.residual_rank)
 
 
 # --------------------------------------------------------------------------------------------- FLoRA
@@ -273,13 +349,13 @@ class _StackFold(NoFold):
     def finish(self, delta: np.ndarray) -> tuple[np.ndarray, dict[str, np.ndarray], dict]:
         if not self.weights:
             return delta, {}, {}
-        arrays, stacked_rank, sent = {}, 0, {}
+        arrays, stacked_rank, advance = {}, 0, _Advance(self.state, self.plugin.residual_rank)
         for pair in self.pairs:
             b_stack, a_stack = stack_adapters(self.factors[pair.module], self.weights)
-            arrays[residual_key(pair.module)] = _advance(self.state, pair, b_stack @ a_stack, (b_stack, a_stack), sent)
+            arrays.update(advance(pair, b_stack @ a_stack, lambda b=b_stack, a=a_stack: (b, a)))
             stacked_rank = max(stacked_rank, a_stack.shape[0])
-        arrays.update(record_round(self.state, self.pairs, sent, self.clients))
-        return delta, arrays, {"flora_stacked_rank": stacked_rank}
+        arrays.update(record_round(self.state, self.pairs, advance.sent, self.clients))
+        return delta, arrays, {"flora_stacked_rank": stacked_rank} | advance.metrics()
 
     def after_step(self, params: np.ndarray) -> np.ndarray:
         """Fresh adapters for the next round: A ~ U(-1/sqrt(in), 1/sqrt(in)) (peft's default), B = 0."""

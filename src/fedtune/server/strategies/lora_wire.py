@@ -19,8 +19,13 @@ the client's version when all are in the history and together smaller than the d
 rounds, a round whose increment was cheaper dense or had no replies). The client half is
 fedtune.client.residual_copy.
 
-A client whose copy was lost while the server believes it holds version v (a wiped participant cache) fails
-that fit with a clear error; it receives the dense residual again once its version leaves the history.
+A client whose copy was lost (a wiped participant cache, another run's store) while the server believes it
+holds version v fails with ``ClientStateLost`` (a failure of cause STATE_LOST on every transport); the loop
+then calls the strategy's ``client_state_lost``, whose residual part is ``forget_client``: the record of what
+the client holds is dropped from the state (a value: a checkpoint keeps the drop), so the loop's second ask,
+in the same round, and every later one carry the dense residual until the client's next fit is folded. A
+client that claims the loss falsely gains nothing but that one dense residual per claim (at most one retry
+a round: its download as before increments existed), and its update is folded as any other.
 """
 
 from __future__ import annotations
@@ -129,3 +134,12 @@ def residual_payload(state: ServerState, client_id: str, pairs: Sequence[LoraPai
     if factored:
         out[RESIDUAL_BASE] = _version(int(held[0]))  # type: ignore[index]  # factored implies held
     return out
+
+
+def forget_client(state: ServerState, client_id: str) -> ServerState:
+    """``state`` without the record of the residual version ``client_id`` holds: it lost its copy, so what it
+    is sent next is the dense residual (an unchanged state when there was no record)."""
+    key = HELD_PREFIX + client_id
+    if key not in state.arrays:
+        return state
+    return state.evolve(arrays={k: v for k, v in state.arrays.items() if k != key})

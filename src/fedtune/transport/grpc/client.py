@@ -31,7 +31,7 @@ import yaml
 from rich.console import Console
 
 from fedtune.client.worker import ClientWorker
-from fedtune.core.messages import ClientUpdate
+from fedtune.core.messages import ClientUpdate, failure_of
 from fedtune.errors import FedtuneError, UpdateRejected
 from fedtune.privacy.errors import SecAggAbort
 from fedtune.privacy.secagg.deploy import participant_peer
@@ -361,8 +361,9 @@ class Participant:
                 out = protocol.eval_result_payload(result, task_id=h.task_id, session=joined.session)
                 what = f"evaluated {result.sums.examples} examples"
         except (FedtuneError, ValueError, KeyError, TypeError, RuntimeError) as err:
+            failure = failure_of(cid, h.round, err, reason=f"{type(err).__name__}: {err}")  # typed: its cause
             out = protocol.failure_payload(
-                f"{type(err).__name__}: {err}", task_id=h.task_id, round_idx=h.round, session=joined.session
+                failure.reason, task_id=h.task_id, round_idx=h.round, session=joined.session, cause=failure.cause
             )
             what = f"[red]failed: {err}[/red]"
         reply = self._push(joined, out, f"round {h.round} {'train' if h.kind == pb.FIT else 'eval'}", what, started)

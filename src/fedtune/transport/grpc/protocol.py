@@ -25,7 +25,16 @@ import numpy as np
 from pydantic import ValidationError
 
 from fedtune.config.schema import ClientConfig
-from fedtune.core.messages import ClientEval, ClientUpdate, EvalInstruction, EvalSums, FitInstruction, HeldUpdate
+from fedtune.core.messages import (
+    Cause,
+    ClientEval,
+    ClientFailure,
+    ClientUpdate,
+    EvalInstruction,
+    EvalSums,
+    FitInstruction,
+    HeldUpdate,
+)
 from fedtune.errors import UpdateRejected
 from fedtune.privacy.secagg.messages import HELD
 from fedtune.transport.codecs import Codec, CodecError, decode_update
@@ -164,9 +173,24 @@ def eval_result_payload(result: ClientEval, *, task_id: str, session: str) -> Pa
 MAX_REASON = 2000  # characters of a client's reason (a failed task, leaving) that travel and are logged
 
 
-def failure_payload(reason: str, *, task_id: str, round_idx: int, session: str) -> Payload:
+MAX_REPORTED_REASON = 500  # of those, the characters the server keeps in its failure record
+_CAUSES = {Cause.ERROR: pb.CAUSE_ERROR, Cause.STATE_LOST: pb.CAUSE_STATE_LOST}
+_FROM_WIRE = {wire_cause: cause for cause, wire_cause in _CAUSES.items()}
+
+
+def failure_payload(reason: str, *, task_id: str, round_idx: int, session: str, cause: Cause = Cause.ERROR) -> Payload:
     header = _header(pb.FAILURE, task_id=task_id, round_idx=round_idx, session=session)
+    header.cause = _CAUSES[cause]
     return Payload(header, {"reason": reason[:MAX_REASON]})
+
+
+def failure_from_result(payload: Payload, *, client_id: str, round_idx: int) -> ClientFailure:
+    """A client's FAILURE result. Its cause is taken at its word (a client could claim it lost its state: it is
+    then sent that state again, once a round: docs/STRATEGIES.md); a cause this server does not know is an
+    ERROR."""
+    reason = str(payload.scalars.get("reason", "no reason given"))[:MAX_REPORTED_REASON]
+    cause = _FROM_WIRE.get(payload.header.cause, Cause.ERROR)
+    return ClientFailure(client_id, round_idx, f"client reported: {reason}", cause)
 
 
 RESULT_SLACK = 64 * 1024  # small extras (DP's clipping bit), int8 scales, codec headroom

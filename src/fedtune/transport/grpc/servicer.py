@@ -274,15 +274,14 @@ class Servicer:
         if h.round != task.round:
             raise UpdateRejected(f"result is for round {h.round}, the task was for round {task.round}")
         if h.kind == pb.FAILURE:
-            reason = str(payload.scalars.get("reason", "no reason given"))[:500]
-            return ClientFailure(cid, task.round, f"client reported: {reason}")
+            return protocol.failure_from_result(payload, client_id=cid, round_idx=task.round)
         if h.kind != _EXPECTED[task.kind]:
             raise UpdateRejected(
                 f"result kind {pb.Kind.Name(h.kind) if h.kind in pb.Kind.values() else h.kind} "
                 f"does not answer a {pb.Kind.Name(task.kind)} task"
             )
-        if task.kind == pb.EVALUATE:
-            return protocol.eval_from_result(payload, client_id=cid)
+        if task.kind == pb.EVALUATE:  # the bytes sent: the model and the strategy's arrays (a LoRA residual)
+            return replace(protocol.eval_from_result(payload, client_id=cid), bytes_down=task.bytes_down)
         if task.kind != pb.FIT:
             message = protocol.secagg_message(payload, f"secure aggregation reply from {cid}")
             return SecAggReply(cid, task.round, message)

@@ -38,6 +38,11 @@ class DType(int, metaclass=_enum_type_wrapper.EnumTypeWrapper):
     UINT32: _ClassVar[DType]
     FLOAT64: _ClassVar[DType]
 
+class Cause(int, metaclass=_enum_type_wrapper.EnumTypeWrapper):
+    __slots__ = ()
+    CAUSE_ERROR: _ClassVar[Cause]
+    CAUSE_STATE_LOST: _ClassVar[Cause]
+
 KIND_UNSPECIFIED: Kind
 IDLE: Kind
 SHUTDOWN: Kind
@@ -62,6 +67,8 @@ INT32: DType
 INT64: DType
 UINT32: DType
 FLOAT64: DType
+CAUSE_ERROR: Cause
+CAUSE_STATE_LOST: Cause
 
 class JoinRequest(_message.Message):
     __slots__ = ("protocol", "software", "declared_examples")
@@ -181,6 +188,7 @@ class Header(_message.Message):
         "payload_sha256",
         "codec",
         "codec_params_json",
+        "cause",
     )
     PROTOCOL_FIELD_NUMBER: _ClassVar[int]
     KIND_FIELD_NUMBER: _ClassVar[int]
@@ -194,6 +202,7 @@ class Header(_message.Message):
     PAYLOAD_SHA256_FIELD_NUMBER: _ClassVar[int]
     CODEC_FIELD_NUMBER: _ClassVar[int]
     CODEC_PARAMS_JSON_FIELD_NUMBER: _ClassVar[int]
+    CAUSE_FIELD_NUMBER: _ClassVar[int]
     protocol: int
     kind: Kind
     session: str
@@ -206,6 +215,7 @@ class Header(_message.Message):
     payload_sha256: str
     codec: str
     codec_params_json: str
+    cause: Cause
     def __init__(
         self,
         protocol: _Optional[int] = ...,
@@ -220,6 +230,7 @@ class Header(_message.Message):
         payload_sha256: _Optional[str] = ...,
         codec: _Optional[str] = ...,
         codec_params_json: _Optional[str] = ...,
+        cause: _Optional[_Union[Cause, str]] = ...,
     ) -> None: ...
 
 class Chunk(_message.Message):
