@@ -30,6 +30,7 @@ import csv
 import io
 import json
 import math
+import os
 import statistics
 import sys
 import tempfile
@@ -80,6 +81,8 @@ SMOLLM2_METHODS = {
     "fedsa": {"personalization": {"method": "fedsa"}},
     "fedper": {"personalization": {"method": "fedper", "local_params": ["*layers.29.*"]}},
     "ditto": {"personalization": {"method": "ditto", "ditto_lambda": 0.1}},
+    # Ditto with a 10x stronger pull toward the global model (Li et al. 2021 tune lambda over 0.01-2)
+    "ditto_lam1": {"personalization": {"method": "ditto", "ditto_lambda": 1.0}},
 }
 SMOLLM2_PLAYS = ["hamlet", "macbeth", "othello"]
 
@@ -179,11 +182,14 @@ def main() -> None:
         data = write_subset(Path(tmp), args.rows) if args.workload == "agnews" else Path(tmp)
         for seed in args.seeds:
             for method in args.methods:
-                started = time.perf_counter()
+                started, load_start = time.perf_counter(), os.getloadavg()[0]
+                stamp = time.strftime("%Y-%m-%d %H:%M:%S UTC", time.gmtime())
                 cfg = parse_config(config(data, Path(tmp) / "runs", method, seed, args))
                 run = simulate(cfg, console=Console(file=io.StringIO()), show_progress=False)
                 rec = final_round(run.run_dir)
                 rec = {"method": method, "seed": seed, **rec, "wall_s": time.perf_counter() - started}
+                # when and at what load (1-minute average at start and end): wall_s is load, not cost
+                rec |= {"started": stamp, "load_start": load_start, "load_end": os.getloadavg()[0]}
                 results[method].append(rec)
                 print(json.dumps(rec), flush=True)
                 if args.out is not None:
