@@ -270,12 +270,13 @@ def render_smollm2(results: dict[str, list[dict]], args: argparse.Namespace) -> 
             vals = [x[client] for r in results[method] if client in (x := _client_losses(r, prefix))]
             cells.append(f"{statistics.mean(vals):.3f}" if vals else "-")
         per_client.append(f"| {client} | {' | '.join(cells)} |")
+    records = " ".join(_repo_path(p) for p in args.table_from or []) or "(this run's output)"
     command = (
         "PYTHONPATH=src HF_HUB_OFFLINE=1 python benchmarks/personalization.py --workload smollm2 --seeds "
         f"{' '.join(map(str, seeds))} --methods {' '.join(results)} --clients {args.clients} --rounds {args.rounds} "
         f"--steps {args.steps} --eval-examples {args.eval_examples} --write\n"
-        "# run here one process per seed (--out); the records: benchmarks/personalization_smollm2.results.jsonl\n"
-        "# rendered with --table-from benchmarks/personalization_smollm2.results.jsonl (and the same options)"
+        f"# run here one process per (method, seed) (--out); the records: {records}\n"
+        f"# rendered with --table-from {records} (and the same options)"
     )
     setup = (
         f"SmolLM2-135M-Instruct, LoRA r=4 (alpha 8) on q_proj/v_proj of the top 2 blocks; Shakespeare role split "
@@ -288,7 +289,8 @@ def render_smollm2(results: dict[str, list[dict]], args: argparse.Namespace) -> 
         "the same held-out blocks in the same run. fedsa's 'global' model holds B = 0 (it is the base model: "
         "only A is shared), so fedsa is compared with the naive and ffa global models. 'clients better than "
         "naive's global model': (seed, client) pairs where the client's personalised (naive: fine-tuned) loss is "
-        "below the loss of naive averaging's global model of the same seed (Ditto's global model is that model)."
+        "below the loss of naive averaging's global model of the same seed (Ditto's global model is that model). "
+        f"Methods: {_smollm2_methods(results)}."
     )
     return (
         f"{setup}\n\n```\n{command}\n```\n\n"
@@ -297,6 +299,46 @@ def render_smollm2(results: dict[str, list[dict]], args: argparse.Namespace) -> 
         + "\n".join(per_seed)
         + "\n\nPer client (held-out loss, mean over seeds):\n\n"
         + "\n".join(per_client)
+        + _when(results)
+    )
+
+
+def _repo_path(path: Path) -> str:
+    try:
+        return str(path.resolve().relative_to(ROOT))
+    except ValueError:
+        return str(path)
+
+
+def _smollm2_methods(results: dict[str, list[dict]]) -> str:
+    """What each rendered method's section of SMOLLM2_METHODS sets (Ditto's lambda and personal steps)."""
+    out = []
+    for method in results:
+        p = SMOLLM2_METHODS[method].get("personalization", {})
+        if p.get("method") == "ditto":
+            steps = p.get("ditto_steps", "local_steps (as many as the global model's)")
+            out.append(f"{method}: Ditto, lambda {p['ditto_lambda']}, personal steps per round {steps}")
+        elif p.get("method") == "fedper":
+            out.append(f"{method}: FedPer, local {', '.join(p['local_params'])}")
+        elif p.get("method") == "fedsa":
+            out.append(f"{method}: FedSA-LoRA (B local)")
+        else:
+            mode = SMOLLM2_METHODS[method].get("server", {}).get("lora_aggregation", "naive")
+            tune = f", then {p['finetune_steps']} fine-tuning steps" if p.get("finetune_steps") else ""
+            out.append(f"{method}: {mode} LoRA averaging{tune}")
+    return "; ".join(out)
+
+
+def _when(results: dict[str, list[dict]]) -> str:
+    """When the records were measured and the 1-minute load average at each run's start and end."""
+    recs = [r for recs in results.values() for r in recs if "started" in r]
+    if not recs:
+        return ""
+    loads = [x for r in recs for x in (r["load_start"], r["load_end"])]
+    starts = sorted(r["started"] for r in recs)
+    return (
+        f"\n\nRuns started {starts[0]} to {starts[-1]}; 1-minute load average at run start/end "
+        f'{min(loads):.1f}-{max(loads):.1f} ("s / run" is load, not cost).'
     )
 
 
