@@ -274,9 +274,10 @@ def render_smollm2(results: dict[str, list[dict]], args: argparse.Namespace) -> 
     command = (
         "PYTHONPATH=src HF_HUB_OFFLINE=1 python benchmarks/personalization.py --workload smollm2 --seeds "
         f"{' '.join(map(str, seeds))} --methods {' '.join(results)} --clients {args.clients} --rounds {args.rounds} "
-        f"--steps {args.steps} --eval-examples {args.eval_examples} --write\n"
+        f"--steps {args.steps} --eval-examples {args.eval_examples}\n"
         f"# run here one process per (method, seed) (--out); the records: {records}\n"
-        f"# rendered with --table-from {records} (and the same options)"
+        f"# rendered with --table-from {records} (and the same options); the section holds two budgets,\n"
+        "# so the printed table was pasted (--write would replace the whole section)"
     )
     setup = (
         f"SmolLM2-135M-Instruct, LoRA r=4 (alpha 8) on q_proj/v_proj of the top 2 blocks; Shakespeare role split "
