@@ -320,7 +320,8 @@ def _smollm2_methods(results: dict[str, list[dict]]) -> str:
             steps = p.get("ditto_steps", "local_steps (as many as the global model's)")
             out.append(f"{method}: Ditto, lambda {p['ditto_lambda']}, personal steps per round {steps}")
         elif p.get("method") == "fedper":
-            out.append(f"{method}: FedPer, local {', '.join(p['local_params'])}")
+            names = ", ".join(f"`{n}`" for n in p["local_params"])
+            out.append(f"{method}: FedPer, local {names}")
         elif p.get("method") == "fedsa":
             out.append(f"{method}: FedSA-LoRA (B local)")
         else:
