@@ -81,9 +81,9 @@ SMOLLM2_METHODS = {
     "fedsa": {"personalization": {"method": "fedsa"}},
     "fedper": {"personalization": {"method": "fedper", "local_params": ["*layers.29.*"]}},
     "ditto": {"personalization": {"method": "ditto", "ditto_lambda": 0.1}},
-    # Ditto with a 10x and 100x stronger pull toward the global model (Li et al. 2021 tune lambda over 0.01-2)
+    # Ditto with a 10x and 100x stronger pull toward the global model (lambda is tuned per task in Li et al. 2021)
     "ditto_lam1": {"personalization": {"method": "ditto", "ditto_lambda": 1.0}},
-    "ditto_lam10": {"personalization": {"method": "ditto", "ditto_lambda": 10.0}},  # beyond the paper's range
+    "ditto_lam10": {"personalization": {"method": "ditto", "ditto_lambda": 10.0}},
 }
 SMOLLM2_PLAYS = ["hamlet", "macbeth", "othello"]
 
