@@ -30,6 +30,7 @@ import csv
 import io
 import json
 import math
+import os
 import statistics
 import sys
 import tempfile
@@ -80,6 +81,9 @@ SMOLLM2_METHODS = {
     "fedsa": {"personalization": {"method": "fedsa"}},
     "fedper": {"personalization": {"method": "fedper", "local_params": ["*layers.29.*"]}},
     "ditto": {"personalization": {"method": "ditto", "ditto_lambda": 0.1}},
+    # Ditto with a 10x and 100x stronger pull toward the global model (lambda is tuned per task in Li et al. 2021)
+    "ditto_lam1": {"personalization": {"method": "ditto", "ditto_lambda": 1.0}},
+    "ditto_lam10": {"personalization": {"method": "ditto", "ditto_lambda": 10.0}},
 }
 SMOLLM2_PLAYS = ["hamlet", "macbeth", "othello"]
 
@@ -179,11 +183,14 @@ def main() -> None:
         data = write_subset(Path(tmp), args.rows) if args.workload == "agnews" else Path(tmp)
         for seed in args.seeds:
             for method in args.methods:
-                started = time.perf_counter()
+                started, load_start = time.perf_counter(), os.getloadavg()[0]
+                stamp = time.strftime("%Y-%m-%d %H:%M:%S UTC", time.gmtime())
                 cfg = parse_config(config(data, Path(tmp) / "runs", method, seed, args))
                 run = simulate(cfg, console=Console(file=io.StringIO()), show_progress=False)
                 rec = final_round(run.run_dir)
                 rec = {"method": method, "seed": seed, **rec, "wall_s": time.perf_counter() - started}
+                # when and at what load (1-minute average at start and end): wall_s is load, not cost
+                rec |= {"started": stamp, "load_start": load_start, "load_end": os.getloadavg()[0]}
                 results[method].append(rec)
                 print(json.dumps(rec), flush=True)
                 if args.out is not None:
@@ -264,12 +271,14 @@ def render_smollm2(results: dict[str, list[dict]], args: argparse.Namespace) -> 
             vals = [x[client] for r in results[method] if client in (x := _client_losses(r, prefix))]
             cells.append(f"{statistics.mean(vals):.3f}" if vals else "-")
         per_client.append(f"| {client} | {' | '.join(cells)} |")
+    records = " ".join(_repo_path(p) for p in args.table_from or []) or "(this run's output)"
     command = (
         "PYTHONPATH=src HF_HUB_OFFLINE=1 python benchmarks/personalization.py --workload smollm2 --seeds "
         f"{' '.join(map(str, seeds))} --methods {' '.join(results)} --clients {args.clients} --rounds {args.rounds} "
-        f"--steps {args.steps} --eval-examples {args.eval_examples} --write\n"
-        "# run here one process per seed (--out); the records: benchmarks/personalization_smollm2.results.jsonl\n"
-        "# rendered with --table-from benchmarks/personalization_smollm2.results.jsonl (and the same options)"
+        f"--steps {args.steps} --eval-examples {args.eval_examples}\n"
+        f"# run here one process per (method, seed) (--out); the records: {records}\n"
+        f"# rendered with --table-from {records} (and the same options); the section holds two budgets,\n"
+        "# so the printed table was pasted (--write would replace the whole section)"
     )
     setup = (
         f"SmolLM2-135M-Instruct, LoRA r=4 (alpha 8) on q_proj/v_proj of the top 2 blocks; Shakespeare role split "
@@ -282,7 +291,8 @@ def render_smollm2(results: dict[str, list[dict]], args: argparse.Namespace) -> 
         "the same held-out blocks in the same run. fedsa's 'global' model holds B = 0 (it is the base model: "
         "only A is shared), so fedsa is compared with the naive and ffa global models. 'clients better than "
         "naive's global model': (seed, client) pairs where the client's personalised (naive: fine-tuned) loss is "
-        "below the loss of naive averaging's global model of the same seed (Ditto's global model is that model)."
+        "below the loss of naive averaging's global model of the same seed (Ditto's global model is that model). "
+        f"Methods: {_smollm2_methods(results)}."
     )
     return (
         f"{setup}\n\n```\n{command}\n```\n\n"
@@ -291,6 +301,47 @@ def render_smollm2(results: dict[str, list[dict]], args: argparse.Namespace) -> 
         + "\n".join(per_seed)
         + "\n\nPer client (held-out loss, mean over seeds):\n\n"
         + "\n".join(per_client)
+        + _when(results)
+    )
+
+
+def _repo_path(path: Path) -> str:
+    try:
+        return str(path.resolve().relative_to(ROOT))
+    except ValueError:
+        return str(path)
+
+
+def _smollm2_methods(results: dict[str, list[dict]]) -> str:
+    """What each rendered method's section of SMOLLM2_METHODS sets (Ditto's lambda and personal steps)."""
+    out = []
+    for method in results:
+        p = SMOLLM2_METHODS[method].get("personalization", {})
+        if p.get("method") == "ditto":
+            steps = p.get("ditto_steps", "local_steps (as many as the global model's)")
+            out.append(f"{method}: Ditto, lambda {p['ditto_lambda']}, personal steps per round {steps}")
+        elif p.get("method") == "fedper":
+            names = ", ".join(f"`{n}`" for n in p["local_params"])
+            out.append(f"{method}: FedPer, local {names}")
+        elif p.get("method") == "fedsa":
+            out.append(f"{method}: FedSA-LoRA (B local)")
+        else:
+            mode = SMOLLM2_METHODS[method].get("server", {}).get("lora_aggregation", "naive")
+            tune = f", then {p['finetune_steps']} fine-tuning steps" if p.get("finetune_steps") else ""
+            out.append(f"{method}: {mode} LoRA averaging{tune}")
+    return "; ".join(out)
+
+
+def _when(results: dict[str, list[dict]]) -> str:
+    """When the records were measured and the 1-minute load average at each run's start and end."""
+    recs = [r for recs in results.values() for r in recs if "started" in r]
+    if not recs:
+        return ""
+    loads = [x for r in recs for x in (r["load_start"], r["load_end"])]
+    starts = sorted(r["started"] for r in recs)
+    return (
+        f"\n\nRuns started {starts[0]} to {starts[-1]}; 1-minute load average at run start/end "
+        f'{min(loads):.1f}-{max(loads):.1f} ("s / run" is load, not cost).'
     )
 
 
