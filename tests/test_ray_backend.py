@@ -9,6 +9,7 @@ from __future__ import annotations
 import dataclasses
 import functools
 import io
+import json
 import re
 
 import numpy as np
@@ -162,6 +163,30 @@ def test_lora_residual_run_on_ray_equals_in_process(ray_session, tmp_path) -> No
     assert sent[1] < 0.7 * sent[0]  # 0.6: factors of rank 2 r of 32 x 32 instead of the dense matrices
     evals = [r["eval_bytes_down"] for r in on_ray.rounds]  # evaluations carry the residual too, counted apart
     assert evals == [r["eval_bytes_down"] for r in local.rounds] and evals[-1] < 0.7 * evals[0]  # round 0: dense
+
+
+@pytest.mark.slow
+def test_a_wiped_residual_copy_on_ray_is_recovered_like_in_process(ray_session, tmp_path) -> None:
+    """The clients' residual copies (in a disk store the actors share) are deleted after rounds 1 and 2: on Ray
+    as in process, each client whose copy is gone fails once with STATE_LOST, is asked again with the dense
+    residual, and the run equals the in-process run without the wipes bit for bit."""
+    from test_lora_recovery import _llama_config, _Wipe
+
+    quiet = Console(quiet=True)
+    plain = simulate(parse_config(_llama_config(tmp_path, "plain")), console=quiet, show_progress=False)
+    raw = _llama_config(tmp_path, "ray")
+    raw["simulation"] = {**raw["simulation"], "backend": "ray", "num_workers": 2}
+    wipe = _Wipe(tmp_path / "ray" / "client_state", after={1, 2})
+    on_ray = simulate(parse_config(raw), console=quiet, show_progress=False, sinks=[wipe])
+    assert wipe.wiped > 0
+    assert np.array_equal(on_ray.state.params, plain.state.params)
+    for key in [k for k in plain.state.arrays if k.startswith("lora/residual/")]:
+        assert np.array_equal(on_ray.state.arrays[key], plain.state.arrays[key]), key
+    assert [r["eval_loss"] for r in on_ray.rounds] == [r["eval_loss"] for r in plain.rounds]
+    records = [json.loads(line) for line in (on_ray.run_dir / "metrics.jsonl").read_text().splitlines()]
+    assert not [r for r in records if r["kind"] == "failure"]
+    recovered = [r for r in records if r["kind"] == "recovered"]
+    assert recovered and all(r["cause"] == "state-lost" for r in recovered)
 
 
 def test_ray_state_store_round_trip(ray_session) -> None:
