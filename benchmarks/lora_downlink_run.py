@@ -21,6 +21,7 @@ import argparse
 import os
 import sys
 import tempfile
+from collections.abc import Iterator
 from pathlib import Path
 
 import torch
@@ -99,6 +100,17 @@ def one_run(
     ]
 
 
+def measure(specs: list[str], modes: list[tuple[str, int | None]]) -> Iterator[tuple[int, int, int, list[list[dict]]]]:
+    """Per K/N/R spec: K, N, R and one ``one_run`` per (mode, residual rank), on one model and corpus."""
+    with tempfile.TemporaryDirectory() as tmp:
+        model = smollm2_shaped(Path(tmp) / "model")
+        for spec in specs:
+            k, population, rounds = map(int, spec.split("/"))
+            data = corpus(Path(tmp) / f"corpus-{k}-of-{population}", population)
+            results = [one_run(model, data, Path(tmp), mode, k, rounds, residual_rank=q) for mode, q in modes]
+            yield k, population, rounds, results
+
+
 def _row(who: str, round_label: str, naive: float, fedex: dict) -> str:
     before = fedex["adapter"] + fedex["dense"]
     return (
@@ -129,21 +141,16 @@ def capped_main(args: argparse.Namespace) -> None:
         f"| K of N | round | naive MB | fedex exact (x naive) | fedex, lora_residual_rank {q} (x naive) |",
         "| --- | --- | --- | --- | --- |",
     ]
-    with tempfile.TemporaryDirectory() as tmp:
-        model = smollm2_shaped(Path(tmp) / "model")
-        for spec in args.runs:
-            k, population, rounds = map(int, spec.split("/"))
-            data = corpus(Path(tmp) / f"corpus-{k}-of-{population}", population)
-            naive = one_run(model, data, Path(tmp), "naive", k, rounds)
-            exact = one_run(model, data, Path(tmp), "fedex", k, rounds)
-            capped = one_run(model, data, Path(tmp), "fedex", k, rounds, residual_rank=q)
-            load.append(os.getloadavg()[0])
-            who = f"{k} of {population}"
-            for n, e, c in zip(naive, exact, capped, strict=True):
-                rows.append(_capped_row(who, str(c["round"]), n["per_client"], e["per_client"], c["per_client"]))
-            if rounds > 2:  # rounds 2..R together
-                means = [sum(r["per_client"] for r in run[1:]) / (len(run) - 1) for run in (naive, exact, capped)]
-                rows.append(_capped_row(who, f"2-{rounds} mean", *means))
+    for k, population, rounds, (naive, exact, capped) in measure(
+        args.runs, [("naive", None), ("fedex", None), ("fedex", q)]
+    ):
+        load.append(os.getloadavg()[0])
+        who = f"{k} of {population}"
+        for n, e, c in zip(naive, exact, capped, strict=True):
+            rows.append(_capped_row(who, str(c["round"]), n["per_client"], e["per_client"], c["per_client"]))
+        if rounds > 2:  # rounds 2..R together
+            means = [sum(r["per_client"] for r in run[1:]) / (len(run) - 1) for run in (naive, exact, capped)]
+            rows.append(_capped_row(who, f"2-{rounds} mean", *means))
     table = "\n".join(rows)
     print(table)
     if args.write:
@@ -171,27 +178,21 @@ def main() -> None:
         "| K of N | round | naive MB | fedex dense residual, before (x naive) | fedex now (x naive) |",
         "| --- | --- | --- | --- | --- |",
     ]
-    with tempfile.TemporaryDirectory() as tmp:
-        model = smollm2_shaped(Path(tmp) / "model")
-        for spec in args.runs:
-            k, population, rounds = map(int, spec.split("/"))
-            data = corpus(Path(tmp) / f"corpus-{k}-of-{population}", population)
-            naive = one_run(model, data, Path(tmp), "naive", k, rounds)
-            fedex = one_run(model, data, Path(tmp), "fedex", k, rounds)
-            load.append(os.getloadavg()[0])
-            for n, f in zip(naive, fedex, strict=True):
-                rows.append(_row(f"{k} of {population}", str(f["round"]), n["per_client"], f))
-            later = fedex[1:]  # rounds 2..R together: every round's fits, all bytes over all fitting clients
-            if len(later) > 1:
-                mean = sum(f["per_client"] for f in later) / len(later)
-                rows.append(
-                    _row(
-                        f"{k} of {population}",
-                        f"2-{rounds} mean",
-                        naive[-1]["per_client"],
-                        {**later[0], "per_client": mean},
-                    )
+    for k, population, rounds, (naive, fedex) in measure(args.runs, [("naive", None), ("fedex", None)]):
+        load.append(os.getloadavg()[0])
+        for n, f in zip(naive, fedex, strict=True):
+            rows.append(_row(f"{k} of {population}", str(f["round"]), n["per_client"], f))
+        later = fedex[1:]  # rounds 2..R together: every round's fits, all bytes over all fitting clients
+        if len(later) > 1:
+            mean = sum(f["per_client"] for f in later) / len(later)
+            rows.append(
+                _row(
+                    f"{k} of {population}",
+                    f"2-{rounds} mean",
+                    naive[-1]["per_client"],
+                    {**later[0], "per_client": mean},
                 )
+            )
     table = "\n".join(rows)
     print(table)
     if args.write:
