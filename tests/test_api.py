@@ -133,7 +133,6 @@ def test_bad_objects_are_named(tmp_path: Path) -> None:
 
 
 @pytest.mark.slow  # docs/PYTHON_API.md's Hugging Face example runs by default (tests/test_python_api_docs.py)
-@pytest.mark.timeout(300)
 def test_hugging_face_model_object_with_lora_on_a_datasets_dataset(tmp_path: Path) -> None:
     datasets = pytest.importorskip("datasets")
     from fedtune.models.hub import load_causal_lm

@@ -23,8 +23,6 @@ from fedtune.run.rundir import METRICS
 from fedtune.run.runview import RunView
 from fedtune.run.session import simulate
 
-pytestmark = pytest.mark.timeout(300)
-
 
 def get(url: str, headers: dict | None = None, method: str = "GET") -> tuple[int, dict, bytes]:
     req = urllib.request.Request(url, headers=headers or {}, method=method)

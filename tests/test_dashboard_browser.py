@@ -24,7 +24,6 @@ from fedtune.dashboard.server import DashboardSink
 from fedtune.run.session import simulate
 from fedtune.run.sinks import BaseSink
 
-pytestmark = pytest.mark.timeout(300)
 ROUNDS = 3
 WAIT_S = 120  # generous: the machine may be busy; every wait ends as soon as the page shows what it should
 

@@ -20,7 +20,6 @@ from _process import interruptible
 from _runs import FakeRun
 from fedtune.cli import app
 
-pytestmark = pytest.mark.timeout(300)
 REPO = Path(__file__).resolve().parents[1]
 
 

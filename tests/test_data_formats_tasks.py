@@ -113,7 +113,6 @@ def test_screen_clients_warns_for_dropped_and_unscored_clients() -> None:
         screen_clients(FakeWorker({"c": (3, 1)}), min_train_examples=1, max_length=8)
 
 
-@pytest.mark.timeout(300)
 def test_label_names_reach_the_exported_id2label(tmp_path: Path) -> None:
     sites = tmp_path / "sites"
     sites.mkdir()
@@ -169,7 +168,6 @@ def test_name_labels_checks_the_count(model_cache: Path) -> None:
     }
 
 
-@pytest.mark.timeout(300)
 def test_sites_of_chats_with_held_out_files_run_and_warn_about_truncation(tmp_path: Path) -> None:
     sites, held = tmp_path / "sites", tmp_path / "held"
     sites.mkdir()

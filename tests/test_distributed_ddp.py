@@ -21,7 +21,6 @@ from fedtune.data.types import ArrayExample
 from fedtune.errors import FedtuneError
 from fedtune.tasks.module import ModuleTask
 
-pytestmark = pytest.mark.timeout(120)
 ATOL = 2e-6  # float32 rounding: a two-term gradient average is not summed in the same order as one batch
 
 

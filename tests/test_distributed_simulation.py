@@ -10,7 +10,7 @@ from fedtune.config.load import parse_config
 from fedtune.run.rundir import MetricsLog
 from fedtune.run.session import initial_params, simulate
 
-pytestmark = [pytest.mark.slow, pytest.mark.timeout(300)]
+pytestmark = [pytest.mark.slow]
 
 
 def config(tmp_path, nproc: int):

@@ -56,7 +56,6 @@ def quiet() -> Console:
     return Console(quiet=True)
 
 
-@pytest.mark.timeout(120)
 def test_federated_lora_run_lowers_loss_and_writes_run_dir(tmp_path: Path) -> None:
     result = simulate(parse_config(tiny_config(tmp_path)), console=quiet(), show_progress=False)
     rounds = result.rounds
@@ -73,7 +72,6 @@ def test_federated_lora_run_lowers_loss_and_writes_run_dir(tmp_path: Path) -> No
     assert load_state(run_dir / rundir.CHECKPOINT).round == 3
 
 
-@pytest.mark.timeout(180)
 def test_resume_equals_uninterrupted(tmp_path: Path) -> None:
     full = simulate(
         parse_config(tiny_config(tmp_path / "a", federation__rounds=4)), console=quiet(), show_progress=False

@@ -14,8 +14,6 @@ import pytest
 from _grpc_support import wait_until
 from fedtune.transport.grpc.gate import ConnectionGate
 
-pytestmark = pytest.mark.timeout(300)
-
 
 class _Echo(socketserver.BaseRequestHandler):
     def handle(self) -> None:

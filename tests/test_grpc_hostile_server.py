@@ -23,7 +23,6 @@ from fedtune.transport.grpc.auth import Authenticator, AuthError, RevocationList
 from fedtune.transport.grpc.client import ClientTLS, Joined, Participant, ParticipantError
 from fedtune.transport.grpc.server import GrpcServerTransport, ServerTLS
 
-pytestmark = pytest.mark.timeout(120)
 CNN = {"kind": "module", "factory": "fedtune.models.cnn:digits_cnn", "lora": None}
 DATA = {"source": "digits", "partition": {"kind": "iid", "num_clients": 2}}
 

@@ -6,13 +6,10 @@ from __future__ import annotations
 import threading
 
 import grpc
-import pytest
 
 from _grpc_support import RawClient, make_pki
 from fedtune.config.deployment import DeploymentConfig
 from fedtune.transport.grpc.server import GrpcServerTransport, ServerTLS
-
-pytestmark = pytest.mark.timeout(180)
 
 
 def test_a_connection_with_no_calls_is_closed_after_the_idle_timeout(tmp_path):

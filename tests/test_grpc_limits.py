@@ -23,7 +23,6 @@ from fedtune.transport.codecs import build_codec
 from fedtune.transport.grpc import protocol, wire
 from fedtune.transport.grpc.proto import fedtune_pb2 as pb
 
-pytestmark = pytest.mark.timeout(180)
 DIGEST = "0123456789abcdef"
 N = 1000
 

@@ -57,7 +57,6 @@ def test_what_needs_the_builtin_loop_is_refused() -> None:
 
 
 @pytest.mark.slow  # a Trainer per client per round on a tiny Llama: tens of seconds on a loaded CPU
-@pytest.mark.timeout(300)
 def test_config_driven_run_with_the_hf_trainer(tmp_path: Path) -> None:
     from rich.console import Console
 
@@ -98,7 +97,6 @@ def _peft_tiny_llama() -> tuple[torch.nn.Module, object]:
     return get_peft_model(model, LoraConfig(r=2, lora_alpha=4, target_modules=["q_proj", "v_proj"])), tokenizer
 
 
-@pytest.mark.timeout(300)
 def test_federate_a_trainer_exchanges_its_adapter_and_learns(tmp_path: Path) -> None:
     import datasets
     from transformers import Trainer, TrainingArguments, default_data_collator

@@ -158,7 +158,6 @@ class _Wipe:
     def close(self, end) -> None: ...
 
 
-@pytest.mark.timeout(300)
 def test_a_run_whose_copies_are_wiped_equals_the_run_without(tmp_path):
     """Every client's copy is deleted after rounds 1 and 2: each later fit and evaluation of a client whose
     copy is gone fails once with STATE_LOST and is asked again with the dense residual, no client fails, and

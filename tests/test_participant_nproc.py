@@ -20,7 +20,6 @@ from fedtune.run.rundir import config_digest
 from fedtune.transport.grpc.client import Joined
 
 
-@pytest.mark.timeout(300)
 def test_nproc_two_matches_one_process() -> None:
     config = parse_config(
         {

@@ -133,7 +133,6 @@ def test_misuse_of_a_participation_is_named(tmp_path: Path) -> None:
             job.send(0)
 
 
-@pytest.mark.timeout(300)
 def test_own_loops_over_grpc_against_fedtune_server(tmp_path: Path) -> None:
     pki = make_pki(tmp_path)
     port, rounds = free_port(), 2

@@ -31,7 +31,6 @@ from fedtune.core.state import load_state
 from fedtune.run import rundir
 from fedtune.run.artifacts import global_extras
 
-pytestmark = pytest.mark.timeout(400)
 NAMES = ["client_000", "client_001"]
 SHIFT = {"client_000": 0.03, "client_001": -0.01, "client_002": 0.02}  # unequal: the exact modes' residual is not 0
 COUNT = {"client_000": 30, "client_001": 10, "client_002": 20}  # unequal: a misweighted fold fails the comparison

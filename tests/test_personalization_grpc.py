@@ -22,7 +22,7 @@ from fedtune.config import parse_config
 from fedtune.core.state import load_state
 from fedtune.run.session import simulate
 
-pytestmark = [pytest.mark.timeout(400), pytest.mark.slow]  # three processes training on a loaded machine
+pytestmark = [pytest.mark.slow]  # three processes training on a loaded machine
 CLIENTS = ("client_000", "client_001")
 
 

@@ -19,7 +19,7 @@ from _models import DIGITS_CNN
 from fedtune.config import parse_config
 from fedtune.run.session import simulate
 
-pytestmark = [pytest.mark.filterwarnings("ignore:Full backward hook is firing"), pytest.mark.timeout(300)]
+pytestmark = [pytest.mark.filterwarnings("ignore:Full backward hook is firing")]
 
 Z = 1.1
 DELTA = 1e-5

@@ -33,7 +33,6 @@ def test_the_doc_has_examples() -> None:
     assert len(blocks) >= 7 and sum(HEAVY in b for b in blocks) == 2
 
 
-@pytest.mark.timeout(300)
 def test_python_api_doc_examples_run(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.chdir(tmp_path)  # the examples write runs/ into the working directory
     _run([b for b in python_blocks(DOC.read_text()) if HEAVY not in b], tmp_path)

@@ -8,8 +8,6 @@ from fedtune.config.load import parse_config
 from fedtune.config.simulation import SimulationConfig
 from fedtune.errors import ConfigError
 
-pytestmark = pytest.mark.timeout(30)
-
 
 def test_defaults_are_in_process_and_one_process_per_client() -> None:
     sim = SimulationConfig()

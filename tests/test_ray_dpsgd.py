@@ -15,7 +15,7 @@ from fedtune.run.session import simulate  # noqa: E402
 from fedtune.transport.ray_backend import start_ray  # noqa: E402
 from test_privacy_dpsgd_ledger import client_records, config  # noqa: E402  # digits CNN, 6 clients, DP-SGD
 
-pytestmark = [pytest.mark.timeout(240), pytest.mark.filterwarnings("ignore:Full backward hook is firing")]
+pytestmark = [pytest.mark.filterwarnings("ignore:Full backward hook is firing")]
 
 
 @pytest.fixture(scope="module")

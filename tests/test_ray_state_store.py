@@ -14,8 +14,6 @@ from hypothesis import strategies as st
 from fedtune.core.state_store import ClientState, DiskStateStore, MemoryStateStore, open_state_store
 from fedtune.errors import CheckpointError, ConfigError
 
-pytestmark = pytest.mark.timeout(60)
-
 
 @pytest.fixture(params=["memory", "disk"])
 def store(request, tmp_path):

@@ -39,7 +39,6 @@ from fedtune.transport.codecs import build_codec
 from fedtune.transport.grpc import protocol, wire
 from fedtune.transport.grpc.proto import fedtune_pb2 as pb
 
-pytestmark = pytest.mark.timeout(300)
 FAULT_CLIENT = str(REPO / "tests" / "secagg_fault_client.py")
 
 

@@ -18,8 +18,6 @@ from fedtune.run.rundir import MetricsLog
 from fedtune.run.session import simulate
 from fedtune.run.trackers import require_trackers
 
-pytestmark = pytest.mark.timeout(300)
-
 
 def config(tmp_path: Path, trackers: list[str], rounds: int = 2) -> dict:
     return {
