@@ -84,3 +84,20 @@ def build(workload: str) -> SyntheticTask:
     if workload == "A":
         return SyntheticTask(CharTransformer(), sequence=True)
     return SyntheticTask(micro_mlp(), sequence=False)
+
+
+def smollm2_config(num_hidden_layers: int = 30, vocab_size: int = 49152, **extra: object) -> object:
+    """SmolLM2-135M-Instruct's architecture (hidden 576, 9 query / 3 key-value heads of 64, tied embeddings) as
+    a ``transformers.LlamaConfig``, for random-weight models of its shape (nothing downloaded)."""
+    from transformers import LlamaConfig
+
+    return LlamaConfig(
+        hidden_size=576,
+        intermediate_size=1536,
+        num_hidden_layers=num_hidden_layers,
+        num_attention_heads=9,
+        num_key_value_heads=3,
+        vocab_size=vocab_size,
+        tie_word_embeddings=True,
+        **extra,
+    )

@@ -30,6 +30,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from _common import write_section
+from _workloads import smollm2_config
 
 from fedtune.client.hooks import LoraResidual
 from fedtune.config.schema import LoraConfig
@@ -45,17 +46,9 @@ class RecomputedBase(LoraResidual):
 
 
 def build(layers: int) -> torch.nn.Module:
-    from transformers import LlamaConfig, LlamaForCausalLM
+    from transformers import LlamaForCausalLM
 
-    config = LlamaConfig(
-        hidden_size=576,
-        intermediate_size=1536,
-        num_hidden_layers=layers,
-        num_attention_heads=9,
-        num_key_value_heads=3,
-        vocab_size=49152,
-        tie_word_embeddings=True,
-    )
+    config = smollm2_config(layers)
     torch.manual_seed(0)
     model = LlamaForCausalLM(config)
     lora = LoraConfig(r=8, alpha=16, target_modules=["q_proj", "k_proj", "v_proj", "o_proj"], top_layers=8)

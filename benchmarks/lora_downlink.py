@@ -29,6 +29,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from _common import write_bytes_section
+from _workloads import smollm2_config
 
 from fedtune.aggregation.lora import (
     factored_is_smaller,
@@ -48,17 +49,9 @@ MB = 1e6
 
 def smollm2_adapter() -> tuple[np.ndarray, object]:
     """(trainable vector, spec) of the demo's LoRA on a random-weight SmolLM2-135M."""
-    from transformers import LlamaConfig, LlamaForCausalLM
+    from transformers import LlamaForCausalLM
 
-    config = LlamaConfig(
-        hidden_size=576,
-        intermediate_size=1536,
-        num_hidden_layers=30,
-        num_attention_heads=9,
-        num_key_value_heads=3,
-        vocab_size=49152,
-        tie_word_embeddings=True,
-    )
+    config = smollm2_config()
     torch.manual_seed(0)
     model = apply_lora(
         LlamaForCausalLM(config),

@@ -29,6 +29,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from _common import write_bytes_section
+from _workloads import smollm2_config
 from rich.console import Console
 
 from fedtune.config import parse_config
@@ -43,19 +44,11 @@ LINES = ["To be, or not to be, that is the question.", "All the world's a stage,
 
 def smollm2_shaped(folder: Path) -> Path:
     """A random 8-block SmolLM2-135M-shaped Llama with SmolLM2's tokenizer (that of ``tiny-llama``)."""
-    from transformers import AutoTokenizer, LlamaConfig, LlamaForCausalLM
+    from transformers import AutoTokenizer, LlamaForCausalLM
 
     tokenizer = AutoTokenizer.from_pretrained(resolve_model("tiny-llama", default_cache_dir(None)))
-    config = LlamaConfig(
-        hidden_size=576,
-        intermediate_size=1536,
-        num_hidden_layers=8,
-        num_attention_heads=9,
-        num_key_value_heads=3,
-        vocab_size=len(tokenizer),
-        tie_word_embeddings=True,
-        pad_token_id=tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id,
-    )
+    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
+    config = smollm2_config(8, len(tokenizer), pad_token_id=pad)
     torch.manual_seed(0)
     LlamaForCausalLM(config).save_pretrained(folder)
     tokenizer.save_pretrained(folder)
