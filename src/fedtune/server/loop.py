@@ -276,7 +276,7 @@ def evaluate_models(
     for reply in observed(events, "eval", state.round, clients, replies):
         if isinstance(reply, ClientEval):
             answered[reply.client_id] = reply
-        elif reply.cause is Cause.STATE_LOST and reply.client_id in clients and reply.client_id not in lost:
+        elif _lost_state(reply) and reply.client_id in clients and reply.client_id not in lost:
             out.recovered.append(reply)
             lost.append(reply.client_id)
         else:
